@@ -1,0 +1,29 @@
+"""Command-line entry point: ``python -m bpo_jax <command> [args]``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module with a ``main(argv) -> int``, one-line help). Modules are imported on use, so a command's
+# heavy dependencies load only when it runs.
+COMMANDS = {
+    "toy": ("bpo_jax.toy", "seconds-long BPO vs offline/on-policy comparison on a toy softmax policy"),
+}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:10s} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: python -m bpo_jax <command> [args]\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nunknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    module, _ = COMMANDS[argv[0]]
+    return int(importlib.import_module(module).main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
