@@ -2,7 +2,8 @@
 # The test suite: same set-up as launch/local.sh plus the test extras, then pytest on 8 fake CPU
 # devices with the HF hub offline. Extra arguments pass through to pytest.
 set -euo pipefail
-source "$(dirname "$0")/_setup.sh" requirements-test.txt
+source "$(dirname "$0")/_setup.sh"
+bpo_setup requirements-test.txt
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
