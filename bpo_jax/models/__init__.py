@@ -1,0 +1,6 @@
+"""Decoder models (Llama / Qwen2 / Gemma) in JAX + Flax NNX, with HF/GGUF import and HF export."""
+
+from bpo_jax.models.config import SUPPORTED, ModelConfig
+from bpo_jax.models.decoder import Decoder, forward, init_cache, init_params, param_axes
+
+__all__ = ["SUPPORTED", "ModelConfig", "Decoder", "forward", "init_cache", "init_params", "param_axes"]

@@ -1,0 +1,251 @@
+"""One decoder-only transformer for Llama / Qwen2 / Gemma, as a pure function of a params pytree.
+
+The functional core is ``forward(config, params, input_ids, ...)`` on a plain nested dict of arrays, so the
+train state can hold policy, behavior and LoRA weights as ordinary pytrees. ``Decoder`` is the Flax NNX module
+around it (``nnx.Param`` leaves carrying their logical axis names) for users who want a module.
+
+Layers are stacked along a leading ``layers`` axis and applied with ``jax.lax.scan`` (one compiled layer, fast
+compiles); ``config.remat`` rematerialises each layer in the backward pass.
+
+Attention is causal by slot index with a key-validity mask, so left-padded prompts work; ``positions`` are the
+RoPE positions (``cumsum(mask) − 1`` for left padding). With a KV cache (``init_cache``), a call writes its keys
+and values at slot ``cache_index`` and attends to every valid slot up to its own: a prefill writes the whole
+prompt at 0, and a one-token decode step writes at ``prompt_len + step``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bpo_jax.models.config import ModelConfig
+
+Array = jax.Array
+Params = dict[str, Any]
+
+
+def param_axes(config: ModelConfig) -> Params:
+    """Logical axis names of every parameter, as a pytree shaped like the params."""
+    layers = {
+        "attn_norm": ("layers", "norm"),
+        "q": ("layers", "embed", "heads"),
+        "k": ("layers", "embed", "kv_heads"),
+        "v": ("layers", "embed", "kv_heads"),
+        "o": ("layers", "heads", "embed"),
+        "mlp_norm": ("layers", "norm"),
+        "gate": ("layers", "embed", "mlp"),
+        "up": ("layers", "embed", "mlp"),
+        "down": ("layers", "mlp", "embed"),
+    }
+    if config.attention_bias:
+        layers.update(q_bias=("layers", "heads"), k_bias=("layers", "kv_heads"), v_bias=("layers", "kv_heads"))
+    axes = {"embed": ("vocab", "embed"), "layers": layers, "final_norm": ("norm",)}
+    if not config.tie_word_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def param_shapes(config: ModelConfig) -> Params:
+    """Shapes of every parameter, as a pytree shaped like the params."""
+    c, L = config, config.num_layers
+    layers = {
+        "attn_norm": (L, c.hidden_size),
+        "q": (L, c.hidden_size, c.q_size),
+        "k": (L, c.hidden_size, c.kv_size),
+        "v": (L, c.hidden_size, c.kv_size),
+        "o": (L, c.q_size, c.hidden_size),
+        "mlp_norm": (L, c.hidden_size),
+        "gate": (L, c.hidden_size, c.intermediate_size),
+        "up": (L, c.hidden_size, c.intermediate_size),
+        "down": (L, c.intermediate_size, c.hidden_size),
+    }
+    if c.attention_bias:
+        layers.update(q_bias=(L, c.q_size), k_bias=(L, c.kv_size), v_bias=(L, c.kv_size))
+    shapes = {"embed": (c.vocab_size, c.hidden_size), "layers": layers, "final_norm": (c.hidden_size,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head"] = (c.hidden_size, c.vocab_size)
+    return shapes
+
+
+def init_params(config: ModelConfig, key: Array) -> Params:
+    """Random parameters (normal, std 0.02; norms at their identity value) — for tests and from-scratch runs."""
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree.flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+    keys = jax.random.split(key, len(leaves))
+    dtype = jnp.dtype(config.param_dtype)
+    out = []
+    for path, shape, k in zip(paths, leaves, keys):
+        if "norm" in path:
+            out.append(jnp.full(shape, 0.0 if config.norm_plus_one else 1.0, dtype))
+        elif "bias" in path:
+            out.append(jnp.zeros(shape, dtype))
+        else:
+            out.append((0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, *, mesh=None, dtype=None) -> Params:
+    """A preallocated KV cache: ``k``/``v`` ``[layers, B, max_len, kv_heads, head_dim]`` and the slot validity
+    ``valid [B, max_len]``. With ``mesh``, rows are sharded over its batch axes and kv heads over ``tensor``."""
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "valid": jnp.zeros((batch, max_len), bool)}
+    if mesh is not None:
+        from bpo_jax import sharding as shd
+
+        cache = jax.device_put(cache, shd.cache_shardings(cache, mesh))
+    return cache
+
+
+def _rms_norm(x, w, eps, plus_one):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    w = w.astype(jnp.float32)
+    return (xf * (1.0 + w if plus_one else w)).astype(x.dtype)
+
+
+def _rope(x, cos, sin):
+    """Rotate-half RoPE (HF convention) on ``x [B, T, H, D]`` with ``cos/sin [B, T, D/2]``."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def _attention(q, k, v, q_slots, valid, config):
+    """GQA attention of ``q [B, T, H, D]`` over ``k/v [B, S, KV, D]``: query at slot t sees valid slots ≤ t."""
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(d)
+    slots = jnp.arange(k.shape[1])
+    allowed = (slots[None, None, :] <= q_slots[:, :, None]) & valid[:, None, :]  # [B, T, S]
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h * d).astype(q.dtype)
+
+
+def _mlp(x, lp, config):
+    gate = x @ lp["gate"].astype(x.dtype)
+    act = jax.nn.silu(gate) if config.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
+    return (act * (x @ lp["up"].astype(x.dtype))) @ lp["down"].astype(x.dtype)
+
+
+def _layer(config, x, lp, cos, sin, k_cache, v_cache, valid, q_slots, cache_index):
+    """One pre-norm block. Returns the new hidden state and this layer's (updated) keys/values."""
+    c = config
+    b, t, _ = x.shape
+    hn = _rms_norm(x, lp["attn_norm"], c.rms_norm_eps, c.norm_plus_one)
+
+    def proj(name):
+        y = hn @ lp[name].astype(x.dtype)
+        return y + lp[f"{name}_bias"].astype(x.dtype) if c.attention_bias else y
+
+    q = _rope(proj("q").reshape(b, t, c.num_heads, c.head_dim), cos, sin)
+    k = _rope(proj("k").reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
+    v = proj("v").reshape(b, t, c.num_kv_heads, c.head_dim)
+    if k_cache is not None:
+        k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+    attn = _attention(q, k.astype(x.dtype), v.astype(x.dtype), q_slots, valid, c)
+    x = x + attn @ lp["o"].astype(x.dtype)
+    x = x + _mlp(_rms_norm(x, lp["mlp_norm"], c.rms_norm_eps, c.norm_plus_one), lp, c)
+    return x, k, v
+
+
+def hidden_states(config: ModelConfig, params: Params, input_ids: Array, *, positions=None, attention_mask=None,
+                  cache=None, cache_index=0):
+    """Final normed hidden states ``[B, T, D]`` (compute dtype) and the updated cache (None without one)."""
+    c = config
+    dtype = jnp.dtype(c.dtype)
+    b, t = input_ids.shape
+    mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    if positions is None:
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    x = params["embed"][input_ids].astype(dtype)
+    if c.scale_embeddings:
+        x = x * jnp.asarray(np.sqrt(c.hidden_size), dtype)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(c.rope_inv_freq(), jnp.float32)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    q_slots = cache_index + jnp.broadcast_to(jnp.arange(t), (b, t))
+    if cache is None:
+        valid = mask
+    else:
+        valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], mask, cache_index, axis=1)
+
+    layer = _layer if not c.remat else jax.checkpoint(_layer, static_argnums=(0,))
+
+    if cache is None:
+        def body(h, lp):
+            h, _, _ = layer(c, h, lp, cos, sin, None, None, valid, q_slots, cache_index)
+            return h, None
+
+        x, _ = jax.lax.scan(body, x, params["layers"])
+        new_cache = None
+    else:
+        def body(carry, lp_i):
+            h, ks, vs = carry
+            lp, i = lp_i
+            h, k, v = layer(c, h, lp, cos, sin, ks[i], vs[i], valid, q_slots, cache_index)
+            return (h, ks.at[i].set(k), vs.at[i].set(v)), None
+
+        (x, ks, vs), _ = jax.lax.scan(body, (x, cache["k"], cache["v"]),
+                                      (params["layers"], jnp.arange(c.num_layers)))
+        new_cache = {"k": ks, "v": vs, "valid": valid}
+    return _rms_norm(x, params["final_norm"], c.rms_norm_eps, c.norm_plus_one), new_cache
+
+
+def unembedding(config: ModelConfig, params: Params) -> Array:
+    """The ``[D, V]`` output projection (the transposed embeddings when they are tied)."""
+    return params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+
+
+def logits_from_hidden(config: ModelConfig, params: Params, h: Array) -> Array:
+    """float32 logits ``[..., V]`` from hidden states, accumulated in float32."""
+    w = unembedding(config, params).astype(h.dtype)
+    return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+
+
+def forward(config: ModelConfig, params: Params, input_ids: Array, *, positions=None, attention_mask=None,
+            cache=None, cache_index=0, last_only: bool = False):
+    """``(logits [B, T, V] float32, new_cache)``; ``last_only`` computes logits for the last position only."""
+    h, new_cache = hidden_states(config, params, input_ids, positions=positions, attention_mask=attention_mask,
+                                 cache=cache, cache_index=cache_index)
+    if last_only:
+        h = h[:, -1:]
+    return logits_from_hidden(config, params, h), new_cache
+
+
+class Decoder(nnx.Module):
+    """Flax NNX module over ``forward``: ``nnx.Param`` leaves with ``sharding_names`` = logical axes.
+
+    ``Decoder(config, rngs=nnx.Rngs(0))`` initialises randomly; ``Decoder.from_params(config, params)`` wraps
+    existing arrays. ``model(input_ids)`` gives logits; ``model.params`` is the plain params pytree.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None = None, params: Params | None = None):
+        self.config = config
+        if params is None:
+            params = init_params(config, (rngs or nnx.Rngs(0)).params())
+        axes = param_axes(config)
+        self.weights = nnx.data(jax.tree.map(lambda a, ax: nnx.Param(a, sharding_names=ax, eager_sharding=False), params, axes,
+                                             is_leaf=lambda x: isinstance(x, tuple)))
+
+    @classmethod
+    def from_params(cls, config: ModelConfig, params: Params) -> "Decoder":
+        return cls(config, params=params)
+
+    @property
+    def params(self) -> Params:
+        return jax.tree.map(lambda p: p[...], self.weights, is_leaf=lambda x: isinstance(x, nnx.Param))
+
+    def __call__(self, input_ids, *, positions=None, attention_mask=None):
+        logits, _ = forward(self.config, self.params, jnp.asarray(input_ids), positions=positions,
+                            attention_mask=attention_mask)
+        return logits

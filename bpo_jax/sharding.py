@@ -1,0 +1,112 @@
+"""Device mesh and logical-axis sharding rules.
+
+Every parameter carries logical axis names (``bpo_jax.models.decoder.param_axes``); rules map them onto the
+mesh axes ``data`` / ``fsdp`` / ``tensor``. A mesh axis that does not divide a dimension is skipped for that
+dimension (it stays replicated there), so the same rules serve a 1-device CPU, 8 fake CPU devices, one GPU and
+a TPU pod slice. Batches are sharded over ``data`` and ``fsdp`` together.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis name -> mesh axis (or None: replicated). Override with a list of (name, axis) pairs.
+DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("norm", None),
+    ("lora_rank", None),
+    ("ensemble", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None):
+    """A ``(data, fsdp, tensor)`` mesh with Auto axis types; one size may be -1 for "all remaining devices"."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into a mesh with fixed axes of size {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
+                         f"{int(np.prod(sizes))} devices, but {len(devices)} are available")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Iterable = DEFAULT_RULES) -> P:
+    """The ``PartitionSpec`` for one array: each logical name mapped by ``rules``, skipping mesh axes that are
+    already used by an earlier dimension or that do not divide the dimension."""
+    table = dict(rules)
+    used, out = set(), []
+    for name, dim in zip(axes, shape):
+        axis = table.get(name) if name is not None else None
+        if axis is None or axis in used or dim % mesh.shape[axis]:
+            out.append(None)
+        else:
+            out.append(axis)
+            used.add(axis)
+    return P(*out)
+
+
+def logical_to_sharding(axes_tree, shapes_tree, mesh, rules: Iterable = DEFAULT_RULES):
+    """``NamedSharding`` pytree for params given their logical axes and shapes (shape tuples or arrays)."""
+    rules = tuple(rules)
+    is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
+    return jax.tree.map(lambda ax, s: NamedSharding(mesh, spec_for(ax, getattr(s, "shape", s), mesh, rules)),
+                        axes_tree, shapes_tree, is_leaf=is_axes)
+
+
+def shard(tree, shardings):
+    """Place a pytree on devices (device-to-device when it is already on them; no host round trip)."""
+    return jax.device_put(tree, shardings)
+
+
+def gather(tree):
+    """Fetch a pytree of (possibly sharded) arrays to host NumPy."""
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def batch_shards(mesh) -> int:
+    """How many ways a batch is split on ``mesh`` (1 without a mesh)."""
+    return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def batch_spec(ndim: int, rows: int, mesh) -> P:
+    """Rows over ``(data, fsdp)`` when they divide evenly, else replicated; other dims replicated."""
+    if rows % batch_shards(mesh):
+        return P()
+    return P(BATCH_AXES, *([None] * (ndim - 1)))
+
+
+def shard_batch(tree, mesh):
+    """Shard every array of a batch pytree along its leading (row) axis; identity without a mesh."""
+    if mesh is None:
+        return tree
+    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, batch_spec(x.ndim, x.shape[0], mesh))), tree)
+
+
+def cache_shardings(cache, mesh):
+    """KV cache ``[layers, B, S, kv_heads, D]``: rows over the batch axes, kv heads over ``tensor``."""
+    def one(x):
+        if x.ndim == 2:  # valid [B, S]
+            return NamedSharding(mesh, batch_spec(2, x.shape[0], mesh))
+        rows = batch_spec(1, x.shape[1], mesh)[0] if x.shape[1] % batch_shards(mesh) == 0 else None
+        heads = "tensor" if x.shape[3] % mesh.shape["tensor"] == 0 else None
+        return NamedSharding(mesh, P(None, rows, None, heads, None))
+
+    return jax.tree.map(one, cache)
