@@ -4,3 +4,8 @@ from bpo_jax.models.config import SUPPORTED, ModelConfig
 from bpo_jax.models.decoder import Decoder, forward, init_cache, init_params, param_axes
 
 __all__ = ["SUPPORTED", "ModelConfig", "Decoder", "forward", "init_cache", "init_params", "param_axes"]
+
+from bpo_jax.models.export import save_pretrained  # noqa: E402
+from bpo_jax.models.loading import load_pretrained  # noqa: E402
+
+__all__ += ["load_pretrained", "save_pretrained"]

@@ -223,7 +223,7 @@ def forward(config: ModelConfig, params: Params, input_ids: Array, *, positions=
 
 
 class Decoder(nnx.Module):
-    """Flax NNX module over ``forward``: ``nnx.Param`` leaves with ``sharding_names`` = logical axes.
+    """Flax NNX module over ``forward``: ``nnx.Param`` leaves with ``out_sharding`` = logical axes.
 
     ``Decoder(config, rngs=nnx.Rngs(0))`` initialises randomly; ``Decoder.from_params(config, params)`` wraps
     existing arrays. ``model(input_ids)`` gives logits; ``model.params`` is the plain params pytree.
@@ -234,7 +234,7 @@ class Decoder(nnx.Module):
         if params is None:
             params = init_params(config, (rngs or nnx.Rngs(0)).params())
         axes = param_axes(config)
-        self.weights = nnx.data(jax.tree.map(lambda a, ax: nnx.Param(a, sharding_names=ax, eager_sharding=False), params, axes,
+        self.weights = nnx.data(jax.tree.map(lambda a, ax: nnx.Param(a, out_sharding=ax, eager_sharding=False), params, axes,
                                              is_leaf=lambda x: isinstance(x, tuple)))
 
     @classmethod
