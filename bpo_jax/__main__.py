@@ -9,6 +9,7 @@ import sys
 # heavy dependencies load only when it runs.
 COMMANDS = {
     "toy": ("bpo_jax.toy", "seconds-long BPO vs offline/on-policy comparison on a toy softmax policy"),
+    "generate": ("bpo_jax.cli_generate", "answer a prompt with a model (default: the shipped SmolLM2-135M-Instruct)"),
 }
 
 

@@ -24,6 +24,17 @@ from bpo_jax.sampling_ops import sample_step
 Array = jax.Array
 
 
+# Sampling layout (as Tunix does): weights replicated over data/fsdp and split only over ``tensor``, so a decode
+# step never all-gathers FSDP shards; use when the weights fit per tensor-parallel group.
+SAMPLING_RULES = tuple((name, None if axis == "fsdp" else axis) for name, axis in shd.DEFAULT_RULES)
+
+
+def sampling_shardings(config, mesh, rules=SAMPLING_RULES):
+    """``NamedSharding`` pytree placing a params pytree in the sampling layout; pass it to ``generate`` as
+    ``param_shardings`` (the move is device to device, no host round trip)."""
+    return shd.logical_to_sharding(decoder.param_axes(config), decoder.param_shapes(config), mesh, rules)
+
+
 class SampleOutput(NamedTuple):
     """Responses ``[B·n, max_new_tokens]``; row ``i·n + j`` is prompt i's j-th sample.
 
@@ -142,6 +153,7 @@ def generate(
     config=None,
     pad_token_id: int = 0,
     mesh: jax.sharding.Mesh | None = None,
+    param_shardings=None,
     batch_size: int | None = None,
     prompt_bucket: int = 32,
     progress: bool = False,
@@ -155,7 +167,8 @@ def generate(
       num_samples: responses per prompt; BPO draws 2.
       eos_token_ids: tokens that end a response (the EOS itself is kept, with mask 1).
       rng: a ``jax.random.key``; the same key gives the same samples, on any mesh.
-      mesh: shard rows over its ``data``/``fsdp`` axes (the params keep their own placement).
+      mesh: shard rows over its ``data``/``fsdp`` axes (the params keep their own placement unless
+        ``param_shardings`` is given, e.g. ``sampling_shardings(config, mesh)``).
       batch_size: prompts per compiled call; several calls (with a tqdm bar if ``progress``) cover B.
 
     The returned ``logprobs`` are the untempered log-probs of the sampled tokens. They equal the log-probs a
@@ -166,6 +179,8 @@ def generate(
         config, params = model_or_params.config, model_or_params.params
     else:
         params = model_or_params
+    if param_shardings is not None:
+        params = shd.shard(params, param_shardings)
     prompt_ids = np.asarray(prompt_ids, np.int32)
     prompt_mask = np.asarray(prompt_mask, np.int32)
     _check_inputs(prompt_ids, prompt_mask, max_new_tokens, temperature, top_k, top_p, num_samples)

@@ -8,7 +8,7 @@ import torch
 
 from bpo_jax import sharding as shd
 from bpo_jax.logprobs import token_logprobs
-from bpo_jax.models import forward, load_pretrained
+from bpo_jax.models import forward, load_pretrained, param_axes
 from bpo_jax.sampling import generate
 from tiny_models import FAMILIES, save_hf_model
 
@@ -96,6 +96,24 @@ def test_batches_buckets_and_mesh_give_the_same_samples(llama):
                        prompt_bucket=16)
     np.testing.assert_array_equal(base.tokens, sharded.tokens)
     np.testing.assert_allclose(base.logprobs, sharded.logprobs, atol=1e-5)
+
+
+def test_sampling_layout_reshard_and_progress(llama, capsys):
+    from bpo_jax.sampling import sampling_shardings
+
+    mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
+    train_layout = shd.shard(llama.params, shd.logical_to_sharding(
+        param_axes(llama.config), llama.params, mesh))
+    assert "fsdp" in train_layout["layers"]["gate"].sharding.spec
+    target = sampling_shardings(llama.config, mesh)
+    assert "fsdp" not in target["layers"]["gate"].spec and "tensor" in target["layers"]["gate"].spec
+    key = jax.random.key(5)
+    want = generate(llama, PROMPTS, PMASK, max_new_tokens=4, rng=key)
+    got = generate(train_layout, PROMPTS, PMASK, config=llama.config, max_new_tokens=4, rng=key, mesh=mesh,
+                   param_shardings=target, batch_size=2, progress=True)
+    np.testing.assert_array_equal(got.tokens[:2], want.tokens[:2])
+    assert got.tokens.shape == want.tokens.shape
+    assert "sampling" in capsys.readouterr().err  # the tqdm bar over prompt batches
 
 
 def test_bad_inputs(llama):

@@ -1,0 +1,104 @@
+"""Sampling throughput: bpo_jax.sampling.generate vs HF transformers generate (PyTorch) on the same weights.
+
+    python bench/sampling.py [--model smollm2-135m-instruct] [--batches 1 8 32] [--prompt-len 64] [--new 64]
+
+Loads the model, exports it with ``save_pretrained`` and loads that folder into HF transformers, so both sides
+decode the very same float32 weights. Prints tokens/s per batch size (64-token prompts, 64 new tokens, no
+early stop), the ratio to HF, and the weight-read floor: parameter bytes (plus the KV cache read per step) /
+memory bandwidth (30 GB/s assumed for a CPU, the spec figure for a known GPU; ``--bandwidth-gbs`` overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bpo_jax.models import load_pretrained, save_pretrained  # noqa: E402
+from bpo_jax.sampling import generate  # noqa: E402
+
+# Spec memory bandwidths (GB/s) by device-kind substring.
+_BANDWIDTH = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "TPU v4": 1200.0, "TPU v5e": 819.0, "TPU v5p": 2765.0}
+
+
+def _median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--bandwidth-gbs", type=float, default=None)
+    p.add_argument("--skip-hf", action="store_true")
+    args = p.parse_args()
+
+    model, tok = load_pretrained(args.model)
+    cfg = model.config
+    dev = jax.devices()[0]
+    kind = getattr(dev, "device_kind", dev.platform)
+    bw = args.bandwidth_gbs or next((v for k, v in _BANDWIDTH.items() if k in kind), 30.0)
+    n_params = sum(x.size for x in jax.tree.leaves(model.params))
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
+    print(f"device: {kind} ({jax.device_count()}x), jax {jax.__version__}; model {args.model}: {n_params / 1e6:.1f}M "
+          f"params, {cfg.param_dtype}; prompt {args.prompt_len}, new tokens {args.new}; bandwidth {bw:.0f} GB/s")
+
+    # Export first (NumPy only), then time bpo_jax for every batch size before PyTorch is even imported: torch's
+    # OpenMP threads keep spinning after its own work and would slow the JAX side down in a shared process.
+    out_dir = tempfile.mkdtemp(prefix="bpo_bench_")
+    if not args.skip_hf:
+        save_pretrained(model, tok, out_dir)
+    rng = np.random.default_rng(0)
+    prompts = {b: rng.integers(100, cfg.vocab_size - 100, size=(b, args.prompt_len)).astype(np.int32)
+               for b in args.batches}
+    ours = {}
+    for b, ids in prompts.items():
+        run = lambda: jax.block_until_ready(generate(  # noqa: E731
+            model, ids, np.ones_like(ids), max_new_tokens=args.new, temperature=1.0, rng=jax.random.key(0)).tokens)
+        run()  # compile
+        ours[b] = b * args.new / _median_time(run, args.repeats)
+
+    hf_tps = {b: float("nan") for b in args.batches}
+    if not args.skip_hf:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+        print(f"HF transformers in PyTorch {torch.__version__}, {torch.get_num_threads()} threads, same weights")
+        for b, ids in prompts.items():
+            def hf_run():
+                with torch.no_grad():
+                    hf.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.ones(ids.shape),
+                                do_sample=True, max_new_tokens=args.new, min_new_tokens=args.new, top_k=0,
+                                pad_token_id=0)
+
+            hf_run()
+            hf_tps[b] = b * args.new / _median_time(hf_run, max(1, args.repeats - 1))
+
+    print(f"{'batch':>5} {'bpo_jax tok/s':>14} {'HF tok/s':>9} {'x HF':>6} {'floor tok/s':>12} {'of floor':>9}")
+    for b in args.batches:
+        # One decode step reads every weight once plus the KV cache filled so far (on average half of it).
+        kv_bytes = 2 * cfg.num_layers * b * (args.prompt_len + args.new / 2) * cfg.kv_size * 4
+        floor_tps = b / ((weight_bytes + kv_bytes) / (bw * 1e9))
+        print(f"{b:>5} {ours[b]:>14.1f} {hf_tps[b]:>9.1f} {ours[b] / hf_tps[b]:>6.2f} {floor_tps:>12.1f} "
+              f"{ours[b] / floor_tps:>9.2f}")
+
+if __name__ == "__main__":
+    main()
