@@ -43,12 +43,15 @@ def sample_step(key: Array, logits: Array, *, temperature: float, top_k: int = 0
     the behavior LLM's log-prob. The sampling log-prob is under the processed distribution.
     """
     logits = logits.astype(jnp.float32)
-    processed = sampling_log_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    model_logps = jax.nn.log_softmax(logits, axis=-1)
+    untouched = temperature == 1.0 and not top_k and top_p >= 1.0  # plain ancestral sampling: one softmax
+    processed = model_logps if untouched else sampling_log_probs(logits, temperature=temperature, top_k=top_k,
+                                                                  top_p=top_p)
     if temperature == 0.0:
         tokens = jnp.argmax(logits, axis=-1)
     else:
         tokens = jax.random.categorical(key, processed, axis=-1)
     tokens = tokens.astype(jnp.int32)
-    model_lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    model_lp = jnp.take_along_axis(model_logps, tokens[:, None], axis=-1)[:, 0]
     sample_lp = jnp.take_along_axis(processed, tokens[:, None], axis=-1)[:, 0]
     return tokens, model_lp, sample_lp
