@@ -1,0 +1,185 @@
+"""``TrainConfig``: one typed config for a BPO run, from YAML plus ``key=value`` overrides, validated up front.
+
+    cfg = load_config("configs/smollm2_cpu_demo.yaml", ["total_steps=4", "reference=sft"])
+
+Unknown keys and impossible values raise ``ConfigError`` naming the key before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from typing import Any
+
+import yaml
+
+from bpo_jax.losses import validate_loss_args
+from bpo_jax.lora import canonical_targets
+
+REFERENCES = ("behavior", "sft", "ema", "mixup", "fixed")
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # Model
+    model: str = "smollm2-135m-instruct"  # shipped name, HF folder or .gguf
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
+    remat: bool = False
+    # Schedule: T steps in F annotation phases, K = T / F steps per phase
+    total_steps: int = 16  # T
+    num_phases: int = 2  # F
+    batch_size: int = 8  # preference pairs per optimizer step
+    micro_batches: int = 1  # gradient accumulation inside the jitted step
+    # Loss
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    # Reference inside the loss
+    reference: str = "behavior"  # behavior (BPO) | sft | ema | mixup | fixed
+    ema_rate: float = 0.01  # ema: ref ← (1 − rate)·ref + rate·θ after every step
+    mixup_alpha: float = 0.6  # mixup (TR-DPO): ref ← α·θ + (1 − α)·ref ...
+    mixup_every: int = 8  # ... every τ steps
+    reference_path: str = ""  # fixed: model to use as the reference
+    # Sampling from the behavior LLM
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    # Trainable parameters
+    lora_rank: int = 0  # 0 = full fine-tuning
+    lora_alpha: float = 16.0
+    lora_targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")
+    ensemble_size: int = 1  # N LoRA adapters, merged (mean of weight deltas) into π_β
+    # Optimizer (paper: AdamW, linear decay, no warmup, grad-norm clip 1.0)
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # Run
+    seed: int = 0
+    run_dir: str = "runs/default"
+    checkpoint_every: int = 0  # 0 = only at phase boundaries
+    keep_checkpoints: int = 3
+    eval_every: int = 0  # 0 = no periodic evaluation
+    mesh_data: int = -1
+    mesh_fsdp: int = 1
+    mesh_tensor: int = 1
+
+    @property
+    def steps_per_phase(self) -> int:
+        return self.total_steps // self.num_phases
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    def __post_init__(self):
+        validate(self)
+
+    def replace(self, **kw) -> "TrainConfig":
+        return dataclasses.replace(self, **kw)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _coerce(key: str, value: Any):
+    """Convert a YAML value or an override string to the field's type, or raise ConfigError."""
+    hint = _HINTS[key]
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is tuple:
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a valid {getattr(hint, '__name__', hint)}") from None
+
+
+def _check_keys(keys, source: str):
+    for k in keys:
+        if k not in _FIELDS:
+            close = difflib.get_close_matches(k, list(_FIELDS), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(_FIELDS)}"
+            raise ConfigError(f"unknown config key {k!r} in {source}{hint}")
+
+
+def load_config(path: str | None = None, overrides=()) -> TrainConfig:
+    """Defaults ← YAML file (if given) ← ``key=value`` overrides; then validate."""
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of keys to values")
+        _check_keys(data, path)
+        values.update({k: _coerce(k, v) for k, v in data.items()})
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        k, v = item.split("=", 1)
+        _check_keys([k], "the command line")
+        values[k] = _coerce(k, yaml.safe_load(v) if _HINTS[k] is not str else v)
+    return TrainConfig(**values)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise ConfigError for values that cannot run; canonicalise the LoRA target names in place."""
+    def need(ok, msg):
+        if not ok:
+            raise ConfigError(msg)
+
+    need(cfg.total_steps >= 1 and cfg.num_phases >= 1, "total_steps and num_phases must be >= 1")
+    need(cfg.total_steps % cfg.num_phases == 0,
+         f"total_steps={cfg.total_steps} must be a multiple of num_phases={cfg.num_phases} (K = T / F steps/phase)")
+    need(cfg.batch_size >= 1 and cfg.micro_batches >= 1 and cfg.batch_size % cfg.micro_batches == 0,
+         f"batch_size={cfg.batch_size} must be a positive multiple of micro_batches={cfg.micro_batches}")
+    try:
+        validate_loss_args(cfg.loss_type, cfg.beta, cfg.label_smoothing)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    need(cfg.reference in REFERENCES, f"reference={cfg.reference!r}; valid: {', '.join(REFERENCES)}")
+    need(cfg.reference != "fixed" or cfg.reference_path, "reference=fixed needs reference_path")
+    need(0.0 < cfg.ema_rate <= 1.0, f"ema_rate={cfg.ema_rate} must be in (0, 1]")
+    need(0.0 < cfg.mixup_alpha <= 1.0 and cfg.mixup_every >= 1, "mixup needs 0 < mixup_alpha <= 1, mixup_every >= 1")
+    need(cfg.max_new_tokens >= 1, "max_new_tokens must be >= 1")
+    need(cfg.temperature >= 0.0 and cfg.top_k >= 0 and 0.0 < cfg.top_p <= 1.0,
+         "need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+    need(cfg.lora_rank >= 0 and cfg.ensemble_size >= 1, "lora_rank must be >= 0 and ensemble_size >= 1")
+    need(cfg.lora_rank > 0 or cfg.ensemble_size == 1,
+         f"ensemble_size={cfg.ensemble_size} needs LoRA (lora_rank > 0); full fine-tuning trains one model")
+    need(cfg.learning_rate > 0 and cfg.weight_decay >= 0 and cfg.max_grad_norm > 0,
+         "need learning_rate > 0, weight_decay >= 0, max_grad_norm > 0")
+    need(cfg.param_dtype in ("float32", "bfloat16") and cfg.dtype in ("float32", "bfloat16"),
+         "param_dtype and dtype must be float32 or bfloat16")
+    need(min(cfg.checkpoint_every, cfg.eval_every) >= 0 and cfg.keep_checkpoints >= 1,
+         "checkpoint_every and eval_every must be >= 0 (0 = off); keep_checkpoints >= 1")
+    try:
+        targets = canonical_targets(cfg.lora_targets)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    need(len(targets) > 0 or cfg.lora_rank == 0, "lora_targets is empty")
+    object.__setattr__(cfg, "lora_targets", targets)  # frozen dataclass: set once, during construction

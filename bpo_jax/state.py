@@ -1,0 +1,150 @@
+"""``TrainState``: one pure pytree with everything a BPO run changes, and the views of it the losses need.
+
+Leaves:
+  * ``base``      — the frozen starting weights (the SFT model). Under LoRA it is stored once and shared by the
+                    policy, the behavior LLM and the SFT reference.
+  * ``trainable`` — what the optimizer updates, with a leading ensemble axis N: LoRA factors of N adapters, or
+                    (full fine-tuning, N = 1) a full copy of the weights.
+  * ``behavior``  — a snapshot of ``trainable`` taken at each phase boundary: π_β = view(base, behavior).
+  * ``reference`` — only for ``ema``/``mixup`` (shaped like ``trainable``) and ``fixed`` (full weights).
+  * ``opt_state`` — one optimizer state per ensemble member (a leading N axis), so each adapter has its own
+                    AdamW moments and its own gradient-norm clipping.
+  * ``step``, ``phase``, ``rng`` (raw ``uint32`` key data, so checkpoints hold plain arrays).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from bpo_jax import lora
+from bpo_jax.config import TrainConfig
+
+Params = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    phase: jax.Array
+    rng: jax.Array
+    base: Params
+    trainable: Params
+    behavior: Params
+    reference: Params | None
+    opt_state: Any
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """The paper's optimizer: grad-norm clipping, then AdamW with a linear decay to 0 over T steps, no warmup."""
+    schedule = optax.linear_schedule(cfg.learning_rate, 0.0, cfg.total_steps)
+    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                       optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+
+def adapter_params(cfg: TrainConfig, base: Params, trainable_i: Params) -> Params:
+    """The weights of one ensemble member (``trainable_i`` has no N axis)."""
+    return lora.apply_one(base, trainable_i, cfg.lora_scale) if cfg.lora_rank else trainable_i
+
+
+def merged_params(cfg: TrainConfig, base: Params, trainable: Params) -> Params:
+    """The ensemble merged in weight space (base + mean of the adapters' deltas); full FT: the one model."""
+    if cfg.lora_rank:
+        return lora.merge(base, trainable, cfg.lora_scale)
+    return jax.tree.map(lambda x: x[0], trainable)
+
+
+def behavior_params(cfg: TrainConfig, state: TrainState) -> Params:
+    """π_β: the model that samples in the current phase."""
+    return merged_params(cfg, state.base, state.behavior)
+
+
+def policy_params(cfg: TrainConfig, state: TrainState) -> Params:
+    """π_θ as evaluated and exported: the merged ensemble."""
+    return merged_params(cfg, state.base, state.trainable)
+
+
+def reference_params(cfg: TrainConfig, state: TrainState) -> Params:
+    """The reference inside the DAP loss, per ``cfg.reference``."""
+    if cfg.reference == "behavior":
+        return behavior_params(cfg, state)
+    if cfg.reference == "sft":
+        return state.base
+    if cfg.reference == "fixed":
+        return state.reference
+    return merged_params(cfg, state.base, state.reference)  # ema / mixup
+
+
+def _copy(tree):
+    # A real copy: the state is donated to the train step, and two leaves must never share a buffer.
+    return jax.tree.map(jnp.copy, tree)
+
+
+def create_state(cfg: TrainConfig, base: Params, key: jax.Array, *, reference: Params | None = None) -> TrainState:
+    """A fresh state around ``base`` (already placed on its mesh). LoRA factors are created on the base's
+    mesh; the optimizer state follows the trainable leaves' shardings."""
+    init_key, run_key = jax.random.split(key)
+    if cfg.lora_rank:
+        trainable = lora.init_lora(init_key, base["layers"], targets=cfg.lora_targets, rank=cfg.lora_rank,
+                                   num_adapters=cfg.ensemble_size,
+                                   dtype=jax.tree.leaves(base)[0].dtype)
+        trainable = _place_like_base(trainable, base)
+    else:
+        trainable = jax.tree.map(lambda x: x[None], base)
+    opt_state = _init_opt_state(make_optimizer(cfg), trainable)
+    if cfg.reference in ("ema", "mixup"):
+        reference = _copy(trainable)
+    elif cfg.reference != "fixed":
+        reference = None
+    elif reference is None:
+        raise ValueError("reference=fixed needs the reference weights")
+    counters = (jnp.int32(0), jnp.int32(0), jax.random.key_data(run_key))
+    leaf = jax.tree.leaves(base)[0]
+    if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding):  # replicate them on the mesh
+        counters = jax.device_put(counters, jax.sharding.NamedSharding(leaf.sharding.mesh,
+                                                                       jax.sharding.PartitionSpec()))
+    step, phase, rng = counters
+    return TrainState(step=step, phase=phase, rng=rng, base=base, trainable=_copy(trainable),
+                      behavior=_copy(trainable), reference=reference, opt_state=opt_state)
+
+
+def _init_opt_state(optimizer, trainable):
+    """One optimizer state per ensemble member; moments sharded like the leaves they track, scalars replicated."""
+    opt_state = jax.vmap(optimizer.init)(trainable)
+    leaf = jax.tree.leaves(trainable)[0]
+    if not isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding):
+        return opt_state
+    replicated = jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec())
+    target = optax.tree_map_params(optimizer, lambda _, x: x.sharding, opt_state, trainable,
+                                   transform_non_params=lambda _: replicated)
+    return jax.device_put(opt_state, target)
+
+
+def _place_like_base(lora_tree, base):
+    """Put LoRA factors on the base's mesh: A's input dim and B's output dim sharded like the target."""
+    leaf = jax.tree.leaves(base)[0]
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return lora_tree
+    mesh = sharding.mesh
+    P = jax.sharding.PartitionSpec
+    out = {}
+    for name, f in lora_tree.items():
+        _, s_in, s_out = (tuple(base["layers"][name].sharding.spec) + (None, None, None))[:3]
+        out[name] = {"a": jax.device_put(f["a"], jax.sharding.NamedSharding(mesh, P(None, None, s_in, None))),
+                     "b": jax.device_put(f["b"], jax.sharding.NamedSharding(mesh, P(None, None, None, s_out)))}
+    return out
+
+
+def sync_behavior(state: TrainState) -> TrainState:
+    """π_β ← π_θ at a phase boundary."""
+    return state.replace(behavior=_copy(state.trainable), phase=state.phase + 1)
+
+
+def shardings(state: TrainState):
+    """The state's current shardings (to jit the train step with explicit in/out shardings)."""
+    return jax.tree.map(lambda x: x.sharding, state)

@@ -1,0 +1,147 @@
+"""The jitted DAP train step: ``new_state, metrics = train_step(state, batch)``.
+
+A batch holds B preference pairs laid out as the sampler produced them: a left-padded prompt of P tokens
+followed by a right-padded response of N tokens, for the chosen and the rejected response:
+
+  ``chosen_ids``, ``rejected_ids``        int32 [B, P + N]
+  ``chosen_mask``, ``rejected_mask``      int32 [B, P + N]  (1 on real prompt and response tokens)
+  ``prompt_len``                          static: P (the trainer scores only positions ≥ P)
+  ``chosen_behavior_logps``, ``rejected_behavior_logps``  float32 [B]: the sampler's untempered log-probs
+  ``truncated``                           float32 [B]: fraction of the pair's responses without an EOS
+
+One forward runs chosen and rejected together; only the response positions are unembedded. When the reference
+is the behavior LLM that sampled the pairs (BPO), the sampler's log-probs are the reference log-probs and no
+reference forward runs; otherwise one forward under the reference weights runs outside the gradient.
+Gradients are accumulated over ``micro_batches`` inside the step; each ensemble member gets its own gradients
+and its own optimizer update (``lax.map`` over the ensemble axis, one member at a time to bound memory).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bpo_jax import state as st
+from bpo_jax.config import TrainConfig
+from bpo_jax.logprobs import reduce_masked, token_logprobs
+from bpo_jax.losses import dap_loss
+from bpo_jax.models.decoder import hidden_states, logits_from_hidden
+
+BATCH_KEYS = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "chosen_behavior_logps",
+              "rejected_behavior_logps", "truncated")
+
+
+def response_logps(model_config, params, ids, mask, prompt_len: int):
+    """Summed response log-probs ``[B]`` and response lengths ``[B]`` for ``ids [B, P + N]``.
+
+    Position P − 1 + j predicts response token j, so only the hidden states at positions P − 1 … P + N − 2 are
+    unembedded: the prompt never costs vocabulary-sized logits.
+    """
+    h, _ = hidden_states(model_config, params, ids, attention_mask=mask)
+    logits = logits_from_hidden(model_config, params, h[:, prompt_len - 1 : -1])
+    lp = token_logprobs(logits, ids[:, prompt_len:])
+    out = reduce_masked(lp, mask[:, prompt_len:])
+    return out.sum, out.count
+
+
+def pair_logps(model_config, params, mb, prompt_len: int):
+    """(chosen logps, rejected logps, chosen lengths, rejected lengths) from one forward over both."""
+    ids = jnp.concatenate([mb["chosen_ids"], mb["rejected_ids"]], axis=0)
+    mask = jnp.concatenate([mb["chosen_mask"], mb["rejected_mask"]], axis=0)
+    logps, counts = response_logps(model_config, params, ids, mask, prompt_len)
+    b = mb["chosen_ids"].shape[0]
+    return logps[:b], logps[b:], counts[:b], counts[b:]
+
+
+def _kl_policy_behavior(log_ratio):
+    """Per-sample estimate of KL(π_θ‖π_β) from responses sampled by π_β: with r = π_θ/π_β,
+    E_β[r·log r − (r − 1)] = KL(π_θ‖π_β) and every term is ≥ 0 (log r clipped to ±20)."""
+    lr = jnp.clip(log_ratio, -20.0, 20.0)
+    return jnp.exp(lr) * lr - jnp.expm1(lr)
+
+
+def _split_micro(batch, m: int):
+    return jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
+
+
+def train_step(cfg: TrainConfig, model_config, state: st.TrainState, batch: dict, *, prompt_len: int):
+    """One optimizer step for every ensemble member on ``batch`` (un-jitted; see ``make_train_step``)."""
+    optimizer = st.make_optimizer(cfg)
+    micro = _split_micro({k: batch[k] for k in BATCH_KEYS}, cfg.micro_batches)
+
+    if cfg.reference == "behavior":
+        ref = (micro["chosen_behavior_logps"], micro["rejected_behavior_logps"])
+    else:
+        ref_params = jax.lax.stop_gradient(st.reference_params(cfg, state))
+        ref = jax.lax.map(lambda mb: pair_logps(model_config, ref_params, mb, prompt_len)[:2], micro)
+
+    def loss_fn(train_i, mb, ref_c, ref_r):
+        params = st.adapter_params(cfg, state.base, train_i)
+        pc, pr, nc, nr = pair_logps(model_config, params, mb, prompt_len)
+        losses, m = dap_loss(pc, pr, ref_c, ref_r, loss_type=cfg.loss_type, beta=cfg.beta,
+                             label_smoothing=cfg.label_smoothing, chosen_lengths=nc, rejected_lengths=nr)
+        log_ratio = jnp.concatenate([pc - mb["chosen_behavior_logps"], pr - mb["rejected_behavior_logps"]])
+        m = {**m, "kl_policy_behavior": jnp.mean(_kl_policy_behavior(log_ratio)),
+             "logps/chosen": jnp.mean(pc), "logps/rejected": jnp.mean(pr)}
+        return jnp.mean(losses), m
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def one_member(args):
+        train_i, opt_i = args
+
+        def accumulate(acc, xs):
+            mb, ref_c, ref_r = xs
+            (loss, m), g = grad_fn(train_i, mb, ref_c, ref_r)
+            return jax.tree.map(jnp.add, acc, (g, {**m, "loss": loss})), None
+
+        zeros = jax.tree.map(jnp.zeros_like, train_i)
+        _, m_shape = jax.eval_shape(loss_fn, train_i, jax.tree.map(lambda x: x[0], micro), ref[0][0], ref[1][0])
+        init = (zeros, {**jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape), "loss": jnp.float32(0)})
+        (grads, metrics), _ = jax.lax.scan(accumulate, init, (micro, ref[0], ref[1]))
+        grads = jax.tree.map(lambda g: g / cfg.micro_batches, grads)
+        metrics = jax.tree.map(lambda v: v / cfg.micro_batches, metrics)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        updates, opt_i = optimizer.update(grads, opt_i, train_i)
+        return optax.apply_updates(train_i, updates), opt_i, metrics
+
+    trainable, opt_state, metrics = jax.lax.map(one_member, (state.trainable, state.opt_state))
+    metrics = jax.tree.map(jnp.mean, metrics)
+    metrics["learning_rate"] = optax.linear_schedule(cfg.learning_rate, 0.0, cfg.total_steps)(state.step)
+    metrics["truncation_rate"] = jnp.mean(batch["truncated"])
+    new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
+                              reference=_updated_reference(cfg, state.reference, trainable, state.step + 1))
+    return new_state, metrics
+
+
+def _updated_reference(cfg: TrainConfig, reference, trainable, step):
+    """``ema``: ref ← (1 − rate)·ref + rate·θ every step. ``mixup`` (TR-DPO soft update): ref ← α·θ + (1 − α)·ref
+    every ``mixup_every`` steps. Under LoRA both act on the adapter factors (as PEFT-based TR-DPO code does),
+    so the reference's weight delta is not exactly the average of the policies' deltas."""
+    if cfg.reference == "ema":
+        return jax.tree.map(lambda r, t: (1 - cfg.ema_rate) * r + cfg.ema_rate * t, reference, trainable)
+    if cfg.reference == "mixup":
+        due = (step % cfg.mixup_every) == 0
+        return jax.tree.map(lambda r, t: jnp.where(due, cfg.mixup_alpha * t + (1 - cfg.mixup_alpha) * r, r),
+                            reference, trainable)
+    return reference
+
+
+def make_train_step(cfg: TrainConfig, model_config, state_shardings, *, prompt_len: int, batch_sharding=None):
+    """``train_step`` jitted with explicit in/out shardings and the state donated."""
+    fn = partial(train_step, cfg, model_config, prompt_len=prompt_len)
+    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+                   donate_argnums=(0,))
+
+
+@partial(jax.jit, static_argnames=("model_config", "prompt_len"))
+def behavior_logp_gap(model_config, params, batch, *, prompt_len: int):
+    """Largest |trainer forward − sampler| gap in summed response log-probs over a batch. At the start of a
+    phase the behavior LLM must score its own samples exactly as the sampler did; a gap here (different dtype,
+    params or masking) silently breaks BPO's reference."""
+    pc, pr, _, _ = pair_logps(model_config, params, batch, prompt_len)
+    return jnp.maximum(jnp.max(jnp.abs(pc - batch["chosen_behavior_logps"])),
+                       jnp.max(jnp.abs(pr - batch["rejected_behavior_logps"])))

@@ -1,0 +1,148 @@
+"""The train step: BPO's log 2 at phase starts, reference modes, trainable-only updates, LoRA merge,
+gradient accumulation, sampler log-probs = reference forward, and sharding on 8 fake devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bpo_jax import lora, sharding as shd
+from bpo_jax import state as st
+from bpo_jax.config import TrainConfig
+from bpo_jax.models import ModelConfig, init_params, param_axes
+from bpo_jax.pairs import build_pairs, distinct
+from bpo_jax.sampling import generate
+from bpo_jax.train_step import behavior_logp_gap, make_train_step
+
+MCFG = ModelConfig(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=8)
+P, N, B = 6, 5, 4
+LOG2 = float(np.log(2.0))
+
+
+def _cfg(**kw):
+    base = dict(total_steps=4, num_phases=2, batch_size=B, learning_rate=1e-2, max_new_tokens=N)
+    return TrainConfig(**{**base, **kw})
+
+
+def _base(seed=0):
+    return init_params(MCFG, jax.random.key(seed))
+
+
+def _batch(params, seed=0):
+    """Pairs sampled from ``params`` (the behavior LLM), ordered by a toy score (response token sum)."""
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(3, 96, (B, P)).astype(np.int32)
+    pmask = np.ones_like(prompts)
+    pmask[0, :2] = 0
+    prompts[0, :2] = 0
+    out = generate(params, prompts, pmask, config=MCFG, max_new_tokens=N, num_samples=2, eos_token_ids=(2,),
+                   rng=jax.random.key(seed))
+    toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
+    assert distinct(toks, mask).all()
+    return build_pairs(prompts, pmask, toks, mask, np.asarray(out.logprobs), (toks * mask).sum(1), np.ones(B, bool),
+                       eos_token_ids=(2,))
+
+
+def _step(cfg, state, batch):
+    fn = make_train_step(cfg, MCFG, st.shardings(state), prompt_len=P)
+    keys = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "chosen_behavior_logps",
+            "rejected_behavior_logps", "truncated")
+    return fn(state, {k: jnp.asarray(batch[k]) for k in keys})
+
+
+def test_behavior_reference_gives_log2_at_every_phase_start_and_sft_does_not():
+    for reference in ("behavior", "sft"):
+        cfg = _cfg(reference=reference)
+        state = st.create_state(cfg, _base(), jax.random.key(1))
+        state, m = _step(cfg, state, _batch(st.behavior_params(cfg, state)))
+        np.testing.assert_allclose(float(m["loss"]), LOG2, atol=1e-5)  # phase 1: π_θ = π_β = SFT
+        assert float(m["kl_policy_behavior"]) < 1e-6
+        state, m = _step(cfg, state, _batch(st.behavior_params(cfg, state), seed=1))
+        assert abs(float(m["loss"]) - LOG2) > 1e-4  # the policy moved within the phase
+        state = st.sync_behavior(state)  # phase 2: π_β ← π_θ, and it samples the new pairs
+        batch = _batch(st.behavior_params(cfg, state), seed=2)
+        state, m = _step(cfg, state, batch)
+        if reference == "behavior":
+            np.testing.assert_allclose(float(m["loss"]), LOG2, atol=1e-5)
+        else:
+            assert abs(float(m["loss"]) - LOG2) > 1e-3
+
+
+def test_sampler_logprobs_equal_a_reference_forward():
+    params = _base()
+    batch = _batch(params)
+    gap = behavior_logp_gap(MCFG, params, {k: jnp.asarray(v) for k, v in batch.items()}, prompt_len=P)
+    assert float(gap) < 1e-4
+
+
+def test_lora_ensemble_updates_only_adapters_and_merge_is_the_mean_delta():
+    cfg = _cfg(lora_rank=4, lora_alpha=8.0, ensemble_size=3, lora_targets=("q_proj", "v", "down"))
+    assert cfg.lora_targets == ("q", "v", "down")
+    base = _base()
+    state = st.create_state(cfg, base, jax.random.key(2))
+    assert set(state.trainable) == {"q", "v", "down"}
+    assert state.trainable["q"]["a"].shape == (3, 2, 32, 4) and state.trainable["down"]["b"].shape == (3, 2, 4, 32)
+    # Optimizer moments exist for the LoRA factors only, one set per adapter.
+    opt_shapes = {x.shape for x in jax.tree.leaves(state.opt_state)}
+    assert opt_shapes <= {x.shape for x in jax.tree.leaves(state.trainable)} | {(3,)}
+    base_before = jax.tree.map(np.asarray, state.base)
+    for seed in range(2):
+        state, _ = _step(cfg, state, _batch(st.behavior_params(cfg, state), seed))
+    jax.tree.map(np.testing.assert_array_equal, base_before, jax.tree.map(np.asarray, state.base))
+    a, b = np.asarray(state.trainable["q"]["a"]), np.asarray(state.trainable["q"]["b"])
+    assert not np.allclose(b[0], b[1])  # adapters differ (own init, own optimizer)
+    merged = st.policy_params(cfg, state)
+    want = base_before["layers"]["q"] + (8.0 / 4) * np.mean(np.einsum("nlir,nlro->nlio", a, b), axis=0)
+    np.testing.assert_allclose(np.asarray(merged["layers"]["q"]), want, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(merged["layers"]["k"]), base_before["layers"]["k"])
+
+
+def test_gradient_accumulation_equals_the_large_batch():
+    results = []
+    for micro in (1, 2):
+        cfg = _cfg(micro_batches=micro, lora_rank=4, reference="sft")
+        state = st.create_state(cfg, _base(), jax.random.key(3))
+        state, _ = _step(cfg, state, _batch(st.behavior_params(cfg, state)))  # B ≠ 0 after one step
+        state, m = _step(cfg, state, _batch(st.behavior_params(cfg, state), seed=5))
+        results.append((m, jax.tree.map(np.asarray, state.trainable)))
+    (m1, t1), (m2, t2) = results
+    for key in ("loss", "grad_norm", "rewards/margins"):
+        np.testing.assert_allclose(float(m1[key]), float(m2[key]), rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), t1, t2)
+
+
+@pytest.mark.parametrize("reference", ["ema", "mixup"])
+def test_soft_reference_updates(reference):
+    cfg = _cfg(reference=reference, lora_rank=4, ema_rate=0.5, mixup_alpha=0.5, mixup_every=2)
+    state = st.create_state(cfg, _base(), jax.random.key(4))
+    ref0 = jax.tree.map(np.asarray, state.reference)
+    state, _ = _step(cfg, state, _batch(st.behavior_params(cfg, state)))
+    ref1, theta1 = jax.tree.map(np.asarray, state.reference), jax.tree.map(np.asarray, state.trainable)
+    if reference == "ema":
+        jax.tree.map(lambda r1, r0, t: np.testing.assert_allclose(r1, 0.5 * r0 + 0.5 * t, atol=1e-7), ref1, ref0, theta1)
+    else:  # not due at step 1
+        jax.tree.map(np.testing.assert_array_equal, ref1, ref0)
+        state, _ = _step(cfg, state, _batch(st.behavior_params(cfg, state), seed=1))
+        theta2 = jax.tree.map(np.asarray, state.trainable)
+        jax.tree.map(lambda r2, r1, t: np.testing.assert_allclose(r2, 0.5 * t + 0.5 * r1, atol=1e-7),
+                     jax.tree.map(np.asarray, state.reference), ref1, theta2)
+
+
+def test_state_sharding_on_8_devices_matches_one_device():
+    cfg = _cfg(lora_rank=4, ensemble_size=2, reference="sft")
+    batch = _batch(_base())
+    single = st.create_state(cfg, _base(), jax.random.key(5))
+    _, m_single = _step(cfg, single, batch)
+
+    mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
+    base = _base()
+    base = shd.shard(base, shd.logical_to_sharding(param_axes(MCFG), base, mesh))
+    state = st.create_state(cfg, base, jax.random.key(5))
+    assert state.base["layers"]["gate"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert state.trainable["gate"]["a"].sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp", None)
+    assert state.opt_state[1][0].mu["gate"]["b"].sharding.spec == jax.sharding.PartitionSpec(None, None, None, "tensor")
+    new_state, m = _step(cfg, state, shd.shard_batch(batch, mesh))
+    assert new_state.trainable["gate"]["b"].sharding.spec == jax.sharding.PartitionSpec(None, None, None, "tensor")
+    for key in ("loss", "grad_norm", "kl_policy_behavior"):
+        np.testing.assert_allclose(float(m[key]), float(m_single[key]), rtol=1e-4, atol=1e-6)
