@@ -8,6 +8,7 @@ import sys
 # command -> (module with a ``main(argv) -> int``, one-line help). Modules are imported on use, so a command's
 # heavy dependencies load only when it runs.
 COMMANDS = {
+    "train": ("bpo_jax.cli_train", "online BPO training: --config configs/<file>.yaml [key=value ...]"),
     "toy": ("bpo_jax.toy", "seconds-long BPO vs offline/on-policy comparison on a toy softmax policy"),
     "generate": ("bpo_jax.cli_generate", "answer a prompt with a model (default: the shipped SmolLM2-135M-Instruct)"),
 }

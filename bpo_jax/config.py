@@ -60,6 +60,11 @@ class TrainConfig:
     learning_rate: float = 5e-5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    # Data and evaluation
+    data: str = "minisum"  # the shipped demo task, or a folder with train.jsonl / test.jsonl in its format
+    max_prompt_length: int = 256  # tokens, after the chat template
+    eval_size: int = 0  # test prompts to evaluate (0 = all)
+    eval_max_new_tokens: int = 64
     # Run
     seed: int = 0
     run_dir: str = "runs/default"
@@ -175,6 +180,8 @@ def validate(cfg: TrainConfig) -> None:
          "need learning_rate > 0, weight_decay >= 0, max_grad_norm > 0")
     need(cfg.param_dtype in ("float32", "bfloat16") and cfg.dtype in ("float32", "bfloat16"),
          "param_dtype and dtype must be float32 or bfloat16")
+    need(cfg.max_prompt_length >= 1 and cfg.eval_size >= 0 and cfg.eval_max_new_tokens >= 1,
+         "need max_prompt_length >= 1, eval_size >= 0, eval_max_new_tokens >= 1")
     need(min(cfg.checkpoint_every, cfg.eval_every) >= 0 and cfg.keep_checkpoints >= 1,
          "checkpoint_every and eval_every must be >= 0 (0 = off); keep_checkpoints >= 1")
     try:

@@ -131,10 +131,21 @@ def _updated_reference(cfg: TrainConfig, reference, trainable, step):
 
 
 def make_train_step(cfg: TrainConfig, model_config, state_shardings, *, prompt_len: int, batch_sharding=None):
-    """``train_step`` jitted with explicit in/out shardings and the state donated."""
-    fn = partial(train_step, cfg, model_config, prompt_len=prompt_len)
-    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-                   donate_argnums=(0,))
+    """``train_step`` jitted with explicit in/out shardings, the state donated — all but the frozen base
+    weights, which the step only reads (and the caller may still hold)."""
+    def fn(rest, base, batch):
+        new_state, metrics = train_step(cfg, model_config, rest.replace(base=base), batch, prompt_len=prompt_len)
+        return new_state.replace(base=None), metrics
+
+    rest_shardings = state_shardings.replace(base=None)
+    jitted = jax.jit(fn, in_shardings=(rest_shardings, state_shardings.base, batch_sharding),
+                     out_shardings=(rest_shardings, None), donate_argnums=(0,))
+
+    def step(state, batch):
+        rest, metrics = jitted(state.replace(base=None), state.base, batch)
+        return rest.replace(base=state.base), metrics
+
+    return step
 
 
 @partial(jax.jit, static_argnames=("model_config", "prompt_len"))

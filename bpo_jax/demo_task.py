@@ -1,0 +1,65 @@
+"""The CPU demo's task, *minisum*: one-sentence summaries of short documents (shipped in ``data/minisum``).
+
+Each row has a ``document``, a plain human ``reference`` summary (what the policy must beat) and a held-out
+expert ``gold`` summary (what the annotator scores against; the policy never sees it). The gold reward is
+ROUGE-L F1 against ``gold`` (``bpo_jax.annotators.RougeAnnotator``); the win rate is the fraction of test
+documents where the policy's greedy summary scores higher than the human reference does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+FIELDS = ("id", "document", "reference", "gold")
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "minisum")
+INSTRUCTION = "Summarize the following text in one sentence.\n\n"
+
+
+def load_rows(path: str) -> list[dict]:
+    """Rows of a minisum JSONL file; a malformed line or missing field raises ValueError naming file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object")
+            for field in FIELDS:
+                if not isinstance(row.get(field), str) or not row[field].strip():
+                    raise ValueError(f"{path}:{n}: missing or empty field {field!r}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def prompt_text(row: dict) -> str:
+    return INSTRUCTION + row["document"]
+
+
+def encode_prompts(tokenizer, texts, max_len: int):
+    """Left-padded ``(ids, mask)`` int32 ``[B, P]`` of chat-templated prompts, P = the longest prompt; a prompt
+    longer than ``max_len`` tokens raises ValueError (the demo filters its data to fit)."""
+    encoded = []
+    for t in texts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=True,
+                                            add_generation_prompt=True, return_dict=True)["input_ids"]
+        if len(ids) > max_len:
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds max_prompt_length={max_len}: {t[:60]!r}…")
+        encoded.append(ids)
+    width = max(len(e) for e in encoded)
+    ids = np.zeros((len(encoded), width), np.int32)
+    mask = np.zeros((len(encoded), width), np.int32)
+    for i, e in enumerate(encoded):
+        ids[i, width - len(e):] = e
+        mask[i, width - len(e):] = 1
+    return ids, mask

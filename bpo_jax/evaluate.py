@@ -1,0 +1,52 @@
+"""Win rate against references: greedy responses scored by the annotator against the references' scores.
+
+As in the paper, a prompt is won when the annotator scores the policy's greedy response above the human
+reference (ties count half). The 95% interval is a percentile bootstrap over prompts.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from bpo_jax.sampling import generate
+
+
+class WinRate(NamedTuple):
+    win_rate: float
+    ci_low: float
+    ci_high: float
+    mean_score: float
+    mean_reference_score: float
+    n: int
+
+
+def win_rate_from_scores(scores, reference_scores, *, num_bootstrap: int = 1000, seed: int = 0) -> WinRate:
+    """Win rate (ties = ½) with a percentile-bootstrap 95% CI over prompts."""
+    s, r = np.asarray(scores, np.float64), np.asarray(reference_scores, np.float64)
+    if s.shape != r.shape or s.ndim != 1 or s.size == 0:
+        raise ValueError(f"need two equal-length 1-D score arrays, got {s.shape} and {r.shape}")
+    wins = (s > r) + 0.5 * (s == r)
+    boot = np.random.default_rng(seed).choice(wins, size=(num_bootstrap, wins.size), replace=True).mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return WinRate(float(wins.mean()), float(lo), float(hi), float(s.mean()), float(r.mean()), int(s.size))
+
+
+def greedy_responses(params, config, tokenizer, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_token_ids,
+                     batch_size: int = 16, mesh=None) -> list[str]:
+    """Greedy-decoded response texts, one per prompt."""
+    out = generate(params, prompt_ids, prompt_mask, config=config, max_new_tokens=max_new_tokens, temperature=0.0,
+                   eos_token_ids=eos_token_ids, batch_size=batch_size, mesh=mesh,
+                   pad_token_id=config.pad_token_id or 0)
+    toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
+    return [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip() for t, m in zip(toks, mask)]
+
+
+def evaluate_win_rate(params, config, tokenizer, annotator, prompts, prompt_ids, prompt_mask, references, *,
+                      max_new_tokens: int, eos_token_ids, mesh=None) -> tuple[WinRate, list[str]]:
+    """Greedy responses to ``prompts`` scored against ``references`` by ``annotator``; returns the win rate and
+    the responses."""
+    responses = greedy_responses(params, config, tokenizer, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
+                                 eos_token_ids=eos_token_ids, mesh=mesh)
+    return win_rate_from_scores(annotator(prompts, responses), annotator(prompts, references)), responses

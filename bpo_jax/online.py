@@ -1,0 +1,180 @@
+"""The online BPO loop — T steps in F annotation phases, K = T / F steps per phase. In each phase:
+
+  1. the behavior LLM π_β samples two responses per prompt for the phase's K batches of prompts;
+  2. pairs whose two responses are identical are dropped;
+  3. the annotator scores both responses; the higher one is y_w;
+  4. the policy π_θ trains K steps on these pairs with L_DAP(π_θ; reference);
+  5. π_β ← π_θ.
+
+With ``reference=behavior`` this is BPO; F = 1 is offline DAP and F = T is on-policy. Checkpoints (every
+``checkpoint_every`` steps and at each phase end) hold the state, the phase's pairs and the prompt position,
+so the same command on the same ``run_dir`` resumes exactly; SIGTERM saves and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from bpo_jax import sharding as shd
+from bpo_jax import state as st
+from bpo_jax.checkpoint import Checkpointer
+from bpo_jax.config import TrainConfig
+from bpo_jax.pairs import build_pairs, distinct
+from bpo_jax.sampling import generate
+from bpo_jax.train_step import BATCH_KEYS, behavior_logp_gap, make_train_step
+
+
+@dataclass
+class Prompts:
+    """The training prompts: texts and their left-padded token ids ``[M, P]`` / mask (one fixed width P)."""
+
+    texts: list
+    ids: np.ndarray
+    mask: np.ndarray
+
+    def take(self, position: int, n: int, seed: int) -> np.ndarray:
+        """Indices of prompts ``position … position + n − 1`` of an endless stream: a fresh seeded shuffle of
+        all prompts per epoch."""
+        m = len(self.texts)
+        return np.asarray([np.random.default_rng([seed, p // m]).permutation(m)[p % m]
+                           for p in range(position, position + n)])
+
+
+class Preempted(Exception):
+    """Raised after SIGTERM once a checkpoint is saved."""
+
+
+def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts: Prompts, annotator, position: int,
+                  key, *, mesh=None, eos_token_ids=()):
+    """Steps 1–3 for one phase: sample with π_β until K·B distinct, annotated pairs exist.
+    Returns ``(pairs, new_position, stats)``."""
+    need = cfg.steps_per_phase * cfg.batch_size
+    chunks, have, sampled, dropped, rounds = [], 0, 0, 0, 0
+    bar = tqdm(total=need, desc="collecting pairs", unit="pair", leave=False)
+    while have < need:
+        idx = prompts.take(position, cfg.batch_size, cfg.seed)
+        position += cfg.batch_size
+        out = generate(behavior, prompts.ids[idx], prompts.mask[idx], config=model_config,
+                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                       top_p=cfg.top_p, num_samples=2, eos_token_ids=eos_token_ids,
+                       rng=jax.random.fold_in(key, rounds), mesh=mesh, pad_token_id=model_config.pad_token_id or 0)
+        rounds += 1
+        toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
+        keep = distinct(toks, mask)
+        texts = [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip() for t, m in zip(toks, mask)]
+        scores = annotator([prompts.texts[i] for i in np.repeat(idx, 2)], texts)
+        chunks.append(build_pairs(prompts.ids[idx], prompts.mask[idx], toks, mask, np.asarray(out.logprobs), scores,
+                                  keep, eos_token_ids=eos_token_ids))
+        have += int(keep.sum())
+        sampled += len(idx)
+        dropped += int((~keep).sum())
+        bar.update(min(int(keep.sum()), need - bar.n))
+        if rounds > 20 * cfg.steps_per_phase and have == 0:
+            raise RuntimeError("the behavior LLM keeps sampling identical pairs; raise temperature")
+    bar.close()
+    pairs = {k: np.concatenate([c[k] for c in chunks])[:need] for k in chunks[0]}
+    stats = {"prompts_sampled": sampled, "identical_pairs_dropped": dropped,
+             "truncation_rate": float(pairs["truncated"].mean())}
+    return pairs, position, stats
+
+
+def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts: Prompts, annotator, mesh=None,
+          eos_token_ids=(), evaluate=None, log=print) -> st.TrainState:
+    """Run (or resume) the online loop; ``evaluate(params, step) -> dict`` is called every ``eval_every`` steps
+    and at the end. Returns the final state."""
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    ckpt = Checkpointer(cfg.run_dir, cfg.keep_checkpoints)
+    state = st.create_state(cfg, base, jax.random.key(cfg.seed))
+    pairs, position = None, 0
+    if (latest := ckpt.latest_step()) is not None:
+        state, pairs, meta = ckpt.restore(latest, state)
+        position = meta["prompt_position"]
+        log(f"resumed {cfg.run_dir} at step {latest}")
+    K, B, P = cfg.steps_per_phase, cfg.batch_size, prompts.ids.shape[1]
+    step_fn = make_train_step(cfg, model_config, st.shardings(state), prompt_len=P)
+    metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
+    stop = _SigtermFlag()
+    writer = _tensorboard(cfg.run_dir)
+    bar = tqdm(total=cfg.total_steps, initial=int(state.step), desc="training", unit="step")
+    phase_stats: dict = {}
+    try:
+        while (step := int(state.step)) < cfg.total_steps:
+            phase = step // K
+            if pairs is None:  # a new phase: π_β ← π_θ (after the first), then collect its pairs with π_β
+                if phase > int(state.phase):
+                    state = st.sync_behavior(state)
+                behavior = st.behavior_params(cfg, state)
+                pairs, position, phase_stats = collect_pairs(
+                    cfg, model_config, behavior, tokenizer, prompts, annotator, position,
+                    jax.random.fold_in(jax.random.key(cfg.seed), phase), mesh=mesh, eos_token_ids=eos_token_ids)
+                first = {k: v[:B] for k, v in pairs.items() if k in BATCH_KEYS}
+                phase_stats["behavior_logp_gap"] = float(behavior_logp_gap(model_config, behavior, first,
+                                                                           prompt_len=P))
+                del behavior
+            i = step - phase * K
+            batch = shd.shard_batch({k: pairs[k][i * B:(i + 1) * B] for k in BATCH_KEYS}, mesh)
+            state, metrics = step_fn(state, batch)
+            record = {"step": step + 1, "phase": phase + 1, **{k: float(v) for k, v in metrics.items()}}
+            if i == 0:
+                record.update({f"phase/{k}": v for k, v in phase_stats.items()})
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(f"loss is {record['loss']} at step {step + 1}; stopping. The last good "
+                                         f"checkpoint in {ckpt.directory} is untouched.")
+            if i == K - 1:
+                pairs = None  # phase done
+            if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                record.update(evaluate(st.policy_params(cfg, state), step + 1))
+            _write(metrics_path, writer, record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", phase=phase + 1)
+            due = pairs is None or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
+            if due or stop.raised:
+                ckpt.save(step + 1, state, pairs, {"prompt_position": position})
+            if stop.raised:
+                raise Preempted(f"SIGTERM: saved a checkpoint at step {step + 1} in {ckpt.directory}")
+    finally:
+        bar.close()
+        stop.restore()
+        ckpt.close()
+    return state
+
+
+def _write(path, writer, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                writer.add_scalar(k, v, record["step"])
+        writer.flush()
+
+
+def _tensorboard(run_dir):
+    """A tensorboardX writer when the package is installed, else None."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+
+class _SigtermFlag:
+    """Turns SIGTERM (e.g. a TPU preemption) into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)

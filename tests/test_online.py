@@ -1,0 +1,158 @@
+"""The online loop end to end on a tiny random model: phases, log 2 at phase starts, exact kill-and-resume,
+SIGTERM checkpoints, NaN halts, and clear config errors from the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from bpo_jax import online
+from bpo_jax.__main__ import main as cli
+from bpo_jax.annotators import FunctionAnnotator
+from bpo_jax.config import TrainConfig
+from bpo_jax.demo_task import encode_prompts
+from bpo_jax.models import Decoder, ModelConfig, init_params, load_pretrained, save_pretrained
+
+TEXTS = [f"Tell me about topic number {i}, briefly." for i in range(12)]
+LOG2 = float(np.log(2.0))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(smollm2, tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer (vocab 49152), saved as an HF folder."""
+    _, tok = smollm2
+    cfg = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, eos_token_id=2, pad_token_id=2)
+    path = str(tmp_path_factory.mktemp("tiny_online"))
+    save_pretrained(Decoder.from_params(cfg, init_params(cfg, jax.random.key(0))), tok, path)
+    return path
+
+
+def _setup(tiny_dir):
+    model, tok = load_pretrained(tiny_dir)
+    ids, mask = encode_prompts(tok, TEXTS, 64)
+    return model, tok, online.Prompts(TEXTS, ids, mask)
+
+
+def _annotator():
+    return FunctionAnnotator(lambda prompt, response: response.count("e") - 0.01 * len(response))
+
+
+def _cfg(run_dir, **kw):
+    base = dict(total_steps=4, num_phases=2, batch_size=2, max_new_tokens=6, learning_rate=5e-3,
+                run_dir=str(run_dir), seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def _losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def test_two_phase_run_logs_log2_at_each_phase_start(tiny_dir, tmp_path):
+    model, tok, prompts = _setup(tiny_dir)
+    cfg = _cfg(tmp_path / "run")
+    state = online.train(cfg, model_config=model.config, tokenizer=tok, base=model.params, prompts=prompts,
+                         annotator=_annotator(), eos_token_ids=(2,), log=lambda *a: None)
+    assert int(state.step) == 4 and int(state.phase) == 1
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and [r["phase"] for r in records] == [1, 1, 2, 2]
+    for r in (records[0], records[2]):  # π_θ = π_β at each phase start under reference=behavior
+        np.testing.assert_allclose(r["loss"], LOG2, atol=1e-5)
+        assert r["phase/behavior_logp_gap"] < 1e-3
+    assert abs(records[1]["loss"] - LOG2) > 1e-4
+    assert {"kl_policy_behavior", "grad_norm", "learning_rate", "truncation_rate", "rewards/accuracies"} <= set(records[0])
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
+
+
+_KILLED_RUN = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from test_online import _annotator, _cfg, _setup
+    from bpo_jax import online
+    model, tok, prompts = _setup({tiny!r})
+    def die(params, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {{}}
+    online.train(_cfg({run!r}, checkpoint_every=1, eval_every=1), model_config=model.config, tokenizer=tok,
+                 base=model.params, prompts=prompts, annotator=_annotator(), eos_token_ids=(2,), evaluate=die)
+""")
+
+
+def test_sigkill_and_resume_gives_identical_losses(tiny_dir, tmp_path):
+    model, tok, prompts = _setup(tiny_dir)
+    kw = dict(model_config=model.config, tokenizer=tok, base=model.params, prompts=prompts, annotator=_annotator(),
+              eos_token_ids=(2,), log=lambda *a: None)
+    online.train(_cfg(tmp_path / "whole", checkpoint_every=1), **kw)
+    want = _losses(tmp_path / "whole")
+
+    run = str(tmp_path / "killed")
+    script = _KILLED_RUN.format(tests=os.path.dirname(__file__), tiny=tiny_dir, run=run)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert sorted(_losses(run)) == [1, 2]  # died during step 3, after the step-2 checkpoint
+    online.train(_cfg(run, checkpoint_every=1), **kw)  # the same command on the same run_dir resumes
+    got = _losses(run)
+    assert sorted(got) == [1, 2, 3, 4]
+    np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)], rtol=1e-6)
+
+
+def test_sigterm_saves_a_checkpoint_then_exits(tiny_dir, tmp_path):
+    model, tok, prompts = _setup(tiny_dir)
+
+    def preempt(params, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    with pytest.raises(online.Preempted, match="saved a checkpoint at step 1"):
+        online.train(_cfg(tmp_path / "run", eval_every=1), model_config=model.config, tokenizer=tok,
+                     base=model.params, prompts=prompts, annotator=_annotator(), eos_token_ids=(2,), evaluate=preempt)
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["1"]
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
+
+
+def test_nan_loss_halts_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    model, tok, prompts = _setup(tiny_dir)
+    real = online.make_train_step
+
+    def poisoned(*args, **kwargs):
+        step_fn = real(*args, **kwargs)
+
+        def step(state, batch):
+            new_state, metrics = step_fn(state, batch)
+            if int(new_state.step) == 3:
+                metrics = {**metrics, "loss": metrics["loss"] * np.nan}
+            return new_state, metrics
+
+        return step
+
+    monkeypatch.setattr(online, "make_train_step", poisoned)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 3"):
+        online.train(_cfg(tmp_path / "run"), model_config=model.config, tokenizer=tok, base=model.params,
+                     prompts=prompts, annotator=_annotator(), eos_token_ids=(2,))
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["2"]
+    assert sorted(_losses(tmp_path / "run")) == [1, 2]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["totl_steps=4"], "unknown config key 'totl_steps' in the command line; did you mean total_steps"),
+    (["total_steps=5", "num_phases=2"], "must be a multiple of num_phases"),
+    (["reference=best"], "reference='best'; valid: behavior, sft, ema, mixup, fixed"),
+    (["beta=-1"], "beta must be a finite number > 0"),
+    (["ensemble_size=5"], "needs LoRA"),
+    (["lora_targets=q,qkv"], "unknown LoRA target 'qkv'"),
+    (["batch_size=three"], "batch_size='three' is not a valid int"),
+    (["--config", "configs/nope.yaml"], "config file 'configs/nope.yaml' does not exist"),
+])
+def test_bad_configs_fail_before_any_compute(args, message, capsys):
+    assert cli(["train", *args]) == 2
+    assert message in capsys.readouterr().err
