@@ -1,0 +1,60 @@
+"""The demo task's data, the ROUGE-L gold reward and the win rate, on hand-computed cases."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from bpo_jax.annotators import FunctionAnnotator, RougeAnnotator, rouge_l_f1
+from bpo_jax.demo_task import DATA_DIR, load_rows, prompt_text
+from bpo_jax.evaluate import win_rate_from_scores
+
+
+def test_shipped_minisum():
+    train, test = load_rows(os.path.join(DATA_DIR, "train.jsonl")), load_rows(os.path.join(DATA_DIR, "test.jsonl"))
+    assert (len(train), len(test)) == (128, 48)
+    ids = [r["id"] for r in train + test]
+    assert len(set(ids)) == len(ids)
+    assert not {r["document"] for r in train} & {r["document"] for r in test}
+    gold = RougeAnnotator({prompt_text(r): r["gold"] for r in test})
+    ref_scores = gold([prompt_text(r) for r in test], [r["reference"] for r in test])
+    assert 0.2 < ref_scores.mean() < 0.6  # references are decent but beatable summaries of the gold facts
+
+
+def test_malformed_rows_name_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    good = json.dumps({"id": "a", "document": "d", "reference": "r", "gold": "g"})
+    f.write_text(good + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        load_rows(str(f))
+    f.write_text(good + "\n" + json.dumps({"id": "b", "document": "d", "reference": "r"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing or empty field 'gold'"):
+        load_rows(str(f))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_rows(str(tmp_path / "none.jsonl"))
+
+
+def test_rouge_l_closed_forms():
+    assert rouge_l_f1("the cat sat", "the cat sat") == 1.0
+    assert rouge_l_f1("", "the cat") == 0.0
+    # LCS("the cat sat on the mat", "the cat is on a mat") = the cat on mat = 4; P = 4/6, R = 4/6.
+    np.testing.assert_allclose(rouge_l_f1("The cat sat on the mat.", "the cat is on a mat"), 4 / 6)
+    # Padding lowers precision: a longer candidate with the same LCS scores less.
+    assert rouge_l_f1("the cat sat and then more words here", "the cat sat") < rouge_l_f1("the cat sat", "the cat sat")
+
+
+def test_win_rate_hand_cases():
+    wr = win_rate_from_scores([1.0, 0.5, 0.2, 0.9], [0.5, 0.5, 0.3, 0.1])  # win, tie, loss, win
+    assert wr.win_rate == pytest.approx(2.5 / 4) and wr.n == 4
+    assert 0.0 <= wr.ci_low <= wr.win_rate <= wr.ci_high <= 1.0
+    assert win_rate_from_scores([1, 1], [0, 0]).ci_low == 1.0
+    with pytest.raises(ValueError, match="equal-length"):
+        win_rate_from_scores([1.0], [1.0, 2.0])
+
+
+def test_function_annotator():
+    ann = FunctionAnnotator(lambda p, r: len(r))
+    np.testing.assert_array_equal(ann(["a", "b"], ["xx", "y"]), [2.0, 1.0])
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        ann(["a", "b"], ["x"])
