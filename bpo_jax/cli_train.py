@@ -46,6 +46,10 @@ def main(argv=None) -> int:
     if tok is None:
         raise SystemExit(f"model {cfg.model!r} has no tokenizer files; training needs one to annotate text")
     mcfg = model.config
+    reference = None
+    if cfg.reference == "fixed":
+        reference = load_pretrained(cfg.reference_path, mesh=mesh, param_dtype=cfg.param_dtype,
+                                    dtype=cfg.dtype)[0].params
     eos = mcfg.eos_token_id if isinstance(mcfg.eos_token_id, tuple) else (mcfg.eos_token_id,)
     annotator = RougeAnnotator({demo_task.prompt_text(r): r["gold"] for r in train_rows + test_rows})
     texts = [demo_task.prompt_text(r) for r in train_rows]
@@ -73,7 +77,7 @@ def main(argv=None) -> int:
         f.write(json.dumps({"step": 0, **before}) + "\n")
     try:
         state = online.train(cfg, model_config=mcfg, tokenizer=tok, base=model.params, prompts=prompts,
-                             annotator=annotator, mesh=mesh, eos_token_ids=eos,
+                             annotator=annotator, mesh=mesh, eos_token_ids=eos, reference=reference,
                              evaluate=evaluate if cfg.eval_every else None)
     except online.Preempted as err:
         print(str(err), file=sys.stderr)

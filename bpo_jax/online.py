@@ -87,12 +87,12 @@ def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts: 
 
 
 def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts: Prompts, annotator, mesh=None,
-          eos_token_ids=(), evaluate=None, log=print) -> st.TrainState:
-    """Run (or resume) the online loop; ``evaluate(params, step) -> dict`` is called every ``eval_every`` steps
-    and at the end. Returns the final state."""
+          eos_token_ids=(), evaluate=None, reference=None, log=print) -> st.TrainState:
+    """Run (or resume) the online loop; ``evaluate(params, step) -> dict`` is called every ``eval_every`` steps.
+    ``reference``: the fixed reference's weights (``reference=fixed``). Returns the final state."""
     os.makedirs(cfg.run_dir, exist_ok=True)
     ckpt = Checkpointer(cfg.run_dir, cfg.keep_checkpoints)
-    state = st.create_state(cfg, base, jax.random.key(cfg.seed))
+    state = st.create_state(cfg, base, jax.random.key(cfg.seed), reference=reference)
     pairs, position = None, 0
     if (latest := ckpt.latest_step()) is not None:
         state, pairs, meta = ckpt.restore(latest, state)

@@ -102,6 +102,11 @@ def create_state(cfg: TrainConfig, base: Params, key: jax.Array, *, reference: P
         reference = None
     elif reference is None:
         raise ValueError("reference=fixed needs the reference weights")
+    else:
+        want, got = jax.tree.map(jnp.shape, base), jax.tree.map(jnp.shape, reference)
+        if want != got:
+            raise ValueError("the fixed reference model's weights do not have the policy's architecture (param "
+                             "shapes differ); it must be the same model family and size")
     counters = (jnp.int32(0), jnp.int32(0), jax.random.key_data(run_key))
     leaf = jax.tree.leaves(base)[0]
     if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding):  # replicate them on the mesh

@@ -115,6 +115,13 @@ def test_errors(tmp_path):
         load_pretrained(str(tmp_path / "m"))
 
 
+def test_tokenizer_larger_than_vocab_is_refused(smollm2, tmp_path):
+    save_hf_model("llama", tmp_path)  # vocab 128
+    smollm2[1].save_pretrained(str(tmp_path))  # a 49152-token tokenizer
+    with pytest.raises(ValueError, match="tokenizer has 49152 tokens but the model's vocab_size is 128"):
+        load_pretrained(str(tmp_path))
+
+
 def test_gguf_qk_permutation_round_trip():
     w = np.arange(8 * 2 * 3, dtype=np.float32).reshape(16, 3)  # 2 heads of head_dim 8, in-dim 3
     p = permute(w, 2)

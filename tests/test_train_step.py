@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bpo_jax import lora, sharding as shd
+from bpo_jax import sharding as shd
 from bpo_jax import state as st
 from bpo_jax.config import TrainConfig
 from bpo_jax.models import ModelConfig, init_params, param_axes
@@ -110,6 +110,18 @@ def test_gradient_accumulation_equals_the_large_batch():
     for key in ("loss", "grad_norm", "rewards/margins"):
         np.testing.assert_allclose(float(m1[key]), float(m2[key]), rtol=1e-5, atol=1e-6)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), t1, t2)
+
+
+def test_fixed_reference_is_used_and_checked():
+    cfg = _cfg(reference="fixed", reference_path="unused-here")
+    other = _base(seed=9)
+    state = st.create_state(cfg, _base(), jax.random.key(6), reference=other)
+    assert st.reference_params(cfg, state) is state.reference
+    _, m = _step(cfg, state, _batch(st.behavior_params(cfg, state)))
+    assert abs(float(m["loss"]) - LOG2) > 1e-3  # π_θ = SFT ≠ the fixed reference at step 1
+    small = init_params(MCFG.replace(intermediate_size=32), jax.random.key(0))
+    with pytest.raises(ValueError, match="do not have the policy's architecture"):
+        st.create_state(cfg, _base(), jax.random.key(6), reference=small)
 
 
 @pytest.mark.parametrize("reference", ["ema", "mixup"])
