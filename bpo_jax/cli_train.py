@@ -87,6 +87,11 @@ def main(argv=None) -> int:
     after = evaluate(st.policy_params(cfg, state), cfg.total_steps)
     with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"step": cfg.total_steps, "final": True, **after}) + "\n")
+    from bpo_jax.plot import plot_runs
+
+    plot_path = os.path.join(cfg.run_dir, "plot.png")
+    plot_runs([cfg.run_dir], plot_path)
+    print(f"plot: {plot_path}")
     print(f"win rate vs human references: {100 * before['eval/win_rate']:.1f}% before -> "
           f"{100 * after['eval/win_rate']:.1f}% after training ({time.time() - t0:.0f} s)")
     return 0

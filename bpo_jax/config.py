@@ -29,7 +29,7 @@ class TrainConfig:
     # Model
     model: str = "smollm2-135m-instruct"  # shipped name, HF folder or .gguf
     param_dtype: str = "float32"
-    dtype: str = "float32"  # compute dtype (bfloat16 on accelerators)
+    dtype: str = "auto"  # compute dtype: auto = float32 on CPU, bfloat16 on accelerators
     remat: bool = False
     # Schedule: T steps in F annotation phases, K = T / F steps per phase
     total_steps: int = 16  # T
@@ -178,8 +178,8 @@ def validate(cfg: TrainConfig) -> None:
          f"ensemble_size={cfg.ensemble_size} needs LoRA (lora_rank > 0); full fine-tuning trains one model")
     need(cfg.learning_rate > 0 and cfg.weight_decay >= 0 and cfg.max_grad_norm > 0,
          "need learning_rate > 0, weight_decay >= 0, max_grad_norm > 0")
-    need(cfg.param_dtype in ("float32", "bfloat16") and cfg.dtype in ("float32", "bfloat16"),
-         "param_dtype and dtype must be float32 or bfloat16")
+    need(cfg.param_dtype in ("float32", "bfloat16") and cfg.dtype in ("auto", "float32", "bfloat16"),
+         "param_dtype must be float32 or bfloat16, and dtype auto, float32 or bfloat16")
     need(cfg.max_prompt_length >= 1 and cfg.eval_size >= 0 and cfg.eval_max_new_tokens >= 1,
          "need max_prompt_length >= 1, eval_size >= 0, eval_max_new_tokens >= 1")
     need(min(cfg.checkpoint_every, cfg.eval_every) >= 0 and cfg.keep_checkpoints >= 1,

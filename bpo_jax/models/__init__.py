@@ -2,10 +2,8 @@
 
 from bpo_jax.models.config import SUPPORTED, ModelConfig
 from bpo_jax.models.decoder import Decoder, forward, init_cache, init_params, param_axes
+from bpo_jax.models.export import save_pretrained
+from bpo_jax.models.loading import load_pretrained
 
-__all__ = ["SUPPORTED", "ModelConfig", "Decoder", "forward", "init_cache", "init_params", "param_axes"]
-
-from bpo_jax.models.export import save_pretrained  # noqa: E402
-from bpo_jax.models.loading import load_pretrained  # noqa: E402
-
-__all__ += ["load_pretrained", "save_pretrained"]
+__all__ = ["SUPPORTED", "ModelConfig", "Decoder", "forward", "init_cache", "init_params", "param_axes",
+           "load_pretrained", "save_pretrained"]

@@ -40,12 +40,16 @@ def resolve(path: str) -> str:
 
 
 def load_pretrained(path: str, *, mesh=None, rules=shd.DEFAULT_RULES, param_dtype: str = "float32",
-                    dtype: str = "float32", remat: bool = False):
+                    dtype: str = "auto", remat: bool = False):
     """Load ``(model, tokenizer)``; ``model`` is a ``Decoder`` (``.config``, ``.params``, ``model(ids)``).
 
     ``path``: an HF folder (``config.json``, ``model.safetensors`` or ``model.safetensors.index.json``, and
     tokenizer files — the tokenizer is None when the folder has none), a ``.gguf`` file, or a shipped name.
+    ``dtype`` is the compute dtype; ``auto`` is float32 on CPU and bfloat16 on accelerators (norms, softmax and
+    logits stay float32 either way).
     """
+    if dtype == "auto":
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     path = resolve(path)
     numerics = dict(param_dtype=param_dtype, dtype=dtype, remat=remat)
     if path.endswith(".gguf"):
