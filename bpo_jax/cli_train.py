@@ -87,6 +87,12 @@ def main(argv=None) -> int:
     after = evaluate(st.policy_params(cfg, state), cfg.total_steps)
     with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"step": cfg.total_steps, "final": True, **after}) + "\n")
+    if cfg.export_policy:
+        from bpo_jax.models import Decoder, save_pretrained
+
+        out = save_pretrained(Decoder.from_params(mcfg, st.policy_params(cfg, state)), tok,
+                              os.path.join(cfg.run_dir, "policy"))
+        print(f"policy exported as an HF folder: {out}")
     from bpo_jax.plot import plot_runs
 
     plot_path = os.path.join(cfg.run_dir, "plot.png")

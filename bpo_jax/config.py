@@ -71,6 +71,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0 = only at phase boundaries
     keep_checkpoints: int = 3
     eval_every: int = 0  # 0 = no periodic evaluation
+    export_policy: bool = True  # write the final merged policy as an HF folder to <run_dir>/policy
     mesh_data: int = -1
     mesh_fsdp: int = 1
     mesh_tensor: int = 1

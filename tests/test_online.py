@@ -143,6 +143,27 @@ def test_nan_loss_halts_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_path, m
     assert sorted(_losses(tmp_path / "run")) == [1, 2]
 
 
+def test_train_command_end_to_end(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"id": f"r{i}", "document": f"Town {i} opened a park with {i + 3} benches on Monday.",
+             "reference": f"Town {i} has a new park.", "gold": f"Town {i} opened a park with {i + 3} benches."}
+            for i in range(6)]
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    assert cli(["train", f"model={tiny_dir}", f"data={data}", f"run_dir={run}", "total_steps=2", "num_phases=2",
+                "batch_size=2", "max_new_tokens=4", "eval_max_new_tokens=4", "lora_rank=2"]) == 0
+    out = capsys.readouterr().out
+    assert "win rate vs human references" in out and "before ->" in out
+    with open(run / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [0, 1, 2, 2] and records[-1]["final"] is True
+    assert (run / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    exported, _ = load_pretrained(str(run / "policy"))  # the trained policy as an HF folder
+    assert exported.config.num_layers == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["totl_steps=4"], "unknown config key 'totl_steps' in the command line; did you mean total_steps"),
     (["total_steps=5", "num_phases=2"], "must be a multiple of num_phases"),
