@@ -44,8 +44,9 @@ class Prompts:
         """Indices of prompts ``position … position + n − 1`` of an endless stream: a fresh seeded shuffle of
         all prompts per epoch."""
         m = len(self.texts)
-        return np.asarray([np.random.default_rng([seed, p // m]).permutation(m)[p % m]
-                           for p in range(position, position + n)])
+        steps = np.arange(position, position + n)
+        perms = {e: np.random.default_rng([seed, e]).permutation(m) for e in np.unique(steps // m)}
+        return np.asarray([perms[p // m][p % m] for p in steps])
 
 
 class Preempted(Exception):

@@ -177,3 +177,12 @@ def test_train_command_end_to_end(tiny_dir, tmp_path, capsys):
 def test_bad_configs_fail_before_any_compute(args, message, capsys):
     assert cli(["train", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_prompt_stream_epochs_are_seeded_permutations():
+    p = online.Prompts(list("abcdefg"), np.zeros((7, 2)), np.zeros((7, 2)))
+    stream = np.concatenate([p.take(i, 3, seed=1) for i in range(0, 21, 3)])
+    np.testing.assert_array_equal(stream, p.take(0, 21, seed=1))  # resuming at any position continues the stream
+    for epoch in range(3):
+        assert sorted(stream[7 * epoch: 7 * epoch + 7]) == list(range(7))
+    assert not np.array_equal(stream[:7], stream[7:14]) and not np.array_equal(stream, p.take(0, 21, seed=2))
