@@ -25,6 +25,7 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
+    ("head_dim", None),
     ("norm", None),
     ("lora_rank", None),
     ("ensemble", None),
@@ -48,10 +49,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Iterable = DEFAULT_RULES) -> P:
-    """The ``PartitionSpec`` for one array: each logical name mapped by ``rules``, skipping mesh axes that are
-    already used by an earlier dimension or that do not divide the dimension."""
-    table = dict(rules)
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Iterable | None = None) -> P:
+    """The ``PartitionSpec`` for one array: each logical name mapped by ``rules`` (default ``DEFAULT_RULES``;
+    later pairs override earlier ones), skipping mesh axes that are already used by an earlier dimension or that
+    do not divide the dimension."""
+    table = dict(DEFAULT_RULES if rules is None else rules)
     used, out = set(), []
     for name, dim in zip(axes, shape):
         axis = table.get(name) if name is not None else None
@@ -63,12 +65,19 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Iter
     return P(*out)
 
 
-def logical_to_sharding(axes_tree, shapes_tree, mesh, rules: Iterable = DEFAULT_RULES):
-    """``NamedSharding`` pytree for params given their logical axes and shapes (shape tuples or arrays)."""
-    rules = tuple(rules)
+def logical_to_specs(axes_tree, shapes_tree, mesh, rules: Iterable | None = None):
+    """``PartitionSpec`` pytree for params given their logical axes (``param_axes``) and shapes (a pytree of shape
+    tuples or of arrays, e.g. the params themselves)."""
+    rules = tuple(DEFAULT_RULES if rules is None else rules)
     is_axes = lambda x: isinstance(x, tuple)  # noqa: E731
-    return jax.tree.map(lambda ax, s: NamedSharding(mesh, spec_for(ax, getattr(s, "shape", s), mesh, rules)),
-                        axes_tree, shapes_tree, is_leaf=is_axes)
+    return jax.tree.map(lambda ax, s: spec_for(ax, getattr(s, "shape", s), mesh, rules), axes_tree, shapes_tree,
+                        is_leaf=is_axes)
+
+
+def logical_to_sharding(axes_tree, shapes_tree, mesh, rules: Iterable | None = None):
+    """``NamedSharding`` pytree (on ``mesh``) for params; see ``logical_to_specs``."""
+    specs = logical_to_specs(axes_tree, shapes_tree, mesh, rules)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def shard(tree, shardings):

@@ -8,11 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
-from bpo_jax.models import ModelConfig, forward, init_cache, load_pretrained, save_pretrained
+from bpo_jax.models import (Decoder, ModelConfig, forward, hidden_states, init_cache, init_params, load_pretrained,
+                            param_axes, save_pretrained, unembed)
 from bpo_jax.models.gguf_source import permute, unpermute
-from tiny_models import FAMILIES, save_hf_model
+from tiny_models import _COMMON, FAMILIES, save_hf_model
 
 LEFT_PADDED = np.array([[0, 0, 0, 5, 9, 17, 3, 44], [7, 8, 9, 10, 11, 12, 13, 14], [0, 0, 0, 0, 0, 0, 21, 99]])
 MASK = (np.arange(8)[None] >= np.array([3, 0, 6])[:, None]).astype(np.int32)
@@ -85,6 +88,53 @@ def test_sharded_safetensors_index_loads(tmp_path):
                                atol=1e-4)
 
 
+@pytest.mark.parametrize("hf_config", [
+    Qwen2Config(**{**_COMMON, "num_hidden_layers": 1}, tie_word_embeddings=True),  # tied Qwen2; a 1-layer stack
+    LlamaConfig(**_COMMON, hidden_act="gelu"),  # exact (erf) GELU outside Gemma
+], ids=["qwen2_tied_1layer", "llama_gelu"])
+def test_more_variants_match_hf_and_export(hf_config, tmp_path):
+    torch.manual_seed(0)
+    hf_model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in hf_model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hf_model.save_pretrained(tmp_path / "hf")
+    model, _ = load_pretrained(str(tmp_path / "hf"))
+    real = MASK.astype(bool)
+    want = _hf_logits(hf_model, LEFT_PADDED, MASK)[real]
+    np.testing.assert_allclose(np.asarray(model(LEFT_PADDED, attention_mask=jnp.asarray(MASK)))[real], want, atol=1e-4)
+    save_pretrained(model, None, str(tmp_path / "out"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    np.testing.assert_allclose(_hf_logits(reloaded, LEFT_PADDED, MASK)[real], want, atol=1e-5)
+
+
+def test_nnx_module_split_axes_and_chunkable_head():
+    cfg = ModelConfig.from_hf(FAMILIES["qwen2"]().to_dict())
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model, nnx.Param)
+    specs = nnx.get_partition_spec(state)["weights"]
+    assert tuple(specs["layers"]["q_bias"].get_value()) == param_axes(cfg)["layers"]["q_bias"] == ("layers", "heads")
+    ids = jnp.asarray(LEFT_PADDED)
+    logits = nnx.merge(graphdef, state)(ids)
+    np.testing.assert_allclose(logits, forward(cfg, model.params, ids)[0], atol=1e-6)
+    h, _ = hidden_states(cfg, model.params, ids)
+    chunks = [h[:, i : i + 3] @ unembed(cfg, model.params) for i in range(0, 8, 3)]
+    np.testing.assert_allclose(jnp.concatenate(chunks, axis=1), logits, atol=1e-5)
+
+
+def test_remat_gives_the_same_gradients():
+    cfg = ModelConfig.from_hf(FAMILIES["gemma"]().to_dict())
+    params = init_params(cfg, jax.random.key(0))
+    ids = jnp.asarray(LEFT_PADDED)
+
+    def loss(p, c):
+        return jnp.mean(jax.nn.log_softmax(forward(c, p, ids, attention_mask=jnp.asarray(MASK))[0])[..., 7])
+
+    g0 = jax.grad(loss)(params, cfg)
+    g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, cfg.replace(remat=True))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+
+
 def test_config_forms_agree():
     new = FAMILIES["llama3_rope"]().to_dict()
     old = {k: v for k, v in new.items() if k != "rope_parameters"}
@@ -92,6 +142,20 @@ def test_config_forms_agree():
     old["rope_scaling"] = {k: v for k, v in new["rope_parameters"].items() if k != "rope_theta"}
     assert ModelConfig.from_hf(new) == ModelConfig.from_hf(old)
     assert dict(ModelConfig.from_hf(new).rope_scaling)["rope_type"] == "llama3"
+
+
+def test_config_family_defaults_and_refusals():
+    gemma = {k: v for k, v in FAMILIES["gemma"]().to_dict().items() if k != "head_dim"}
+    assert ModelConfig.from_hf(gemma).head_dim == 256  # HF Gemma's default, not hidden / heads
+    assert ModelConfig.from_hf({**gemma, "hidden_act": "gelu"}).hidden_act == "gelu_tanh"  # legacy Gemma value
+    llama = FAMILIES["llama"]().to_dict()
+    assert ModelConfig.from_hf({**llama, "hidden_act": "gelu"}).hidden_act == "gelu"
+    with pytest.raises(ValueError, match="unsupported activation 'relu2'"):
+        ModelConfig.from_hf({**llama, "hidden_act": "relu2"})
+    with pytest.raises(ValueError, match="Mistral sliding-window attention"):
+        ModelConfig.from_hf({**llama, "model_type": "mistral", "sliding_window": 4096})
+    with pytest.raises(ValueError, match="unsupported RoPE scaling 'yarn'"):
+        ModelConfig.from_hf({**llama, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}})
 
 
 def test_errors(tmp_path):
@@ -110,7 +174,13 @@ def test_errors(tmp_path):
                                          r"expected \(80, 64\)"):
         load_pretrained(str(tmp_path / "m"))
     cfg_path.write_text(json.dumps(cfg))
-    os.remove(tmp_path / "m" / "model.safetensors")
+    weights = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="checkpoint is missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+        load_pretrained(str(tmp_path / "m"))
+    os.remove(weights)
     with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
         load_pretrained(str(tmp_path / "m"))
 
@@ -147,3 +217,18 @@ def test_smollm2_gguf_answers_paris(smollm2):
         logits, cache = step(model.params, jnp.asarray([[out[-1]]]), jnp.asarray([[len(ids) + j]]), cache,
                              len(ids) + j)
     assert "Paris" in tok.decode(out)
+
+
+def test_smollm2_exports_as_an_hf_llama_folder(smollm2, tmp_path):
+    model, tok = smollm2
+    out = save_pretrained(model, tok, str(tmp_path / "smollm2"))
+    assert json.loads((tmp_path / "smollm2" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    reloaded_tok = AutoTokenizer.from_pretrained(out)
+    text = reloaded_tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                            add_generation_prompt=True)
+    assert text == tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = np.asarray([reloaded_tok(text).input_ids])
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    want = _hf_logits(hf, ids, np.ones_like(ids))
+    np.testing.assert_allclose(np.asarray(model(ids)), want, atol=2e-4, rtol=1e-4)

@@ -7,8 +7,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from bpo_jax import sharding as shd
-from bpo_jax.models import forward, load_pretrained
-from tiny_models import save_hf_model
+from bpo_jax.models import ModelConfig, forward, init_params, load_pretrained, param_axes
+from tiny_models import FAMILIES, save_hf_model
 
 
 def test_make_mesh():
@@ -28,6 +28,20 @@ def test_spec_for_skips_axes_that_do_not_divide():
     assert shd.spec_for(("layers", "embed", "mlp"), (2, 63, 95), mesh) == P(None, None, None)
     custom = shd.DEFAULT_RULES + (("mlp", "fsdp"),)  # later pairs override earlier ones
     assert shd.spec_for(("embed", "mlp"), (64, 96), mesh, custom) == P("fsdp", None)  # fsdp already used
+
+
+def test_partition_specs_for_a_params_pytree():
+    cfg = ModelConfig.from_hf(FAMILIES["llama"]().to_dict())
+    params = init_params(cfg, jax.random.key(0))
+    mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
+    specs = shd.logical_to_specs(param_axes(cfg), params, mesh)
+    assert jax.tree.structure(specs, is_leaf=lambda x: isinstance(x, P)) == jax.tree.structure(params)
+    assert specs["embed"] == P("tensor", "fsdp") and specs["layers"]["attn_norm"] == P(None, None)
+    # Rules from a config: a list of (name, axis) pairs, e.g. pure FSDP with no tensor parallelism.
+    fsdp_only = [("embed", "fsdp"), ("vocab", None), ("mlp", None), ("heads", None), ("kv_heads", None)]
+    assert shd.logical_to_specs(param_axes(cfg), params, mesh, fsdp_only)["layers"]["q"] == P(None, "fsdp", None)
+    placed = shd.shard(params, shd.logical_to_sharding(param_axes(cfg), params, mesh))
+    assert placed["layers"]["gate"].sharding.spec == P(None, "fsdp", "tensor")
 
 
 def test_sharded_load_gives_same_logits(tmp_path):

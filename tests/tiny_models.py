@@ -31,3 +31,23 @@ def save_hf_model(family: str, path, seed: int = 0, **kw):
     model = make_hf_model(family, seed)
     model.save_pretrained(path, **kw)
     return model
+
+
+def save_hf_reward_model(family: str, path, seed: int = 0):
+    """A random HF ``*ForSequenceClassification`` reward model (num_labels=1), perturbed like ``make_hf_model``."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(_with_one_label(FAMILIES[family]()),
+                                                               dtype=torch.float32)
+    model = model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model
+
+
+def _with_one_label(config):
+    config.num_labels = 1
+    return config

@@ -12,7 +12,10 @@ import math
 from typing import Any
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gemma")
-_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_tanh"}
+# HF activation name -> ours. Gemma checkpoints name the tanh approximation "gelu" (a legacy value HF maps to
+# gelu_pytorch_tanh for Gemma only); elsewhere "gelu" is the exact erf form.
+_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+_HF_ACTS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +35,7 @@ class ModelConfig:
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
     attention_bias: bool = False
-    hidden_act: str = "silu"
+    hidden_act: str = "silu"  # "silu" | "gelu_tanh" | "gelu" (exact)
     # Gemma: RMSNorm scales by (1 + w) and the embeddings are multiplied by √hidden_size.
     norm_plus_one: bool = False
     scale_embeddings: bool = False
@@ -77,10 +80,14 @@ class ModelConfig:
                                                                    if k != "type" and not isinstance(v, list)))
         if mt == "qwen2" and hf.get("use_sliding_window"):
             raise ValueError("Qwen2 sliding-window attention (use_sliding_window=true) is not supported")
+        if mt == "mistral" and hf.get("sliding_window") is not None:
+            raise ValueError(f"Mistral sliding-window attention (sliding_window={hf['sliding_window']}) is not "
+                             f"supported; only checkpoints with sliding_window=null")
         heads = hf["num_attention_heads"]
         act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if mt == "gemma" else "silu")
         if act not in _ACTS:
             raise ValueError(f"unsupported activation {act!r}; supported: {', '.join(_ACTS)}")
+        act = "gelu_tanh" if mt == "gemma" and act == "gelu" else _ACTS[act]
         eos = hf.get("eos_token_id")
         return cls(
             model_type=mt,
@@ -90,14 +97,15 @@ class ModelConfig:
             num_layers=hf["num_hidden_layers"],
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            # HF Gemma defaults head_dim to 256 (not hidden/heads) when config.json leaves it out.
+            head_dim=hf.get("head_dim") or (256 if mt == "gemma" else hf["hidden_size"] // heads),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
             rope_scaling=scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 8192),
             tie_word_embeddings=hf.get("tie_word_embeddings", mt == "gemma"),
             attention_bias=mt == "qwen2" or bool(hf.get("attention_bias", False)),
-            hidden_act=_ACTS[act],
+            hidden_act=act,
             norm_plus_one=mt == "gemma",
             scale_embeddings=mt == "gemma",
             bos_token_id=hf.get("bos_token_id"),
@@ -124,8 +132,8 @@ class ModelConfig:
             "rope_scaling": dict(self.rope_scaling) or None,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[self.hidden_act],
-            "torch_dtype": self.param_dtype,
+            "hidden_act": _HF_ACTS[self.hidden_act],
+            "dtype": self.param_dtype,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
             "pad_token_id": self.pad_token_id,

@@ -89,9 +89,10 @@ def init_params(config: ModelConfig, key: Array) -> Params:
     return jax.tree.unflatten(treedef, out)
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int, *, mesh=None, dtype=None) -> Params:
-    """A preallocated KV cache: ``k``/``v`` ``[layers, B, max_len, kv_heads, head_dim]`` and the slot validity
-    ``valid [B, max_len]``. With ``mesh``, rows are sharded over its batch axes and kv heads over ``tensor``."""
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, *, mesh=None) -> Params:
+    """A preallocated KV cache: ``k``/``v`` ``[layers, B, max_len, kv_heads, head_dim]`` (``dtype``, default the
+    compute dtype) and the slot validity ``valid [B, max_len]`` (False until a call writes a real token there).
+    With ``mesh``, rows are sharded over its batch axes and kv heads over ``tensor``."""
     dtype = jnp.dtype(dtype or config.dtype)
     shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
     cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "valid": jnp.zeros((batch, max_len), bool)}
@@ -133,7 +134,10 @@ def _attention(q, k, v, q_slots, valid, config):
 
 def _mlp(x, lp, config):
     gate = x @ lp["gate"].astype(x.dtype)
-    act = jax.nn.silu(gate) if config.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
+    if config.hidden_act == "silu":
+        act = jax.nn.silu(gate)
+    else:
+        act = jax.nn.gelu(gate, approximate=config.hidden_act == "gelu_tanh")
     return (act * (x @ lp["up"].astype(x.dtype))) @ lp["down"].astype(x.dtype)
 
 
@@ -161,7 +165,13 @@ def _layer(config, x, lp, cos, sin, k_cache, v_cache, valid, q_slots, cache_inde
 
 def hidden_states(config: ModelConfig, params: Params, input_ids: Array, *, positions=None, attention_mask=None,
                   cache=None, cache_index=0):
-    """Final normed hidden states ``[B, T, D]`` (compute dtype) and the updated cache (None without one)."""
+    """Final normed hidden states ``[B, T, D]`` (compute dtype) and the updated cache (None without one).
+
+    ``attention_mask [B, T]`` marks real tokens (0 = padding). ``positions [B, T]`` default to
+    ``cumsum(mask) − 1``, which is right for a full sequence or a prefill at ``cache_index=0``; a decode step
+    must pass its positions. With ``cache``, this call's keys/values go to slots ``cache_index …
+    cache_index + T − 1`` and each query attends to the valid slots up to its own.
+    """
     c = config
     dtype = jnp.dtype(c.dtype)
     b, t = input_ids.shape
@@ -201,14 +211,15 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: Array, *, posi
     return _rms_norm(x, params["final_norm"], c.rms_norm_eps, c.norm_plus_one), new_cache
 
 
-def unembedding(config: ModelConfig, params: Params) -> Array:
-    """The ``[D, V]`` output projection (the transposed embeddings when they are tied)."""
+def unembed(config: ModelConfig, params: Params) -> Array:
+    """The ``[D, V]`` output projection (the transposed embeddings when they are tied), so a loss can turn
+    ``hidden_states`` into log-probs chunk by chunk without a ``[B, T, V]`` array."""
     return params["embed"].T if config.tie_word_embeddings else params["lm_head"]
 
 
 def logits_from_hidden(config: ModelConfig, params: Params, h: Array) -> Array:
     """float32 logits ``[..., V]`` from hidden states, accumulated in float32."""
-    w = unembedding(config, params).astype(h.dtype)
+    w = unembed(config, params).astype(h.dtype)
     return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
 
 

@@ -1,8 +1,10 @@
 """``save_pretrained``: write a model as an HF folder (config.json, model.safetensors, tokenizer files).
 
-HF transformers (PyTorch) loads the folder to the same logits; this is how a BPO-trained policy goes back to
-the HF ecosystem. Files are written to a temporary name in ``out_dir`` and renamed into place, so an
-interrupted export never leaves a half-written ``model.safetensors`` over a good one.
+HF transformers (PyTorch) loads the folder to the same logits; this is how a BPO-trained policy (or the shipped
+GGUF SmolLM2, which becomes a Llama folder) goes back to the HF ecosystem. Tensors keep the params' dtype
+(float32 or bfloat16), recorded as the config's ``dtype``. Files are written to a temporary name in ``out_dir``
+and renamed into place, so an interrupted export never leaves a half-written ``model.safetensors`` over a good
+one.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, which safetensors.numpy then writes as BF16)
 import numpy as np
 
 from bpo_jax import sharding as shd
@@ -17,8 +20,8 @@ from bpo_jax.models.hf_names import entries, get_path
 
 
 def save_pretrained(model, tokenizer, out_dir: str, *, params=None) -> str:
-    """Write ``model`` (a ``Decoder``, or its config with ``params=``) and ``tokenizer`` (may be None) to
-    ``out_dir``; return ``out_dir``."""
+    """Write ``model`` (a ``Decoder``, or anything with ``.config``, with ``params=`` overriding its weights) and
+    ``tokenizer`` (may be None) to ``out_dir``; return ``out_dir``."""
     from safetensors.numpy import save_file
 
     config = model.config
@@ -26,20 +29,25 @@ def save_pretrained(model, tokenizer, out_dir: str, *, params=None) -> str:
     tensors = {}
     for e in entries(config):
         arr = np.asarray(get_path(params, e.path))
-        if arr.dtype.name == "bfloat16":
-            arr = arr.astype(np.float32)  # safetensors.numpy has no bfloat16; config records the intent
         for i, name in enumerate(e.hf_names):
-            t = arr[i] if len(e.hf_names) > 1 else arr
+            t = arr[i] if e.stacked else arr
             tensors[name] = np.ascontiguousarray(t.T if e.transposed else t)
     os.makedirs(out_dir, exist_ok=True)
     hf = config.to_hf()
-    hf["torch_dtype"] = "float32"
-    tmp = os.path.join(out_dir, ".model.safetensors.partial")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
-    with open(os.path.join(out_dir, ".config.json.partial"), "w") as f:
-        json.dump(hf, f, indent=2)
-    os.replace(os.path.join(out_dir, ".config.json.partial"), os.path.join(out_dir, "config.json"))
+    hf["dtype"] = str(np.asarray(params["embed"]).dtype)
+    _write_atomic(out_dir, "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _write_atomic(out_dir, "config.json", lambda tmp: _dump_json(hf, tmp))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def _dump_json(obj, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _write_atomic(out_dir: str, name: str, write) -> None:
+    tmp = os.path.join(out_dir, f".{name}.partial")
+    write(tmp)
+    os.replace(tmp, os.path.join(out_dir, name))

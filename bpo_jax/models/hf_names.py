@@ -40,6 +40,11 @@ class Entry(NamedTuple):
     hf_names: tuple[str, ...]
     transposed: bool
 
+    @property
+    def stacked(self) -> bool:
+        """Whether the leaf stacks one HF tensor per layer along a leading ``layers`` axis (even for 1 layer)."""
+        return self.path[0] == "layers"
+
 
 def entries(config: ModelConfig) -> Iterator[Entry]:
     shapes = param_shapes(config)

