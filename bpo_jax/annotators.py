@@ -1,8 +1,9 @@
 """Annotators: ``scores = annotator(prompts, responses)`` → one float per (prompt, response), higher is better.
 
-BPO's annotation step ranks the two responses of a prompt by these scores. ``FunctionAnnotator`` wraps any
-Python reward function; ``RougeAnnotator`` is the CPU demo's gold reward (ROUGE-L F1 against a held-out
-expert summary of each prompt's document).
+BPO's annotation step ranks the two responses of a prompt by these scores. A prompt is a text or a conversation
+(a list of ``{"role", "content"}`` messages ending with a user turn). ``FunctionAnnotator`` wraps any Python
+reward function; ``RougeAnnotator`` is the CPU demo's gold reward (ROUGE-L F1 against a held-out expert summary
+of each prompt's document); ``RewardModelAnnotator`` is the paper's annotator, a reward model.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import re
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
+
+from bpo_jax.data.prompts import conversation
 
 
 class Annotator(Protocol):
@@ -75,3 +78,51 @@ class RougeAnnotator:
         if missing:
             raise KeyError(f"no gold summary for prompt {missing[0][:80]!r}")
         return np.asarray([rouge_l_f1(r, self.gold[p]) for p, r in zip(prompts, responses)], np.float32)
+
+
+class RewardModelAnnotator:
+    """Scores from a reward model (``bpo_jax.models.load_reward_model``) on its **own** tokenizer and chat
+    template, so the RM need not share the policy's tokenizer.
+
+    Each (prompt, response) becomes the conversation ``prompt turns + assistant: response``, rendered with the
+    RM tokenizer's chat template (or, without one, HH-style ``Human: … Assistant: …`` text). Rows are scored in
+    fixed-size batches, right-padded to a multiple of 64 tokens, so the jitted scorer compiles once per length
+    bucket. A row longer than ``max_length`` keeps its last ``max_length`` tokens (the response end) and is
+    counted in ``truncated``.
+    """
+
+    def __init__(self, rm, tokenizer, *, batch_size: int = 16, max_length: int = 1024):
+        if tokenizer is None:
+            raise ValueError("the reward model folder has no tokenizer files; the annotator needs its tokenizer")
+        self.rm, self.tokenizer, self.batch_size, self.max_length = rm, tokenizer, batch_size, max_length
+        self.truncated = 0
+
+    def encode(self, prompt, response: str) -> list[int]:
+        messages = conversation(prompt) + [{"role": "assistant", "content": response}]
+        if self.tokenizer.chat_template:
+            ids = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        else:
+            text = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
+            ids = self.tokenizer(text)["input_ids"]
+        ids = list(ids)
+        if len(ids) > self.max_length:
+            self.truncated += 1
+            ids = ids[-self.max_length:]
+        return ids
+
+    def __call__(self, prompts, responses) -> np.ndarray:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        encoded = [self.encode(p, r) for p, r in zip(prompts, responses)]
+        scores = []
+        for s in range(0, len(encoded), self.batch_size):
+            chunk = encoded[s: s + self.batch_size]
+            width = min(-(-max(len(e) for e in chunk) // 64) * 64, max(self.max_length, 1))
+            ids = np.zeros((self.batch_size, width), np.int32)
+            mask = np.zeros_like(ids)
+            mask[len(chunk):, 0] = 1  # filler rows: one token keeps them well-defined; dropped below
+            for i, e in enumerate(chunk):
+                ids[i, : len(e)] = e
+                mask[i, : len(e)] = 1
+            scores.append(np.asarray(self.rm(ids, mask))[: len(chunk)])
+        return np.concatenate(scores).astype(np.float32) if scores else np.zeros((0,), np.float32)

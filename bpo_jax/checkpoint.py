@@ -31,6 +31,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
     def save(self, step: int, state, pairs: dict | None, meta: dict) -> None:
         """Save synchronously (a checkpoint on disk is a checkpoint that survives a SIGKILL)."""
         # Orbax cannot store zero-size arrays: an absent pairs buffer is one placeholder array.

@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value, e.g. total_steps=4 reference=sft")
     args = p.parse_args(argv)
 
-    from bpo_jax.config import ConfigError, load_config
+    from bpo_jax.config import ConfigError, load_config, save_config
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -29,18 +29,13 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
-    from bpo_jax import demo_task, online
+    from bpo_jax import online
     from bpo_jax import sharding as shd
-    from bpo_jax.annotators import RougeAnnotator
     from bpo_jax.evaluate import evaluate_win_rate
     from bpo_jax.models import load_pretrained
+    from bpo_jax.tasks import build_task
 
     t0 = time.time()
-    data_dir = demo_task.DATA_DIR if cfg.data == "minisum" else cfg.data
-    train_rows = demo_task.load_rows(os.path.join(data_dir, "train.jsonl"))
-    test_rows = demo_task.load_rows(os.path.join(data_dir, "test.jsonl"))
-    if cfg.eval_size:
-        test_rows = test_rows[: cfg.eval_size]
     mesh = shd.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor) if jax.device_count() > 1 else None
     model, tok = load_pretrained(cfg.model, mesh=mesh, param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat)
     if tok is None:
@@ -51,33 +46,29 @@ def main(argv=None) -> int:
         reference = load_pretrained(cfg.reference_path, mesh=mesh, param_dtype=cfg.param_dtype,
                                     dtype=cfg.dtype)[0].params
     eos = mcfg.eos_token_id if isinstance(mcfg.eos_token_id, tuple) else (mcfg.eos_token_id,)
-    annotator = RougeAnnotator({demo_task.prompt_text(r): r["gold"] for r in train_rows + test_rows})
-    texts = [demo_task.prompt_text(r) for r in train_rows]
-    ids, mask = demo_task.encode_prompts(tok, texts, cfg.max_prompt_length)
-    prompts = online.Prompts(texts, ids, mask)
-    test_texts = [demo_task.prompt_text(r) for r in test_rows]
-    test_ids, test_mask = demo_task.encode_prompts(tok, test_texts, cfg.max_prompt_length)
-    references = [r["reference"] for r in test_rows]
+    task = build_task(cfg, tok, mesh=mesh)
 
     def evaluate(params, step):
-        wr, responses = evaluate_win_rate(params, mcfg, tok, annotator, test_texts, test_ids, test_mask, references,
-                                          max_new_tokens=cfg.eval_max_new_tokens, eos_token_ids=eos, mesh=mesh)
+        wr, responses = evaluate_win_rate(params, mcfg, tok, task.annotator, task.eval_prompts, task.eval_ids,
+                                          task.eval_mask, task.references, max_new_tokens=cfg.eval_max_new_tokens,
+                                          eos_token_ids=eos, mesh=mesh)
         print(f"step {step}: win rate vs human references {100 * wr.win_rate:.1f}% "
-              f"(95% CI {100 * wr.ci_low:.1f}–{100 * wr.ci_high:.1f}, n={wr.n}); mean gold ROUGE-L "
+              f"(95% CI {100 * wr.ci_low:.1f}–{100 * wr.ci_high:.1f}, n={wr.n}); mean {task.score_name} "
               f"{wr.mean_score:.3f} vs references {wr.mean_reference_score:.3f}; e.g. {responses[0][:100]!r}")
         return {"eval/win_rate": wr.win_rate, "eval/ci_low": wr.ci_low, "eval/ci_high": wr.ci_high,
                 "eval/mean_score": wr.mean_score, "eval/mean_reference_score": wr.mean_reference_score}
 
     print(f"bpo_jax train: {cfg.model}, T={cfg.total_steps}, F={cfg.num_phases}, reference={cfg.reference}, "
           f"{cfg.loss_type} beta={cfg.beta}, {'LoRA r=%d x%d' % (cfg.lora_rank, cfg.ensemble_size) if cfg.lora_rank else 'full fine-tuning'}, "
-          f"{len(train_rows)} train / {len(test_rows)} test prompts, run_dir={cfg.run_dir}")
+          f"task {task.name}, {len(task.references)} test prompts, run_dir={cfg.run_dir}")
     os.makedirs(cfg.run_dir, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))  # what `python -m bpo_jax evaluate` reloads
     before = evaluate(model.params, 0)
     with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"step": 0, **before}) + "\n")
     try:
-        state = online.train(cfg, model_config=mcfg, tokenizer=tok, base=model.params, prompts=prompts,
-                             annotator=annotator, mesh=mesh, eos_token_ids=eos, reference=reference,
+        state = online.train(cfg, model_config=mcfg, tokenizer=tok, base=model.params, prompts=task.train,
+                             annotator=task.annotator, mesh=mesh, eos_token_ids=eos, reference=reference,
                              evaluate=evaluate if cfg.eval_every else None)
     except online.Preempted as err:
         print(str(err), file=sys.stderr)

@@ -14,10 +14,12 @@ from typing import Any
 
 import yaml
 
-from bpo_jax.losses import validate_loss_args
 from bpo_jax.lora import canonical_targets
+from bpo_jax.losses import validate_loss_args
 
 REFERENCES = ("behavior", "sft", "ema", "mixup", "fixed")
+TFDS_TASKS = ("tldr", "hh_helpful", "hh_harmless")
+ANNOTATORS = ("auto", "rouge", "reward_model")
 
 
 class ConfigError(ValueError):
@@ -61,7 +63,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     # Data and evaluation
-    data: str = "minisum"  # the shipped demo task, or a folder with train.jsonl / test.jsonl in its format
+    data: str = "minisum"  # minisum (the demo) | a folder in its format | tldr | hh_helpful | hh_harmless
+    data_dir: str = ""  # tfds tasks: the raw files (manual_dir); "" = the shipped samples in data/samples/<task>
+    tfds_dir: str = ""  # tfds tasks: where prepared copies go; "" = ~/tensorflow_datasets/bpo_jax
+    annotator: str = "auto"  # auto (rouge for minisum data, else reward_model) | rouge | reward_model
+    reward_model: str = ""  # HF *ForSequenceClassification folder (annotator=reward_model)
+    reward_batch_size: int = 16
+    reward_max_length: int = 1024  # tokens per (prompt, response) under the RM's chat template
     max_prompt_length: int = 256  # tokens, after the chat template
     eval_size: int = 0  # test prompts to evaluate (0 = all)
     eval_max_new_tokens: int = 64
@@ -152,6 +160,13 @@ def load_config(path: str | None = None, overrides=()) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def save_config(cfg: TrainConfig, path: str) -> None:
+    """Write every key of ``cfg`` as YAML that ``load_config`` reads back to an equal config."""
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    with open(path, "w") as f:
+        yaml.safe_dump(values, f, sort_keys=False)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise ConfigError for values that cannot run; canonicalise the LoRA target names in place."""
     def need(ok, msg):
@@ -185,6 +200,14 @@ def validate(cfg: TrainConfig) -> None:
          "need max_prompt_length >= 1, eval_size >= 0, eval_max_new_tokens >= 1")
     need(min(cfg.checkpoint_every, cfg.eval_every) >= 0 and cfg.keep_checkpoints >= 1,
          "checkpoint_every and eval_every must be >= 0 (0 = off); keep_checkpoints >= 1")
+    need(cfg.annotator in ANNOTATORS, f"annotator={cfg.annotator!r}; valid: {', '.join(ANNOTATORS)}")
+    need(not (cfg.data in TFDS_TASKS and cfg.annotator == "rouge"),
+         f"data={cfg.data} has no gold summaries for annotator=rouge; use annotator=reward_model")
+    uses_rm = cfg.annotator == "reward_model" or (cfg.annotator == "auto" and cfg.data in TFDS_TASKS)
+    need(not uses_rm or cfg.reward_model, f"data={cfg.data} with annotator={cfg.annotator} needs reward_model "
+                                          f"(an HF *ForSequenceClassification folder)")
+    need(cfg.reward_batch_size >= 1 and cfg.reward_max_length >= 1,
+         "reward_batch_size and reward_max_length must be >= 1")
     try:
         targets = canonical_targets(cfg.lora_targets)
     except ValueError as err:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
+from bpo_jax.data.prompts import encode, left_pad
 
 FIELDS = ("id", "document", "reference", "gold")
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "minisum")
@@ -49,17 +49,8 @@ def prompt_text(row: dict) -> str:
 def encode_prompts(tokenizer, texts, max_len: int):
     """Left-padded ``(ids, mask)`` int32 ``[B, P]`` of chat-templated prompts, P = the longest prompt; a prompt
     longer than ``max_len`` tokens raises ValueError (the demo filters its data to fit)."""
-    encoded = []
-    for t in texts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=True,
-                                            add_generation_prompt=True, return_dict=True)["input_ids"]
-        if len(ids) > max_len:
-            raise ValueError(f"prompt of {len(ids)} tokens exceeds max_prompt_length={max_len}: {t[:60]!r}…")
-        encoded.append(ids)
-    width = max(len(e) for e in encoded)
-    ids = np.zeros((len(encoded), width), np.int32)
-    mask = np.zeros((len(encoded), width), np.int32)
-    for i, e in enumerate(encoded):
-        ids[i, width - len(e):] = e
-        mask[i, width - len(e):] = 1
-    return ids, mask
+    encoded = [encode(tokenizer, t) for t in texts]
+    for t, e in zip(texts, encoded):
+        if len(e) > max_len:
+            raise ValueError(f"prompt of {len(e)} tokens exceeds max_prompt_length={max_len}: {t[:60]!r}…")
+    return left_pad(encoded)

@@ -7,7 +7,7 @@
   5. π_β ← π_θ.
 
 With ``reference=behavior`` this is BPO; F = 1 is offline DAP and F = T is on-policy. Checkpoints (every
-``checkpoint_every`` steps and at each phase end) hold the state, the phase's pairs and the prompt position,
+``checkpoint_every`` steps and at each phase end) hold the state, the phase's pairs and the prompt stream's state,
 so the same command on the same ``run_dir`` resumes exactly; SIGTERM saves and exits.
 """
 
@@ -17,7 +17,6 @@ import json
 import math
 import os
 import signal
-from dataclasses import dataclass
 
 import jax
 import numpy as np
@@ -32,38 +31,20 @@ from bpo_jax.sampling import generate
 from bpo_jax.train_step import BATCH_KEYS, behavior_logp_gap, make_train_step
 
 
-@dataclass
-class Prompts:
-    """The training prompts: texts and their left-padded token ids ``[M, P]`` / mask (one fixed width P)."""
-
-    texts: list
-    ids: np.ndarray
-    mask: np.ndarray
-
-    def take(self, position: int, n: int, seed: int) -> np.ndarray:
-        """Indices of prompts ``position … position + n − 1`` of an endless stream: a fresh seeded shuffle of
-        all prompts per epoch."""
-        m = len(self.texts)
-        steps = np.arange(position, position + n)
-        perms = {e: np.random.default_rng([seed, e]).permutation(m) for e in np.unique(steps // m)}
-        return np.asarray([perms[p // m][p % m] for p in steps])
-
-
 class Preempted(Exception):
     """Raised after SIGTERM once a checkpoint is saved."""
 
 
-def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts: Prompts, annotator, position: int,
-                  key, *, mesh=None, eos_token_ids=()):
-    """Steps 1–3 for one phase: sample with π_β until K·B distinct, annotated pairs exist.
-    Returns ``(pairs, new_position, stats)``."""
+def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts, annotator, key, *, mesh=None,
+                  eos_token_ids=()):
+    """Steps 1–3 for one phase: sample with π_β from the next batches of the prompt stream (advancing it) until
+    K·B distinct, annotated pairs exist. Returns ``(pairs, stats)``."""
     need = cfg.steps_per_phase * cfg.batch_size
     chunks, have, sampled, dropped, rounds = [], 0, 0, 0, 0
     bar = tqdm(total=need, desc="collecting pairs", unit="pair", leave=False)
     while have < need:
-        idx = prompts.take(position, cfg.batch_size, cfg.seed)
-        position += cfg.batch_size
-        out = generate(behavior, prompts.ids[idx], prompts.mask[idx], config=model_config,
+        batch = prompts.next_batch()
+        out = generate(behavior, batch.ids, batch.mask, config=model_config,
                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                        top_p=cfg.top_p, num_samples=2, eos_token_ids=eos_token_ids,
                        rng=jax.random.fold_in(key, rounds), mesh=mesh, pad_token_id=model_config.pad_token_id or 0)
@@ -71,11 +52,11 @@ def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts: 
         toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
         keep = distinct(toks, mask)
         texts = [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip() for t, m in zip(toks, mask)]
-        scores = annotator([prompts.texts[i] for i in np.repeat(idx, 2)], texts)
-        chunks.append(build_pairs(prompts.ids[idx], prompts.mask[idx], toks, mask, np.asarray(out.logprobs), scores,
-                                  keep, eos_token_ids=eos_token_ids))
+        scores = annotator([p for p in batch.prompts for _ in range(2)], texts)
+        chunks.append(build_pairs(batch.ids, batch.mask, toks, mask, np.asarray(out.logprobs), scores, keep,
+                                  eos_token_ids=eos_token_ids))
         have += int(keep.sum())
-        sampled += len(idx)
+        sampled += len(batch.prompts)
         dropped += int((~keep).sum())
         bar.update(min(int(keep.sum()), need - bar.n))
         if rounds > 20 * cfg.steps_per_phase and have == 0:
@@ -84,22 +65,27 @@ def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts: 
     pairs = {k: np.concatenate([c[k] for c in chunks])[:need] for k in chunks[0]}
     stats = {"prompts_sampled": sampled, "identical_pairs_dropped": dropped,
              "truncation_rate": float(pairs["truncated"].mean())}
-    return pairs, position, stats
+    return pairs, stats
 
 
-def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts: Prompts, annotator, mesh=None,
-          eos_token_ids=(), evaluate=None, reference=None, log=print) -> st.TrainState:
+def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator, mesh=None, eos_token_ids=(),
+          evaluate=None, reference=None, log=print) -> st.TrainState:
     """Run (or resume) the online loop; ``evaluate(params, step) -> dict`` is called every ``eval_every`` steps.
-    ``reference``: the fixed reference's weights (``reference=fixed``). Returns the final state."""
+    ``prompts``: a prompt stream (``bpo_jax.data.prompts``) of ``cfg.batch_size`` prompts per batch; its state
+    is checkpointed. ``reference``: the fixed reference's weights (``reference=fixed``). Returns the final
+    state."""
+    if prompts.batch_size != cfg.batch_size:
+        raise ValueError(f"the prompt stream yields {prompts.batch_size} prompts per batch; the config's "
+                         f"batch_size is {cfg.batch_size}")
     os.makedirs(cfg.run_dir, exist_ok=True)
     ckpt = Checkpointer(cfg.run_dir, cfg.keep_checkpoints)
     state = st.create_state(cfg, base, jax.random.key(cfg.seed), reference=reference)
-    pairs, position = None, 0
+    pairs = None
     if (latest := ckpt.latest_step()) is not None:
         state, pairs, meta = ckpt.restore(latest, state)
-        position = meta["prompt_position"]
+        prompts.set_state(meta["prompts"])
         log(f"resumed {cfg.run_dir} at step {latest}")
-    K, B, P = cfg.steps_per_phase, cfg.batch_size, prompts.ids.shape[1]
+    K, B, P = cfg.steps_per_phase, cfg.batch_size, prompts.width
     step_fn = make_train_step(cfg, model_config, st.shardings(state), prompt_len=P)
     metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
     stop = _SigtermFlag()
@@ -113,8 +99,8 @@ def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts: Prompts, 
                 if phase > int(state.phase):
                     state = st.sync_behavior(state)
                 behavior = st.behavior_params(cfg, state)
-                pairs, position, phase_stats = collect_pairs(
-                    cfg, model_config, behavior, tokenizer, prompts, annotator, position,
+                pairs, phase_stats = collect_pairs(
+                    cfg, model_config, behavior, tokenizer, prompts, annotator,
                     jax.random.fold_in(jax.random.key(cfg.seed), phase), mesh=mesh, eos_token_ids=eos_token_ids)
                 first = {k: v[:B] for k, v in pairs.items() if k in BATCH_KEYS}
                 phase_stats["behavior_logp_gap"] = float(behavior_logp_gap(model_config, behavior, first,
@@ -138,7 +124,7 @@ def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts: Prompts, 
             bar.set_postfix(loss=f"{record['loss']:.4f}", phase=phase + 1)
             due = pairs is None or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
             if due or stop.raised:
-                ckpt.save(step + 1, state, pairs, {"prompt_position": position})
+                ckpt.save(step + 1, state, pairs, {"prompts": prompts.get_state()})
             if stop.raised:
                 raise Preempted(f"SIGTERM: saved a checkpoint at step {step + 1} in {ckpt.directory}")
     finally:

@@ -18,3 +18,27 @@ def smollm2():
     from bpo_jax.models import load_pretrained
 
     return load_pretrained("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_and_rm(smollm2, tmp_path_factory):
+    """HF folders of a tiny random Llama policy and a tiny random Llama reward model (num_labels=1), both with
+    SmolLM2's tokenizer and chat template: the paper's task configs run end to end on these in seconds."""
+    import jax
+    import torch
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    from bpo_jax.models import Decoder, ModelConfig, init_params, save_pretrained
+
+    tok = smollm2[1]
+    cfg = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, eos_token_id=2, pad_token_id=2)
+    policy = str(tmp_path_factory.mktemp("tiny_policy"))
+    save_pretrained(Decoder.from_params(cfg, init_params(cfg, jax.random.key(0))), tok, policy)
+    torch.manual_seed(0)
+    rm_cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=2)
+    rm = str(tmp_path_factory.mktemp("tiny_rm"))
+    AutoModelForSequenceClassification.from_config(rm_cfg, dtype=torch.float32).save_pretrained(rm)
+    tok.save_pretrained(rm)
+    return policy, rm

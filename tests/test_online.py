@@ -16,8 +16,15 @@ from bpo_jax import online
 from bpo_jax.__main__ import main as cli
 from bpo_jax.annotators import FunctionAnnotator
 from bpo_jax.config import TrainConfig
+from bpo_jax.data.prompts import ArrayPrompts
 from bpo_jax.demo_task import encode_prompts
-from bpo_jax.models import Decoder, ModelConfig, init_params, load_pretrained, save_pretrained
+from bpo_jax.models import (
+    Decoder,
+    ModelConfig,
+    init_params,
+    load_pretrained,
+    save_pretrained,
+)
 
 TEXTS = [f"Tell me about topic number {i}, briefly." for i in range(12)]
 LOG2 = float(np.log(2.0))
@@ -37,7 +44,7 @@ def tiny_dir(smollm2, tmp_path_factory):
 def _setup(tiny_dir):
     model, tok = load_pretrained(tiny_dir)
     ids, mask = encode_prompts(tok, TEXTS, 64)
-    return model, tok, online.Prompts(TEXTS, ids, mask)
+    return model, tok, ArrayPrompts(TEXTS, ids, mask, batch_size=2, seed=3)
 
 
 def _annotator():
@@ -180,9 +187,17 @@ def test_bad_configs_fail_before_any_compute(args, message, capsys):
 
 
 def test_prompt_stream_epochs_are_seeded_permutations():
-    p = online.Prompts(list("abcdefg"), np.zeros((7, 2)), np.zeros((7, 2)))
-    stream = np.concatenate([p.take(i, 3, seed=1) for i in range(0, 21, 3)])
-    np.testing.assert_array_equal(stream, p.take(0, 21, seed=1))  # resuming at any position continues the stream
+    def make(seed):
+        return ArrayPrompts(list("abcdefg"), np.zeros((7, 2)), np.zeros((7, 2)), batch_size=3, seed=seed)
+
+    p = make(1)
+    stream = np.concatenate([p.take(i, 3) for i in range(0, 21, 3)])
+    np.testing.assert_array_equal(stream, p.take(0, 21))  # resuming at any position continues the stream
     for epoch in range(3):
         assert sorted(stream[7 * epoch: 7 * epoch + 7]) == list(range(7))
-    assert not np.array_equal(stream[:7], stream[7:14]) and not np.array_equal(stream, p.take(0, 21, seed=2))
+    assert not np.array_equal(stream[:7], stream[7:14]) and not np.array_equal(stream, make(2).take(0, 21))
+    batches = [p.next_batch().prompts for _ in range(3)]
+    assert sum(batches, []) == ["abcdefg"[i] for i in stream[:9]]
+    resumed = make(1)
+    resumed.set_state({"position": 3})
+    assert resumed.next_batch().prompts == batches[1]

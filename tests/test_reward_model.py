@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_models import save_hf_reward_model
 
 from bpo_jax.models import load_reward_model
-from tiny_models import save_hf_reward_model
 
 SEQS = [[5, 9, 17, 3, 44, 8], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [21, 99], [33]]
 
@@ -90,3 +90,55 @@ def test_errors_name_the_problem(tmp_path):
     (path / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(ValueError, match="not a \\*ForSequenceClassification"):
         load_reward_model(str(path))
+
+
+@pytest.fixture(scope="module")
+def rm_with_tokenizer(smollm2, tmp_path_factory):
+    """A tiny random Llama RM with SmolLM2's tokenizer and chat template."""
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=2)
+    hf = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("rm_tok")
+    hf.save_pretrained(path)
+    smollm2[1].save_pretrained(path)
+    return hf, *load_reward_model(str(path))
+
+
+def test_annotator_scores_text_with_the_rms_chat_template(rm_with_tokenizer):
+    from bpo_jax.annotators import RewardModelAnnotator
+
+    hf, rm, tok = rm_with_tokenizer
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Name a fruit."}]
+    prompts = ["Say something nice.", conv, "Summarise: the cat sat on the mat all day long."]
+    responses = ["You are great.", "Apple.", "A cat sat."]
+    annotator = RewardModelAnnotator(rm, tok, batch_size=2)
+    got = annotator(prompts, responses)
+    want = []
+    for p, r in zip(prompts, responses):
+        messages = ([{"role": "user", "content": p}] if isinstance(p, str) else conv) + [
+            {"role": "assistant", "content": r}]
+        ids = tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        want.append(_hf_score(hf, list(ids)))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    # A row's score does not depend on what it is batched with.
+    np.testing.assert_allclose(annotator(prompts[2:], responses[2:]), got[2:], atol=1e-5)
+    assert annotator.truncated == 0
+
+
+def test_annotator_keeps_the_response_end_when_truncating(rm_with_tokenizer):
+    from bpo_jax.annotators import RewardModelAnnotator
+
+    _, rm, tok = rm_with_tokenizer
+    short = RewardModelAnnotator(rm, tok, max_length=16)
+    ids = short.encode("word " * 50, "The end.")
+    assert len(ids) == 16 and short.truncated == 1
+    assert ids == RewardModelAnnotator(rm, tok).encode("word " * 50, "The end.")[-16:]
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        short(["a", "b"], ["c"])

@@ -1,8 +1,17 @@
 """Decoder models (Llama / Qwen2 / Gemma) in JAX + Flax NNX, with HF/GGUF import and HF export."""
 
 from bpo_jax.models.config import SUPPORTED, ModelConfig
-from bpo_jax.models.decoder import (Decoder, forward, hidden_states, init_cache, init_params, logits_from_hidden,
-                                    param_axes, param_shapes, unembed)
+from bpo_jax.models.decoder import (
+                                    Decoder,
+                                    forward,
+                                    hidden_states,
+                                    init_cache,
+                                    init_params,
+                                    logits_from_hidden,
+                                    param_axes,
+                                    param_shapes,
+                                    unembed,
+)
 from bpo_jax.models.export import save_pretrained
 from bpo_jax.models.loading import load_pretrained
 from bpo_jax.models.reward import RewardModel, load_reward_model

@@ -1,0 +1,131 @@
+"""Prompt streams for the online loop: endless, seeded, resumable batches of left-padded prompts.
+
+A stream has ``batch_size``, ``width`` (the fixed prompt width P, so the train step compiles once),
+``next_batch() -> PromptBatch`` and ``get_state()`` / ``set_state(state)`` (a small JSON-able dict that the
+checkpoint stores, so a resumed run continues the same stream).
+
+- ``ArrayPrompts``: prompts already encoded in memory (the CPU demo, tests); one seeded permutation per epoch.
+- ``GrainPrompts``: a ``grain`` pipeline over a tfds data source (``bpo_jax.data.builders``): slice per host,
+  seeded shuffle (a fresh one each epoch), tokenize with the chat template, drop prompts longer than
+  ``max_prompt_length``, batch; its position is grain's iterator state.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import grain
+import numpy as np
+
+
+class PromptBatch(NamedTuple):
+    prompts: list  # what the annotator sees: a text, or a conversation [{"role", "content"}, ...] per row
+    ids: np.ndarray  # int32 [B, P], left-padded
+    mask: np.ndarray  # int32 [B, P]
+
+
+def conversation(prompt) -> list[dict]:
+    """A prompt as chat messages: a text becomes one user turn."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def encode(tokenizer, prompt) -> list[int]:
+    """Token ids of a prompt (text or conversation) under the tokenizer's chat template, ready for the reply."""
+    return list(tokenizer.apply_chat_template(conversation(prompt), tokenize=True, add_generation_prompt=True,
+                                              return_dict=True)["input_ids"])
+
+
+def left_pad(encoded: Sequence[Sequence[int]], width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded ``(ids, mask)`` int32 ``[B, width]`` (default width: the longest row)."""
+    width = max(len(e) for e in encoded) if width is None else width
+    ids = np.zeros((len(encoded), width), np.int32)
+    mask = np.zeros((len(encoded), width), np.int32)
+    for i, e in enumerate(encoded):
+        if len(e) > width:
+            raise ValueError(f"a prompt of {len(e)} tokens does not fit width {width}")
+        if len(e):
+            ids[i, width - len(e):] = e
+            mask[i, width - len(e):] = 1
+    return ids, mask
+
+
+class ArrayPrompts:
+    """In-memory prompts ``[M, P]``; prompt ``position`` of the endless stream is drawn from a fresh seeded
+    permutation of all M prompts per epoch."""
+
+    def __init__(self, prompts: list, ids: np.ndarray, mask: np.ndarray, *, batch_size: int, seed: int):
+        if not len(prompts) == len(ids) == len(mask):
+            raise ValueError(f"{len(prompts)} prompts but {len(ids)} id rows and {len(mask)} mask rows")
+        self.prompts, self.ids, self.mask = list(prompts), np.asarray(ids), np.asarray(mask)
+        self.batch_size, self.seed, self.width = batch_size, seed, self.ids.shape[1]
+        self.position = 0
+
+    def take(self, position: int, n: int) -> np.ndarray:
+        """Indices of stream positions ``position … position + n − 1``."""
+        m = len(self.prompts)
+        steps = np.arange(position, position + n)
+        perms = {e: np.random.default_rng([self.seed, e]).permutation(m) for e in np.unique(steps // m)}
+        return np.asarray([perms[p // m][p % m] for p in steps])
+
+    def next_batch(self) -> PromptBatch:
+        idx = self.take(self.position, self.batch_size)
+        self.position += self.batch_size
+        return PromptBatch([self.prompts[i] for i in idx], self.ids[idx], self.mask[idx])
+
+    def get_state(self) -> dict:
+        return {"position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+class GrainPrompts:
+    """Training prompts from a random-access source of examples (``{"roles", "contents", ...}``, e.g. a tfds
+    ``data_source`` split) as a grain pipeline; ``shard_index``/``shard_count`` give each host its own slice."""
+
+    def __init__(self, source, tokenizer, *, batch_size: int, max_prompt_length: int, seed: int,
+                 shard_index: int = 0, shard_count: int = 1):
+        self.batch_size, self.seed, self.width = batch_size, seed, max_prompt_length
+        self._tokenizer = tokenizer
+        shard = grain.MapDataset.source(source)[shard_index::shard_count]
+        if len(shard) == 0:
+            raise ValueError(f"no training prompts in shard {shard_index} of {shard_count}")
+        probe = min(len(shard), 64)
+        if not any(len(self._encode(shard[i])["ids"]) <= max_prompt_length for i in range(probe)):
+            raise ValueError(f"none of the first {probe} training prompts fits max_prompt_length="
+                             f"{max_prompt_length} tokens (after the chat template); raise it")
+        ds = (shard.shuffle(seed=seed).repeat().map(self._encode)
+              .filter(lambda ex: len(ex["ids"]) <= max_prompt_length))
+        self._dataset = ds.to_iter_dataset().batch(batch_size, batch_fn=self._collate)
+        self._iterator = iter(self._dataset)
+
+    def _encode(self, example) -> dict:
+        messages = example_conversation(example)
+        return {"prompt": messages, "ids": encode(self._tokenizer, messages)}
+
+    def _collate(self, rows) -> PromptBatch:
+        ids, mask = left_pad([r["ids"] for r in rows], self.width)
+        return PromptBatch([r["prompt"] for r in rows], ids, mask)
+
+    def next_batch(self) -> PromptBatch:
+        return next(self._iterator)
+
+    def get_state(self) -> dict:
+        return dict(self._iterator.get_state())
+
+    def set_state(self, state: dict) -> None:
+        self._iterator = iter(self._dataset)
+        self._iterator.set_state(dict(state))
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def example_conversation(example) -> list[dict]:
+    """A stored example's prompt as chat messages (tfds returns text as bytes)."""
+    return [{"role": _text(r), "content": _text(c)} for r, c in zip(example["roles"], example["contents"])]
+
+
+def example_reference(example) -> str:
+    return _text(example["reference"])

@@ -1,0 +1,100 @@
+"""A run's task from its config: the training prompt stream, the test prompts with human references, and the
+annotator that ranks samples and judges the win rate.
+
+- ``data=minisum`` (or a folder of ``train.jsonl`` / ``test.jsonl`` in its format): the CPU demo task, scored
+  by ROUGE-L against held-out gold summaries (``annotator=rouge``) or by a reward model.
+- ``data=tldr | hh_helpful | hh_harmless``: the paper's tasks through the tfds builders, from the raw files in
+  ``data_dir`` (default: the shipped samples), scored by a reward model (``reward_model=<HF folder>``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from bpo_jax import demo_task
+from bpo_jax.annotators import RewardModelAnnotator, RougeAnnotator
+from bpo_jax.config import TrainConfig
+from bpo_jax.data import builders
+from bpo_jax.data.prompts import (
+    ArrayPrompts,
+    GrainPrompts,
+    encode,
+    example_conversation,
+    example_reference,
+    left_pad,
+)
+
+
+@dataclass
+class Task:
+    name: str
+    train: object  # a prompt stream (bpo_jax.data.prompts), or None when only evaluating
+    eval_prompts: list  # texts or conversations
+    eval_ids: np.ndarray
+    eval_mask: np.ndarray
+    references: list
+    annotator: object
+    score_name: str  # what the annotator's scores are, for printing
+
+
+def annotator_kind(cfg: TrainConfig) -> str:
+    """``rouge`` or ``reward_model``: ``auto`` is the reward model when one is configured or the data has no gold
+    summaries."""
+    if cfg.annotator != "auto":
+        return cfg.annotator
+    return "reward_model" if cfg.data in builders.BUILDERS or cfg.reward_model else "rouge"
+
+
+def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True) -> Task:
+    """Load data and annotator for ``cfg``; errors name the file, line or key at fault."""
+    kind = annotator_kind(cfg)
+    if cfg.data in builders.BUILDERS:
+        sources = builders.prepare(cfg.data, cfg.data_dir, cfg.tfds_dir)
+        test = [ex for ex in builders.split_examples(sources["test"])
+                if len(encode(tokenizer, example_conversation(ex))) <= cfg.max_prompt_length]
+        if not test:
+            raise ValueError(f"no test prompt of task {cfg.data!r} fits max_prompt_length={cfg.max_prompt_length}")
+        test = test[: cfg.eval_size or None]
+        eval_prompts = [example_conversation(ex) for ex in test]
+        references = [example_reference(ex) for ex in test]
+        stream = None
+        if train:
+            import jax
+
+            stream = GrainPrompts(sources["train"], tokenizer, batch_size=cfg.batch_size,
+                                  max_prompt_length=cfg.max_prompt_length, seed=cfg.seed,
+                                  shard_index=jax.process_index(), shard_count=jax.process_count())
+        gold = None
+    else:
+        folder = demo_task.DATA_DIR if cfg.data == "minisum" else cfg.data
+        train_rows = demo_task.load_rows(os.path.join(folder, "train.jsonl"))
+        test_rows = demo_task.load_rows(os.path.join(folder, "test.jsonl"))[: cfg.eval_size or None]
+        eval_prompts = [demo_task.prompt_text(r) for r in test_rows]
+        references = [r["reference"] for r in test_rows]
+        stream = None
+        if train:
+            texts = [demo_task.prompt_text(r) for r in train_rows]
+            ids, mask = demo_task.encode_prompts(tokenizer, texts, cfg.max_prompt_length)
+            stream = ArrayPrompts(texts, ids, mask, batch_size=cfg.batch_size, seed=cfg.seed)
+        gold = {demo_task.prompt_text(r): r["gold"] for r in train_rows + test_rows}
+    if kind == "rouge":
+        if gold is None:
+            raise ValueError(f"annotator=rouge needs gold summaries (minisum-format data); task {cfg.data!r} "
+                             f"needs annotator=reward_model")
+        annotator, score_name = RougeAnnotator(gold), "gold ROUGE-L"
+    else:
+        from bpo_jax.models import load_reward_model
+
+        rm, rm_tokenizer = load_reward_model(cfg.reward_model, mesh=mesh, param_dtype=cfg.param_dtype,
+                                             dtype=cfg.dtype)
+        annotator = RewardModelAnnotator(rm, rm_tokenizer, batch_size=cfg.reward_batch_size,
+                                         max_length=cfg.reward_max_length)
+        score_name = "reward"
+    eval_ids, eval_mask = left_pad([encode(tokenizer, p) for p in eval_prompts])
+    if eval_ids.shape[1] > cfg.max_prompt_length:
+        raise ValueError(f"a test prompt has {eval_ids.shape[1]} tokens, over max_prompt_length="
+                         f"{cfg.max_prompt_length}")
+    return Task(cfg.data, stream, eval_prompts, eval_ids, eval_mask, references, annotator, score_name)
