@@ -54,7 +54,7 @@ def main(argv=None) -> int:
 
     from bpo_jax import sharding as shd
     from bpo_jax import state as st
-    from bpo_jax.evaluate import greedy_responses, win_rate_from_scores
+    from bpo_jax.evaluate import greedy_responses, score_against_references, win_rate_from_scores
     from bpo_jax.models import load_pretrained
     from bpo_jax.tasks import build_task
 
@@ -74,8 +74,7 @@ def main(argv=None) -> int:
     eos = mcfg.eos_token_id if isinstance(mcfg.eos_token_id, tuple) else (mcfg.eos_token_id,)
     responses = greedy_responses(st.policy_params(cfg, state), mcfg, tok, task.eval_ids, task.eval_mask,
                                  max_new_tokens=cfg.eval_max_new_tokens, eos_token_ids=eos, mesh=mesh)
-    scores = task.annotator(task.eval_prompts, responses)
-    ref_scores = task.annotator(task.eval_prompts, task.references)
+    scores, ref_scores = score_against_references(task.annotator, task.eval_prompts, responses, task.references)
     wr = win_rate_from_scores(scores, ref_scores)
     data_name = os.path.basename(os.path.normpath(cfg.data))
     record = {"step": step, "data": cfg.data, "eval/win_rate": wr.win_rate, "eval/ci_low": wr.ci_low,

@@ -19,7 +19,7 @@ from bpo_jax.losses import validate_loss_args
 
 REFERENCES = ("behavior", "sft", "ema", "mixup", "fixed")
 TFDS_TASKS = ("tldr", "hh_helpful", "hh_harmless")
-ANNOTATORS = ("auto", "rouge", "reward_model")
+ANNOTATORS = ("auto", "rouge", "reward_model", "judge")
 
 
 class ConfigError(ValueError):
@@ -66,10 +66,15 @@ class TrainConfig:
     data: str = "minisum"  # minisum (the demo) | a folder in its format | tldr | hh_helpful | hh_harmless
     data_dir: str = ""  # tfds tasks: the raw files (manual_dir); "" = the shipped samples in data/samples/<task>
     tfds_dir: str = ""  # tfds tasks: where prepared copies go; "" = ~/tensorflow_datasets/bpo_jax
-    annotator: str = "auto"  # auto (rouge for minisum data, else reward_model) | rouge | reward_model
+    annotator: str = "auto"  # auto (rouge for minisum data, else reward_model) | rouge | reward_model | judge
     reward_model: str = ""  # HF *ForSequenceClassification folder (annotator=reward_model)
     reward_batch_size: int = 16
     reward_max_length: int = 1024  # tokens per (prompt, response) under the RM's chat template
+    judge_url: str = ""  # annotator=judge: OpenAI-compatible .../chat/completions URL; nothing is sent otherwise
+    judge_model: str = ""
+    judge_api_key_env: str = ""  # name of the environment variable holding the API key ("" = no key)
+    judge_timeout: float = 60.0
+    judge_retries: int = 3
     max_prompt_length: int = 256  # tokens, after the chat template
     eval_size: int = 0  # test prompts to evaluate (0 = all)
     eval_max_new_tokens: int = 64
@@ -206,6 +211,9 @@ def validate(cfg: TrainConfig) -> None:
     uses_rm = cfg.annotator == "reward_model" or (cfg.annotator == "auto" and cfg.data in TFDS_TASKS)
     need(not uses_rm or cfg.reward_model, f"data={cfg.data} with annotator={cfg.annotator} needs reward_model "
                                           f"(an HF *ForSequenceClassification folder)")
+    need(cfg.annotator != "judge" or (cfg.judge_url and cfg.judge_model), "annotator=judge needs judge_url and "
+                                                                          "judge_model")
+    need(cfg.judge_timeout > 0 and cfg.judge_retries >= 0, "need judge_timeout > 0 and judge_retries >= 0")
     need(cfg.reward_batch_size >= 1 and cfg.reward_max_length >= 1,
          "reward_batch_size and reward_max_length must be >= 1")
     try:

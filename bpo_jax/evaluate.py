@@ -33,6 +33,14 @@ def win_rate_from_scores(scores, reference_scores, *, num_bootstrap: int = 1000,
     return WinRate(float(wins.mean()), float(lo), float(hi), float(s.mean()), float(r.mean()), int(s.size))
 
 
+def score_against_references(annotator, prompts, responses, references) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, reference_scores)``: the annotator's own comparison when it has one (a pairwise judge's
+    ``win_scores``), else its scores of the responses and of the references."""
+    if hasattr(annotator, "win_scores"):
+        return annotator.win_scores(prompts, responses, references)
+    return annotator(prompts, responses), annotator(prompts, references)
+
+
 def greedy_responses(params, config, tokenizer, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_token_ids,
                      batch_size: int = 16, mesh=None) -> list[str]:
     """Greedy-decoded response texts, one per prompt."""
@@ -49,4 +57,4 @@ def evaluate_win_rate(params, config, tokenizer, annotator, prompts, prompt_ids,
     the responses."""
     responses = greedy_responses(params, config, tokenizer, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
                                  eos_token_ids=eos_token_ids, mesh=mesh)
-    return win_rate_from_scores(annotator(prompts, responses), annotator(prompts, references)), responses
+    return win_rate_from_scores(*score_against_references(annotator, prompts, responses, references)), responses

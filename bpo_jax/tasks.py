@@ -5,6 +5,9 @@ annotator that ranks samples and judges the win rate.
   by ROUGE-L against held-out gold summaries (``annotator=rouge``) or by a reward model.
 - ``data=tldr | hh_helpful | hh_harmless``: the paper's tasks through the tfds builders, from the raw files in
   ``data_dir`` (default: the shipped samples), scored by a reward model (``reward_model=<HF folder>``).
+
+Any task can instead be judged by an LLM over an OpenAI-compatible API (``annotator=judge``, ``judge_url``,
+``judge_model``; ``bpo_jax.judge``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class Task:
 
 
 def annotator_kind(cfg: TrainConfig) -> str:
-    """``rouge`` or ``reward_model``: ``auto`` is the reward model when one is configured or the data has no gold
+    """``rouge``, ``reward_model`` or ``judge``: ``auto`` is the reward model when one is configured or the data has no gold
     summaries."""
     if cfg.annotator != "auto":
         return cfg.annotator
@@ -85,6 +88,17 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True) ->
             raise ValueError(f"annotator=rouge needs gold summaries (minisum-format data); task {cfg.data!r} "
                              f"needs annotator=reward_model")
         annotator, score_name = RougeAnnotator(gold), "gold ROUGE-L"
+    elif kind == "judge":
+        from bpo_jax.judge import Judge
+
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        api_key = os.environ.get(cfg.judge_api_key_env) if cfg.judge_api_key_env else None
+        if cfg.judge_api_key_env and not api_key:
+            raise ValueError(f"judge_api_key_env={cfg.judge_api_key_env!r} but that environment variable is unset")
+        annotator = Judge(cfg.judge_url, cfg.judge_model, api_key=api_key, timeout=cfg.judge_timeout,
+                          retries=cfg.judge_retries, cache_path=os.path.join(cfg.run_dir, "judge_cache.jsonl"),
+                          seed=cfg.seed)
+        score_name = "judge preference"
     else:
         from bpo_jax.models import load_reward_model
 
