@@ -9,7 +9,7 @@ import sys
 # heavy dependencies load only when it runs.
 COMMANDS = {
     "train": ("bpo_jax.cli_train", "online BPO training: --config configs/<file>.yaml [key=value ...]"),
-    "evaluate": ("bpo_jax.cli_evaluate", "win rate of a run's checkpoint vs the human references: --checkpoint RUN_DIR"),
+    "evaluate": ("bpo_jax.cli_evaluate", "a run checkpoint's win rate vs the human references: --checkpoint RUN_DIR"),
     "plot": ("bpo_jax.plot", "PNG of win rate (with CI) and loss against step for one or more run dirs"),
     "toy": ("bpo_jax.toy", "seconds-long BPO vs offline/on-policy comparison on a toy softmax policy"),
     "generate": ("bpo_jax.cli_generate", "answer a prompt with a model (default: the shipped SmolLM2-135M-Instruct)"),

@@ -52,28 +52,18 @@ def main(argv=None) -> int:
 
     import jax
 
-    from bpo_jax import sharding as shd
     from bpo_jax import state as st
     from bpo_jax.evaluate import greedy_responses, score_against_references, win_rate_from_scores
-    from bpo_jax.models import load_pretrained
-    from bpo_jax.tasks import build_task
+    from bpo_jax.tasks import setup_run
 
-    mesh = shd.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor) if jax.device_count() > 1 else None
-    model, tok = load_pretrained(cfg.model, mesh=mesh, param_dtype=cfg.param_dtype, dtype=cfg.dtype)
-    if tok is None:
-        raise SystemExit(f"model {cfg.model!r} has no tokenizer files; evaluation needs one")
-    reference = None
-    if cfg.reference == "fixed":
-        reference = load_pretrained(cfg.reference_path, mesh=mesh, param_dtype=cfg.param_dtype,
-                                    dtype=cfg.dtype)[0].params
-    task = build_task(cfg, tok, mesh=mesh, train=False)
-    template = st.create_state(cfg, model.params, jax.random.key(cfg.seed), reference=reference)
+    run = setup_run(cfg, train=False)
+    task = run.task
+    template = st.create_state(cfg, run.model.params, jax.random.key(cfg.seed), reference=run.reference)
     state, _, _ = ckpt.restore(step, template)
     ckpt.close()
-    mcfg = model.config
-    eos = mcfg.eos_token_id if isinstance(mcfg.eos_token_id, tuple) else (mcfg.eos_token_id,)
-    responses = greedy_responses(st.policy_params(cfg, state), mcfg, tok, task.eval_ids, task.eval_mask,
-                                 max_new_tokens=cfg.eval_max_new_tokens, eos_token_ids=eos, mesh=mesh)
+    responses = greedy_responses(st.policy_params(cfg, state), run.model.config, run.tokenizer, task.eval_ids,
+                                 task.eval_mask, max_new_tokens=cfg.eval_max_new_tokens,
+                                 eos_token_ids=run.eos_token_ids, mesh=run.mesh)
     scores, ref_scores = score_against_references(task.annotator, task.eval_prompts, responses, task.references)
     wr = win_rate_from_scores(scores, ref_scores)
     data_name = os.path.basename(os.path.normpath(cfg.data))

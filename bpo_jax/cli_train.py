@@ -12,8 +12,6 @@ import os
 import sys
 import time
 
-import jax
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bpo_jax train", description=__doc__.split("\n\n")[0])
@@ -30,23 +28,13 @@ def main(argv=None) -> int:
         return 2
 
     from bpo_jax import online
-    from bpo_jax import sharding as shd
     from bpo_jax.evaluate import evaluate_win_rate
-    from bpo_jax.models import load_pretrained
-    from bpo_jax.tasks import build_task
+    from bpo_jax.tasks import setup_run
 
     t0 = time.time()
-    mesh = shd.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor) if jax.device_count() > 1 else None
-    model, tok = load_pretrained(cfg.model, mesh=mesh, param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat)
-    if tok is None:
-        raise SystemExit(f"model {cfg.model!r} has no tokenizer files; training needs one to annotate text")
+    run = setup_run(cfg)
+    model, tok, task, mesh, eos = run.model, run.tokenizer, run.task, run.mesh, run.eos_token_ids
     mcfg = model.config
-    reference = None
-    if cfg.reference == "fixed":
-        reference = load_pretrained(cfg.reference_path, mesh=mesh, param_dtype=cfg.param_dtype,
-                                    dtype=cfg.dtype)[0].params
-    eos = mcfg.eos_token_id if isinstance(mcfg.eos_token_id, tuple) else (mcfg.eos_token_id,)
-    task = build_task(cfg, tok, mesh=mesh)
 
     def evaluate(params, step):
         wr, responses = evaluate_win_rate(params, mcfg, tok, task.annotator, task.eval_prompts, task.eval_ids,
@@ -68,7 +56,7 @@ def main(argv=None) -> int:
         f.write(json.dumps({"step": 0, **before}) + "\n")
     try:
         state = online.train(cfg, model_config=mcfg, tokenizer=tok, base=model.params, prompts=task.train,
-                             annotator=task.annotator, mesh=mesh, eos_token_ids=eos, reference=reference,
+                             annotator=task.annotator, mesh=mesh, eos_token_ids=eos, reference=run.reference,
                              evaluate=evaluate if cfg.eval_every else None)
     except online.Preempted as err:
         print(str(err), file=sys.stderr)

@@ -8,9 +8,9 @@ documents where the policy's greedy summary scores higher than the human referen
 
 from __future__ import annotations
 
-import json
 import os
 
+from bpo_jax.data.formats import read_jsonl
 from bpo_jax.data.prompts import encode, left_pad
 
 FIELDS = ("id", "document", "reference", "gold")
@@ -20,23 +20,12 @@ INSTRUCTION = "Summarize the following text in one sentence.\n\n"
 
 def load_rows(path: str) -> list[dict]:
     """Rows of a minisum JSONL file; a malformed line or missing field raises ValueError naming file and line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {path!r} does not exist")
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object")
-            for field in FIELDS:
-                if not isinstance(row.get(field), str) or not row[field].strip():
-                    raise ValueError(f"{path}:{n}: missing or empty field {field!r}")
-            rows.append(row)
+    for n, row in read_jsonl(path):
+        for field in FIELDS:
+            if not isinstance(row.get(field), str) or not row[field].strip():
+                raise ValueError(f"{path}:{n}: missing or empty field {field!r}")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

@@ -43,9 +43,42 @@ class Task:
     score_name: str  # what the annotator's scores are, for printing
 
 
+@dataclass
+class Run:
+    """What a command needs for a config: the mesh, the policy model and tokenizer, the fixed reference's
+    weights (``reference=fixed``, else None), the EOS ids and the task."""
+
+    mesh: object
+    model: object
+    tokenizer: object
+    reference: object
+    eos_token_ids: tuple
+    task: Task
+
+
+def setup_run(cfg: TrainConfig, *, train: bool = True) -> Run:
+    """Load the policy (sharded over the config's mesh when there is more than one device) and build the task."""
+    import jax
+
+    from bpo_jax import sharding as shd
+    from bpo_jax.models import load_pretrained
+
+    mesh = shd.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor) if jax.device_count() > 1 else None
+    model, tok = load_pretrained(cfg.model, mesh=mesh, param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat)
+    if tok is None:
+        raise ValueError(f"model {cfg.model!r} has no tokenizer files; training and evaluation need one")
+    reference = None
+    if cfg.reference == "fixed":
+        reference = load_pretrained(cfg.reference_path, mesh=mesh, param_dtype=cfg.param_dtype,
+                                    dtype=cfg.dtype)[0].params
+    eos = model.config.eos_token_id
+    eos = eos if isinstance(eos, tuple) else (eos,)
+    return Run(mesh, model, tok, reference, eos, build_task(cfg, tok, mesh=mesh, train=train))
+
+
 def annotator_kind(cfg: TrainConfig) -> str:
-    """``rouge``, ``reward_model`` or ``judge``: ``auto`` is the reward model when one is configured or the data has no gold
-    summaries."""
+    """``rouge``, ``reward_model`` or ``judge``; ``auto`` is the reward model when one is configured or the data
+    has no gold summaries."""
     if cfg.annotator != "auto":
         return cfg.annotator
     return "reward_model" if cfg.data in builders.BUILDERS or cfg.reward_model else "rouge"

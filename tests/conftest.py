@@ -39,6 +39,10 @@ def tiny_policy_and_rm(smollm2, tmp_path_factory):
     rm_cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=2)
     rm = str(tmp_path_factory.mktemp("tiny_rm"))
-    AutoModelForSequenceClassification.from_config(rm_cfg, dtype=torch.float32).save_pretrained(rm)
+    hf_rm = AutoModelForSequenceClassification.from_config(rm_cfg, dtype=torch.float32)
+    with torch.no_grad():  # away from the init values, so scores are O(1) and parity checks mean something
+        for p in hf_rm.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hf_rm.save_pretrained(rm)
     tok.save_pretrained(rm)
     return policy, rm

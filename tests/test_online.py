@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-import jax
 import numpy as np
 import pytest
 
@@ -18,27 +17,16 @@ from bpo_jax.annotators import FunctionAnnotator
 from bpo_jax.config import TrainConfig
 from bpo_jax.data.prompts import ArrayPrompts
 from bpo_jax.demo_task import encode_prompts
-from bpo_jax.models import (
-    Decoder,
-    ModelConfig,
-    init_params,
-    load_pretrained,
-    save_pretrained,
-)
+from bpo_jax.models import load_pretrained
 
 TEXTS = [f"Tell me about topic number {i}, briefly." for i in range(12)]
 LOG2 = float(np.log(2.0))
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(smollm2, tmp_path_factory):
+def tiny_dir(tiny_policy_and_rm):
     """A tiny random Llama with SmolLM2's tokenizer (vocab 49152), saved as an HF folder."""
-    _, tok = smollm2
-    cfg = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, eos_token_id=2, pad_token_id=2)
-    path = str(tmp_path_factory.mktemp("tiny_online"))
-    save_pretrained(Decoder.from_params(cfg, init_params(cfg, jax.random.key(0))), tok, path)
-    return path
+    return tiny_policy_and_rm[0]
 
 
 def _setup(tiny_dir):

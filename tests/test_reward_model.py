@@ -93,21 +93,13 @@ def test_errors_name_the_problem(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def rm_with_tokenizer(smollm2, tmp_path_factory):
-    """A tiny random Llama RM with SmolLM2's tokenizer and chat template."""
-    from transformers import AutoModelForSequenceClassification, LlamaConfig
+def rm_with_tokenizer(tiny_policy_and_rm):
+    """The shared tiny Llama RM with SmolLM2's tokenizer and chat template, in HF (PyTorch) and here."""
+    from transformers import AutoModelForSequenceClassification
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=2)
-    hf = AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("rm_tok")
-    hf.save_pretrained(path)
-    smollm2[1].save_pretrained(path)
-    return hf, *load_reward_model(str(path))
+    path = tiny_policy_and_rm[1]
+    hf = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    return hf, *load_reward_model(path)
 
 
 def test_annotator_scores_text_with_the_rms_chat_template(rm_with_tokenizer):
