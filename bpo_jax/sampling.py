@@ -2,7 +2,8 @@
 
 ``generate`` is what BPO's annotation phase calls: the behavior LLM draws ``num_samples`` responses per prompt,
 and the *untempered* log-prob of every sampled token comes back with them, so the trainer can use them as the
-behavior reference log-probs without a second forward pass.
+behavior reference log-probs without a second forward pass. Each prompt is prefilled once; its keys and values
+are copied into the cache rows of its ``num_samples`` samples (BPO's two samples per prompt halve the prefill).
 
 Shapes are bucketed (prompt length up to a multiple of ``prompt_bucket``, rows up to a power of two, at least
 the number of batch-sharding devices), so a run compiles once per bucket rather than once per batch.
@@ -82,25 +83,34 @@ def _write(state: _DecodeState, step, logits, *, eos, pad_id, temperature, top_k
     )
 
 
-@partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos", "pad_id", "temperature", "top_k", "top_p"),
+@partial(jax.jit, static_argnames=("config", "num_samples", "eos", "pad_id", "temperature", "top_k", "top_p"),
          donate_argnames=("cache",))
-def _prefill(config, params, prompt_ids, prompt_mask, cache, key, *, max_new_tokens, eos, pad_id, temperature,
+def _prefill(config, params, prompt_ids, prompt_mask, cache, key, *, num_samples, eos, pad_id, temperature,
              top_k, top_p) -> _DecodeState:
-    """Run the whole prompt through the model into ``cache`` and sample the first response token."""
-    rows = prompt_ids.shape[0]
+    """Run each prompt through the model once, copy its keys/values into the rows of its ``num_samples``
+    samples in ``cache``, and sample every row's first response token."""
+    rows, plen = prompt_ids.shape[0] * num_samples, prompt_ids.shape[1]
+    max_new_tokens = cache["k"].shape[2] - plen
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
-    logits, cache = decoder.forward(
-        config, params, prompt_ids, positions=positions, attention_mask=prompt_mask, cache=cache, cache_index=0,
+    logits, prompt_cache = decoder.forward(
+        config, params, prompt_ids, positions=positions, attention_mask=prompt_mask,
+        cache=decoder.init_cache(config, prompt_ids.shape[0], plen, cache["k"].dtype), cache_index=0,
         last_only=True,
     )
+    per_row = lambda x, axis=0: jnp.repeat(x, num_samples, axis=axis)  # noqa: E731  prompt i -> rows i·n … i·n+n−1
+    cache = {
+        "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], per_row(prompt_cache["k"], 1), 0, axis=2),
+        "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], per_row(prompt_cache["v"], 1), 0, axis=2),
+        "valid": jax.lax.dynamic_update_slice_in_dim(cache["valid"], per_row(prompt_cache["valid"]), 0, axis=1),
+    }
     zeros = jnp.zeros((rows, max_new_tokens), jnp.float32)
     state = _DecodeState(
-        step=jnp.int32(0), last=jnp.zeros((rows,), jnp.int32), positions=positions[:, -1],
+        step=jnp.int32(0), last=jnp.zeros((rows,), jnp.int32), positions=per_row(positions[:, -1]),
         done=jnp.zeros((rows,), bool), tokens=jnp.full((rows, max_new_tokens), pad_id, jnp.int32),
         mask=jnp.zeros((rows, max_new_tokens), jnp.int32), logprobs=zeros, sampling_logprobs=zeros,
         cache=cache, key=key,
     )
-    return _write(state, jnp.int32(0), logits[:, -1], eos=eos, pad_id=pad_id, temperature=temperature,
+    return _write(state, jnp.int32(0), per_row(logits[:, -1]), eos=eos, pad_id=pad_id, temperature=temperature,
                   top_k=top_k, top_p=top_p)
 
 
@@ -218,18 +228,18 @@ def _check_inputs(prompt_ids, prompt_mask, max_new_tokens, temperature, top_k, t
 
 
 def _generate_batch(config, params, prompt_ids, prompt_mask, key, *, num_samples, mesh, prompt_bucket, **kw):
-    rows = prompt_ids.shape[0] * num_samples
-    ids = np.repeat(prompt_ids, num_samples, axis=0)
-    mask = np.repeat(prompt_mask, num_samples, axis=0)
-    # Bucket: left-pad the prompt length, add all-padding rows (a single dummy token keeps them well-defined).
-    plen = _bucket(ids.shape[1], prompt_bucket)
-    brows = _rows_bucket(rows, shd.batch_shards(mesh))
-    ids = np.pad(ids, ((0, brows - rows), (plen - ids.shape[1], 0)))
-    mask = np.pad(mask, ((0, brows - rows), (plen - mask.shape[1], 0)))
-    mask[rows:, -1] = 1
+    prompts = prompt_ids.shape[0]
+    # Bucket: left-pad the prompt length, add all-padding prompts (a single dummy token keeps them well-defined)
+    # up to a power of two times the batch shards, so the n·prompts sample rows split evenly over the mesh too.
+    plen = _bucket(prompt_ids.shape[1], prompt_bucket)
+    bprompts = _rows_bucket(prompts, shd.batch_shards(mesh))
+    ids = np.pad(prompt_ids, ((0, bprompts - prompts), (plen - prompt_ids.shape[1], 0)))
+    mask = np.pad(prompt_mask, ((0, bprompts - prompts), (plen - prompt_mask.shape[1], 0)))
+    mask[prompts:, -1] = 1
     ids_d, mask_d = shd.shard_batch((jnp.asarray(ids), jnp.asarray(mask)), mesh)
-    cache = decoder.init_cache(config, brows, plen + kw["max_new_tokens"], mesh=mesh)
+    cache = decoder.init_cache(config, bprompts * num_samples, plen + kw["max_new_tokens"], mesh=mesh)
     static = {k: kw[k] for k in ("eos", "pad_id", "temperature", "top_k", "top_p")}
-    state = _prefill(config, params, ids_d, mask_d, cache, key, max_new_tokens=kw["max_new_tokens"], **static)
+    state = _prefill(config, params, ids_d, mask_d, cache, key, num_samples=num_samples, **static)
     state = _decode(config, params, state, prompt_len=plen, **static)
+    rows = prompts * num_samples
     return tuple(x[:rows] for x in (state.tokens, state.mask, state.logprobs, state.sampling_logprobs))

@@ -49,6 +49,13 @@ def test_win_rate_hand_cases():
     assert wr.win_rate == pytest.approx(2.5 / 4) and wr.n == 4
     assert 0.0 <= wr.ci_low <= wr.win_rate <= wr.ci_high <= 1.0
     assert win_rate_from_scores([1, 1], [0, 0]).ci_low == 1.0
+    # 240 wins, 40 ties, 120 losses of 400: p = 0.65; the percentile bootstrap CI of a mean of n i.i.d.
+    # outcomes approaches the normal interval p ± 1.96·sd/√n (sd of the 1 / ½ / 0 outcomes).
+    outcomes = np.array([1.0] * 240 + [0.5] * 40 + [0.0] * 120)
+    wr = win_rate_from_scores(outcomes, np.full(400, 0.5), num_bootstrap=4000)
+    half = 1.96 * outcomes.std() / np.sqrt(400)
+    assert wr.win_rate == pytest.approx(0.65)
+    assert wr.ci_low == pytest.approx(0.65 - half, abs=0.006) and wr.ci_high == pytest.approx(0.65 + half, abs=0.006)
     with pytest.raises(ValueError, match="equal-length"):
         win_rate_from_scores([1.0], [1.0, 2.0])
 
