@@ -90,19 +90,18 @@ def _prefill(config, params, prompt_ids, prompt_mask, cache, key, *, num_samples
     """Run each prompt through the model once, copy its keys/values into the rows of its ``num_samples``
     samples in ``cache``, and sample every row's first response token."""
     rows, plen = prompt_ids.shape[0] * num_samples, prompt_ids.shape[1]
-    max_new_tokens = cache["k"].shape[2] - plen
+    max_new_tokens = cache["valid"].shape[1] - plen
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
     logits, prompt_cache = decoder.forward(
         config, params, prompt_ids, positions=positions, attention_mask=prompt_mask,
-        cache=decoder.init_cache(config, prompt_ids.shape[0], plen, cache["k"].dtype), cache_index=0,
-        last_only=True,
+        cache=decoder.init_cache(config, prompt_ids.shape[0], plen, cache["k"][0].dtype, per_layer=True),
+        cache_index=0, last_only=True,
     )
-    per_row = lambda x, axis=0: jnp.repeat(x, num_samples, axis=axis)  # noqa: E731  prompt i -> rows i·n … i·n+n−1
-    cache = {
-        "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], per_row(prompt_cache["k"], 1), 0, axis=2),
-        "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], per_row(prompt_cache["v"], 1), 0, axis=2),
-        "valid": jax.lax.dynamic_update_slice_in_dim(cache["valid"], per_row(prompt_cache["valid"]), 0, axis=1),
-    }
+    per_row = lambda x: jnp.repeat(x, num_samples, axis=0)  # noqa: E731  prompt i -> rows i·n … i·n+n−1
+    into = lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, per_row(part), 0, axis=1)  # noqa: E731
+    cache = {"k": tuple(map(into, cache["k"], prompt_cache["k"])),
+             "v": tuple(map(into, cache["v"], prompt_cache["v"])),
+             "valid": into(cache["valid"], prompt_cache["valid"])}
     zeros = jnp.zeros((rows, max_new_tokens), jnp.float32)
     state = _DecodeState(
         step=jnp.int32(0), last=jnp.zeros((rows,), jnp.int32), positions=per_row(positions[:, -1]),
@@ -191,6 +190,7 @@ def generate(
         params = model_or_params
     if param_shardings is not None:
         params = shd.shard(params, param_shardings)
+    params = decoder.unstack_layers(params)  # the decode loop's layout: no per-step slicing of stacked weights
     prompt_ids = np.asarray(prompt_ids, np.int32)
     prompt_mask = np.asarray(prompt_mask, np.int32)
     _check_inputs(prompt_ids, prompt_mask, max_new_tokens, temperature, top_k, top_p, num_samples)
@@ -237,7 +237,7 @@ def _generate_batch(config, params, prompt_ids, prompt_mask, key, *, num_samples
     mask = np.pad(prompt_mask, ((0, bprompts - prompts), (plen - prompt_mask.shape[1], 0)))
     mask[prompts:, -1] = 1
     ids_d, mask_d = shd.shard_batch((jnp.asarray(ids), jnp.asarray(mask)), mesh)
-    cache = decoder.init_cache(config, bprompts * num_samples, plen + kw["max_new_tokens"], mesh=mesh)
+    cache = decoder.init_cache(config, bprompts * num_samples, plen + kw["max_new_tokens"], mesh=mesh, per_layer=True)
     static = {k: kw[k] for k in ("eos", "pad_id", "temperature", "top_k", "top_p")}
     state = _prefill(config, params, ids_d, mask_d, cache, key, num_samples=num_samples, **static)
     state = _decode(config, params, state, prompt_len=plen, **static)

@@ -111,12 +111,16 @@ def shard_batch(tree, mesh):
 
 
 def cache_shardings(cache, mesh):
-    """KV cache ``[layers, B, S, kv_heads, D]``: rows over the batch axes, kv heads over ``tensor``."""
+    """KV cache ``k``/``v`` ``[layers, B, S, kv_heads, D]`` (or per-layer ``[B, S, kv_heads, D]``) and
+    ``valid [B, S]``: rows over the batch axes, kv heads over ``tensor``."""
     def one(x):
         if x.ndim == 2:  # valid [B, S]
             return NamedSharding(mesh, batch_spec(2, x.shape[0], mesh))
-        rows = batch_spec(1, x.shape[1], mesh)[0] if x.shape[1] % batch_shards(mesh) == 0 else None
-        heads = "tensor" if x.shape[3] % mesh.shape["tensor"] == 0 else None
-        return NamedSharding(mesh, P(None, rows, None, heads, None))
+        spec = [None] * x.ndim
+        if x.shape[-4] % batch_shards(mesh) == 0:
+            spec[-4] = BATCH_AXES
+        if x.shape[-2] % mesh.shape["tensor"] == 0:
+            spec[-2] = "tensor"
+        return NamedSharding(mesh, P(*spec))
 
     return jax.tree.map(one, cache)

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
 from bpo_jax.models import (Decoder, ModelConfig, forward, hidden_states, init_cache, init_params, load_pretrained,
-                            param_axes, save_pretrained, unembed)
+                            param_axes, save_pretrained, unembed, unstack_layers)
 from bpo_jax.models.gguf_source import permute, unpermute
 from tiny_models import _COMMON, FAMILIES, save_hf_model
 
@@ -47,16 +47,22 @@ def test_logits_match_hf_with_left_padding(tiny):
                                atol=1e-4, rtol=1e-4)
 
 
-def test_kv_cache_prefill_and_decode_match_full_forward(tiny):
+@pytest.mark.parametrize("layout", ["stacked", "unstacked"])
+def test_kv_cache_prefill_and_decode_match_full_forward(tiny, layout):
+    """Both layer layouts: stacked weights under a scan, and the sampler's unstacked (unrolled) one."""
     _, _, _, model = tiny
     cfg, params = model.config, model.params
+    per_layer = layout == "unstacked"
+    if per_layer:
+        params = unstack_layers(params)
+        assert isinstance(params["layers"], tuple) and len(params["layers"]) == cfg.num_layers
     prompt, pmask = jnp.asarray(LEFT_PADDED[:, :5]), jnp.asarray(MASK[:, :5])
     response = jnp.asarray(LEFT_PADDED[:, 5:]) % 50 + 3
     full_ids = jnp.concatenate([prompt, response], axis=1)
     full_mask = jnp.concatenate([pmask, jnp.ones_like(response)], axis=1)
     full, _ = forward(cfg, params, full_ids, attention_mask=full_mask)
 
-    cache = init_cache(cfg, 3, 8)
+    cache = init_cache(cfg, 3, 8, per_layer=per_layer)
     pos = jnp.maximum(jnp.cumsum(pmask, axis=1) - 1, 0)
     logits, cache = forward(cfg, params, prompt, positions=pos, attention_mask=pmask, cache=cache, cache_index=0)
     np.testing.assert_allclose(logits[pmask.astype(bool)], full[:, :5][pmask.astype(bool)], atol=1e-5)
@@ -67,6 +73,8 @@ def test_kv_cache_prefill_and_decode_match_full_forward(tiny):
         last = last + 1
         lg, cache = step(params, response[:, j : j + 1], last[:, None], cache, 5 + j)
         np.testing.assert_allclose(lg[:, 0], full[:, 5 + j], atol=1e-5)
+    if per_layer:  # and the unrolled full forward equals the scanned one
+        np.testing.assert_allclose(forward(cfg, params, full_ids, attention_mask=full_mask)[0], full, atol=1e-5)
 
 
 def test_export_round_trip_through_hf(tiny, tmp_path):

@@ -11,11 +11,12 @@ from bpo_jax.models.decoder import (
                                     param_axes,
                                     param_shapes,
                                     unembed,
+                                    unstack_layers,
 )
 from bpo_jax.models.export import save_pretrained
 from bpo_jax.models.loading import load_pretrained
 from bpo_jax.models.reward import RewardModel, load_reward_model
 
 __all__ = ["SUPPORTED", "ModelConfig", "Decoder", "forward", "hidden_states", "unembed", "logits_from_hidden",
-           "init_cache", "init_params", "param_axes", "param_shapes", "load_pretrained", "save_pretrained",
-           "RewardModel", "load_reward_model"]
+           "init_cache", "init_params", "param_axes", "param_shapes", "unstack_layers", "load_pretrained",
+           "save_pretrained", "RewardModel", "load_reward_model"]

@@ -5,7 +5,9 @@ train state can hold policy, behavior and LoRA weights as ordinary pytrees. ``De
 around it (``nnx.Param`` leaves carrying their logical axis names) for users who want a module.
 
 Layers are stacked along a leading ``layers`` axis and applied with ``jax.lax.scan`` (one compiled layer, fast
-compiles); ``config.remat`` rematerialises each layer in the backward pass.
+compiles); ``config.remat`` rematerialises each layer in the backward pass. ``unstack_layers`` gives the same
+weights as a tuple of per-layer dicts, which ``forward`` runs as an unrolled loop: the sampler's layout, since a
+scan reads each layer's weights through a dynamic slice that XLA's CPU backend copies on every decode step.
 
 Attention is causal by slot index with a key-validity mask, so left-padded prompts work; ``positions`` are the
 RoPE positions (``cumsum(mask) − 1`` for left padding). With a KV cache (``init_cache``), a call writes its keys
@@ -89,18 +91,35 @@ def init_params(config: ModelConfig, key: Array) -> Params:
     return jax.tree.unflatten(treedef, out)
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, *, mesh=None) -> Params:
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, *, mesh=None,
+               per_layer: bool = False) -> Params:
     """A preallocated KV cache: ``k``/``v`` ``[layers, B, max_len, kv_heads, head_dim]`` (``dtype``, default the
-    compute dtype) and the slot validity ``valid [B, max_len]`` (False until a call writes a real token there).
-    With ``mesh``, rows are sharded over its batch axes and kv heads over ``tensor``."""
+    compute dtype; with ``per_layer``, tuples of ``[B, max_len, kv_heads, head_dim]`` arrays, for the
+    ``unstack_layers`` layout) and the slot validity ``valid [B, max_len]`` (False until a call writes a real
+    token there). With ``mesh``, rows are sharded over its batch axes and kv heads over ``tensor``."""
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-    cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "valid": jnp.zeros((batch, max_len), bool)}
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    if per_layer:
+        k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    else:
+        k = jnp.zeros((config.num_layers, *shape), dtype)
+        v = jnp.zeros((config.num_layers, *shape), dtype)
+    cache = {"k": k, "v": v, "valid": jnp.zeros((batch, max_len), bool)}
     if mesh is not None:
         from bpo_jax import sharding as shd
 
         cache = jax.device_put(cache, shd.cache_shardings(cache, mesh))
     return cache
+
+
+@jax.jit
+def unstack_layers(params: Params) -> Params:
+    """``params`` with ``layers`` as a tuple of per-layer dicts (one copy of the layer weights, each keeping its
+    sharding); ``forward`` runs that layout as an unrolled loop over the layers."""
+    layers = params["layers"]
+    num_layers = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a: a[i], layers) for i in range(num_layers))}
 
 
 def _rms_norm(x, w, eps, plus_one):
@@ -170,7 +189,8 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: Array, *, posi
     ``attention_mask [B, T]`` marks real tokens (0 = padding). ``positions [B, T]`` default to
     ``cumsum(mask) − 1``, which is right for a full sequence or a prefill at ``cache_index=0``; a decode step
     must pass its positions. With ``cache``, this call's keys/values go to slots ``cache_index …
-    cache_index + T − 1`` and each query attends to the valid slots up to its own.
+    cache_index + T − 1`` and each query attends to the valid slots up to its own. Stacked ``layers`` run
+    under a scan with a stacked cache; ``unstack_layers`` params run unrolled with a ``per_layer`` cache.
     """
     c = config
     dtype = jnp.dtype(c.dtype)
@@ -191,7 +211,13 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: Array, *, posi
 
     layer = _layer if not c.remat else jax.checkpoint(_layer, static_argnums=(0,))
 
-    if cache is None:
+    if isinstance(params["layers"], (tuple, list)):  # unstack_layers: an unrolled loop over per-layer weights
+        n = len(params["layers"])
+        ks, vs = (list(cache["k"]), list(cache["v"])) if cache is not None else ([None] * n, [None] * n)
+        for i, lp in enumerate(params["layers"]):
+            x, ks[i], vs[i] = layer(c, x, lp, cos, sin, ks[i], vs[i], valid, q_slots, cache_index)
+        new_cache = None if cache is None else {"k": tuple(ks), "v": tuple(vs), "valid": valid}
+    elif cache is None:
         def body(h, lp):
             h, _, _ = layer(c, h, lp, cos, sin, None, None, valid, q_slots, cache_index)
             return h, None
