@@ -180,6 +180,9 @@ def generate(
         ``param_shardings`` is given, e.g. ``sampling_shardings(config, mesh)``).
       batch_size: prompts per compiled call; several calls (with a tqdm bar if ``progress``) cover B.
 
+    The decode loop runs over ``decoder.unstack_layers(params)``: one extra copy of the weights (each keeping
+    its sharding) while ``generate`` runs.
+
     The returned ``logprobs`` are the untempered log-probs of the sampled tokens. They equal the log-probs a
     full forward pass over prompt + response gives, with the same params and dtype, up to float rounding: the
     cached path sums attention in a different order (≈1e-5 in float32; expect ≈1e-2 in bfloat16).
