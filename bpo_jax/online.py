@@ -26,6 +26,7 @@ from bpo_jax import sharding as shd
 from bpo_jax import state as st
 from bpo_jax.checkpoint import Checkpointer
 from bpo_jax.config import TrainConfig
+from bpo_jax.models.decoder import unstack_layers
 from bpo_jax.pairs import build_pairs, distinct
 from bpo_jax.sampling import generate
 from bpo_jax.train_step import BATCH_KEYS, behavior_logp_gap, make_train_step
@@ -40,6 +41,7 @@ def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts, 
     """Steps 1–3 for one phase: sample with π_β from the next batches of the prompt stream (advancing it) until
     K·B distinct, annotated pairs exist. Returns ``(pairs, stats)``."""
     need = cfg.steps_per_phase * cfg.batch_size
+    behavior = unstack_layers(behavior)  # once per phase, not once per generate call
     chunks, have, sampled, dropped, rounds = [], 0, 0, 0, 0
     bar = tqdm(total=need, desc="collecting pairs", unit="pair", leave=False)
     while have < need:

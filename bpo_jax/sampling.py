@@ -5,7 +5,7 @@ and the *untempered* log-prob of every sampled token comes back with them, so th
 behavior reference log-probs without a second forward pass. Each prompt is prefilled once; its keys and values
 are copied into the cache rows of its ``num_samples`` samples (BPO's two samples per prompt halve the prefill).
 
-Shapes are bucketed (prompt length up to a multiple of ``prompt_bucket``, rows up to a power of two, at least
+Shapes are bucketed (prompt length up to a multiple of ``prompt_bucket``, prompts up to a power of two times
 the number of batch-sharding devices), so a run compiles once per bucket rather than once per batch.
 """
 
@@ -171,7 +171,9 @@ def generate(
 
     Args:
       model_or_params: a loaded model (anything with ``.config`` and ``.params``), or a params pytree with
-        ``config=`` given — e.g. the train state's behavior params, or a LoRA-merged view of them.
+        ``config=`` given — e.g. the train state's behavior params, or a LoRA-merged view of them. Params
+        already in the ``decoder.unstack_layers`` layout are used as they are (callers that sample many
+        batches with the same weights unstack once).
       temperature: 0.0 is greedy. top_k: 0 is off. top_p: 1.0 is off.
       num_samples: responses per prompt; BPO draws 2.
       eos_token_ids: tokens that end a response (the EOS itself is kept, with mask 1).
@@ -180,8 +182,8 @@ def generate(
         ``param_shardings`` is given, e.g. ``sampling_shardings(config, mesh)``).
       batch_size: prompts per compiled call; several calls (with a tqdm bar if ``progress``) cover B.
 
-    The decode loop runs over ``decoder.unstack_layers(params)``: one extra copy of the weights (each keeping
-    its sharding) while ``generate`` runs.
+    The decode loop runs over ``decoder.unstack_layers(params)``: for stacked params, one extra copy of the
+    weights (each keeping its sharding) while ``generate`` runs. ``param_shardings`` applies to stacked params.
 
     The returned ``logprobs`` are the untempered log-probs of the sampled tokens. They equal the log-probs a
     full forward pass over prompt + response gives, with the same params and dtype, up to float rounding: the
@@ -193,7 +195,8 @@ def generate(
         params = model_or_params
     if param_shardings is not None:
         params = shd.shard(params, param_shardings)
-    params = decoder.unstack_layers(params)  # the decode loop's layout: no per-step slicing of stacked weights
+    if not isinstance(params["layers"], (tuple, list)):
+        params = decoder.unstack_layers(params)  # the decode loop's layout: no per-step slicing of stacked weights
     prompt_ids = np.asarray(prompt_ids, np.int32)
     prompt_mask = np.asarray(prompt_mask, np.int32)
     _check_inputs(prompt_ids, prompt_mask, max_new_tokens, temperature, top_k, top_p, num_samples)

@@ -8,7 +8,7 @@ import torch
 
 from bpo_jax import sharding as shd
 from bpo_jax.logprobs import token_logprobs
-from bpo_jax.models import forward, load_pretrained, param_axes
+from bpo_jax.models import forward, load_pretrained, param_axes, unstack_layers
 from bpo_jax.sampling import generate
 from tiny_models import FAMILIES, save_hf_model
 
@@ -70,6 +70,10 @@ def test_determinism_and_rng(llama):
     c = generate(path_model, PROMPTS, PMASK, max_new_tokens=8, rng=jax.random.key(8))
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert not np.array_equal(a.tokens, c.tokens)
+    # Params already unstacked (as the online loop passes them) give the very same samples.
+    d = generate(unstack_layers(path_model.params), PROMPTS, PMASK, config=path_model.config, max_new_tokens=8,
+                 rng=jax.random.key(7))
+    np.testing.assert_array_equal(a.tokens, d.tokens)
 
 
 def test_eos_masks_and_padding(llama):
