@@ -1,4 +1,5 @@
-"""GGUF import (llama-architecture files such as the shipped SmolLM2): config, dequantised tensors, tokenizer.
+"""GGUF import (llama-architecture files such as the shipped SmolLM2): config, dequantised tensors, tokenizer
+(``gguf_tokenizer``).
 
 GGUF stores shapes reversed relative to NumPy and, for llama models, llama.cpp's converter permutes the rows
 of ``attn_q``/``attn_k`` (per head: the two rotary halves interleaved); ``unpermute`` undoes that so the
@@ -6,8 +7,6 @@ tensors match the HF layout. Tensors are dequantised with the ``gguf`` package w
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 
@@ -113,7 +112,6 @@ def open_gguf(path: str, **numerics):
     }
     config = ModelConfig.from_hf(hf, **numerics)
     tensors = _GGUFTensors(reader, config.num_heads, config.num_kv_heads)
-    from transformers import AutoTokenizer
+    from bpo_jax.models.gguf_tokenizer import tokenizer_from_gguf
 
-    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
-    return config, tensors, tokenizer
+    return config, tensors, tokenizer_from_gguf(lambda key, default=None: _field(reader, key, default))
