@@ -25,6 +25,9 @@ def main(argv=None) -> int:
             print(f"\nunknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
+    from bpo_jax import distributed
+
+    distributed.initialize()  # before anything touches a device: a no-op for one process
     module, _ = COMMANDS[argv[0]]
     return int(importlib.import_module(module).main(argv[1:]) or 0)
 

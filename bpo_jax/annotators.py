@@ -13,6 +13,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from bpo_jax import distributed
 from bpo_jax.data.prompts import conversation
 
 
@@ -88,7 +89,8 @@ class RewardModelAnnotator:
     RM tokenizer's chat template (or, without one, HH-style ``Human: … Assistant: …`` text). Rows are scored in
     fixed-size batches, right-padded to a multiple of 64 tokens, so the jitted scorer compiles once per length
     bucket. A row longer than ``max_length`` keeps its last ``max_length`` tokens (the response end) and is
-    counted in ``truncated``.
+    counted in ``truncated``. With several processes each host scores its own rows (``batch_size`` per host per
+    call) and the hosts agree on each call's width.
     """
 
     def __init__(self, rm, tokenizer, *, batch_size: int = 16, max_length: int = 1024):
@@ -117,12 +119,13 @@ class RewardModelAnnotator:
         scores = []
         for s in range(0, len(encoded), self.batch_size):
             chunk = encoded[s: s + self.batch_size]
-            width = min(-(-max(len(e) for e in chunk) // 64) * 64, max(self.max_length, 1))
+            longest = distributed.max_over_hosts(max(len(e) for e in chunk))  # one shape on every host
+            width = min(-(-longest // 64) * 64, max(self.max_length, 1))
             ids = np.zeros((self.batch_size, width), np.int32)
             mask = np.zeros_like(ids)
             mask[len(chunk):, 0] = 1  # filler rows: one token keeps them well-defined; dropped below
             for i, e in enumerate(chunk):
                 ids[i, : len(e)] = e
                 mask[i, : len(e)] = 1
-            scores.append(np.asarray(self.rm(ids, mask))[: len(chunk)])
+            scores.append(self.rm(ids, mask)[: len(chunk)])
         return np.concatenate(scores).astype(np.float32) if scores else np.zeros((0,), np.float32)

@@ -25,10 +25,12 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value, e.g. eval_size=100 data_dir=/data/tldr")
     args = p.parse_args(argv)
 
+    from bpo_jax import distributed
+    from bpo_jax import run_dir as rd
     from bpo_jax.config import ConfigError, load_config
 
-    cfg_path = os.path.join(args.checkpoint, "config.yaml")
-    if not os.path.isfile(cfg_path):
+    cfg_path = str(rd.path(args.checkpoint, "config.yaml"))
+    if not rd.path(cfg_path).exists():
         print(f"error: {cfg_path!r} not found; --checkpoint must be a run directory written by `train`",
               file=sys.stderr)
         return 2
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
     import jax
 
     from bpo_jax import state as st
-    from bpo_jax.evaluate import greedy_responses, score_against_references, win_rate_from_scores
+    from bpo_jax.evaluate import score_test_set, win_rate_from_scores
     from bpo_jax.tasks import setup_run
 
     run = setup_run(cfg, train=False)
@@ -61,23 +63,24 @@ def main(argv=None) -> int:
     template = st.create_state(cfg, run.model.params, jax.random.key(cfg.seed), reference=run.reference)
     state, _, _ = ckpt.restore(step, template)
     ckpt.close()
-    responses = greedy_responses(st.policy_params(cfg, state), run.model.config, run.tokenizer, task.eval_ids,
-                                 task.eval_mask, max_new_tokens=cfg.eval_max_new_tokens,
-                                 eos_token_ids=run.eos_token_ids, mesh=run.mesh)
-    scores, ref_scores = score_against_references(task.annotator, task.eval_prompts, responses, task.references)
+    responses, scores, ref_scores = score_test_set(
+        st.policy_params(cfg, state), run.model.config, run.tokenizer, task.annotator, task.eval_prompts,
+        task.eval_ids, task.eval_mask, task.references, max_new_tokens=cfg.eval_max_new_tokens,
+        eos_token_ids=run.eos_token_ids, mesh=run.mesh)
     wr = win_rate_from_scores(scores, ref_scores)
     data_name = os.path.basename(os.path.normpath(cfg.data))
     record = {"step": step, "data": cfg.data, "eval/win_rate": wr.win_rate, "eval/ci_low": wr.ci_low,
               "eval/ci_high": wr.ci_high, "eval/mean_score": wr.mean_score,
               "eval/mean_reference_score": wr.mean_reference_score, "eval/n": wr.n}
-    with open(os.path.join(cfg.run_dir, "eval.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-    detail = os.path.join(cfg.run_dir, f"eval_step{step}_{data_name}.jsonl")
-    with open(detail, "w") as f:
-        for prompt, resp, ref, s, r in zip(task.eval_prompts, responses, task.references, scores, ref_scores):
-            f.write(json.dumps({"prompt": prompt, "response": resp, "reference": ref, "score": float(s),
-                                "reference_score": float(r)}) + "\n")
-    print(f"{cfg.run_dir} step {step} on {cfg.data}: win rate vs human references {100 * wr.win_rate:.1f}% "
-          f"(95% CI {100 * wr.ci_low:.1f}–{100 * wr.ci_high:.1f}, n={wr.n}); mean {task.score_name} "
-          f"{wr.mean_score:.3f} vs references {wr.mean_reference_score:.3f}. Responses: {detail}")
+    rd.append_jsonl(rd.path(cfg.run_dir, "eval.jsonl"), record)
+    detail = rd.path(cfg.run_dir, f"eval_step{step}_{data_name}.jsonl")
+    if distributed.is_primary():
+        detail.write_text("".join(
+            json.dumps({"prompt": prompt, "response": resp, "reference": ref, "score": float(s),
+                        "reference_score": float(r)}) + "\n"
+            for prompt, resp, ref, s, r in zip(task.eval_prompts, responses, task.references, scores, ref_scores)))
+    if distributed.is_primary():
+            print(f"{cfg.run_dir} step {step} on {cfg.data}: win rate vs human references {100 * wr.win_rate:.1f}% "
+              f"(95% CI {100 * wr.ci_low:.1f}–{100 * wr.ci_high:.1f}, n={wr.n}); mean {task.score_name} "
+              f"{wr.mean_score:.3f} vs references {wr.mean_reference_score:.3f}. Responses: {detail}")
     return 0

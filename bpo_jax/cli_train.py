@@ -7,8 +7,6 @@ gold reward, before and after training, and writes everything to ``<run_dir>/met
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
@@ -27,11 +25,24 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
-    from bpo_jax import online
+    from bpo_jax import distributed, online
+    from bpo_jax import run_dir as rd
+    from bpo_jax.checkpoint import IncompatibleCheckpoint
     from bpo_jax.evaluate import evaluate_win_rate
     from bpo_jax.tasks import setup_run
 
+    import jax
+
+    from bpo_jax.config import validate_for_processes
+
+    try:  # settings that need the process and device counts, and a run_dir every host sees
+        validate_for_processes(cfg, distributed.process_count(), jax.device_count())
+        distributed.check_shared_dir(cfg.run_dir)
+    except ValueError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     t0 = time.time()
+    say = print if distributed.is_primary() else (lambda *a, **k: None)  # noqa: E731  one host speaks
     run = setup_run(cfg)
     model, tok, task, mesh, eos = run.model, run.tokenizer, run.task, run.mesh, run.eos_token_ids
     mcfg = model.config
@@ -40,43 +51,49 @@ def main(argv=None) -> int:
         wr, responses = evaluate_win_rate(params, mcfg, tok, task.annotator, task.eval_prompts, task.eval_ids,
                                           task.eval_mask, task.references, max_new_tokens=cfg.eval_max_new_tokens,
                                           eos_token_ids=eos, mesh=mesh)
-        print(f"step {step}: win rate vs human references {100 * wr.win_rate:.1f}% "
-              f"(95% CI {100 * wr.ci_low:.1f}–{100 * wr.ci_high:.1f}, n={wr.n}); mean {task.score_name} "
-              f"{wr.mean_score:.3f} vs references {wr.mean_reference_score:.3f}; e.g. {responses[0][:100]!r}")
+        say(f"step {step}: win rate vs human references {100 * wr.win_rate:.1f}% "
+            f"(95% CI {100 * wr.ci_low:.1f}–{100 * wr.ci_high:.1f}, n={wr.n}); mean {task.score_name} "
+            f"{wr.mean_score:.3f} vs references {wr.mean_reference_score:.3f}; e.g. {responses[0][:100]!r}")
         return {"eval/win_rate": wr.win_rate, "eval/ci_low": wr.ci_low, "eval/ci_high": wr.ci_high,
                 "eval/mean_score": wr.mean_score, "eval/mean_reference_score": wr.mean_reference_score}
 
-    print(f"bpo_jax train: {cfg.model}, T={cfg.total_steps}, F={cfg.num_phases}, reference={cfg.reference}, "
-          f"{cfg.loss_type} beta={cfg.beta}, {'LoRA r=%d x%d' % (cfg.lora_rank, cfg.ensemble_size) if cfg.lora_rank else 'full fine-tuning'}, "
-          f"task {task.name}, {len(task.references)} test prompts, run_dir={cfg.run_dir}")
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))  # what `python -m bpo_jax evaluate` reloads
+    lora = f"LoRA r={cfg.lora_rank} x{cfg.ensemble_size}" if cfg.lora_rank else "full fine-tuning"
+    hosts = f", {distributed.process_count()} processes" if distributed.process_count() > 1 else ""
+    say(f"bpo_jax train: {cfg.model}, T={cfg.total_steps}, F={cfg.num_phases}, reference={cfg.reference}, "
+        f"{cfg.loss_type} beta={cfg.beta}, {lora}, task {task.name}, {len(task.references)} test prompts, "
+        f"run_dir={cfg.run_dir}{hosts}")
+    rd.make(cfg.run_dir)
+    if distributed.is_primary():
+        save_config(cfg, str(rd.path(cfg.run_dir, "config.yaml")))  # what `python -m bpo_jax evaluate` reloads
+    metrics = rd.path(cfg.run_dir, "metrics.jsonl")
     before = evaluate(model.params, 0)
-    with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"step": 0, **before}) + "\n")
+    rd.append_jsonl(metrics, {"step": 0, **before})
     try:
         state = online.train(cfg, model_config=mcfg, tokenizer=tok, base=model.params, prompts=task.train,
                              annotator=task.annotator, mesh=mesh, eos_token_ids=eos, reference=run.reference,
-                             evaluate=evaluate if cfg.eval_every else None)
+                             evaluate=evaluate if cfg.eval_every else None, log=say)
     except online.Preempted as err:
         print(str(err), file=sys.stderr)
         return 143
+    except IncompatibleCheckpoint as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from bpo_jax import state as st
 
     after = evaluate(st.policy_params(cfg, state), cfg.total_steps)
-    with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"step": cfg.total_steps, "final": True, **after}) + "\n")
+    rd.append_jsonl(metrics, {"step": cfg.total_steps, "final": True, **after})
     if cfg.export_policy:
         from bpo_jax.models import Decoder, save_pretrained
 
         out = save_pretrained(Decoder.from_params(mcfg, st.policy_params(cfg, state)), tok,
-                              os.path.join(cfg.run_dir, "policy"))
-        print(f"policy exported as an HF folder: {out}")
-    from bpo_jax.plot import plot_runs
+                              str(rd.path(cfg.run_dir, "policy")))
+        say(f"policy exported as an HF folder: {out}")
+    if distributed.is_primary():
+        from bpo_jax.plot import plot_runs
 
-    plot_path = os.path.join(cfg.run_dir, "plot.png")
-    plot_runs([cfg.run_dir], plot_path)
-    print(f"plot: {plot_path}")
-    print(f"win rate vs human references: {100 * before['eval/win_rate']:.1f}% before -> "
-          f"{100 * after['eval/win_rate']:.1f}% after training ({time.time() - t0:.0f} s)")
+        plot_path = str(rd.path(cfg.run_dir, "plot.png"))
+        plot_runs([cfg.run_dir], plot_path)
+        say(f"plot: {plot_path}")
+    say(f"win rate vs human references: {100 * before['eval/win_rate']:.1f}% before -> "
+        f"{100 * after['eval/win_rate']:.1f}% after training ({time.time() - t0:.0f} s)")
     return 0

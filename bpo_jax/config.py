@@ -12,6 +12,7 @@ import difflib
 import typing
 from typing import Any
 
+import numpy as np
 import yaml
 
 from bpo_jax.lora import canonical_targets
@@ -146,8 +147,9 @@ def load_config(path: str | None = None, overrides=()) -> TrainConfig:
     values: dict[str, Any] = {}
     if path:
         try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
+            from etils import epath  # also gs:// (a multi-host run's config.yaml)
+
+            data = yaml.safe_load(epath.Path(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path!r} does not exist") from None
         except yaml.YAMLError as err:
@@ -167,9 +169,34 @@ def load_config(path: str | None = None, overrides=()) -> TrainConfig:
 
 def save_config(cfg: TrainConfig, path: str) -> None:
     """Write every key of ``cfg`` as YAML that ``load_config`` reads back to an equal config."""
+    from etils import epath
+
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-    with open(path, "w") as f:
-        yaml.safe_dump(values, f, sort_keys=False)
+    epath.Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+def validate_for_processes(cfg: TrainConfig, processes: int, devices: int) -> None:
+    """Checks that need the process and device counts (``bpo_jax.distributed``); run before any compute.
+
+    With several processes each host owns ``batch_size / processes`` pairs of every step, which must split over
+    its own batch shards (``mesh_data × mesh_fsdp`` devices in all); reward-model calls split the same way.
+    """
+    sizes = [cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor]
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if sizes.count(-1) > 1 or devices % known or (-1 not in sizes and known != devices):
+        raise ConfigError(f"mesh_data={cfg.mesh_data} x mesh_fsdp={cfg.mesh_fsdp} x mesh_tensor={cfg.mesh_tensor} "
+                          f"does not fit {devices} devices (one axis may be -1: all the rest)")
+    if processes == 1:
+        return
+    shards = (devices // known if -1 in sizes[:2] else 1) * int(np.prod([s for s in sizes[:2] if s != -1]))
+    if shards % processes:
+        raise ConfigError(f"{shards} batch shards (mesh_data x mesh_fsdp) do not split over {processes} processes; "
+                          f"keep mesh_tensor within one host")
+    for key in ("batch_size", "reward_batch_size"):
+        value = getattr(cfg, key)
+        if value % shards:
+            raise ConfigError(f"{key}={value} does not split over {processes} processes x {shards // processes} "
+                              f"batch shards each; use a multiple of {shards}")
 
 
 def validate(cfg: TrainConfig) -> None:

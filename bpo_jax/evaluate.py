@@ -2,6 +2,10 @@
 
 As in the paper, a prompt is won when the annotator scores the policy's greedy response above the human
 reference (ties count half). The 95% interval is a percentile bootstrap over prompts.
+
+With several processes the test set is split across hosts (each decodes and scores its slice, padded to one
+size by repeating the last prompt) and the scores and responses are gathered, so every host computes the same
+win rate.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from bpo_jax import distributed
 from bpo_jax.sampling import generate
 
 
@@ -47,14 +52,36 @@ def greedy_responses(params, config, tokenizer, prompt_ids, prompt_mask, *, max_
     out = generate(params, prompt_ids, prompt_mask, config=config, max_new_tokens=max_new_tokens, temperature=0.0,
                    eos_token_ids=eos_token_ids, batch_size=batch_size, mesh=mesh,
                    pad_token_id=config.pad_token_id or 0)
-    toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
-    return [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip() for t, m in zip(toks, mask)]
+    return [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip() for t, m in zip(out.tokens, out.mask)]
+
+
+class TestSetScores(NamedTuple):
+    responses: list  # the policy's greedy response per test prompt
+    scores: np.ndarray  # [n] the annotator's score of each response ...
+    reference_scores: np.ndarray  # ... and of each human reference (or a pairwise judge's equivalent)
+
+
+def score_test_set(params, config, tokenizer, annotator, prompts, prompt_ids, prompt_mask, references, *,
+                   max_new_tokens: int, eos_token_ids, mesh=None) -> TestSetScores:
+    """Greedy responses to every test prompt, scored with the references; the same result on every host."""
+    n, hosts, me = len(prompts), distributed.process_count(), distributed.process_index()
+    per_host = -(-n // hosts)
+    mine = np.minimum(np.arange(me * per_host, (me + 1) * per_host), n - 1)  # pad: repeat the last prompt
+    responses = greedy_responses(params, config, tokenizer, np.asarray(prompt_ids)[mine],
+                                 np.asarray(prompt_mask)[mine], max_new_tokens=max_new_tokens,
+                                 eos_token_ids=eos_token_ids, mesh=mesh)
+    s, r = score_against_references(annotator, [prompts[j] for j in mine], responses, [references[j] for j in mine])
+    scores = distributed.all_gather(np.asarray(s, np.float64)).reshape(-1)[:n]
+    reference_scores = distributed.all_gather(np.asarray(r, np.float64)).reshape(-1)[:n]
+    if hosts > 1:
+        responses = [t for host in distributed.gather_json(responses) for t in host]
+    return TestSetScores(responses[:n], scores, reference_scores)
 
 
 def evaluate_win_rate(params, config, tokenizer, annotator, prompts, prompt_ids, prompt_mask, references, *,
                       max_new_tokens: int, eos_token_ids, mesh=None) -> tuple[WinRate, list[str]]:
     """Greedy responses to ``prompts`` scored against ``references`` by ``annotator``; returns the win rate and
     the responses."""
-    responses = greedy_responses(params, config, tokenizer, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens,
-                                 eos_token_ids=eos_token_ids, mesh=mesh)
-    return win_rate_from_scores(*score_against_references(annotator, prompts, responses, references)), responses
+    out = score_test_set(params, config, tokenizer, annotator, prompts, prompt_ids, prompt_mask, references,
+                         max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids, mesh=mesh)
+    return win_rate_from_scores(out.scores, out.reference_scores), out.responses

@@ -9,11 +9,16 @@
 With ``reference=behavior`` this is BPO; F = 1 is offline DAP and F = T is on-policy. Checkpoints (every
 ``checkpoint_every`` steps and at each phase end) hold the state, the phase's pairs and the prompt stream's state,
 so the same command on the same ``run_dir`` resumes exactly; SIGTERM saves and exits.
+
+Several processes (``bpo_jax.distributed``): each host owns B/P prompts of every global batch of B. It samples
+them with π_β on the global mesh, decodes and annotates only its own rows, and keeps its own pairs; the
+collection goes on until every host has its K·B/P pairs (the hosts agree on that from their gathered counts).
+Each train step's global batch is assembled from the hosts' rows, so the same global batch gives the same
+losses whatever the number of processes. The primary host alone prints and writes metrics.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -22,7 +27,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from bpo_jax import sharding as shd
+from bpo_jax import distributed, run_dir
 from bpo_jax import state as st
 from bpo_jax.checkpoint import Checkpointer
 from bpo_jax.config import TrainConfig
@@ -39,60 +44,62 @@ class Preempted(Exception):
 def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts, annotator, key, *, mesh=None,
                   eos_token_ids=()):
     """Steps 1–3 for one phase: sample with π_β from the next batches of the prompt stream (advancing it) until
-    K·B distinct, annotated pairs exist. Returns ``(pairs, stats)``."""
-    need = cfg.steps_per_phase * cfg.batch_size
+    K·B distinct, annotated pairs exist (K·B/P on each of P hosts). Returns this host's ``(pairs, stats)``."""
+    need = cfg.steps_per_phase * prompts.local_batch_size
     behavior = unstack_layers(behavior)  # once per phase, not once per generate call
     chunks, have, sampled, dropped, rounds = [], 0, 0, 0, 0
-    bar = tqdm(total=need, desc="collecting pairs", unit="pair", leave=False)
-    while have < need:
+    bar = tqdm(total=need, desc="collecting pairs", unit="pair", leave=False, disable=not distributed.is_primary())
+    while (fewest := distributed.min_over_hosts(have)) < need:  # every host takes the same decision
+        if rounds > 20 * cfg.steps_per_phase and fewest == 0:
+            raise RuntimeError("the behavior LLM keeps sampling identical pairs; raise temperature")
         batch = prompts.next_batch()
         out = generate(behavior, batch.ids, batch.mask, config=model_config,
                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                        top_p=cfg.top_p, num_samples=2, eos_token_ids=eos_token_ids,
                        rng=jax.random.fold_in(key, rounds), mesh=mesh, pad_token_id=model_config.pad_token_id or 0)
         rounds += 1
-        toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
+        toks, mask = out.tokens, out.mask  # this host's rows
         keep = distinct(toks, mask)
         texts = [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip() for t, m in zip(toks, mask)]
         scores = annotator([p for p in batch.prompts for _ in range(2)], texts)
-        chunks.append(build_pairs(batch.ids, batch.mask, toks, mask, np.asarray(out.logprobs), scores, keep,
+        chunks.append(build_pairs(batch.ids, batch.mask, toks, mask, out.logprobs, scores, keep,
                                   eos_token_ids=eos_token_ids))
         have += int(keep.sum())
         sampled += len(batch.prompts)
         dropped += int((~keep).sum())
         bar.update(min(int(keep.sum()), need - bar.n))
-        if rounds > 20 * cfg.steps_per_phase and have == 0:
-            raise RuntimeError("the behavior LLM keeps sampling identical pairs; raise temperature")
     bar.close()
     pairs = {k: np.concatenate([c[k] for c in chunks])[:need] for k in chunks[0]}
-    stats = {"prompts_sampled": sampled, "identical_pairs_dropped": dropped,
-             "truncation_rate": float(pairs["truncated"].mean())}
+    counts = distributed.all_gather(np.asarray([sampled, dropped, pairs["truncated"].sum()], np.float64)).sum(0)
+    stats = {"prompts_sampled": int(counts[0]), "identical_pairs_dropped": int(counts[1]),
+             "truncation_rate": float(counts[2] / (need * distributed.process_count()))}
     return pairs, stats
 
 
 def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator, mesh=None, eos_token_ids=(),
           evaluate=None, reference=None, log=print) -> st.TrainState:
     """Run (or resume) the online loop; ``evaluate(params, step) -> dict`` is called every ``eval_every`` steps.
-    ``prompts``: a prompt stream (``bpo_jax.data.prompts``) of ``cfg.batch_size`` prompts per batch; its state
-    is checkpointed. ``reference``: the fixed reference's weights (``reference=fixed``). Returns the final
-    state."""
+    ``prompts``: a prompt stream (``bpo_jax.data.prompts``) of ``cfg.batch_size`` prompts per global batch; its
+    state is checkpointed (one per host). ``reference``: the fixed reference's weights (``reference=fixed``).
+    Returns the final state."""
     if prompts.batch_size != cfg.batch_size:
         raise ValueError(f"the prompt stream yields {prompts.batch_size} prompts per batch; the config's "
                          f"batch_size is {cfg.batch_size}")
-    os.makedirs(cfg.run_dir, exist_ok=True)
+    run_dir.make(cfg.run_dir)
     ckpt = Checkpointer(cfg.run_dir, cfg.keep_checkpoints)
     state = st.create_state(cfg, base, jax.random.key(cfg.seed), reference=reference)
     pairs = None
     if (latest := ckpt.latest_step()) is not None:
-        state, pairs, meta = ckpt.restore(latest, state)
-        prompts.set_state(meta["prompts"])
+        state, pairs, meta = ckpt.restore(latest, state, mesh=mesh)
+        prompts.set_state(meta["prompts"][distributed.process_index()])
         log(f"resumed {cfg.run_dir} at step {latest}")
-    K, B, P = cfg.steps_per_phase, cfg.batch_size, prompts.width
+    K, B, P = cfg.steps_per_phase, prompts.local_batch_size, prompts.width  # B: this host's pairs per step
     step_fn = make_train_step(cfg, model_config, st.shardings(state), prompt_len=P)
-    metrics_path = os.path.join(cfg.run_dir, "metrics.jsonl")
+    metrics_path = run_dir.path(cfg.run_dir, "metrics.jsonl")
     stop = _SigtermFlag()
     writer = _tensorboard(cfg.run_dir)
-    bar = tqdm(total=cfg.total_steps, initial=int(state.step), desc="training", unit="step")
+    bar = tqdm(total=cfg.total_steps, initial=int(state.step), desc="training", unit="step",
+               disable=not distributed.is_primary())
     phase_stats: dict = {}
     try:
         while (step := int(state.step)) < cfg.total_steps:
@@ -104,17 +111,17 @@ def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator
                 pairs, phase_stats = collect_pairs(
                     cfg, model_config, behavior, tokenizer, prompts, annotator,
                     jax.random.fold_in(jax.random.key(cfg.seed), phase), mesh=mesh, eos_token_ids=eos_token_ids)
-                first = {k: v[:B] for k, v in pairs.items() if k in BATCH_KEYS}
+                first = distributed.global_rows({k: v[:B] for k, v in pairs.items() if k in BATCH_KEYS}, mesh)
                 phase_stats["behavior_logp_gap"] = float(behavior_logp_gap(model_config, behavior, first,
                                                                            prompt_len=P))
                 del behavior
             i = step - phase * K
-            batch = shd.shard_batch({k: pairs[k][i * B:(i + 1) * B] for k in BATCH_KEYS}, mesh)
+            batch = distributed.global_rows({k: pairs[k][i * B:(i + 1) * B] for k in BATCH_KEYS}, mesh)
             state, metrics = step_fn(state, batch)
             record = {"step": step + 1, "phase": phase + 1, **{k: float(v) for k, v in metrics.items()}}
             if i == 0:
                 record.update({f"phase/{k}": v for k, v in phase_stats.items()})
-            if not math.isfinite(record["loss"]):
+            if not math.isfinite(record["loss"]):  # the loss is one global value: every host stops here
                 raise FloatingPointError(f"loss is {record['loss']} at step {step + 1}; stopping. The last good "
                                          f"checkpoint in {ckpt.directory} is untouched.")
             if i == K - 1:
@@ -125,9 +132,11 @@ def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", phase=phase + 1)
             due = pairs is None or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
-            if due or stop.raised:
-                ckpt.save(step + 1, state, pairs, {"prompts": prompts.get_state()})
-            if stop.raised:
+            preempted = distributed.any_host(stop.raised)  # one host's SIGTERM: every host saves, then stops
+            if due or preempted:
+                ckpt.save(step + 1, state, None if pairs is None else distributed.global_rows(pairs, mesh),
+                          {"prompts": distributed.gather_json(prompts.get_state())})
+            if preempted:
                 raise Preempted(f"SIGTERM: saved a checkpoint at step {step + 1} in {ckpt.directory}")
     finally:
         bar.close()
@@ -137,8 +146,7 @@ def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator
 
 
 def _write(path, writer, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    run_dir.append_jsonl(path, record)
     if writer is not None:
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)):
@@ -146,13 +154,15 @@ def _write(path, writer, record):
         writer.flush()
 
 
-def _tensorboard(run_dir):
-    """A tensorboardX writer when the package is installed, else None."""
+def _tensorboard(directory):
+    """A tensorboardX writer on the primary host of a local run when the package is installed, else None."""
+    if not distributed.is_primary() or distributed.is_remote(directory):
+        return None
     try:
         from tensorboardX import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    return SummaryWriter(os.path.join(directory, "tensorboard"))
 
 
 class _SigtermFlag:

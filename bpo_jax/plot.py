@@ -13,20 +13,21 @@ import numpy as np
 def load_series(run_dir: str) -> dict[str, np.ndarray]:
     """``{"loss_step", "loss", "eval_step", "win_rate", "ci_low", "ci_high"}`` from ``run_dir/metrics.jsonl``.
     A resumed run may log a step twice; the last record of a step wins."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    from etils import epath  # local or gs:// run directories
+
+    path = epath.Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
         raise FileNotFoundError(f"{path} does not exist (is {run_dir!r} a bpo_jax run directory?)")
     losses, evals = {}, {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}:{n}: not valid JSON") from None
-            if "loss" in rec:
-                losses[rec["step"]] = rec["loss"]
-            if "eval/win_rate" in rec:
-                evals[rec["step"]] = (rec["eval/win_rate"], rec["eval/ci_low"], rec["eval/ci_high"])
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}:{n}: not valid JSON") from None
+        if "loss" in rec:
+            losses[rec["step"]] = rec["loss"]
+        if "eval/win_rate" in rec:
+            evals[rec["step"]] = (rec["eval/win_rate"], rec["eval/ci_low"], rec["eval/ci_high"])
     ls, es = sorted(losses), sorted(evals)
     ev = np.asarray([evals[s] for s in es], np.float64).reshape(-1, 3)
     return {"loss_step": np.asarray(ls), "loss": np.asarray([losses[s] for s in ls]), "eval_step": np.asarray(es),
@@ -53,7 +54,10 @@ def plot_runs(run_dirs, out: str, labels=None) -> dict[str, dict[str, np.ndarray
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    from etils import epath
+
+    with epath.Path(out).open("wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return data
 

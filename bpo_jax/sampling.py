@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bpo_jax import distributed
 from bpo_jax import sharding as shd
 from bpo_jax.models import decoder
 from bpo_jax.sampling_ops import sample_step
@@ -37,7 +38,8 @@ def sampling_shardings(config, mesh, rules=SAMPLING_RULES):
 
 
 class SampleOutput(NamedTuple):
-    """Responses ``[B·n, max_new_tokens]``; row ``i·n + j`` is prompt i's j-th sample.
+    """Responses ``[B·n, max_new_tokens]`` as NumPy; row ``i·n + j`` is prompt i's j-th sample (with several
+    processes, of this host's prompts).
 
     ``mask`` is 1 for response tokens up to and including the first EOS and 0 after it (those positions hold
     ``pad_token_id``). ``logprobs`` are the untempered model log-probs ``log softmax(logits)[token]``;
@@ -45,10 +47,10 @@ class SampleOutput(NamedTuple):
     0 where ``mask`` is 0.
     """
 
-    tokens: Array
-    mask: Array
-    logprobs: Array
-    sampling_logprobs: Array
+    tokens: np.ndarray
+    mask: np.ndarray
+    logprobs: np.ndarray
+    sampling_logprobs: np.ndarray
 
 
 class _DecodeState(NamedTuple):
@@ -182,6 +184,10 @@ def generate(
         ``param_shardings`` is given, e.g. ``sampling_shardings(config, mesh)``).
       batch_size: prompts per compiled call; several calls (with a tqdm bar if ``progress``) cover B.
 
+    With several processes (``bpo_jax.distributed``) every host calls ``generate`` with the same shapes and its
+    own prompt rows; the sampling runs on the global mesh and each host gets its own rows' samples back. Each
+    host pads its rows to the same bucket, so a prompt's samples stay on the devices of the host that owns it.
+
     The decode loop runs over ``decoder.unstack_layers(params)``: for stacked params, one extra copy of the
     weights (each keeping its sharding) while ``generate`` runs. ``param_shardings`` applies to stacked params.
 
@@ -215,7 +221,7 @@ def generate(
                         pad_id=pad_token_id, mesh=mesh, prompt_bucket=prompt_bucket)
         for s in starts
     ]
-    return SampleOutput(*(jnp.concatenate(parts, axis=0) for parts in zip(*outs)))
+    return SampleOutput(*(np.concatenate(parts, axis=0) for parts in zip(*outs)))
 
 
 def _check_inputs(prompt_ids, prompt_mask, max_new_tokens, temperature, top_k, top_p, num_samples):
@@ -236,16 +242,19 @@ def _check_inputs(prompt_ids, prompt_mask, max_new_tokens, temperature, top_k, t
 def _generate_batch(config, params, prompt_ids, prompt_mask, key, *, num_samples, mesh, prompt_bucket, **kw):
     prompts = prompt_ids.shape[0]
     # Bucket: left-pad the prompt length, add all-padding prompts (a single dummy token keeps them well-defined)
-    # up to a power of two times the batch shards, so the n·prompts sample rows split evenly over the mesh too.
+    # up to a power of two times this host's batch shards, so the n·prompts sample rows split evenly over the
+    # mesh too (each host pads its own rows, so its prompts' samples stay on its devices).
     plen = _bucket(prompt_ids.shape[1], prompt_bucket)
-    bprompts = _rows_bucket(prompts, shd.batch_shards(mesh))
+    bprompts = _rows_bucket(prompts, distributed.local_batch_shards(mesh))
     ids = np.pad(prompt_ids, ((0, bprompts - prompts), (plen - prompt_ids.shape[1], 0)))
     mask = np.pad(prompt_mask, ((0, bprompts - prompts), (plen - prompt_mask.shape[1], 0)))
     mask[prompts:, -1] = 1
-    ids_d, mask_d = shd.shard_batch((jnp.asarray(ids), jnp.asarray(mask)), mesh)
-    cache = decoder.init_cache(config, bprompts * num_samples, plen + kw["max_new_tokens"], mesh=mesh, per_layer=True)
+    ids_d, mask_d = distributed.global_rows((ids, mask), mesh)
+    cache = decoder.init_cache(config, ids_d.shape[0] * num_samples, plen + kw["max_new_tokens"], mesh=mesh,
+                               per_layer=True)
     static = {k: kw[k] for k in ("eos", "pad_id", "temperature", "top_k", "top_p")}
     state = _prefill(config, params, ids_d, mask_d, cache, key, num_samples=num_samples, **static)
     state = _decode(config, params, state, prompt_len=plen, **static)
     rows = prompts * num_samples
-    return tuple(x[:rows] for x in (state.tokens, state.mask, state.logprobs, state.sampling_logprobs))
+    local = distributed.local_rows((state.tokens, state.mask, state.logprobs, state.sampling_logprobs))
+    return tuple(x[:rows] for x in local)

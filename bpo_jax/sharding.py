@@ -3,7 +3,8 @@
 Every parameter carries logical axis names (``bpo_jax.models.decoder.param_axes``); rules map them onto the
 mesh axes ``data`` / ``fsdp`` / ``tensor``. A mesh axis that does not divide a dimension is skipped for that
 dimension (it stays replicated there), so the same rules serve a 1-device CPU, 8 fake CPU devices, one GPU and
-a TPU pod slice. Batches are sharded over ``data`` and ``fsdp`` together.
+a TPU pod slice. Batches are sharded over ``data`` and ``fsdp`` together (``bpo_jax.distributed.global_rows``
+builds them from each host's rows).
 """
 
 from __future__ import annotations
@@ -86,11 +87,6 @@ def shard(tree, shardings):
     return jax.device_put(tree, shardings)
 
 
-def gather(tree):
-    """Fetch a pytree of (possibly sharded) arrays to host NumPy."""
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
-
-
 def batch_shards(mesh) -> int:
     """How many ways a batch is split on ``mesh`` (1 without a mesh)."""
     return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
@@ -101,13 +97,6 @@ def batch_spec(ndim: int, rows: int, mesh) -> P:
     if rows % batch_shards(mesh):
         return P()
     return P(BATCH_AXES, *([None] * (ndim - 1)))
-
-
-def shard_batch(tree, mesh):
-    """Shard every array of a batch pytree along its leading (row) axis; identity without a mesh."""
-    if mesh is None:
-        return tree
-    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, batch_spec(x.ndim, x.shape[0], mesh))), tree)
 
 
 def cache_shardings(cache, mesh):

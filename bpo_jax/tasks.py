@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bpo_jax import demo_task
+from bpo_jax import demo_task, distributed
 from bpo_jax.annotators import RewardModelAnnotator, RougeAnnotator
 from bpo_jax.config import TrainConfig
 from bpo_jax.data import builders
@@ -98,11 +98,9 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True) ->
         references = [example_reference(ex) for ex in test]
         stream = None
         if train:
-            import jax
-
             stream = GrainPrompts(sources["train"], tokenizer, batch_size=cfg.batch_size,
                                   max_prompt_length=cfg.max_prompt_length, seed=cfg.seed,
-                                  shard_index=jax.process_index(), shard_count=jax.process_count())
+                                  shard_index=distributed.process_index(), shard_count=distributed.process_count())
         gold = None
     else:
         folder = demo_task.DATA_DIR if cfg.data == "minisum" else cfg.data
@@ -114,7 +112,8 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True) ->
         if train:
             texts = [demo_task.prompt_text(r) for r in train_rows]
             ids, mask = demo_task.encode_prompts(tokenizer, texts, cfg.max_prompt_length)
-            stream = ArrayPrompts(texts, ids, mask, batch_size=cfg.batch_size, seed=cfg.seed)
+            stream = ArrayPrompts(texts, ids, mask, batch_size=cfg.batch_size, seed=cfg.seed,
+                                  shard_index=distributed.process_index(), shard_count=distributed.process_count())
         gold = {demo_task.prompt_text(r): r["gold"] for r in train_rows + test_rows}
     if kind == "rouge":
         if gold is None:
@@ -124,12 +123,11 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True) ->
     elif kind == "judge":
         from bpo_jax.judge import Judge
 
-        os.makedirs(cfg.run_dir, exist_ok=True)
         api_key = os.environ.get(cfg.judge_api_key_env) if cfg.judge_api_key_env else None
         if cfg.judge_api_key_env and not api_key:
             raise ValueError(f"judge_api_key_env={cfg.judge_api_key_env!r} but that environment variable is unset")
         annotator = Judge(cfg.judge_url, cfg.judge_model, api_key=api_key, timeout=cfg.judge_timeout,
-                          retries=cfg.judge_retries, cache_path=os.path.join(cfg.run_dir, "judge_cache.jsonl"),
+                          retries=cfg.judge_retries, cache_path=_judge_cache(cfg.run_dir),
                           seed=cfg.seed)
         score_name = "judge preference"
     else:
@@ -137,7 +135,8 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True) ->
 
         rm, rm_tokenizer = load_reward_model(cfg.reward_model, mesh=mesh, param_dtype=cfg.param_dtype,
                                              dtype=cfg.dtype)
-        annotator = RewardModelAnnotator(rm, rm_tokenizer, batch_size=cfg.reward_batch_size,
+        per_host = max(1, cfg.reward_batch_size // distributed.process_count())  # rows per call, each host
+        annotator = RewardModelAnnotator(rm, rm_tokenizer, batch_size=per_host,
                                          max_length=cfg.reward_max_length)
         score_name = "reward"
     eval_ids, eval_mask = left_pad([encode(tokenizer, p) for p in eval_prompts])
@@ -145,3 +144,13 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True) ->
         raise ValueError(f"a test prompt has {eval_ids.shape[1]} tokens, over max_prompt_length="
                          f"{cfg.max_prompt_length}")
     return Task(cfg.data, stream, eval_prompts, eval_ids, eval_mask, references, annotator, score_name)
+
+
+def _judge_cache(run_dir: str) -> str:
+    """The judge's verdict cache: a local file per host (each host judges its own rows; files cannot be shared
+    for appending), under the run directory when it is local, else under ``~/.cache/bpo_jax``."""
+    name = "judge_cache.jsonl" if distributed.process_count() == 1 else f"judge_cache.p{distributed.process_index()}.jsonl"
+    folder = run_dir if not distributed.is_remote(run_dir) else os.path.join(
+        os.path.expanduser("~/.cache/bpo_jax"), run_dir.replace("://", "_").replace("/", "_"))
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, name)

@@ -146,7 +146,8 @@ def test_grain_stream_host_shards_are_disjoint_and_cover(prepared, tok):
     source = sources["hh_harmless"]["train"]
     per_host = []
     for host in range(2):
-        s = GrainPrompts(source, tok, batch_size=3, max_prompt_length=512, seed=0, shard_index=host, shard_count=2)
+        s = GrainPrompts(source, tok, batch_size=6, max_prompt_length=512, seed=0, shard_index=host, shard_count=2)
+        assert s.local_batch_size == 3  # each host yields its share of every global batch of 6
         per_host.append({json.dumps(p) for _ in range(4) for p in s.next_batch().prompts})
     assert not per_host[0] & per_host[1]
     everything = {json.dumps(example_conversation(source[i])) for i in range(len(source))}

@@ -189,3 +189,17 @@ def test_prompt_stream_epochs_are_seeded_permutations():
     resumed = make(1)
     resumed.set_state({"position": 3})
     assert resumed.next_batch().prompts == batches[1]
+
+
+def test_array_prompts_hosts_split_each_global_batch():
+    """Host p of P takes its slice of every global batch: together the hosts draw exactly the single-process
+    stream, so a global batch is the same whatever the number of processes."""
+    texts = list("abcdefghij")
+    ids = np.zeros((10, 2))
+    single = ArrayPrompts(texts, ids, ids, batch_size=4, seed=5)
+    hosts = [ArrayPrompts(texts, ids, ids, batch_size=4, seed=5, shard_index=i, shard_count=2) for i in range(2)]
+    for _ in range(5):
+        assert hosts[0].next_batch().prompts + hosts[1].next_batch().prompts == single.next_batch().prompts
+    assert hosts[0].get_state() == hosts[1].get_state() == single.get_state()
+    with pytest.raises(ValueError, match="does not split over 3 hosts"):
+        ArrayPrompts(texts, ids, ids, batch_size=4, seed=5, shard_index=0, shard_count=3)

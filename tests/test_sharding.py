@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from bpo_jax import distributed
 from bpo_jax import sharding as shd
 from bpo_jax.models import ModelConfig, forward, init_params, load_pretrained, param_axes
 from tiny_models import FAMILIES, save_hf_model
@@ -55,7 +56,7 @@ def test_sharded_load_gives_same_logits(tmp_path):
     assert q.addressable_shards[0].data.shape == (2, 32, 32)  # each device holds only its block
     want = forward(single.config, single.params, ids)[0]
     f = jax.jit(lambda p, x: forward(sharded.config, p, x)[0])
-    got = f(sharded.params, shd.shard_batch(ids, mesh))
+    got = f(sharded.params, distributed.global_rows(ids, mesh))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
-    gathered = shd.gather(sharded.params)
+    gathered = distributed.gather_to_host(sharded.params)
     np.testing.assert_array_equal(gathered["layers"]["q"], np.asarray(single.params["layers"]["q"]))

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bpo_jax import distributed
 from bpo_jax import sharding as shd
 from bpo_jax import state as st
 from bpo_jax.config import TrainConfig
@@ -154,7 +155,7 @@ def test_state_sharding_on_8_devices_matches_one_device():
     assert state.base["layers"]["gate"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert state.trainable["gate"]["a"].sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp", None)
     assert state.opt_state[1][0].mu["gate"]["b"].sharding.spec == jax.sharding.PartitionSpec(None, None, None, "tensor")
-    new_state, m = _step(cfg, state, shd.shard_batch(batch, mesh))
+    new_state, m = _step(cfg, state, distributed.global_rows(batch, mesh))
     assert new_state.trainable["gate"]["b"].sharding.spec == jax.sharding.PartitionSpec(None, None, None, "tensor")
     for key in ("loss", "grad_norm", "kl_policy_behavior"):
         np.testing.assert_allclose(float(m[key]), float(m_single[key]), rtol=1e-4, atol=1e-6)

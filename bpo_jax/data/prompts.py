@@ -1,13 +1,16 @@
 """Prompt streams for the online loop: endless, seeded, resumable batches of left-padded prompts.
 
-A stream has ``batch_size``, ``width`` (the fixed prompt width P, so the train step compiles once),
+A stream has ``batch_size`` (prompts per global batch), ``local_batch_size`` (this host's share of each global
+batch: ``batch_size / shard_count`` with several processes), ``width`` (the fixed prompt width P, so the train step compiles once),
 ``next_batch() -> PromptBatch`` and ``get_state()`` / ``set_state(state)`` (a small JSON-able dict that the
 checkpoint stores, so a resumed run continues the same stream).
 
 - ``ArrayPrompts``: prompts already encoded in memory (the CPU demo, tests); one seeded permutation per epoch.
+  Every host walks the same global stream and takes its own slice of each global batch, so the global batches
+  are the same whatever the number of processes.
 - ``GrainPrompts``: a ``grain`` pipeline over a tfds data source (``bpo_jax.data.builders``): slice per host,
   seeded shuffle (a fresh one each epoch), tokenize with the chat template, drop prompts longer than
-  ``max_prompt_length``, batch; its position is grain's iterator state.
+  ``max_prompt_length``, batch this host's share; its position is grain's iterator state (one per host).
 """
 
 from __future__ import annotations
@@ -53,11 +56,14 @@ class ArrayPrompts:
     """In-memory prompts ``[M, P]``; prompt ``position`` of the endless stream is drawn from a fresh seeded
     permutation of all M prompts per epoch."""
 
-    def __init__(self, prompts: list, ids: np.ndarray, mask: np.ndarray, *, batch_size: int, seed: int):
+    def __init__(self, prompts: list, ids: np.ndarray, mask: np.ndarray, *, batch_size: int, seed: int,
+                 shard_index: int = 0, shard_count: int = 1):
         if not len(prompts) == len(ids) == len(mask):
             raise ValueError(f"{len(prompts)} prompts but {len(ids)} id rows and {len(mask)} mask rows")
         self.prompts, self.ids, self.mask = list(prompts), np.asarray(ids), np.asarray(mask)
         self.batch_size, self.seed, self.width = batch_size, seed, self.ids.shape[1]
+        self.local_batch_size = _share(batch_size, shard_count)
+        self._offset = shard_index * self.local_batch_size
         self.position = 0
 
     def take(self, position: int, n: int) -> np.ndarray:
@@ -68,7 +74,7 @@ class ArrayPrompts:
         return np.asarray([perms[p // m][p % m] for p in steps])
 
     def next_batch(self) -> PromptBatch:
-        idx = self.take(self.position, self.batch_size)
+        idx = self.take(self.position + self._offset, self.local_batch_size)
         self.position += self.batch_size
         return PromptBatch([self.prompts[i] for i in idx], self.ids[idx], self.mask[idx])
 
@@ -86,6 +92,7 @@ class GrainPrompts:
     def __init__(self, source, tokenizer, *, batch_size: int, max_prompt_length: int, seed: int,
                  shard_index: int = 0, shard_count: int = 1):
         self.batch_size, self.seed, self.width = batch_size, seed, max_prompt_length
+        self.local_batch_size = _share(batch_size, shard_count)
         self._tokenizer = tokenizer
         shard = grain.MapDataset.source(source)[shard_index::shard_count]
         if len(shard) == 0:
@@ -96,7 +103,7 @@ class GrainPrompts:
                              f"{max_prompt_length} tokens (after the chat template); raise it")
         ds = (shard.shuffle(seed=seed).repeat().map(self._encode)
               .filter(lambda ex: len(ex["ids"]) <= max_prompt_length))
-        self._dataset = ds.to_iter_dataset().batch(batch_size, batch_fn=self._collate)
+        self._dataset = ds.to_iter_dataset().batch(self.local_batch_size, batch_fn=self._collate)
         self._iterator = iter(self._dataset)
 
     def _encode(self, example) -> dict:
@@ -116,6 +123,12 @@ class GrainPrompts:
     def set_state(self, state: dict) -> None:
         self._iterator = iter(self._dataset)
         self._iterator.set_state(dict(state))
+
+
+def _share(batch_size: int, shard_count: int) -> int:
+    if batch_size % shard_count:
+        raise ValueError(f"a batch of {batch_size} prompts does not split over {shard_count} hosts")
+    return batch_size // shard_count
 
 
 def _text(value) -> str:

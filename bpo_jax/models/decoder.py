@@ -99,18 +99,22 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, *, mes
     token there). With ``mesh``, rows are sharded over its batch axes and kv heads over ``tensor``."""
     dtype = jnp.dtype(dtype or config.dtype)
     shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-    if per_layer:
-        k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-    else:
-        k = jnp.zeros((config.num_layers, *shape), dtype)
-        v = jnp.zeros((config.num_layers, *shape), dtype)
-    cache = {"k": k, "v": v, "valid": jnp.zeros((batch, max_len), bool)}
-    if mesh is not None:
-        from bpo_jax import sharding as shd
 
-        cache = jax.device_put(cache, shd.cache_shardings(cache, mesh))
-    return cache
+    def build():
+        if per_layer:
+            k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+            v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        else:
+            k = jnp.zeros((config.num_layers, *shape), dtype)
+            v = jnp.zeros((config.num_layers, *shape), dtype)
+        return {"k": k, "v": v, "valid": jnp.zeros((batch, max_len), bool)}
+
+    if mesh is None:
+        return build()
+    from bpo_jax import sharding as shd
+
+    # Built in place on every device (also across hosts): no host buffer, no transfer.
+    return jax.jit(build, out_shardings=shd.cache_shardings(jax.eval_shape(build), mesh))()
 
 
 @jax.jit

@@ -15,17 +15,36 @@ import os
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, which safetensors.numpy then writes as BF16)
 import numpy as np
 
-from bpo_jax import sharding as shd
+from bpo_jax import distributed
 from bpo_jax.models.hf_names import entries, get_path
 
 
 def save_pretrained(model, tokenizer, out_dir: str, *, params=None) -> str:
     """Write ``model`` (a ``Decoder``, or anything with ``.config``, with ``params=`` overriding its weights) and
-    ``tokenizer`` (may be None) to ``out_dir``; return ``out_dir``."""
+    ``tokenizer`` (may be None) to ``out_dir`` (a folder, or ``gs://…``); return ``out_dir``. With several
+    processes every host must call it (the weights are gathered from all of them); the primary host writes."""
+    params = distributed.gather_to_host(model.params if params is None else params)
+    if not distributed.is_primary():
+        return out_dir
+    if "://" not in out_dir:
+        _write_folder(model.config, params, tokenizer, out_dir)
+        return out_dir
+    import tempfile
+
+    from etils import epath
+
+    with tempfile.TemporaryDirectory() as tmp:  # object storage: write locally, then copy up
+        _write_folder(model.config, params, tokenizer, tmp)
+        dest = epath.Path(out_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in sorted(os.listdir(tmp)):
+            epath.Path(tmp, name).copy(dest / name, overwrite=True)
+    return out_dir
+
+
+def _write_folder(config, params, tokenizer, out_dir: str) -> None:
     from safetensors.numpy import save_file
 
-    config = model.config
-    params = shd.gather(model.params if params is None else params)
     tensors = {}
     for e in entries(config):
         arr = np.asarray(get_path(params, e.path))
@@ -39,7 +58,6 @@ def save_pretrained(model, tokenizer, out_dir: str, *, params=None) -> str:
     _write_atomic(out_dir, "config.json", lambda tmp: _dump_json(hf, tmp))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    return out_dir
 
 
 def _dump_json(obj, path: str) -> None:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bpo_jax import sharding as shd
+from bpo_jax import distributed
 from bpo_jax.models.config import ModelConfig
 from bpo_jax.models.decoder import hidden_states
 from bpo_jax.models.loading import open_hf_folder, read_params
@@ -44,15 +44,17 @@ class RewardModel:
     params: dict
     mesh: object = None
 
-    def __call__(self, input_ids, attention_mask) -> jax.Array:
+    def __call__(self, input_ids, attention_mask) -> np.ndarray:
+        """``[B]`` float32 scores of this host's rows (with several processes, every host calls it with the same
+        shapes, each with its own rows)."""
         ids = np.asarray(input_ids, np.int32)
         mask = np.asarray(attention_mask, np.int32)
         if ids.ndim != 2 or ids.shape != mask.shape:
             raise ValueError(f"input_ids and attention_mask must both be [B, T]; got {ids.shape}, {mask.shape}")
         if np.any(mask.sum(axis=1) == 0):
             raise ValueError("every row needs at least one real token (a row of attention_mask is all 0)")
-        ids_d, mask_d = shd.shard_batch((jnp.asarray(ids), jnp.asarray(mask)), self.mesh)
-        return reward_scores(self.config, self.params, ids_d, mask_d)
+        ids_d, mask_d = distributed.global_rows((ids, mask), self.mesh)
+        return distributed.local_rows(reward_scores(self.config, self.params, ids_d, mask_d))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -1,0 +1,146 @@
+"""Several JAX processes on one machine (``jax.distributed`` over 127.0.0.1, gloo CPU collectives), as the hosts
+of a pod slice run: two processes with 2 CPU devices each train, are stopped by a SIGTERM that only one of them
+receives (both save and exit), restart and resume; the per-step losses and the win rates equal a single process
+with the same 4 devices and the same global batches. Bad multi-host settings fail before any compute.
+
+Every child's environment is built explicitly (the pytest process's XLA_FLAGS never leak into it), and if any
+child fails or the run overruns its deadline, the others are killed and the test fails: it cannot hang CI.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEADLINE = 300  # seconds for one group of processes
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int, **extra) -> dict:
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=ROOT, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+    return env
+
+
+def _run_group(args_per_process, *, devices: int, cwd=None, sigterm_when=None):
+    """Start one ``python -m bpo_jax`` per entry of ``args_per_process`` (several: a distributed group on a
+    fresh port); return ``[(returncode, stdout, stderr)]``. ``sigterm_when()``: once true, SIGTERM the last
+    process only. Any failure or the deadline kills the whole group."""
+    n, port = len(args_per_process), _port()
+    procs, logs = [], []
+    for i, args in enumerate(args_per_process):
+        extra = {} if n == 1 else dict(BPO_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", BPO_NUM_PROCESSES=str(n),
+                                       BPO_PROCESS_ID=str(i))
+        out = open(os.path.join(cwd[i] if cwd else ROOT, f".mp_{port}_{i}.log"), "w+")
+        logs.append(out)
+        procs.append(subprocess.Popen([sys.executable, "-m", "bpo_jax", *args], env=_env(devices, **extra),
+                                      cwd=cwd[i] if cwd else ROOT, stdout=out, stderr=subprocess.STDOUT))
+    start, signalled = time.time(), False
+    try:
+        while any(p.poll() is None for p in procs):
+            if time.time() - start > DEADLINE:
+                raise TimeoutError(f"processes still running after {DEADLINE} s")
+            if any(p.returncode not in (None, 0, 2, 143) for p in procs):
+                raise RuntimeError("a process failed")
+            if sigterm_when is not None and not signalled and sigterm_when():
+                procs[-1].send_signal(signal.SIGTERM)
+                signalled = True
+            time.sleep(0.2)
+    except Exception as err:
+        for p in procs:
+            p.kill()
+        texts = []
+        for f in logs:
+            f.seek(0)
+            texts.append(f.read()[-3000:])
+        pytest.fail(f"{err}; logs:\n" + "\n----\n".join(texts))
+    results = []
+    for p, f in zip(procs, logs):
+        f.seek(0)
+        results.append((p.wait(), f.read(), ""))
+        f.close()
+        os.unlink(f.name)
+    return results
+
+
+@pytest.fixture(scope="module")
+def setting(tiny_policy_and_rm, tmp_path_factory):
+    data = tmp_path_factory.mktemp("mp_data")
+    rows = [{"id": f"r{i}", "document": f"Town {i} opened a park with {i + 3} benches on Monday.",
+             "reference": f"Town {i} has a new park.", "gold": f"Town {i} opened a park with {i + 3} benches."}
+            for i in range(10)]
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    policy, rm = tiny_policy_and_rm
+    common = [f"model={policy}", f"data={data}", "annotator=reward_model", f"reward_model={rm}", "total_steps=4",
+              "num_phases=2", "batch_size=4", "reward_batch_size=4", "max_new_tokens=4", "eval_max_new_tokens=4",
+              "eval_size=5", "lora_rank=2", "learning_rate=5e-3", "checkpoint_every=1", "seed=3"]
+    return common, tmp_path_factory.mktemp("mp_runs")
+
+
+def _losses(run_dir) -> dict:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def _final_line(stdout: str) -> str:
+    line = next(x for x in stdout.splitlines() if x.startswith("win rate vs human references:"))
+    return line.split(" (")[0]  # without the elapsed time
+
+
+def test_two_processes_train_resume_and_match_one_process(setting):
+    common, runs = setting
+    single_dir, multi_dir = runs / "single", runs / "multi"
+    [(rc, single_out, _)] = _run_group([["train", *common, f"run_dir={single_dir}"]], devices=4)
+    assert rc == 0, single_out[-3000:]
+
+    train = ["train", *common, f"run_dir={multi_dir}"]
+    metrics = multi_dir / "metrics.jsonl"
+    first = _run_group([train, train], devices=2,
+                       sigterm_when=lambda: metrics.exists() and '"step": 2,' in metrics.read_text())
+    # Only process 1 got the SIGTERM; both agreed to save and stop (exit 143), mid-run.
+    assert [r[0] for r in first] == [143, 143], [r[1][-2000:] for r in first]
+    stopped_at = max(_losses(multi_dir))
+    assert 2 <= stopped_at < 4
+    second = _run_group([train, train], devices=2)
+    assert [r[0] for r in second] == [0, 0], [r[1][-2000:] for r in second]
+    assert f"resumed {multi_dir} at step {stopped_at}" in second[0][1]
+    assert "win rate" not in second[1][1]  # only the primary prints
+
+    want, got = _losses(single_dir), _losses(multi_dir)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-6), step
+    assert _final_line(second[0][1]) == _final_line(single_out)
+    assert (multi_dir / "policy" / "model.safetensors").is_file() and (multi_dir / "plot.png").is_file()
+
+    # Resuming the two-process run with one process is refused, naming both counts.
+    [(rc, out, _)] = _run_group([train], devices=4)
+    assert rc == 2 and "written by 2 processes; this run has 1" in out, out[-2000:]
+
+
+def test_bad_multi_host_settings_fail_before_compute(setting, tmp_path):
+    common, _ = setting
+    # 4 batch shards (2 hosts x 2 devices): a batch of 2 pairs cannot split.
+    bad = ["train", *common, "batch_size=2", f"run_dir={tmp_path / 'b'}"]
+    for rc, out, _ in _run_group([bad, bad], devices=2):
+        assert rc == 2 and "batch_size=2 does not split over 2 processes x 2 batch shards" in out, out[-2000:]
+    # A relative run_dir seen from two different working directories: not shared storage.
+    cwds = [tmp_path / "host0", tmp_path / "host1"]
+    for c in cwds:
+        c.mkdir()
+    local = ["train", *common, "run_dir=runs/x"]
+    for rc, out, _ in _run_group([local, local], devices=2, cwd=cwds):
+        assert rc == 2 and "is not shared storage: processes [1]" in out, out[-2000:]
