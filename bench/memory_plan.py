@@ -1,0 +1,315 @@
+"""Per-device memory plan of a BPO training run on a named accelerator and mesh (estimates; nothing allocated).
+
+    python bench/memory_plan.py --config configs/tldr_gemma2b.yaml --model-config configs/models/gemma-2b.json \
+        --device v5e-8 [--mesh data=1,fsdp=-1,tensor=1] [--rm-config configs/models/gemma-2b.json] [key=value ...]
+    python bench/memory_plan.py --config configs/tldr_gemma2b.yaml --all [--rm-config ...]
+
+Parameter and state shapes and dtypes come from the project's code under ``jax.eval_shape``
+(``decoder.init_params``, ``state.create_state``, ``decoder.init_cache``); per-device shard shapes come from
+``NamedSharding(AbstractMesh, spec).shard_shape`` with the project's specs (``sharding.logical_to_specs``,
+``sharding.cache_shardings``, the LoRA/optimizer placement of ``state.py``). Activation, gradient and
+temporary terms are closed-form estimates (docs/scaling.md states them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import AbstractMesh, AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from bpo_jax import sampling  # noqa: E402
+from bpo_jax import sharding as shd  # noqa: E402
+from bpo_jax import state as st  # noqa: E402
+from bpo_jax.config import load_config  # noqa: E402
+from bpo_jax.models import decoder  # noqa: E402
+from bpo_jax.models.config import ModelConfig  # noqa: E402
+
+GiB = 2**30
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# name -> (description, chips (= JAX devices), HBM GiB per chip). The "-8" of v4-8 / v5p-8 counts TensorCores
+# (2 per chip, one JAX device per chip); the "-8" / "-32" of v5e counts chips (1 TensorCore each).
+DEVICES = {
+    "v4-8": ("TPU v4, 4 chips", 4, 32),
+    "v5e-8": ("TPU v5e, 8 chips", 8, 16),
+    "v5p-8": ("TPU v5p, 4 chips", 4, 95),
+    "v5e-32": ("TPU v5e, 32 chips (8 hosts)", 32, 16),
+    "h100": ("NVIDIA H100 80GB, 1 GPU", 1, 80),
+}
+TIGHT = 0.10  # headroom below this fraction of HBM is reported as tight
+
+
+def parse_mesh(text: str | None, chips: int, cfg) -> dict:
+    sizes = {"data": cfg.mesh_data, "fsdp": cfg.mesh_fsdp, "tensor": cfg.mesh_tensor}
+    for item in (text or "").split(","):
+        if item.strip():
+            k, v = item.split("=")
+            if k.strip() not in sizes:
+                raise SystemExit(f"unknown mesh axis {k!r}; axes: {', '.join(shd.MESH_AXES)}")
+            sizes[k.strip()] = int(v)
+    free = [k for k, v in sizes.items() if v == -1]
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if len(free) > 1 or (free and chips % known):
+        raise SystemExit(f"mesh {sizes} cannot be laid out on {chips} chips")
+    if free:
+        sizes[free[0]] = chips // known
+    if math.prod(sizes.values()) != chips:
+        raise SystemExit(f"mesh {sizes} needs {math.prod(sizes.values())} chips; the device has {chips}")
+    return sizes
+
+
+def abstract_mesh(sizes: dict) -> AbstractMesh:
+    return AbstractMesh(tuple(sizes[a] for a in shd.MESH_AXES), shd.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def model_config(path: str, cfg) -> ModelConfig:
+    with open(path) as f:
+        hf = json.load(f)
+    dtype = "bfloat16" if cfg.dtype == "auto" else cfg.dtype  # auto = bfloat16 on accelerators
+    return ModelConfig.from_hf(hf, param_dtype=cfg.param_dtype, dtype=dtype, remat=cfg.remat)
+
+
+def shard_bytes(leaf, sharding, itemsize: int | None = None) -> int:
+    """Bytes of one device's shard of ``leaf`` (a ShapeDtypeStruct) under ``sharding``."""
+    size = itemsize or jnp.dtype(leaf.dtype).itemsize
+    return math.prod(sharding.shard_shape(leaf.shape)) * size
+
+
+def tree_bytes(tree, shardings, *, f32: bool = False) -> int:
+    """Per-device bytes of a pytree; ``f32`` counts floating leaves at 4 bytes (fp32 master weights)."""
+    leaves = jax.tree.leaves(tree)
+    shs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    assert len(leaves) == len(shs), (len(leaves), len(shs))
+    return sum(shard_bytes(x, s, 4 if f32 and jnp.issubdtype(x.dtype, jnp.floating) else None)
+               for x, s in zip(leaves, shs))
+
+
+def abstract_state(cfg, mc: ModelConfig):
+    """(base, state) as ShapeDtypeStructs from the real ``init_params`` / ``create_state``."""
+    base = jax.eval_shape(functools.partial(decoder.init_params, mc), jax.random.key(0))
+    ref = base if cfg.reference == "fixed" else None
+    state = jax.eval_shape(functools.partial(st.create_state, cfg, reference=ref), base, jax.random.key(0))
+    return base, state
+
+
+def state_shardings(cfg, mc: ModelConfig, state, mesh):
+    """Shardings of the state's leaves as ``state.create_state`` places them on a mesh."""
+    ns = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
+    base_specs = shd.logical_to_specs(decoder.param_axes(mc), state.base, mesh)
+    is_p = lambda x: isinstance(x, P)  # noqa: E731
+    base = jax.tree.map(ns, base_specs, is_leaf=is_p)
+    if cfg.lora_rank:  # _place_like_base: A's input dim and B's output dim sharded like the target
+        trainable = {}
+        for name in state.trainable:
+            _, s_in, s_out = (tuple(base_specs["layers"][name]) + (None, None, None))[:3]
+            trainable[name] = {"a": ns(P(None, None, s_in, None)), "b": ns(P(None, None, None, s_out))}
+    else:  # x[None]: a leading ensemble axis, replicated
+        trainable = jax.tree.map(lambda s: ns(P(None, *s)), base_specs, is_leaf=is_p)
+    opt = optax.tree_map_params(st.make_optimizer(cfg), lambda _, s: s, state.opt_state, trainable,
+                                transform_non_params=lambda _: ns(P()),
+                                is_leaf=lambda x: isinstance(x, NamedSharding))
+    ref = {"ema": trainable, "mixup": trainable, "fixed": base}.get(cfg.reference)
+    return base, trainable, opt, ref
+
+
+def working_set(mc: ModelConfig, rows: int, t: int, tensor: int) -> int:
+    """Estimated bytes one decoder layer keeps for its backward (or holds live in a forward) for ``rows``
+    sequences of ``t`` tokens; head/MLP dims split over ``tensor`` where they divide."""
+    c = jnp.dtype(mc.dtype).itemsize
+    split = lambda n: n // tensor if n % tensor == 0 else n  # noqa: E731
+    heads, q, kv, mlp = split(mc.num_heads), split(mc.q_size), split(mc.kv_size), split(mc.intermediate_size)
+    d = mc.hidden_size
+    per_row = (t * d * (2 * 4 + 4 * c)  # two f32 RMSNorm upcasts; normed inputs, residuals
+               + t * (q + 2 * kv) * c  # q, k, v
+               + t * (q + kv) * 4  # RoPE's f32 halves of q and k
+               + t * q * c  # attention output
+               + heads * t * t * (4 + c)  # scores (f32) and probabilities
+               + 4 * t * mlp * c)  # gate, activation, up, activation·up
+    return rows * per_row
+
+
+def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig | None = None) -> dict:
+    """Per-device bytes of every component, the per-phase transients and the peak (today / fp32 master)."""
+    mesh = abstract_mesh(mesh_sizes)
+    base, state = abstract_state(cfg, mc)
+    sh_base, sh_train, sh_opt, sh_ref = state_shardings(cfg, mc, state, mesh)
+    n, tensor, s = cfg.ensemble_size, mesh_sizes["tensor"], shd.batch_shards(mesh)
+    c = jnp.dtype(mc.dtype).itemsize
+    r = {"mesh": mesh_sizes, "hbm": hbm_gib * GiB,
+         "trainable_dtype": str(jax.tree.leaves(state.trainable)[0].dtype),
+         "opt_dtype": str(jax.tree.leaves(state.opt_state[1][0].mu)[0].dtype),
+         "trainable_count": sum(x.size for x in jax.tree.leaves(state.trainable)),
+         "base_count": sum(x.size for x in jax.tree.leaves(base))}
+    res, res32 = {}, {}
+    res["base"] = res32["base"] = tree_bytes(state.base, sh_base)
+    for key, tree, shs in (("trainable", state.trainable, sh_train), ("opt_state", state.opt_state, sh_opt),
+                           ("behavior", state.behavior, sh_train), ("reference", state.reference, sh_ref)):
+        res[key] = tree_bytes(tree, shs) if tree is not None else 0
+        res32[key] = tree_bytes(tree, shs, f32=True) if tree is not None else 0
+    if cfg.reference == "fixed":
+        res32["reference"] = res["reference"]  # the fixed reference stays in param_dtype
+    if rm is not None:  # reward model: the decoder without lm_head, plus a replicated score vector [D]
+        rm_base = jax.eval_shape(functools.partial(decoder.init_params, rm), jax.random.key(0))
+        rm_base.pop("lm_head", None)
+        axes = decoder.param_axes(rm)
+        axes.pop("lm_head", None)
+        specs = shd.logical_to_specs(axes, rm_base, mesh)
+        rm_sh = jax.tree.map(lambda p: NamedSharding(mesh, p), specs, is_leaf=lambda x: isinstance(x, P))
+        res["reward_model"] = res32["reward_model"] = tree_bytes(rm_base, rm_sh) + rm.hidden_size * 4
+    layer_leaves = lambda: sum(  # noqa: E731
+        tree_bytes(state.base["layers"][k], sh_base["layers"][k]) for k in state.base["layers"])
+    targets = sum(tree_bytes(state.base["layers"][k], sh_base["layers"][k]) for k in cfg.lora_targets) \
+        if cfg.lora_rank else 0
+
+    # Sampling (collect_pairs): merged behavior weights (LoRA: new target leaves; full FT: x[0] of every
+    # leaf), their unstack_layers copy, the KV cache of bprompts·2 rows and the prefill's prompt cache.
+    merged = targets if cfg.lora_rank else res["base"]
+    unstacked = layer_leaves()
+    bprompts = sampling._rows_bucket(cfg.batch_size, s)
+    plen = sampling._bucket(cfg.max_prompt_length, 32)
+    kv_len = plen + cfg.max_new_tokens
+    cache = jax.eval_shape(lambda: decoder.init_cache(mc, 2 * bprompts, kv_len, per_layer=True))
+    prompt_cache = jax.eval_shape(lambda: decoder.init_cache(mc, bprompts, plen, per_layer=True))
+    kv = tree_bytes(cache, shd.cache_shardings(cache, mesh))
+    kv_prompt = tree_bytes(prompt_cache, shd.cache_shardings(prompt_cache, mesh))
+    prefill_ws = working_set(mc, bprompts // s, plen, tensor)
+    samp = {"behavior_merged": merged, "behavior_unstacked": unstacked, "kv_cache": kv,
+            "prefill": kv_prompt + prefill_ws}
+    r.update(kv_rows=2 * bprompts, kv_len=kv_len)
+
+    # Annotation: the merged/unstacked behavior weights stay alive while the reward model scores.
+    ann = {}
+    if rm is not None:
+        rows = cfg.reward_batch_size // s if cfg.reward_batch_size % s == 0 else cfg.reward_batch_size
+        t = cfg.reward_max_length
+        hidden = rows * t * rm.hidden_size * jnp.dtype(rm.dtype).itemsize
+        ann = {"behavior_merged": merged, "behavior_unstacked": unstacked,
+               "rm_forward": hidden + working_set(rm, rows, t, tensor)}
+
+    # Train step, per micro-batch of B/m pairs -> 2·B/m rows of T tokens, split over data×fsdp when they divide.
+    pairs = cfg.batch_size // cfg.micro_batches
+    rows = 2 * (pairs // s if pairs % s == 0 else pairs)
+    t = cfg.max_prompt_length + cfg.max_new_tokens
+    ws = working_set(mc, rows, t, tensor)
+    if mc.remat:
+        act = mc.num_layers * rows * t * mc.hidden_size * c + 2 * ws
+    else:
+        act = (mc.num_layers + 1) * ws
+    vocab = mc.vocab_size // tensor if mc.vocab_size % tensor == 0 else mc.vocab_size
+    logits = 2 * rows * cfg.max_new_tokens * vocab * 4  # f32 logits + the softmax in their backward
+    train, train32 = {}, {}
+    train["grads_and_update"] = 3 * res["trainable"] // n  # grad accumulator, one micro-batch's grads, update
+    train32["grads_and_update"] = 3 * res32["trainable"] // n
+    if cfg.lora_rank:  # apply_one: merged target weights and their cotangents, in param_dtype
+        train["lora_merged_weights"] = train32["lora_merged_weights"] = 2 * targets
+    if cfg.reference in ("ema", "mixup") and cfg.lora_rank:
+        train["reference_merged"] = train32["reference_merged"] = targets
+    train["activations"] = train32["activations"] = act
+    train["logits"] = train32["logits"] = logits
+    r.update(train_rows=rows, train_len=t)
+
+    for tag, resident, tr in (("today", res, train), ("fp32", res32, train32)):
+        phases = {"sampling": sum(samp.values()), "annotation": sum(ann.values()), "train_step": sum(tr.values())}
+        worst = max(phases, key=phases.get)
+        r[tag] = {"resident": resident, "train": tr, "phases": phases, "peak_phase": worst,
+                  "peak": sum(resident.values()) + phases[worst]}
+    r["sampling"], r["annotation"] = samp, ann
+    return r
+
+
+def verdict(peak: float, hbm: float) -> str:
+    head = hbm - peak
+    if head < 0:
+        return f"does NOT fit (over by {-head / GiB:.1f} GiB)"
+    return f"fits{' (tight)' if head < TIGHT * hbm else ''}, headroom {head / GiB:.1f} GiB ({head / hbm:.0%})"
+
+
+def print_plan(r: dict, cfg, mc: ModelConfig, device: str) -> None:
+    g = lambda b: f"{b / GiB:8.2f}"  # noqa: E731
+    desc, chips, hbm = DEVICES[device]
+    m = r["mesh"]
+    print(f"device {device}: {desc}, {hbm} GiB HBM per chip | mesh data={m['data']} fsdp={m['fsdp']} "
+          f"tensor={m['tensor']}")
+    print(f"model {mc.model_type} {r['base_count'] / 1e9:.2f}B params, param_dtype={mc.param_dtype}, "
+          f"compute={mc.dtype}, remat={mc.remat} | lora_rank={cfg.lora_rank} ensemble={cfg.ensemble_size} "
+          f"reference={cfg.reference} | trainable {r['trainable_count'] / 1e6:.1f}M params")
+    print(f"batch {cfg.batch_size} pairs / {cfg.micro_batches} micro-batches -> {r['train_rows']} rows x "
+          f"{r['train_len']} tokens per device; KV cache {r['kv_rows']} rows x {r['kv_len']} slots (global)")
+    print(f"{'per device, GiB':34s}{'today':>9s}{'fp32-master':>13s}")
+    t, f = r["today"], r["fp32"]
+    labels = {"trainable": f"trainable ({r['trainable_dtype']})", "opt_state": f"AdamW mu+nu ({r['opt_dtype']})"}
+    for k in t["resident"]:
+        print(f"  {labels.get(k, k):32s}{g(t['resident'][k])}{g(f['resident'][k]):>13s}")
+    print(f"  {'= resident':32s}{g(sum(t['resident'].values()))}{g(sum(f['resident'].values())):>13s}")
+    for phase, items in (("sampling", r["sampling"]), ("annotation", r["annotation"])):
+        for k, v in items.items():
+            print(f"  {phase + ': ' + k:32s}{g(v)}{g(v):>13s}")
+    for k in t["train"]:
+        print(f"  {'train_step: ' + k:32s}{g(t['train'][k])}{g(f['train'][k]):>13s}")
+    print(f"  {'= peak (' + t['peak_phase'] + ')':32s}{g(t['peak'])}{g(f['peak']):>13s}")
+    print(f"HBM {hbm} GiB: today {verdict(t['peak'], hbm * GiB)}; fp32-master {verdict(f['peak'], hbm * GiB)}")
+
+
+CASES = (  # name, model config, overrides on top of the training config
+    ("gemma-2b 5xLoRA r256", "gemma-2b.json", ()),
+    ("gemma-2b full FT", "gemma-2b.json", ("lora_rank=0", "ensemble_size=1")),
+    ("llama-2-7b 5xLoRA r256", "llama-2-7b.json", ()),
+    ("llama-2-7b full FT", "llama-2-7b.json", ("lora_rank=0", "ensemble_size=1")),
+)
+ALL_MESHES = {"v5e-32": "data=1,fsdp=16,tensor=2"}  # else FSDP over all chips
+
+
+def print_all(config_path: str, overrides, rm: str | None) -> None:
+    cols = ("case", "device", "mesh d/f/t", "base", "train+opt", "beh+ref", "RM", "sampling", "train_step",
+            "peak", "peak fp32m", "HBM", "verdict (today)")
+    print(" | ".join(cols))
+    for name, model, extra in CASES:
+        cfg = load_config(config_path, list(extra) + list(overrides))
+        mc = model_config(os.path.join(ROOT, "configs", "models", model), cfg)
+        rmc = model_config(rm, cfg) if rm else None
+        for device, (_, chips, hbm) in DEVICES.items():
+            sizes = parse_mesh(ALL_MESHES.get(device, "data=1,fsdp=-1,tensor=1"), chips, cfg)
+            r = plan(cfg, mc, sizes, hbm, rmc)
+            t, res = r["today"], r["today"]["resident"]
+            g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
+            row = (name, device, "/".join(str(v) for v in sizes.values()), g(res["base"]),
+                   g(res["trainable"] + res["opt_state"]), g(res["behavior"] + res["reference"]),
+                   g(res.get("reward_model", 0)), g(t["phases"]["sampling"]), g(t["phases"]["train_step"]),
+                   g(t["peak"]), g(r["fp32"]["peak"]), str(hbm), verdict(t["peak"], hbm * GiB))
+            print(" | ".join(row))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--model-config", help="an HF config.json (the config's `model` folder is not needed)")
+    ap.add_argument("--device", choices=sorted(DEVICES))
+    ap.add_argument("--mesh", help="e.g. data=1,fsdp=-1,tensor=1 (default: the config's mesh_* keys)")
+    ap.add_argument("--rm-config", help="HF config.json of a decoder reward model held on the same mesh")
+    ap.add_argument("--all", action="store_true", help="the table for docs/scaling.md")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    a = ap.parse_args(argv)
+    if a.all:
+        return print_all(a.config, a.overrides, a.rm_config)
+    if not (a.model_config and a.device):
+        ap.error("--model-config and --device are needed (or --all)")
+    cfg = load_config(a.config, a.overrides)
+    mc = model_config(a.model_config, cfg)
+    _, chips, hbm = DEVICES[a.device]
+    r = plan(cfg, mc, parse_mesh(a.mesh, chips, cfg), hbm, model_config(a.rm_config, cfg) if a.rm_config else None)
+    print_plan(r, cfg, mc, a.device)
+
+
+if __name__ == "__main__":
+    main()

