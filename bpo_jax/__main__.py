@@ -1,8 +1,13 @@
-"""Command-line entry point: ``python -m bpo_jax <command> [args]``."""
+"""Command-line entry point: ``python -m bpo_jax <command> [args] [--debug]``.
+
+Expected errors (a missing path, a bad value, a malformed file, a checkpoint that does not fit) print one
+``error: ...`` line and exit with 2; ``--debug`` (or ``BPO_DEBUG=1``) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # command -> (module with a ``main(argv) -> int``, one-line help). Modules are imported on use, so a command's
@@ -25,11 +30,19 @@ def main(argv=None) -> int:
             print(f"\nunknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
+    debug = "--debug" in argv or os.environ.get("BPO_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
     from bpo_jax import distributed
 
-    distributed.initialize()  # before anything touches a device: a no-op for one process
     module, _ = COMMANDS[argv[0]]
-    return int(importlib.import_module(module).main(argv[1:]) or 0)
+    try:
+        distributed.initialize()  # before anything touches a device: a no-op for one process
+        return int(importlib.import_module(module).main(argv[1:]) or 0)
+    except (OSError, ValueError) as err:  # expected errors (a path, a value, a file's content): one clear line
+        if debug:
+            raise
+        print(f"error: {err}\n(python -m bpo_jax {argv[0]} --debug ... shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -26,19 +26,29 @@ class IncompatibleCheckpoint(ValueError):
     """The run directory's checkpoint cannot continue with this command's model or processes."""
 
 
-def fingerprint(params) -> list[float]:
-    """Per-leaf float64 sums of the weights: cheap, and any change of model or dtype changes them."""
-    return [float(np.asarray(jax.numpy.sum(x.astype(jax.numpy.float32)))) for x in jax.tree.leaves(params)]
+def fingerprint(params) -> list[list[float]]:
+    """Per leaf, ``[sum, sum of |x|]`` in float32: cheap, and any change of model or dtype changes them."""
+    return [[float(np.asarray(jax.numpy.sum(x.astype(jax.numpy.float32)))),
+             float(np.asarray(jax.numpy.sum(jax.numpy.abs(x.astype(jax.numpy.float32)))))]
+            for x in jax.tree.leaves(params)]
+
+
+def same_weights(saved, now) -> bool:
+    """Fingerprints equal up to float32 summation order (which depends on the sharding)."""
+    saved, now = np.asarray(saved, np.float64), np.asarray(now, np.float64)
+    if saved.ndim == 1:  # written before the |x| sums were kept
+        return saved.shape == now[:, 0].shape and np.allclose(saved, now[:, 0], rtol=1e-5, atol=1e-4)
+    if saved.shape != now.shape:
+        return False
+    return bool(np.all(np.abs(saved - now) <= 1e-5 * (np.abs(saved[:, 1:]) + np.abs(now[:, 1:]) + 1e-6)))
 
 
 class Checkpointer:
     def __init__(self, run_dir: str, keep: int):
         root = run_dir if distributed.is_remote(run_dir) else str(rd.path(run_dir).resolve())
         self.directory = str(rd.path(root, "checkpoints"))
-        handlers = {"state": ocp.StandardCheckpointHandler(), "pairs": ocp.StandardCheckpointHandler(),
-                    "meta": ocp.JsonCheckpointHandler()}
-        self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers,
-                                              options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(), options=self._options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -68,13 +78,14 @@ class Checkpointer:
                 f"the checkpoint at step {step} in {self.directory} was written by {saved} processes; "
                 f"this run has {distributed.process_count()}. Resume with {saved} processes (hosts), or start a new "
                 f"run_dir")
-        if not np.allclose(meta["base_fingerprint"], fingerprint(template.base), rtol=1e-6):
+        if not same_weights(meta["base_fingerprint"], fingerprint(template.base)):
             raise IncompatibleCheckpoint(f"the checkpoint at step {step} in {self.directory} was made from different "
                                          f"base weights than the model loaded now; resume with the run's original "
                                          f"model")
         if isinstance(meta.get("prompts"), dict):  # written before prompt states were kept per host
             meta["prompts"] = [meta["prompts"]]
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template.replace(base=None))
+        _check_shapes(step, self._manager.item_metadata(step)["state"], target)
         pairs_target = jax.tree.map(lambda m: _row_sharded(m, mesh),
                                     dict(self._manager.item_metadata(step)["pairs"]))
         out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
@@ -82,8 +93,73 @@ class Checkpointer:
         pairs = None if "_none" in out["pairs"] else distributed.local_rows(dict(out["pairs"]))
         return out["state"].replace(base=template.base), pairs, meta
 
+    def restore_latest(self, template, *, mesh=None, warn=print):
+        """``(step, state, pairs, meta)`` from the newest intact checkpoint, or None when there is none.
+
+        A checkpoint that cannot be read (truncated files, a killed copy) is reported with its step and error,
+        set aside whole into ``<run_dir>/checkpoints_broken/<step>`` (never deleted) and the next older one is
+        tried. A checkpoint that reads but does not fit this run (``IncompatibleCheckpoint``) stops the run.
+        """
+        broken = []
+        for step in sorted(self.steps(), reverse=True):
+            try:
+                state, pairs, meta = self.restore(step, template, mesh=mesh)
+            except IncompatibleCheckpoint:
+                raise
+            except Exception as err:  # orbax / TensorStore raise many kinds for unreadable data
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                warn(f"warning: checkpoint step {step} in {self.directory} is unreadable ({first})")
+                broken.append(step)
+                continue
+            if broken:
+                self._set_aside(broken, warn)
+                warn(f"warning: resuming from step {step}, the newest intact checkpoint")
+            return step, state, pairs, meta
+        if broken:
+            raise IncompatibleCheckpoint(f"no checkpoint in {self.directory} is readable (steps {broken}); they are "
+                                         f"left in place. Start a new run_dir, or restore a copy of the directory")
+        return None
+
+    def _set_aside(self, steps, warn) -> None:
+        """Move unreadable checkpoints out of the manager's directory (so new saves never collide with them)."""
+        from etils import epath
+
+        aside = epath.Path(self.directory).parent / "checkpoints_broken"
+        if distributed.is_primary():
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                dest = aside / f"{step}"
+                (epath.Path(self.directory) / f"{step}").rename(dest)
+                warn(f"warning: moved the unreadable checkpoint of step {step} to {dest}")
+        distributed.barrier("bpo_jax.checkpoint.set_aside")
+        self._manager.close()
+        self._manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(), options=self._options)
+
     def close(self) -> None:
         self._manager.close()
+
+
+def _handlers():
+    return {"state": ocp.StandardCheckpointHandler(), "pairs": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler()}
+
+
+def _check_shapes(step: int, saved, target) -> None:
+    """Refuse a checkpoint whose arrays do not have this run's shapes (e.g. another ``lora_rank``), naming them."""
+    def names(path):  # the saved tree is dicts where the state has attributes: compare by name
+        return tuple(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+
+    flat_saved = {names(p): m for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    wrong = []
+    for path, want in jax.tree_util.tree_flatten_with_path(target)[0]:
+        got = flat_saved.get(names(path))
+        if got is None or tuple(got.shape) != tuple(want.shape):
+            name = jax.tree_util.keystr(path)
+            wrong.append(f"{name}: saved {None if got is None else tuple(got.shape)}, this run {tuple(want.shape)}")
+    if wrong:
+        raise IncompatibleCheckpoint(f"the checkpoint at step {step} does not fit this run's shapes (another model, "
+                                     f"LoRA rank or ensemble size?): " + "; ".join(wrong[:3]) +
+                                     (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
 
 
 def _row_sharded(metadata, mesh) -> jax.ShapeDtypeStruct:

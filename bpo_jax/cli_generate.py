@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
     args = p.parse_args(argv)
 
+    from bpo_jax import distributed
     from bpo_jax.models import load_pretrained
     from bpo_jax.sampling import generate
 
@@ -37,5 +38,6 @@ def main(argv=None) -> int:
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_ids=eos,
                    rng=jax.random.key(args.seed), pad_token_id=model.config.pad_token_id or 0)
     n = int(np.asarray(out.mask)[0].sum())
-    print(tok.decode(np.asarray(out.tokens)[0, :n], skip_special_tokens=True).strip())
+    if distributed.is_primary():  # several processes each answer the same prompt on their own devices
+        print(tok.decode(np.asarray(out.tokens)[0, :n], skip_special_tokens=True).strip())
     return 0

@@ -33,11 +33,12 @@ def main(argv=None) -> int:
 
     import jax
 
-    from bpo_jax.config import validate_for_processes
+    from bpo_jax.config import validate_for_model, validate_for_processes
 
-    try:  # settings that need the process and device counts, and a run_dir every host sees
+    try:  # settings that need the process and device counts, a run_dir every host sees, the same run on resume
         validate_for_processes(cfg, distributed.process_count(), jax.device_count())
         distributed.check_shared_dir(cfg.run_dir)
+        check_same_run(cfg)
     except ValueError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -46,6 +47,11 @@ def main(argv=None) -> int:
     run = setup_run(cfg)
     model, tok, task, mesh, eos = run.model, run.tokenizer, run.task, run.mesh, run.eos_token_ids
     mcfg = model.config
+    try:
+        validate_for_model(cfg, mcfg.vocab_size, mcfg.max_position_embeddings)
+    except ValueError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
 
     def evaluate(params, step):
         wr, responses = evaluate_win_rate(params, mcfg, tok, task.annotator, task.eval_prompts, task.eval_ids,
@@ -66,8 +72,12 @@ def main(argv=None) -> int:
     if distributed.is_primary():
         save_config(cfg, str(rd.path(cfg.run_dir, "config.yaml")))  # what `python -m bpo_jax evaluate` reloads
     metrics = rd.path(cfg.run_dir, "metrics.jsonl")
-    before = evaluate(model.params, 0)
-    rd.append_jsonl(metrics, {"step": 0, **before})
+    logged = [r for r in rd.read_jsonl(metrics) if r.get("step") == 0 and "eval/win_rate" in r]
+    if logged:  # a resumed run: the starting model was evaluated by the first command
+        before = {k: v for k, v in logged[-1].items() if k.startswith("eval/")}
+    else:
+        before = evaluate(model.params, 0)
+        rd.append_jsonl(metrics, {"step": 0, **before})
     try:
         state = online.train(cfg, model_config=mcfg, tokenizer=tok, base=model.params, prompts=task.train,
                              annotator=task.annotator, mesh=mesh, eos_token_ids=eos, reference=run.reference,
@@ -97,3 +107,24 @@ def main(argv=None) -> int:
     say(f"win rate vs human references: {100 * before['eval/win_rate']:.1f}% before -> "
         f"{100 * after['eval/win_rate']:.1f}% after training ({time.time() - t0:.0f} s)")
     return 0
+
+
+def check_same_run(cfg) -> None:
+    """On resume (``run_dir`` holds a checkpoint), refuse run-defining settings that differ from the saved
+    ``config.yaml``, before anything is loaded: one line per key, and the two ways out."""
+    from bpo_jax import run_dir as rd
+    from bpo_jax.config import ConfigError, load_config, run_identity_changes
+
+    saved_path, ckpts = rd.path(cfg.run_dir, "config.yaml"), rd.path(cfg.run_dir, "checkpoints")
+    if not (saved_path.exists() and ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())):
+        return
+    try:
+        saved = load_config(str(saved_path))
+    except ConfigError as err:
+        raise ConfigError(f"cannot read the run's saved config to resume it: {err}") from None
+    changes = run_identity_changes(saved, cfg)
+    if changes:
+        lines = "\n  ".join(changes)
+        raise ConfigError(f"{cfg.run_dir} holds a run started with other settings; resuming would silently change "
+                          f"it:\n  {lines}\nRerun with the original settings (see {saved_path}), or pass a new "
+                          f"run_dir=... to start another run")

@@ -175,6 +175,29 @@ def save_config(cfg: TrainConfig, path: str) -> None:
     epath.Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
 
 
+# Keys that may change between the runs of one run_dir (how it runs, not what it computes). Every other key
+# defines the run: a resume with a different value is refused (``run_identity_changes``).
+OPERATIONAL_KEYS = ("run_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_size", "eval_max_new_tokens",
+                    "export_policy", "mesh_data", "mesh_fsdp", "mesh_tensor", "remat", "micro_batches",
+                    "reward_batch_size", "data_dir", "tfds_dir", "judge_timeout", "judge_retries", "judge_api_key_env")
+
+
+def run_identity_changes(saved: TrainConfig, new: TrainConfig) -> list[str]:
+    """``key: old -> new`` for each run-defining key that differs (empty: the same run)."""
+    return [f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(new, f.name)!r}" for f in dataclasses.fields(TrainConfig)
+            if f.name not in OPERATIONAL_KEYS and getattr(saved, f.name) != getattr(new, f.name)]
+
+
+def validate_for_model(cfg: TrainConfig, vocab_size: int, max_positions: int) -> None:
+    """Checks that need the loaded model's sizes; run before any compute."""
+    if cfg.top_k > vocab_size:
+        raise ConfigError(f"top_k={cfg.top_k} is larger than the model's vocabulary ({vocab_size} tokens)")
+    longest = cfg.max_prompt_length + max(cfg.max_new_tokens, cfg.eval_max_new_tokens)
+    if longest > max_positions:
+        raise ConfigError(f"max_prompt_length={cfg.max_prompt_length} plus up to {longest - cfg.max_prompt_length} new "
+                          f"tokens is {longest} positions, more than the model's {max_positions}")
+
+
 def validate_for_processes(cfg: TrainConfig, processes: int, devices: int) -> None:
     """Checks that need the process and device counts (``bpo_jax.distributed``); run before any compute.
 
@@ -219,8 +242,9 @@ def validate(cfg: TrainConfig) -> None:
     need(0.0 < cfg.ema_rate <= 1.0, f"ema_rate={cfg.ema_rate} must be in (0, 1]")
     need(0.0 < cfg.mixup_alpha <= 1.0 and cfg.mixup_every >= 1, "mixup needs 0 < mixup_alpha <= 1, mixup_every >= 1")
     need(cfg.max_new_tokens >= 1, "max_new_tokens must be >= 1")
-    need(cfg.temperature >= 0.0 and cfg.top_k >= 0 and 0.0 < cfg.top_p <= 1.0,
-         "need temperature >= 0, top_k >= 0 and 0 < top_p <= 1")
+    need(cfg.temperature > 0.0, f"temperature={cfg.temperature}: the behavior LLM samples two responses per prompt, "
+                                f"and greedy decoding (0) makes them identical; use a temperature > 0")
+    need(cfg.top_k >= 0 and 0.0 < cfg.top_p <= 1.0, "need top_k >= 0 and 0 < top_p <= 1")
     need(cfg.lora_rank >= 0 and cfg.ensemble_size >= 1, "lora_rank must be >= 0 and ensemble_size >= 1")
     need(cfg.lora_rank > 0 or cfg.ensemble_size == 1,
          f"ensemble_size={cfg.ensemble_size} needs LoRA (lora_rank > 0); full fine-tuning trains one model")

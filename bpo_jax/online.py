@@ -89,8 +89,8 @@ def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator
     ckpt = Checkpointer(cfg.run_dir, cfg.keep_checkpoints)
     state = st.create_state(cfg, base, jax.random.key(cfg.seed), reference=reference)
     pairs = None
-    if (latest := ckpt.latest_step()) is not None:
-        state, pairs, meta = ckpt.restore(latest, state, mesh=mesh)
+    if (restored := ckpt.restore_latest(state, mesh=mesh, warn=log)) is not None:
+        latest, state, pairs, meta = restored
         prompts.set_state(meta["prompts"][distributed.process_index()])
         log(f"resumed {cfg.run_dir} at step {latest}")
     K, B, P = cfg.steps_per_phase, prompts.local_batch_size, prompts.width  # B: this host's pairs per step

@@ -93,7 +93,7 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True) ->
                 if len(encode(tokenizer, example_conversation(ex))) <= cfg.max_prompt_length]
         if not test:
             raise ValueError(f"no test prompt of task {cfg.data!r} fits max_prompt_length={cfg.max_prompt_length}")
-        test = test[: cfg.eval_size or None]
+        test = test[: _eval_size(cfg, len(test), f"task {cfg.data!r} (after max_prompt_length)")]
         eval_prompts = [example_conversation(ex) for ex in test]
         references = [example_reference(ex) for ex in test]
         stream = None
@@ -105,7 +105,8 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True) ->
     else:
         folder = demo_task.DATA_DIR if cfg.data == "minisum" else cfg.data
         train_rows = demo_task.load_rows(os.path.join(folder, "train.jsonl"))
-        test_rows = demo_task.load_rows(os.path.join(folder, "test.jsonl"))[: cfg.eval_size or None]
+        test_rows = demo_task.load_rows(os.path.join(folder, "test.jsonl"))
+        test_rows = test_rows[: _eval_size(cfg, len(test_rows), os.path.join(folder, "test.jsonl"))]
         eval_prompts = [demo_task.prompt_text(r) for r in test_rows]
         references = [r["reference"] for r in test_rows]
         stream = None
@@ -154,3 +155,10 @@ def _judge_cache(run_dir: str) -> str:
         os.path.expanduser("~/.cache/bpo_jax"), run_dir.replace("://", "_").replace("/", "_"))
     os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, name)
+
+
+def _eval_size(cfg: TrainConfig, available: int, source: str) -> int:
+    if cfg.eval_size > available:
+        raise ValueError(f"eval_size={cfg.eval_size} but {source} has {available} test prompts; use eval_size <= "
+                         f"{available} (0 = all)")
+    return cfg.eval_size or available

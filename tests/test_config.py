@@ -33,7 +33,7 @@ def test_overrides_and_types(tmp_path):
     ("micro_batches: 3\nbatch_size: 8\n", "must be a positive multiple of micro_batches=3"),
     ("reference: fixed\n", "reference=fixed needs reference_path"),
     ("loss_type: hinge\nlabel_smoothing: 0.1\n", "has no effect for loss_type 'hinge'"),
-    ("temperature: -1\n", "need temperature >= 0"),
+    ("temperature: -1\n", "use a temperature > 0"),
 ])
 def test_errors_name_the_problem(tmp_path, text, message):
     f = tmp_path / "c.yaml"

@@ -159,3 +159,32 @@ def test_state_sharding_on_8_devices_matches_one_device():
     assert new_state.trainable["gate"]["b"].sharding.spec == jax.sharding.PartitionSpec(None, None, None, "tensor")
     for key in ("loss", "grad_norm", "kl_policy_behavior"):
         np.testing.assert_allclose(float(m[key]), float(m_single[key]), rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoint_restores_onto_a_different_mesh_with_the_same_devices(tmp_path):
+    """A state and a phase's pairs saved on a data=8 mesh come back exactly on a data=2 x fsdp=2 x tensor=2 mesh,
+    in the new mesh's shardings (orbax reshards)."""
+    from bpo_jax.checkpoint import Checkpointer
+
+    cfg = _cfg(lora_rank=4, ensemble_size=2, reference="ema")
+    pairs = {k: np.asarray(v) for k, v in _batch(_base()).items()}
+    states = []
+    for sizes in ((8, 1, 1), (2, 2, 2)):
+        mesh = shd.make_mesh(*sizes)
+        base = shd.shard(_base(), shd.logical_to_sharding(param_axes(MCFG), _base(), mesh))
+        states.append((mesh, st.create_state(cfg, base, jax.random.key(5 + len(states)))))
+    (mesh_a, saved), (mesh_b, template) = states
+    ckpt = Checkpointer(str(tmp_path), keep=2)
+    ckpt.save(3, saved, distributed.global_rows(pairs, mesh_a), {"prompts": [{"position": 12}]})
+    restored, got_pairs, meta = ckpt.restore(3, template, mesh=mesh_b)
+    ckpt.close()
+    assert meta["prompts"] == [{"position": 12}] and meta["process_count"] == 1
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 saved.replace(base=None), restored.replace(base=None))
+    jax.tree.map(lambda r, t: assert_sharding(r, t), restored.replace(base=None), template.replace(base=None))
+    for k, v in pairs.items():
+        np.testing.assert_array_equal(got_pairs[k], v)
+
+
+def assert_sharding(restored, template):
+    assert restored.sharding.is_equivalent_to(template.sharding, restored.ndim)

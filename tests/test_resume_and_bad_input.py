@@ -1,0 +1,146 @@
+"""Resume and bad input: a resumed run is the run that was started (or a clear refusal), a broken newest
+checkpoint falls back to the previous one, and expected errors are one clear line with exit code 2."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from bpo_jax import online
+from bpo_jax.__main__ import main as cli
+from bpo_jax.annotators import FunctionAnnotator
+from bpo_jax.checkpoint import IncompatibleCheckpoint
+from bpo_jax.config import TrainConfig
+from bpo_jax.data.prompts import ArrayPrompts
+from bpo_jax.demo_task import encode_prompts
+from bpo_jax.models import load_pretrained
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_policy_and_rm):
+    return tiny_policy_and_rm[0]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    data = tmp_path_factory.mktemp("resume_data")
+    rows = [{"id": f"r{i}", "document": f"Town {i} opened a park with {i + 3} benches on Monday.",
+             "reference": f"Town {i} has a new park.", "gold": f"Town {i} opened a park with {i + 3} benches."}
+            for i in range(6)]
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def _args(tiny_dir, data_dir, run, *extra):
+    return ["train", f"model={tiny_dir}", f"data={data_dir}", f"run_dir={run}", "total_steps=2", "num_phases=2",
+            "batch_size=2", "max_new_tokens=4", "eval_max_new_tokens=4", "lora_rank=2", "export_policy=false",
+            *extra]
+
+
+def _rows(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_refuses_changed_run_settings_and_skips_the_step0_eval(tiny_dir, data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(_args(tiny_dir, data_dir, run)) == 0
+    first = capsys.readouterr().out
+    assert "step 0: win rate" in first
+    # T and the LoRA rank define the run: refused before anything is loaded, one line per key, two ways out.
+    assert cli(_args(tiny_dir, data_dir, run, "total_steps=4", "lora_rank=4")) == 2
+    err = capsys.readouterr().err
+    assert "total_steps: 2 -> 4" in err and "lora_rank: 2 -> 4" in err
+    assert "Rerun with the original settings" in err and "new run_dir" in err
+    # Operational keys may change; the rerun resumes at the end, without a second step-0 evaluation.
+    assert cli(_args(tiny_dir, data_dir, run, "checkpoint_every=1", "eval_size=3")) == 0
+    out = capsys.readouterr().out
+    assert "step 0: win rate" not in out and "before ->" in out
+    assert [r["step"] for r in _rows(run) if "eval/win_rate" in r].count(0) == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["temperature=0"], "greedy decoding (0) makes them identical"),
+    (["top_k=100000"], "top_k=100000 is larger than the model's vocabulary (49152 tokens)"),
+    (["eval_size=50"], "eval_size=50 but"),
+    (["max_prompt_length=10000"], "more than the model's"),
+])
+def test_impossible_settings_fail_before_compute(tiny_dir, data_dir, tmp_path, capsys, extra, message):
+    assert cli(_args(tiny_dir, data_dir, tmp_path / "run", *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_model_is_one_line(tmp_path, capsys):
+    assert cli(["train", "model=/no/such/model", f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model path '/no/such/model' does not exist") and "Traceback" not in err
+    with pytest.raises(FileNotFoundError):
+        cli(["train", "model=/no/such/model", f"run_dir={tmp_path / 'run'}", "--debug"])
+
+
+def _loop(tiny_dir, run, **kw):
+    model, tok = load_pretrained(tiny_dir)
+    texts = [f"Tell me about topic number {i}, briefly." for i in range(12)]
+    ids, mask = encode_prompts(tok, texts, 64)
+    cfg = TrainConfig(**{**dict(total_steps=4, num_phases=2, batch_size=2, max_new_tokens=6, learning_rate=5e-3,
+                                run_dir=str(run), seed=3, checkpoint_every=1), **kw})
+    logs = []
+    online.train(cfg, model_config=model.config, tokenizer=tok, base=model.params,
+                 prompts=ArrayPrompts(texts, ids, mask, batch_size=2, seed=3),
+                 annotator=FunctionAnnotator(lambda p, r: r.count("e") - 0.01 * len(r)), eos_token_ids=(2,),
+                 log=logs.append)
+    return logs
+
+
+def _losses(run):
+    return {r["step"]: r["loss"] for r in _rows(run) if "loss" in r}  # the last record of a step wins
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tiny_dir, tmp_path):
+    whole = tmp_path / "whole"
+    _loop(tiny_dir, whole)
+    newest = whole / "checkpoints" / "4"
+    want = _losses(whole)
+    for root, _, files in os.walk(newest / "state"):  # a disk-full / killed-copy truncation of the data
+        for name in files:
+            path = os.path.join(root, name)
+            size = os.path.getsize(path)
+            if size > 64:
+                with open(path, "r+b") as f:
+                    f.truncate(size // 3)
+    logs = _loop(tiny_dir, whole)
+    assert any("checkpoint step 4" in m and "unreadable" in m for m in logs), logs
+    assert any("resuming from step 3" in m for m in logs) and "resumed" in logs[-1]
+    assert (whole / "checkpoints_broken" / "4").is_dir()  # set aside, never deleted
+    got = _losses(whole)
+    np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)], rtol=1e-6)
+
+
+def test_changed_lora_shape_through_the_api_is_a_clear_refusal(tiny_dir, tmp_path):
+    run = tmp_path / "run"
+    _loop(tiny_dir, run, lora_rank=2, total_steps=2)
+    with pytest.raises(IncompatibleCheckpoint, match="does not fit this run's shapes"):
+        _loop(tiny_dir, run, lora_rank=4, total_steps=2)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+
+
+def test_resume_with_other_base_weights_is_refused(tiny_dir, tmp_path):
+    import jax
+
+    run = tmp_path / "run"
+    _loop(tiny_dir, run, total_steps=2)
+    model, _ = load_pretrained(tiny_dir)
+    other = jax.tree.map(lambda x: x * 1.001, model.params)
+    from bpo_jax.checkpoint import Checkpointer
+    from bpo_jax import state as st
+
+    cfg = TrainConfig(total_steps=2, num_phases=2, batch_size=2, max_new_tokens=6, run_dir=str(run), seed=3)
+    ckpt = Checkpointer(str(run), 3)
+    with pytest.raises(IncompatibleCheckpoint, match="different base weights"):
+        ckpt.restore_latest(st.create_state(cfg, other, jax.random.key(3)))
+    ckpt.restore_latest(st.create_state(cfg, model.params, jax.random.key(3)))  # the same weights resume
+    ckpt.close()
