@@ -16,7 +16,12 @@ Notation used in the docstrings (log-ratios are policy minus reference):
 Inputs may be float32 or bfloat16; everything is computed in (at least) float32 and written with
 ``log_sigmoid``/``logaddexp`` forms, so the losses stay finite at |h| = 1e4.
 
-Loss types are named as TRL's ``DPOConfig.loss_type`` names them.
+Loss types carry TRL's ``DPOConfig.loss_type`` names *and meanings* (checked against the loss code of
+``trl==1.16.0`` in tests/test_losses_trl.py). Two names are not TRL's: ``cdpo`` (conservative DPO, which older TRL
+ran as ``sigmoid`` with ``label_smoothing``; TRL 1.x's ``sigmoid`` ignores ε) and ``bco_pair_batchmean`` (BCO's
+reward shift δ, taken statelessly from the batch). Two inputs that TRL never runs have a meaning here:
+``exo_pair`` with ε = 0 (TRL 1.x raises; here ε = 1e-3, as in TRL 0.x) and ``ipo`` without lengths (TRL always
+length-averages; here the summed log-probs are used). TRL's ``sft`` and ``sigmoid_norm`` are not here.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 # Loss types that read ``label_smoothing``; every other type rejects a non-zero value instead of ignoring it.
-_SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
+_SMOOTHED = ("cdpo", "robust", "exo_pair", "aot", "aot_unpaired")
 ALIASES = {"dpo": "sigmoid", "slic": "hinge"}
 
 
@@ -49,8 +54,14 @@ def _smoothed_logistic(z, eps):
 
 
 def _sigmoid(r_w, r_l, pi_diff, ref_diff, beta, eps, tau):
-    """DPO (Rafailov et al. 2023, "Direct Preference Optimization"): ``−log σ(βh)``. With ε > 0, conservative
-    DPO (cDPO, Mitchell 2023): ``−(1−ε)·log σ(βh) − ε·log σ(−βh)``."""
+    """DPO (Rafailov et al. 2023, "Direct Preference Optimization"): ``−log σ(βh)``. As in TRL 1.x, no label
+    smoothing (a non-zero ε is rejected; see ``cdpo``)."""
+    return -jax.nn.log_sigmoid(beta * (r_w - r_l))
+
+
+def _cdpo(r_w, r_l, pi_diff, ref_diff, beta, eps, tau):
+    """Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO"), DPO under
+    a label-flip rate ε: ``−(1−ε)·log σ(βh) − ε·log σ(−βh)``. TRL 0.x's ``sigmoid`` with ``label_smoothing``."""
     return _smoothed_logistic(beta * (r_w - r_l), eps)
 
 
@@ -62,7 +73,8 @@ def _hinge(r_w, r_l, pi_diff, ref_diff, beta, eps, tau):
 
 def _ipo(r_w, r_l, pi_diff, ref_diff, beta, eps, tau):
     """IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences"):
-    ``(h − 1/(2β))²``. ``dap_loss`` length-averages the log-probs first when lengths are given."""
+    ``(h − 1/(2β))²``. ``dap_loss`` length-averages the log-probs first when lengths are given; TRL always does
+    (it divides each log-ratio by the completion's token count, at least 1), so pass lengths for TRL's ``ipo``."""
     return jnp.square((r_w - r_l) - 0.5 / beta)
 
 
@@ -77,7 +89,8 @@ def _exo_pair(r_w, r_l, pi_diff, ref_diff, beta, eps, tau):
     """EXO, pairwise form (Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment"):
     KL(p_θ ‖ p_ε) from the model's preference distribution p_θ = (σ(βh), σ(−βh)) to the smoothed label
     p_ε = (1−ε, ε):
-    ``σ(βh)·(log σ(βh) − log(1−ε)) + σ(−βh)·(log σ(−βh) − log ε)``; ε = 1e-3 when 0 is given (as in TRL)."""
+    ``σ(βh)·(log σ(βh) − log(1−ε)) + σ(−βh)·(log σ(−βh) − log ε)``. ε = 0 means the paper's 1e-3 (as in TRL 0.x;
+    TRL 1.x raises instead)."""
     z = beta * (r_w - r_l)
     eps = jnp.where(eps == 0.0, 1e-3, eps)
     return jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - jnp.log1p(-eps)) + jax.nn.sigmoid(-z) * (
@@ -93,9 +106,16 @@ def _nca_pair(r_w, r_l, pi_diff, ref_diff, beta, eps, tau):
 
 
 def _bco_pair(r_w, r_l, pi_diff, ref_diff, beta, eps, tau):
-    """BCO, stateless pair form (Jung et al. 2024, "Binary Classifier Optimization for Large Language Model
-    Alignment"): ``−log σ(βr_w − δ) − log σ(−(βr_l − δ))``. BCO's δ is a running mean of the rewards; this
-    stateless form uses the mean of the batch's chosen and rejected rewards, outside the gradient."""
+    """BCO, pair form as in TRL 1.x (Jung et al. 2024, "Binary Classifier Optimization for Large Language Model
+    Alignment"): chosen and rejected as positive and negative examples of one binary classifier with logit the
+    implicit reward, ``−log σ(βr_w) − log σ(−βr_l)``. No reward shift δ (see ``bco_pair_batchmean``)."""
+    return -jax.nn.log_sigmoid(beta * r_w) - jax.nn.log_sigmoid(-beta * r_l)
+
+
+def _bco_pair_batchmean(r_w, r_l, pi_diff, ref_diff, beta, eps, tau):
+    """BCO with its reward shift δ (Jung et al. 2024), stateless: ``−log σ(βr_w − δ) − log σ(−(βr_l − δ))``.
+    The paper (and TRL 0.x) keep δ as a running mean of the rewards across steps; here δ is the mean of the
+    batch's chosen and rejected rewards, held outside the gradient. Not a TRL name."""
     cw, cl = beta * r_w, beta * r_l
     delta = jax.lax.stop_gradient(0.5 * (jnp.mean(cw) + jnp.mean(cl)))
     return -jax.nn.log_sigmoid(cw - delta) - jax.nn.log_sigmoid(-(cl - delta))
@@ -142,12 +162,14 @@ def _discopop(r_w, r_l, pi_diff, ref_diff, beta, eps, tau):
 
 _LOSSES: dict[str, Callable] = {
     "sigmoid": _sigmoid,
+    "cdpo": _cdpo,
     "hinge": _hinge,
     "ipo": _ipo,
     "robust": _robust,
     "exo_pair": _exo_pair,
     "nca_pair": _nca_pair,
     "bco_pair": _bco_pair,
+    "bco_pair_batchmean": _bco_pair_batchmean,
     "sppo_hard": _sppo_hard,
     "aot": _aot,
     "aot_unpaired": _aot_unpaired,
@@ -186,15 +208,16 @@ def validate_loss_args(loss_type: str, beta=0.1, label_smoothing=0.0, discopop_t
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if eps is not None:
         if name not in _SMOOTHED and eps != 0.0:
+            hint = " (TRL's sigmoid ignores it; conservative DPO is loss_type 'cdpo')" if name == "sigmoid" else ""
             raise ValueError(
-                f"label_smoothing={label_smoothing!r} has no effect for loss_type {name!r}; it is used only by "
-                f"{', '.join(_SMOOTHED)}. Set it to 0.0."
+                f"label_smoothing={label_smoothing!r} has no effect for loss_type {name!r}{hint}; it is used only "
+                f"by {', '.join(_SMOOTHED)}. Set it to 0.0."
             )
         if name == "robust" and not 0.0 <= eps < 0.5:
             raise ValueError(f"robust needs 0 <= label_smoothing < 0.5 (a label-flip rate), got {label_smoothing!r}")
         if name == "exo_pair" and not 0.0 <= eps < 1.0:
             raise ValueError(f"exo_pair needs 0 <= label_smoothing < 1, got {label_smoothing!r}")
-        if name in ("sigmoid", "aot", "aot_unpaired") and not 0.0 <= eps <= 0.5:
+        if name in ("cdpo", "aot", "aot_unpaired") and not 0.0 <= eps <= 0.5:
             raise ValueError(f"{name} needs 0 <= label_smoothing <= 0.5, got {label_smoothing!r}")
     if name == "discopop" and tau is not None and not tau > 0.0:
         raise ValueError(f"discopop_tau must be > 0, got {discopop_tau!r}")
@@ -222,7 +245,7 @@ def dap_loss(
         behavior LLM π_β that sampled the pair.
       loss_type: one of ``LOSS_TYPES`` or an alias (``dpo``, ``slic``).
       beta: β > 0.
-      label_smoothing: ε for ``sigmoid`` (cDPO), ``robust``, ``exo_pair``, ``aot`` and ``aot_unpaired``.
+      label_smoothing: ε for ``cdpo``, ``robust``, ``exo_pair``, ``aot`` and ``aot_unpaired``.
       chosen_lengths, rejected_lengths: ``[B]`` response token counts. Only ``ipo`` uses them: all four
         log-probs are divided by their response length before the loss (as the BPO and TRL code do). Without
         them the log-probs are used as given.

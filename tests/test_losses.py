@@ -28,6 +28,8 @@ def np_loss(name, pc, pr, rc, rr, beta, eps=0.0, tau=0.05, lc=None, lr=None):
     rw, rl = pc - rc, pr - rr
     h = (pc - pr) - (rc - rr)
     if name == "sigmoid":
+        return -_logsig(beta * h)
+    if name == "cdpo":
         return -_logsig(beta * h) * (1 - eps) - _logsig(-beta * h) * eps
     if name == "hinge":
         return np.maximum(0.0, 1.0 - beta * h)
@@ -42,6 +44,8 @@ def np_loss(name, pc, pr, rc, rr, beta, eps=0.0, tau=0.05, lc=None, lr=None):
     if name == "nca_pair":
         return -_logsig(beta * rw) - 0.5 * _logsig(-beta * rw) - 0.5 * _logsig(-beta * rl)
     if name == "bco_pair":
+        return -_logsig(beta * rw) - _logsig(-beta * rl)
+    if name == "bco_pair_batchmean":
         delta = np.concatenate([beta * rw, beta * rl]).mean()
         return -_logsig(beta * rw - delta) - _logsig(-(beta * rl - delta))
     if name == "sppo_hard":
@@ -63,7 +67,7 @@ def np_loss(name, pc, pr, rc, rr, beta, eps=0.0, tau=0.05, lc=None, lr=None):
     raise KeyError(name)
 
 
-SMOOTHING = {"sigmoid": 0.1, "robust": 0.2, "exo_pair": 0.05, "aot": 0.1, "aot_unpaired": 0.1}
+SMOOTHING = {"cdpo": 0.1, "robust": 0.2, "exo_pair": 0.05, "aot": 0.1, "aot_unpaired": 0.1}
 
 
 def _inputs(seed, b=6, scale=20.0):
@@ -100,7 +104,7 @@ def test_values_and_grads_match_numpy(name, beta):
         lo[idx] -= step
         f = functools.partial(np_loss, name, beta=beta, eps=eps, lc=lc, lr=lr)
         fd[idx] = (f(*hi).mean() - f(*lo).mean()) / (2 * step)
-    if name == "bco_pair":  # δ is held outside the gradient: remove its (batch-mean) path from the FD.
+    if name == "bco_pair_batchmean":  # δ is held outside the gradient: remove its (batch-mean) path from the FD.
         fd = _bco_grad_with_stopped_delta(x, beta)
     np.testing.assert_allclose(g, fd, rtol=1e-3, atol=2e-5)
 
@@ -132,6 +136,17 @@ def test_closed_forms():
     # IPO is zero at its target margin h = 1/(2β), here on length-averaged log-probs.
     ipo0, _ = dap_loss(50 * one, z, z, z, loss_type="ipo", beta=0.1, chosen_lengths=10 * one, rejected_lengths=one)
     np.testing.assert_allclose(ipo0, 0.0, atol=1e-6)
+
+
+def test_cdpo_at_zero_smoothing_is_dpo_and_bco_shift_only_moves_the_boundary():
+    x = jnp.asarray(_inputs(5)[0], jnp.float32)
+    np.testing.assert_array_equal(dap_loss(*x, loss_type="cdpo")[0], dap_loss(*x, loss_type="sigmoid")[0])
+    # With every reward equal to the batch mean (δ = that reward), the shifted form sits at its boundary: 2·log 2.
+    pc = jnp.full(4, -5.0)
+    got, _ = dap_loss(pc, pc, pc - 2.0, pc - 2.0, loss_type="bco_pair_batchmean", beta=0.5)
+    np.testing.assert_allclose(got, 2 * np.log(2.0), rtol=1e-6)
+    plain, _ = dap_loss(pc, pc, pc - 2.0, pc - 2.0, loss_type="bco_pair", beta=0.5)  # βr = 1 for both
+    np.testing.assert_allclose(plain, -_logsig(1.0) - _logsig(-1.0), rtol=1e-6)
 
 
 def test_aliases():
@@ -197,7 +212,7 @@ def test_bfloat16_inputs_accumulate_in_float32():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["sigmoid", "ipo", "aot", "bco_pair", "discopop"])
+@pytest.mark.parametrize("name", ["sigmoid", "ipo", "aot", "bco_pair_batchmean", "discopop"])
 def test_jit_grad_vmap(name):
     x, lens = _inputs(3)
     x = jnp.asarray(x, jnp.float32)
@@ -223,12 +238,14 @@ def test_traced_beta_under_jit():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(loss_type="kto"), r"unknown loss_type 'kto'; valid choices: sigmoid, hinge, ipo"),
+        (dict(loss_type="kto"), r"unknown loss_type 'kto'; valid choices: sigmoid, cdpo, hinge, ipo"),
         (dict(beta=0.0), "beta must be a finite number > 0"),
         (dict(beta=-1.0), "beta must be a finite number > 0"),
         (dict(beta=float("nan")), "beta must be a finite number > 0"),
         (dict(loss_type="robust", label_smoothing=0.5), r"robust needs 0 <= label_smoothing < 0.5"),
-        (dict(loss_type="sigmoid", label_smoothing=0.7), r"sigmoid needs 0 <= label_smoothing <= 0.5"),
+        (dict(loss_type="cdpo", label_smoothing=0.7), r"cdpo needs 0 <= label_smoothing <= 0.5"),
+        (dict(loss_type="sigmoid", label_smoothing=0.1), r"no effect for loss_type 'sigmoid' .*loss_type 'cdpo'"),
+        (dict(loss_type="bco_pair", label_smoothing=0.1), "has no effect for loss_type 'bco_pair'"),
         (dict(loss_type="hinge", label_smoothing=0.1), "has no effect for loss_type 'hinge'"),
         (dict(loss_type="exo_pair", label_smoothing=1.0), "exo_pair needs 0 <= label_smoothing < 1"),
         (dict(loss_type="discopop", discopop_tau=0.0), "discopop_tau must be > 0"),
