@@ -112,6 +112,12 @@ _HINTS = typing.get_type_hints(TrainConfig)
 def _coerce(key: str, value: Any):
     """Convert a YAML value or an override string to the field's type, or raise ConfigError."""
     hint = _HINTS[key]
+    scalar = isinstance(value, (str, int, float)) and not (isinstance(value, bool) and hint in (int, float))
+    if hint is not tuple and not scalar:  # a list, a mapping, null, or a bool where a number is wanted
+        raise ConfigError(f"{key}={value!r} is not a valid {getattr(hint, '__name__', hint)}")
+    if hint is tuple and not (isinstance(value, str) or (isinstance(value, (list, tuple))
+                                                         and all(isinstance(v, str) for v in value))):
+        raise ConfigError(f"{key}={value!r} is not a list of names")
     try:
         if hint is bool:
             if isinstance(value, str):
@@ -153,7 +159,10 @@ def load_config(path: str | None = None, overrides=()) -> TrainConfig:
         except FileNotFoundError:
             raise ConfigError(f"config file {path!r} does not exist") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            what = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"config file {path!r} is not valid YAML{where}: {what}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping of keys to values")
         _check_keys(data, path)

@@ -144,3 +144,51 @@ def test_resume_with_other_base_weights_is_refused(tiny_dir, tmp_path):
         ckpt.restore_latest(st.create_state(cfg, other, jax.random.key(3)))
     ckpt.restore_latest(st.create_state(cfg, model.params, jax.random.key(3)))  # the same weights resume
     ckpt.close()
+
+
+_GOOD_ROW = {"id": "r0", "document": "Town 0 opened a park.", "reference": "A park.", "gold": "Town 0 opened a park."}
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("total_steps: four\n", "total_steps='four' is not a valid int"),
+    ("total_steps: [4, 8]\n", "total_steps=[4, 8] is not a valid int"),
+    ("total_steps: true\n", "total_steps=True is not a valid int"),
+    ("beta: .nan\n", "beta must be a finite number > 0"),
+    ("beta:\n", "beta=None is not a valid float"),
+    ("model: {name: smollm2}\n", "model={'name': 'smollm2'} is not a valid str"),
+    ("lora_targets: [q, 3]\n", "lora_targets=['q', 3] is not a list of names"),
+    ("lora: {rank: 4}\n", "unknown config key 'lora'"),
+    ("- total_steps: 4\n", "must hold a mapping of keys to values"),
+    ("total_steps: 4\n  beta: [\n", "is not valid YAML"),
+])
+def test_fuzzed_config_files_are_one_clear_line(tmp_path, capsys, yaml_text, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    assert cli(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
+
+
+@pytest.mark.parametrize("line, message", [
+    (json.dumps({**_GOOD_ROW, "document": ""}), ":2: missing or empty field 'document'"),
+    (json.dumps({**_GOOD_ROW, "gold": 42}), ":2: missing or empty field 'gold'"),
+    (json.dumps([1, 2]), ":2: expected a JSON object, got list"),
+    ('{"id": "r1", "document": ', ":2: not valid JSON"),
+    (b'{"id": "r1", "document": "caf\xe9"}', ":2: not UTF-8 text"),
+    (json.dumps({**_GOOD_ROW, "document": "word " * 2_000_000}), "exceeds max_prompt_length=256"),
+])
+def test_fuzzed_data_rows_name_the_file_and_line_and_keep_the_run_dir(tiny_dir, data_dir, tmp_path, capsys, line,
+                                                                       message):
+    run = tmp_path / "run"
+    assert cli(_args(tiny_dir, data_dir, run)) == 0  # an existing run whose files must survive the bad command
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    bad = tmp_path / "bad_data"
+    bad.mkdir()
+    for split in ("train", "test"):
+        raw = line if isinstance(line, bytes) else line.encode()
+        (bad / f"{split}.jsonl").write_bytes(json.dumps(_GOOD_ROW).encode() + b"\n" + raw + b"\n")
+    capsys.readouterr()
+    assert cli(_args(tiny_dir, bad, tmp_path / "run2")) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err[-2000:]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before

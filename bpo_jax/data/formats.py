@@ -31,8 +31,12 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with opener(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte {err.start} of the line)") from None
             if not line.strip():
                 continue
             try:
