@@ -16,6 +16,7 @@ import sys
 import time
 
 import pytest
+from tiny_models import write_minisum_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEADLINE = 300  # seconds for one group of processes
@@ -77,12 +78,7 @@ def _run_group(args_per_process, *, devices: int, cwd=None, sigterm_when=None):
 
 @pytest.fixture(scope="module")
 def setting(tiny_policy_and_rm, tmp_path_factory):
-    data = tmp_path_factory.mktemp("mp_data")
-    rows = [{"id": f"r{i}", "document": f"Town {i} opened a park with {i + 3} benches on Monday.",
-             "reference": f"Town {i} has a new park.", "gold": f"Town {i} opened a park with {i + 3} benches."}
-            for i in range(10)]
-    for split in ("train", "test"):
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_minisum_folder(tmp_path_factory.mktemp("mp_data"), rows=10)
     policy, rm = tiny_policy_and_rm
     common = [f"model={policy}", f"data={data}", "annotator=reward_model", f"reward_model={rm}", "total_steps=4",
               "num_phases=2", "batch_size=4", "reward_batch_size=4", "max_new_tokens=4", "eval_max_new_tokens=4",

@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from tiny_models import write_minisum_folder
 
 from bpo_jax import online
 from bpo_jax.__main__ import main as cli
@@ -141,11 +142,7 @@ def test_nan_loss_halts_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_path, m
 def test_train_command_end_to_end(tiny_dir, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
-    rows = [{"id": f"r{i}", "document": f"Town {i} opened a park with {i + 3} benches on Monday.",
-             "reference": f"Town {i} has a new park.", "gold": f"Town {i} opened a park with {i + 3} benches."}
-            for i in range(6)]
-    for split in ("train", "test"):
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_minisum_folder(data)
     run = tmp_path / "run"
     assert cli(["train", f"model={tiny_dir}", f"data={data}", f"run_dir={run}", "total_steps=2", "num_phases=2",
                 "batch_size=2", "max_new_tokens=4", "eval_max_new_tokens=4", "lora_rank=2"]) == 0

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from tiny_models import write_minisum_folder
 
 from bpo_jax import online
 from bpo_jax.__main__ import main as cli
@@ -24,13 +25,7 @@ def tiny_dir(tiny_policy_and_rm):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    data = tmp_path_factory.mktemp("resume_data")
-    rows = [{"id": f"r{i}", "document": f"Town {i} opened a park with {i + 3} benches on Monday.",
-             "reference": f"Town {i} has a new park.", "gold": f"Town {i} opened a park with {i + 3} benches."}
-            for i in range(6)]
-    for split in ("train", "test"):
-        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return data
+    return write_minisum_folder(tmp_path_factory.mktemp("resume_data"))
 
 
 def _args(tiny_dir, data_dir, run, *extra):

@@ -1,4 +1,7 @@
-"""Tiny random HF checkpoints of each supported family, saved as safetensors folders for parity tests."""
+"""Tiny random HF checkpoints of each supported family, saved as safetensors folders for parity tests, and a
+tiny task folder in the demo's (minisum) format."""
+
+import json
 
 import torch
 from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, Qwen2Config
@@ -51,3 +54,13 @@ def save_hf_reward_model(family: str, path, seed: int = 0):
 def _with_one_label(config):
     config.num_labels = 1
     return config
+
+
+def write_minisum_folder(folder, rows: int = 6):
+    """``folder/{train,test}.jsonl`` of ``rows`` short documents in the minisum format; returns ``folder``."""
+    data = [{"id": f"r{i}", "document": f"Town {i} opened a park with {i + 3} benches on Monday.",
+             "reference": f"Town {i} has a new park.", "gold": f"Town {i} opened a park with {i + 3} benches."}
+            for i in range(rows)]
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    return folder
