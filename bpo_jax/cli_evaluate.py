@@ -69,9 +69,7 @@ def main(argv=None) -> int:
         eos_token_ids=run.eos_token_ids, mesh=run.mesh)
     wr = win_rate_from_scores(scores, ref_scores)
     data_name = os.path.basename(os.path.normpath(cfg.data))
-    record = {"step": step, "data": cfg.data, "eval/win_rate": wr.win_rate, "eval/ci_low": wr.ci_low,
-              "eval/ci_high": wr.ci_high, "eval/mean_score": wr.mean_score,
-              "eval/mean_reference_score": wr.mean_reference_score, "eval/n": wr.n}
+    record = {"step": step, "data": cfg.data, **wr.metrics()}
     rd.append_jsonl(rd.path(cfg.run_dir, "eval.jsonl"), record)
     detail = rd.path(cfg.run_dir, f"eval_step{step}_{data_name}.jsonl")
     if distributed.is_primary():
@@ -79,8 +77,6 @@ def main(argv=None) -> int:
             json.dumps({"prompt": prompt, "response": resp, "reference": ref, "score": float(s),
                         "reference_score": float(r)}) + "\n"
             for prompt, resp, ref, s, r in zip(task.eval_prompts, responses, task.references, scores, ref_scores)))
-    if distributed.is_primary():
-            print(f"{cfg.run_dir} step {step} on {cfg.data}: win rate vs human references {100 * wr.win_rate:.1f}% "
-              f"(95% CI {100 * wr.ci_low:.1f}–{100 * wr.ci_high:.1f}, n={wr.n}); mean {task.score_name} "
+        print(f"{cfg.run_dir} step {step} on {cfg.data}: {wr.describe()}; mean {task.score_name} "
               f"{wr.mean_score:.3f} vs references {wr.mean_reference_score:.3f}. Responses: {detail}")
     return 0

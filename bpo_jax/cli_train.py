@@ -57,11 +57,9 @@ def main(argv=None) -> int:
         wr, responses = evaluate_win_rate(params, mcfg, tok, task.annotator, task.eval_prompts, task.eval_ids,
                                           task.eval_mask, task.references, max_new_tokens=cfg.eval_max_new_tokens,
                                           eos_token_ids=eos, mesh=mesh)
-        say(f"step {step}: win rate vs human references {100 * wr.win_rate:.1f}% "
-            f"(95% CI {100 * wr.ci_low:.1f}–{100 * wr.ci_high:.1f}, n={wr.n}); mean {task.score_name} "
-            f"{wr.mean_score:.3f} vs references {wr.mean_reference_score:.3f}; e.g. {responses[0][:100]!r}")
-        return {"eval/win_rate": wr.win_rate, "eval/ci_low": wr.ci_low, "eval/ci_high": wr.ci_high,
-                "eval/mean_score": wr.mean_score, "eval/mean_reference_score": wr.mean_reference_score}
+        say(f"step {step}: {wr.describe()}; mean {task.score_name} {wr.mean_score:.3f} vs references "
+            f"{wr.mean_reference_score:.3f}; e.g. {responses[0][:100]!r}")
+        return wr.metrics()
 
     lora = f"LoRA r={cfg.lora_rank} x{cfg.ensemble_size}" if cfg.lora_rank else "full fine-tuning"
     hosts = f", {distributed.process_count()} processes" if distributed.process_count() > 1 else ""

@@ -1,7 +1,10 @@
 """Win rate against references: greedy responses scored by the annotator against the references' scores.
 
-As in the paper, a prompt is won when the annotator scores the policy's greedy response above the human
-reference (ties count half). The 95% interval is a percentile bootstrap over prompts.
+As the paper counts it, a prompt is won only when the annotator scores the policy's greedy response strictly
+above the human reference: a tie is a loss (official code, ``eval/benchmark_llm_reward.py``:
+``if summ_score[0] > ref_score[0]: count += 1``). The tie rate and the ties-as-half win rate are reported beside
+it (ties are rare with a reward model, common with ROUGE). The 95% interval is a percentile bootstrap over
+prompts.
 
 With several processes the test set is split across hosts (each decodes and scores its slice, padded to one
 size by repeating the last prompt) and the scores and responses are gathered, so every host computes the same
@@ -19,23 +22,35 @@ from bpo_jax.sampling import generate
 
 
 class WinRate(NamedTuple):
-    win_rate: float
+    win_rate: float  # strict wins (the paper's rule)
     ci_low: float
     ci_high: float
     mean_score: float
     mean_reference_score: float
     n: int
+    tie_rate: float
+    win_rate_ties_half: float
+
+    def metrics(self) -> dict:
+        """The ``eval/...`` record of ``metrics.jsonl``."""
+        return {f"eval/{k}": v for k, v in self._asdict().items()}
+
+    def describe(self) -> str:
+        return (f"win rate vs human references {100 * self.win_rate:.1f}% (95% CI {100 * self.ci_low:.1f}–"
+                f"{100 * self.ci_high:.1f}, n={self.n}; ties {100 * self.tie_rate:.1f}% count as losses, as in the "
+                f"paper; ties as half: {100 * self.win_rate_ties_half:.1f}%)")
 
 
 def win_rate_from_scores(scores, reference_scores, *, num_bootstrap: int = 1000, seed: int = 0) -> WinRate:
-    """Win rate (ties = ½) with a percentile-bootstrap 95% CI over prompts."""
+    """Strict win rate (ties lose) with a percentile-bootstrap 95% CI over prompts, plus the tie rate."""
     s, r = np.asarray(scores, np.float64), np.asarray(reference_scores, np.float64)
     if s.shape != r.shape or s.ndim != 1 or s.size == 0:
         raise ValueError(f"need two equal-length 1-D score arrays, got {s.shape} and {r.shape}")
-    wins = (s > r) + 0.5 * (s == r)
+    wins, ties = (s > r).astype(np.float64), (s == r).astype(np.float64)
     boot = np.random.default_rng(seed).choice(wins, size=(num_bootstrap, wins.size), replace=True).mean(axis=1)
     lo, hi = np.percentile(boot, [2.5, 97.5])
-    return WinRate(float(wins.mean()), float(lo), float(hi), float(s.mean()), float(r.mean()), int(s.size))
+    return WinRate(float(wins.mean()), float(lo), float(hi), float(s.mean()), float(r.mean()), int(s.size),
+                   float(ties.mean()), float(wins.mean() + 0.5 * ties.mean()))
 
 
 def score_against_references(annotator, prompts, responses, references) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,7 @@
 """The online BPO loop — T steps in F annotation phases, K = T / F steps per phase. In each phase:
 
   1. the behavior LLM π_β samples two responses per prompt for the phase's K batches of prompts;
-  2. pairs whose two responses are identical are dropped;
+  2. pairs whose two responses are the same text are dropped;
   3. the annotator scores both responses; the higher one is y_w;
   4. the policy π_θ trains K steps on these pairs with L_DAP(π_θ; reference);
   5. π_β ← π_θ.
@@ -59,8 +59,8 @@ def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts, 
                        rng=jax.random.fold_in(key, rounds), mesh=mesh, pad_token_id=model_config.pad_token_id or 0)
         rounds += 1
         toks, mask = out.tokens, out.mask  # this host's rows
-        keep = distinct(toks, mask)
         texts = [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip() for t, m in zip(toks, mask)]
+        keep = distinct(texts)
         scores = annotator([p for p in batch.prompts for _ in range(2)], texts)
         chunks.append(build_pairs(batch.ids, batch.mask, toks, mask, out.logprobs, scores, keep,
                                   eos_token_ids=eos_token_ids))

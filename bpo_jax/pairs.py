@@ -9,10 +9,11 @@ from __future__ import annotations
 import numpy as np
 
 
-def distinct(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``[B]`` bool: the two responses of prompt i (rows 2i and 2i+1) differ as token sequences."""
-    t = np.where(mask.astype(bool), tokens, -1)
-    return np.any(t[0::2] != t[1::2], axis=1)
+def distinct(texts) -> np.ndarray:
+    """``[B]`` bool: the two responses of prompt i (``texts[2i]``, ``texts[2i+1]``: decoded, stripped) differ.
+    Compared as text, as the annotator sees them (the official code keeps the set of decoded responses,
+    ``train/dpo_lora_trainer.py``): two token sequences that decode to the same text are the same response."""
+    return np.asarray([a != b for a, b in zip(texts[0::2], texts[1::2])], bool)
 
 
 def build_pairs(prompt_ids, prompt_mask, tokens, mask, logprobs, scores, keep, eos_token_ids=()) -> dict:

@@ -90,7 +90,8 @@ def test_win_rate_against_references(server):
     judge = _judge(server)
     prompts = ["a", "b", "c", "d"]
     s, r = score_against_references(judge, prompts, ["good", "bad", "good", "x"], ["bad", "good", "bad", "y"])
-    assert win_rate_from_scores(s, r).win_rate == (1 + 0 + 1 + 0.5) / 4
+    wr = win_rate_from_scores(s, r)
+    assert wr.win_rate == (1 + 0 + 1 + 0) / 4 and wr.win_rate_ties_half == (1 + 0 + 1 + 0.5) / 4
 
 
 def test_cache_on_disk_means_no_second_request(server, tmp_path):

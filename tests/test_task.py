@@ -46,16 +46,17 @@ def test_rouge_l_closed_forms():
 
 def test_win_rate_hand_cases():
     wr = win_rate_from_scores([1.0, 0.5, 0.2, 0.9], [0.5, 0.5, 0.3, 0.1])  # win, tie, loss, win
-    assert wr.win_rate == pytest.approx(2.5 / 4) and wr.n == 4
+    assert wr.win_rate == pytest.approx(2 / 4) and wr.n == 4  # the paper's rule: a tie is not a win
+    assert wr.tie_rate == pytest.approx(1 / 4) and wr.win_rate_ties_half == pytest.approx(2.5 / 4)
     assert 0.0 <= wr.ci_low <= wr.win_rate <= wr.ci_high <= 1.0
     assert win_rate_from_scores([1, 1], [0, 0]).ci_low == 1.0
-    # 240 wins, 40 ties, 120 losses of 400: p = 0.65; the percentile bootstrap CI of a mean of n i.i.d.
-    # outcomes approaches the normal interval p ± 1.96·sd/√n (sd of the 1 / ½ / 0 outcomes).
-    outcomes = np.array([1.0] * 240 + [0.5] * 40 + [0.0] * 120)
-    wr = win_rate_from_scores(outcomes, np.full(400, 0.5), num_bootstrap=4000)
-    half = 1.96 * outcomes.std() / np.sqrt(400)
-    assert wr.win_rate == pytest.approx(0.65)
-    assert wr.ci_low == pytest.approx(0.65 - half, abs=0.006) and wr.ci_high == pytest.approx(0.65 + half, abs=0.006)
+    # 240 wins, 40 ties, 120 losses of 400: p = 0.6 (ties lose); the percentile bootstrap CI of a mean of n
+    # i.i.d. outcomes approaches the normal interval p ± 1.96·sd/√n (sd of the 1 / 0 outcomes).
+    scores = np.array([1.0] * 240 + [0.5] * 40 + [0.0] * 120)
+    wr = win_rate_from_scores(scores, np.full(400, 0.5), num_bootstrap=4000)
+    half = 1.96 * (scores > 0.5).std() / np.sqrt(400)
+    assert wr.win_rate == pytest.approx(0.6) and wr.tie_rate == pytest.approx(0.1)
+    assert wr.ci_low == pytest.approx(0.6 - half, abs=0.006) and wr.ci_high == pytest.approx(0.6 + half, abs=0.006)
     with pytest.raises(ValueError, match="equal-length"):
         win_rate_from_scores([1.0], [1.0, 2.0])
 
