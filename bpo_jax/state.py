@@ -1,8 +1,8 @@
 """``TrainState``: one pure pytree with everything a BPO run changes, and the views of it the losses need.
 
 Leaves:
-  * ``base``      — the frozen starting weights (the SFT model). Under LoRA it is stored once and shared by the
-                    policy, the behavior LLM and the SFT reference.
+  * ``base``      — the frozen starting weights (the SFT model), in ``param_dtype``. Under LoRA it is stored
+                    once and shared by the policy, the behavior LLM and the SFT reference.
   * ``trainable`` — what the optimizer updates, with a leading ensemble axis N: LoRA factors of N adapters, or
                     (full fine-tuning, N = 1) a full copy of the weights.
   * ``behavior``  — a snapshot of ``trainable`` taken at each phase boundary: π_β = view(base, behavior).
@@ -10,6 +10,10 @@ Leaves:
   * ``opt_state`` — one optimizer state per ensemble member (a leading N axis), so each adapter has its own
                     AdamW moments and its own gradient-norm clipping.
   * ``step``, ``phase``, ``rng`` (raw ``uint32`` key data, so checkpoints hold plain arrays).
+
+``trainable``, ``behavior``, the ``ema``/``mixup`` reference and the AdamW moments are float32 whatever
+``param_dtype`` is (master weights): a bfloat16 leaf would drop every update below half its ulp (at lr 5e-5,
+most of them). The forward casts them to the compute dtype where they are used.
 """
 
 from __future__ import annotations
@@ -47,15 +51,27 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 
 def adapter_params(cfg: TrainConfig, base: Params, trainable_i: Params) -> Params:
-    """The weights of one ensemble member (``trainable_i`` has no N axis)."""
-    return lora.apply_one(base, trainable_i, cfg.lora_scale) if cfg.lora_rank else trainable_i
+    """The params one ensemble member's forward runs on (``trainable_i`` has no N axis): LoRA in activation
+    space (``lora.attach``: base weights plus their float32 factors, no merged copy); full FT: the float32
+    master weights themselves."""
+    return lora.attach(base, trainable_i, cfg.lora_scale) if cfg.lora_rank else trainable_i
+
+
+def ensemble_params(cfg: TrainConfig, base: Params, trainable: Params) -> Params:
+    """The merged ensemble for a forward inside the train step: LoRA: the members' factors concatenated
+    along the rank axis with scale s/N (``lora.attach_mean``, exactly base + mean delta); full FT: the one
+    float32 model."""
+    if cfg.lora_rank:
+        return lora.attach_mean(base, trainable, cfg.lora_scale)
+    return jax.tree.map(lambda x: x[0], trainable)
 
 
 def merged_params(cfg: TrainConfig, base: Params, trainable: Params) -> Params:
-    """The ensemble merged in weight space (base + mean of the adapters' deltas); full FT: the one model."""
+    """The ensemble merged in weight space, as plain weights in the base's dtypes (for sampling and export):
+    LoRA: base + mean of the adapters' deltas (``lora.merge``); full FT: the one model, cast."""
     if cfg.lora_rank:
         return lora.merge(base, trainable, cfg.lora_scale)
-    return jax.tree.map(lambda x: x[0], trainable)
+    return jax.tree.map(lambda x, b: x[0].astype(b.dtype), trainable, base)
 
 
 def behavior_params(cfg: TrainConfig, state: TrainState) -> Params:
@@ -76,7 +92,7 @@ def reference_params(cfg: TrainConfig, state: TrainState) -> Params:
         return state.base
     if cfg.reference == "fixed":
         return state.reference
-    return merged_params(cfg, state.base, state.reference)  # ema / mixup
+    return ensemble_params(cfg, state.base, state.reference)  # ema / mixup
 
 
 def _copy(tree):
@@ -86,15 +102,14 @@ def _copy(tree):
 
 def create_state(cfg: TrainConfig, base: Params, key: jax.Array, *, reference: Params | None = None) -> TrainState:
     """A fresh state around ``base`` (already placed on its mesh). LoRA factors are created on the base's
-    mesh; the optimizer state follows the trainable leaves' shardings."""
+    mesh; the optimizer state follows the trainable leaves' shardings. Trainable leaves are float32."""
     init_key, run_key = jax.random.split(key)
     if cfg.lora_rank:
         trainable = lora.init_lora(init_key, base["layers"], targets=cfg.lora_targets, rank=cfg.lora_rank,
-                                   num_adapters=cfg.ensemble_size,
-                                   dtype=jax.tree.leaves(base)[0].dtype)
+                                   num_adapters=cfg.ensemble_size)
         trainable = _place_like_base(trainable, base)
     else:
-        trainable = jax.tree.map(lambda x: x[None], base)
+        trainable = jax.tree.map(lambda x: x[None].astype(jnp.float32), base)
     opt_state = _init_opt_state(make_optimizer(cfg), trainable)
     if cfg.reference in ("ema", "mixup"):
         reference = _copy(trainable)

@@ -14,6 +14,11 @@ is the behavior LLM that sampled the pairs (BPO), the sampler's log-probs are th
 reference forward runs; otherwise one forward under the reference weights runs outside the gradient.
 Gradients are accumulated over ``micro_batches`` inside the step; each ensemble member gets its own gradients
 and its own optimizer update (``lax.map`` over the ensemble axis, one member at a time to bound memory).
+
+Under LoRA each member's forward applies its adapter in activation space (``state.adapter_params``: ``x W +
+(x A)(s B)`` in float32 accumulation), and an ``ema``/``mixup`` reference runs as one adapter of rank N·r with
+scale s/N (``state.ensemble_params``): no weight-sized merged copy is built in the step. Gradients, the
+accumulator and the AdamW update are float32, like the master weights they update.
 """
 
 from __future__ import annotations

@@ -71,8 +71,8 @@ def test_lora_trainable_count():
     want = n * sum(r * (i + o) for i, o in dims.values()) * TINY.num_layers
     res = mp.plan(cfg, TINY, _mesh(), 16)
     assert res["trainable_count"] == want
-    # AdamW: two moments shaped like the trainable leaves (plus int32 counters, one per member)
-    assert res["today"]["resident"]["opt_state"] == 2 * want * 2 + 2 * n * 4
+    # AdamW: two float32 moments shaped like the trainable leaves (plus int32 counters, one per member)
+    assert res["today"]["resident"]["opt_state"] == 2 * want * 4 + 2 * n * 4
     assert res["fp32"]["resident"]["opt_state"] == 2 * want * 4 + 2 * n * 4
 
 

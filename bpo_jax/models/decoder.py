@@ -2,7 +2,10 @@
 
 The functional core is ``forward(config, params, input_ids, ...)`` on a plain nested dict of arrays, so the
 train state can hold policy, behavior and LoRA weights as ordinary pytrees. ``Decoder`` is the Flax NNX module
-around it (``nnx.Param`` leaves carrying their logical axis names) for users who want a module.
+around it (``nnx.Param`` leaves carrying their logical axis names) for users who want a module. A layer dict
+may also carry LoRA factors next to a weight (``layers["q_lora"] = {"a", "b"}``, see ``lora.attach``): that
+projection then adds the adapter in activation space, ``x W + (x A) B`` (``_linear``). Weights of any float
+dtype are cast to the compute dtype where they are used (float32 masters work as they are).
 
 Layers are stacked along a leading ``layers`` axis and applied with ``jax.lax.scan`` (one compiled layer, fast
 compiles); ``config.remat`` rematerialises each layer in the backward pass. ``unstack_layers`` gives the same
@@ -155,13 +158,27 @@ def _attention(q, k, v, q_slots, valid, config):
     return out.reshape(b, t, h * d).astype(q.dtype)
 
 
+def _linear(x, lp, name):
+    """``x W`` for the layer weight ``lp[name]``, in ``x``'s dtype. With LoRA factors next to it
+    (``lp["<name>_lora"] = {"a": A [in, r], "b": B [r, out]}``, the scale already in B; ``lora.attach``):
+    ``y = x W + (x A) B``, each product accumulated in float32 and the sum rounded once to ``x``'s dtype."""
+    w = lp[name].astype(x.dtype)
+    f = lp.get(f"{name}_lora")
+    if f is None:
+        return x @ w
+    f32 = jnp.float32
+    xa = jnp.einsum("...i,ir->...r", x, f["a"].astype(x.dtype), preferred_element_type=f32).astype(x.dtype)
+    y = jnp.einsum("...i,io->...o", x, w, preferred_element_type=f32)
+    return (y + jnp.einsum("...r,ro->...o", xa, f["b"].astype(x.dtype), preferred_element_type=f32)).astype(x.dtype)
+
+
 def _mlp(x, lp, config):
-    gate = x @ lp["gate"].astype(x.dtype)
+    gate = _linear(x, lp, "gate")
     if config.hidden_act == "silu":
         act = jax.nn.silu(gate)
     else:
         act = jax.nn.gelu(gate, approximate=config.hidden_act == "gelu_tanh")
-    return (act * (x @ lp["up"].astype(x.dtype))) @ lp["down"].astype(x.dtype)
+    return _linear(act * _linear(x, lp, "up"), lp, "down")
 
 
 def _layer(config, x, lp, cos, sin, k_cache, v_cache, valid, q_slots, cache_index):
@@ -171,7 +188,7 @@ def _layer(config, x, lp, cos, sin, k_cache, v_cache, valid, q_slots, cache_inde
     hn = _rms_norm(x, lp["attn_norm"], c.rms_norm_eps, c.norm_plus_one)
 
     def proj(name):
-        y = hn @ lp[name].astype(x.dtype)
+        y = _linear(hn, lp, name)
         return y + lp[f"{name}_bias"].astype(x.dtype) if c.attention_bias else y
 
     q = _rope(proj("q").reshape(b, t, c.num_heads, c.head_dim), cos, sin)
@@ -181,7 +198,7 @@ def _layer(config, x, lp, cos, sin, k_cache, v_cache, valid, q_slots, cache_inde
         k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
         v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
     attn = _attention(q, k.astype(x.dtype), v.astype(x.dtype), q_slots, valid, c)
-    x = x + attn @ lp["o"].astype(x.dtype)
+    x = x + _linear(attn, lp, "o")
     x = x + _mlp(_rms_norm(x, lp["mlp_norm"], c.rms_norm_eps, c.norm_plus_one), lp, c)
     return x, k, v
 

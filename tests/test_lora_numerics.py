@@ -1,0 +1,152 @@
+"""LoRA and master-weight numerics: float32 trainable and optimizer leaves over a bfloat16 base (no update lost
+to rounding), activation-space adapters = the materialised float32 sum (logits and gradients, one member and
+the concatenated ensemble), and a ΔW below half an ulp of a bfloat16 W that still reaches the output."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bpo_jax import lora
+from bpo_jax import state as st
+from bpo_jax.config import TrainConfig
+from bpo_jax.models import ModelConfig, forward, init_params
+from bpo_jax.train_step import BATCH_KEYS, make_train_step
+
+MCFG = ModelConfig(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=8)
+BF16 = MCFG.replace(param_dtype="bfloat16", dtype="bfloat16")
+P, N, B = 6, 5, 4
+IDS = np.random.default_rng(0).integers(3, 96, (2, 9)).astype(np.int32)
+
+
+def _batch(seed=0):
+    """Random preference pairs (``reference=sft`` never reads the behavior log-probs for the loss)."""
+    rng = np.random.default_rng(seed)
+    ids = lambda: jnp.asarray(rng.integers(3, 96, (B, P + N)), jnp.int32)  # noqa: E731
+    ones = jnp.ones((B, P + N), jnp.int32)
+    zeros = jnp.zeros((B,), jnp.float32)
+    return dict(zip(BATCH_KEYS, (ids(), ones, ids(), ones, zeros, zeros, zeros)))
+
+
+def _cfg(**kw):
+    return TrainConfig(**{**dict(total_steps=4, num_phases=2, batch_size=B, learning_rate=5e-5, max_new_tokens=N,
+                                 reference="sft"), **kw})
+
+
+def _random_b(state, key, scale=0.02):
+    """The state with every adapter's B random (B = 0 at init gives A no gradient)."""
+    b = {name: {**f, "b": scale * jax.random.normal(jax.random.fold_in(key, i), f["b"].shape)}
+         for i, (name, f) in enumerate(state.trainable.items())}
+    return state.replace(trainable=b, behavior=jax.tree.map(jnp.copy, b))
+
+
+def _one_step(cfg, mcfg, state):
+    before = jax.tree.map(np.asarray, state.trainable)
+    fn = make_train_step(cfg, mcfg, st.shardings(state), prompt_len=P)
+    new_state, _ = fn(state, _batch())
+    return before, new_state
+
+
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_bf16_base_keeps_float32_masters_and_every_update(lora_rank):
+    """A bfloat16 base, one AdamW step at lr 5e-5: trainable, behavior and optimizer leaves are float32, and
+    every entry whose update is nonzero changes (bfloat16 leaves drop updates below half their ulp). With
+    float32 compute the step equals the same step on a float32 copy of the base."""
+    cfg = _cfg(lora_rank=lora_rank, ensemble_size=2 if lora_rank else 1)
+    results = {}
+    for name, base in (("bf16", init_params(BF16, jax.random.key(0))),
+                       ("f32", init_params(BF16, jax.random.key(0)))):
+        if name == "f32":
+            base = jax.tree.map(lambda x: x.astype(jnp.float32), base)
+        state = st.create_state(cfg, base, jax.random.key(1))
+        if lora_rank:
+            state = _random_b(state, jax.random.key(2))
+        floats = jax.tree.leaves((state.trainable, state.behavior, state.opt_state))
+        assert {x.dtype for x in floats if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
+        before, new_state = _one_step(cfg, MCFG.replace(param_dtype="bfloat16"), state)  # float32 compute
+        results[name] = (before, jax.tree.map(np.asarray, new_state.trainable))
+        assert {x.dtype for x in jax.tree.leaves(new_state.opt_state[1][0].mu)} == {jnp.dtype(jnp.float32)}
+    (before, after), (before32, after32) = results["bf16"], results["f32"]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), after, after32)
+    moved = jax.tree.map(lambda a, b: (a != b), after32, before32)
+    changed = jax.tree.map(lambda a, b: (a != b), after, before)
+    assert sum(m.sum() for m in jax.tree.leaves(moved)) > 0.5 * sum(m.size for m in jax.tree.leaves(moved))
+    jax.tree.map(lambda m, c: np.testing.assert_array_equal(c[m], True), moved, changed)
+    merged = st.merged_params(cfg, init_params(BF16, jax.random.key(0)), new_state.trainable)
+    assert {x.dtype for x in jax.tree.leaves(merged)} == {jnp.dtype(jnp.bfloat16)}  # sampling/export: param_dtype
+
+
+def test_bf16_compute_step_moves_every_lora_a_entry():
+    """bfloat16 base and compute, lr 5e-5: every A entry (|A| ≈ 0.2, its update ≈ 5e-5) changes."""
+    cfg = _cfg(lora_rank=4)
+    state = _random_b(st.create_state(cfg, init_params(BF16, jax.random.key(0)), jax.random.key(1)),
+                      jax.random.key(2))
+    before, new_state = _one_step(cfg, BF16, state)
+    for name, f in new_state.trainable.items():
+        assert f["a"].dtype == jnp.float32
+        assert np.all(np.asarray(f["a"]) != before[name]["a"]), name
+
+
+def _factors(base, n, key, scale=0.05):
+    lr = lora.init_lora(key, base["layers"], targets=lora.TARGETS, rank=3, num_adapters=n)
+    return {name: {**f, "b": scale * jax.random.normal(jax.random.fold_in(key, i), f["b"].shape)}
+            for i, (name, f) in enumerate(lr.items())}
+
+
+def _logits(mcfg, params):
+    return forward(mcfg, params, jnp.asarray(IDS))[0]
+
+
+def test_activation_space_equals_the_materialised_sum_in_float32():
+    """One member (``attach``) and the merged ensemble (``attach_mean``: factors concatenated along the rank
+    axis, scale s/N) give the logits and factor gradients of ``W + ΔW`` built in float32."""
+    base = init_params(MCFG, jax.random.key(0))
+    ens = _factors(base, 3, jax.random.key(1))
+    s = 2.0
+    w = jax.random.normal(jax.random.key(2), (2, 9, MCFG.vocab_size))
+    one = jax.tree.map(lambda x: x[1], ens)
+    views = (
+        (lambda f: lora.attach(base, f, s), lambda f: lora.merge(base, jax.tree.map(lambda x: x[None], f), s), one),
+        (lambda f: lora.attach_mean(base, f, s), lambda f: lora.merge(base, f, s), ens),
+    )
+    for activation, materialised, factors in views:
+        assert activation(factors)["layers"]["q"] is base["layers"]["q"]  # no merged weight
+        got, want = _logits(MCFG, activation(factors)), _logits(MCFG, materialised(factors))
+        assert float(jnp.max(jnp.abs(want - _logits(MCFG, base)))) > 1e-2  # the adapters matter
+        np.testing.assert_allclose(got, want, atol=2e-5)
+        g_act = jax.grad(lambda f: jnp.sum(w * _logits(MCFG, activation(f))))(factors)
+        g_mat = jax.grad(lambda f: jnp.sum(w * _logits(MCFG, materialised(f))))(factors)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g_act, g_mat)
+
+
+def test_state_views_use_activation_space():
+    """The train step's member view and the ema/mixup reference carry factors, not merged weights."""
+    cfg = _cfg(lora_rank=4, ensemble_size=2, reference="ema")
+    base = init_params(MCFG, jax.random.key(0))
+    state = st.create_state(cfg, base, jax.random.key(1))
+    member = st.adapter_params(cfg, base, jax.tree.map(lambda x: x[0], state.trainable))
+    ref = st.reference_params(cfg, state)
+    for view in (member, ref):
+        assert view["layers"]["q"] is base["layers"]["q"] and "q_lora" in view["layers"]
+    assert ref["layers"]["q_lora"]["a"].shape == (2, 32, 8)  # [L, in, N·r]
+
+
+def test_bf16_delta_below_half_an_ulp_reaches_the_output_only_in_activation_space():
+    """|ΔW| ≤ 1e-5 < half an ulp of every bfloat16 W entry (|W| ≥ 0.01): adding ΔW to W rounds it away, so the
+    materialised model is bit for bit the base; the activation-space adapter still changes the logits."""
+    base = init_params(BF16, jax.random.key(0))
+    layers = dict(base["layers"])
+    for name in lora.TARGETS:
+        w = layers[name].astype(jnp.float32)
+        layers[name] = (jnp.sign(w) * jnp.maximum(jnp.abs(w), 0.01)).astype(jnp.bfloat16)
+    base = {**base, "layers": layers}
+    factors = jax.tree.map(lambda x: x[0], _factors(base, 1, jax.random.key(1)))
+    factors = {name: {**f, "b": f["b"] * 1e-5 / float(jnp.max(jnp.abs(lora.delta(f, 1.0))))}
+               for name, f in factors.items()}
+    zero = jax.tree.map(jnp.zeros_like, factors)
+    merged = lora.merge(base, jax.tree.map(lambda x: x[None], factors), 1.0)
+    jax.tree.map(np.testing.assert_array_equal, merged, base)
+    np.testing.assert_array_equal(_logits(BF16, merged), _logits(BF16, base))
+    tiny, none = _logits(BF16, lora.attach(base, factors, 1.0)), _logits(BF16, lora.attach(base, zero, 1.0))
+    assert np.mean(np.asarray(tiny != none)) > 0.1
