@@ -34,7 +34,7 @@ from bpo_jax.config import TrainConfig
 from bpo_jax.models.decoder import unstack_layers
 from bpo_jax.pairs import build_pairs, distinct
 from bpo_jax.sampling import generate
-from bpo_jax.train_step import BATCH_KEYS, behavior_logp_gap, make_train_step
+from bpo_jax.train_step import BATCH_KEYS, behavior_logp_gap, make_train_step, member_logp_gaps
 
 
 class Preempted(Exception):
@@ -114,6 +114,9 @@ def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator
                 first = distributed.global_rows({k: v[:B] for k, v in pairs.items() if k in BATCH_KEYS}, mesh)
                 phase_stats["behavior_logp_gap"] = float(behavior_logp_gap(model_config, behavior, first,
                                                                            prompt_len=P))
+                if cfg.ensemble_size > 1:
+                    gaps = member_logp_gaps(cfg, model_config, state.base, state.trainable, first, prompt_len=P)
+                    phase_stats["member_logp_gap_max"] = float(gaps.max())
                 del behavior
             i = step - phase * K
             batch = distributed.global_rows({k: pairs[k][i * B:(i + 1) * B] for k in BATCH_KEYS}, mesh)

@@ -161,3 +161,16 @@ def behavior_logp_gap(model_config, params, batch, *, prompt_len: int):
     pc, pr, _, _ = pair_logps(model_config, params, batch, prompt_len)
     return jnp.maximum(jnp.max(jnp.abs(pc - batch["chosen_behavior_logps"])),
                        jnp.max(jnp.abs(pr - batch["rejected_behavior_logps"])))
+
+
+@partial(jax.jit, static_argnames=("cfg", "model_config", "prompt_len"))
+def member_logp_gaps(cfg: TrainConfig, model_config, base, trainable, batch, *, prompt_len: int):
+    """``[N]``: per ensemble member, the largest |member − sampler| gap in summed response log-probs over a batch.
+    At a phase start the merged π_β sampled the batch, so this is how far each member is from π_β (0 only for
+    full fine-tuning or one adapter): why an ensemble's first loss of a phase is not its h = 0 value."""
+    def one(train_i):
+        pc, pr, _, _ = pair_logps(model_config, st.adapter_params(cfg, base, train_i), batch, prompt_len)
+        return jnp.maximum(jnp.max(jnp.abs(pc - batch["chosen_behavior_logps"])),
+                           jnp.max(jnp.abs(pr - batch["rejected_behavior_logps"])))
+
+    return jax.lax.map(one, trainable)

@@ -68,6 +68,20 @@ def test_two_phase_run_logs_log2_at_each_phase_start(tiny_dir, tmp_path):
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
 
 
+def test_ensemble_members_differ_from_the_merged_behavior_at_a_phase_start(tiny_dir, tmp_path):
+    """With 3 adapters π_β is their merge: at phase 2's start the sampler matches π_β, but every member is
+    away from it, so the first loss of the phase is not log 2 (it is with one adapter, above)."""
+    model, tok, prompts = _setup(tiny_dir)
+    online.train(_cfg(tmp_path / "run", lora_rank=2, ensemble_size=3), model_config=model.config, tokenizer=tok,
+                 base=model.params, prompts=prompts, annotator=_annotator(), eos_token_ids=(2,), log=lambda *a: None)
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    first, second = records[0], records[2]
+    assert first["phase/member_logp_gap_max"] < 1e-3 and abs(first["loss"] - LOG2) < 1e-5  # B = 0: all = base
+    assert second["phase/behavior_logp_gap"] < 1e-3 < second["phase/member_logp_gap_max"]
+    assert abs(second["loss"] - LOG2) > 1e-5
+
+
 _KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
