@@ -86,13 +86,12 @@ def shard_bytes(leaf, sharding, itemsize: int | None = None) -> int:
     return math.prod(sharding.shard_shape(leaf.shape)) * size
 
 
-def tree_bytes(tree, shardings, *, f32: bool = False) -> int:
-    """Per-device bytes of a pytree; ``f32`` counts floating leaves at 4 bytes (fp32 master weights)."""
+def tree_bytes(tree, shardings) -> int:
+    """Per-device bytes of a pytree under matching shardings."""
     leaves = jax.tree.leaves(tree)
     shs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
     assert len(leaves) == len(shs), (len(leaves), len(shs))
-    return sum(shard_bytes(x, s, 4 if f32 and jnp.issubdtype(x.dtype, jnp.floating) else None)
-               for x, s in zip(leaves, shs))
+    return sum(shard_bytes(x, s) for x, s in zip(leaves, shs))
 
 
 def abstract_state(cfg, mc: ModelConfig):
@@ -139,26 +138,30 @@ def working_set(mc: ModelConfig, rows: int, t: int, tensor: int) -> int:
     return rows * per_row
 
 
+def _layer_cast_bytes(layers: dict, shardings: dict, num_layers: int, itemsize: int) -> int:
+    """One layer's share of the stacked layer leaves, per device, at ``itemsize`` bytes an element."""
+    return sum(shard_bytes(layers[k], shardings[k], itemsize) for k in layers) // num_layers
+
+
 def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig | None = None) -> dict:
-    """Per-device bytes of every component, the per-phase transients and the peak (today / fp32 master)."""
+    """Per-device bytes of every component, the per-phase transients and the peak."""
     mesh = abstract_mesh(mesh_sizes)
     base, state = abstract_state(cfg, mc)
     sh_base, sh_train, sh_opt, sh_ref = state_shardings(cfg, mc, state, mesh)
     n, tensor, s = cfg.ensemble_size, mesh_sizes["tensor"], shd.batch_shards(mesh)
     c = jnp.dtype(mc.dtype).itemsize
+    dtype_of = lambda tree: str(jax.tree.leaves(tree)[0].dtype) if tree is not None else "-"  # noqa: E731
     r = {"mesh": mesh_sizes, "hbm": hbm_gib * GiB,
-         "trainable_dtype": str(jax.tree.leaves(state.trainable)[0].dtype),
-         "opt_dtype": str(jax.tree.leaves(state.opt_state[1][0].mu)[0].dtype),
+         "trainable_dtype": dtype_of(state.trainable), "opt_dtype": dtype_of(state.opt_state[1][0].mu),
+         "behavior_dtype": dtype_of(state.behavior), "reference_dtype": dtype_of(state.reference),
          "trainable_count": sum(x.size for x in jax.tree.leaves(state.trainable)),
          "base_count": sum(x.size for x in jax.tree.leaves(base))}
-    res, res32 = {}, {}
-    res["base"] = res32["base"] = tree_bytes(state.base, sh_base)
+    # Resident: the state as create_state builds it (trainable, behavior, ema/mixup reference and the AdamW
+    # moments float32 masters; base and a fixed reference in param_dtype).
+    res = {"base": tree_bytes(state.base, sh_base)}
     for key, tree, shs in (("trainable", state.trainable, sh_train), ("opt_state", state.opt_state, sh_opt),
                            ("behavior", state.behavior, sh_train), ("reference", state.reference, sh_ref)):
         res[key] = tree_bytes(tree, shs) if tree is not None else 0
-        res32[key] = tree_bytes(tree, shs, f32=True) if tree is not None else 0
-    if cfg.reference == "fixed":
-        res32["reference"] = res["reference"]  # the fixed reference stays in param_dtype
     if rm is not None:  # reward model: the decoder without lm_head, plus a replicated score vector [D]
         rm_base = jax.eval_shape(functools.partial(decoder.init_params, rm), jax.random.key(0))
         rm_base.pop("lm_head", None)
@@ -166,14 +169,15 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
         axes.pop("lm_head", None)
         specs = shd.logical_to_specs(axes, rm_base, mesh)
         rm_sh = jax.tree.map(lambda p: NamedSharding(mesh, p), specs, is_leaf=lambda x: isinstance(x, P))
-        res["reward_model"] = res32["reward_model"] = tree_bytes(rm_base, rm_sh) + rm.hidden_size * 4
+        res["reward_model"] = tree_bytes(rm_base, rm_sh) + rm.hidden_size * 4
     layer_leaves = lambda: sum(  # noqa: E731
         tree_bytes(state.base["layers"][k], sh_base["layers"][k]) for k in state.base["layers"])
     targets = sum(tree_bytes(state.base["layers"][k], sh_base["layers"][k]) for k in cfg.lora_targets) \
         if cfg.lora_rank else 0
 
-    # Sampling (collect_pairs): merged behavior weights (LoRA: new target leaves; full FT: x[0] of every
-    # leaf), their unstack_layers copy, the KV cache of bprompts·2 rows and the prefill's prompt cache.
+    # Sampling (collect_pairs): merged behavior weights in the base's dtypes (LoRA: lora.merge makes new target
+    # leaves; full FT: merged_params casts the float32 master x[0] of every leaf to param_dtype), their
+    # unstack_layers copy, the KV cache of bprompts·2 rows and the prefill's prompt cache.
     merged = targets if cfg.lora_rank else res["base"]
     unstacked = layer_leaves()
     bprompts = sampling._rows_bucket(cfg.batch_size, s)
@@ -208,23 +212,57 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
         act = (mc.num_layers + 1) * ws
     vocab = mc.vocab_size // tensor if mc.vocab_size % tensor == 0 else mc.vocab_size
     logits = 2 * rows * cfg.max_new_tokens * vocab * 4  # f32 logits + the softmax in their backward
-    train, train32 = {}, {}
-    train["grads_and_update"] = 3 * res["trainable"] // n  # grad accumulator, one micro-batch's grads, update
-    train32["grads_and_update"] = 3 * res32["trainable"] // n
-    if cfg.lora_rank:  # apply_one: merged target weights and their cotangents, in param_dtype
-        train["lora_merged_weights"] = train32["lora_merged_weights"] = 2 * targets
-    if cfg.reference in ("ema", "mixup") and cfg.lora_rank:
-        train["reference_merged"] = train32["reference_merged"] = targets
-    train["activations"] = train32["activations"] = act
-    train["logits"] = train32["logits"] = logits
+    # LoRA in activation space (decoder._linear): x A [rows, T, r] in the compute dtype per target per layer,
+    # saved for the backward without remat (L + 1 layers' worth, like W), else one recomputed layer's value and
+    # cotangent.
+    xa_layers = 2 if mc.remat else mc.num_layers + 1
+    xa_one = rows * t * c * len(cfg.lora_targets) if cfg.lora_rank else 0  # per unit of rank, per layer
+
+    def casts(tree, shs) -> int:
+        """The compute-dtype copies the forward makes of weights stored in another dtype: the unembedding
+        (logits_from_hidden casts embed.T / lm_head whole) and one layer's weights inside the scan."""
+        if jax.tree.leaves(tree)[0].dtype == jnp.dtype(mc.dtype):
+            return 0
+        un = "embed" if mc.tie_word_embeddings else "lm_head"
+        lead = tree[un].ndim - base[un].ndim  # full FT: the x[0] of an [N, ...] leaf
+        one = lambda x: jax.ShapeDtypeStruct(x.shape[lead:], x.dtype)  # noqa: E731
+        sh_one = lambda z: NamedSharding(mesh, P(*z.spec[lead:]))  # noqa: E731
+        lay = {k: one(v) for k, v in tree["layers"].items()}
+        lay_sh = {k: sh_one(v) for k, v in shs["layers"].items()}
+        return shard_bytes(one(tree[un]), sh_one(shs[un]), c) + _layer_cast_bytes(lay, lay_sh, mc.num_layers, c)
+
+    train = {"grads_and_update": 3 * res["trainable"] // n}  # float32 accumulator, one micro-batch's grads, update
+    if cfg.lora_rank:  # what the scan reads: lax.map's slice of one member's A and attach's s·B, float32
+        train["member_factors"] = res["trainable"] // n
+        train["lora_xa"] = xa_layers * xa_one * cfg.lora_rank
+        fwd_weights, fwd_sh = state.base, sh_base
+    else:  # adapter_params = the float32 master itself
+        fwd_weights, fwd_sh = state.trainable, sh_train
+    if (wc := casts(fwd_weights, fwd_sh)):
+        train["weight_casts"] = wc
+    train["activations"] = act
+    train["logits"] = logits
     r.update(train_rows=rows, train_len=t)
 
-    for tag, resident, tr in (("today", res, train), ("fp32", res32, train32)):
-        phases = {"sampling": sum(samp.values()), "annotation": sum(ann.values()), "train_step": sum(tr.values())}
-        worst = max(phases, key=phases.get)
-        r[tag] = {"resident": resident, "train": tr, "phases": phases, "peak_phase": worst,
-                  "peak": sum(resident.values()) + phases[worst]}
-    r["sampling"], r["annotation"] = samp, ann
+    # Reference forward (reference != behavior): runs before the gradient pass, outside it, so it is a phase of
+    # its own. ema/mixup under LoRA: attach_mean's rank-N·r concatenation of the reference factors (float32).
+    ref_fwd = {}
+    if cfg.reference != "behavior":
+        if cfg.lora_rank and cfg.reference in ("ema", "mixup"):
+            ref_fwd["reference_factors"] = res["reference"]
+        ref_tree, ref_sh = {"fixed": (state.reference, sh_ref)}.get(cfg.reference, (state.base, sh_base))
+        if cfg.reference in ("ema", "mixup") and not cfg.lora_rank:
+            ref_tree, ref_sh = state.reference, sh_ref
+        if (wc := casts(ref_tree, ref_sh)):
+            ref_fwd["weight_casts"] = wc
+        ref_fwd["forward"] = rows * t * mc.hidden_size * c + ws + xa_one * n * cfg.lora_rank
+        ref_fwd["logits"] = logits
+
+    phases = {"sampling": sum(samp.values()), "annotation": sum(ann.values()), "train_step": sum(train.values()),
+              "reference_forward": sum(ref_fwd.values())}
+    worst = max(phases, key=phases.get)
+    r.update(resident=res, sampling=samp, annotation=ann, train=train, reference_forward=ref_fwd, phases=phases,
+             peak_phase=worst, peak=sum(res.values()) + phases[worst])
     return r
 
 
@@ -246,19 +284,19 @@ def print_plan(r: dict, cfg, mc: ModelConfig, device: str) -> None:
           f"reference={cfg.reference} | trainable {r['trainable_count'] / 1e6:.1f}M params")
     print(f"batch {cfg.batch_size} pairs / {cfg.micro_batches} micro-batches -> {r['train_rows']} rows x "
           f"{r['train_len']} tokens per device; KV cache {r['kv_rows']} rows x {r['kv_len']} slots (global)")
-    print(f"{'per device, GiB':34s}{'today':>9s}{'fp32-master':>13s}")
-    t, f = r["today"], r["fp32"]
-    labels = {"trainable": f"trainable ({r['trainable_dtype']})", "opt_state": f"AdamW mu+nu ({r['opt_dtype']})"}
-    for k in t["resident"]:
-        print(f"  {labels.get(k, k):32s}{g(t['resident'][k])}{g(f['resident'][k]):>13s}")
-    print(f"  {'= resident':32s}{g(sum(t['resident'].values()))}{g(sum(f['resident'].values())):>13s}")
-    for phase, items in (("sampling", r["sampling"]), ("annotation", r["annotation"])):
+    print(f"{'per device':34s}{'GiB':>8s}")
+    labels = {"base": f"base ({mc.param_dtype})", "trainable": f"trainable ({r['trainable_dtype']})",
+              "opt_state": f"AdamW mu+nu ({r['opt_dtype']})", "behavior": f"behavior ({r['behavior_dtype']})",
+              "reference": f"reference ({r['reference_dtype']})"}
+    for k, v in r["resident"].items():
+        print(f"  {labels.get(k, k):32s}{g(v)}")
+    print(f"  {'= resident':32s}{g(sum(r['resident'].values()))}")
+    for phase, items in (("sampling", r["sampling"]), ("annotation", r["annotation"]),
+                         ("train_step", r["train"]), ("ref_forward", r["reference_forward"])):
         for k, v in items.items():
-            print(f"  {phase + ': ' + k:32s}{g(v)}{g(v):>13s}")
-    for k in t["train"]:
-        print(f"  {'train_step: ' + k:32s}{g(t['train'][k])}{g(f['train'][k]):>13s}")
-    print(f"  {'= peak (' + t['peak_phase'] + ')':32s}{g(t['peak'])}{g(f['peak']):>13s}")
-    print(f"HBM {hbm} GiB: today {verdict(t['peak'], hbm * GiB)}; fp32-master {verdict(f['peak'], hbm * GiB)}")
+            print(f"  {phase + ': ' + k:32s}{g(v)}")
+    print(f"  {'= peak (' + r['peak_phase'] + ')':32s}{g(r['peak'])}")
+    print(f"HBM {hbm} GiB: {verdict(r['peak'], hbm * GiB)}")
 
 
 CASES = (  # name, model config, overrides on top of the training config
@@ -272,7 +310,7 @@ ALL_MESHES = {"v5e-32": "data=1,fsdp=16,tensor=2"}  # else FSDP over all chips
 
 def print_all(config_path: str, overrides, rm: str | None) -> None:
     cols = ("case", "device", "mesh d/f/t", "base", "train+opt", "beh+ref", "RM", "sampling", "train_step",
-            "peak", "peak fp32m", "HBM", "verdict (today)")
+            "peak", "HBM", "verdict")
     print(" | ".join(cols))
     for name, model, extra in CASES:
         cfg = load_config(config_path, list(extra) + list(overrides))
@@ -281,12 +319,12 @@ def print_all(config_path: str, overrides, rm: str | None) -> None:
         for device, (_, chips, hbm) in DEVICES.items():
             sizes = parse_mesh(ALL_MESHES.get(device, "data=1,fsdp=-1,tensor=1"), chips, cfg)
             r = plan(cfg, mc, sizes, hbm, rmc)
-            t, res = r["today"], r["today"]["resident"]
+            res = r["resident"]
             g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
             row = (name, device, "/".join(str(v) for v in sizes.values()), g(res["base"]),
                    g(res["trainable"] + res["opt_state"]), g(res["behavior"] + res["reference"]),
-                   g(res.get("reward_model", 0)), g(t["phases"]["sampling"]), g(t["phases"]["train_step"]),
-                   g(t["peak"]), g(r["fp32"]["peak"]), str(hbm), verdict(t["peak"], hbm * GiB))
+                   g(res.get("reward_model", 0)), g(r["phases"]["sampling"]), g(r["phases"]["train_step"]),
+                   g(r["peak"]), str(hbm), verdict(r["peak"], hbm * GiB))
             print(" | ".join(row))
 
 

@@ -39,7 +39,7 @@ def test_base_bytes_equal_real_params():
     params = decoder.init_params(TINY, jax.random.key(0))
     want = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     r = mp.plan(_cfg(), TINY, _mesh(), 16)
-    assert r["today"]["resident"]["base"] == want
+    assert r["resident"]["base"] == want
     assert r["base_count"] == sum(x.size for x in jax.tree.leaves(params))
 
 
@@ -55,12 +55,12 @@ def test_fsdp_shard_of_divisible_leaf_is_exactly_one_nth():
 
 def test_non_dividing_dimension_stays_replicated():
     odd = TINY.replace(hidden_size=36)  # 36 % 8 != 0: the embed dim cannot go over fsdp=8
-    total = mp.plan(_cfg(), odd, _mesh(), 16)["today"]["resident"]["base"]
-    assert mp.plan(_cfg(), odd, _mesh(fsdp=8), 16)["today"]["resident"]["base"] == total
+    total = mp.plan(_cfg(), odd, _mesh(), 16)["resident"]["base"]
+    assert mp.plan(_cfg(), odd, _mesh(fsdp=8), 16)["resident"]["base"] == total
     # while with fsdp=4 every leaf with an embed dim shrinks 4x and the norms stay whole
     base = jax.eval_shape(functools.partial(decoder.init_params, odd), jax.random.key(0))
     norms = sum(x.size for k, x in jax.tree_util.tree_flatten_with_path(base)[0] if "norm" in jax.tree_util.keystr(k))
-    sharded = mp.plan(_cfg(), odd, _mesh(fsdp=4), 16)["today"]["resident"]["base"]
+    sharded = mp.plan(_cfg(), odd, _mesh(fsdp=4), 16)["resident"]["base"]
     assert sharded == (total - norms * 2) // 4 + norms * 2
 
 
@@ -72,8 +72,10 @@ def test_lora_trainable_count():
     res = mp.plan(cfg, TINY, _mesh(), 16)
     assert res["trainable_count"] == want
     # AdamW: two float32 moments shaped like the trainable leaves (plus int32 counters, one per member)
-    assert res["today"]["resident"]["opt_state"] == 2 * want * 4 + 2 * n * 4
-    assert res["fp32"]["resident"]["opt_state"] == 2 * want * 4 + 2 * n * 4
+    assert res["resident"]["opt_state"] == 2 * want * 4 + 2 * n * 4
+    # float32 masters whatever param_dtype is (bfloat16 here): trainable and behavior snapshot at 4 bytes
+    assert res["resident"]["trainable"] == res["resident"]["behavior"] == want * 4
+    assert res["trainable_dtype"] == res["opt_dtype"] == "float32"
 
 
 def test_kv_cache_bytes():
@@ -88,8 +90,8 @@ def test_kv_cache_bytes():
 
 def test_verdict_and_peak():
     r = mp.plan(_cfg(), TINY, _mesh(), 16)
-    t = r["today"]
-    assert t["peak"] == sum(t["resident"].values()) + max(t["phases"].values())
+    assert r["peak"] == sum(r["resident"].values()) + max(r["phases"].values())
+    assert r["phases"]["train_step"] == sum(r["train"].values())
     assert mp.verdict(15 * mp.GiB, 16 * mp.GiB).startswith("fits (tight)")
     assert mp.verdict(17 * mp.GiB, 16 * mp.GiB).startswith("does NOT fit")
 
@@ -122,7 +124,7 @@ def test_shardings_match_real_placement(overrides):
         for x, s in zip(jax.tree.leaves(tree), shs, strict=True):
             assert x.sharding.shard_shape(x.shape) == s.shard_shape(x.shape)
     want = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(real.trainable))
-    assert mp.plan(cfg, TINY, sizes, 16)["today"]["resident"]["trainable"] == want
+    assert mp.plan(cfg, TINY, sizes, 16)["resident"]["trainable"] == want
     np.testing.assert_equal(len(jax.tree.leaves(real.opt_state)), len(jax.tree.leaves(abstract.opt_state)))
 
 
@@ -132,6 +134,7 @@ def test_all_prints_every_device():
     for device in mp.DEVICES:
         assert f"| {device} |" in out
     assert out.count("\n") == 1 + len(mp.CASES) * len(mp.DEVICES)
+    assert "fp32" not in out.splitlines()[0]
 
 
 def test_single_plan_cli():
@@ -140,3 +143,58 @@ def test_single_plan_cli():
                           "--device", "v5e-8", "micro_batches=2"],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     assert "mesh data=1 fsdp=8 tensor=1" in out and "2.51B params" in out and "HBM 16 GiB" in out
+    assert "trainable (float32)" in out and "AdamW mu+nu (float32)" in out and "lora_merged" not in out
+
+
+def _base_bytes(tree, itemsize=None):
+    return sum(x.size * (itemsize or x.dtype.itemsize) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_lora_train_step_is_activation_space(remat):
+    """No merged target weights (nor their cotangent) in the step; x A per target per layer instead."""
+    n, r, targets = 2, 4, ("q", "v", "down")
+    cfg = _cfg(f"lora_rank={r}", f"ensemble_size={n}", "lora_targets=" + ",".join(targets), "batch_size=4",
+               "max_prompt_length=24", "max_new_tokens=8", f"remat={str(remat).lower()}")
+    mc = TINY.replace(remat=remat)
+    res = mp.plan(cfg, mc, _mesh(), 16)
+    rows, t = 2 * 4, 24 + 8
+    assert (res["train_rows"], res["train_len"]) == (rows, t)
+    assert set(res["train"]) == {"grads_and_update", "member_factors", "lora_xa", "activations", "logits"}
+    layers = 2 if remat else TINY.num_layers + 1
+    assert res["train"]["lora_xa"] == layers * rows * t * r * 2 * len(targets)  # bfloat16 compute
+    trainable = res["resident"]["trainable"]
+    assert res["train"]["member_factors"] == trainable // n
+    assert res["train"]["grads_and_update"] == 3 * trainable // n
+    # sampling still materialises the merge: the target leaves in param_dtype, and the unstacked layers
+    base = jax.eval_shape(functools.partial(decoder.init_params, TINY), jax.random.key(0))
+    assert res["sampling"]["behavior_merged"] == _base_bytes({k: base["layers"][k] for k in targets})
+    assert res["sampling"]["behavior_unstacked"] == _base_bytes(base["layers"])
+
+
+def test_full_ft_masters_and_casts():
+    """Full FT: float32 master copy; sampling casts it to param_dtype; the step casts the unembedding and one
+    layer at a time to the compute dtype."""
+    cfg = _cfg("lora_rank=0", "ensemble_size=1")
+    res = mp.plan(cfg, TINY, _mesh(), 16)
+    base = jax.eval_shape(functools.partial(decoder.init_params, TINY), jax.random.key(0))
+    assert res["resident"]["trainable"] == res["resident"]["behavior"] == _base_bytes(base, 4)
+    assert res["sampling"]["behavior_merged"] == _base_bytes(base)  # bfloat16, like the base
+    unembed = "embed" if TINY.tie_word_embeddings else "lm_head"
+    want = base[unembed].size * 2 + _base_bytes(base["layers"], 2) // TINY.num_layers
+    assert res["train"]["weight_casts"] == want
+    assert "member_factors" not in res["train"] and "lora_xa" not in res["train"]
+    # float32 compute: the masters are used as they are
+    res32 = mp.plan(cfg, TINY.replace(dtype="float32"), _mesh(), 16)
+    assert "weight_casts" not in res32["train"]
+
+
+def test_ema_lora_reference_forward_is_its_own_phase():
+    n, r = 3, 4
+    cfg = _cfg(f"lora_rank={r}", f"ensemble_size={n}", "reference=ema")
+    res = mp.plan(cfg, TINY, _mesh(), 16)
+    assert res["resident"]["reference"] == res["resident"]["trainable"]  # float32 copy of the factors
+    assert res["reference_forward"]["reference_factors"] == res["resident"]["reference"]
+    assert res["phases"]["reference_forward"] == sum(res["reference_forward"].values())
+    assert "reference_merged" not in res["train"]
+    assert mp.plan(_cfg(f"lora_rank={r}"), TINY, _mesh(), 16)["reference_forward"] == {}
