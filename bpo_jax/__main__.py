@@ -18,6 +18,8 @@ COMMANDS = {
     "plot": ("bpo_jax.plot", "PNG of win rate (with CI) and loss against step for one or more run dirs"),
     "toy": ("bpo_jax.toy", "seconds-long BPO vs offline/on-policy comparison on a toy softmax policy"),
     "generate": ("bpo_jax.cli_generate", "answer a prompt with a model (default: the shipped SmolLM2-135M-Instruct)"),
+    "experiment": ("bpo_jax.cli_experiment", "a method x loss x seed grid of train runs under one budget, with paired "
+                                             "win-rate comparisons: EXPERIMENT.yaml"),
 }
 
 

@@ -3,9 +3,13 @@
 Every document is invented from templates with random slots (towns, people, organisations, numbers, days), in
 eight domains. Each row carries a plain human-style ``reference`` summary that keeps the gist and some specifics but
 not the key numbers, and a held-out expert ``gold`` summary that states the main event with its key specifics in the
-document's own words. Usage: ``python data/minisum/generate.py``.
+document's own words. Usage: ``python data/minisum/generate.py`` (the shipped 128 / 48 rows, here).
+
+A larger set for the experiment runner, with no test document sharing a (template, town, person) with a training
+one: ``python data/minisum/generate.py --train 1200 --test 400 --seed 2025 --disjoint --out data/minisum_large``.
 """
 
+import argparse
 import json
 import os
 import random
@@ -80,8 +84,11 @@ TEMPLATES = [
 SHOPS = ["Golden Crust", "Rising Dough", "The Flour Mill", "Crumb and Co", "Morning Loaf", "Hearth Bread"]
 
 
-def make_rows(count: int, rng: random.Random, prefix: str) -> list[dict]:
-    rows, seen = [], set()
+def make_rows(count: int, rng: random.Random, prefix: str, seen=None) -> list[dict]:
+    """``count`` rows, each with a (template, town, person) not in ``seen`` (updated; a fresh set when None)."""
+    rows, seen = [], set() if seen is None else seen
+    if count > len(TOWNS) * len(PEOPLE) * len(TEMPLATES) - len(seen):
+        raise ValueError(f"{count} rows need more distinct (template, town, person) combinations than are left")
     while len(rows) < count:
         t = TEMPLATES[len(rows) % len(TEMPLATES)]
         town, town2 = rng.sample(TOWNS, 2)
@@ -97,12 +104,20 @@ def make_rows(count: int, rng: random.Random, prefix: str) -> list[dict]:
     return rows
 
 
-def main():
-    here = os.path.dirname(os.path.abspath(__file__))
-    rng = random.Random(2024)
-    for split, count in (("train", 128), ("test", 48)):
-        with open(os.path.join(here, f"{split}.jsonl"), "w") as f:
-            for row in make_rows(count, rng, split):
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", type=int, default=128, help="training rows")
+    p.add_argument("--test", type=int, default=48, help="test rows")
+    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--disjoint", action="store_true",
+                   help="no (template, town, person) in both splits (default off: the shipped files)")
+    p.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)), help="folder (default: here)")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    rng, shared = random.Random(args.seed), set() if args.disjoint else None
+    for split, count in (("train", args.train), ("test", args.test)):
+        with open(os.path.join(args.out, f"{split}.jsonl"), "w") as f:
+            for row in make_rows(count, rng, split, shared):
                 f.write(json.dumps(row) + "\n")
 
 

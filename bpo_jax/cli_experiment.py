@@ -1,0 +1,165 @@
+"""``python -m bpo_jax experiment configs/experiments/<name>.yaml [--out-dir DIR] [--dry-run] [--report-only]``:
+run a method × loss × seed grid of train runs under one budget, then write the comparison.
+
+Each run is ``python -m bpo_jax train`` in a subprocess (``run_dir = <out_dir>/<method>/<loss>/seed<k>``,
+output in ``<run_dir>/experiment.log``), then ``python -m bpo_jax evaluate`` on its final checkpoint for the
+per-prompt scores. Rerunning the command skips finished runs and resumes interrupted ones from their checkpoint.
+Writes to ``out_dir``: ``results.csv`` (per method and loss: the seeds' final win rates with bootstrap 95% CIs,
+their mean and std), ``paired.csv`` (per loss and pair of methods: the win-rate difference with a paired
+bootstrap 95% CI over prompts and seeds), ``results.md`` (both as tables) and ``win_rate.png`` (win rate against
+step, mean over seeds with a min–max band, one panel per loss). The win rate counts ties as losses, as the paper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bpo_jax experiment", description=__doc__.split("\n\n")[0])
+    p.add_argument("experiment", help="YAML with base, methods, loss_types, seeds, out_dir")
+    p.add_argument("--out-dir", help="override the file's out_dir")
+    p.add_argument("--dry-run", action="store_true", help="print each run's commands and whether it is finished")
+    p.add_argument("--report-only", action="store_true", help="run nothing; write the results of finished runs")
+    p.add_argument("--in-process", action="store_true",
+                   help="run train/evaluate in this process (no isolation: a crash stops the grid; for tests)")
+    args = p.parse_args(argv)
+
+    from bpo_jax import experiment as ex
+    from bpo_jax.config import ConfigError
+
+    try:
+        exp = ex.load_experiment(args.experiment, args.out_dir)
+        ex.check_finished_runs_match(exp)
+    except ConfigError as err:
+        print(f"experiment error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for run in exp.runs:
+            state = "finished" if ex.is_trained(run) and os.path.exists(ex.eval_file(run)) else "to run"
+            print(f"# {run.method}/{run.loss_type}/seed{run.seed}: {state}\n"
+                  f"python -m bpo_jax train {' '.join(run.overrides)}\n"
+                  f"python -m bpo_jax evaluate --checkpoint {run.run_dir} --step {run.config.total_steps}")
+        return 0
+    failed = []
+    if not args.report_only:
+        print(f"experiment: {len(exp.methods)} methods x {len(exp.loss_types)} losses x {len(exp.seeds)} seeds = "
+              f"{len(exp.runs)} runs in {exp.out_dir}", flush=True)
+        failed = ex.run_grid(exp, in_process if args.in_process else subprocess_command,
+                             log=lambda msg: print(msg, flush=True))
+    results, paired, unfinished = ex.summarize(exp)
+    os.makedirs(exp.out_dir, exist_ok=True)
+    write_results(exp, results, paired, unfinished)
+    if results:
+        plot_grid(exp, os.path.join(exp.out_dir, "win_rate.png"))
+    print(f"results: {os.path.join(exp.out_dir, 'results.md')} ({len(exp.runs) - len(unfinished)} of "
+          f"{len(exp.runs)} runs finished)")
+    for run, step, rc in failed:
+        print(f"FAILED: {run.run_dir}: {step} exited with {rc}; see {run.run_dir}/experiment.log", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def subprocess_command(args: list, log_path: str) -> int:
+    """``python -m bpo_jax <args>`` in a fresh process, its output appended to ``log_path``."""
+    with open(log_path, "a") as log:
+        return subprocess.run([sys.executable, "-m", "bpo_jax", *args], stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+
+
+def in_process(args: list, log_path: str) -> int:
+    from bpo_jax.__main__ import main as cli
+
+    return cli(list(args))
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def write_results(exp, results, paired, unfinished) -> None:
+    """``results.csv``, ``paired.csv`` and ``results.md`` in ``exp.out_dir``."""
+    cfg = exp.runs[0].config
+    seed_cols = [f"{c}_seed{s}" for s in exp.seeds for c in ("win_rate", "ci_low", "ci_high", "tie_rate")]
+    with open(os.path.join(exp.out_dir, "results.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "loss_type", "num_phases", "reference", "seeds_finished", "n_prompts",
+                    "mean_win_rate", "std_win_rate", *seed_cols])
+        for r in results:
+            over = _method_config(exp, r.method)
+            per = {s: wr for s, wr in zip(r.seeds, r.per_seed)}
+            cells = [f"{getattr(per[s], c):.4f}" if s in per else ""
+                     for s in exp.seeds for c in ("win_rate", "ci_low", "ci_high", "tie_rate")]
+            w.writerow([r.method, r.loss_type, over.num_phases, over.reference, len(r.seeds), r.per_seed[0].n,
+                        f"{r.summary.mean:.4f}", f"{r.summary.std:.4f}", *cells])
+    with open(os.path.join(exp.out_dir, "paired.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["loss_type", "method_a", "method_b", "diff", "ci_low", "ci_high", "p_value", "n_prompts",
+                    "n_seeds"])
+        for loss, a, b, d in paired:
+            w.writerow([loss, a, b, f"{d.diff:.4f}", f"{d.ci_low:.4f}", f"{d.ci_high:.4f}", f"{d.p_value:.4f}",
+                        d.n_prompts, d.n_seeds])
+    lines = [f"# Experiment: {exp.out_dir}", "",
+             f"Model {cfg.model}, data {cfg.data}; every method: T={cfg.total_steps} steps, batch {cfg.batch_size} "
+             f"pairs, max_new_tokens={cfg.max_new_tokens}, {results[0].per_seed[0].n if results else '?'} test "
+             f"prompts (eval_size={cfg.eval_size}), eval_max_new_tokens={cfg.eval_max_new_tokens}, beta={cfg.beta}, "
+             f"lora_rank={cfg.lora_rank}, learning_rate={cfg.learning_rate}.", "",
+             "Win rate (%) of the final policy's greedy response against the human reference; a tie counts as a "
+             "loss, as in the paper. Per seed: the win rate with its bootstrap 95% CI over prompts.", "",
+             "| loss | method | F | reference | mean ± std over seeds | " +
+             " | ".join(f"seed {s}" for s in exp.seeds) + " |",
+             "|---|---|---|---|---|" + "---|" * len(exp.seeds)]
+    for r in results:
+        over, per = _method_config(exp, r.method), dict(zip(r.seeds, r.per_seed))
+        cells = [f"{_pct(per[s].win_rate)} [{_pct(per[s].ci_low)}, {_pct(per[s].ci_high)}]" if s in per else "—"
+                 for s in exp.seeds]
+        lines.append(f"| {r.loss_type} | {r.method} | {over.num_phases} | {over.reference} | "
+                     f"{_pct(r.summary.mean)} ± {_pct(r.summary.std)} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences (A − B, percentage points), same test prompts and seeds; 95% CI from a "
+              "bootstrap that resamples prompts and seeds, the same draw for both methods.", "",
+              "| loss | A | B | A − B | 95% CI | p | prompts × seeds |", "|---|---|---|---|---|---|---|"]
+    for loss, a, b, d in paired:
+        lines.append(f"| {loss} | {a} | {b} | {100 * d.diff:+.1f} | [{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}] | "
+                     f"{d.p_value:.3f} | {d.n_prompts} × {d.n_seeds} |")
+    if unfinished:
+        lines += ["", f"Not finished ({len(unfinished)}): " + ", ".join(
+            f"{r.method}/{r.loss_type}/seed{r.seed}" for r in unfinished)]
+    with open(os.path.join(exp.out_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _method_config(exp, method):
+    return next(r.config for r in exp.runs if r.method == method)
+
+
+def plot_grid(exp, out: str) -> None:
+    """Win rate against step: one panel per loss, one line per method (mean over finished seeds at the steps
+    they all evaluated), band = min..max over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from bpo_jax.experiment import is_trained, win_rate_curve
+
+    fig, axes = plt.subplots(1, len(exp.loss_types), figsize=(5 * len(exp.loss_types), 4), squeeze=False)
+    for ax, loss in zip(axes[0], exp.loss_types):
+        for method in exp.methods:
+            curves = [dict(zip(*map(list, win_rate_curve(r)))) for r in exp.runs
+                      if (r.method, r.loss_type) == (method, loss) and is_trained(r)]
+            if not curves:
+                continue
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            w = 100 * np.asarray([[c[s] for s in steps] for c in curves])
+            line, = ax.plot(steps, w.mean(0), marker="o", label=f"{method} ({len(curves)} seeds)")
+            ax.fill_between(steps, w.min(0), w.max(0), color=line.get_color(), alpha=0.2)
+        ax.set(xlabel="step", ylabel="win rate vs references (%)", title=f"{loss}: mean over seeds, min–max band")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

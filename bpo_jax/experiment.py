@@ -1,0 +1,317 @@
+"""A grid of train runs, method × loss × seed, under one budget — the experiment behind the paper's claim:
+
+  1. read the grid: ``base`` train-config keys, ``methods`` (a name and the few keys a method may set),
+     ``loss_types``, ``seeds``, ``out_dir``; build every run's ``TrainConfig`` and refuse a method that changes the
+     budget (T, batch size, test prompts, token limits, ...) or a finished run whose saved config differs;
+  2. for each run in turn, ``run_dir = <out_dir>/<method>/<loss>/seed<k>``: skip it when it is finished, else run
+     the same ``train`` command (which resumes from the run's checkpoint), then ``evaluate`` its final checkpoint
+     for the per-prompt scores; a failing run is logged and the grid goes on;
+  3. read each finished run's per-prompt outcomes (1 when the greedy response beats the human reference
+     strictly, as the paper counts it: a tie loses) and its win rate against step;
+  4. summarise: per (method, loss) the seeds' win rates with bootstrap CIs and their mean ± std, and for each
+     pair of methods the paired win-rate difference with a bootstrap CI over prompts and seeds;
+  5. write them (``bpo_jax.cli_experiment``: ``results.csv``, ``paired.csv``, ``results.md``, ``win_rate.png``).
+
+The runner takes its dependencies as arguments: ``run_command(args, log_path) -> exit code`` runs one
+``python -m bpo_jax <args>`` (a subprocess per run in the CLI: bounded memory, isolated failures) and ``log``
+prints. Statistics are pure NumPy functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import time
+from typing import Callable, NamedTuple
+
+import numpy as np
+import yaml
+
+from bpo_jax.config import ConfigError, TrainConfig, load_config, run_identity_changes
+
+# What a method may set: how often π_β is refreshed and what the loss's reference is (plus the references' own
+# knobs). Everything else is the shared budget and setting, in ``base``.
+METHOD_KEYS = ("num_phases", "reference", "ema_rate", "mixup_alpha", "mixup_every", "reference_path")
+GRID_KEYS = ("loss_type", "seed", "run_dir")  # set by the runner for each run
+EXPERIMENT_KEYS = ("base", "methods", "loss_types", "seeds", "out_dir")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    method: str
+    loss_type: str
+    seed: int
+    config: TrainConfig
+    overrides: tuple  # key=value strings: what `python -m bpo_jax train` gets
+
+    @property
+    def run_dir(self) -> str:
+        return self.config.run_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    methods: dict  # name -> the method's overrides (after resolving num_phases: T)
+    loss_types: tuple
+    seeds: tuple
+    out_dir: str
+    runs: tuple  # Run, in the order they run: method, then loss, then seed
+
+
+def load_experiment(path: str, out_dir: str | None = None) -> Experiment:
+    """Read and check an experiment YAML (step 1); ``out_dir`` overrides the file's. Raises ConfigError."""
+    try:
+        with open(path) as f:
+            spec = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"experiment file {path!r} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"experiment file {path!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"experiment file {path!r} must hold a mapping with keys {', '.join(EXPERIMENT_KEYS)}")
+    if out_dir:
+        spec["out_dir"] = out_dir
+    return build_experiment(spec, source=path)
+
+
+def build_experiment(spec: dict, source: str = "the experiment") -> Experiment:
+    """Every run's config from ``spec``; refuses unknown keys, a method that changes the budget, and a grid
+    whose runs would not all start (e.g. T not a multiple of a method's F)."""
+    unknown = sorted(set(spec) - set(EXPERIMENT_KEYS))
+    missing = [k for k in EXPERIMENT_KEYS if k not in spec]
+    if unknown or missing:
+        raise ConfigError(f"{source}: " + "; ".join(
+            ([f"unknown keys {unknown}"] if unknown else []) + ([f"missing keys {missing}"] if missing else [])) +
+            f" (an experiment has {', '.join(EXPERIMENT_KEYS)})")
+    base, methods = spec["base"] or {}, spec["methods"]
+    loss_types, seeds = spec["loss_types"], spec["seeds"]
+    if not isinstance(base, dict):
+        raise ConfigError(f"{source}: base must be a mapping of train-config keys")
+    if fixed := [k for k in GRID_KEYS if k in base]:
+        raise ConfigError(f"{source}: base sets {fixed}; the grid sets them (loss_types, seeds, out_dir)")
+    if not isinstance(methods, dict) or not methods:
+        raise ConfigError(f"{source}: methods must be a non-empty mapping of name -> overrides")
+    if not (isinstance(loss_types, list) and loss_types and all(isinstance(x, str) for x in loss_types)):
+        raise ConfigError(f"{source}: loss_types must be a non-empty list of names, e.g. [sigmoid, ipo, hinge]")
+    if not (isinstance(seeds, list) and seeds and all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise ConfigError(f"{source}: seeds must be a non-empty list of integers, e.g. [0, 1, 2]")
+    if len(set(loss_types)) < len(loss_types) or len(set(seeds)) < len(seeds):
+        raise ConfigError(f"{source}: loss_types and seeds must not repeat")
+    base_cfg = load_config(None, [_kv(k, v) for k, v in base.items()])
+    resolved = {}
+    for name, over in methods.items():
+        over = over or {}
+        if not isinstance(over, dict) or "/" in str(name):
+            raise ConfigError(f"{source}: method {name!r} must be a name (no '/') with a mapping of overrides")
+        bad = sorted(set(over) - set(METHOD_KEYS))
+        if bad:
+            raise ConfigError(
+                f"{source}: method {name!r} sets {', '.join(f'{k}={over[k]!r}' for k in bad)}; every method must "
+                f"run under the same budget (total_steps, batch_size, eval_size, max_new_tokens, ...) and setting, "
+                f"so those belong in base. A method may set only: {', '.join(METHOD_KEYS)}")
+        resolved[name] = {k: base_cfg.total_steps if (k == "num_phases" and v == "T") else v for k, v in over.items()}
+    runs = []
+    for (name, over), loss, seed in itertools.product(resolved.items(), loss_types, seeds):
+        run_dir = os.path.join(spec["out_dir"], name, loss, f"seed{seed}")
+        overrides = tuple(_kv(k, v) for k, v in {**base, **over, "loss_type": loss, "seed": seed,
+                                                  "run_dir": run_dir}.items())
+        try:
+            cfg = load_config(None, overrides)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: method {name!r} with loss_type={loss}: {err}") from None
+        runs.append(Run(name, loss, seed, cfg, overrides))
+    check_same_budget(runs)
+    return Experiment(resolved, tuple(loss_types), tuple(seeds), spec["out_dir"], tuple(runs))
+
+
+def check_same_budget(runs) -> None:
+    """Every run's config equal to the first's except in METHOD_KEYS and GRID_KEYS (defensive: the overrides
+    allowed make this so)."""
+    free = set(METHOD_KEYS) | set(GRID_KEYS)
+    first = runs[0]
+    for run in runs[1:]:
+        diff = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in free
+                and getattr(run.config, f.name) != getattr(first.config, f.name)]
+        if diff:
+            raise ConfigError(f"runs {first.method} and {run.method} differ in {diff}: not the same budget")
+
+
+def check_finished_runs_match(exp: Experiment) -> None:
+    """Refuse (before anything runs) a run directory holding a run started with other settings: a finished run
+    would otherwise be skipped and reported under the new settings."""
+    for run in exp.runs:
+        saved = os.path.join(run.run_dir, "config.yaml")
+        if os.path.exists(saved):
+            changes = run_identity_changes(load_config(saved), run.config)
+            if changes:
+                raise ConfigError(f"{run.run_dir} holds a run with other settings:\n  " + "\n  ".join(changes) +
+                                  "\nRestore the experiment's settings, or pass another out_dir")
+
+
+def _kv(key, value) -> str:
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    elif isinstance(value, bool):
+        value = str(value).lower()
+    return f"{key}={value}"
+
+
+# ---- step 2: the runs ----------------------------------------------------------------------------------------
+
+def eval_file(run: Run) -> str:
+    """Where ``python -m bpo_jax evaluate`` writes the final checkpoint's per-prompt scores."""
+    data = os.path.basename(os.path.normpath(run.config.data))
+    return os.path.join(run.run_dir, f"eval_step{run.config.total_steps}_{data}.jsonl")
+
+
+def is_trained(run: Run) -> bool:
+    """``metrics.jsonl`` holds the final record (train logs it last)."""
+    path = os.path.join(run.run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return any(r.get("final") and r.get("step") == run.config.total_steps
+                   for r in map(json.loads, filter(str.strip, f)))
+
+
+def run_grid(exp: Experiment, run_command: Callable[[list, str], int], log=print) -> list:
+    """Step 2: train and evaluate each unfinished run in turn. Returns the runs that failed, with their step and
+    exit code."""
+    check_finished_runs_match(exp)
+    failed = []
+    for i, run in enumerate(exp.runs, 1):
+        name = f"[{i}/{len(exp.runs)}] {run.method}/{run.loss_type}/seed{run.seed}"
+        trained, evaluated = is_trained(run), os.path.exists(eval_file(run))
+        if trained and evaluated:
+            log(f"{name}: finished, skipped")
+            continue
+        os.makedirs(run.run_dir, exist_ok=True)
+        log_path = os.path.join(run.run_dir, "experiment.log")
+        commands = ([] if trained else [["train", *run.overrides]]) + [
+            ["evaluate", "--checkpoint", run.run_dir, "--step", str(run.config.total_steps)]]
+        for args in commands:
+            t0 = time.time()
+            log(f"{name}: python -m bpo_jax {' '.join(args)}")
+            rc = run_command(args, log_path)
+            log(f"{name}: {args[0]} {'done' if rc == 0 else f'FAILED (exit {rc}; see {log_path})'} "
+                f"in {time.time() - t0:.0f} s")
+            if rc != 0:
+                failed.append((run, args[0], rc))
+                break
+    return failed
+
+
+# ---- step 3: per-prompt outcomes and curves -------------------------------------------------------------------
+
+def read_scores(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """The final checkpoint's ``(scores, reference_scores)`` per test prompt."""
+    with open(eval_file(run)) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return (np.asarray([r["score"] for r in rows], np.float64),
+            np.asarray([r["reference_score"] for r in rows], np.float64))
+
+
+def outcomes(scores, reference_scores) -> np.ndarray:
+    """1 where the response beats the reference strictly, else 0 (a tie loses, as in the paper)."""
+    return (np.asarray(scores) > np.asarray(reference_scores)).astype(np.float64)
+
+
+def win_rate_curve(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, win_rates)`` from the run's ``metrics.jsonl`` (step 0, every ``eval_every``, the final)."""
+    from bpo_jax.plot import load_series
+
+    s = load_series(run.run_dir)
+    return s["eval_step"], s["win_rate"]
+
+
+# ---- step 4: statistics (pure) ---------------------------------------------------------------------------------
+
+class SeedSummary(NamedTuple):
+    mean: float
+    std: float  # sample standard deviation over seeds (0 for one seed)
+
+
+def summarize_seeds(win_rates) -> SeedSummary:
+    w = np.asarray(win_rates, np.float64)
+    return SeedSummary(float(w.mean()), float(w.std(ddof=1)) if w.size > 1 else 0.0)
+
+
+class PairedDiff(NamedTuple):
+    diff: float  # mean(a) - mean(b) over every (seed, prompt)
+    ci_low: float
+    ci_high: float
+    p_value: float  # two-sided: twice the smaller bootstrap tail beyond 0 (capped at 1)
+    n_prompts: int
+    n_seeds: int
+
+
+def paired_bootstrap(a, b, *, num_bootstrap: int = 2000, seed: int = 0, chunk: int = 250) -> PairedDiff:
+    """Win-rate difference of two methods scored on the same prompts, ``a`` and ``b``: outcomes ``[seeds,
+    prompts]`` (a 1-D array is one seed), row k of both from seed k. Each bootstrap replicate draws seeds and
+    prompts with replacement, the same draw for both methods (and the same prompts for every seed), so what
+    the prompts share (their difficulty) cancels out of the difference. Percentile 95% CI."""
+    a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
+    if a.shape != b.shape or a.size == 0:
+        raise ValueError(f"paired outcomes need the same [seeds, prompts] shape, got {a.shape} and {b.shape}")
+    d = a - b
+    S, N = d.shape
+    rng = np.random.default_rng(seed)
+    boots = []
+    for start in range(0, num_bootstrap, chunk):
+        m = min(chunk, num_bootstrap - start)
+        si, pi = rng.integers(0, S, (m, S)), rng.integers(0, N, (m, N))
+        per_seed = np.stack([d[si[:, k]][np.arange(m)[:, None], pi].mean(axis=1) for k in range(S)], axis=1)
+        boots.append(per_seed.mean(axis=1))
+    boot = np.concatenate(boots)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    p = min(1.0, 2 * min((boot <= 0).mean(), (boot >= 0).mean()))
+    return PairedDiff(float(d.mean()), float(lo), float(hi), float(p), N, S)
+
+
+def compare_methods(outcomes_by_method: dict, **kw) -> list:
+    """``[(method_a, method_b, PairedDiff)]`` for each pair, in the methods' order; each value ``[seeds,
+    prompts]`` over the same seeds in the same order."""
+    names = list(outcomes_by_method)
+    return [(x, y, paired_bootstrap(outcomes_by_method[x], outcomes_by_method[y], **kw))
+            for x, y in itertools.combinations(names, 2)]
+
+
+class MethodResult(NamedTuple):
+    method: str
+    loss_type: str
+    seeds: tuple  # the finished seeds
+    per_seed: tuple  # bpo_jax.evaluate.WinRate per finished seed (bootstrap CI over prompts)
+    summary: SeedSummary  # mean ± std of the seeds' win rates
+
+
+def summarize(exp: Experiment, **bootstrap_kw) -> tuple[list, list, list]:
+    """Steps 3–4 over the finished runs: ``(results, paired, unfinished)``; ``results`` has a MethodResult per
+    (method, loss) with a finished seed, ``paired`` ``(loss, method_a, method_b, PairedDiff)`` over the seeds
+    both finished, ``unfinished`` the runs without per-prompt scores."""
+    from bpo_jax.evaluate import win_rate_from_scores
+
+    results, paired, unfinished, by_loss = [], [], [], {}
+    for method, loss in itertools.product(exp.methods, exp.loss_types):
+        seeds, rates, outs = [], [], {}
+        for run in (r for r in exp.runs if (r.method, r.loss_type) == (method, loss)):
+            if not (is_trained(run) and os.path.exists(eval_file(run))):
+                unfinished.append(run)
+                continue
+            scores, refs = read_scores(run)
+            seeds.append(run.seed)
+            rates.append(win_rate_from_scores(scores, refs))
+            outs[run.seed] = outcomes(scores, refs)
+        if seeds:
+            results.append(MethodResult(method, loss, tuple(seeds), tuple(rates),
+                                        summarize_seeds([w.win_rate for w in rates])))
+            by_loss.setdefault(loss, {})[method] = outs
+    for loss, methods in by_loss.items():
+        for x, y in itertools.combinations(methods, 2):
+            common = [s for s in exp.seeds if s in methods[x] and s in methods[y]]
+            if common:
+                diff = paired_bootstrap([methods[x][s] for s in common], [methods[y][s] for s in common],
+                                        **bootstrap_kw)
+                paired.append((loss, x, y, diff))
+    return results, paired, unfinished

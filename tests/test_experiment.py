@@ -1,0 +1,171 @@
+"""The experiment runner: a 2-method x 1-loss x 2-seed grid of tiny runs end to end (results, skip on rerun,
+resume of an interrupted run), the budget check, and the paired bootstrap against known answers."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+from tiny_models import write_minisum_folder
+
+from bpo_jax import experiment as ex
+from bpo_jax.cli_experiment import main as experiment_cli
+from bpo_jax.config import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _spec(model, data, out_dir, **methods):
+    return {"base": {"model": model, "data": str(data), "total_steps": 2, "batch_size": 2, "max_new_tokens": 4,
+                     "eval_max_new_tokens": 4, "eval_size": 4, "lora_rank": 2, "eval_every": 1,
+                     "learning_rate": 5e-3, "export_policy": False},
+            "methods": methods or {"offline": {"num_phases": 1, "reference": "sft"},
+                                   "bpo_ft": {"num_phases": "T", "reference": "behavior"}},
+            "loss_types": ["sigmoid"], "seeds": [0, 1], "out_dir": str(out_dir)}
+
+
+def _write(tmp_path, spec):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(path)
+
+
+def _records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_grid_writes_results_skips_finished_runs_and_resumes(tiny_policy_and_rm, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    data = write_minisum_folder(tmp_path / "data", rows=6)
+    out = tmp_path / "out"
+    path = _write(tmp_path, _spec(tiny_policy_and_rm[0], data, out))
+    assert experiment_cli([path, "--in-process"]) == 0
+    exp = ex.load_experiment(path)
+    assert [(r.method, r.loss_type, r.seed) for r in exp.runs] == [
+        ("offline", "sigmoid", 0), ("offline", "sigmoid", 1), ("bpo_ft", "sigmoid", 0), ("bpo_ft", "sigmoid", 1)]
+    assert exp.runs[2].config.num_phases == 2 and exp.runs[0].run_dir == str(out / "offline" / "sigmoid" / "seed0")
+
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["loss_type"], r["num_phases"], r["reference"]) for r in rows] == [
+        ("offline", "sigmoid", "1", "sft"), ("bpo_ft", "sigmoid", "2", "behavior")]
+    for row, method in zip(rows, ("offline", "bpo_ft")):
+        finals = [_records(out / method / "sigmoid" / f"seed{s}")[-1] for s in (0, 1)]
+        assert all(r["final"] and r["step"] == 2 for r in finals)
+        for s, final in zip((0, 1), finals):  # the evaluate command's per-prompt scores give train's final win rate
+            assert float(row[f"win_rate_seed{s}"]) == pytest.approx(final["eval/win_rate"], abs=1e-4)
+            assert float(row[f"ci_low_seed{s}"]) <= float(row[f"win_rate_seed{s}"]) <= float(row[f"ci_high_seed{s}"])
+        rates = [f["eval/win_rate"] for f in finals]
+        assert float(row["mean_win_rate"]) == pytest.approx(np.mean(rates), abs=1e-4)
+        assert float(row["std_win_rate"]) == pytest.approx(np.std(rates, ddof=1), abs=1e-4)
+        assert row["n_prompts"] == "4" and row["seeds_finished"] == "2"
+    with open(out / "paired.csv") as f:
+        (pair,) = list(csv.DictReader(f))
+    assert (pair["method_a"], pair["method_b"], pair["n_prompts"], pair["n_seeds"]) == ("offline", "bpo_ft", "4", "2")
+    assert float(pair["diff"]) == pytest.approx(float(rows[0]["mean_win_rate"]) - float(rows[1]["mean_win_rate"]),
+                                                abs=1e-3)
+    md = (out / "results.md").read_text()
+    assert "| sigmoid | offline | 1 | sft |" in md and "| sigmoid | offline | bpo_ft |" in md
+    assert (out / "win_rate.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Rerun: every run is finished, nothing is trained or evaluated again.
+    run_dirs = [r.run_dir for r in exp.runs]
+    before = {d: (_records(d), os.path.getmtime(os.path.join(d, "metrics.jsonl"))) for d in run_dirs}
+    capsys.readouterr()
+    assert experiment_cli([path, "--in-process"]) == 0
+    assert capsys.readouterr().out.count("finished, skipped") == 4
+    assert {d: (_records(d), os.path.getmtime(os.path.join(d, "metrics.jsonl"))) for d in run_dirs} == before
+
+    # An interrupted run (no final record yet, no per-prompt file): the same train command resumes it from its
+    # checkpoint and adds only the final evaluation; its training steps are not repeated.
+    victim = exp.runs[3]
+    records = _records(victim.run_dir)
+    with open(os.path.join(victim.run_dir, "metrics.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records[:-1]))
+    os.remove(ex.eval_file(victim))
+    assert experiment_cli([path, "--in-process"]) == 0
+    assert capsys.readouterr().out.count("finished, skipped") == 3
+    resumed = _records(victim.run_dir)
+    assert [r["step"] for r in resumed if "loss" in r] == [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert resumed[-1]["final"] and os.path.exists(ex.eval_file(victim))
+
+
+def test_each_run_is_a_subprocess_and_a_failing_run_does_not_stop_the_grid(tiny_policy_and_rm, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    data = write_minisum_folder(tmp_path / "data", rows=6)
+    spec = _spec(tiny_policy_and_rm[0], data, tmp_path / "out", broken={"reference": "fixed", "reference_path": str(
+        tmp_path / "missing")}, offline={"num_phases": 1, "reference": "sft"})
+    spec["seeds"] = [0]
+    assert experiment_cli([_write(tmp_path, spec)]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED" in err and "broken/sigmoid/seed0: train exited with 2" in err
+    assert "does not exist" in (tmp_path / "out" / "broken" / "sigmoid" / "seed0" / "experiment.log").read_text()
+    with open(tmp_path / "out" / "results.csv") as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["offline"]
+    assert "Not finished (1): broken/sigmoid/seed0" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_budget_check_refuses_a_method_that_changes_the_budget(tmp_path, capsys):
+    spec = _spec("m", "minisum", tmp_path / "o", offline={"num_phases": 1, "reference": "sft"},
+                 bpo_ft={"num_phases": "T", "total_steps": 4})
+    with pytest.raises(ConfigError, match=r"method 'bpo_ft' sets total_steps=4; every method must run under the "
+                                          r"same budget .* A method may set only: num_phases, reference"):
+        ex.build_experiment(spec)
+    assert experiment_cli([_write(tmp_path, spec)]) == 2
+    assert "every method must run under the same budget" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"base sets \['seed'\]"):
+        ex.build_experiment({**spec, "base": {**spec["base"], "seed": 3}})
+    with pytest.raises(ConfigError, match="method 'f3' with loss_type=sigmoid: total_steps=2 must be a multiple"):
+        ex.build_experiment({**spec, "methods": {"f3": {"num_phases": 3}}})
+    with pytest.raises(ConfigError, match="missing keys \\['seeds'\\]"):
+        ex.build_experiment({k: v for k, v in spec.items() if k != "seeds"})
+
+
+def test_shipped_experiments_validate_and_dry_run(capsys):
+    for name in ("tiny", "minisum_claim"):
+        assert experiment_cli([os.path.join(ROOT, "configs", "experiments", f"{name}.yaml"), "--dry-run",
+                               "--out-dir", "/nonexistent/x"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("python -m bpo_jax train") == 4 + 4 * 3 * 3
+    claim = ex.load_experiment(os.path.join(ROOT, "configs", "experiments", "minisum_claim.yaml"))
+    assert {r.config.num_phases for r in claim.runs} == {1, 2, claim.runs[0].config.total_steps}
+    assert claim.runs[0].config.data == "data/minisum_large"
+
+
+def test_paired_bootstrap_known_difference_and_ci():
+    a = np.array([1, 1, 1, 1, 0, 1, 0, 1, 1, 0], float)  # 7 / 10
+    b = np.array([1, 0, 1, 0, 0, 1, 0, 0, 1, 0], float)  # 4 / 10
+    d = ex.paired_bootstrap(a, b)
+    assert d.diff == pytest.approx(0.3) and d.ci_low <= 0.3 <= d.ci_high and (d.n_prompts, d.n_seeds) == (10, 1)
+    d4 = ex.paired_bootstrap(np.tile(a, 16), np.tile(b, 16))  # 16x the prompts: a CI about 4x narrower
+    assert d4.diff == pytest.approx(0.3) and d4.ci_low <= 0.3 <= d4.ci_high
+    assert 0.15 < (d4.ci_high - d4.ci_low) / (d.ci_high - d.ci_low) < 0.4
+    assert ex.paired_bootstrap(a, a) == (0.0, 0.0, 0.0, 1.0, 10, 1)  # identical outcomes: no difference at all
+
+    # Against the normal approximation: one seed, n paired Bernoulli outcomes, CI ≈ diff ± 1.96 sd(a - b) / √n.
+    rng = np.random.default_rng(0)
+    n = 20000
+    a = (rng.random(n) < 0.6).astype(float)
+    b = np.where(rng.random(n) < 0.7, a, (rng.random(n) < 0.5).astype(float))  # correlated with a
+    d = ex.paired_bootstrap(a, b, num_bootstrap=4000)
+    half = 1.96 * np.std(a - b, ddof=1) / np.sqrt(n)
+    assert d.diff == pytest.approx((a - b).mean())
+    assert d.ci_low == pytest.approx(d.diff - half, abs=0.1 * half)
+    assert d.ci_high == pytest.approx(d.diff + half, abs=0.1 * half)
+    unpaired = 1.96 * np.sqrt(a.var() / n + b.var() / n)
+    assert half < 0.8 * unpaired  # pairing removes what the two methods share
+
+    # Several seeds: the point estimate is the mean over seeds and prompts; seeds are resampled too.
+    a3, b3 = np.stack([a[:500], a[500:1000], a[1000:1500]]), np.stack([b[:500], b[500:1000], b[1000:1500]])
+    d3 = ex.paired_bootstrap(a3, b3)
+    assert d3.diff == pytest.approx((a3 - b3).mean()) and d3.ci_low < d3.diff < d3.ci_high and d3.n_seeds == 3
+    with pytest.raises(ValueError, match="same \\[seeds, prompts\\] shape"):
+        ex.paired_bootstrap(a3, b3[:2])
+
+
+def test_seed_summary():
+    assert ex.summarize_seeds([0.5, 0.7, 0.6]) == pytest.approx((0.6, 0.1))
+    assert ex.summarize_seeds([0.4]) == (0.4, 0.0)
