@@ -167,7 +167,7 @@ def _row_sharded(metadata, mesh) -> jax.ShapeDtypeStruct:
     them), or the default device without a mesh."""
     shape, dtype = tuple(metadata.shape), metadata.dtype
     if mesh is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     else:
         rows = shape[0] % distributed.batch_shards(mesh) == 0
         spec = jax.sharding.PartitionSpec(distributed.BATCH_AXES if rows else None)

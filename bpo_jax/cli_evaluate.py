@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     run = setup_run(cfg, train=False)
     task = run.task
     template = st.create_state(cfg, run.model.params, jax.random.key(cfg.seed), reference=run.reference)
-    state, _, _ = ckpt.restore(step, template)
+    state, _, _ = ckpt.restore(step, template, mesh=run.mesh)
     ckpt.close()
     responses, scores, ref_scores = score_test_set(
         st.policy_params(cfg, state), run.model.config, run.tokenizer, task.annotator, task.eval_prompts,

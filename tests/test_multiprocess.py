@@ -48,13 +48,17 @@ def _run_group(args_per_process, *, devices: int, cwd=None, sigterm_when=None):
         logs.append(out)
         procs.append(subprocess.Popen([sys.executable, "-m", "bpo_jax", *args], env=_env(devices, **extra),
                                       cwd=cwd[i] if cwd else ROOT, stdout=out, stderr=subprocess.STDOUT))
-    start, signalled = time.time(), False
+    start, signalled, first_exit = time.time(), False, None
     try:
         while any(p.poll() is None for p in procs):
             if time.time() - start > DEADLINE:
                 raise TimeoutError(f"processes still running after {DEADLINE} s")
             if any(p.returncode not in (None, 0, 2, 143) for p in procs):
                 raise RuntimeError("a process failed")
+            if first_exit is None and any(p.returncode for p in procs):
+                first_exit = time.time()
+            if first_exit is not None and time.time() - first_exit > 60:  # the others wait on a collective
+                raise RuntimeError("a process stopped with an error while the others kept running")
             if sigterm_when is not None and not signalled and sigterm_when():
                 procs[-1].send_signal(signal.SIGTERM)
                 signalled = True
