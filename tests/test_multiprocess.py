@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -44,7 +45,7 @@ def _run_group(args_per_process, *, devices: int, cwd=None, sigterm_when=None):
     for i, args in enumerate(args_per_process):
         extra = {} if n == 1 else dict(BPO_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", BPO_NUM_PROCESSES=str(n),
                                        BPO_PROCESS_ID=str(i))
-        out = open(os.path.join(cwd[i] if cwd else ROOT, f".mp_{port}_{i}.log"), "w+")
+        out = tempfile.TemporaryFile("w+")  # never left behind in the checkout, also when the group fails
         logs.append(out)
         procs.append(subprocess.Popen([sys.executable, "-m", "bpo_jax", *args], env=_env(devices, **extra),
                                       cwd=cwd[i] if cwd else ROOT, stdout=out, stderr=subprocess.STDOUT))
@@ -76,7 +77,6 @@ def _run_group(args_per_process, *, devices: int, cwd=None, sigterm_when=None):
         f.seek(0)
         results.append((p.wait(), f.read(), ""))
         f.close()
-        os.unlink(f.name)
     return results
 
 
