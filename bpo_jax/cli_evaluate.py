@@ -12,8 +12,6 @@ responses and references with the run's annotator, or with the one the overrides
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 
@@ -55,7 +53,7 @@ def main(argv=None) -> int:
     import jax
 
     from bpo_jax import state as st
-    from bpo_jax.evaluate import score_test_set, win_rate_from_scores
+    from bpo_jax.evaluate import score_test_set, scores_file, win_rate_from_scores, write_scores
     from bpo_jax.tasks import setup_run
 
     run = setup_run(cfg, train=False)
@@ -63,20 +61,15 @@ def main(argv=None) -> int:
     template = st.create_state(cfg, run.model.params, jax.random.key(cfg.seed), reference=run.reference)
     state, _, _ = ckpt.restore(step, template, mesh=run.mesh)
     ckpt.close()
-    responses, scores, ref_scores = score_test_set(
+    result = score_test_set(
         st.policy_params(cfg, state), run.model.config, run.tokenizer, task.annotator, task.eval_prompts,
         task.eval_ids, task.eval_mask, task.references, max_new_tokens=cfg.eval_max_new_tokens,
         eos_token_ids=run.eos_token_ids, mesh=run.mesh)
-    wr = win_rate_from_scores(scores, ref_scores)
-    data_name = os.path.basename(os.path.normpath(cfg.data))
-    record = {"step": step, "data": cfg.data, **wr.metrics()}
-    rd.append_jsonl(rd.path(cfg.run_dir, "eval.jsonl"), record)
-    detail = rd.path(cfg.run_dir, f"eval_step{step}_{data_name}.jsonl")
+    wr = win_rate_from_scores(result.scores, result.reference_scores)
+    rd.append_jsonl(rd.path(cfg.run_dir, "eval.jsonl"), {"step": step, "data": cfg.data, **wr.metrics()})
+    detail = scores_file(cfg.run_dir, step, cfg.data)
+    write_scores(detail, task.eval_prompts, task.references, result)
     if distributed.is_primary():
-        detail.write_text("".join(
-            json.dumps({"prompt": prompt, "response": resp, "reference": ref, "score": float(s),
-                        "reference_score": float(r)}) + "\n"
-            for prompt, resp, ref, s, r in zip(task.eval_prompts, responses, task.references, scores, ref_scores)))
         print(f"{cfg.run_dir} step {step} on {cfg.data}: {wr.describe()}; mean {task.score_name} "
               f"{wr.mean_score:.3f} vs references {wr.mean_reference_score:.3f}. Responses: {detail}")
     return 0

@@ -27,8 +27,7 @@ def main(argv=None) -> int:
 
     from bpo_jax import distributed, online
     from bpo_jax import run_dir as rd
-    from bpo_jax.checkpoint import IncompatibleCheckpoint
-    from bpo_jax.evaluate import evaluate_win_rate
+    from bpo_jax.evaluate import score_test_set, scores_file, win_rate_from_scores, write_scores
     from bpo_jax.tasks import setup_run
 
     import jax
@@ -53,13 +52,21 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
+    done: dict = {}  # step -> metrics of an evaluation already made in this process
+
     def evaluate(params, step):
-        wr, responses = evaluate_win_rate(params, mcfg, tok, task.annotator, task.eval_prompts, task.eval_ids,
-                                          task.eval_mask, task.references, max_new_tokens=cfg.eval_max_new_tokens,
-                                          eos_token_ids=eos, mesh=mesh)
+        if step in done:  # the loop's periodic evaluation at step T is also the final one
+            return done[step]
+        result = score_test_set(params, mcfg, tok, task.annotator, task.eval_prompts, task.eval_ids, task.eval_mask,
+                                task.references, max_new_tokens=cfg.eval_max_new_tokens, eos_token_ids=eos,
+                                mesh=mesh)
+        wr = win_rate_from_scores(result.scores, result.reference_scores)
         say(f"step {step}: {wr.describe()}; mean {task.score_name} {wr.mean_score:.3f} vs references "
-            f"{wr.mean_reference_score:.3f}; e.g. {responses[0][:100]!r}")
-        return wr.metrics()
+            f"{wr.mean_reference_score:.3f}; e.g. {result.responses[0][:100]!r}")
+        if step == cfg.total_steps:  # the final model's per-prompt scores, as `evaluate` writes them
+            write_scores(scores_file(cfg.run_dir, step, cfg.data), task.eval_prompts, task.references, result)
+        done[step] = wr.metrics()
+        return done[step]
 
     lora = f"LoRA r={cfg.lora_rank} x{cfg.ensemble_size}" if cfg.lora_rank else "full fine-tuning"
     hosts = f", {distributed.process_count()} processes" if distributed.process_count() > 1 else ""
@@ -83,9 +90,6 @@ def main(argv=None) -> int:
     except online.Preempted as err:
         print(str(err), file=sys.stderr)
         return 143
-    except IncompatibleCheckpoint as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     from bpo_jax import state as st
 
     after = evaluate(st.policy_params(cfg, state), cfg.total_steps)

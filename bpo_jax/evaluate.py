@@ -13,6 +13,8 @@ win rate.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -93,10 +95,19 @@ def score_test_set(params, config, tokenizer, annotator, prompts, prompt_ids, pr
     return TestSetScores(responses[:n], scores, reference_scores)
 
 
-def evaluate_win_rate(params, config, tokenizer, annotator, prompts, prompt_ids, prompt_mask, references, *,
-                      max_new_tokens: int, eos_token_ids, mesh=None) -> tuple[WinRate, list[str]]:
-    """Greedy responses to ``prompts`` scored against ``references`` by ``annotator``; returns the win rate and
-    the responses."""
-    out = score_test_set(params, config, tokenizer, annotator, prompts, prompt_ids, prompt_mask, references,
-                         max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids, mesh=mesh)
-    return win_rate_from_scores(out.scores, out.reference_scores), out.responses
+def scores_file(run_dir: str, step: int, data: str):
+    """``<run_dir>/eval_step<N>_<data>.jsonl``: one test prompt per line, with the response, the reference and both
+    scores (written by ``train`` at its final evaluation and by ``evaluate``)."""
+    from bpo_jax import run_dir as rd
+
+    return rd.path(run_dir, f"eval_step{step}_{os.path.basename(os.path.normpath(data))}.jsonl")
+
+
+def write_scores(path, prompts, references, result: TestSetScores) -> None:
+    """Write ``scores_file`` (primary host only)."""
+    if distributed.is_primary():
+        path.write_text("".join(
+            json.dumps({"prompt": p, "response": resp, "reference": ref, "score": float(s),
+                        "reference_score": float(r)}) + "\n"
+            for p, resp, ref, s, r in zip(prompts, result.responses, references, result.scores,
+                                          result.reference_scores)))

@@ -4,8 +4,9 @@
      ``loss_types``, ``seeds``, ``out_dir``; build every run's ``TrainConfig`` and refuse a method that changes the
      budget (T, batch size, test prompts, token limits, ...) or a finished run whose saved config differs;
   2. for each run in turn, ``run_dir = <out_dir>/<method>/<loss>/seed<k>``: skip it when it is finished, else run
-     the same ``train`` command (which resumes from the run's checkpoint), then ``evaluate`` its final checkpoint
-     for the per-prompt scores; a failing run is logged and the grid goes on;
+     the same ``train`` command (which resumes from the run's checkpoint; its final evaluation writes the
+     per-prompt scores), then ``evaluate`` the final checkpoint only if those scores are still missing; a
+     failing run is logged and the grid goes on;
   3. read each finished run's per-prompt outcomes (1 when the greedy response beats the human reference
      strictly, as the paper counts it: a tie loses) and its win rate against step;
   4. summarise: per (method, loss) the seeds' win rates with bootstrap CIs and their mean ± std, and for each
@@ -161,9 +162,10 @@ def _kv(key, value) -> str:
 # ---- step 2: the runs ----------------------------------------------------------------------------------------
 
 def eval_file(run: Run) -> str:
-    """Where ``python -m bpo_jax evaluate`` writes the final checkpoint's per-prompt scores."""
-    data = os.path.basename(os.path.normpath(run.config.data))
-    return os.path.join(run.run_dir, f"eval_step{run.config.total_steps}_{data}.jsonl")
+    """Where ``train`` (at its final evaluation) and ``evaluate`` write the final model's per-prompt scores."""
+    from bpo_jax.evaluate import scores_file
+
+    return str(scores_file(run.run_dir, run.config.total_steps, run.config.data))
 
 
 def is_trained(run: Run) -> bool:
@@ -192,6 +194,8 @@ def run_grid(exp: Experiment, run_command: Callable[[list, str], int], log=print
         commands = ([] if trained else [["train", *run.overrides]]) + [
             ["evaluate", "--checkpoint", run.run_dir, "--step", str(run.config.total_steps)]]
         for args in commands:
+            if args[0] == "evaluate" and os.path.exists(eval_file(run)):
+                break  # train's final evaluation wrote the per-prompt scores: no second evaluation
             t0 = time.time()
             log(f"{name}: python -m bpo_jax {' '.join(args)}")
             rc = run_command(args, log_path)

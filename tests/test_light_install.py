@@ -5,7 +5,6 @@ a minute from pip's cache); CI runs it."""
 import os
 import shutil
 import subprocess
-import sys
 import venv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

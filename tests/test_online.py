@@ -166,6 +166,11 @@ def test_train_command_end_to_end(tiny_dir, tmp_path, capsys):
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records] == [0, 1, 2, 2] and records[-1]["final"] is True
     assert (run / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    with open(run / "eval_step2_data.jsonl") as f:  # the final model's per-prompt scores, as `evaluate` writes
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 6 and {"prompt", "response", "reference", "score", "reference_score"} <= set(rows[0])
+    wins = np.mean([r["score"] > r["reference_score"] for r in rows])
+    assert wins == pytest.approx(records[-1]["eval/win_rate"])
     exported, _ = load_pretrained(str(run / "policy"))  # the trained policy as an HF folder
     assert exported.config.num_layers == 2
 
