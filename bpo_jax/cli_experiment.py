@@ -47,8 +47,8 @@ def main(argv=None) -> int:
         return 0
     failed = []
     if not args.report_only:
-        print(f"experiment: {len(exp.methods)} methods x {len(exp.loss_types)} losses x {len(exp.seeds)} seeds = "
-              f"{len(exp.runs)} runs in {exp.out_dir}", flush=True)
+        print(f"experiment: {len(exp.runs)} runs ({len(exp.methods)} methods, {len(exp.loss_types)} losses, "
+              f"{len(exp.seeds)} seeds) in {exp.out_dir}", flush=True)
         failed = ex.run_grid(exp, in_process if args.in_process else subprocess_command,
                              log=lambda msg: print(msg, flush=True))
     results, paired, unfinished = ex.summarize(exp)

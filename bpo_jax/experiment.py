@@ -1,7 +1,8 @@
 """A grid of train runs, method × loss × seed, under one budget — the experiment behind the paper's claim:
 
   1. read the grid: ``base`` train-config keys, ``methods`` (a name and the few keys a method may set),
-     ``loss_types``, ``seeds``, ``out_dir``; build every run's ``TrainConfig`` and refuse a method that changes the
+     ``loss_types``, ``seeds``, ``out_dir``, and optionally ``only`` (loss type -> the methods it runs with, when
+     not all of them); build every run's ``TrainConfig`` and refuse a method that changes the
      budget (T, batch size, test prompts, token limits, ...) or a finished run whose saved config differs;
   2. for each run in turn, ``run_dir = <out_dir>/<method>/<loss>/seed<k>``: skip it when it is finished, else run
      the same ``train`` command (which resumes from the run's checkpoint; its final evaluation writes the
@@ -37,6 +38,7 @@ from bpo_jax.config import ConfigError, TrainConfig, load_config, run_identity_c
 METHOD_KEYS = ("num_phases", "reference", "ema_rate", "mixup_alpha", "mixup_every", "reference_path")
 GRID_KEYS = ("loss_type", "seed", "run_dir")  # set by the runner for each run
 EXPERIMENT_KEYS = ("base", "methods", "loss_types", "seeds", "out_dir")
+OPTIONAL_KEYS = ("only",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +60,8 @@ class Experiment:
     loss_types: tuple
     seeds: tuple
     out_dir: str
-    runs: tuple  # Run, in the order they run: method, then loss, then seed
+    runs: tuple  # Run, in the order they run: loss, then seed, then method (a half-finished grid compares
+                 # every method of the first loss on its first seeds)
 
 
 def load_experiment(path: str, out_dir: str | None = None) -> Experiment:
@@ -80,7 +83,7 @@ def load_experiment(path: str, out_dir: str | None = None) -> Experiment:
 def build_experiment(spec: dict, source: str = "the experiment") -> Experiment:
     """Every run's config from ``spec``; refuses unknown keys, a method that changes the budget, and a grid
     whose runs would not all start (e.g. T not a multiple of a method's F)."""
-    unknown = sorted(set(spec) - set(EXPERIMENT_KEYS))
+    unknown = sorted(set(spec) - set(EXPERIMENT_KEYS) - set(OPTIONAL_KEYS))
     missing = [k for k in EXPERIMENT_KEYS if k not in spec]
     if unknown or missing:
         raise ConfigError(f"{source}: " + "; ".join(
@@ -113,8 +116,11 @@ def build_experiment(spec: dict, source: str = "the experiment") -> Experiment:
                 f"run under the same budget (total_steps, batch_size, eval_size, max_new_tokens, ...) and setting, "
                 f"so those belong in base. A method may set only: {', '.join(METHOD_KEYS)}")
         resolved[name] = {k: base_cfg.total_steps if (k == "num_phases" and v == "T") else v for k, v in over.items()}
+    only = _only(spec.get("only"), loss_types, resolved, source)
     runs = []
-    for (name, over), loss, seed in itertools.product(resolved.items(), loss_types, seeds):
+    for loss, seed, (name, over) in itertools.product(loss_types, seeds, resolved.items()):
+        if name not in only.get(loss, resolved):
+            continue
         run_dir = os.path.join(spec["out_dir"], name, loss, f"seed{seed}")
         overrides = tuple(_kv(k, v) for k, v in {**base, **over, "loss_type": loss, "seed": seed,
                                                   "run_dir": run_dir}.items())
@@ -125,6 +131,21 @@ def build_experiment(spec: dict, source: str = "the experiment") -> Experiment:
         runs.append(Run(name, loss, seed, cfg, overrides))
     check_same_budget(runs)
     return Experiment(resolved, tuple(loss_types), tuple(seeds), spec["out_dir"], tuple(runs))
+
+
+def _only(only, loss_types, methods, source) -> dict:
+    """``only``: loss type -> the methods run with it (a loss not named runs with every method)."""
+    if only is None:
+        return {}
+    if not isinstance(only, dict):
+        raise ConfigError(f"{source}: only must map a loss type to a list of methods, e.g. {{ipo: [offline, bpo_f2]}}")
+    for loss, names in only.items():
+        if loss not in loss_types:
+            raise ConfigError(f"{source}: only names loss {loss!r}, which is not in loss_types {list(loss_types)}")
+        if not (isinstance(names, list) and names and all(n in methods for n in names)):
+            raise ConfigError(f"{source}: only.{loss} must be a non-empty list of methods from {list(methods)}, "
+                              f"got {names!r}")
+    return {loss: set(names) for loss, names in only.items()}
 
 
 def check_same_budget(runs) -> None:

@@ -45,8 +45,8 @@ def test_grid_writes_results_skips_finished_runs_and_resumes(tiny_policy_and_rm,
     assert experiment_cli([path, "--in-process"]) == 0
     exp = ex.load_experiment(path)
     assert [(r.method, r.loss_type, r.seed) for r in exp.runs] == [
-        ("offline", "sigmoid", 0), ("offline", "sigmoid", 1), ("bpo_ft", "sigmoid", 0), ("bpo_ft", "sigmoid", 1)]
-    assert exp.runs[2].config.num_phases == 2 and exp.runs[0].run_dir == str(out / "offline" / "sigmoid" / "seed0")
+        ("offline", "sigmoid", 0), ("bpo_ft", "sigmoid", 0), ("offline", "sigmoid", 1), ("bpo_ft", "sigmoid", 1)]
+    assert exp.runs[1].config.num_phases == 2 and exp.runs[0].run_dir == str(out / "offline" / "sigmoid" / "seed0")
 
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -120,6 +120,13 @@ def test_budget_check_refuses_a_method_that_changes_the_budget(tmp_path, capsys)
         ex.build_experiment({**spec, "base": {**spec["base"], "seed": 3}})
     with pytest.raises(ConfigError, match="method 'f3' with loss_type=sigmoid: total_steps=2 must be a multiple"):
         ex.build_experiment({**spec, "methods": {"f3": {"num_phases": 3}}})
+    good = {**spec, "methods": {"offline": {"num_phases": 1, "reference": "sft"}, "bpo_ft": {"num_phases": "T"}}}
+    with pytest.raises(ConfigError, match="only names loss 'ipo', which is not in loss_types"):
+        ex.build_experiment({**good, "only": {"ipo": ["offline"]}})
+    with pytest.raises(ConfigError, match="only.sigmoid must be a non-empty list of methods from"):
+        ex.build_experiment({**good, "only": {"sigmoid": ["nope"]}})
+    assert [(r.method, r.seed) for r in ex.build_experiment({**good, "only": {"sigmoid": ["bpo_ft"]}}).runs] == [
+        ("bpo_ft", 0), ("bpo_ft", 1)]
     with pytest.raises(ConfigError, match="missing keys \\['seeds'\\]"):
         ex.build_experiment({k: v for k, v in spec.items() if k != "seeds"})
 
@@ -129,9 +136,13 @@ def test_shipped_experiments_validate_and_dry_run(capsys):
         assert experiment_cli([os.path.join(ROOT, "configs", "experiments", f"{name}.yaml"), "--dry-run",
                                "--out-dir", "/nonexistent/x"]) == 0
     out = capsys.readouterr().out
-    assert out.count("python -m bpo_jax train") == 4 + 4 * 3 * 3
+    assert out.count("python -m bpo_jax train") == 4 + 5 * 3 + 2 * 2 * 3
     claim = ex.load_experiment(os.path.join(ROOT, "configs", "experiments", "minisum_claim.yaml"))
     assert {r.config.num_phases for r in claim.runs} == {1, 2, claim.runs[0].config.total_steps}
+    # loss by loss, seed by seed: the first 5 runs are every DPO method on seed 0
+    assert [(r.loss_type, r.seed) for r in claim.runs[:5]] == [("sigmoid", 0)] * 5
+    assert {(r.method, r.loss_type) for r in claim.runs if r.loss_type != "sigmoid"} == {
+        (m, loss) for m in ("offline", "bpo_f2") for loss in ("ipo", "hinge")}
     assert claim.runs[0].config.data == "data/minisum_large"
 
 
