@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     detail = scores_file(cfg.run_dir, step, cfg.data)
     write_scores(detail, task.eval_prompts, task.references, result)
     if distributed.is_primary():
-        print(f"{cfg.run_dir} step {step} on {cfg.data}: {wr.describe()}; mean {task.score_name} "
+        cut = f" ({task.truncated} test prompts cut to max_prompt_length)" if task.truncated else ""
+        print(f"{cfg.run_dir} step {step} on {cfg.data}{cut}: {wr.describe()}; mean {task.score_name} "
               f"{wr.mean_score:.3f} vs references {wr.mean_reference_score:.3f}. Responses: {detail}")
     return 0

@@ -71,8 +71,8 @@ def main(argv=None) -> int:
     lora = f"LoRA r={cfg.lora_rank} x{cfg.ensemble_size}" if cfg.lora_rank else "full fine-tuning"
     hosts = f", {distributed.process_count()} processes" if distributed.process_count() > 1 else ""
     say(f"bpo_jax train: {cfg.model}, T={cfg.total_steps}, F={cfg.num_phases}, reference={cfg.reference}, "
-        f"{cfg.loss_type} beta={cfg.beta}, {lora}, task {task.name}, {len(task.references)} test prompts, "
-        f"run_dir={cfg.run_dir}{hosts}")
+        f"{cfg.loss_type} beta={cfg.beta}, {lora}, task {task.name}, {len(task.references)} test prompts"
+        f"{f' ({task.truncated} cut to max_prompt_length)' if task.truncated else ''}, run_dir={cfg.run_dir}{hosts}")
     rd.make(cfg.run_dir)
     if distributed.is_primary():
         save_config(cfg, str(rd.path(cfg.run_dir, "config.yaml")))  # what `python -m bpo_jax evaluate` reloads

@@ -62,6 +62,7 @@ class TrainConfig:
     # Optimizer (paper: AdamW, linear decay, no warmup, grad-norm clip 1.0)
     learning_rate: float = 5e-5
     weight_decay: float = 0.0
+    adam_eps: float = 1e-8  # optax's and torch's default; the official code's transformers.AdamW uses 1e-6
     max_grad_norm: float = 1.0
     # Data and evaluation
     data: str = "minisum"  # minisum (the demo) | a folder in its format | tldr | hh_helpful | hh_harmless
@@ -257,8 +258,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.lora_rank >= 0 and cfg.ensemble_size >= 1, "lora_rank must be >= 0 and ensemble_size >= 1")
     need(cfg.lora_rank > 0 or cfg.ensemble_size == 1,
          f"ensemble_size={cfg.ensemble_size} needs LoRA (lora_rank > 0); full fine-tuning trains one model")
-    need(cfg.learning_rate > 0 and cfg.weight_decay >= 0 and cfg.max_grad_norm > 0,
-         "need learning_rate > 0, weight_decay >= 0, max_grad_norm > 0")
+    need(cfg.learning_rate > 0 and cfg.weight_decay >= 0 and cfg.max_grad_norm > 0 and cfg.adam_eps > 0,
+         "need learning_rate > 0, weight_decay >= 0, max_grad_norm > 0, adam_eps > 0")
     need(cfg.param_dtype in ("float32", "bfloat16") and cfg.dtype in ("auto", "float32", "bfloat16"),
          "param_dtype must be float32 or bfloat16, and dtype auto, float32 or bfloat16")
     need(cfg.max_prompt_length >= 1 and cfg.eval_size >= 0 and cfg.eval_max_new_tokens >= 1,

@@ -47,7 +47,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """The paper's optimizer: grad-norm clipping, then AdamW with a linear decay to 0 over T steps, no warmup."""
     schedule = optax.linear_schedule(cfg.learning_rate, 0.0, cfg.total_steps)
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
-                       optax.adamw(schedule, weight_decay=cfg.weight_decay))
+                       optax.adamw(schedule, eps=cfg.adam_eps, weight_decay=cfg.weight_decay))
 
 
 def adapter_params(cfg: TrainConfig, base: Params, trainable_i: Params) -> Params:

@@ -25,6 +25,7 @@ from bpo_jax.data.prompts import (
     ArrayPrompts,
     GrainPrompts,
     encode,
+    encode_truncated,
     example_conversation,
     example_reference,
     left_pad,
@@ -41,6 +42,7 @@ class Task:
     references: list
     annotator: object
     score_name: str  # what the annotator's scores are, for printing
+    truncated: int = 0  # test prompts cut to max_prompt_length (the annotator still sees them whole)
 
 
 @dataclass
@@ -87,14 +89,15 @@ def annotator_kind(cfg: TrainConfig) -> str:
 def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True) -> Task:
     """Load data and annotator for ``cfg``; errors name the file, line or key at fault."""
     kind = annotator_kind(cfg)
+    encoded = None
     if cfg.data in builders.BUILDERS:
         sources = builders.prepare(cfg.data, cfg.data_dir, cfg.tfds_dir)
-        test = [ex for ex in builders.split_examples(sources["test"])
-                if len(encode(tokenizer, example_conversation(ex))) <= cfg.max_prompt_length]
-        if not test:
-            raise ValueError(f"no test prompt of task {cfg.data!r} fits max_prompt_length={cfg.max_prompt_length}")
-        test = test[: _eval_size(cfg, len(test), f"task {cfg.data!r} (after max_prompt_length)")]
+        test = builders.split_examples(sources["test"])
+        # Every test prompt, the long ones truncated, as the official evaluation has it (it evaluates the whole
+        # test split, online_dpo_rand_trainer.py eval_over_steps); eval_size > 0 takes the first ones.
+        test = test[: _eval_size(cfg, len(test), f"task {cfg.data!r}")]
         eval_prompts = [example_conversation(ex) for ex in test]
+        encoded = [encode_truncated(tokenizer, p, cfg.max_prompt_length) for p in eval_prompts]
         references = [example_reference(ex) for ex in test]
         stream = None
         if train:
@@ -140,11 +143,13 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True) ->
         annotator = RewardModelAnnotator(rm, rm_tokenizer, batch_size=per_host,
                                          max_length=cfg.reward_max_length)
         score_name = "reward"
-    eval_ids, eval_mask = left_pad([encode(tokenizer, p) for p in eval_prompts])
+    encoded = encoded or [(encode(tokenizer, p), False) for p in eval_prompts]
+    eval_ids, eval_mask = left_pad([ids for ids, _ in encoded])
     if eval_ids.shape[1] > cfg.max_prompt_length:
         raise ValueError(f"a test prompt has {eval_ids.shape[1]} tokens, over max_prompt_length="
                          f"{cfg.max_prompt_length}")
-    return Task(cfg.data, stream, eval_prompts, eval_ids, eval_mask, references, annotator, score_name)
+    return Task(cfg.data, stream, eval_prompts, eval_ids, eval_mask, references, annotator, score_name,
+                truncated=sum(cut for _, cut in encoded))
 
 
 def _judge_cache(run_dir: str) -> str:

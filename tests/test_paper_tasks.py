@@ -2,6 +2,7 @@
 ``python -m bpo_jax evaluate`` scores the run's checkpoint."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -29,7 +30,8 @@ def test_paper_config_runs_on_the_samples_then_evaluates(task, tiny_policy_and_r
 
     assert cli(["evaluate", "--checkpoint", str(run), f"tfds_dir={tmp_path / 'tfds'}"]) == 0
     out = capsys.readouterr().out
-    assert f"step 2 on {task}: win rate vs human references" in out
+    assert re.search(rf"step 2 on {task}( \(\d+ test prompts cut to max_prompt_length\))?: win rate vs human "
+                     rf"references", out)
     (result,) = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     rows = [json.loads(line) for line in (run / f"eval_step2_{task}.jsonl").read_text().splitlines()]
     assert len(rows) == result["eval/n"] == 4
@@ -90,3 +92,78 @@ def test_interrupted_tfds_run_resumes_the_prompt_stream_exactly(tiny_policy_and_
     want, got = losses(tmp_path / "whole"), losses(tmp_path / "cut")
     assert sorted(got) == [1, 2, 3, 4] and abs(want[4] - np.log(2)) > 1e-3  # step 4 depends on its pairs
     np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)], rtol=1e-6)
+
+
+def test_long_test_prompts_are_truncated_keeping_their_start_not_dropped(smollm2, tiny_policy_and_rm, tmp_path):
+    """As the official evaluation: every test prompt, the long ones cut to max_prompt_length keeping their start;
+    the chat template's generation prompt stays, and the annotator still sees the whole prompt."""
+    from bpo_jax.config import load_config
+    from bpo_jax.data.prompts import encode, encode_truncated
+    from bpo_jax.tasks import build_task
+
+    tok = smollm2[1]
+    text = "one two three four five six seven eight nine ten " * 8
+    full = encode(tok, text)
+    ids, cut = encode_truncated(tok, text, 40)
+    assert cut and len(ids) <= 40 < len(full)
+    tail = encode(tok, "x")[-3:]  # the generation prompt's last tokens
+    assert ids[-3:] == tail and full[-3:] == tail
+    kept = tok.decode(ids, skip_special_tokens=True)
+    assert "one two three" in kept and "ten" in kept and len(kept) < len(text)
+    assert encode_truncated(tok, text, len(full)) == (full, False)
+    # maximal: one more character of the text would not fit
+    for n in range(len(text), 0, -1):
+        if len(encode(tok, text[:n])) <= 40:
+            assert ids == encode(tok, text[:n])
+            break
+    conv = [{"role": "user", "content": "hello " * 30}, {"role": "assistant", "content": "hi " * 30},
+            {"role": "user", "content": "bye " * 30}]
+    ids, cut = encode_truncated(tok, conv, 48)
+    assert cut and len(ids) <= 48 and "hello" in tok.decode(ids) and "bye" not in tok.decode(ids)
+    with pytest.raises(ValueError, match="shorter than the chat template's own tokens"):
+        encode_truncated(tok, text, 3)
+
+    policy, rm = tiny_policy_and_rm
+    cfg = load_config("configs/tldr_gemma2b.yaml", [f"model={policy}", f"reward_model={rm}",
+                                                    f"tfds_dir={tmp_path / 'tfds'}", "max_prompt_length=48",
+                                                    *TINY[:-3]])
+    task = build_task(cfg, tok, train=False)
+    lengths = [len(encode(tok, p)) for p in task.eval_prompts]
+    assert len(task.eval_prompts) == len(task.references) and max(lengths) > 48  # none dropped
+    assert task.truncated == sum(n > 48 for n in lengths) > 0 and task.eval_ids.shape[1] <= 48
+
+
+def test_paper_configs_follow_the_official_code():
+    """Each paper config's settings as github xu1998hz/BPO runs them (cited in the config's header)."""
+    from bpo_jax.config import load_config
+
+    want = {"tldr": (16, 624, 512), "hh_helpful": (64, 156, 64), "hh_harmless": (16, 624, 256)}
+    for task, (pairs, steps, prompt_len) in want.items():
+        cfg = load_config(f"configs/{task}_gemma2b.yaml")
+        assert (cfg.batch_size, cfg.total_steps, cfg.max_prompt_length) == (pairs, steps, prompt_len)
+        assert (cfg.top_k, cfg.top_p, cfg.temperature, cfg.adam_eps, cfg.weight_decay) == (50, 1.0, 1.0, 1e-6, 0.0)
+        assert (cfg.learning_rate, cfg.max_grad_norm, cfg.beta, cfg.num_phases, cfg.eval_size) == (
+            5e-5, 1.0, 0.1, 2, 0)
+        assert (cfg.lora_rank, cfg.lora_alpha, cfg.ensemble_size, cfg.reference) == (256, 512, 5, "behavior")
+
+
+def test_adam_eps_gives_the_first_adamw_step_of_torch():
+    """optax's AdamW with ``adam_eps`` is torch's AdamW (transformers.AdamW's algorithm) with that eps: the first
+    update is −lr·g/(|g| + eps), where eps matters for small gradients."""
+    import jax.numpy as jnp
+    import torch
+
+    from bpo_jax.config import load_config
+    from bpo_jax.state import make_optimizer
+
+    g = np.array([1e-6, -3e-6, 2e-5, 0.5], np.float32)
+    for eps in (1e-6, 1e-8):
+        cfg = load_config(None, ["learning_rate=5e-5", f"adam_eps={eps}", "max_grad_norm=1e9", "total_steps=100"])
+        opt = make_optimizer(cfg)
+        upd, _ = opt.update(jnp.asarray(g), opt.init(jnp.zeros(4)), jnp.zeros(4))
+        w = torch.zeros(4, requires_grad=True)
+        topt = torch.optim.AdamW([w], lr=5e-5, eps=eps, weight_decay=0.0)
+        w.grad = torch.tensor(g)
+        topt.step()
+        np.testing.assert_allclose(np.asarray(upd), w.detach().numpy(), rtol=1e-5, atol=1e-14)
+        np.testing.assert_allclose(np.asarray(upd), -5e-5 * g / (np.abs(g) + eps), rtol=1e-4)

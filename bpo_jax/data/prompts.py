@@ -38,6 +38,35 @@ def encode(tokenizer, prompt) -> list[int]:
                                               return_dict=True)["input_ids"])
 
 
+def encode_truncated(tokenizer, prompt, max_len: int) -> tuple[list[int], bool]:
+    """``(ids, truncated)``: ``encode(prompt)`` cut to at most ``max_len`` tokens keeping the prompt's start, as
+    the official BPO evaluation does (the tokenizer's default right-side truncation, online_dpo_rand_trainer.py
+    :1012), except that the chat template's generation prompt is kept: the text is cut (at the end of the
+    conversation, whole later turns first) to the longest start whose encoding fits."""
+    ids = encode(tokenizer, prompt)
+    if len(ids) <= max_len:
+        return ids, False
+    messages = conversation(prompt)
+    lengths = [len(m["content"]) for m in messages]
+
+    def cut(chars: int) -> list[dict]:
+        out = []
+        for m, n in zip(messages, lengths):
+            out.append({**m, "content": m["content"][:max(chars, 0)]})
+            chars -= n
+            if chars <= 0:
+                break
+        return out
+
+    lo, hi = 0, sum(lengths)  # the longest kept prefix (in characters) whose encoding fits lies in [lo, hi)
+    if len(encode(tokenizer, cut(0))) > max_len:
+        raise ValueError(f"max_prompt_length={max_len} is shorter than the chat template's own tokens")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if len(encode(tokenizer, cut(mid))) <= max_len else (lo, mid)
+    return encode(tokenizer, cut(lo)), True
+
+
 def left_pad(encoded: Sequence[Sequence[int]], width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded ``(ids, mask)`` int32 ``[B, width]`` (default width: the longest row)."""
     width = max(len(e) for e in encoded) if width is None else width
