@@ -77,16 +77,29 @@ def main(argv=None) -> int:
     if distributed.is_primary():
         save_config(cfg, str(rd.path(cfg.run_dir, "config.yaml")))  # what `python -m bpo_jax evaluate` reloads
     metrics = rd.path(cfg.run_dir, "metrics.jsonl")
+    lora_init, start = None, model.params
+    if cfg.lora_init_from and not _has_checkpoint(cfg):  # a fresh run from adapter folders (a resume restores)
+        from bpo_jax import lora
+        from bpo_jax.peft_adapters import read_ensemble
+
+        try:
+            lora_init = read_ensemble(cfg.lora_init_from, {t: model.params["layers"][t].shape for t in
+                                                           cfg.lora_targets},
+                                      rank=cfg.lora_rank, scale=cfg.lora_scale, targets=cfg.lora_targets)
+        except ValueError as err:
+            print(f"config error: {err}", file=sys.stderr)
+            return 2
+        start = lora.merge(model.params, lora_init, cfg.lora_scale)  # the SFT model: base + the adapters' merge
     logged = [r for r in rd.read_jsonl(metrics) if r.get("step") == 0 and "eval/win_rate" in r]
     if logged:  # a resumed run: the starting model was evaluated by the first command
         before = {k: v for k, v in logged[-1].items() if k.startswith("eval/")}
     else:
-        before = evaluate(model.params, 0)
+        before = evaluate(start, 0)
         rd.append_jsonl(metrics, {"step": 0, **before})
     try:
         state = online.train(cfg, model_config=mcfg, tokenizer=tok, base=model.params, prompts=task.train,
                              annotator=task.annotator, mesh=mesh, eos_token_ids=eos, reference=run.reference,
-                             evaluate=evaluate if cfg.eval_every else None, log=say)
+                             lora_init=lora_init, evaluate=evaluate if cfg.eval_every else None, log=say)
     except online.Preempted as err:
         print(str(err), file=sys.stderr)
         return 143
@@ -100,6 +113,14 @@ def main(argv=None) -> int:
         out = save_pretrained(Decoder.from_params(mcfg, st.policy_params(cfg, state)), tok,
                               str(rd.path(cfg.run_dir, "policy")))
         say(f"policy exported as an HF folder: {out}")
+        if cfg.lora_rank:
+            from bpo_jax.peft_adapters import write_ensemble
+
+            factors = distributed.gather_to_host(state.trainable)
+            if distributed.is_primary():
+                out = str(rd.path(cfg.run_dir, "adapters"))
+                write_ensemble(out, factors, rank=cfg.lora_rank, alpha=cfg.lora_alpha, base_model=cfg.model)
+                say(f"LoRA adapters exported as PEFT folders: {out}/member_<i> and {out}/merged")
     if distributed.is_primary():
         from bpo_jax.plot import plot_runs
 
@@ -111,14 +132,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def _has_checkpoint(cfg) -> bool:
+    from bpo_jax import run_dir as rd
+
+    ckpts = rd.path(cfg.run_dir, "checkpoints")
+    return ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
+
+
 def check_same_run(cfg) -> None:
     """On resume (``run_dir`` holds a checkpoint), refuse run-defining settings that differ from the saved
     ``config.yaml``, before anything is loaded: one line per key, and the two ways out."""
     from bpo_jax import run_dir as rd
     from bpo_jax.config import ConfigError, load_config, run_identity_changes
 
-    saved_path, ckpts = rd.path(cfg.run_dir, "config.yaml"), rd.path(cfg.run_dir, "checkpoints")
-    if not (saved_path.exists() and ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())):
+    saved_path = rd.path(cfg.run_dir, "config.yaml")
+    if not (saved_path.exists() and _has_checkpoint(cfg)):
         return
     try:
         saved = load_config(str(saved_path))

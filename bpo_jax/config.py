@@ -59,6 +59,9 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")
     ensemble_size: int = 1  # N LoRA adapters, merged (mean of weight deltas) into π_β
+    # PEFT adapter folders, one per member, to start the ensemble from (as the paper's official code starts from N
+    # different-seed SFT adapters); empty: B = 0, A Kaiming-uniform as PEFT initialises a fresh adapter
+    lora_init_from: tuple = ()
     # Optimizer (paper: AdamW, linear decay, no warmup, grad-norm clip 1.0)
     learning_rate: float = 5e-5
     weight_decay: float = 0.0
@@ -258,6 +261,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.lora_rank >= 0 and cfg.ensemble_size >= 1, "lora_rank must be >= 0 and ensemble_size >= 1")
     need(cfg.lora_rank > 0 or cfg.ensemble_size == 1,
          f"ensemble_size={cfg.ensemble_size} needs LoRA (lora_rank > 0); full fine-tuning trains one model")
+    need(not cfg.lora_init_from or (cfg.lora_rank > 0 and len(cfg.lora_init_from) == cfg.ensemble_size),
+         f"lora_init_from names {len(cfg.lora_init_from)} adapter folders; it needs one per ensemble member "
+         f"(ensemble_size={cfg.ensemble_size}) and lora_rank > 0")
     need(cfg.learning_rate > 0 and cfg.weight_decay >= 0 and cfg.max_grad_norm > 0 and cfg.adam_eps > 0,
          "need learning_rate > 0, weight_decay >= 0, max_grad_norm > 0, adam_eps > 0")
     need(cfg.param_dtype in ("float32", "bfloat16") and cfg.dtype in ("auto", "float32", "bfloat16"),

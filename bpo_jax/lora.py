@@ -1,9 +1,11 @@
 """LoRA ensembles as plain pytrees: float32 master factors, applied in activation space or merged in weights.
 
 An ensemble of N adapters on a set of target matrices: for a target ``W [layers, in, out]`` each adapter has
-``A [N, layers, in, r]`` and ``B [N, layers, r, out]`` with ``ΔW_i = s · A_i B_i``, ``s = α / r``. ``B`` starts at
-zero, so every adapter starts at the base model; each adapter has its own initialisation seed for ``A``. The
-factors are float32 whatever the base's dtype: they are the optimizer's master weights.
+``A [N, layers, in, r]`` and ``B [N, layers, r, out]`` with ``ΔW_i = s · A_i B_i``, ``s = α / r``. A fresh adapter
+is initialised as PEFT does (``init_lora_weights=True``): ``B = 0``, so every adapter starts at the base model,
+and ``A`` Kaiming-uniform with ``a = √5`` over its ``in`` fan-in, i.e. ``U(−1/√in, 1/√in)``, with its own seed per
+adapter; or the ensemble starts from PEFT adapter folders (``bpo_jax.peft_adapters``). The factors are float32
+whatever the base's dtype: they are the optimizer's master weights.
 
 Training applies an adapter in activation space, as PEFT does: ``attach`` puts the factors next to each target
 (``layers["<target>_lora"] = {"a": A, "b": s·B}``) and the decoder computes ``y = x W + (x A)(s B)``, summed in
@@ -41,12 +43,15 @@ def canonical_targets(targets) -> tuple[str, ...]:
 
 
 def init_lora(key, base_layers: dict, *, targets, rank: int, num_adapters: int) -> dict:
-    """``{target: {"a": [N, L, in, r], "b": [N, L, r, out]}}`` in float32; A ~ N(0, 1/in), B = 0."""
+    """``{target: {"a": [N, L, in, r], "b": [N, L, r, out]}}`` in float32, as PEFT initialises a LoRA layer
+    (``nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))`` on the ``[r, in]`` weight: bound
+    ``gain·√(3/in)`` with ``gain = √(2/(1+a²))``, i.e. ``U(−1/√in, 1/√in)``), B = 0."""
     lora = {}
     for i, name in enumerate(targets):
         n_layers, d_in, d_out = base_layers[name].shape
         k = jax.random.fold_in(key, i)
-        a = jax.random.normal(k, (num_adapters, n_layers, d_in, rank), jnp.float32) / jnp.sqrt(d_in)
+        bound = 1.0 / jnp.sqrt(d_in)
+        a = jax.random.uniform(k, (num_adapters, n_layers, d_in, rank), jnp.float32, -bound, bound)
         lora[name] = {"a": a, "b": jnp.zeros((num_adapters, n_layers, rank, d_out), jnp.float32)}
     return lora
 

@@ -77,17 +77,18 @@ def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts, 
 
 
 def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator, mesh=None, eos_token_ids=(),
-          evaluate=None, reference=None, log=print) -> st.TrainState:
+          evaluate=None, reference=None, lora_init=None, log=print) -> st.TrainState:
     """Run (or resume) the online loop; ``evaluate(params, step) -> dict`` is called every ``eval_every`` steps.
     ``prompts``: a prompt stream (``bpo_jax.data.prompts``) of ``cfg.batch_size`` prompts per global batch; its
     state is checkpointed (one per host). ``reference``: the fixed reference's weights (``reference=fixed``).
-    Returns the final state."""
+    ``lora_init``: the ensemble's starting factors (``lora_init_from``; unused when resuming). Returns the final
+    state."""
     if prompts.batch_size != cfg.batch_size:
         raise ValueError(f"the prompt stream yields {prompts.batch_size} prompts per batch; the config's "
                          f"batch_size is {cfg.batch_size}")
     run_dir.make(cfg.run_dir)
     ckpt = Checkpointer(cfg.run_dir, cfg.keep_checkpoints)
-    state = st.create_state(cfg, base, jax.random.key(cfg.seed), reference=reference)
+    state = st.create_state(cfg, base, jax.random.key(cfg.seed), reference=reference, lora_init=lora_init)
     pairs = None
     if (restored := ckpt.restore_latest(state, mesh=mesh, warn=log)) is not None:
         latest, state, pairs, meta = restored

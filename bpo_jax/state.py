@@ -6,7 +6,9 @@ Leaves:
   * ``trainable`` — what the optimizer updates, with a leading ensemble axis N: LoRA factors of N adapters, or
                     (full fine-tuning, N = 1) a full copy of the weights.
   * ``behavior``  — a snapshot of ``trainable`` taken at each phase boundary: π_β = view(base, behavior).
-  * ``reference`` — only for ``ema``/``mixup`` (shaped like ``trainable``) and ``fixed`` (full weights).
+  * ``reference`` — only for ``ema``/``mixup`` (shaped like ``trainable``), ``fixed`` (full weights), and ``sft``
+                    when the ensemble starts from adapter folders (their starting factors: the SFT model is
+                    then the base plus their merge, as in the paper's official code).
   * ``opt_state`` — one optimizer state per ensemble member (a leading N axis), so each adapter has its own
                     AdamW moments and its own gradient-norm clipping.
   * ``step``, ``phase``, ``rng`` (raw ``uint32`` key data, so checkpoints hold plain arrays).
@@ -88,7 +90,7 @@ def reference_params(cfg: TrainConfig, state: TrainState) -> Params:
     """The reference inside the DAP loss, per ``cfg.reference``."""
     if cfg.reference == "behavior":
         return behavior_params(cfg, state)
-    if cfg.reference == "sft":
+    if cfg.reference == "sft" and state.reference is None:
         return state.base
     if cfg.reference == "fixed":
         return state.reference
@@ -100,18 +102,29 @@ def _copy(tree):
     return jax.tree.map(jnp.copy, tree)
 
 
-def create_state(cfg: TrainConfig, base: Params, key: jax.Array, *, reference: Params | None = None) -> TrainState:
+def create_state(cfg: TrainConfig, base: Params, key: jax.Array, *, reference: Params | None = None,
+                 lora_init: Params | None = None) -> TrainState:
     """A fresh state around ``base`` (already placed on its mesh). LoRA factors are created on the base's
-    mesh; the optimizer state follows the trainable leaves' shardings. Trainable leaves are float32."""
+    mesh (``lora_init``: the members' starting factors, ``bpo_jax.peft_adapters.read_ensemble``; else a fresh
+    PEFT-style init); the optimizer state follows the trainable leaves' shardings. Trainable leaves are
+    float32."""
     init_key, run_key = jax.random.split(key)
     if cfg.lora_rank:
-        trainable = lora.init_lora(init_key, base["layers"], targets=cfg.lora_targets, rank=cfg.lora_rank,
-                                   num_adapters=cfg.ensemble_size)
+        if lora_init is not None:
+            trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), lora_init)
+            want = jax.tree.map(jnp.shape, jax.eval_shape(lambda: lora.init_lora(
+                init_key, base["layers"], targets=cfg.lora_targets, rank=cfg.lora_rank,
+                num_adapters=cfg.ensemble_size)))
+            if jax.tree.map(jnp.shape, trainable) != want:
+                raise ValueError("the starting LoRA factors do not have the run's shapes (targets, rank, members)")
+        else:
+            trainable = lora.init_lora(init_key, base["layers"], targets=cfg.lora_targets, rank=cfg.lora_rank,
+                                       num_adapters=cfg.ensemble_size)
         trainable = _place_like_base(trainable, base)
     else:
         trainable = jax.tree.map(lambda x: x[None].astype(jnp.float32), base)
     opt_state = _init_opt_state(make_optimizer(cfg), trainable)
-    if cfg.reference in ("ema", "mixup"):
+    if cfg.reference in ("ema", "mixup") or (cfg.reference == "sft" and cfg.lora_init_from):
         reference = _copy(trainable)
     elif cfg.reference != "fixed":
         reference = None
