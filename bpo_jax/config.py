@@ -39,6 +39,7 @@ class TrainConfig:
     num_phases: int = 2  # F
     batch_size: int = 8  # preference pairs per optimizer step
     micro_batches: int = 1  # gradient accumulation inside the jitted step
+    logprob_chunk: int = 0  # train step: unembed this many response positions at a time (0 = all at once)
     # Loss
     loss_type: str = "sigmoid"
     beta: float = 0.1
@@ -191,7 +192,7 @@ def save_config(cfg: TrainConfig, path: str) -> None:
 # Keys that may change between the runs of one run_dir (how it runs, not what it computes). Every other key
 # defines the run: a resume with a different value is refused (``run_identity_changes``).
 OPERATIONAL_KEYS = ("run_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_size", "eval_max_new_tokens",
-                    "export_policy", "mesh_data", "mesh_fsdp", "mesh_tensor", "remat", "micro_batches",
+                    "export_policy", "mesh_data", "mesh_fsdp", "mesh_tensor", "remat", "micro_batches", "logprob_chunk",
                     "reward_batch_size", "data_dir", "tfds_dir", "judge_timeout", "judge_retries", "judge_api_key_env")
 
 
@@ -244,6 +245,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.total_steps >= 1 and cfg.num_phases >= 1, "total_steps and num_phases must be >= 1")
     need(cfg.total_steps % cfg.num_phases == 0,
          f"total_steps={cfg.total_steps} must be a multiple of num_phases={cfg.num_phases} (K = T / F steps/phase)")
+    need(cfg.logprob_chunk >= 0, f"logprob_chunk={cfg.logprob_chunk} must be >= 0 (0 = no chunking)")
     need(cfg.batch_size >= 1 and cfg.micro_batches >= 1 and cfg.batch_size % cfg.micro_batches == 0,
          f"batch_size={cfg.batch_size} must be a positive multiple of micro_batches={cfg.micro_batches}")
     try:

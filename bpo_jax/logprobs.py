@@ -8,6 +8,11 @@ float32 logits the forward builds no ``[B, T, V]`` temporary at all. (For bfloat
 makes one float32 copy to do the arithmetic; accelerators fuse the upcast into the reductions. The backward
 of logsumexp is a softmax and needs one ``[B, T, V]`` buffer.)
 
+For training, ``chunked_token_logprobs`` goes further: it unembeds the hidden states a few positions at a time
+inside a ``lax.map`` whose body is rematerialised, so neither the forward nor the backward ever holds the logits
+of more than one chunk (``[B, chunk, V]``); the backward recomputes each chunk's logits (one extra unembedding
+matmul) instead of keeping ``[B, T, V]`` buffers alive between the passes.
+
 Convention: ``logits[:, t]`` predicts ``tokens[:, t + 1]`` (a causal LM's output over the input sequence).
 """
 
@@ -37,6 +42,27 @@ def token_logprobs(logits: Array, targets: Array) -> Array:
     """``log softmax(logits)[..., target]`` in float32 for logits ``[..., V]`` and int targets ``[...]``."""
     picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return picked.astype(jnp.float32) - _logsumexp_f32(logits)
+
+
+def chunked_token_logprobs(unembed, params, hidden: Array, targets: Array, chunk: int) -> Array:
+    """``token_logprobs(unembed(params, hidden), targets)`` for ``hidden [B, T, D]``, ``targets [B, T]``, computed
+    ``chunk`` positions at a time: ``unembed(params, h [B, c, D]) -> logits [B, c, V]``. Each chunk's logits are
+    rematerialised in the backward pass, so at most one chunk's ``[B, chunk, V]`` logits exist at once. Equal to
+    the unchunked value (the same arithmetic per position); ``chunk <= 0`` or ``>= T`` is the unchunked path."""
+    b, t, d = hidden.shape
+    if chunk <= 0 or chunk >= t:
+        return token_logprobs(unembed(params, hidden), targets)
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+    tg = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(p, h_i, t_i):
+        return token_logprobs(unembed(p, h_i), t_i)
+
+    out = jax.lax.map(lambda xs: one(params, *xs), (h, tg))  # [n, B, chunk]
+    return out.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
 
 
 class SequenceLogprobs(NamedTuple):

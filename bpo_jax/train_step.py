@@ -31,7 +31,7 @@ import optax
 
 from bpo_jax import state as st
 from bpo_jax.config import TrainConfig
-from bpo_jax.logprobs import reduce_masked, token_logprobs
+from bpo_jax.logprobs import chunked_token_logprobs, reduce_masked
 from bpo_jax.losses import dap_loss
 from bpo_jax.models.decoder import hidden_states, logits_from_hidden
 
@@ -39,24 +39,25 @@ BATCH_KEYS = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "cho
               "rejected_behavior_logps", "truncated")
 
 
-def response_logps(model_config, params, ids, mask, prompt_len: int):
+def response_logps(model_config, params, ids, mask, prompt_len: int, chunk: int = 0):
     """Summed response log-probs ``[B]`` and response lengths ``[B]`` for ``ids [B, P + N]``.
 
     Position P − 1 + j predicts response token j, so only the hidden states at positions P − 1 … P + N − 2 are
-    unembedded: the prompt never costs vocabulary-sized logits.
+    unembedded: the prompt never costs vocabulary-sized logits. ``chunk`` > 0 unembeds that many positions at
+    a time, rematerialised in the backward (``logprobs.chunked_token_logprobs``): no ``[B, N, V]`` logits.
     """
     h, _ = hidden_states(model_config, params, ids, attention_mask=mask)
-    logits = logits_from_hidden(model_config, params, h[:, prompt_len - 1 : -1])
-    lp = token_logprobs(logits, ids[:, prompt_len:])
+    lp = chunked_token_logprobs(partial(logits_from_hidden, model_config), params, h[:, prompt_len - 1 : -1],
+                                ids[:, prompt_len:], chunk)
     out = reduce_masked(lp, mask[:, prompt_len:])
     return out.sum, out.count
 
 
-def pair_logps(model_config, params, mb, prompt_len: int):
+def pair_logps(model_config, params, mb, prompt_len: int, chunk: int = 0):
     """(chosen logps, rejected logps, chosen lengths, rejected lengths) from one forward over both."""
     ids = jnp.concatenate([mb["chosen_ids"], mb["rejected_ids"]], axis=0)
     mask = jnp.concatenate([mb["chosen_mask"], mb["rejected_mask"]], axis=0)
-    logps, counts = response_logps(model_config, params, ids, mask, prompt_len)
+    logps, counts = response_logps(model_config, params, ids, mask, prompt_len, chunk)
     b = mb["chosen_ids"].shape[0]
     return logps[:b], logps[b:], counts[:b], counts[b:]
 
@@ -81,11 +82,12 @@ def train_step(cfg: TrainConfig, model_config, state: st.TrainState, batch: dict
         ref = (micro["chosen_behavior_logps"], micro["rejected_behavior_logps"])
     else:
         ref_params = jax.lax.stop_gradient(st.reference_params(cfg, state))
-        ref = jax.lax.map(lambda mb: pair_logps(model_config, ref_params, mb, prompt_len)[:2], micro)
+        ref = jax.lax.map(lambda mb: pair_logps(model_config, ref_params, mb, prompt_len, cfg.logprob_chunk)[:2],
+                          micro)
 
     def loss_fn(train_i, mb, ref_c, ref_r):
         params = st.adapter_params(cfg, state.base, train_i)
-        pc, pr, nc, nr = pair_logps(model_config, params, mb, prompt_len)
+        pc, pr, nc, nr = pair_logps(model_config, params, mb, prompt_len, cfg.logprob_chunk)
         losses, m = dap_loss(pc, pr, ref_c, ref_r, loss_type=cfg.loss_type, beta=cfg.beta,
                              label_smoothing=cfg.label_smoothing, chosen_lengths=nc, rejected_lengths=nr)
         log_ratio = jnp.concatenate([pc - mb["chosen_behavior_logps"], pr - mb["rejected_behavior_logps"]])

@@ -99,10 +99,13 @@ def test_lora_ensemble_updates_only_adapters_and_merge_is_the_mean_delta():
     np.testing.assert_array_equal(np.asarray(merged["layers"]["k"]), base_before["layers"]["k"])
 
 
-def test_gradient_accumulation_equals_the_large_batch():
+@pytest.mark.parametrize("knob", [{"micro_batches": 2}, {"logprob_chunk": 2}])
+def test_gradient_accumulation_and_chunked_logprobs_equal_the_plain_step(knob):
+    """Two micro-batches equal the large batch; unembedding the response 2 positions at a time (rematerialised)
+    equals unembedding it whole."""
     results = []
-    for micro in (1, 2):
-        cfg = _cfg(micro_batches=micro, lora_rank=4, reference="sft")
+    for over in ({}, knob):
+        cfg = _cfg(**over, lora_rank=4, reference="sft")
         state = st.create_state(cfg, _base(), jax.random.key(3))
         state, _ = _step(cfg, state, _batch(st.behavior_params(cfg, state)))  # B ≠ 0 after one step
         state, m = _step(cfg, state, _batch(st.behavior_params(cfg, state), seed=5))
