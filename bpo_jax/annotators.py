@@ -81,16 +81,24 @@ class RougeAnnotator:
         return np.asarray([rouge_l_f1(r, self.gold[p]) for p, r in zip(prompts, responses)], np.float32)
 
 
+def _hh_text(messages) -> str:
+    """Chat messages as Anthropic-HH-style text: ``\n\nHuman: …\n\nAssistant: …``."""
+    return "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
+
+
 class RewardModelAnnotator:
     """Scores from a reward model (``bpo_jax.models.load_reward_model``) on its **own** tokenizer and chat
     template, so the RM need not share the policy's tokenizer.
 
     Each (prompt, response) becomes the conversation ``prompt turns + assistant: response``, rendered with the
-    RM tokenizer's chat template (or, without one, HH-style ``Human: … Assistant: …`` text). Rows are scored in
-    fixed-size batches, right-padded to a multiple of 64 tokens, so the jitted scorer compiles once per length
-    bucket. A row longer than ``max_length`` keeps its last ``max_length`` tokens (the response end) and is
-    counted in ``truncated``. With several processes each host scores its own rows (``batch_size`` per host per
-    call) and the hosts agree on each call's width.
+    RM tokenizer's chat template (or, without one, HH-style ``Human: … Assistant: …`` text); a row longer than
+    ``max_length`` keeps its last ``max_length`` tokens (the response end). A text-pair RM (``rm.text_pair``:
+    DeBERTa, as the OpenAssistant RM's model card uses it) instead reads ``tokenizer(question, response)`` with
+    its ``token_type_ids``, where the question is a one-turn prompt's text (a longer conversation: its HH-style
+    text); a pair over ``max_length`` is cut by the tokenizer's ``longest_first`` truncation. Truncated rows are
+    counted in ``truncated``. Rows are scored in fixed-size batches, right-padded to a multiple of 64 tokens, so
+    the jitted scorer compiles once per length bucket. With several processes each host scores its own rows
+    (``batch_size`` per host per call) and the hosts agree on each call's width.
     """
 
     def __init__(self, rm, tokenizer, *, batch_size: int = 16, max_length: int = 1024):
@@ -100,32 +108,47 @@ class RewardModelAnnotator:
         self.truncated = 0
 
     def encode(self, prompt, response: str) -> list[int]:
+        """The token ids the RM scores for (prompt, response)."""
+        return self.encode_row(prompt, response)[0]
+
+    def encode_row(self, prompt, response: str) -> tuple[list[int], list[int]]:
+        """``(input_ids, token_type_ids)`` of (prompt, response); the types are all 0 for a chat template."""
+        if self.rm.text_pair:
+            turns = conversation(prompt)
+            question = turns[0]["content"] if len(turns) == 1 else _hh_text(turns)
+            enc = self.tokenizer(question, response, return_token_type_ids=True)
+            if len(enc["input_ids"]) > self.max_length:
+                self.truncated += 1
+                enc = self.tokenizer(question, response, return_token_type_ids=True, truncation="longest_first",
+                                     max_length=self.max_length)
+            return list(enc["input_ids"]), list(enc["token_type_ids"])
         messages = conversation(prompt) + [{"role": "assistant", "content": response}]
         if self.tokenizer.chat_template:
             ids = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
         else:
-            text = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
-            ids = self.tokenizer(text)["input_ids"]
+            ids = self.tokenizer(_hh_text(messages))["input_ids"]
         ids = list(ids)
         if len(ids) > self.max_length:
             self.truncated += 1
             ids = ids[-self.max_length:]
-        return ids
+        return ids, [0] * len(ids)
 
     def __call__(self, prompts, responses) -> np.ndarray:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        encoded = [self.encode(p, r) for p, r in zip(prompts, responses)]
+        encoded = [self.encode_row(p, r) for p, r in zip(prompts, responses)]
         scores = []
         for s in range(0, len(encoded), self.batch_size):
             chunk = encoded[s: s + self.batch_size]
-            longest = distributed.max_over_hosts(max(len(e) for e in chunk))  # one shape on every host
+            longest = distributed.max_over_hosts(max(len(e) for e, _ in chunk))  # one shape on every host
             width = min(-(-longest // 64) * 64, max(self.max_length, 1))
             ids = np.zeros((self.batch_size, width), np.int32)
-            mask = np.zeros_like(ids)
+            mask, types = np.zeros_like(ids), np.zeros_like(ids)
             mask[len(chunk):, 0] = 1  # filler rows: one token keeps them well-defined; dropped below
-            for i, e in enumerate(chunk):
+            for i, (e, t) in enumerate(chunk):
                 ids[i, : len(e)] = e
                 mask[i, : len(e)] = 1
-            scores.append(self.rm(ids, mask)[: len(chunk)])
+                types[i, : len(t)] = t
+            rows = self.rm(ids, mask, types) if self.rm.text_pair else self.rm(ids, mask)
+            scores.append(rows[: len(chunk)])
         return np.concatenate(scores).astype(np.float32) if scores else np.zeros((0,), np.float32)

@@ -4,7 +4,8 @@ tiny task folder in the demo's (minisum) format."""
 import json
 
 import torch
-from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, Qwen2Config
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, Qwen2Config,
+                          Qwen3Config)
 
 _COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -17,6 +18,23 @@ FAMILIES = {
     "qwen2": lambda: Qwen2Config(**_COMMON, tie_word_embeddings=False),
     "gemma": lambda: GemmaConfig(**{**_COMMON, "num_key_value_heads": 1}, head_dim=32,
                                  hidden_activation="gelu_pytorch_tanh"),
+    # Qwen3: per-head q/k RMSNorm; head_dim 32 != hidden / heads.
+    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=32, tie_word_embeddings=False),
+    # Gemma 2: 3 layers (sliding, full, sliding), a window shorter than the test sequences, both softcaps small
+    # enough to bite, and query_pre_attn_scalar != head_dim.
+    "gemma2": lambda: Gemma2Config(**{**_COMMON, "num_hidden_layers": 3}, head_dim=16, sliding_window=6,
+                                   query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                                   hidden_activation="gelu_pytorch_tanh"),
+    # Gemma 3 (text): 4 layers with both kinds, (1 + w) q/k norms, a local RoPE base far from the global one (and
+    # linear scaling on the global layers only), a final-logit softcap.
+    "gemma3": lambda: Gemma3TextConfig(**{**_COMMON, "num_hidden_layers": 4}, head_dim=32, sliding_window=6,
+                                       layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                                    "full_attention"],
+                                       rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                           "rope_theta": 10000.0},
+                                                        "sliding_attention": {"rope_type": "default",
+                                                                              "rope_theta": 100.0}},
+                                       query_pre_attn_scalar=16, final_logit_softcapping=3.0),
 }
 
 
@@ -64,3 +82,43 @@ def write_minisum_folder(folder, rows: int = 6):
     for split in ("train", "test"):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
     return folder
+
+
+DEBERTA_V3 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                  max_position_embeddings=64, relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"],
+                  share_att_key=True, norm_rel_ebd="layer_norm", type_vocab_size=0, position_biased_input=False,
+                  layer_norm_eps=1e-7)
+
+
+def deberta_tokenizer():
+    """A tiny DeBERTa-v2/v3 tokenizer (a Unigram model over a few words and single characters; no sentencepiece
+    needed): ``[CLS] question [SEP] answer [SEP]`` with token types 0 then 1."""
+    import string
+
+    from transformers import DebertaV2Tokenizer
+
+    words = ["▁the", "▁The", "▁cat", "▁sat", "▁on", "▁mat", "▁a", "▁is", "▁What", "▁Explain", "▁nuclear", "▁fusion",
+             "▁like", "▁I", "▁am", "▁five", "▁sun", "▁fuses", "▁atoms", "▁and", "▁that", "▁gives", "▁energy", "▁lot",
+             "▁of", "▁so", "▁much", "▁Human", "▁Assistant"]
+    chars = ["▁", *string.ascii_letters, *string.digits, *string.punctuation]
+    vocab = ([(t, 0.0) for t in ("[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]")] + [(w, -3.0) for w in words]
+             + [(ch, -6.0) for ch in chars])
+    return DebertaV2Tokenizer(vocab=vocab, unk_token="[UNK]")
+
+
+def save_hf_deberta_reward_model(path, seed: int = 0, **overrides):
+    """A random HF ``DebertaV2ForSequenceClassification`` (num_labels=1; ``DEBERTA_V3`` updated by ``overrides``)
+    with every weight perturbed like ``make_hf_model``, and the ``deberta_tokenizer``, saved in ``path``."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    tokenizer = deberta_tokenizer()
+    torch.manual_seed(seed)
+    config = DebertaV2Config(**{**DEBERTA_V3, "vocab_size": 160, "num_labels": 1, **overrides})
+    model = DebertaV2ForSequenceClassification(config).to(torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        model.classifier.weight.mul_(10.0)  # scores that differ between rows by O(0.1), so 1e-4 parity is tight
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer

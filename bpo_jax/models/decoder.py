@@ -1,4 +1,4 @@
-"""One decoder-only transformer for Llama / Qwen2 / Gemma, as a pure function of a params pytree.
+"""One decoder-only transformer for Llama / Qwen2 / Qwen3 / Gemma 1-3, as a pure function of a params pytree.
 
 The functional core is ``forward(config, params, input_ids, ...)`` on a plain nested dict of arrays, so the
 train state can hold policy, behavior and LoRA weights as ordinary pytrees. ``Decoder`` is the Flax NNX module
@@ -16,6 +16,11 @@ Attention is causal by slot index with a key-validity mask, so left-padded promp
 RoPE positions (``cumsum(mask) − 1`` for left padding). With a KV cache (``init_cache``), a call writes its keys
 and values at slot ``cache_index`` and attends to every valid slot up to its own: a prefill writes the whole
 prompt at 0, and a one-token decode step writes at ``prompt_len + step``.
+
+Per-layer differences (Gemma 2/3's local sliding-window vs global layers, Gemma 3's local RoPE base) are data,
+not Python branches: a window size and a local-RoPE flag per layer are scanned alongside the layer weights. A
+sliding layer's query at slot q sees the keys at slots k with ``q − k < sliding_window`` (HF's convention: the
+window counts the query's own token), in the full forward and in cached decoding alike.
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ def param_axes(config: ModelConfig) -> Params:
     }
     if config.attention_bias:
         layers.update(q_bias=("layers", "heads"), k_bias=("layers", "kv_heads"), v_bias=("layers", "kv_heads"))
+    if config.qk_norm:  # per-head norms over head_dim: replicated
+        layers.update(q_norm=("layers", "norm"), k_norm=("layers", "norm"))
+    if config.sandwich_norms:
+        layers.update(post_attn_norm=("layers", "norm"), post_mlp_norm=("layers", "norm"))
     axes = {"embed": ("vocab", "embed"), "layers": layers, "final_norm": ("norm",)}
     if not config.tie_word_embeddings:
         axes["lm_head"] = ("embed", "vocab")
@@ -70,6 +79,10 @@ def param_shapes(config: ModelConfig) -> Params:
     }
     if c.attention_bias:
         layers.update(q_bias=(L, c.q_size), k_bias=(L, c.kv_size), v_bias=(L, c.kv_size))
+    if c.qk_norm:
+        layers.update(q_norm=(L, c.head_dim), k_norm=(L, c.head_dim))
+    if c.sandwich_norms:
+        layers.update(post_attn_norm=(L, c.hidden_size), post_mlp_norm=(L, c.hidden_size))
     shapes = {"embed": (c.vocab_size, c.hidden_size), "layers": layers, "final_norm": (c.hidden_size,)}
     if not c.tie_word_embeddings:
         shapes["lm_head"] = (c.hidden_size, c.vocab_size)
@@ -144,14 +157,24 @@ def _rope(x, cos, sin):
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
-def _attention(q, k, v, q_slots, valid, config):
-    """GQA attention of ``q [B, T, H, D]`` over ``k/v [B, S, KV, D]``: query at slot t sees valid slots ≤ t."""
+def _softcap(x, cap):
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def _attention(q, k, v, q_slots, valid, config, window):
+    """GQA attention of ``q [B, T, H, D]`` over ``k/v [B, S, KV, D]``: query at slot t sees valid slots ≤ t
+    (and, on a sliding layer, > t − ``window``). Scores: scaled, softcapped (Gemma 2), then masked, as HF."""
+    c = config
     b, t, h, d = q.shape
     kvh = k.shape[2]
     q = q.reshape(b, t, kvh, h // kvh, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / np.sqrt(d)
+    scale = np.sqrt(c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / scale
+    scores = _softcap(scores, c.attn_logit_softcapping)
     slots = jnp.arange(k.shape[1])
     allowed = (slots[None, None, :] <= q_slots[:, :, None]) & valid[:, None, :]  # [B, T, S]
+    if c.has_sliding:
+        allowed &= q_slots[:, :, None] - slots[None, None, :] < window
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
@@ -181,25 +204,35 @@ def _mlp(x, lp, config):
     return _linear(act * _linear(x, lp, "up"), lp, "down")
 
 
-def _layer(config, x, lp, cos, sin, k_cache, v_cache, valid, q_slots, cache_index):
-    """One pre-norm block. Returns the new hidden state and this layer's (updated) keys/values."""
+def _layer(config, x, lp, rope, meta, k_cache, v_cache, valid, q_slots, cache_index):
+    """One pre-norm block (with Gemma 2/3's post-attention and post-MLP norms when ``sandwich_norms``).
+    ``rope``: ``((cos, sin), (cos_local, sin_local) or None)``; ``meta``: this layer's ``(window, is_local)``
+    scalars. Returns the new hidden state and this layer's (updated) keys/values."""
     c = config
     b, t, _ = x.shape
-    hn = _rms_norm(x, lp["attn_norm"], c.rms_norm_eps, c.norm_plus_one)
+    window, local = meta
+    (cos, sin), local_rope = rope
+    if local_rope is not None:  # Gemma 3: the sliding layers' own RoPE base, chosen by data under the scan
+        cos, sin = jnp.where(local, local_rope[0], cos), jnp.where(local, local_rope[1], sin)
+    norm = lambda y, name: _rms_norm(y, lp[name], c.rms_norm_eps, c.norm_plus_one)  # noqa: E731
+    hn = norm(x, "attn_norm")
 
-    def proj(name):
+    def proj(name, heads):
         y = _linear(hn, lp, name)
-        return y + lp[f"{name}_bias"].astype(x.dtype) if c.attention_bias else y
+        y = y + lp[f"{name}_bias"].astype(x.dtype) if c.attention_bias else y
+        y = y.reshape(b, t, heads, c.head_dim)
+        return norm(y, f"{name}_norm") if c.qk_norm and name != "v" else y  # Qwen3 / Gemma 3, before RoPE
 
-    q = _rope(proj("q").reshape(b, t, c.num_heads, c.head_dim), cos, sin)
-    k = _rope(proj("k").reshape(b, t, c.num_kv_heads, c.head_dim), cos, sin)
-    v = proj("v").reshape(b, t, c.num_kv_heads, c.head_dim)
+    q = _rope(proj("q", c.num_heads), cos, sin)
+    k = _rope(proj("k", c.num_kv_heads), cos, sin)
+    v = proj("v", c.num_kv_heads)
     if k_cache is not None:
         k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
         v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
-    attn = _attention(q, k.astype(x.dtype), v.astype(x.dtype), q_slots, valid, c)
-    x = x + _linear(attn, lp, "o")
-    x = x + _mlp(_rms_norm(x, lp["mlp_norm"], c.rms_norm_eps, c.norm_plus_one), lp, c)
+    attn = _linear(_attention(q, k.astype(x.dtype), v.astype(x.dtype), q_slots, valid, c, window), lp, "o")
+    x = x + (norm(attn, "post_attn_norm") if c.sandwich_norms else attn)
+    mlp = _mlp(norm(x, "mlp_norm"), lp, c)
+    x = x + (norm(mlp, "post_mlp_norm") if c.sandwich_norms else mlp)
     return x, k, v
 
 
@@ -222,8 +255,13 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: Array, *, posi
     x = params["embed"][input_ids].astype(dtype)
     if c.scale_embeddings:
         x = x * jnp.asarray(np.sqrt(c.hidden_size), dtype)
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(c.rope_inv_freq(), jnp.float32)
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+
+    def table(local):
+        angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(c.rope_inv_freq(local), jnp.float32)
+        return jnp.cos(angles), jnp.sin(angles)
+
+    rope = (table(False), table(True) if c.has_local_rope else None)
+    meta = (jnp.asarray(c.layer_windows()), jnp.asarray(c.layer_is_local()))  # [L] each, scanned with the layers
     q_slots = cache_index + jnp.broadcast_to(jnp.arange(t), (b, t))
     if cache is None:
         valid = mask
@@ -236,38 +274,43 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: Array, *, posi
         n = len(params["layers"])
         ks, vs = (list(cache["k"]), list(cache["v"])) if cache is not None else ([None] * n, [None] * n)
         for i, lp in enumerate(params["layers"]):
-            x, ks[i], vs[i] = layer(c, x, lp, cos, sin, ks[i], vs[i], valid, q_slots, cache_index)
+            meta_i = (meta[0][i], meta[1][i])
+            x, ks[i], vs[i] = layer(c, x, lp, rope, meta_i, ks[i], vs[i], valid, q_slots, cache_index)
         new_cache = None if cache is None else {"k": tuple(ks), "v": tuple(vs), "valid": valid}
     elif cache is None:
-        def body(h, lp):
-            h, _, _ = layer(c, h, lp, cos, sin, None, None, valid, q_slots, cache_index)
+        def body(h, lp_meta):
+            lp, meta_i = lp_meta
+            h, _, _ = layer(c, h, lp, rope, meta_i, None, None, valid, q_slots, cache_index)
             return h, None
 
-        x, _ = jax.lax.scan(body, x, params["layers"])
+        x, _ = jax.lax.scan(body, x, (params["layers"], meta))
         new_cache = None
     else:
         def body(carry, lp_i):
             h, ks, vs = carry
-            lp, i = lp_i
-            h, k, v = layer(c, h, lp, cos, sin, ks[i], vs[i], valid, q_slots, cache_index)
+            lp, meta_i, i = lp_i
+            h, k, v = layer(c, h, lp, rope, meta_i, ks[i], vs[i], valid, q_slots, cache_index)
             return (h, ks.at[i].set(k), vs.at[i].set(v)), None
 
         (x, ks, vs), _ = jax.lax.scan(body, (x, cache["k"], cache["v"]),
-                                      (params["layers"], jnp.arange(c.num_layers)))
+                                      (params["layers"], meta, jnp.arange(c.num_layers)))
         new_cache = {"k": ks, "v": vs, "valid": valid}
     return _rms_norm(x, params["final_norm"], c.rms_norm_eps, c.norm_plus_one), new_cache
 
 
 def unembed(config: ModelConfig, params: Params) -> Array:
     """The ``[D, V]`` output projection (the transposed embeddings when they are tied), so a loss can turn
-    ``hidden_states`` into log-probs chunk by chunk without a ``[B, T, V]`` array."""
+    ``hidden_states`` into log-probs chunk by chunk without a ``[B, T, V]`` array. ``h @ unembed`` is the logits
+    only without ``final_logit_softcapping`` (Gemma 2/3); ``logits_from_hidden`` applies it."""
     return params["embed"].T if config.tie_word_embeddings else params["lm_head"]
 
 
 def logits_from_hidden(config: ModelConfig, params: Params, h: Array) -> Array:
-    """float32 logits ``[..., V]`` from hidden states, accumulated in float32."""
+    """float32 logits ``[..., V]`` from hidden states, accumulated in float32 (and softcapped, for Gemma 2/3
+    configs with ``final_logit_softcapping``)."""
     w = unembed(config, params).astype(h.dtype)
-    return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32)
+    return _softcap(jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32),
+                    config.final_logit_softcapping)
 
 
 def forward(config: ModelConfig, params: Params, input_ids: Array, *, positions=None, attention_mask=None,

@@ -1,4 +1,4 @@
-"""The one mapping between bpo_jax parameter paths and HF transformers tensor names (Llama/Qwen2/Gemma).
+"""The one mapping between bpo_jax parameter paths and HF transformers tensor names (Llama/Qwen2/Qwen3/Gemma 1-3).
 
 HF ``nn.Linear`` weights are ``[out, in]``; bpo_jax stores ``[in, out]`` (``x @ w``), so those are transposed.
 """
@@ -23,6 +23,15 @@ _LAYER = {
     "gate": ("mlp.gate_proj.weight", True),
     "up": ("mlp.up_proj.weight", True),
     "down": ("mlp.down_proj.weight", True),
+    "q_norm": ("self_attn.q_norm.weight", False),
+    "k_norm": ("self_attn.k_norm.weight", False),
+}
+# Gemma 2/3 ("sandwich" norms): HF's post_attention_layernorm is the norm on the attention output, and the norm
+# before the MLP (our mlp_norm, Llama's post_attention_layernorm) is pre_feedforward_layernorm.
+_SANDWICH = {
+    "mlp_norm": ("pre_feedforward_layernorm.weight", False),
+    "post_attn_norm": ("post_attention_layernorm.weight", False),
+    "post_mlp_norm": ("post_feedforward_layernorm.weight", False),
 }
 _TOP = {
     "embed": ("model.embed_tokens.weight", False),
@@ -53,8 +62,9 @@ def entries(config: ModelConfig) -> Iterator[Entry]:
             continue
         name, tr = _TOP[key]
         yield Entry((key,), shape, (name,), tr)
+    layer_names = {**_LAYER, **_SANDWICH} if config.sandwich_norms else _LAYER
     for key, shape in shapes["layers"].items():
-        suffix, tr = _LAYER[key]
+        suffix, tr = layer_names[key]
         names = tuple(f"model.layers.{i}.{suffix}" for i in range(config.num_layers))
         yield Entry(("layers", key), shape, names, tr)
 
