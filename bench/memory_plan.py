@@ -206,16 +206,20 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
     rows = 2 * (pairs // s if pairs % s == 0 else pairs)
     t = cfg.max_prompt_length + cfg.max_new_tokens
     ws = working_set(mc, rows, t, tensor)
-    if mc.remat:
+    if mc.remat == "full":  # each layer's input kept; one layer recomputed at a time
         act = mc.num_layers * rows * t * mc.hidden_size * c + 2 * ws
+    elif mc.remat == "dots":  # its input and matmul outputs (q, k, v, o, gate, up, down) kept per layer
+        split = (mc.q_size + 2 * mc.kv_size + 2 * mc.intermediate_size) // tensor  # column-parallel outputs
+        act = mc.num_layers * rows * t * (3 * mc.hidden_size + split) * c + 2 * ws  # + input, o and down outputs
     else:
         act = (mc.num_layers + 1) * ws
     vocab = mc.vocab_size // tensor if mc.vocab_size % tensor == 0 else mc.vocab_size
-    logits = 2 * rows * cfg.max_new_tokens * vocab * 4  # f32 logits + the softmax in their backward
+    positions = min(cfg.logprob_chunk, cfg.max_new_tokens) if cfg.logprob_chunk else cfg.max_new_tokens
+    logits = 2 * rows * positions * vocab * 4  # f32 logits + the softmax in their backward (one chunk at a time)
     # LoRA in activation space (decoder._linear): x A [rows, T, r] in the compute dtype per target per layer,
     # saved for the backward without remat (L + 1 layers' worth, like W), else one recomputed layer's value and
     # cotangent.
-    xa_layers = 2 if mc.remat else mc.num_layers + 1
+    xa_layers = 2 if mc.remat == "full" else mc.num_layers + 1
     xa_one = rows * t * c * len(cfg.lora_targets) if cfg.lora_rank else 0  # per unit of rank, per layer
 
     def casts(tree, shs) -> int:

@@ -33,7 +33,7 @@ class TrainConfig:
     model: str = "smollm2-135m-instruct"  # shipped name, HF folder or .gguf
     param_dtype: str = "float32"
     dtype: str = "auto"  # compute dtype: auto = float32 on CPU, bfloat16 on accelerators
-    remat: bool = False
+    remat: str = "none"  # per-layer rematerialisation: none | full | dots (keep matmul outputs); true = full
     # Schedule: T steps in F annotation phases, K = T / F steps per phase
     total_steps: int = 16  # T
     num_phases: int = 2  # F
@@ -108,6 +108,19 @@ class TrainConfig:
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
+
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def remat_policy(value) -> str:
+    """A remat setting as one of REMAT_POLICIES; booleans (the older form) mean full (True) or none (False)."""
+    named = {"true": "full", "1": "full", "yes": "full", "false": "none", "0": "none", "no": "none"}
+    name = str(value).lower()
+    name = named.get(name, name)
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat={value!r}; valid: {', '.join(REMAT_POLICIES)} (true = full, false = none)")
+    return name
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -285,6 +298,10 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.judge_timeout > 0 and cfg.judge_retries >= 0, "need judge_timeout > 0 and judge_retries >= 0")
     need(cfg.reward_batch_size >= 1 and cfg.reward_max_length >= 1,
          "reward_batch_size and reward_max_length must be >= 1")
+    try:
+        object.__setattr__(cfg, "remat", remat_policy(cfg.remat))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     try:
         targets = canonical_targets(cfg.lora_targets)
     except ValueError as err:

@@ -21,7 +21,7 @@ def test_overrides_and_types(tmp_path):
     f.write_text("total_steps: 8\nnum_phases: 4\nlora_targets: [q_proj, v_proj]\n")
     cfg = load_config(str(f), ["beta=0.5", "remat=true", "lora_rank=4", "run_dir=/tmp/x", "num_phases=2"])
     assert (cfg.total_steps, cfg.num_phases, cfg.steps_per_phase) == (8, 2, 4)
-    assert cfg.beta == 0.5 and cfg.remat is True and cfg.run_dir == "/tmp/x"
+    assert cfg.beta == 0.5 and cfg.remat == "full" and cfg.run_dir == "/tmp/x"
     assert cfg.lora_targets == ("q", "v") and cfg.lora_scale == 16.0 / 4
     assert TrainConfig().replace(reference="sft").reference == "sft"
 

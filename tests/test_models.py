@@ -130,7 +130,8 @@ def test_nnx_module_split_axes_and_chunkable_head():
     np.testing.assert_allclose(jnp.concatenate(chunks, axis=1), logits, atol=1e-5)
 
 
-def test_remat_gives_the_same_gradients():
+@pytest.mark.parametrize("policy", ["full", "dots", True])
+def test_remat_gives_the_same_gradients(policy):
     cfg = ModelConfig.from_hf(FAMILIES["gemma"]().to_dict())
     params = init_params(cfg, jax.random.key(0))
     ids = jnp.asarray(LEFT_PADDED)
@@ -139,8 +140,27 @@ def test_remat_gives_the_same_gradients():
         return jnp.mean(jax.nn.log_softmax(forward(c, p, ids, attention_mask=jnp.asarray(MASK))[0])[..., 7])
 
     g0 = jax.grad(loss)(params, cfg)
-    g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, cfg.replace(remat=True))
+    g1 = jax.jit(jax.grad(loss), static_argnums=1)(params, cfg.replace(remat=policy))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+
+
+def test_remat_policies_trade_memory_in_order():
+    """XLA's temporary memory for a gradient: none keeps every layer's activations, dots only the matmul
+    outputs, full only the layer inputs."""
+    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=256, num_layers=4,
+                      num_heads=4, num_kv_heads=4, head_dim=16)
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    ids = jax.ShapeDtypeStruct((4, 128), jnp.int32)
+
+    def temp(policy):
+        c = cfg.replace(remat=policy)
+        fn = jax.jit(jax.grad(lambda p, x: jnp.mean(forward(c, p, x)[0])))
+        return fn.lower(params, ids).compile().memory_analysis().temp_size_in_bytes
+
+    none, dots, full = temp("none"), temp("dots"), temp("full")
+    assert none > dots > full, (none, dots, full)
+    with pytest.raises(ValueError, match="remat='some'; valid: none, full, dots"):
+        cfg.replace(remat="some")
 
 
 def test_config_forms_agree():

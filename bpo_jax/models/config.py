@@ -13,6 +13,8 @@ import dataclasses
 import math
 from typing import Any
 
+from bpo_jax.config import remat_policy
+
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 _GEMMAS = ("gemma", "gemma2", "gemma3_text")
 _ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -74,10 +76,14 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple | None = None
     pad_token_id: int | None = None
-    # Numerics (not part of the HF architecture): parameter and compute dtypes, and per-layer rematerialisation.
+    # Numerics (not part of the HF architecture): parameter and compute dtypes, and per-layer rematerialisation:
+    # "none", "full" (keep each layer's input only) or "dots" (keep its matmul outputs; recompute the rest).
     param_dtype: str = "float32"
     dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"
+
+    def __post_init__(self):
+        object.__setattr__(self, "remat", remat_policy(self.remat))
 
     @property
     def q_size(self) -> int:

@@ -8,7 +8,9 @@ projection then adds the adapter in activation space, ``x W + (x A) B`` (``_line
 dtype are cast to the compute dtype where they are used (float32 masters work as they are).
 
 Layers are stacked along a leading ``layers`` axis and applied with ``jax.lax.scan`` (one compiled layer, fast
-compiles); ``config.remat`` rematerialises each layer in the backward pass. ``unstack_layers`` gives the same
+compiles); ``config.remat`` rematerialises each layer in the backward pass: ``full`` keeps only each layer's
+input, ``dots`` also keeps its matmul outputs (the projections, not the attention scores), so the backward
+recomputes only the cheap elementwise work and the attention. ``unstack_layers`` gives the same
 weights as a tuple of per-layer dicts, which ``forward`` runs as an unrolled loop: the sampler's layout, since a
 scan reads each layer's weights through a dynamic slice that XLA's CPU backend copies on every decode step.
 
@@ -157,6 +159,9 @@ def _rope(x, cos, sin):
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
+_REMAT = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
 def _softcap(x, cap):
     return x if cap is None else jnp.tanh(x / cap) * cap
 
@@ -268,7 +273,7 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: Array, *, posi
     else:
         valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], mask, cache_index, axis=1)
 
-    layer = _layer if not c.remat else jax.checkpoint(_layer, static_argnums=(0,))
+    layer = _layer if c.remat == "none" else jax.checkpoint(_layer, static_argnums=(0,), policy=_REMAT[c.remat])
 
     if isinstance(params["layers"], (tuple, list)):  # unstack_layers: an unrolled loop over per-layer weights
         n = len(params["layers"])

@@ -40,7 +40,7 @@ def resolve(path: str) -> str:
 
 
 def load_pretrained(path: str, *, mesh=None, rules=None, param_dtype: str = "float32",
-                    dtype: str = "auto", remat: bool = False):
+                    dtype: str = "auto", remat: str = "none"):
     """Load ``(model, tokenizer)``; ``model`` is a ``Decoder`` (``.config``, ``.params``, ``model(ids)``).
 
     ``path``: an HF folder (``config.json``, ``model.safetensors`` or ``model.safetensors.index.json``, and

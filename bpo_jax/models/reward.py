@@ -127,7 +127,7 @@ def load_reward_model(path: str, *, mesh=None, rules=None, param_dtype: str = "f
             config, tensors, tokenizer = deberta.open_folder(path, param_dtype=param_dtype, dtype=dtype)
             return DebertaRewardModel(config, deberta.read_params(config, tensors, mesh=mesh, rules=rules),
                                       mesh), tokenizer
-    config, tensors, tokenizer = open_hf_folder(path, param_dtype=param_dtype, dtype=dtype, remat=False)
+    config, tensors, tokenizer = open_hf_folder(path, param_dtype=param_dtype, dtype=dtype, remat="none")
     if SCORE_TENSOR not in tensors:
         raise ValueError(f"{path!r} has no {SCORE_TENSOR!r} tensor; is it a *ForSequenceClassification folder?")
     score_view = tensors[SCORE_TENSOR]
