@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     result = score_test_set(
         st.policy_params(cfg, state), run.model.config, run.tokenizer, task.annotator, task.eval_prompts,
         task.eval_ids, task.eval_mask, task.references, max_new_tokens=cfg.eval_max_new_tokens,
-        eos_token_ids=run.eos_token_ids, mesh=run.mesh)
+        eos_token_ids=run.eos_token_ids, mesh=run.mesh, batch_size=cfg.eval_batch_size)
     wr = win_rate_from_scores(result.scores, result.reference_scores)
     rd.append_jsonl(rd.path(cfg.run_dir, "eval.jsonl"), {"step": step, "data": cfg.data, **wr.metrics()})
     detail = scores_file(cfg.run_dir, step, cfg.data)

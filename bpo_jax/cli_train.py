@@ -59,7 +59,7 @@ def main(argv=None) -> int:
             return done[step]
         result = score_test_set(params, mcfg, tok, task.annotator, task.eval_prompts, task.eval_ids, task.eval_mask,
                                 task.references, max_new_tokens=cfg.eval_max_new_tokens, eos_token_ids=eos,
-                                mesh=mesh)
+                                mesh=mesh, batch_size=cfg.eval_batch_size)
         wr = win_rate_from_scores(result.scores, result.reference_scores)
         say(f"step {step}: {wr.describe()}; mean {task.score_name} {wr.mean_score:.3f} vs references "
             f"{wr.mean_reference_score:.3f}; e.g. {result.responses[0][:100]!r}")

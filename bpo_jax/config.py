@@ -55,6 +55,7 @@ class TrainConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    sampling_batch_size: int = 0  # prompts per sampling call, a multiple of batch_size (0 = batch_size)
     # Trainable parameters
     lora_rank: int = 0  # 0 = full fine-tuning
     lora_alpha: float = 16.0
@@ -83,6 +84,7 @@ class TrainConfig:
     judge_retries: int = 3
     max_prompt_length: int = 256  # tokens, after the chat template
     eval_size: int = 0  # test prompts to evaluate (0 = all)
+    eval_batch_size: int = 16  # test prompts per greedy decoding call (each host)
     eval_max_new_tokens: int = 64
     # Run
     seed: int = 0
@@ -205,7 +207,7 @@ def save_config(cfg: TrainConfig, path: str) -> None:
 # Keys that may change between the runs of one run_dir (how it runs, not what it computes). Every other key
 # defines the run: a resume with a different value is refused (``run_identity_changes``).
 OPERATIONAL_KEYS = ("run_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_size", "eval_max_new_tokens",
-                    "export_policy", "mesh_data", "mesh_fsdp", "mesh_tensor", "remat", "micro_batches", "logprob_chunk",
+                    "export_policy", "mesh_data", "mesh_fsdp", "mesh_tensor", "remat", "micro_batches", "logprob_chunk", "eval_batch_size",
                     "reward_batch_size", "data_dir", "tfds_dir", "judge_timeout", "judge_retries", "judge_api_key_env")
 
 
@@ -258,6 +260,10 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.total_steps >= 1 and cfg.num_phases >= 1, "total_steps and num_phases must be >= 1")
     need(cfg.total_steps % cfg.num_phases == 0,
          f"total_steps={cfg.total_steps} must be a multiple of num_phases={cfg.num_phases} (K = T / F steps/phase)")
+    need(cfg.sampling_batch_size >= 0 and cfg.sampling_batch_size % cfg.batch_size == 0,
+         f"sampling_batch_size={cfg.sampling_batch_size} must be a multiple of batch_size={cfg.batch_size} "
+         f"(0 = batch_size)")
+    need(cfg.eval_batch_size >= 1, f"eval_batch_size={cfg.eval_batch_size} must be >= 1")
     need(cfg.logprob_chunk >= 0, f"logprob_chunk={cfg.logprob_chunk} must be >= 0 (0 = no chunking)")
     need(cfg.batch_size >= 1 and cfg.micro_batches >= 1 and cfg.batch_size % cfg.micro_batches == 0,
          f"batch_size={cfg.batch_size} must be a positive multiple of micro_batches={cfg.micro_batches}")

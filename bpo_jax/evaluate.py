@@ -79,14 +79,14 @@ class TestSetScores(NamedTuple):
 
 
 def score_test_set(params, config, tokenizer, annotator, prompts, prompt_ids, prompt_mask, references, *,
-                   max_new_tokens: int, eos_token_ids, mesh=None) -> TestSetScores:
+                   max_new_tokens: int, eos_token_ids, mesh=None, batch_size: int = 16) -> TestSetScores:
     """Greedy responses to every test prompt, scored with the references; the same result on every host."""
     n, hosts, me = len(prompts), distributed.process_count(), distributed.process_index()
     per_host = -(-n // hosts)
     mine = np.minimum(np.arange(me * per_host, (me + 1) * per_host), n - 1)  # pad: repeat the last prompt
     responses = greedy_responses(params, config, tokenizer, np.asarray(prompt_ids)[mine],
                                  np.asarray(prompt_mask)[mine], max_new_tokens=max_new_tokens,
-                                 eos_token_ids=eos_token_ids, mesh=mesh)
+                                 eos_token_ids=eos_token_ids, mesh=mesh, batch_size=batch_size)
     s, r = score_against_references(annotator, [prompts[j] for j in mine], responses, [references[j] for j in mine])
     scores = distributed.all_gather(np.asarray(s, np.float64)).reshape(-1)[:n]
     reference_scores = distributed.all_gather(np.asarray(r, np.float64)).reshape(-1)[:n]

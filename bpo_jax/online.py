@@ -44,16 +44,22 @@ class Preempted(Exception):
 def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts, annotator, key, *, mesh=None,
                   eos_token_ids=()):
     """Steps 1–3 for one phase: sample with π_β from the next batches of the prompt stream (advancing it) until
-    K·B distinct, annotated pairs exist (K·B/P on each of P hosts). Returns this host's ``(pairs, stats)``."""
-    need = cfg.steps_per_phase * prompts.local_batch_size
+    K·B distinct, annotated pairs exist (K·B/P on each of P hosts). Each sampling call takes as many of the
+    stream's batches as the phase still needs, up to ``sampling_batch_size`` prompts (sampling throughput grows
+    with the batch); its responses are decoded and annotated together. Returns this host's ``(pairs, stats)``."""
+    b_local = prompts.local_batch_size
+    need = cfg.steps_per_phase * b_local
+    most = max(1, (cfg.sampling_batch_size or cfg.batch_size) // cfg.batch_size)  # stream batches per call
     behavior = unstack_layers(behavior)  # once per phase, not once per generate call
     chunks, have, sampled, dropped, rounds = [], 0, 0, 0, 0
     bar = tqdm(total=need, desc="collecting pairs", unit="pair", leave=False, disable=not distributed.is_primary())
     while (fewest := distributed.min_over_hosts(have)) < need:  # every host takes the same decision
         if rounds > 20 * cfg.steps_per_phase and fewest == 0:
             raise RuntimeError("the behavior LLM keeps sampling identical pairs; raise temperature")
-        batch = prompts.next_batch()
-        out = generate(behavior, batch.ids, batch.mask, config=model_config,
+        batches = [prompts.next_batch() for _ in range(min(most, -(-(need - fewest) // b_local)))]
+        texts_in = [p for bt in batches for p in bt.prompts]
+        ids, pmask = np.concatenate([bt.ids for bt in batches]), np.concatenate([bt.mask for bt in batches])
+        out = generate(behavior, ids, pmask, config=model_config,
                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                        top_p=cfg.top_p, num_samples=2, eos_token_ids=eos_token_ids,
                        rng=jax.random.fold_in(key, rounds), mesh=mesh, pad_token_id=model_config.pad_token_id or 0)
@@ -61,11 +67,10 @@ def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts, 
         toks, mask = out.tokens, out.mask  # this host's rows
         texts = [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip() for t, m in zip(toks, mask)]
         keep = distinct(texts)
-        scores = annotator([p for p in batch.prompts for _ in range(2)], texts)
-        chunks.append(build_pairs(batch.ids, batch.mask, toks, mask, out.logprobs, scores, keep,
-                                  eos_token_ids=eos_token_ids))
+        scores = annotator([p for p in texts_in for _ in range(2)], texts)
+        chunks.append(build_pairs(ids, pmask, toks, mask, out.logprobs, scores, keep, eos_token_ids=eos_token_ids))
         have += int(keep.sum())
-        sampled += len(batch.prompts)
+        sampled += len(texts_in)
         dropped += int((~keep).sum())
         bar.update(min(int(keep.sum()), need - bar.n))
     bar.close()

@@ -68,6 +68,35 @@ def test_two_phase_run_logs_log2_at_each_phase_start(tiny_dir, tmp_path):
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
 
 
+def test_sampling_several_batches_per_call_collects_the_same_phase(tiny_dir, monkeypatch):
+    """``sampling_batch_size`` = 3 batches: one generate call of 6 prompts collects the 3-step phase's 6 pairs
+    (instead of three calls of 2) from the same prompts in the same order; the stream is left where it would be."""
+    from bpo_jax import sampling
+
+    model, tok, _ = _setup(tiny_dir)
+    calls = []
+    real = sampling.generate
+    monkeypatch.setattr(online, "generate", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    got = {}
+    for sbs in (0, 6):
+        prompts = ArrayPrompts(TEXTS, *encode_prompts(tok, TEXTS, 64), batch_size=2, seed=3)
+        cfg = _cfg("unused", total_steps=3, num_phases=1, sampling_batch_size=sbs, temperature=2.0)
+        calls.clear()
+        pairs, stats = online.collect_pairs(cfg, model.config, model.params, tok, prompts, _annotator(),
+                                            online.jax.random.key(0), eos_token_ids=(2,))
+        got[sbs] = (pairs, stats, list(calls), prompts.get_state())
+    (p0, s0, c0, st0), (p6, s6, c6, st6) = got[0], got[6]
+    assert c6[0] == 6 and len(c6) <= len(c0) and c0[0] == 2
+    assert len(p6["chosen_ids"]) == len(p0["chosen_ids"]) == 6
+    fresh = ArrayPrompts(TEXTS, *encode_prompts(tok, TEXTS, 64), batch_size=2, seed=3)
+    prompt_of = lambda p: [tuple(r) for r in p["chosen_ids"][:, :fresh.width]]  # noqa: E731  (left-padded prompts)
+    it = iter([tuple(fresh.ids[i]) for i in fresh.take(0, s6["prompts_sampled"])])
+    assert all(p in it for p in prompt_of(p6))  # the pairs' prompts: the stream's, in its order
+    assert s6["prompts_sampled"] <= 6 + 2 * s6["identical_pairs_dropped"]  # no batch beyond what is missing
+    if s0["identical_pairs_dropped"] == s6["identical_pairs_dropped"] == 0:  # nothing dropped: the same prompts
+        assert prompt_of(p6) == prompt_of(p0) and st0 == st6
+
+
 def test_ensemble_members_differ_from_the_merged_behavior_at_a_phase_start(tiny_dir, tmp_path):
     """With 3 adapters π_β is their merge: at phase 2's start the sampler matches π_β, but every member is
     away from it, so the first loss of the phase is not log 2 (it is with one adapter, above)."""
@@ -184,6 +213,9 @@ def test_train_command_end_to_end(tiny_dir, tmp_path, capsys):
     (["lora_targets=q,qkv"], "unknown LoRA target 'qkv'"),
     (["batch_size=three"], "batch_size='three' is not a valid int"),
     (["--config", "configs/nope.yaml"], "config file 'configs/nope.yaml' does not exist"),
+    (["sampling_batch_size=12"], "sampling_batch_size=12 must be a multiple of batch_size=8"),
+    (["remat=some"], "remat='some'; valid: none, full, dots"),
+    (["lora_rank=4", "ensemble_size=2", "lora_init_from=/a"], "lora_init_from names 1 adapter folders; it needs one per"),
 ])
 def test_bad_configs_fail_before_any_compute(args, message, capsys):
     assert cli(["train", *args]) == 2
