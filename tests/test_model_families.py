@@ -225,3 +225,36 @@ def test_activation_space_lora_on_a_gemma3_stack():
     with_lora = _logits(cfg, {**params, "layers": layers}, ids, mask)
     np.testing.assert_allclose(with_lora, _logits(cfg, {**params, "layers": merged}, ids, mask), atol=1e-4)
     assert not np.allclose(with_lora, _logits(cfg, params, ids, mask), atol=1e-2)
+
+
+def test_train_step_on_each_new_family_sharded_equals_one_device(tiny):
+    """One LoRA ensemble step (reference=sft, so the reference forward runs too) on pairs sampled from the model:
+    on a data=2 x fsdp=2 x tensor=2 mesh it gives the one-device loss and gradient norm, and it moves the loss."""
+    from bpo_jax import distributed
+    from bpo_jax import state as st
+    from bpo_jax.config import TrainConfig
+    from bpo_jax.pairs import build_pairs
+    from bpo_jax.train_step import BATCH_KEYS, make_train_step
+
+    _, _, model = tiny
+    cfg = TrainConfig(total_steps=2, num_phases=1, batch_size=4, learning_rate=5e-2, max_new_tokens=10,
+                      lora_rank=4, ensemble_size=2, reference="sft")
+    prompts, pmask = PROMPTS[[0, 1, 2, 0]], PMASK[[0, 1, 2, 0]]
+    out = generate(model.params, prompts, pmask, config=model.config, max_new_tokens=10, num_samples=2,
+                   eos_token_ids=(), rng=jax.random.key(0), temperature=1.5)  # past the window of 6
+    toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
+    batch = build_pairs(prompts, pmask, toks, mask, np.asarray(out.logprobs), toks.sum(1), np.ones(4, bool),
+                        eos_token_ids=())
+    batch = {k: jnp.asarray(batch[k]) for k in BATCH_KEYS}
+    results = []
+    for mesh in (None, shd.make_mesh(data=2, fsdp=2, tensor=2)):
+        base = model.params if mesh is None else shd.shard(
+            model.params, shd.logical_to_sharding(param_axes(model.config), model.params, mesh))
+        state = st.create_state(cfg, base, jax.random.key(1))
+        step = make_train_step(cfg, model.config, st.shardings(state), prompt_len=7)
+        b = batch if mesh is None else distributed.global_rows(batch, mesh)
+        state, m1 = step(state, b)
+        state, m2 = step(state, b)
+        results.append([float(m[k]) for m in (m1, m2) for k in ("loss", "grad_norm")])
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-6)
+    assert abs(results[0][2] - results[0][0]) > 1e-4 and all(np.isfinite(results[0]))

@@ -1,0 +1,95 @@
+"""The benchmark scripts ``bench/train_step.py`` and ``bench/online_loop.py`` run end to end at tiny shapes and
+report sensible figures (their ``--json``). Each runs as a subprocess with an explicit environment: one CPU
+device (the suite's ``--xla_force_host_platform_device_count=8`` is stripped: the benches measure one device, as
+``python -m bpo_jax train`` sees this machine), the HF hub offline."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+TINY = ["--pairs", "2", "--prompt-len", "8", "--response-len", "8", "--repeats", "1"]
+
+
+def _env():
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env.update(XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def _run(script, args, tmp_path, timeout=600):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", script), *args, "--json", str(out)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def _positive(*values):
+    return all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
+
+
+def _check_row(r):
+    assert _positive(r["step_s"], r["tokens_per_s"], r["first_call_s"], r["peak_rss_mib"])
+    assert len(r["step_times_s"]) == 1 and math.isfinite(r["loss"])
+
+
+def test_train_step_smollm2_shapes_lora_behavior(tmp_path):
+    """SmolLM2's shapes from the shipped GGUF's metadata (random weights), LoRA, reference = behavior (no reference
+    forward), full rematerialisation, log-probs unembedded 4 positions at a time."""
+    res, out = _run("train_step.py", ["--random", *TINY, "--lora-rank", "4", "--reference", "behavior",
+                                      "--remat", "full", "--logprob-chunk", "4"], tmp_path)
+    ours = res["bpo_jax"]
+    _check_row(ours)
+    assert ours["model_config"]["layers"] == 30 and ours["model_config"]["remat"] == "full"
+    assert 130 < ours["params_M"] < 140 and ours["trainable_M"] < 5
+    assert _positive(ours["compiled_temp_mib"], ours["compiled_args_out_mib"])
+    assert ours["tokens_per_step"] == 2 * 2 * 16
+    assert ours["mfu"] is None and ours["model_flops"]["reference"] == 0  # CPU: no MFU; behavior: no ref forward
+    assert "trl" not in res and "bpo_jax  " in out and "tokens/s" in out
+
+
+def test_train_step_full_finetuning_matches_trl_on_a_tiny_model(tmp_path):
+    """Full fine-tuning against the SFT reference on a tiny Llama folder: after the same two AdamW steps on the same
+    weights and batch, bpo_jax and TRL report the same loss (the peer computes what we compute). Also the MFU
+    path (``--peak-tflops`` on the CPU) and the FLOP count's reference forward."""
+    pytest.importorskip("trl")
+    from tiny_models import save_hf_model
+
+    folder = tmp_path / "tiny"
+    save_hf_model("llama", folder)
+    res, out = _run("train_step.py", ["--model", str(folder), "--random", *TINY, "--reference", "sft",
+                                      "--peer", "trl", "--peak-tflops", "1"], tmp_path)
+    ours, trl = res["bpo_jax"], res["trl"]
+    _check_row(ours)
+    _check_row(trl)
+    assert ours["trainable_M"] == ours["params_M"] == trl["trainable_M"]
+    assert abs(ours["loss"] - trl["loss"]) < 1e-3 * max(1.0, abs(trl["loss"]))
+    f = ours["model_flops"]
+    assert f["reference"] > 0 and f["total"] == f["policy"] + f["reference"]
+    assert 0 < ours["mfu"] < 1 and "MFU" in out
+    assert _positive(res["ratio"]["step_time"], res["ratio"]["peak_rss"]) and "bpo_jax / trl: step time" in out
+
+
+def test_online_loop_one_phase(tiny_policy_and_rm, tmp_path):
+    """One phase of the demo task's loop (minisum, ROUGE annotator) on a tiny random Llama with SmolLM2's tokenizer
+    (the shipped SmolLM2 runs the same code, only slower to compile)."""
+    res, out = _run("online_loop.py", ["--steps", "2", f"model={tiny_policy_and_rm[0]}", "batch_size=2",
+                                       "eval_size=2", "max_new_tokens=8", "eval_max_new_tokens=8"], tmp_path)
+    rows = res["rows"]
+    for name in ("sampling", "decoding to text", "annotation", "train steps", "behavior sync", "checkpointing",
+                 "eval: generate", "eval: scoring"):
+        assert rows[name]["calls"] >= 1, name
+    assert rows["train steps"]["calls"] == 2 and rows["train steps"]["rest_median_s"] > 0
+    assert rows["sampling"]["total_s"] > 0 and rows["eval: generate"]["total_s"] > 0
+    assert set(res["categories"]) >= {"sampling", "decoding", "annotation", "training", "behavior sync",
+                                      "checkpointing", "evaluation"}
+    assert abs(sum(r["total_s"] for r in rows.values()) - res["phase_s"]) < 1e-3
+    assert len(res["losses"]) == 2 and 0 <= res["eval"]["eval/win_rate"] <= 1
+    assert "phase total" in out and not os.path.exists(res["run_dir"])
