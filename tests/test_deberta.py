@@ -144,17 +144,17 @@ def test_annotator_truncates_long_pairs_with_the_tokenizer(rm):
     assert np.isfinite(short(["the cat " * 30], ["The end."])).all()
 
 
-def test_train_run_with_a_deberta_annotator(tiny_policy_and_rm, tmp_path):
-    """Two BPO steps on the demo samples with the tiny DeBERTa RM as the annotator (the CLI's ``reward_model``)."""
+def test_paper_config_runs_with_a_deberta_reward_model(tiny_policy_and_rm, tmp_path):
+    """The TL;DR paper config (its reward model is the paper's DeBERTa-v3 RM) runs two BPO steps on the shipped
+    samples with the tiny DeBERTa RM as ``reward_model``, then evaluates."""
     from bpo_jax.__main__ import main as cli
+    from test_paper_tasks import TINY
 
     rm_dir = tmp_path / "deberta_rm"
     save_hf_deberta_reward_model(rm_dir)
     run = tmp_path / "run"
-    assert cli(["train", f"model={tiny_policy_and_rm[0]}", "annotator=reward_model", f"reward_model={rm_dir}",
-                f"run_dir={run}", "total_steps=2", "num_phases=2", "batch_size=2", "max_new_tokens=4",
-                "eval_size=2", "eval_max_new_tokens=4", "lora_rank=2", "reward_batch_size=4", "export_policy=false",
-                "param_dtype=float32", "dtype=float32"]) == 0
+    assert cli(["train", "--config", "configs/tldr_gemma2b.yaml", f"model={tiny_policy_and_rm[0]}",
+                f"reward_model={rm_dir}", f"run_dir={run}", f"tfds_dir={tmp_path / 'tfds'}", *TINY]) == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
