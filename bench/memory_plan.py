@@ -108,11 +108,11 @@ def state_shardings(cfg, mc: ModelConfig, state, mesh):
     base_specs = shd.logical_to_specs(decoder.param_axes(mc), state.base, mesh)
     is_p = lambda x: isinstance(x, P)  # noqa: E731
     base = jax.tree.map(ns, base_specs, is_leaf=is_p)
-    if cfg.lora_rank:  # _place_like_base: A's input dim and B's output dim sharded like the target
+    if cfg.lora_rank:  # state.lora_specs, as _place_like_base places them
         trainable = {}
         for name in state.trainable:
-            _, s_in, s_out = (tuple(base_specs["layers"][name]) + (None, None, None))[:3]
-            trainable[name] = {"a": ns(P(None, None, s_in, None)), "b": ns(P(None, None, None, s_out))}
+            spec_a, spec_b = st.lora_specs(base_specs["layers"][name], cfg.lora_rank, mesh)
+            trainable[name] = {"a": ns(spec_a), "b": ns(spec_b)}
     else:  # x[None]: a leading ensemble axis, replicated
         trainable = jax.tree.map(lambda s: ns(P(None, *s)), base_specs, is_leaf=is_p)
     opt = optax.tree_map_params(st.make_optimizer(cfg), lambda _, s: s, state.opt_state, trainable,

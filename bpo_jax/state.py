@@ -157,19 +157,36 @@ def _init_opt_state(optimizer, trainable):
     return jax.device_put(opt_state, target)
 
 
+def lora_specs(target_spec, rank: int, mesh) -> tuple:
+    """PartitionSpecs of a target's factors ``a [N, L, in, r]`` and ``b [N, L, r, out]``: A's input dim and B's
+    output dim sharded like the target's; a factor whose other dim does not use the ``fsdp`` axis has its rank
+    dim sharded over ``fsdp`` instead (when it divides), so no factor is replicated across an FSDP mesh (under
+    pure FSDP, B of q/k/v/gate/up and A of o/down would otherwise be)."""
+    P = jax.sharding.PartitionSpec
+    _, s_in, s_out = (tuple(target_spec) + (None, None, None))[:3]
+    fsdp = dict(mesh.shape).get("fsdp", 1)
+
+    def uses_fsdp(s):
+        return s == "fsdp" or (isinstance(s, tuple) and "fsdp" in s)
+
+    def rank_axis(other):
+        return "fsdp" if fsdp > 1 and rank % fsdp == 0 and not uses_fsdp(other) else None
+
+    return P(None, None, s_in, rank_axis(s_in)), P(None, None, rank_axis(s_out), s_out)
+
+
 def _place_like_base(lora_tree, base):
-    """Put LoRA factors on the base's mesh: A's input dim and B's output dim sharded like the target."""
+    """Put LoRA factors on the base's mesh (``lora_specs``)."""
     leaf = jax.tree.leaves(base)[0]
     sharding = getattr(leaf, "sharding", None)
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return lora_tree
     mesh = sharding.mesh
-    P = jax.sharding.PartitionSpec
     out = {}
     for name, f in lora_tree.items():
-        _, s_in, s_out = (tuple(base["layers"][name].sharding.spec) + (None, None, None))[:3]
-        out[name] = {"a": jax.device_put(f["a"], jax.sharding.NamedSharding(mesh, P(None, None, s_in, None))),
-                     "b": jax.device_put(f["b"], jax.sharding.NamedSharding(mesh, P(None, None, None, s_out)))}
+        spec_a, spec_b = lora_specs(base["layers"][name].sharding.spec, f["a"].shape[-1], mesh)
+        out[name] = {"a": jax.device_put(f["a"], jax.sharding.NamedSharding(mesh, spec_a)),
+                     "b": jax.device_put(f["b"], jax.sharding.NamedSharding(mesh, spec_b))}
     return out
 
 

@@ -157,9 +157,13 @@ def test_state_sharding_on_8_devices_matches_one_device():
     state = st.create_state(cfg, base, jax.random.key(5))
     assert state.base["layers"]["gate"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert state.trainable["gate"]["a"].sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp", None)
-    assert state.opt_state[1][0].mu["gate"]["b"].sharding.spec == jax.sharding.PartitionSpec(None, None, None, "tensor")
+    # B's output dim is tensor-sharded, so its rank dim takes fsdp: no factor is replicated across fsdp
+    P = jax.sharding.PartitionSpec
+    assert state.opt_state[1][0].mu["gate"]["b"].sharding.spec == P(None, None, "fsdp", "tensor")
+    assert state.trainable["down"]["a"].sharding.spec == P(None, None, "tensor", "fsdp")
+    assert state.trainable["down"]["b"].sharding.spec == P(None, None, None, "fsdp")
     new_state, m = _step(cfg, state, distributed.global_rows(batch, mesh))
-    assert new_state.trainable["gate"]["b"].sharding.spec == jax.sharding.PartitionSpec(None, None, None, "tensor")
+    assert new_state.trainable["gate"]["b"].sharding.spec == P(None, None, "fsdp", "tensor")
     for key in ("loss", "grad_norm", "kl_policy_behavior"):
         np.testing.assert_allclose(float(m[key]), float(m_single[key]), rtol=1e-4, atol=1e-6)
 
