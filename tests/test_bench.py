@@ -40,31 +40,37 @@ def _check_row(r):
     assert len(r["step_times_s"]) == 1 and math.isfinite(r["loss"])
 
 
-def test_train_step_smollm2_shapes_lora_behavior(tmp_path):
-    """SmolLM2's shapes from the shipped GGUF's metadata (random weights), LoRA, reference = behavior (no reference
-    forward), full rematerialisation, log-probs unembedded 4 positions at a time."""
-    res, out = _run("train_step.py", ["--random", *TINY, "--lora-rank", "4", "--reference", "behavior",
-                                      "--remat", "full", "--logprob-chunk", "4"], tmp_path)
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from tiny_models import save_hf_model
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    save_hf_model("llama", folder)
+    return folder
+
+
+def test_train_step_lora_behavior_remat_chunked(tiny_llama, tmp_path):
+    """A tiny Llama's shapes from its config.json (random weights), LoRA, reference = behavior (no reference
+    forward), full rematerialisation, log-probs unembedded 4 positions at a time. (The shipped SmolLM2 runs the
+    same code, only slower to compile.)"""
+    res, out = _run("train_step.py", ["--model", str(tiny_llama), "--random", *TINY, "--lora-rank", "4",
+                                      "--reference", "behavior", "--remat", "full", "--logprob-chunk", "4"], tmp_path)
     ours = res["bpo_jax"]
     _check_row(ours)
-    assert ours["model_config"]["layers"] == 30 and ours["model_config"]["remat"] == "full"
-    assert 130 < ours["params_M"] < 140 and ours["trainable_M"] < 5
+    assert ours["model_config"]["layers"] == 2 and ours["model_config"]["remat"] == "full"
+    assert 0 < ours["trainable_M"] < ours["params_M"]
     assert _positive(ours["compiled_temp_mib"], ours["compiled_args_out_mib"])
     assert ours["tokens_per_step"] == 2 * 2 * 16
     assert ours["mfu"] is None and ours["model_flops"]["reference"] == 0  # CPU: no MFU; behavior: no ref forward
     assert "trl" not in res and "bpo_jax  " in out and "tokens/s" in out
 
 
-def test_train_step_full_finetuning_matches_trl_on_a_tiny_model(tmp_path):
+def test_train_step_full_finetuning_matches_trl_on_a_tiny_model(tiny_llama, tmp_path):
     """Full fine-tuning against the SFT reference on a tiny Llama folder: after the same two AdamW steps on the same
     weights and batch, bpo_jax and TRL report the same loss (the peer computes what we compute). Also the MFU
     path (``--peak-tflops`` on the CPU) and the FLOP count's reference forward."""
     pytest.importorskip("trl")
-    from tiny_models import save_hf_model
-
-    folder = tmp_path / "tiny"
-    save_hf_model("llama", folder)
-    res, out = _run("train_step.py", ["--model", str(folder), "--random", *TINY, "--reference", "sft",
+    res, out = _run("train_step.py", ["--model", str(tiny_llama), "--random", *TINY, "--reference", "sft",
                                       "--peer", "trl", "--peak-tflops", "1"], tmp_path)
     ours, trl = res["bpo_jax"], res["trl"]
     _check_row(ours)

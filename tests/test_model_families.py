@@ -20,9 +20,9 @@ from bpo_jax.models import (ModelConfig, forward, init_cache, init_params, load_
 from bpo_jax.sampling import generate
 from test_models import _hf_logits
 from test_sampling import _full_forward_logprobs
-from tiny_models import _COMMON, FAMILIES, save_hf_model
+from tiny_models import _COMMON, FAMILIES, WINDOWED_FAMILIES, save_hf_model
 
-NEW = ("qwen3", "gemma2", "gemma3")
+NEW = WINDOWED_FAMILIES
 T = 24
 PADS = np.array([5, 0, 15])
 MASK = (np.arange(T)[None] >= PADS[:, None]).astype(np.int32)
@@ -227,7 +227,8 @@ def test_activation_space_lora_on_a_gemma3_stack():
     assert not np.allclose(with_lora, _logits(cfg, params, ids, mask), atol=1e-2)
 
 
-def test_train_step_on_each_new_family_sharded_equals_one_device(tiny):
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])  # between them every feature qwen3 has too
+def test_train_step_sharded_equals_one_device(family, tmp_path):
     """One LoRA ensemble step (reference=sft, so the reference forward runs too) on pairs sampled from the model:
     on a data=2 x fsdp=2 x tensor=2 mesh it gives the one-device loss and gradient norm, and it moves the loss."""
     from bpo_jax import distributed
@@ -236,7 +237,8 @@ def test_train_step_on_each_new_family_sharded_equals_one_device(tiny):
     from bpo_jax.pairs import build_pairs
     from bpo_jax.train_step import BATCH_KEYS, make_train_step
 
-    _, _, model = tiny
+    save_hf_model(family, tmp_path, seed=3)
+    model, _ = load_pretrained(str(tmp_path))
     cfg = TrainConfig(total_steps=2, num_phases=1, batch_size=4, learning_rate=5e-2, max_new_tokens=10,
                       lora_rank=4, ensemble_size=2, reference="sft")
     prompts, pmask = PROMPTS[[0, 1, 2, 0]], PMASK[[0, 1, 2, 0]]

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2
 from bpo_jax.models import (Decoder, ModelConfig, forward, hidden_states, init_cache, init_params, load_pretrained,
                             param_axes, save_pretrained, unembed, unstack_layers)
 from bpo_jax.models.gguf_source import permute, unpermute
-from tiny_models import _COMMON, FAMILIES, save_hf_model
+from tiny_models import _COMMON, CORE_FAMILIES, FAMILIES, save_hf_model
 
 LEFT_PADDED = np.array([[0, 0, 0, 5, 9, 17, 3, 44], [7, 8, 9, 10, 11, 12, 13, 14], [0, 0, 0, 0, 0, 0, 21, 99]])
 MASK = (np.arange(8)[None] >= np.array([3, 0, 6])[:, None]).astype(np.int32)
@@ -28,7 +28,7 @@ def _hf_logits(model, ids, mask):
     return out.logits.numpy()
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=CORE_FAMILIES)
 def tiny(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     hf_model = save_hf_model(request.param, path)

@@ -10,13 +10,13 @@ from bpo_jax import sharding as shd
 from bpo_jax.logprobs import token_logprobs
 from bpo_jax.models import forward, load_pretrained, param_axes, unstack_layers
 from bpo_jax.sampling import generate
-from tiny_models import FAMILIES, save_hf_model
+from tiny_models import CORE_FAMILIES, save_hf_model
 
 PROMPTS = np.array([[0, 0, 0, 5, 9, 17, 3], [7, 8, 9, 10, 11, 12, 13], [0, 0, 0, 0, 0, 21, 99]])
 PMASK = (PROMPTS != 0).astype(np.int32)
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=CORE_FAMILIES)
 def tiny(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     hf_model = save_hf_model(request.param, path, seed=1)
