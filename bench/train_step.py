@@ -74,10 +74,6 @@ PEAK_BF16_FLOPS = (
 )
 
 
-_HF_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
-               "down": "down_proj"}
-
-
 def peak_rss_reset() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -303,7 +299,7 @@ def run_trl_worker(args) -> dict:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                                 target_modules=list(_HF_TARGETS.values()), task_type="CAUSAL_LM"))
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
     elif not behavior:  # full fine-tuning against the SFT model: TRL loads a second copy as the reference
         ref_model = load().eval().requires_grad_(False)
         add_fused_lm_head(ref_model)

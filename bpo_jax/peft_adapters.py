@@ -22,9 +22,9 @@ from typing import NamedTuple
 import numpy as np
 
 from bpo_jax.lora import TARGETS
+from bpo_jax.models.hf_names import layer_module
 
-MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-           "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+MODULES = {t: layer_module(t) for t in TARGETS}  # "q" -> "self_attn.q_proj"
 PREFIX = "base_model.model.model.layers"
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bpo_jax import sharding as shd
-from bpo_jax.models.loading import _SafetensorsTensors
+from bpo_jax.models.loading import folder_tokenizer, read_leaf, safetensors_tensors
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -170,63 +170,26 @@ def open_folder(path: str, *, param_dtype: str = "float32", dtype: str = "float3
     index) and optionally tokenizer files (the tokenizer is None without them)."""
     with open(os.path.join(path, "config.json")) as f:
         config = DebertaConfig.from_hf(json.load(f), param_dtype=param_dtype, dtype=dtype)
-    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        files = {None: single}
-    elif os.path.isfile(index):
-        with open(index) as f:
-            files = {name: os.path.join(path, fname) for name, fname in json.load(f)["weight_map"].items()}
-    else:
-        raise FileNotFoundError(f"{path!r} has neither model.safetensors nor model.safetensors.index.json "
-                                f"(convert a pytorch_model.bin checkpoint with safetensors first)")
-    tokenizer = None
-    if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json", "spm.model")):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if len(tokenizer) > config.vocab_size:
-            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-                             f"{config.vocab_size}")
-    return config, _SafetensorsTensors(files), tokenizer
+    tokenizer = folder_tokenizer(path)
+    if tokenizer is not None and len(tokenizer) > config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}")
+    return config, safetensors_tensors(path), tokenizer
 
 
 def read_params(config: DebertaConfig, tensors, *, mesh=None, rules=None) -> dict:
     """The params pytree from ``tensors`` (name → sliceable view), checking each tensor's presence and shape
     against ``config``; with a ``mesh`` each leaf is read shard by shard into its ``NamedSharding``."""
-    dtype = np.dtype(config.param_dtype)
     params: dict = {}
     for e in _entries(config):
         stacked = "{i}" in e.hf_name
         names = [e.hf_name.format(i=i) for i in range(config.num_layers)] if stacked else [e.hf_name]
-        want = e.shape[1:] if stacked else e.shape
-        want = tuple(reversed(want)) if e.transposed else want
-        views = []
-        for name in names:
-            if name not in tensors:
-                raise ValueError(f"checkpoint is missing tensor {name!r}")
-            got = tuple(tensors[name].get_shape())
-            if got != want:
-                raise ValueError(f"tensor {name!r} has shape {got}, expected {want} for this config")
-            views.append(tensors[name])
-
-        def read(index, views=views, transposed=e.transposed, stacked=stacked):
-            def one(view, idx):
-                return np.asarray(view[tuple(reversed(idx))]).T if transposed else np.asarray(view[idx])
-
-            index = tuple(index)
-            if stacked:
-                return np.stack([one(views[i], index[1:]) for i in range(len(views))[index[0]]]).astype(dtype)
-            return one(views[0], index).astype(dtype)
-
-        if mesh is None:
-            leaf = jnp.asarray(read(tuple(slice(None) for _ in e.shape)))
-        else:
-            sharding = jax.sharding.NamedSharding(mesh, shd.spec_for(e.axes, e.shape, mesh, rules))
-            leaf = jax.make_array_from_callback(e.shape, sharding, read)
+        sharding = None if mesh is None else jax.sharding.NamedSharding(
+            mesh, shd.spec_for(e.axes, e.shape, mesh, rules))
         node = params
         for key in e.path[:-1]:
             node = node.setdefault(key, {})
-        node[e.path[-1]] = leaf
+        node[e.path[-1]] = read_leaf(tensors, names, e.shape, stacked=stacked, transposed=e.transposed,
+                                     dtype=np.dtype(config.param_dtype), sharding=sharding)
     return params
 
 

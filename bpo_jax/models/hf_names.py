@@ -40,6 +40,11 @@ _TOP = {
 }
 
 
+def layer_module(key: str) -> str:
+    """The HF module path, inside a decoder layer, of the weight ``key`` (``"q"`` -> ``"self_attn.q_proj"``)."""
+    return _LAYER[key][0].removesuffix(".weight")
+
+
 class Entry(NamedTuple):
     """One bpo_jax parameter: its path (``("layers", "q")``), full shape, and the HF tensor names (one per layer
     for stacked parameters) with whether each is stored transposed."""

@@ -72,22 +72,30 @@ def open_hf_folder(path: str, **numerics):
         raise FileNotFoundError(f"{path!r} has no config.json (an HF model folder needs one)")
     with open(cfg_file) as f:
         config = ModelConfig.from_hf(json.load(f), **numerics)
+    return config, safetensors_tensors(path), folder_tokenizer(path)
+
+
+def safetensors_tensors(path: str) -> "_SafetensorsTensors":
+    """The tensors of an HF folder's ``model.safetensors`` or sharded ``model.safetensors.index.json``."""
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(single):
-        files = {None: single}
-    elif os.path.isfile(index):
+        return _SafetensorsTensors({None: single})
+    if os.path.isfile(index):
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
-        files = {name: os.path.join(path, fname) for name, fname in weight_map.items()}
-    else:
-        raise FileNotFoundError(f"{path!r} has neither model.safetensors nor model.safetensors.index.json")
-    tokenizer = None
-    if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
-                                                          "tokenizer.model")):
-        from transformers import AutoTokenizer
+        return _SafetensorsTensors({name: os.path.join(path, fname) for name, fname in weight_map.items()})
+    raise FileNotFoundError(f"{path!r} has neither model.safetensors nor model.safetensors.index.json "
+                            f"(convert a pytorch_model.bin checkpoint with safetensors first)")
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    return config, _SafetensorsTensors(files), tokenizer
+
+def folder_tokenizer(path: str):
+    """The folder's own tokenizer (``AutoTokenizer``), or None when it has no tokenizer files."""
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                              "tokenizer.model", "spm.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 class _SafetensorsTensors:
@@ -121,25 +129,32 @@ def read_params(config: ModelConfig, tensors, *, mesh=None, rules=None):
     axes = param_axes(config)
     params: dict = {}
     for e in entries(config):
-        views = []
-        for name in e.hf_names:
-            if name not in tensors:
-                raise ValueError(f"checkpoint is missing tensor {name!r}")
-            view = tensors[name]
-            got = tuple(view.get_shape() if hasattr(view, "get_shape") else view.shape)
-            want = e.shape[1:] if e.stacked else e.shape
-            want = tuple(reversed(want)) if e.transposed else tuple(want)
-            if got != want:
-                raise ValueError(f"tensor {name!r} has shape {got}, expected {want} for this config")
-            views.append(view)
-        reader = _reader(views, e.transposed, stacked=e.stacked, dtype=dtype)
-        if mesh is None:
-            leaf = jax.numpy.asarray(reader(tuple(slice(None) for _ in e.shape)))
-        else:
-            sharding = jax.sharding.NamedSharding(mesh, shd.spec_for(get_path(axes, e.path), e.shape, mesh, rules))
-            leaf = jax.make_array_from_callback(e.shape, sharding, reader)
-        set_path(params, e.path, leaf)
+        sharding = None if mesh is None else jax.sharding.NamedSharding(
+            mesh, shd.spec_for(get_path(axes, e.path), e.shape, mesh, rules))
+        set_path(params, e.path, read_leaf(tensors, e.hf_names, e.shape, stacked=e.stacked,
+                                           transposed=e.transposed, dtype=dtype, sharding=sharding))
     return params
+
+
+def read_leaf(tensors, names, shape, *, stacked: bool, transposed: bool, dtype, sharding=None):
+    """One params leaf of ``shape`` (bpo_jax layout) from the HF tensors ``names`` (one per layer when
+    ``stacked``; ``transposed``: stored ``[out, in]``), after checking each is present with the right shape; read
+    shard by shard into ``sharding`` when one is given."""
+    views = []
+    want = shape[1:] if stacked else shape
+    want = tuple(reversed(want)) if transposed else tuple(want)
+    for name in names:
+        if name not in tensors:
+            raise ValueError(f"checkpoint is missing tensor {name!r}")
+        view = tensors[name]
+        got = tuple(view.get_shape() if hasattr(view, "get_shape") else view.shape)
+        if got != want:
+            raise ValueError(f"tensor {name!r} has shape {got}, expected {want} for this config")
+        views.append(view)
+    reader = _reader(views, transposed, stacked=stacked, dtype=dtype)
+    if sharding is None:
+        return jax.numpy.asarray(reader(tuple(slice(None) for _ in shape)))
+    return jax.make_array_from_callback(tuple(shape), sharding, reader)
 
 
 def _reader(views, transposed: bool, *, stacked: bool, dtype) -> Callable:
