@@ -1,7 +1,7 @@
 """Seconds per step, tokens/s and peak memory of the jitted DAP train step, optionally against TRL + torch AdamW.
 
     python bench/train_step.py [--pairs 8] [--prompt-len 128] [--response-len 128] [--lora-rank 0] \
-        [--ensemble 1] [--reference sft|behavior] [--remat none|full|dots] [--logprob-chunk 0] \
+        [--ensemble 1] [--reference sft|behavior] [--remat none|full|dots] [--logprob-chunk 0] [--share-prompt on] \
         [--param-dtype float32] [--dtype auto] \
         [--repeats 3] [--model smollm2-135m-instruct] [--random] [--peer trl] [--json out.json]
 
@@ -30,6 +30,8 @@ FLOPs, not hardware FLOPs (rematerialisation is not counted):
         approximation; it counts the frozen weights' gradient matmuls that LoRA skips), and the head is counted on
         all positions although the step unembeds only response positions.
     tokens = S · T with S = 2 · pairs sequences of T = prompt + response positions; d = heads · head_dim;
+        these are the job's FLOPs with two rows per pair (as TRL runs it): ``--share-prompt on`` (the default)
+        runs the prompt once per pair and so does fewer, and its MFU by this count is the job's, not the chip's;
     4 · L · T² · d = the forward's QKᵀ and AV matmuls (2 · T² · d each, no causal halving), ×3 for fwd+bwd.
 MFU = FLOPs / step time / (peak bf16 dense FLOP/s of one device, from ``PEAK_BF16_FLOPS`` by device kind).
 The step runs on one device (no mesh), so the peak is one device's.
@@ -173,6 +175,10 @@ def run_bpo_jax(args, export_dir: str | None) -> dict:
         if "logprob_chunk" not in TrainConfig.__dataclass_fields__:
             sys.exit("--logprob-chunk: this checkout's TrainConfig has no logprob_chunk")
         extra["logprob_chunk"] = args.logprob_chunk
+    if "share_prompt" in TrainConfig.__dataclass_fields__:
+        extra["share_prompt"] = args.share_prompt == "on"
+    elif args.share_prompt == "on":
+        print("(this checkout's TrainConfig has no share_prompt: two rows per pair)", file=sys.stderr)
     try:
         cfg = TrainConfig(model=args.model, total_steps=1000, num_phases=1, batch_size=args.pairs,
                           micro_batches=args.micro_batches, max_new_tokens=args.response_len,
@@ -265,7 +271,7 @@ def run_bpo_jax(args, export_dir: str | None) -> dict:
         "peak_rss_mib": None if rss_peak is None else rss_peak / MiB,
         "rss_before_steps_mib": None if rss_before is None else rss_before / MiB,
         "compiled_temp_mib": temp, "compiled_args_out_mib": args_out, "device_peak_mib": device_peak,
-        "loss": float(m["loss"]), "model_flops": flops,
+        "loss": float(m["loss"]), "model_flops": flops, "share_prompt": getattr(cfg, "share_prompt", None),
         "peak_flops": peak, "mfu": (flops["total"] / med / peak) if (show_mfu and peak) else None,
         "mfu_note": None if not show_mfu else ("unknown peak" if not peak else None),
     }
@@ -396,7 +402,8 @@ def print_table(res: dict, args) -> None:
           f": {ours['params_M']:.1f}M params, {ours['trainable_M']:.2f}M trained ({lora}); param_dtype "
           f"{mc['param_dtype']}, dtype {mc['dtype']}, remat {args.remat}; {args.pairs} pairs x ({args.prompt_len} + "
           f"{args.response_len}) tokens, micro_batches {args.micro_batches}, reference={args.reference}, "
-          f"{args.loss_type}{f', logprob_chunk {args.logprob_chunk}' if args.logprob_chunk else ''}")
+          f"{args.loss_type}{f', logprob_chunk {args.logprob_chunk}' if args.logprob_chunk else ''}, share_prompt "
+          f"{ours.get('share_prompt')}")
     rows = [("bpo_jax", ours)]
     if "trl" in res:
         rows.append(("trl", res["trl"]))
@@ -439,6 +446,8 @@ def parse_args(argv=None):
                         "none)")
     p.add_argument("--logprob-chunk", type=int, default=0,
                    help="the config's logprob_chunk: unembed this many response positions at a time (0 = all)")
+    p.add_argument("--share-prompt", default="on", choices=("on", "off"),
+                   help="the config's share_prompt: one [prompt | chosen | rejected] row per pair (on) or two rows")
     p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="compute dtype; auto = float32 on CPU, bfloat16 on accelerators")

@@ -40,6 +40,7 @@ class TrainConfig:
     batch_size: int = 8  # preference pairs per optimizer step
     micro_batches: int = 1  # gradient accumulation inside the jitted step
     logprob_chunk: int = 0  # train step: unembed this many response positions at a time (0 = all at once)
+    share_prompt: bool = True  # train step: one row [prompt | chosen | rejected] per pair, the prompt run once
     # Loss
     loss_type: str = "sigmoid"
     beta: float = 0.1
@@ -207,7 +208,8 @@ def save_config(cfg: TrainConfig, path: str) -> None:
 # Keys that may change between the runs of one run_dir (how it runs, not what it computes). Every other key
 # defines the run: a resume with a different value is refused (``run_identity_changes``).
 OPERATIONAL_KEYS = ("run_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_size", "eval_max_new_tokens",
-                    "export_policy", "mesh_data", "mesh_fsdp", "mesh_tensor", "remat", "micro_batches", "logprob_chunk", "eval_batch_size",
+                    "export_policy", "mesh_data", "mesh_fsdp", "mesh_tensor", "remat", "micro_batches", "logprob_chunk",
+                    "share_prompt", "eval_batch_size",
                     "reward_batch_size", "data_dir", "tfds_dir", "judge_timeout", "judge_retries", "judge_api_key_env")
 
 

@@ -118,8 +118,8 @@ def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator
                     cfg, model_config, behavior, tokenizer, prompts, annotator,
                     jax.random.fold_in(jax.random.key(cfg.seed), phase), mesh=mesh, eos_token_ids=eos_token_ids)
                 first = distributed.global_rows({k: v[:B] for k, v in pairs.items() if k in BATCH_KEYS}, mesh)
-                phase_stats["behavior_logp_gap"] = float(behavior_logp_gap(model_config, behavior, first,
-                                                                           prompt_len=P))
+                phase_stats["behavior_logp_gap"] = float(behavior_logp_gap(
+                    model_config, behavior, first, prompt_len=P, share_prompt=cfg.share_prompt))
                 if cfg.ensemble_size > 1:
                     gaps = member_logp_gaps(cfg, model_config, state.base, state.trainable, first, prompt_len=P)
                     phase_stats["member_logp_gap_max"] = float(gaps.max())

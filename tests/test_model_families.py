@@ -260,3 +260,41 @@ def test_train_step_sharded_equals_one_device(family, tmp_path):
         results.append([float(m[k]) for m in (m1, m2) for k in ("loss", "grad_norm")])
     np.testing.assert_allclose(results[1], results[0], rtol=1e-4, atol=1e-6)
     assert abs(results[0][2] - results[0][0]) > 1e-4 and all(np.isfinite(results[0]))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])
+def test_shared_prompt_rows_equal_separate_rows(family):
+    """``share_prompt``'s ``[prompt | chosen | rejected]`` rows give the chosen and rejected log-probs (and their
+    gradients) of two separate ``[prompt | response]`` rows: left-padded prompts, responses of different lengths,
+    an empty one, and sequences past Gemma's 6-token window (the window counts positions, not slots)."""
+    from bpo_jax.train_step import pair_logps
+
+    cfg = ModelConfig.from_hf(FAMILIES[family]().to_dict())
+    params = init_params(cfg, jax.random.key(3))
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(4), x.shape, x.dtype), params)
+    p, n = 7, 9
+    rng = np.random.default_rng(0)
+    pmask = PMASK  # prompts of 4, 7 and 2 tokens
+    prompts = rng.integers(3, 120, (3, p)) * pmask
+    lens = {"chosen": [9, 3, 5], "rejected": [6, 9, 0]}
+    batch = {}
+    for side, ls in lens.items():
+        rmask = (np.arange(n)[None] < np.array(ls)[:, None]).astype(np.int32)
+        batch[f"{side}_ids"] = jnp.asarray(np.concatenate([prompts, rng.integers(3, 120, (3, n)) * rmask], 1))
+        batch[f"{side}_mask"] = jnp.asarray(np.concatenate([pmask, rmask], 1))
+
+    def logps(params, share):  # the shared rows unembed in chunks of 4 positions, the separate ones at once
+        return pair_logps(cfg, params, batch, p, 4 if share else 0, share_prompt=share)
+
+    separate, shared = logps(params, False), logps(params, True)
+    for a, b in zip(separate, shared):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+    assert float(shared[1][2]) == 0.0 and float(shared[3][2]) == 0.0  # the empty response: no tokens, logp 0
+
+    def margin(params, share):
+        c, r, _, _ = logps(params, share)
+        return jnp.sum(c * jnp.arange(1, 4)) - jnp.sum(r)
+
+    g_sep, g_shared = (jax.grad(margin)(params, s) for s in (False, True))
+    for a, b in zip(jax.tree.leaves(g_sep), jax.tree.leaves(g_shared)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)

@@ -166,9 +166,11 @@ def _softcap(x, cap):
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
-def _attention(q, k, v, q_slots, valid, config, window):
+def _attention(q, k, v, q_slots, valid, config, window, branches=None):
     """GQA attention of ``q [B, T, H, D]`` over ``k/v [B, S, KV, D]``: query at slot t sees valid slots ≤ t
-    (and, on a sliding layer, > t − ``window``). Scores: scaled, softcapped (Gemma 2), then masked, as HF."""
+    (and, on a sliding layer, > t − ``window``). Scores: scaled, softcapped (Gemma 2), then masked, as HF.
+    ``branches = (branch [B, T], positions [B, T])`` (no cache): a query also sees only the shared prefix
+    (branch 0) and its own branch, and the sliding window is measured in positions."""
     c = config
     b, t, h, d = q.shape
     kvh = k.shape[2]
@@ -178,12 +180,39 @@ def _attention(q, k, v, q_slots, valid, config, window):
     scores = _softcap(scores, c.attn_logit_softcapping)
     slots = jnp.arange(k.shape[1])
     allowed = (slots[None, None, :] <= q_slots[:, :, None]) & valid[:, None, :]  # [B, T, S]
+    if branches is not None:
+        branch, pos = branches
+        allowed &= (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
     if c.has_sliding:
-        allowed &= q_slots[:, :, None] - slots[None, None, :] < window
+        dist = q_slots[:, :, None] - slots[None, None, :] if branches is None else pos[:, :, None] - pos[:, None, :]
+        allowed &= dist < window
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h * d).astype(q.dtype)
+
+
+@jax.custom_vjp
+def _matmul(x, w):
+    return x @ w
+
+
+def _matmul_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _matmul_bwd(res, g):
+    x, w = res
+    dx = g @ w.T
+    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    if x2.shape[1] <= g2.shape[1]:
+        dw = jax.lax.optimization_barrier(x2.T) @ g2
+    else:
+        dw = (jax.lax.optimization_barrier(g2.T) @ x2).T
+    return dx, dw.astype(w.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def _linear(x, lp, name):
@@ -193,7 +222,7 @@ def _linear(x, lp, name):
     w = lp[name].astype(x.dtype)
     f = lp.get(f"{name}_lora")
     if f is None:
-        return x @ w
+        return _matmul(x, w)
     f32 = jnp.float32
     xa = jnp.einsum("...i,ir->...r", x, f["a"].astype(x.dtype), preferred_element_type=f32).astype(x.dtype)
     y = jnp.einsum("...i,io->...o", x, w, preferred_element_type=f32)
@@ -209,7 +238,7 @@ def _mlp(x, lp, config):
     return _linear(act * _linear(x, lp, "up"), lp, "down")
 
 
-def _layer(config, x, lp, rope, meta, k_cache, v_cache, valid, q_slots, cache_index):
+def _layer(config, x, lp, rope, meta, k_cache, v_cache, valid, q_slots, cache_index, branches=None):
     """One pre-norm block (with Gemma 2/3's post-attention and post-MLP norms when ``sandwich_norms``).
     ``rope``: ``((cos, sin), (cos_local, sin_local) or None)``; ``meta``: this layer's ``(window, is_local)``
     scalars. Returns the new hidden state and this layer's (updated) keys/values."""
@@ -234,7 +263,8 @@ def _layer(config, x, lp, rope, meta, k_cache, v_cache, valid, q_slots, cache_in
     if k_cache is not None:
         k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
         v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
-    attn = _linear(_attention(q, k.astype(x.dtype), v.astype(x.dtype), q_slots, valid, c, window), lp, "o")
+    attn = _linear(_attention(q, k.astype(x.dtype), v.astype(x.dtype), q_slots, valid, c, window, branches), lp,
+                   "o")
     x = x + (norm(attn, "post_attn_norm") if c.sandwich_norms else attn)
     mlp = _mlp(norm(x, "mlp_norm"), lp, c)
     x = x + (norm(mlp, "post_mlp_norm") if c.sandwich_norms else mlp)
@@ -242,12 +272,15 @@ def _layer(config, x, lp, rope, meta, k_cache, v_cache, valid, q_slots, cache_in
 
 
 def hidden_states(config: ModelConfig, params: Params, input_ids: Array, *, positions=None, attention_mask=None,
-                  cache=None, cache_index=0):
+                  cache=None, cache_index=0, branch=None):
     """Final normed hidden states ``[B, T, D]`` (compute dtype) and the updated cache (None without one).
 
     ``attention_mask [B, T]`` marks real tokens (0 = padding). ``positions [B, T]`` default to
     ``cumsum(mask) − 1``, which is right for a full sequence or a prefill at ``cache_index=0``; a decode step
-    must pass its positions. With ``cache``, this call's keys/values go to slots ``cache_index …
+    must pass its positions. ``branch [B, T]`` packs several continuations of one prefix in a row (no cache;
+    ``positions`` required): slots of branch 0 are the shared prefix, and a slot of branch k > 0 attends to the
+    prefix and to branch k only, so ``[prompt | response 1 | response 2]`` gives each response the hidden
+    states it would have after the prompt alone. With ``cache``, this call's keys/values go to slots ``cache_index …
     cache_index + T − 1`` and each query attends to the valid slots up to its own. Stacked ``layers`` run
     under a scan with a stacked cache; ``unstack_layers`` params run unrolled with a ``per_layer`` cache.
     """
@@ -255,6 +288,9 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: Array, *, posi
     dtype = jnp.dtype(c.dtype)
     b, t = input_ids.shape
     mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    if branch is not None and (positions is None or cache is not None):
+        raise ValueError("branch needs explicit positions and no cache")
+    branches = None if branch is None else (branch, positions)
     if positions is None:
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     x = params["embed"][input_ids].astype(dtype)
@@ -280,12 +316,12 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: Array, *, posi
         ks, vs = (list(cache["k"]), list(cache["v"])) if cache is not None else ([None] * n, [None] * n)
         for i, lp in enumerate(params["layers"]):
             meta_i = (meta[0][i], meta[1][i])
-            x, ks[i], vs[i] = layer(c, x, lp, rope, meta_i, ks[i], vs[i], valid, q_slots, cache_index)
+            x, ks[i], vs[i] = layer(c, x, lp, rope, meta_i, ks[i], vs[i], valid, q_slots, cache_index, branches)
         new_cache = None if cache is None else {"k": tuple(ks), "v": tuple(vs), "valid": valid}
     elif cache is None:
         def body(h, lp_meta):
             lp, meta_i = lp_meta
-            h, _, _ = layer(c, h, lp, rope, meta_i, None, None, valid, q_slots, cache_index)
+            h, _, _ = layer(c, h, lp, rope, meta_i, None, None, valid, q_slots, cache_index, branches)
             return h, None
 
         x, _ = jax.lax.scan(body, x, (params["layers"], meta))
