@@ -201,10 +201,14 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
         ann = {"behavior_merged": merged, "behavior_unstacked": unstacked,
                "rm_forward": hidden + working_set(rm, rows, t, tensor)}
 
-    # Train step, per micro-batch of B/m pairs -> 2·B/m rows of T tokens, split over data×fsdp when they divide.
+    # Train step, per micro-batch of B/m pairs, split over data×fsdp when they divide: B/m rows of P + 2N tokens
+    # ([prompt | chosen | rejected], share_prompt) or 2·B/m rows of P + N.
     pairs = cfg.batch_size // cfg.micro_batches
-    rows = 2 * (pairs // s if pairs % s == 0 else pairs)
-    t = cfg.max_prompt_length + cfg.max_new_tokens
+    seqs = 2 * (pairs // s if pairs % s == 0 else pairs)  # chosen and rejected sequences
+    if cfg.share_prompt:
+        rows, t = seqs // 2, cfg.max_prompt_length + 2 * cfg.max_new_tokens
+    else:
+        rows, t = seqs, cfg.max_prompt_length + cfg.max_new_tokens
     ws = working_set(mc, rows, t, tensor)
     if mc.remat == "full":  # each layer's input kept; one layer recomputed at a time
         act = mc.num_layers * rows * t * mc.hidden_size * c + 2 * ws
@@ -215,7 +219,7 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
         act = (mc.num_layers + 1) * ws
     vocab = mc.vocab_size // tensor if mc.vocab_size % tensor == 0 else mc.vocab_size
     positions = min(cfg.logprob_chunk, cfg.max_new_tokens) if cfg.logprob_chunk else cfg.max_new_tokens
-    logits = 2 * rows * positions * vocab * 4  # f32 logits + the softmax in their backward (one chunk at a time)
+    logits = 2 * seqs * positions * vocab * 4  # f32 logits + the softmax in their backward (one chunk at a time)
     # LoRA in activation space (decoder._linear): x A [rows, T, r] in the compute dtype per target per layer,
     # saved for the backward without remat (L + 1 layers' worth, like W), else one recomputed layer's value and
     # cotangent.
@@ -235,7 +239,8 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
         lay_sh = {k: sh_one(v) for k, v in shs["layers"].items()}
         return shard_bytes(one(tree[un]), sh_one(shs[un]), c) + _layer_cast_bytes(lay, lay_sh, mc.num_layers, c)
 
-    train = {"grads_and_update": 3 * res["trainable"] // n}  # float32 accumulator, one micro-batch's grads, update
+    # float32 grads and update, plus an accumulator with micro-batches
+    train = {"grads_and_update": (2 if cfg.micro_batches == 1 else 3) * res["trainable"] // n}
     if cfg.lora_rank:  # what the scan reads: lax.map's slice of one member's A and attach's s·B, float32
         train["member_factors"] = res["trainable"] // n
         train["lora_xa"] = xa_layers * xa_one * cfg.lora_rank

@@ -150,22 +150,25 @@ def _base_bytes(tree, itemsize=None):
     return sum(x.size * (itemsize or x.dtype.itemsize) for x in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_lora_train_step_is_activation_space(remat):
-    """No merged target weights (nor their cotangent) in the step; x A per target per layer instead."""
+@pytest.mark.parametrize("remat,share", [(False, True), (True, False)])
+def test_lora_train_step_is_activation_space(remat, share):
+    """No merged target weights (nor their cotangent) in the step; x A per target per layer instead. Rows:
+    one [prompt | chosen | rejected] row per pair with share_prompt, else two [prompt | response] rows."""
     n, r, targets = 2, 4, ("q", "v", "down")
     cfg = _cfg(f"lora_rank={r}", f"ensemble_size={n}", "lora_targets=" + ",".join(targets), "batch_size=4",
-               "max_prompt_length=24", "max_new_tokens=8", f"remat={str(remat).lower()}")
+               "max_prompt_length=24", "max_new_tokens=8", f"remat={str(remat).lower()}",
+               f"share_prompt={str(share).lower()}")
     mc = TINY.replace(remat=remat)
     res = mp.plan(cfg, mc, _mesh(), 16)
-    rows, t = 2 * 4, 24 + 8
+    rows, t = (4, 24 + 2 * 8) if share else (2 * 4, 24 + 8)
     assert (res["train_rows"], res["train_len"]) == (rows, t)
     assert set(res["train"]) == {"grads_and_update", "member_factors", "lora_xa", "activations", "logits"}
     layers = 2 if remat else TINY.num_layers + 1
     assert res["train"]["lora_xa"] == layers * rows * t * r * 2 * len(targets)  # bfloat16 compute
     trainable = res["resident"]["trainable"]
     assert res["train"]["member_factors"] == trainable // n
-    assert res["train"]["grads_and_update"] == 3 * trainable // n
+    assert res["train"]["grads_and_update"] == 2 * trainable // n  # no accumulator with one micro-batch
+    assert res["train"]["logits"] == 2 * 2 * 4 * 8 * TINY.vocab_size * 4  # 2 x 8 response rows x 8 positions, f32
     # sampling still materialises the merge: the target leaves in param_dtype, and the unstacked layers
     base = jax.eval_shape(functools.partial(decoder.init_params, TINY), jax.random.key(0))
     assert res["sampling"]["behavior_merged"] == _base_bytes({k: base["layers"][k] for k in targets})
