@@ -263,19 +263,26 @@ def test_smollm2_exports_as_an_hf_llama_folder(smollm2, tmp_path):
 
 
 @pytest.mark.parametrize("shape", [(8, 12), (12, 8)])
-def test_linear_gradients_equal_autodiff(shape):
+@pytest.mark.parametrize("dtype,accumulate", [("float32", None), ("bfloat16", "float32")])
+def test_linear_gradients_equal_autodiff(shape, dtype, accumulate):
     """``decoder._matmul``'s hand-written backward (the weight gradient with the smaller operand transposed,
-    XLA's CPU backend otherwise transposes the larger one inside a slow fusion) equals autodiff of ``x @ w``."""
+    XLA's CPU backend otherwise transposes the larger one inside a slow fusion) equals autodiff of the same
+    contraction, in float32 and with bfloat16 inputs accumulated in float32 (the LoRA path)."""
     from bpo_jax.models.decoder import _matmul
 
-    x = jax.random.normal(jax.random.key(0), (2, 5, shape[0]))
-    w = jax.random.normal(jax.random.key(1), shape)
+    x = jax.random.normal(jax.random.key(0), (2, 5, shape[0])).astype(dtype)
+    w = jax.random.normal(jax.random.key(1), shape).astype(dtype)
     g = jax.random.normal(jax.random.key(2), (2, 5, shape[1]))
 
-    def loss(f):
-        return lambda x, w: jnp.sum(jnp.sin(f(x, w)) * g)
+    def plain(x, w):
+        return x @ w if accumulate is None else jnp.einsum("...i,io->...o", x, w, preferred_element_type=accumulate)
 
-    ours = jax.grad(loss(_matmul), argnums=(0, 1))(x, w)
-    ref = jax.grad(loss(lambda x, w: x @ w), argnums=(0, 1))(x, w)
+    def loss(f):
+        return lambda x, w: jnp.sum(jnp.sin(f(x, w).astype(jnp.float32)) * g)
+
+    ours = jax.grad(loss(lambda x, w: _matmul(x, w, accumulate)), argnums=(0, 1))(x, w)
+    ref = jax.grad(loss(plain), argnums=(0, 1))(x, w)
+    tol = 1e-5 if dtype == "float32" else 2e-2
     for a, b in zip(ours, ref):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+        assert a.dtype == b.dtype == jnp.dtype(dtype)
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
