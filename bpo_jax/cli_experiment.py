@@ -159,7 +159,8 @@ def plot_grid(exp, out: str) -> None:
             ax.fill_between(steps, w.min(0), w.max(0), color=line.get_color(), alpha=0.2)
         ax.set(xlabel="step", ylabel="win rate vs references (%)", title=f"{loss}: mean over seeds, min–max band")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a loss with no finished run yet has no lines
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
