@@ -3,7 +3,7 @@
     python bench/train_step.py [--pairs 8] [--prompt-len 128] [--response-len 128] [--lora-rank 0] \
         [--ensemble 1] [--reference sft|behavior] [--remat none|full|dots] [--logprob-chunk 0] [--share-prompt on] \
         [--param-dtype float32] [--dtype auto] \
-        [--repeats 3] [--model smollm2-135m-instruct] [--random] [--peer trl] [--json out.json]
+        [--repeats 3] [--model smollm2-135m-instruct] [--random] [--peer trl] [--profile DIR] [--json out.json]
 
 What runs: the step the online loop runs, ``bpo_jax.train_step.make_train_step`` (jitted, state donated, base
 weights read-only) on a state from ``bpo_jax.state.create_state``, with a ``TrainConfig`` built from the flags.
@@ -227,6 +227,13 @@ def run_bpo_jax(args, export_dir: str | None) -> dict:
         jax.block_until_ready((state, m))
         times.append(time.perf_counter() - t0)
     rss_peak = peak_rss() if rss_ok else None
+    if args.profile:  # one more step, under the profiler (after the measured ones): per-op times
+        import profile_ops
+
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            state, m = step(state, batch)
+            jax.block_until_ready((state, m))
+        print(profile_ops.summary(args.profile))
     med = statistics.median(times)
     if export_dir is not None:  # after the measurement (its host copies would raise our RSS baseline): the peer's
         # weights are these very ones (the frozen base, as the steps started from) and its batch this very one
@@ -457,6 +464,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--peer", choices=("trl",), default=None, help="also time TRL's DPO loss + torch AdamW")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default: by device kind)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="trace one more step with jax.profiler into DIR and print its per-op times")
     p.add_argument("--json", default=None, help="write the figures to this file")
     p.add_argument("--_trl-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

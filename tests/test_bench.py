@@ -6,6 +6,7 @@ device (the suite's ``--xla_force_host_platform_device_count=8`` is stripped: th
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -54,7 +55,10 @@ def test_train_step_lora_behavior_remat_chunked(tiny_llama, tmp_path):
     forward), full rematerialisation, log-probs unembedded 4 positions at a time. (The shipped SmolLM2 runs the
     same code, only slower to compile.)"""
     res, out = _run("train_step.py", ["--model", str(tiny_llama), "--random", *TINY, "--lora-rank", "4",
-                                      "--reference", "behavior", "--remat", "full", "--logprob-chunk", "4"], tmp_path)
+                                      "--reference", "behavior", "--remat", "full", "--logprob-chunk", "4",
+                                      "--profile", str(tmp_path / "trace")], tmp_path)
+    assert "by op kind:" in out and "top 25 ops:" in out  # bench/profile_ops.py's table of the traced step
+    assert re.search(r"^\s+[\d.]+ ms\s+\d+\s+\S+", out.split("top 25 ops:")[1], re.M)  # at least one op
     ours = res["bpo_jax"]
     _check_row(ours)
     assert ours["model_config"]["layers"] == 2 and ours["model_config"]["remat"] == "full"
