@@ -239,8 +239,7 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
         lay_sh = {k: sh_one(v) for k, v in shs["layers"].items()}
         return shard_bytes(one(tree[un]), sh_one(shs[un]), c) + _layer_cast_bytes(lay, lay_sh, mc.num_layers, c)
 
-    # float32 grads and update, plus an accumulator with micro-batches
-    train = {"grads_and_update": (2 if cfg.micro_batches == 1 else 3) * res["trainable"] // n}
+    train = {"grads_and_update": 3 * res["trainable"] // n}  # float32 accumulator, one micro-batch's grads, update
     if cfg.lora_rank:  # what the scan reads: lax.map's slice of one member's A and attach's s·B, float32
         train["member_factors"] = res["trainable"] // n
         train["lora_xa"] = xa_layers * xa_one * cfg.lora_rank

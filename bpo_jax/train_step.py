@@ -39,29 +39,22 @@ BATCH_KEYS = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "cho
               "rejected_behavior_logps", "truncated")
 
 
-def response_logps(model_config, params, ids, mask, prompt_len: int, chunk: int = 0):
-    """Summed response log-probs ``[B]`` and response lengths ``[B]`` for ``ids [B, P + N]``.
-
-    Position P − 1 + j predicts response token j, so only the hidden states at positions P − 1 … P + N − 2 are
-    unembedded: the prompt never costs vocabulary-sized logits. ``chunk`` > 0 unembeds that many positions at
-    a time, rematerialised in the backward (``logprobs.chunked_token_logprobs``): no ``[B, N, V]`` logits.
-    """
+def _separate_rows_hidden(model_config, params, mb, p: int):
+    """Chosen and rejected as two rows ``[prompt | response]`` each: the hidden states that predict the response
+    tokens, ``[2B, N, D]`` (position P − 1 + j predicts response token j)."""
+    ids = jnp.concatenate([mb["chosen_ids"], mb["rejected_ids"]], axis=0)
+    mask = jnp.concatenate([mb["chosen_mask"], mb["rejected_mask"]], axis=0)
     h, _ = hidden_states(model_config, params, ids, attention_mask=mask)
-    lp = chunked_token_logprobs(partial(logits_from_hidden, model_config), params, h[:, prompt_len - 1 : -1],
-                                ids[:, prompt_len:], chunk)
-    out = reduce_masked(lp, mask[:, prompt_len:])
-    return out.sum, out.count
+    return h[:, p - 1 : -1]
 
 
-def shared_prompt_logps(model_config, params, mb, prompt_len: int, chunk: int = 0):
-    """``pair_logps`` with the prompt run once per pair: each row is ``[prompt | chosen | rejected]`` (P + 2N
-    slots instead of 2 rows of P + N), the rejected response attends to the prompt but not to the chosen one,
-    and its positions continue from the prompt's (``decoder.hidden_states``' ``branch``). The prompt's last
-    hidden state predicts the first token of both responses. Same values as two separate rows, with the
-    prompt's layer work done once: about P / (P + N) less of it, for slightly larger attention blocks.
-    Assumes (as ``pairs.build_pairs`` makes them) the chosen and rejected rows share the prompt half."""
-    p = prompt_len
-    b, n = mb["chosen_ids"].shape[0], mb["chosen_ids"].shape[1] - p
+def _shared_prompt_hidden(model_config, params, mb, p: int):
+    """The same ``[2B, N, D]`` from one row ``[prompt | chosen | rejected]`` per pair (P + 2N slots instead of two
+    rows of P + N): the rejected response attends to the prompt but not to the chosen one, and its positions
+    continue from the prompt's (``decoder.hidden_states``' ``branch``); the prompt's last hidden state predicts
+    the first token of both. The prompt's layer work is done once. Assumes (as ``pairs.build_pairs`` makes them)
+    that the chosen and rejected rows share the prompt half."""
+    n = mb["chosen_ids"].shape[1] - p
     ids = jnp.concatenate([mb["chosen_ids"], mb["rejected_ids"][:, p:]], axis=1)
     mask = jnp.concatenate([mb["chosen_mask"], mb["rejected_mask"][:, p:]], axis=1)
     branch = jnp.broadcast_to(jnp.repeat(jnp.arange(3, dtype=jnp.int32), jnp.array([p, n, n]),
@@ -71,24 +64,24 @@ def shared_prompt_logps(model_config, params, mb, prompt_len: int, chunk: int = 
     positions = jnp.concatenate([jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0), response_pos, response_pos],
                                 axis=1)
     h, _ = hidden_states(model_config, params, ids, positions=positions, attention_mask=mask, branch=branch)
-    last = h[:, p - 1 : p]
-    hidden = jnp.concatenate([h[:, p - 1 : p + n - 1], jnp.concatenate([last, h[:, p + n : -1]], axis=1)], axis=0)
+    rejected = jnp.concatenate([h[:, p - 1 : p], h[:, p + n : -1]], axis=1)
+    return jnp.concatenate([h[:, p - 1 : p + n - 1], rejected], axis=0)
+
+
+def pair_logps(model_config, params, mb, prompt_len: int, chunk: int = 0, share_prompt: bool = False):
+    """(chosen logps, rejected logps, chosen lengths, rejected lengths) ``[B]`` each, from one forward over both:
+    chosen and rejected as separate rows, or (``share_prompt``) as branches of one row; the same values.
+
+    Only the hidden states that predict response tokens are unembedded: the prompt never costs vocabulary-sized
+    logits. ``chunk`` > 0 unembeds that many positions at a time, rematerialised in the backward
+    (``logprobs.chunked_token_logprobs``): no ``[2B, N, V]`` logits.
+    """
+    p, b = prompt_len, mb["chosen_ids"].shape[0]
+    hidden = (_shared_prompt_hidden if share_prompt else _separate_rows_hidden)(model_config, params, mb, p)
     targets = jnp.concatenate([mb["chosen_ids"][:, p:], mb["rejected_ids"][:, p:]], axis=0)
     lp = chunked_token_logprobs(partial(logits_from_hidden, model_config), params, hidden, targets, chunk)
     out = reduce_masked(lp, jnp.concatenate([mb["chosen_mask"][:, p:], mb["rejected_mask"][:, p:]], axis=0))
     return out.sum[:b], out.sum[b:], out.count[:b], out.count[b:]
-
-
-def pair_logps(model_config, params, mb, prompt_len: int, chunk: int = 0, share_prompt: bool = False):
-    """(chosen logps, rejected logps, chosen lengths, rejected lengths) from one forward over both: chosen and
-    rejected as separate rows, or (``share_prompt``) as branches of one row (``shared_prompt_logps``)."""
-    if share_prompt:
-        return shared_prompt_logps(model_config, params, mb, prompt_len, chunk)
-    ids = jnp.concatenate([mb["chosen_ids"], mb["rejected_ids"]], axis=0)
-    mask = jnp.concatenate([mb["chosen_mask"], mb["rejected_mask"]], axis=0)
-    logps, counts = response_logps(model_config, params, ids, mask, prompt_len, chunk)
-    b = mb["chosen_ids"].shape[0]
-    return logps[:b], logps[b:], counts[:b], counts[b:]
 
 
 def _kl_policy_behavior(log_ratio):
@@ -134,18 +127,12 @@ def train_step(cfg: TrainConfig, model_config, state: st.TrainState, batch: dict
             (loss, m), g = grad_fn(train_i, mb, ref_c, ref_r)
             return jax.tree.map(jnp.add, acc, (g, {**m, "loss": loss})), None
 
-        if cfg.micro_batches == 1:  # no accumulator: a zeroed copy of the trainables and one add are a whole
-            # weight-sized write and read per step (measurable with full fine-tuning on a CPU)
-            (loss, metrics), grads = grad_fn(train_i, *jax.tree.map(lambda x: x[0], (micro, ref[0], ref[1])))
-            metrics = {**metrics, "loss": loss}
-        else:
-            zeros = jax.tree.map(jnp.zeros_like, train_i)
-            _, m_shape = jax.eval_shape(loss_fn, train_i, jax.tree.map(lambda x: x[0], micro), ref[0][0],
-                                        ref[1][0])
-            init = (zeros, {**jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape), "loss": jnp.float32(0)})
-            (grads, metrics), _ = jax.lax.scan(accumulate, init, (micro, ref[0], ref[1]))
-            grads = jax.tree.map(lambda g: g / cfg.micro_batches, grads)
-            metrics = jax.tree.map(lambda v: v / cfg.micro_batches, metrics)
+        zeros = jax.tree.map(jnp.zeros_like, train_i)
+        _, m_shape = jax.eval_shape(loss_fn, train_i, jax.tree.map(lambda x: x[0], micro), ref[0][0], ref[1][0])
+        init = (zeros, {**jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape), "loss": jnp.float32(0)})
+        (grads, metrics), _ = jax.lax.scan(accumulate, init, (micro, ref[0], ref[1]))
+        grads = jax.tree.map(lambda g: g / cfg.micro_batches, grads)
+        metrics = jax.tree.map(lambda v: v / cfg.micro_batches, metrics)
         metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt_i = optimizer.update(grads, opt_i, train_i)
         return optax.apply_updates(train_i, updates), opt_i, metrics

@@ -167,7 +167,7 @@ def test_lora_train_step_is_activation_space(remat, share):
     assert res["train"]["lora_xa"] == layers * rows * t * r * 2 * len(targets)  # bfloat16 compute
     trainable = res["resident"]["trainable"]
     assert res["train"]["member_factors"] == trainable // n
-    assert res["train"]["grads_and_update"] == 2 * trainable // n  # no accumulator with one micro-batch
+    assert res["train"]["grads_and_update"] == 3 * trainable // n
     assert res["train"]["logits"] == 2 * 2 * 4 * 8 * TINY.vocab_size * 4  # 2 x 8 response rows x 8 positions, f32
     # sampling still materialises the merge: the target leaves in param_dtype, and the unstacked layers
     base = jax.eval_shape(functools.partial(decoder.init_params, TINY), jax.random.key(0))
