@@ -74,23 +74,30 @@ def main():
             model, ids, np.ones_like(ids), max_new_tokens=args.new, temperature=1.0, rng=jax.random.key(0)).tokens)
         run()  # compile
         ours[b] = b * args.new / _median_time(run, args.repeats)
+        print(f"bpo_jax batch {b}: {ours[b]:.1f} tok/s", flush=True)  # as it comes: HF's side may take long
 
     hf_tps = {b: float("nan") for b in args.batches}
     if not args.skip_hf:
         import torch
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
-        print(f"HF transformers in PyTorch {torch.__version__}, {torch.get_num_threads()} threads, same weights")
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        hf = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval().to(dev)
+        print(f"HF transformers in PyTorch {torch.__version__} on {dev}, {torch.get_num_threads()} threads, same "
+              f"weights")
         for b, ids in prompts.items():
             def hf_run():
                 with torch.no_grad():
-                    hf.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.ones(ids.shape),
+                    hf.generate(torch.tensor(ids, dtype=torch.long, device=dev),
+                                attention_mask=torch.ones(ids.shape, device=dev),
                                 do_sample=True, max_new_tokens=args.new, min_new_tokens=args.new, top_k=0,
                                 pad_token_id=0)
+                if dev == "cuda":
+                    torch.cuda.synchronize()
 
             hf_run()
             hf_tps[b] = b * args.new / _median_time(hf_run, max(1, args.repeats - 1))
+            print(f"HF batch {b}: {hf_tps[b]:.1f} tok/s", flush=True)
 
     print(f"{'batch':>5} {'bpo_jax tok/s':>14} {'HF tok/s':>9} {'x HF':>6} {'floor tok/s':>12} {'of floor':>9}")
     for b in args.batches:

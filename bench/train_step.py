@@ -374,10 +374,12 @@ def run_trl_worker(args) -> dict:
     med = statistics.median(times)
     tokens = args.pairs * 2 * (args.prompt_len + args.response_len)
     rss = peak_rss() if rss_ok else None
+    # like JAX's peak_bytes_in_use: the allocator's peak since the process started (weights, moments, warm-up)
+    dev_peak = torch.cuda.max_memory_allocated() / MiB if device == "cuda" else None
     return {"device": f"torch {torch.__version__} {device} ({torch.get_num_threads()} threads), trl {trl.__version__}",
             "first_call_s": first_s, "step_s": med, "step_times_s": times, "tokens_per_s": tokens / med,
             "padded_shape": list(inputs["input_ids"].shape), "trainable_M": sum(q.numel() for q in trained) / 1e6,
-            "peak_rss_mib": None if rss is None else rss / MiB, "loss": loss}
+            "peak_rss_mib": None if rss is None else rss / MiB, "device_peak_mib": dev_peak, "loss": loss}
 
 
 def run_peer(args, folder: str) -> dict:
@@ -421,8 +423,9 @@ def print_table(res: dict, args) -> None:
         print(f"{name:8} {r['step_s']:8.3f} {r['tokens_per_s']:10.1f} {r['first_call_s']:12.2f} "
               f"{_fmt(r.get('peak_rss_mib'), '12.0f')} {_fmt(r.get('compiled_temp_mib'), '12.1f')} "
               f"{_fmt(r.get('compiled_args_out_mib'), '12.1f')} {r['loss']:8.4f}")
-    if ours.get("device_peak_mib") is not None:
-        print(f"device peak bytes in use: {ours['device_peak_mib']:.0f} MiB")
+    for name, r in rows:
+        if r.get("device_peak_mib") is not None:
+            print(f"{name}: device peak bytes in use {r['device_peak_mib']:.0f} MiB")
     if ours["mfu"] is not None or ours["mfu_note"]:
         f = ours["model_flops"]
         mfu = f"{100 * ours['mfu']:.1f}%" if ours["mfu"] is not None else ours["mfu_note"]
@@ -431,7 +434,8 @@ def print_table(res: dict, args) -> None:
               f"{ours['step_s']:.3f} s, peak {_fmt(ours['peak_flops'] and ours['peak_flops'] / 1e12, '.0f')} TFLOP/s")
     if "ratio" in res:
         r = res["ratio"]
-        print(f"bpo_jax / trl: step time {r['step_time']:.2f}x, peak RSS {_fmt(r['peak_rss'], '.2f')}x")
+        print(f"bpo_jax / trl: step time {r['step_time']:.2f}x, peak RSS {_fmt(r['peak_rss'], '.2f')}x"
+              + (f", device peak {r['device_peak']:.2f}x" if r.get("device_peak") else ""))
 
 
 def parse_args(argv=None):
@@ -500,7 +504,9 @@ def main(argv=None) -> int:
         ours, peer = res["bpo_jax"], res["trl"]
         res["ratio"] = {"step_time": ours["step_s"] / peer["step_s"],
                         "peak_rss": (ours["peak_rss_mib"] / peer["peak_rss_mib"]
-                                     if ours["peak_rss_mib"] and peer["peak_rss_mib"] else None)}
+                                     if ours["peak_rss_mib"] and peer["peak_rss_mib"] else None),
+                        "device_peak": (ours["device_peak_mib"] / peer["device_peak_mib"]
+                                        if ours.get("device_peak_mib") and peer.get("device_peak_mib") else None)}
         tmp.cleanup()
     print_table(res, args)
     if args.json:
