@@ -1,6 +1,7 @@
 """Sampling throughput: bpo_jax.sampling.generate vs HF transformers generate (PyTorch) on the same weights.
 
     python bench/sampling.py [--model smollm2-135m-instruct] [--batches 1 8 32] [--prompt-len 64] [--new 64]
+                             [--num-samples 1] [--skip-hf]
 
 Loads the model, exports it with ``save_pretrained`` and loads that folder into HF transformers, so both sides
 decode the very same float32 weights. Prints tokens/s per batch size (64-token prompts, 64 new tokens, no
@@ -45,10 +46,13 @@ def main():
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new", type=int, default=64)
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="samples per prompt (BPO collects 2: each prompt is prefilled once, its cache copied)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bandwidth-gbs", type=float, default=None)
     p.add_argument("--skip-hf", action="store_true")
     args = p.parse_args()
+    n = args.num_samples
 
     model, tok = load_pretrained(args.model)
     cfg = model.config
@@ -58,7 +62,7 @@ def main():
     n_params = sum(x.size for x in jax.tree.leaves(model.params))
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
     print(f"device: {kind} ({jax.device_count()}x), jax {jax.__version__}; model {args.model}: {n_params / 1e6:.1f}M "
-          f"params, {cfg.param_dtype}; prompt {args.prompt_len}, new tokens {args.new}; bandwidth {bw:.0f} GB/s")
+          f"params, {cfg.param_dtype}; prompt {args.prompt_len}, new tokens {args.new}, {n} sample(s) per prompt; bandwidth {bw:.0f} GB/s")
 
     # Export first (NumPy only), then time bpo_jax for every batch size before PyTorch is even imported: torch's
     # OpenMP threads keep spinning after its own work and would slow the JAX side down in a shared process.
@@ -71,9 +75,10 @@ def main():
     ours = {}
     for b, ids in prompts.items():
         run = lambda: jax.block_until_ready(generate(  # noqa: E731
-            model, ids, np.ones_like(ids), max_new_tokens=args.new, temperature=1.0, rng=jax.random.key(0)).tokens)
+            model, ids, np.ones_like(ids), max_new_tokens=args.new, temperature=1.0, rng=jax.random.key(0),
+            num_samples=n).tokens)
         run()  # compile
-        ours[b] = b * args.new / _median_time(run, args.repeats)
+        ours[b] = b * n * args.new / _median_time(run, args.repeats)
         print(f"bpo_jax batch {b}: {ours[b]:.1f} tok/s", flush=True)  # as it comes: HF's side may take long
 
     hf_tps = {b: float("nan") for b in args.batches}
@@ -91,19 +96,19 @@ def main():
                     hf.generate(torch.tensor(ids, dtype=torch.long, device=dev),
                                 attention_mask=torch.ones(ids.shape, device=dev),
                                 do_sample=True, max_new_tokens=args.new, min_new_tokens=args.new, top_k=0,
-                                pad_token_id=0)
+                                pad_token_id=0, num_return_sequences=n)
                 if dev == "cuda":
                     torch.cuda.synchronize()
 
             hf_run()
-            hf_tps[b] = b * args.new / _median_time(hf_run, max(1, args.repeats - 1))
+            hf_tps[b] = b * n * args.new / _median_time(hf_run, max(1, args.repeats - 1))
             print(f"HF batch {b}: {hf_tps[b]:.1f} tok/s", flush=True)
 
     print(f"{'batch':>5} {'bpo_jax tok/s':>14} {'HF tok/s':>9} {'x HF':>6} {'floor tok/s':>12} {'of floor':>9}")
     for b in args.batches:
         # One decode step reads every weight once plus the KV cache filled so far (on average half of it).
-        kv_bytes = 2 * cfg.num_layers * b * (args.prompt_len + args.new / 2) * cfg.kv_size * 4
-        floor_tps = b / ((weight_bytes + kv_bytes) / (bw * 1e9))
+        kv_bytes = 2 * cfg.num_layers * b * n * (args.prompt_len + args.new / 2) * cfg.kv_size * 4
+        floor_tps = b * n / ((weight_bytes + kv_bytes) / (bw * 1e9))
         print(f"{b:>5} {ours[b]:>14.1f} {hf_tps[b]:>9.1f} {ours[b] / hf_tps[b]:>6.2f} {floor_tps:>12.1f} "
               f"{ours[b] / floor_tps:>9.2f}")
 
