@@ -38,8 +38,8 @@ The step runs on one device (no mesh), so the peak is one device's.
 
 ``--peer trl``: the same weights (exported with ``save_pretrained`` into a temporary folder and loaded by
 transformers' ``AutoModelForCausalLM`` in float32), the same shapes and the very same batch (passed through TRL's
-``DataCollatorForPreference``, i.e. right-padded prompt+response rows, chosen then rejected) in a subprocess of
-this script, so its peak RSS is its own. One optimizer step is: ``DPOTrainer.compute_loss`` on a ``DPOTrainer``
+``DataCollatorForPreference``, i.e. right-padded prompt+response rows, chosen then rejected) in a subprocess
+(``bench/trl_peer.py``), so its peak RSS is its own. One optimizer step is: ``DPOTrainer.compute_loss`` on a ``DPOTrainer``
 shell (built as ``tests/test_losses_trl.py`` builds it, plus the fused LM head ``DPOTrainer.__init__`` adds),
 which runs the policy forward on chosen+rejected concatenated, the reference forward when ``--reference sft``
 (a second copy of the model, as TRL makes one for full fine-tuning; LoRA: the base with the adapter disabled;
@@ -56,7 +56,6 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,30 +66,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-MiB = 2**20
+import trl_peer  # noqa: E402  (bench/, next to this script)
+from rss import MiB, peak_rss, peak_rss_reset  # noqa: E402
+
 # Peak dense bfloat16 FLOP/s of one JAX device, by a substring of ``device_kind`` (first match wins).
 PEAK_BF16_FLOPS = (
     ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12),
     ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
     ("TPU v5p", 459e12), ("TPU v5", 459e12), ("TPU v4", 275e12),
 )
-
-
-def peak_rss_reset() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return None
 
 
 def peak_flops(kind: str) -> float | None:
@@ -284,117 +268,6 @@ def run_bpo_jax(args, export_dir: str | None) -> dict:
     }
 
 
-# ---------------------------------------------------------------------------------------------------- TRL peer
-
-
-def run_trl_worker(args) -> dict:
-    """In the subprocess: TRL's DPO loss + torch AdamW on the exported weights and the saved batch."""
-    import collections
-
-    import accelerate
-    import torch
-    import trl
-    from transformers import AutoModelForCausalLM
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
-    from trl.trainer.utils import add_fused_lm_head
-
-    folder = args._trl_worker
-    batch = dict(np.load(os.path.join(folder, "batch.npz")))
-    behavior = args.reference == "behavior"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    load = lambda: AutoModelForCausalLM.from_pretrained(os.path.join(folder, "model"),  # noqa: E731
-                                                        dtype=torch.float32).to(device)
-    model = load()
-    if args.remat != "none":  # HF has one policy: recompute each layer (our "full")
-        model.gradient_checkpointing_enable()
-    ref_model = None
-    if args.lora_rank:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
-    elif not behavior:  # full fine-tuning against the SFT model: TRL loads a second copy as the reference
-        ref_model = load().eval().requires_grad_(False)
-        add_fused_lm_head(ref_model)
-    # DPOTrainer.__init__'s fused LM head, with the outputs its metrics read.
-    add_fused_lm_head(model.get_base_model() if args.lora_rank else model,
-                      outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
-    model.train()
-
-    targs = trl.DPOConfig(output_dir=tempfile.mkdtemp(), precompute_ref_log_probs=behavior, report_to=[],
-                          use_cpu=device == "cpu", beta=args.beta,
-                          loss_type={"dpo": "sigmoid", "slic": "hinge"}.get(args.loss_type, args.loss_type))
-    t = object.__new__(trl.DPOTrainer)  # the attributes _compute_loss reads, as DPOTrainer.__init__ sets them
-    t.args, t.model, t.ref_model = targs, model, ref_model
-    t.accelerator = accelerate.Accelerator(cpu=device == "cpu")
-    t.beta, t.precompute_ref_logps = targs.beta, targs.precompute_ref_log_probs
-    t.loss_types = targs.loss_type
-    t.loss_weights = targs.loss_weights or [1.0] * len(t.loss_types)
-    t.ld_alpha, t.label_smoothing, t.use_weighting = targs.ld_alpha, targs.label_smoothing, targs.use_weighting
-    t.f_divergence_type, t.f_alpha_divergence_coef = targs.f_divergence_type, targs.f_alpha_divergence_coef
-    t.aux_loss_enabled = False
-    t._metrics = {"train": collections.defaultdict(list), "eval": collections.defaultdict(list)}
-    t._total_train_tokens, t._tp_size = 0, 1
-
-    p = args.prompt_len
-    examples = []
-    for i in range(args.pairs):
-        ex = {"prompt_ids": batch["chosen_ids"][i, :p][batch["chosen_mask"][i, :p] == 1].tolist()}
-        for side in ("chosen", "rejected"):
-            ex[f"{side}_ids"] = batch[f"{side}_ids"][i, p:][batch[f"{side}_mask"][i, p:] == 1].tolist()
-            if behavior:
-                ex[f"ref_{side}_logps"] = float(batch[f"{side}_behavior_logps"][i])
-        examples.append(ex)
-    pad = int(json.load(open(os.path.join(folder, "model", "config.json"))).get("pad_token_id") or 0)
-    inputs = DataCollatorForPreference(pad_token_id=pad)(examples)
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-
-    trained = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(trained, lr=args.learning_rate, eps=1e-8, weight_decay=0.0)
-
-    def one_step():
-        opt.zero_grad(set_to_none=True)
-        loss = t.compute_loss(model, inputs)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        opt.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return float(loss.detach())
-
-    t0 = time.perf_counter()
-    one_step()  # warm-up: allocates AdamW's moments
-    first_s = time.perf_counter() - t0
-    rss_ok = peak_rss_reset()
-    times, loss = [], float("nan")
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        loss = one_step()
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    tokens = args.pairs * 2 * (args.prompt_len + args.response_len)
-    rss = peak_rss() if rss_ok else None
-    # like JAX's peak_bytes_in_use: the allocator's peak since the process started (weights, moments, warm-up)
-    dev_peak = torch.cuda.max_memory_allocated() / MiB if device == "cuda" else None
-    return {"device": f"torch {torch.__version__} {device} ({torch.get_num_threads()} threads), trl {trl.__version__}",
-            "first_call_s": first_s, "step_s": med, "step_times_s": times, "tokens_per_s": tokens / med,
-            "padded_shape": list(inputs["input_ids"].shape), "trainable_M": sum(q.numel() for q in trained) / 1e6,
-            "peak_rss_mib": None if rss is None else rss / MiB, "device_peak_mib": dev_peak, "loss": loss}
-
-
-def run_peer(args, folder: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--_trl-worker", folder]
-    for flag in ("pairs", "prompt_len", "response_len", "lora_rank", "lora_alpha", "ensemble", "reference", "remat",
-                 "repeats", "loss_type", "beta", "learning_rate"):  # what the peer reads
-        cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        sys.exit(f"the TRL peer failed (exit {proc.returncode})")
-    with open(os.path.join(folder, "trl.json")) as f:
-        return json.load(f)
-
-
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -451,7 +324,6 @@ def parse_args(argv=None):
     p.add_argument("--ensemble", type=int, default=1)
     p.add_argument("--reference", default="sft", choices=("sft", "behavior"),
                    help="behavior: the batch's sampler log-probs are the reference (no reference forward)")
-    worker = "--_trl-worker" in (sys.argv[1:] if argv is None else argv)  # no bpo_jax (nor jax) import there
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"),
                    help="per-layer rematerialisation, the config's remat (TRL peer: gradient checkpointing unless "
                         "none)")
@@ -471,7 +343,6 @@ def parse_args(argv=None):
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="trace one more step with jax.profiler into DIR and print its per-op times")
     p.add_argument("--json", default=None, help="write the figures to this file")
-    p.add_argument("--_trl-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if min(args.pairs, args.prompt_len, args.response_len, args.repeats) < 1:
         p.error("--pairs, --prompt-len, --response-len and --repeats must be >= 1")
@@ -480,11 +351,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args._trl_worker:
-        res = run_trl_worker(args)
-        with open(os.path.join(args._trl_worker, "trl.json"), "w") as f:
-            json.dump(res, f)
-        return 0
     tmp = None
     if args.peer == "trl":
         missing = [m for m in ("torch", "trl", "accelerate") + (("peft",) if args.lora_rank else ())
@@ -500,7 +366,7 @@ def main(argv=None) -> int:
     res = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
     res["bpo_jax"] = run_bpo_jax(args, os.path.join(tmp.name, "model") if tmp else None)
     if tmp is not None:
-        res["trl"] = run_peer(args, tmp.name)
+        res["trl"] = trl_peer.run(args, tmp.name)
         ours, peer = res["bpo_jax"], res["trl"]
         res["ratio"] = {"step_time": ours["step_s"] / peer["step_s"],
                         "peak_rss": (ours["peak_rss_mib"] / peer["peak_rss_mib"]
