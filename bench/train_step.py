@@ -168,10 +168,10 @@ def run_bpo_jax(args, export_dir: str | None) -> dict:
                           micro_batches=args.micro_batches, max_new_tokens=args.response_len,
                           lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, ensemble_size=args.ensemble,
                           reference=args.reference, loss_type=args.loss_type, param_dtype=args.param_dtype,
-                          dtype=dtype, remat=remat, **extra)
+                          dtype=dtype, remat=remat, attention=args.attention, **extra)
     except ConfigError as err:
         sys.exit(f"config error: {err}")
-    numerics = dict(param_dtype=args.param_dtype, dtype=dtype, remat=remat)
+    numerics = dict(param_dtype=args.param_dtype, dtype=dtype, remat=remat, attention=args.attention)
     t0 = time.perf_counter()
     if args.random:  # the architecture only (GGUF metadata / config.json), random weights of its shapes
         path = loading.resolve(args.model)
@@ -282,7 +282,7 @@ def print_table(res: dict, args) -> None:
     mc = ours["model_config"]
     print(f"device: {ours['device']}, jax {ours['jax']}; model {args.model}{' (random weights)' if args.random else ''}"
           f": {ours['params_M']:.1f}M params, {ours['trainable_M']:.2f}M trained ({lora}); param_dtype "
-          f"{mc['param_dtype']}, dtype {mc['dtype']}, remat {args.remat}; {args.pairs} pairs x ({args.prompt_len} + "
+          f"{mc['param_dtype']}, dtype {mc['dtype']}, remat {args.remat}, attention {args.attention}; {args.pairs} pairs x ({args.prompt_len} + "
           f"{args.response_len}) tokens, micro_batches {args.micro_batches}, reference={args.reference}, "
           f"{args.loss_type}{f', logprob_chunk {args.logprob_chunk}' if args.logprob_chunk else ''}, share_prompt "
           f"{ours.get('share_prompt')}")
@@ -331,6 +331,8 @@ def parse_args(argv=None):
                    help="the config's logprob_chunk: unembed this many response positions at a time (0 = all)")
     p.add_argument("--share-prompt", default="on", choices=("on", "off"),
                    help="the config's share_prompt: one [prompt | chosen | rejected] row per pair (on) or two rows")
+    p.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
+                   help="the config's attention: cudnn = NVIDIA's fused attention (needs --dtype bfloat16)")
     p.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="compute dtype; auto = float32 on CPU, bfloat16 on accelerators")

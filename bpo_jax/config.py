@@ -34,6 +34,7 @@ class TrainConfig:
     param_dtype: str = "float32"
     dtype: str = "auto"  # compute dtype: auto = float32 on CPU, bfloat16 on accelerators
     remat: str = "none"  # per-layer rematerialisation: none | full | dots (keep matmul outputs); true = full
+    attention: str = "xla"  # training/scoring attention: xla (any backend) | cudnn (NVIDIA fused, bf16/fp16 dtype)
     # Schedule: T steps in F annotation phases, K = T / F steps per phase
     total_steps: int = 16  # T
     num_phases: int = 2  # F
@@ -209,7 +210,7 @@ def save_config(cfg: TrainConfig, path: str) -> None:
 # defines the run: a resume with a different value is refused (``run_identity_changes``).
 OPERATIONAL_KEYS = ("run_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_size", "eval_max_new_tokens",
                     "export_policy", "mesh_data", "mesh_fsdp", "mesh_tensor", "remat", "micro_batches", "logprob_chunk",
-                    "share_prompt", "eval_batch_size",
+                    "share_prompt", "attention", "eval_batch_size",
                     "reward_batch_size", "data_dir", "tfds_dir", "judge_timeout", "judge_retries", "judge_api_key_env")
 
 
@@ -310,6 +311,10 @@ def validate(cfg: TrainConfig) -> None:
         object.__setattr__(cfg, "remat", remat_policy(cfg.remat))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    need(cfg.attention in ("xla", "cudnn"), f"attention={cfg.attention!r}; valid: xla, cudnn")
+    need(cfg.attention != "cudnn" or cfg.dtype in ("bfloat16", "float16", "auto"),
+         f"attention=cudnn needs dtype bfloat16 or float16 (cuDNN's fused attention has no float32 kernel); "
+         f"dtype is {cfg.dtype}")
     try:
         targets = canonical_targets(cfg.lora_targets)
     except ValueError as err:

@@ -66,7 +66,8 @@ def setup_run(cfg: TrainConfig, *, train: bool = True) -> Run:
     from bpo_jax.models import load_pretrained
 
     mesh = shd.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor) if jax.device_count() > 1 else None
-    model, tok = load_pretrained(cfg.model, mesh=mesh, param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat)
+    model, tok = load_pretrained(cfg.model, mesh=mesh, param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat,
+                                 attention=cfg.attention)
     if tok is None:
         raise ValueError(f"model {cfg.model!r} has no tokenizer files; training and evaluation need one")
     reference = None

@@ -34,6 +34,8 @@ def test_overrides_and_types(tmp_path):
     ("reference: fixed\n", "reference=fixed needs reference_path"),
     ("loss_type: hinge\nlabel_smoothing: 0.1\n", "has no effect for loss_type 'hinge'"),
     ("temperature: -1\n", "use a temperature > 0"),
+    ("attention: flash\n", "attention='flash'; valid: xla, cudnn"),
+    ("attention: cudnn\ndtype: float32\n", "attention=cudnn needs dtype bfloat16 or float16"),
 ])
 def test_errors_name_the_problem(tmp_path, text, message):
     f = tmp_path / "c.yaml"

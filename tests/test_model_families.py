@@ -298,3 +298,101 @@ def test_shared_prompt_rows_equal_separate_rows(family):
     g_sep, g_shared = (jax.grad(margin)(params, s) for s in (False, True))
     for a, b in zip(jax.tree.leaves(g_sep), jax.tree.leaves(g_shared)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("share", [False, True])
+def test_fused_attention_call_equals_our_attention(family, share):
+    """``attention=cudnn`` hands ``jax.nn.dot_product_attention`` our mask (causal by slot, key validity, the
+    shared-prompt branches, the sliding window in positions), scale (Gemma's query_pre_attn_scalar) and GQA
+    grouping. JAX's reference implementation of that very call (``fused="xla"``, what runs on a CPU) must give
+    our attention's output, in float32; an odd length falls back to our attention."""
+    from bpo_jax.models import decoder
+
+    cfg = ModelConfig.from_hf(FAMILIES[family]().to_dict())
+    b, t, h, kvh, d = 3, 24, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    assert h > kvh  # grouped-query attention
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (b, t, h, d))
+    k, v = (jax.random.normal(kk, (b, t, kvh, d)) for kk in ks[1:])
+    valid = jnp.asarray(MASK.astype(bool))
+    q_slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+    branches = None
+    if share:  # [prompt (10 slots) | chosen (7) | rejected (7)], positions continuing from the prompt
+        branch = jnp.asarray(np.broadcast_to(np.repeat([0, 1, 2], [10, 7, 7]), (b, t)))
+        pos = jnp.asarray(np.maximum(np.cumsum(MASK[:, :10], 1)[:, -1:] - 1, 0) + np.where(
+            np.arange(t) < 10, np.arange(t) - 10, np.where(np.arange(t) < 17, np.arange(t) - 9, np.arange(t) - 16)))
+        branches = (branch, pos)
+    window = jnp.int32(cfg.sliding_window or np.iinfo(np.int32).max)
+    ours = decoder._attention(q, k, v, q_slots, valid, cfg, window, branches)
+    fused = decoder._attention(q, k, v, q_slots, valid, cfg, window, branches, fused="xla")
+    real = MASK.astype(bool)  # rows' padding queries see no key: both give some average there, unused
+    np.testing.assert_allclose(np.asarray(fused)[real], np.asarray(ours)[real], rtol=1e-5, atol=1e-5)
+    odd = decoder._attention(q[:, 1:], k[:, 1:], v[:, 1:], q_slots[:, 1:], valid[:, 1:], cfg, window, None,
+                             fused="cudnn")  # t = 23: never reaches cuDNN (it needs even lengths with a mask)
+    np.testing.assert_array_equal(np.asarray(odd), np.asarray(decoder._attention(
+        q[:, 1:], k[:, 1:], v[:, 1:], q_slots[:, 1:], valid[:, 1:], cfg, window, None)))
+
+
+def test_attention_setting_reaches_the_train_step_and_is_checked(monkeypatch):
+    """``attention=cudnn`` (bfloat16) routes the train step's forward through ``jax.nn.dot_product_attention``
+    (here forced to JAX's reference implementation, as a CPU has no cuDNN) and gives the log-probs of
+    ``attention=xla`` to bfloat16 accuracy; float32 or a softcapping model are refused by the config."""
+    from bpo_jax.train_step import pair_logps
+
+    calls = []
+    real_dpa = jax.nn.dot_product_attention
+
+    def on_cpu(*args, implementation=None, **kw):
+        calls.append(implementation)
+        return real_dpa(*args, implementation="xla", **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", on_cpu)
+    hf = FAMILIES["llama"]().to_dict()
+    cfg = ModelConfig.from_hf(hf, dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(3))
+    rng = np.random.default_rng(0)
+    batch = {}
+    for side in ("chosen", "rejected"):
+        batch[f"{side}_ids"] = jnp.asarray(rng.integers(3, 120, (3, 16)) * MASK[:, 8:])
+        batch[f"{side}_mask"] = jnp.asarray(MASK[:, 8:])
+    xla = pair_logps(cfg, params, batch, 8, 0, share_prompt=True)
+    assert not calls
+    fused = pair_logps(cfg.replace(attention="cudnn"), params, batch, 8, 0, share_prompt=True)
+    assert calls and set(calls) == {"cudnn"}
+    for a, b in zip(xla[:2], fused[:2]):
+        np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), rtol=2e-2, atol=0.3)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        ModelConfig.from_hf(hf, attention="cudnn")
+    with pytest.raises(ValueError, match="softcap"):
+        ModelConfig.from_hf(FAMILIES["gemma2"]().to_dict(), dtype="bfloat16", attention="cudnn")
+    with pytest.raises(ValueError, match="attention='flash'"):
+        ModelConfig.from_hf(hf, attention="flash")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention runs on NVIDIA GPUs only")
+def test_cudnn_attention_matches_xla_on_gpu():
+    """On a GPU: the train step's log-probs and their gradients with ``attention=cudnn`` equal ``attention=xla``
+    to bfloat16 accuracy, with shared-prompt rows (branch mask), left padding and grouped-query heads."""
+    from bpo_jax.train_step import pair_logps
+
+    cfg = ModelConfig.from_hf(FAMILIES["llama"]().to_dict(), dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(3))
+    params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(4), x.shape, x.dtype), params)
+    rng = np.random.default_rng(0)
+    batch = {}
+    for side in ("chosen", "rejected"):
+        batch[f"{side}_ids"] = jnp.asarray(rng.integers(3, 120, (3, 16)) * MASK[:, 8:])
+        batch[f"{side}_mask"] = jnp.asarray(MASK[:, 8:])
+
+    def margin(params, c):
+        ch, rj, _, _ = pair_logps(c, params, batch, 8, 0, share_prompt=True)
+        return jnp.sum(ch * jnp.arange(1, 4)) - jnp.sum(rj), (ch, rj)
+
+    (m_x, (c_x, r_x)), g_x = jax.value_and_grad(margin, has_aux=True)(params, cfg)
+    (m_c, (c_c, r_c)), g_c = jax.value_and_grad(margin, has_aux=True)(params, cfg.replace(attention="cudnn"))
+    for a, b in ((c_x, c_c), (r_x, r_c)):
+        np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), rtol=2e-2, atol=0.2)
+    for a, b in zip(jax.tree.leaves(g_x), jax.tree.leaves(g_c)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.linalg.norm(b - a) <= 0.05 * np.linalg.norm(a) + 1e-3

@@ -15,6 +15,8 @@ from typing import Any
 
 from bpo_jax.config import remat_policy
 
+ATTENTION_IMPLS = ("xla", "cudnn")
+
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 _GEMMAS = ("gemma", "gemma2", "gemma3_text")
 _ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -76,14 +78,24 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple | None = None
     pad_token_id: int | None = None
-    # Numerics (not part of the HF architecture): parameter and compute dtypes, and per-layer rematerialisation:
-    # "none", "full" (keep each layer's input only) or "dots" (keep its matmul outputs; recompute the rest).
+    # Numerics (not part of the HF architecture): parameter and compute dtypes, per-layer rematerialisation
+    # ("none", "full": keep each layer's input only, "dots": keep its matmul outputs, recompute the rest), and
+    # the attention of full-sequence forwards ("xla": XLA-compiled, any backend; "cudnn": cuDNN's fused flash
+    # attention on NVIDIA GPUs, which keeps no score matrix for the backward; cached decoding always uses xla).
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"
+    attention: str = "xla"
 
     def __post_init__(self):
         object.__setattr__(self, "remat", remat_policy(self.remat))
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention={self.attention!r}; valid: {', '.join(ATTENTION_IMPLS)}")
+        if self.attention == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"attention=cudnn needs a bfloat16 or float16 compute dtype (cuDNN's fused "
+                             f"attention has no float32 kernel); dtype is {self.dtype}")
+        if self.attention == "cudnn" and self.attn_logit_softcapping is not None:
+            raise ValueError("attention=cudnn cannot softcap attention logits (Gemma 2); use attention=xla")
 
     @property
     def q_size(self) -> int:
@@ -123,7 +135,7 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any], **numerics) -> "ModelConfig":
         """Build from an HF ``config.json`` dict (older top-level ``rope_theta``/``rope_scaling`` (and Gemma 3's
         ``rope_local_base_freq``) or the transformers-5 ``rope_parameters`` form, flat or per layer type).
-        ``numerics`` sets ``param_dtype``/``dtype``/``remat``."""
+        ``numerics`` sets ``param_dtype``/``dtype``/``remat``/``attention``."""
         mt = hf.get("model_type")
         if mt in _REFUSED:
             raise ValueError(_REFUSED[mt])

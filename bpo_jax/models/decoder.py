@@ -14,7 +14,8 @@ recomputes only the cheap elementwise work and the attention. ``unstack_layers``
 weights as a tuple of per-layer dicts, which ``forward`` runs as an unrolled loop: the sampler's layout, since a
 scan reads each layer's weights through a dynamic slice that XLA's CPU backend copies on every decode step.
 
-Attention is causal by slot index with a key-validity mask, so left-padded prompts work; ``positions`` are the
+Attention is causal by slot index with a key-validity mask, so left-padded prompts work (``config.attention =
+"cudnn"`` runs a full-sequence forward's attention as cuDNN's fused kernel, with the same mask); ``positions`` are the
 RoPE positions (``cumsum(mask) − 1`` for left padding). With a KV cache (``init_cache``), a call writes its keys
 and values at slot ``cache_index`` and attends to every valid slot up to its own: a prefill writes the whole
 prompt at 0, and a one-token decode step writes at ``prompt_len + step``.
@@ -167,18 +168,17 @@ def _softcap(x, cap):
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
-def _attention(q, k, v, q_slots, valid, config, window, branches=None):
+def _attention(q, k, v, q_slots, valid, config, window, branches=None, fused=None):
     """GQA attention of ``q [B, T, H, D]`` over ``k/v [B, S, KV, D]``: query at slot t sees valid slots ≤ t
     (and, on a sliding layer, > t − ``window``). Scores: scaled, softcapped (Gemma 2), then masked, as HF.
     ``branches = (branch [B, T], positions [B, T])`` (no cache): a query also sees only the shared prefix
-    (branch 0) and its own branch, and the sliding window is measured in positions."""
+    (branch 0) and its own branch, and the sliding window is measured in positions. ``fused`` ("cudnn", or
+    "xla" for JAX's reference of the same call) runs ``jax.nn.dot_product_attention`` with that mask instead:
+    cuDNN's flash attention keeps no ``[B, H, T, S]`` scores for the backward (it needs even T and S)."""
     c = config
     b, t, h, d = q.shape
     kvh = k.shape[2]
-    q = q.reshape(b, t, kvh, h // kvh, d)
     scale = np.sqrt(c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / scale
-    scores = _softcap(scores, c.attn_logit_softcapping)
     slots = jnp.arange(k.shape[1])
     allowed = (slots[None, None, :] <= q_slots[:, :, None]) & valid[:, None, :]  # [B, T, S]
     if branches is not None:
@@ -187,6 +187,13 @@ def _attention(q, k, v, q_slots, valid, config, window, branches=None):
     if c.has_sliding:
         dist = q_slots[:, :, None] - slots[None, None, :] if branches is None else pos[:, :, None] - pos[:, None, :]
         allowed &= dist < window
+    if fused is not None and c.attn_logit_softcapping is None and t % 2 == 0 and k.shape[1] % 2 == 0:
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=allowed[:, None],
+                                           scale=float(1 / scale), implementation=fused)
+        return out.reshape(b, t, h * d).astype(q.dtype)
+    q = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / scale
+    scores = _softcap(scores, c.attn_logit_softcapping)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
@@ -274,8 +281,9 @@ def _layer(config, x, lp, rope, meta, k_cache, v_cache, valid, q_slots, cache_in
     if k_cache is not None:
         k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
         v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
-    attn = _linear(_attention(q, k.astype(x.dtype), v.astype(x.dtype), q_slots, valid, c, window, branches), lp,
-                   "o")
+    fused = c.attention if c.attention != "xla" and k_cache is None else None  # cached decoding: always xla
+    attn = _linear(_attention(q, k.astype(x.dtype), v.astype(x.dtype), q_slots, valid, c, window, branches, fused),
+                   lp, "o")
     x = x + (norm(attn, "post_attn_norm") if c.sandwich_norms else attn)
     mlp = _mlp(norm(x, "mlp_norm"), lp, c)
     x = x + (norm(mlp, "post_mlp_norm") if c.sandwich_norms else mlp)

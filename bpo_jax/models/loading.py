@@ -40,7 +40,7 @@ def resolve(path: str) -> str:
 
 
 def load_pretrained(path: str, *, mesh=None, rules=None, param_dtype: str = "float32",
-                    dtype: str = "auto", remat: str = "none"):
+                    dtype: str = "auto", remat: str = "none", attention: str = "xla"):
     """Load ``(model, tokenizer)``; ``model`` is a ``Decoder`` (``.config``, ``.params``, ``model(ids)``).
 
     ``path``: an HF folder (``config.json``, ``model.safetensors`` or ``model.safetensors.index.json``, and
@@ -48,12 +48,12 @@ def load_pretrained(path: str, *, mesh=None, rules=None, param_dtype: str = "flo
     ``mesh``/``rules``: place each weight in its sharding (``rules``: (logical name, mesh axis) pairs, default
     ``sharding.DEFAULT_RULES``); without a mesh the weights go to the default device.
     ``dtype`` is the compute dtype; ``auto`` is float32 on CPU and bfloat16 on accelerators (norms, softmax and
-    logits stay float32 either way).
+    logits stay float32 either way). ``remat`` and ``attention`` are the model config's numerics of those names.
     """
     if dtype == "auto":
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     path = resolve(path)
-    numerics = dict(param_dtype=param_dtype, dtype=dtype, remat=remat)
+    numerics = dict(param_dtype=param_dtype, dtype=dtype, remat=remat, attention=attention)
     if path.endswith(".gguf"):
         from bpo_jax.models import gguf_source
 
