@@ -174,7 +174,8 @@ def _attention(q, k, v, q_slots, valid, config, window, branches=None, fused=Non
     ``branches = (branch [B, T], positions [B, T])`` (no cache): a query also sees only the shared prefix
     (branch 0) and its own branch, and the sliding window is measured in positions. ``fused`` ("cudnn", or
     "xla" for JAX's reference of the same call) runs ``jax.nn.dot_product_attention`` with that mask instead:
-    cuDNN's flash attention keeps no ``[B, H, T, S]`` scores for the backward (it needs even T and S)."""
+    cuDNN's flash attention keeps no ``[B, H, T, S]`` scores for the backward. It needs even T and S with a
+    mask, so an odd length gets one masked slot more (a query that sees nothing, sliced off; a key no query sees)."""
     c = config
     b, t, h, d = q.shape
     kvh = k.shape[2]
@@ -187,10 +188,13 @@ def _attention(q, k, v, q_slots, valid, config, window, branches=None, fused=Non
     if c.has_sliding:
         dist = q_slots[:, :, None] - slots[None, None, :] if branches is None else pos[:, :, None] - pos[:, None, :]
         allowed &= dist < window
-    if fused is not None and c.attn_logit_softcapping is None and t % 2 == 0 and k.shape[1] % 2 == 0:
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=allowed[:, None],
+    if fused is not None and c.attn_logit_softcapping is None:
+        pt, ps = t % 2, k.shape[1] % 2
+        pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731  axis 1 by n
+        out = jax.nn.dot_product_attention(pad(q, pt), pad(k.astype(q.dtype), ps), pad(v.astype(q.dtype), ps),
+                                           mask=jnp.pad(allowed, ((0, 0), (0, pt), (0, ps)))[:, None],
                                            scale=float(1 / scale), implementation=fused)
-        return out.reshape(b, t, h * d).astype(q.dtype)
+        return out[:, :t].reshape(b, t, h * d).astype(q.dtype)
     q = q.reshape(b, t, kvh, h // kvh, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / scale
     scores = _softcap(scores, c.attn_logit_softcapping)
