@@ -77,7 +77,7 @@ def model_config(path: str, cfg) -> ModelConfig:
     with open(path) as f:
         hf = json.load(f)
     dtype = "bfloat16" if cfg.dtype == "auto" else cfg.dtype  # auto = bfloat16 on accelerators
-    return ModelConfig.from_hf(hf, param_dtype=cfg.param_dtype, dtype=dtype, remat=cfg.remat)
+    return ModelConfig.from_hf(hf, param_dtype=cfg.param_dtype, dtype=dtype, remat=cfg.remat, attention=cfg.attention)
 
 
 def shard_bytes(leaf, sharding, itemsize: int | None = None) -> int:
@@ -133,7 +133,8 @@ def working_set(mc: ModelConfig, rows: int, t: int, tensor: int) -> int:
                + t * (q + 2 * kv) * c  # q, k, v
                + t * (q + kv) * 4  # RoPE's f32 halves of q and k
                + t * q * c  # attention output
-               + heads * t * t * (4 + c)  # scores (f32) and probabilities
+               # scores (f32) and probabilities; cuDNN's fused attention keeps only each row's softmax statistics
+               + (heads * t * 4 if mc.attention == "cudnn" else heads * t * t * (4 + c))
                + 4 * t * mlp * c)  # gate, activation, up, activation·up
     return rows * per_row
 
@@ -288,7 +289,7 @@ def print_plan(r: dict, cfg, mc: ModelConfig, device: str) -> None:
     print(f"device {device}: {desc}, {hbm} GiB HBM per chip | mesh data={m['data']} fsdp={m['fsdp']} "
           f"tensor={m['tensor']}")
     print(f"model {mc.model_type} {r['base_count'] / 1e9:.2f}B params, param_dtype={mc.param_dtype}, "
-          f"compute={mc.dtype}, remat={mc.remat} | lora_rank={cfg.lora_rank} ensemble={cfg.ensemble_size} "
+          f"compute={mc.dtype}, remat={mc.remat}{', attention=cudnn' if mc.attention == 'cudnn' else ''} | lora_rank={cfg.lora_rank} ensemble={cfg.ensemble_size} "
           f"reference={cfg.reference} | trainable {r['trainable_count'] / 1e6:.1f}M params")
     print(f"batch {cfg.batch_size} pairs / {cfg.micro_batches} micro-batches -> {r['train_rows']} rows x "
           f"{r['train_len']} tokens per device; KV cache {r['kv_rows']} rows x {r['kv_len']} slots (global)")
