@@ -289,7 +289,8 @@ def print_plan(r: dict, cfg, mc: ModelConfig, device: str) -> None:
     print(f"device {device}: {desc}, {hbm} GiB HBM per chip | mesh data={m['data']} fsdp={m['fsdp']} "
           f"tensor={m['tensor']}")
     print(f"model {mc.model_type} {r['base_count'] / 1e9:.2f}B params, param_dtype={mc.param_dtype}, "
-          f"compute={mc.dtype}, remat={mc.remat}{', attention=cudnn' if mc.attention == 'cudnn' else ''} | lora_rank={cfg.lora_rank} ensemble={cfg.ensemble_size} "
+          f"compute={mc.dtype}, remat={mc.remat}{', attention=cudnn' if mc.attention == 'cudnn' else ''} | "
+          f"lora_rank={cfg.lora_rank} ensemble={cfg.ensemble_size} "
           f"reference={cfg.reference} | trainable {r['trainable_count'] / 1e6:.1f}M params")
     print(f"batch {cfg.batch_size} pairs / {cfg.micro_batches} micro-batches -> {r['train_rows']} rows x "
           f"{r['train_len']} tokens per device; KV cache {r['kv_rows']} rows x {r['kv_len']} slots (global)")

@@ -62,7 +62,8 @@ def main():
     n_params = sum(x.size for x in jax.tree.leaves(model.params))
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
     print(f"device: {kind} ({jax.device_count()}x), jax {jax.__version__}; model {args.model}: {n_params / 1e6:.1f}M "
-          f"params, {cfg.param_dtype}; prompt {args.prompt_len}, new tokens {args.new}, {n} sample(s) per prompt; bandwidth {bw:.0f} GB/s")
+          f"params, {cfg.param_dtype}; prompt {args.prompt_len}, new tokens {args.new}, {n} sample(s) per prompt; "
+          f"bandwidth {bw:.0f} GB/s")
 
     # Export first (NumPy only), then time bpo_jax for every batch size before PyTorch is even imported: torch's
     # OpenMP threads keep spinning after its own work and would slow the JAX side down in a shared process.

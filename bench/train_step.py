@@ -39,9 +39,10 @@ The step runs on one device (no mesh), so the peak is one device's.
 ``--peer trl``: the same weights (exported with ``save_pretrained`` into a temporary folder and loaded by
 transformers' ``AutoModelForCausalLM`` in float32), the same shapes and the very same batch (passed through TRL's
 ``DataCollatorForPreference``, i.e. right-padded prompt+response rows, chosen then rejected) in a subprocess
-(``bench/trl_peer.py``), so its peak RSS is its own. One optimizer step is: ``DPOTrainer.compute_loss`` on a ``DPOTrainer``
-shell (built as ``tests/test_losses_trl.py`` builds it, plus the fused LM head ``DPOTrainer.__init__`` adds),
-which runs the policy forward on chosen+rejected concatenated, the reference forward when ``--reference sft``
+(``bench/trl_peer.py``), so its peak RSS is its own. One optimizer step is: ``DPOTrainer.compute_loss`` on a
+``DPOTrainer`` shell (built as ``tests/test_losses_trl.py`` builds it, plus the fused LM head
+``DPOTrainer.__init__`` adds), which runs the policy forward on chosen+rejected concatenated, the reference
+forward when ``--reference sft``
 (a second copy of the model, as TRL makes one for full fine-tuning; LoRA: the base with the adapter disabled;
 ``behavior``: TRL's precomputed-reference path, fed the batch's behavior log-probs) and TRL's loss; then
 ``backward``, grad-norm clipping and ``torch.optim.AdamW``. Timed like ours: one warm-up step, then the median of
@@ -282,7 +283,8 @@ def print_table(res: dict, args) -> None:
     mc = ours["model_config"]
     print(f"device: {ours['device']}, jax {ours['jax']}; model {args.model}{' (random weights)' if args.random else ''}"
           f": {ours['params_M']:.1f}M params, {ours['trainable_M']:.2f}M trained ({lora}); param_dtype "
-          f"{mc['param_dtype']}, dtype {mc['dtype']}, remat {args.remat}, attention {args.attention}; {args.pairs} pairs x ({args.prompt_len} + "
+          f"{mc['param_dtype']}, dtype {mc['dtype']}, remat {args.remat}, attention {args.attention}; "
+          f"{args.pairs} pairs x ({args.prompt_len} + "
           f"{args.response_len}) tokens, micro_batches {args.micro_batches}, reference={args.reference}, "
           f"{args.loss_type}{f', logprob_chunk {args.logprob_chunk}' if args.logprob_chunk else ''}, share_prompt "
           f"{ours.get('share_prompt')}")
