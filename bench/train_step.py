@@ -42,9 +42,9 @@ transformers' ``AutoModelForCausalLM`` in float32), the same shapes and the very
 (``bench/trl_peer.py``), so its peak RSS is its own. One optimizer step is: ``DPOTrainer.compute_loss`` on a
 ``DPOTrainer`` shell (built as ``tests/test_losses_trl.py`` builds it, plus the fused LM head
 ``DPOTrainer.__init__`` adds), which runs the policy forward on chosen+rejected concatenated, the reference
-forward when ``--reference sft``
-(a second copy of the model, as TRL makes one for full fine-tuning; LoRA: the base with the adapter disabled;
-``behavior``: TRL's precomputed-reference path, fed the batch's behavior log-probs) and TRL's loss; then
+forward when ``--reference sft`` (a second copy of the model, as TRL makes one for full fine-tuning; LoRA: the
+base with the adapter disabled; ``behavior``: TRL's precomputed-reference path, fed the batch's behavior
+log-probs) and TRL's loss; then
 ``backward``, grad-norm clipping and ``torch.optim.AdamW``. Timed like ours: one warm-up step, then the median of
 ``--repeats``; its tokens/s counts the same pairs · 2 · (prompt + response) although TRL pads less. Both
 rows and the ratios (bpo_jax / TRL; < 1 means bpo_jax is faster / smaller) are printed.
@@ -367,7 +367,7 @@ def main(argv=None) -> int:
             print("--peer trl: TRL trains one model; use --ensemble 1", file=sys.stderr)
             return 2
         tmp = tempfile.TemporaryDirectory(prefix="bpo_bench_trl_")
-    res = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
+    res = {"args": vars(args)}
     res["bpo_jax"] = run_bpo_jax(args, os.path.join(tmp.name, "model") if tmp else None)
     if tmp is not None:
         res["trl"] = trl_peer.run(args, tmp.name)

@@ -120,8 +120,8 @@ def run(args, folder: str) -> dict:
     """Run the worker on ``folder`` (``model/`` and ``batch.npz``, written by ``train_step.py``) in a subprocess,
     with the flags of ``args`` it reads; return its figures."""
     cmd = [sys.executable, os.path.abspath(__file__), folder]
-    for flag in ("pairs", "prompt_len", "response_len", "lora_rank", "lora_alpha", "ensemble", "reference", "remat",
-                 "repeats", "loss_type", "beta", "learning_rate"):  # what the peer reads
+    for flag in ("pairs", "prompt_len", "response_len", "lora_rank", "lora_alpha", "reference", "remat", "repeats",
+                 "loss_type", "beta", "learning_rate"):  # what the peer reads
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -134,7 +134,7 @@ def run(args, folder: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="holds model/ (an HF folder) and batch.npz; trl.json is written there")
-    for flag in ("pairs", "prompt-len", "response-len", "lora-rank", "ensemble", "repeats"):
+    for flag in ("pairs", "prompt-len", "response-len", "lora-rank", "repeats"):
         p.add_argument(f"--{flag}", type=int, required=True)
     for flag in ("lora-alpha", "beta", "learning-rate"):
         p.add_argument(f"--{flag}", type=float, required=True)

@@ -115,6 +115,7 @@ class TrainConfig:
 
 
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("xla", "cudnn")  # the attention of full-sequence forwards (models.ModelConfig.attention)
 
 
 def remat_policy(value) -> str:
@@ -311,7 +312,7 @@ def validate(cfg: TrainConfig) -> None:
         object.__setattr__(cfg, "remat", remat_policy(cfg.remat))
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    need(cfg.attention in ("xla", "cudnn"), f"attention={cfg.attention!r}; valid: xla, cudnn")
+    need(cfg.attention in ATTENTION_IMPLS, f"attention={cfg.attention!r}; valid: {', '.join(ATTENTION_IMPLS)}")
     need(cfg.attention != "cudnn" or cfg.dtype in ("bfloat16", "float16", "auto"),
          f"attention=cudnn needs dtype bfloat16 or float16 (cuDNN's fused attention has no float32 kernel); "
          f"dtype is {cfg.dtype}")

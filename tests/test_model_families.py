@@ -318,11 +318,11 @@ def test_fused_attention_call_equals_our_attention(family, share):
     valid = jnp.asarray(MASK.astype(bool))
     q_slots = jnp.broadcast_to(jnp.arange(t), (b, t))
     branches = None
-    if share:  # [prompt (10 slots) | chosen (7) | rejected (7)], positions continuing from the prompt
+    if share:  # [prompt (10 slots) | chosen (7) | rejected (7)], both responses' positions continuing the prompt's
         branch = jnp.asarray(np.broadcast_to(np.repeat([0, 1, 2], [10, 7, 7]), (b, t)))
-        pos = jnp.asarray(np.maximum(np.cumsum(MASK[:, :10], 1)[:, -1:] - 1, 0) + np.where(
-            np.arange(t) < 10, np.arange(t) - 10, np.where(np.arange(t) < 17, np.arange(t) - 9, np.arange(t) - 16)))
-        branches = (branch, pos)
+        prompt_pos = np.maximum(np.cumsum(MASK[:, :10], 1) - 1, 0)
+        response_pos = prompt_pos[:, -1:] + 1 + np.arange(7)
+        branches = (branch, jnp.asarray(np.concatenate([prompt_pos, response_pos, response_pos], axis=1)))
     window = jnp.int32(cfg.sliding_window or np.iinfo(np.int32).max)
     ours = decoder._attention(q, k, v, q_slots, valid, cfg, window, branches)
     fused = decoder._attention(q, k, v, q_slots, valid, cfg, window, branches, fused="xla")
@@ -332,6 +332,13 @@ def test_fused_attention_call_equals_our_attention(family, share):
     real = real[:, 1:]
     np.testing.assert_allclose(np.asarray(decoder._attention(*odd, fused="xla"))[real],
                                np.asarray(decoder._attention(*odd))[real], rtol=1e-5, atol=1e-5)
+
+
+def _pair_batch():
+    """Three pairs of 8-slot left-padded prompts and 16-slot responses (``MASK``'s padding), for ``pair_logps``."""
+    rng = np.random.default_rng(0)
+    return {f"{side}{key}": jnp.asarray(rng.integers(3, 120, (3, 16)) * MASK[:, 8:] if key == "_ids" else MASK[:, 8:])
+            for side in ("chosen", "rejected") for key in ("_ids", "_mask")}
 
 
 def test_attention_setting_reaches_the_train_step_and_is_checked(monkeypatch):
@@ -351,11 +358,7 @@ def test_attention_setting_reaches_the_train_step_and_is_checked(monkeypatch):
     hf = FAMILIES["llama"]().to_dict()
     cfg = ModelConfig.from_hf(hf, dtype="bfloat16")
     params = init_params(cfg, jax.random.key(3))
-    rng = np.random.default_rng(0)
-    batch = {}
-    for side in ("chosen", "rejected"):
-        batch[f"{side}_ids"] = jnp.asarray(rng.integers(3, 120, (3, 16)) * MASK[:, 8:])
-        batch[f"{side}_mask"] = jnp.asarray(MASK[:, 8:])
+    batch = _pair_batch()
     xla = pair_logps(cfg, params, batch, 8, 0, share_prompt=True)
     assert not calls
     fused = pair_logps(cfg.replace(attention="cudnn"), params, batch, 8, 0, share_prompt=True)
@@ -379,18 +382,14 @@ def test_cudnn_attention_matches_xla_on_gpu():
     cfg = ModelConfig.from_hf(FAMILIES["llama"]().to_dict(), dtype="bfloat16")
     params = init_params(cfg, jax.random.key(3))
     params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(4), x.shape, x.dtype), params)
-    rng = np.random.default_rng(0)
-    batch = {}
-    for side in ("chosen", "rejected"):
-        batch[f"{side}_ids"] = jnp.asarray(rng.integers(3, 120, (3, 16)) * MASK[:, 8:])
-        batch[f"{side}_mask"] = jnp.asarray(MASK[:, 8:])
+    batch = _pair_batch()
 
     def margin(params, c):
         ch, rj, _, _ = pair_logps(c, params, batch, 8, 0, share_prompt=True)
         return jnp.sum(ch * jnp.arange(1, 4)) - jnp.sum(rj), (ch, rj)
 
-    (m_x, (c_x, r_x)), g_x = jax.value_and_grad(margin, has_aux=True)(params, cfg)
-    (m_c, (c_c, r_c)), g_c = jax.value_and_grad(margin, has_aux=True)(params, cfg.replace(attention="cudnn"))
+    (_, (c_x, r_x)), g_x = jax.value_and_grad(margin, has_aux=True)(params, cfg)
+    (_, (c_c, r_c)), g_c = jax.value_and_grad(margin, has_aux=True)(params, cfg.replace(attention="cudnn"))
     for a, b in ((c_x, c_c), (r_x, r_c)):
         np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32), rtol=2e-2, atol=0.2)
     for a, b in zip(jax.tree.leaves(g_x), jax.tree.leaves(g_c)):

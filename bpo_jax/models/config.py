@@ -13,9 +13,7 @@ import dataclasses
 import math
 from typing import Any
 
-from bpo_jax.config import remat_policy
-
-ATTENTION_IMPLS = ("xla", "cudnn")
+from bpo_jax.config import ATTENTION_IMPLS, remat_policy
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 _GEMMAS = ("gemma", "gemma2", "gemma3_text")

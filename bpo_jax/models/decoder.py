@@ -191,10 +191,10 @@ def _attention(q, k, v, q_slots, valid, config, window, branches=None, fused=Non
     if fused is not None and c.attn_logit_softcapping is None:
         pt, ps = t % 2, k.shape[1] % 2
         pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731  axis 1 by n
-        out = jax.nn.dot_product_attention(pad(q, pt), pad(k.astype(q.dtype), ps), pad(v.astype(q.dtype), ps),
+        out = jax.nn.dot_product_attention(pad(q, pt), pad(k, ps), pad(v, ps),
                                            mask=jnp.pad(allowed, ((0, 0), (0, pt), (0, ps)))[:, None],
                                            scale=float(1 / scale), implementation=fused)
-        return out[:, :t].reshape(b, t, h * d).astype(q.dtype)
+        return out[:, :t].reshape(b, t, h * d)
     q = q.reshape(b, t, kvh, h // kvh, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / scale
     scores = _softcap(scores, c.attn_logit_softcapping)
