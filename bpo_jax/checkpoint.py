@@ -90,7 +90,7 @@ class Checkpointer:
                                     dict(self._manager.item_metadata(step)["pairs"]))
         out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                   pairs=ocp.args.StandardRestore(pairs_target)))
-        pairs = None if "_none" in out["pairs"] else distributed.local_rows(dict(out["pairs"]))
+        pairs = None if "_none" in out["pairs"] else distributed.local_rows(dict(out["pairs"]), mesh)
         return out["state"].replace(base=template.base), pairs, meta
 
     def restore_latest(self, template, *, mesh=None, warn=print):
@@ -99,22 +99,32 @@ class Checkpointer:
         A checkpoint that cannot be read (truncated files, a killed copy) is reported with its step and error,
         set aside whole into ``<run_dir>/checkpoints_broken/<step>`` (never deleted) and the next older one is
         tried. A checkpoint that reads but does not fit this run (``IncompatibleCheckpoint``) stops the run.
+        Every step's outcome is decided from all hosts' attempts (each host reads its own files): one host's
+        failure makes every host fall back to the same older step, so no two hosts resume different states.
         """
         broken = []
-        for step in sorted(self.steps(), reverse=True):
+        for step in distributed.gather_json(sorted(self.steps(), reverse=True))[0]:  # the primary's listing
+            restored, outcome = None, None
             try:
-                state, pairs, meta = self.restore(step, template, mesh=mesh)
-            except IncompatibleCheckpoint:
-                raise
-            except Exception as err:  # orbax / TensorStore raise many kinds for unreadable data
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-                warn(f"warning: checkpoint step {step} in {self.directory} is unreadable ({first})")
+                restored = self.restore(step, template, mesh=mesh)
+            except IncompatibleCheckpoint as err:
+                outcome = ["incompatible", str(err)]
+            except Exception as err:  # noqa: BLE001  orbax / TensorStore raise many kinds for unreadable data
+                outcome = ["broken", (str(err).strip().splitlines() or [type(err).__name__])[0][:300]]
+            outcomes = distributed.gather_json(outcome)
+            if bad := [o for o in outcomes if o and o[0] == "incompatible"]:
+                raise IncompatibleCheckpoint(bad[0][1])
+            if failed := [i for i, o in enumerate(outcomes) if o]:
+                where = "" if len(outcomes) == 1 else f" on process{'es' if len(failed) > 1 else ''} " \
+                                                     f"{', '.join(map(str, failed))}"
+                warn(f"warning: checkpoint step {step} in {self.directory} is unreadable{where} "
+                     f"({outcomes[failed[0]][1]})")
                 broken.append(step)
                 continue
             if broken:
                 self._set_aside(broken, warn)
                 warn(f"warning: resuming from step {step}, the newest intact checkpoint")
-            return step, state, pairs, meta
+            return (step, *restored)
         if broken:
             raise IncompatibleCheckpoint(f"no checkpoint in {self.directory} is readable (steps {broken}); they are "
                                          f"left in place. Start a new run_dir, or restore a copy of the directory")

@@ -98,6 +98,9 @@ class TrainConfig:
     mesh_data: int = -1
     mesh_fsdp: int = 1
     mesh_tensor: int = 1
+    # An explicit device order for the mesh (device ids, row-major over data, fsdp, tensor); () = bpo_jax's, which
+    # keeps each tensor group inside a host. A layout that makes hosts share batch rows is refused.
+    mesh_device_ids: tuple = ()
 
     @property
     def steps_per_phase(self) -> int:
@@ -132,6 +135,11 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
+def _list_item(key: str, value) -> bool:
+    """A valid item of a list key: a name, or for ``mesh_device_ids`` a device id."""
+    return isinstance(value, str) or (key == "mesh_device_ids" and type(value) is int)
+
+
 def _coerce(key: str, value: Any):
     """Convert a YAML value or an override string to the field's type, or raise ConfigError."""
     hint = _HINTS[key]
@@ -139,7 +147,7 @@ def _coerce(key: str, value: Any):
     if hint is not tuple and not scalar:  # a list, a mapping, null, or a bool where a number is wanted
         raise ConfigError(f"{key}={value!r} is not a valid {getattr(hint, '__name__', hint)}")
     if hint is tuple and not (isinstance(value, str) or (isinstance(value, (list, tuple))
-                                                         and all(isinstance(v, str) for v in value))):
+                                                         and all(_list_item(key, v) for v in value))):
         raise ConfigError(f"{key}={value!r} is not a list of names")
     try:
         if hint is bool:
@@ -210,8 +218,8 @@ def save_config(cfg: TrainConfig, path: str) -> None:
 # Keys that may change between the runs of one run_dir (how it runs, not what it computes). Every other key
 # defines the run: a resume with a different value is refused (``run_identity_changes``).
 OPERATIONAL_KEYS = ("run_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_size", "eval_max_new_tokens",
-                    "export_policy", "mesh_data", "mesh_fsdp", "mesh_tensor", "remat", "micro_batches", "logprob_chunk",
-                    "share_prompt", "attention", "eval_batch_size",
+                    "export_policy", "mesh_data", "mesh_fsdp", "mesh_tensor", "mesh_device_ids", "remat",
+                    "micro_batches", "logprob_chunk", "share_prompt", "attention", "eval_batch_size",
                     "reward_batch_size", "data_dir", "tfds_dir", "judge_timeout", "judge_retries", "judge_api_key_env")
 
 
@@ -322,3 +330,6 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(str(err)) from None
     need(len(targets) > 0 or cfg.lora_rank == 0, "lora_targets is empty")
     object.__setattr__(cfg, "lora_targets", targets)  # frozen dataclass: set once, during construction
+    need(all(str(i).isdigit() for i in cfg.mesh_device_ids),
+         f"mesh_device_ids={list(cfg.mesh_device_ids)} must be device ids (non-negative integers)")
+    object.__setattr__(cfg, "mesh_device_ids", tuple(int(i) for i in cfg.mesh_device_ids))

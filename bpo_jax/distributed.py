@@ -10,12 +10,17 @@ mesh. The rest of the package asks this module, and reads no process index of it
   exports.
 - ``global_rows(tree, mesh)`` / ``local_rows(tree)``: each host's rows → global arrays sharded over the mesh's
   batch axes, and back. Host p owns the rows on its devices, in the order of the global array.
+- ``make_mesh`` / ``check_batch_layout``: the mesh over every host's devices, with each tensor group inside a
+  host, and a refusal before any compute when hosts would share batch shards.
 - ``all_gather``, ``any_host``, ``min_over_hosts``: small host values (counts, flags, widths) that every host
   must agree on before a collective; hosts never compute a shared decision each on their own.
+- ``agreed`` / ``raise_on_all``: host-local work that may fail, then one shared outcome: an error on one host
+  ends every host with the same message instead of leaving the others waiting in a collective.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -24,6 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from bpo_jax import sharding as shd
 from bpo_jax.sharding import BATCH_AXES, batch_shards
 
 ENV_VARS = ("BPO_COORDINATOR_ADDRESS", "BPO_NUM_PROCESSES", "BPO_PROCESS_ID", "BPO_LOCAL_DEVICE_IDS")
@@ -80,19 +86,144 @@ def is_remote(path: str) -> bool:
     return "://" in str(path)
 
 
-# ---- host rows <-> global arrays -----------------------------------------------------------------------------
+# ---- which host owns which rows ------------------------------------------------------------------------------
+
+def host_aware_devices(sizes, devices=None) -> np.ndarray:
+    """``devices`` arranged as a ``(data, fsdp, tensor)`` array in which every ``tensor`` group lies inside one
+    host, so hosts own disjoint batch shards; None when the shape cannot keep it so (``tensor`` does not divide
+    a host's device count, or the hosts do not split over ``data x fsdp``).
+
+    The hosts form an outer ``(dd, df)`` grid over the batch axes (``dd`` as large as it can be: data parallelism
+    between hosts needs one gradient all-reduce where fsdp would gather weights every layer); each host's own
+    devices fill the inner ``(data/dd, fsdp/df, tensor)`` block (TPU chips in ``mesh_utils.create_device_mesh``'s
+    ICI order, other devices by id)."""
+    from jax.experimental import mesh_utils
+
+    devices = list(jax.devices() if devices is None else devices)
+    hosts = sorted({d.process_index for d in devices})
+    per_host = {h: [d for d in devices if d.process_index == h] for h in hosts}
+    data, fsdp, tensor = sizes
+    local = len(per_host[hosts[0]])
+    if any(len(v) != local for v in per_host.values()) or local % tensor:
+        return None
+    n = len(hosts)
+    for dd in sorted((d for d in range(1, n + 1) if n % d == 0 and data % d == 0), reverse=True):
+        df = n // dd
+        if fsdp % df == 0 and (data // dd) * (fsdp // df) * tensor == local:
+            break
+    else:
+        return None
+    inner = (data // dd, fsdp // df, tensor)
+    out = np.empty((data, fsdp, tensor), dtype=object)
+    for g, h in enumerate(hosts):
+        if per_host[h][0].platform == "tpu":  # the host's chips in ICI order
+            block = mesh_utils.create_device_mesh(inner, per_host[h], allow_split_physical_axes=True)
+        else:
+            block = np.asarray(per_host[h], dtype=object).reshape(inner)
+        a, b = divmod(g, df)
+        out[a * inner[0]:(a + 1) * inner[0], b * inner[1]:(b + 1) * inner[1], :] = block
+    return out
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, device_ids=None):
+    """The run's ``(data, fsdp, tensor)`` mesh over every process's devices, checked before any compute.
+
+    One process: JAX's own physical device order (``sharding.make_mesh``). Several: ``host_aware_devices``, so
+    each ``tensor`` group stays inside a host and the hosts own disjoint batch shards; where the shape cannot
+    allow that, JAX's order, and ``check_batch_layout`` refuses it if hosts would share batch shards.
+    ``device_ids``: an explicit device order (row-major over data, fsdp, tensor), e.g. to reproduce a slice's
+    physical layout; it is checked the same way."""
+    sizes = shd.mesh_sizes(data, fsdp, tensor, jax.device_count())
+    if device_ids:
+        by_id = {d.id: d for d in jax.devices()}
+        unknown = sorted(set(device_ids) - set(by_id))
+        if unknown or sorted(device_ids) != sorted(by_id):
+            raise ValueError(f"mesh_device_ids must name each of the {len(by_id)} devices once (ids "
+                             f"{sorted(by_id)}); got {list(device_ids)}")
+        mesh = shd.mesh_from_devices(np.asarray([by_id[i] for i in device_ids], dtype=object).reshape(sizes))
+    elif jax.process_count() > 1 and (arranged := host_aware_devices(sizes)) is not None:
+        mesh = shd.mesh_from_devices(arranged)
+    else:
+        mesh = shd.make_mesh(*sizes)
+    check_batch_layout(mesh)
+    return mesh
+
+
+@functools.lru_cache(maxsize=16)
+def host_batch_shards(mesh) -> dict[int, list[int]]:
+    """``{process: sorted batch-shard indices}`` of every host on ``mesh``: the batch axes' flat index
+    (``data * fsdp_size + fsdp``) of each of its devices. Computed from the mesh alone (the same on every host)."""
+    out: dict[int, set] = {}
+    names = list(mesh.axis_names)
+    sizes = [mesh.shape[a] for a in BATCH_AXES]
+    for idx, dev in np.ndenumerate(mesh.devices):
+        d, f = (idx[names.index(a)] for a in BATCH_AXES)
+        out.setdefault(dev.process_index, set()).add(d * sizes[1] + f)
+    return {p: sorted(v) for p, v in sorted(out.items())}
+
+
+def check_batch_layout(mesh) -> None:
+    """Raise ``ValueError`` (one line) unless the hosts own disjoint, equally many batch shards on ``mesh``.
+
+    Two hosts holding the same batch shard would each write their own rows into it: JAX would build a smaller
+    batch from whichever copy it reads, and sampling, rewards and gradients would be garbage with no error."""
+    if mesh is None:
+        return
+    owned = host_batch_shards(mesh)
+    if len(owned) < 2:
+        return
+    seen: dict[int, int] = {}
+    for p, shards in owned.items():
+        for s in shards:
+            if s in seen:
+                raise ValueError(
+                    f"mesh {dict(mesh.shape)} puts batch shard {s} on hosts {seen[s]} and {p}: a mesh axis other "
+                    f"than {' x '.join(BATCH_AXES)} spans hosts, so two hosts would feed the same rows. "
+                    f"{_working_shape(mesh)}")
+            seen[s] = p
+    if len({len(v) for v in owned.values()}) > 1:
+        raise ValueError(f"mesh {dict(mesh.shape)} gives the hosts unequal numbers of batch shards "
+                         f"({ {p: len(v) for p, v in owned.items()} }); {_working_shape(mesh)}")
+
+
+def _working_shape(mesh) -> str:
+    local = len([d for d in mesh.devices.flat if d.process_index == mesh.devices.flat[0].process_index])
+    tensor = max(t for t in range(1, local + 1) if local % t == 0 and t <= mesh.shape["tensor"])
+    total = mesh.devices.size
+    return (f"Keep mesh_tensor within one host's {local} devices and leave the device order to bpo_jax, e.g. "
+            f"mesh_data=1 mesh_fsdp={total // tensor} mesh_tensor={tensor}")
+
 
 def local_batch_shards(mesh) -> int:
-    """How many of the batch shards this host holds."""
-    return max(1, batch_shards(mesh) // jax.process_count())
+    """How many of the batch shards this host holds (all of them without a mesh or with one process)."""
+    if mesh is None:
+        return 1
+    if jax.process_count() == 1:
+        return batch_shards(mesh)
+    return len(host_batch_shards(mesh)[jax.process_index()])
 
+
+def host_batch_rows(mesh, rows: int) -> np.ndarray:
+    """The positions, in a global batch of ``rows`` rows over ``mesh``'s batch axes, that this host owns (shard
+    ``s`` holds rows ``[s * rows / S, (s + 1) * rows / S)``), in global order."""
+    if mesh is None or jax.process_count() == 1:
+        return np.arange(rows)
+    shards = batch_shards(mesh)
+    if rows % shards:
+        raise ValueError(f"a global batch of {rows} rows does not split over {shards} batch shards")
+    per = rows // shards
+    return np.concatenate([np.arange(s * per, (s + 1) * per) for s in host_batch_shards(mesh)[jax.process_index()]])
+
+
+# ---- host rows <-> global arrays -----------------------------------------------------------------------------
 
 def global_rows(tree, mesh):
     """This host's rows (NumPy, leading row axis) → global arrays with rows sharded over the batch axes.
 
     One process: the rows are the whole batch (rows that do not divide the batch shards stay replicated).
-    Several: host p's rows become the rows on host p's devices, so every host must pass the same row count,
-    a multiple of its batch shards.
+    Several: host p's rows become the rows of host p's batch shards (``host_batch_rows``), in global order, so
+    every host must pass the same row count, a multiple of its batch shards. The global shape is stated, never
+    inferred: a layout where hosts share shards fails here instead of building a smaller batch.
     """
     if mesh is None:
         return jax.tree.map(jax.numpy.asarray, tree)
@@ -102,23 +233,38 @@ def global_rows(tree, mesh):
         if jax.process_count() == 1:
             spec = P() if x.shape[0] % batch_shards(mesh) else P(BATCH_AXES)
             return jax.device_put(x, NamedSharding(mesh, spec))
-        if x.shape[0] % local_batch_shards(mesh):
-            raise ValueError(f"{x.shape[0]} rows on this host do not split over its {local_batch_shards(mesh)} "
-                             f"batch shards")
-        return jax.make_array_from_process_local_data(NamedSharding(mesh, P(BATCH_AXES)), x)
+        mine = local_batch_shards(mesh)
+        if x.shape[0] % mine:
+            raise ValueError(f"{x.shape[0]} rows on this host do not split over its {mine} batch shards")
+        shape = (x.shape[0] // mine * batch_shards(mesh), *x.shape[1:])
+        return jax.make_array_from_process_local_data(NamedSharding(mesh, P(BATCH_AXES)), x, shape)
 
+    check_batch_layout(mesh)
     return jax.tree.map(one, tree)
 
 
-def local_rows(tree):
-    """Global arrays → this host's rows as NumPy (the inverse of ``global_rows``; everything on one host)."""
+def local_rows(tree, mesh=None):
+    """Global arrays → this host's rows as NumPy (the inverse of ``global_rows``).
+
+    One process: everything. Several: the rows of this host's batch shards (``host_batch_rows``), also when an
+    output came back replicated (every host would otherwise take the whole batch, or the first host's rows);
+    an array whose rows are split over anything but the batch axes is refused."""
     def one(x):
-        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        if not isinstance(x, jax.Array) or jax.process_count() == 1 or x.is_fully_addressable:
             return np.asarray(x)
+        if mesh is None:
+            raise ValueError("local_rows of a multi-host array needs the mesh its rows are sharded over")
+        want = host_batch_rows(mesh, x.shape[0])
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))[want]
         blocks = {}
         for shard in x.addressable_shards:
             rows = shard.index[0] if shard.index else slice(None)
             blocks.setdefault(rows.start or 0, np.asarray(shard.data))
+        got = np.concatenate([np.arange(k, k + len(blocks[k])) for k in sorted(blocks)])
+        if not np.array_equal(got, want):
+            raise ValueError(f"an output of shape {x.shape} is not row-sharded over this host's batch shards "
+                             f"({x.sharding}); pin its sharding to the batch axes")
         return np.concatenate([blocks[k] for k in sorted(blocks)], axis=0)
 
     return jax.tree.map(one, tree)
@@ -166,6 +312,37 @@ def gather_json(value) -> list:
     padded[: data.size] = data
     rows = all_gather(padded)
     return [json.loads(bytes(r).rstrip(b"\0").decode()) for r in rows]
+
+
+class HostError(ValueError):
+    """An error one host met, raised on every host with the same message (``agreed`` / ``raise_on_all``)."""
+
+
+def raise_on_all(problem: BaseException | None) -> None:
+    """A collective: every host passes the error it met (or None); when any host met one, every host raises
+    ``HostError`` with the first failing host's message, so all exit with the same line instead of some
+    waiting in the next collective. One process: ``problem`` itself is raised unchanged."""
+    if jax.process_count() == 1:
+        if problem is not None:
+            raise problem
+        return
+    text = None if problem is None else (str(problem).strip().splitlines() or [type(problem).__name__])[0]
+    failed = [(i, m) for i, m in enumerate(gather_json(text)) if m is not None]
+    if failed:
+        i, message = failed[0]
+        raise HostError(f"process {i}: {message}") from problem
+
+
+def agreed(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` for host-local work that may fail (reading files, a prompt probe, an API judge),
+    followed by one shared decision: it returns on every host or raises on every host (``raise_on_all``).
+    ``fn`` must not itself enter a collective that another host could skip."""
+    try:
+        result, problem = fn(*args, **kwargs), None
+    except Exception as err:  # noqa: BLE001  any error: the other hosts must hear of it
+        result, problem = None, err
+    raise_on_all(problem)
+    return result
 
 
 def barrier(name: str) -> None:

@@ -168,6 +168,7 @@ def generate(
     batch_size: int | None = None,
     prompt_bucket: int = 32,
     progress: bool = False,
+    interrupt=None,
 ) -> SampleOutput:
     """Sample ``num_samples`` responses for each left-padded prompt ``prompt_ids [B, P]`` / ``prompt_mask``.
 
@@ -183,6 +184,8 @@ def generate(
       mesh: shard rows over its ``data``/``fsdp`` axes (the params keep their own placement unless
         ``param_shardings`` is given, e.g. ``sampling_shardings(config, mesh)``).
       batch_size: prompts per compiled call; several calls (with a tqdm bar if ``progress``) cover B.
+      interrupt: called before each call (e.g. ``online.Preemption.check``: it raises to stop a long run of
+        calls; with several processes every host calls it at the same points).
 
     With several processes (``bpo_jax.distributed``) every host calls ``generate`` with the same shapes and its
     own prompt rows; the sampling runs on the global mesh and each host gets its own rows' samples back. Each
@@ -214,13 +217,15 @@ def generate(
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="sampling", unit="batch")
-    outs = [
-        _generate_batch(config, params, prompt_ids[s : s + batch_size], prompt_mask[s : s + batch_size],
-                        jax.random.fold_in(rng, s), max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_k=top_k, top_p=top_p, num_samples=num_samples, eos=tuple(int(e) for e in eos_token_ids),
-                        pad_id=pad_token_id, mesh=mesh, prompt_bucket=prompt_bucket)
-        for s in starts
-    ]
+    outs = []
+    for s in starts:
+        if interrupt is not None:
+            interrupt()
+        outs.append(_generate_batch(config, params, prompt_ids[s : s + batch_size], prompt_mask[s : s + batch_size],
+                                    jax.random.fold_in(rng, s), max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
+                                    eos=tuple(int(e) for e in eos_token_ids), pad_id=pad_token_id, mesh=mesh,
+                                    prompt_bucket=prompt_bucket))
     return SampleOutput(*(np.concatenate(parts, axis=0) for parts in zip(*outs)))
 
 
@@ -256,5 +261,5 @@ def _generate_batch(config, params, prompt_ids, prompt_mask, key, *, num_samples
     state = _prefill(config, params, ids_d, mask_d, cache, key, num_samples=num_samples, **static)
     state = _decode(config, params, state, prompt_len=plen, **static)
     rows = prompts * num_samples
-    local = distributed.local_rows((state.tokens, state.mask, state.logprobs, state.sampling_logprobs))
+    local = distributed.local_rows((state.tokens, state.mask, state.logprobs, state.sampling_logprobs), mesh)
     return tuple(x[:rows] for x in local)

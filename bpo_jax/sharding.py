@@ -34,21 +34,34 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None):
-    """A ``(data, fsdp, tensor)`` mesh with Auto axis types; one size may be -1 for "all remaining devices"."""
-    devices = list(devices if devices is not None else jax.devices())
+def mesh_sizes(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[int, int, int]:
+    """``(data, fsdp, tensor)`` with a -1 resolved to "all remaining devices"; raises when they do not fit."""
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into a mesh with fixed axes of size {known}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
+        if device_count % known:
+            raise ValueError(f"{device_count} devices cannot be split into a mesh with fixed axes of size {known}")
+        sizes[sizes.index(-1)] = device_count // known
+    if int(np.prod(sizes)) != device_count:
         raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
-                         f"{int(np.prod(sizes))} devices, but {len(devices)} are available")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+                         f"{int(np.prod(sizes))} devices, but {device_count} are available")
+    return tuple(sizes)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None):
+    """A ``(data, fsdp, tensor)`` mesh with Auto axis types in JAX's device order (physical on a TPU); one size
+    may be -1 for "all remaining devices". Runs over several hosts build theirs with
+    ``bpo_jax.distributed.make_mesh``, which keeps each tensor group inside a host."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = mesh_sizes(data, fsdp, tensor, len(devices))
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def mesh_from_devices(devices: np.ndarray):
+    """A mesh over a ``(data, fsdp, tensor)`` device array taken exactly as given (no reordering)."""
+    return jax.sharding.Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh, rules: Iterable | None = None) -> P:

@@ -62,21 +62,25 @@ def setup_run(cfg: TrainConfig, *, train: bool = True) -> Run:
     """Load the policy (sharded over the config's mesh when there is more than one device) and build the task."""
     import jax
 
-    from bpo_jax import sharding as shd
     from bpo_jax.models import load_pretrained
 
-    mesh = shd.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor) if jax.device_count() > 1 else None
-    model, tok = load_pretrained(cfg.model, mesh=mesh, param_dtype=cfg.param_dtype, dtype=cfg.dtype, remat=cfg.remat,
-                                 attention=cfg.attention)
+    mesh = None
+    if jax.device_count() > 1:  # checked before any compute: hosts must own disjoint batch rows
+        mesh = distributed.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor, cfg.mesh_device_ids)
+    # Reading files is host-local: an error on one host (a missing file, a bad shape) stops every host alike.
+    model, tok = distributed.agreed(load_pretrained, cfg.model, mesh=mesh, param_dtype=cfg.param_dtype,
+                                    dtype=cfg.dtype, remat=cfg.remat, attention=cfg.attention)
     if tok is None:
         raise ValueError(f"model {cfg.model!r} has no tokenizer files; training and evaluation need one")
     reference = None
     if cfg.reference == "fixed":
-        reference = load_pretrained(cfg.reference_path, mesh=mesh, param_dtype=cfg.param_dtype,
-                                    dtype=cfg.dtype)[0].params
+        reference = distributed.agreed(load_pretrained, cfg.reference_path, mesh=mesh, param_dtype=cfg.param_dtype,
+                                       dtype=cfg.dtype)[0].params
     eos = model.config.eos_token_id
     eos = eos if isinstance(eos, tuple) else (eos,)
-    return Run(mesh, model, tok, reference, eos, build_task(cfg, tok, mesh=mesh, train=train))
+    sources = prepare_tfds(cfg.data, cfg.data_dir, cfg.tfds_dir) if cfg.data in builders.BUILDERS else None
+    task = distributed.agreed(build_task, cfg, tok, mesh=mesh, train=train, sources=sources)  # host-local reads
+    return Run(mesh, model, tok, reference, eos, task)
 
 
 def annotator_kind(cfg: TrainConfig) -> str:
@@ -87,12 +91,13 @@ def annotator_kind(cfg: TrainConfig) -> str:
     return "reward_model" if cfg.data in builders.BUILDERS or cfg.reward_model else "rouge"
 
 
-def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True) -> Task:
-    """Load data and annotator for ``cfg``; errors name the file, line or key at fault."""
+def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True, sources: dict | None = None) -> Task:
+    """Load data and annotator for ``cfg``; errors name the file, line or key at fault. ``sources``: a tfds
+    task's splits when already prepared (``prepare_tfds``; else prepared here)."""
     kind = annotator_kind(cfg)
     encoded = None
     if cfg.data in builders.BUILDERS:
-        sources = builders.prepare(cfg.data, cfg.data_dir, cfg.tfds_dir)
+        sources = sources or prepare_tfds(cfg.data, cfg.data_dir, cfg.tfds_dir)
         test = builders.split_examples(sources["test"])
         # Every test prompt, the long ones truncated, as the official evaluation has it (it evaluates the whole
         # test split, online_dpo_rand_trainer.py eval_over_steps); eval_size > 0 takes the first ones.
@@ -118,7 +123,7 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True) ->
             texts = [demo_task.prompt_text(r) for r in train_rows]
             ids, mask = demo_task.encode_prompts(tokenizer, texts, cfg.max_prompt_length)
             stream = ArrayPrompts(texts, ids, mask, batch_size=cfg.batch_size, seed=cfg.seed,
-                                  shard_index=distributed.process_index(), shard_count=distributed.process_count())
+                                  rows=distributed.host_batch_rows(mesh, cfg.batch_size))
         gold = {demo_task.prompt_text(r): r["gold"] for r in train_rows + test_rows}
     if kind == "rouge":
         if gold is None:
@@ -151,6 +156,26 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True) ->
                          f"{cfg.max_prompt_length}")
     return Task(cfg.data, stream, eval_prompts, eval_ids, eval_mask, references, annotator, score_name,
                 truncated=sum(cut for _, cut in encoded))
+
+
+def prepare_tfds(task: str, data_dir: str, tfds_dir: str) -> dict:
+    """A tfds task's splits, built once per file system: process 0 builds; then, where a host does not see that
+    build (``tfds_dir`` on a node-local disk), the first process of each machine builds its own copy; then every
+    process opens its splits. Each stage ends in a shared decision, so an error on one host (a missing raw file,
+    a bad row) stops every host with the same message."""
+    import socket
+
+    target = distributed.agreed(builders.Prepared.check, task, data_dir, tfds_dir)
+    me = distributed.process_index()
+    distributed.agreed(lambda: target.build() if me == 0 else None)
+    if distributed.process_count() > 1:
+        machines = distributed.gather_json([socket.gethostname(), target.is_built()])
+        first = {}
+        for p, (machine, built) in enumerate(machines):
+            if not built:
+                first.setdefault(machine, p)
+        distributed.agreed(lambda: target.build() if first.get(machines[me][0]) == me else None)
+    return distributed.agreed(target.open)
 
 
 def _judge_cache(run_dir: str) -> str:

@@ -3,81 +3,15 @@ of a pod slice run: two processes with 2 CPU devices each train, are stopped by 
 receives (both save and exit), restart and resume; the per-step losses and the win rates equal a single process
 with the same 4 devices and the same global batches. Bad multi-host settings fail before any compute.
 
-Every child's environment is built explicitly (the pytest process's XLA_FLAGS never leak into it), and if any
-child fails or the run overruns its deadline, the others are killed and the test fails: it cannot hang CI.
+The harness (``tests/multihost.py``) builds each child's environment explicitly and kills the group when one
+fails or it overruns its deadline: nothing here can hang CI.
 """
 
-import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 
 import pytest
+from multihost import assert_same_losses, losses, run_group
 from tiny_models import write_minisum_folder
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEADLINE = 300  # seconds for one group of processes
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices: int, **extra) -> dict:
-    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
-    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=ROOT, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
-    return env
-
-
-def _run_group(args_per_process, *, devices: int, cwd=None, sigterm_when=None):
-    """Start one ``python -m bpo_jax`` per entry of ``args_per_process`` (several: a distributed group on a
-    fresh port); return ``[(returncode, stdout, stderr)]``. ``sigterm_when()``: once true, SIGTERM the last
-    process only. Any failure or the deadline kills the whole group."""
-    n, port = len(args_per_process), _port()
-    procs, logs = [], []
-    for i, args in enumerate(args_per_process):
-        extra = {} if n == 1 else dict(BPO_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", BPO_NUM_PROCESSES=str(n),
-                                       BPO_PROCESS_ID=str(i))
-        out = tempfile.TemporaryFile("w+")  # never left behind in the checkout, also when the group fails
-        logs.append(out)
-        procs.append(subprocess.Popen([sys.executable, "-m", "bpo_jax", *args], env=_env(devices, **extra),
-                                      cwd=cwd[i] if cwd else ROOT, stdout=out, stderr=subprocess.STDOUT))
-    start, signalled, first_exit = time.time(), False, None
-    try:
-        while any(p.poll() is None for p in procs):
-            if time.time() - start > DEADLINE:
-                raise TimeoutError(f"processes still running after {DEADLINE} s")
-            if any(p.returncode not in (None, 0, 2, 143) for p in procs):
-                raise RuntimeError("a process failed")
-            if first_exit is None and any(p.returncode for p in procs):
-                first_exit = time.time()
-            if first_exit is not None and time.time() - first_exit > 60:  # the others wait on a collective
-                raise RuntimeError("a process stopped with an error while the others kept running")
-            if sigterm_when is not None and not signalled and sigterm_when():
-                procs[-1].send_signal(signal.SIGTERM)
-                signalled = True
-            time.sleep(0.2)
-    except Exception as err:
-        for p in procs:
-            p.kill()
-        texts = []
-        for f in logs:
-            f.seek(0)
-            texts.append(f.read()[-3000:])
-        pytest.fail(f"{err}; logs:\n" + "\n----\n".join(texts))
-    results = []
-    for p, f in zip(procs, logs):
-        f.seek(0)
-        results.append((p.wait(), f.read(), ""))
-        f.close()
-    return results
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +24,6 @@ def setting(tiny_policy_and_rm, tmp_path_factory):
     return common, tmp_path_factory.mktemp("mp_runs")
 
 
-def _losses(run_dir) -> dict:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
-
-
 def _final_line(stdout: str) -> str:
     line = next(x for x in stdout.splitlines() if x.startswith("win rate vs human references:"))
     return line.split(" (")[0]  # without the elapsed time
@@ -103,38 +32,35 @@ def _final_line(stdout: str) -> str:
 def test_two_processes_train_resume_and_match_one_process(setting):
     common, runs = setting
     single_dir, multi_dir = runs / "single", runs / "multi"
-    [(rc, single_out, _)] = _run_group([["train", *common, f"run_dir={single_dir}"]], devices=4)
+    [(rc, single_out, _)] = run_group([["train", *common, f"run_dir={single_dir}"]], devices=4)
     assert rc == 0, single_out[-3000:]
 
     train = ["train", *common, f"run_dir={multi_dir}"]
     metrics = multi_dir / "metrics.jsonl"
-    first = _run_group([train, train], devices=2,
-                       sigterm_when=lambda: metrics.exists() and '"step": 2,' in metrics.read_text())
+    first = run_group([train, train], devices=2,
+                       signal_when=lambda: metrics.exists() and '"step": 2,' in metrics.read_text())
     # Only process 1 got the SIGTERM; both agreed to save and stop (exit 143), mid-run.
     assert [r[0] for r in first] == [143, 143], [r[1][-2000:] for r in first]
-    stopped_at = max(_losses(multi_dir))
+    stopped_at = max(losses(multi_dir))
     assert 2 <= stopped_at < 4
-    second = _run_group([train, train], devices=2)
+    second = run_group([train, train], devices=2)
     assert [r[0] for r in second] == [0, 0], [r[1][-2000:] for r in second]
     assert f"resumed {multi_dir} at step {stopped_at}" in second[0][1]
     assert "win rate" not in second[1][1]  # only the primary prints
 
-    want, got = _losses(single_dir), _losses(multi_dir)
-    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
-    for step in want:
-        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-6), step
+    assert_same_losses(losses(multi_dir), losses(single_dir), [1, 2, 3, 4])
     assert _final_line(second[0][1]) == _final_line(single_out)
     assert (multi_dir / "policy" / "model.safetensors").is_file() and (multi_dir / "plot.png").is_file()
 
     # `evaluate` on two processes splits the test set across them and prints what one process prints.
-    evals = _run_group([["evaluate", "--checkpoint", str(multi_dir)]] * 2, devices=2)
-    [(rc, single_eval, _)] = _run_group([["evaluate", "--checkpoint", str(single_dir)]], devices=4)
+    evals = run_group([["evaluate", "--checkpoint", str(multi_dir)]] * 2, devices=2)
+    [(rc, single_eval, _)] = run_group([["evaluate", "--checkpoint", str(single_dir)]], devices=4)
     assert [r[0] for r in evals] == [0, 0] and rc == 0, evals[0][1][-2000:]
     line = lambda out: next(x for x in out.splitlines() if "win rate vs human references" in x).split(": ", 1)[1]  # noqa: E731
     assert line(evals[0][1]).split(". Responses")[0] == line(single_eval).split(". Responses")[0]
 
     # Resuming the two-process run with one process is refused, naming both counts.
-    [(rc, out, _)] = _run_group([train], devices=4)
+    [(rc, out, _)] = run_group([train], devices=4)
     assert rc == 2 and "written by 2 processes; this run has 1" in out, out[-2000:]
 
 
@@ -142,12 +68,12 @@ def test_bad_multi_host_settings_fail_before_compute(setting, tmp_path):
     common, _ = setting
     # 4 batch shards (2 hosts x 2 devices): a batch of 2 pairs cannot split.
     bad = ["train", *common, "batch_size=2", f"run_dir={tmp_path / 'b'}"]
-    for rc, out, _ in _run_group([bad, bad], devices=2):
+    for rc, out, _ in run_group([bad, bad], devices=2):
         assert rc == 2 and "batch_size=2 does not split over 2 processes x 2 batch shards" in out, out[-2000:]
     # A relative run_dir seen from two different working directories: not shared storage.
     cwds = [tmp_path / "host0", tmp_path / "host1"]
     for c in cwds:
         c.mkdir()
     local = ["train", *common, "run_dir=runs/x"]
-    for rc, out, _ in _run_group([local, local], devices=2, cwd=cwds):
+    for rc, out, _ in run_group([local, local], devices=2, cwd=cwds):
         assert rc == 2 and "is not shared storage: processes [1]" in out, out[-2000:]

@@ -240,14 +240,17 @@ def test_prompt_stream_epochs_are_seeded_permutations():
 
 
 def test_array_prompts_hosts_split_each_global_batch():
-    """Host p of P takes its slice of every global batch: together the hosts draw exactly the single-process
-    stream, so a global batch is the same whatever the number of processes."""
+    """Each host takes the rows of every global batch that its batch shards own (contiguous or not): together the
+    hosts draw exactly the single-process stream, so a global batch is the same whatever the process count."""
     texts = list("abcdefghij")
     ids = np.zeros((10, 2))
-    single = ArrayPrompts(texts, ids, ids, batch_size=4, seed=5)
-    hosts = [ArrayPrompts(texts, ids, ids, batch_size=4, seed=5, shard_index=i, shard_count=2) for i in range(2)]
-    for _ in range(5):
-        assert hosts[0].next_batch().prompts + hosts[1].next_batch().prompts == single.next_batch().prompts
-    assert hosts[0].get_state() == hosts[1].get_state() == single.get_state()
-    with pytest.raises(ValueError, match="does not split over 3 hosts"):
-        ArrayPrompts(texts, ids, ids, batch_size=4, seed=5, shard_index=0, shard_count=3)
+    for layout in ([[0, 1], [2, 3]], [[0, 2], [1, 3]]):
+        single = ArrayPrompts(texts, ids, ids, batch_size=4, seed=5)
+        hosts = [ArrayPrompts(texts, ids, ids, batch_size=4, seed=5, rows=rows) for rows in layout]
+        for _ in range(5):
+            whole = single.next_batch().prompts
+            parts = [h.next_batch().prompts for h in hosts]
+            assert [whole[i] for i in layout[0]] == parts[0] and [whole[i] for i in layout[1]] == parts[1]
+        assert hosts[0].get_state() == hosts[1].get_state() == single.get_state()
+    with pytest.raises(ValueError, match="not positions in a batch of 4"):
+        ArrayPrompts(texts, ids, ids, batch_size=4, seed=5, rows=[3, 4])

@@ -83,11 +83,45 @@ SAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pa
 
 
 def prepare(task: str, manual_dir: str = "", data_dir: str = "") -> dict:
-    """Build (once) and open task ``task``'s splits as tfds data sources.
+    """Build (once) and open task ``task``'s splits as tfds data sources (one process; a run over several
+    hosts coordinates the build with ``bpo_jax.tasks``).
 
     ``manual_dir``: the raw files (default: the shipped samples, ``data/samples/<task>``); ``data_dir``: where
     prepared copies go (default ``~/tensorflow_datasets/bpo_jax``).
     """
+    target = Prepared.check(task, manual_dir, data_dir)
+    target.build()
+    return target.open()
+
+
+class Prepared:
+    """One task's prepared copy: ``check`` validates the raw files and names the folder (nothing is written);
+    ``build`` writes it unless it is already there (tfds builds into a temporary folder and renames it into
+    place, so two processes must never build one folder at once); ``open`` returns the splits."""
+
+    def __init__(self, builder, manual_dir: str, root: str):
+        self.builder, self.manual_dir, self.root = builder, manual_dir, root
+
+    @classmethod
+    def check(cls, task: str, manual_dir: str = "", data_dir: str = "") -> "Prepared":
+        return cls(*_validated_builder(task, manual_dir, data_dir))
+
+    def is_built(self) -> bool:
+        return self.builder.is_prepared()
+
+    def build(self) -> None:
+        self.builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=self.manual_dir),
+                                          download_dir=os.path.join(self.root, "downloads"))
+
+    def open(self) -> dict:
+        if not self.is_built():
+            raise FileNotFoundError(f"the prepared {self.builder.name} data set is not in {self.builder.data_dir}: "
+                                    f"another process's build is not visible here")
+        return self.builder.as_data_source()
+
+
+def _validated_builder(task: str, manual_dir: str, data_dir: str):
+    """``(builder, manual_dir, root)`` after every raw row is validated (errors name file:line and field)."""
     if task not in BUILDERS:
         raise ValueError(f"unknown task {task!r}; tfds tasks: {', '.join(BUILDERS)}")
     manual_dir = os.path.abspath(os.path.expanduser(manual_dir or os.path.join(SAMPLES_DIR, task)))
@@ -100,10 +134,7 @@ def prepare(task: str, manual_dir: str = "", data_dir: str = "") -> dict:
             BUILDERS[task].parse(row, f"{path}:{n}")
     key = hashlib.sha256(repr([(p, os.path.getsize(p), os.path.getmtime(p)) for p in files]).encode()).hexdigest()
     root = os.path.expanduser(data_dir or os.path.join("~", "tensorflow_datasets", "bpo_jax"))
-    builder = BUILDERS[task](data_dir=os.path.join(root, key[:16]), file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
-                                 download_dir=os.path.join(root, "downloads"))
-    return builder.as_data_source()
+    return BUILDERS[task](data_dir=os.path.join(root, key[:16]), file_format="array_record"), manual_dir, root
 
 
 def split_examples(source) -> list[dict]:

@@ -83,16 +83,19 @@ def left_pad(encoded: Sequence[Sequence[int]], width: int | None = None) -> tupl
 
 class ArrayPrompts:
     """In-memory prompts ``[M, P]``; prompt ``position`` of the endless stream is drawn from a fresh seeded
-    permutation of all M prompts per epoch."""
+    permutation of all M prompts per epoch. ``rows``: the positions of each global batch this host owns
+    (``distributed.host_batch_rows``: the rows of its batch shards on the mesh); default: all of them."""
 
     def __init__(self, prompts: list, ids: np.ndarray, mask: np.ndarray, *, batch_size: int, seed: int,
-                 shard_index: int = 0, shard_count: int = 1):
+                 rows=None):
         if not len(prompts) == len(ids) == len(mask):
             raise ValueError(f"{len(prompts)} prompts but {len(ids)} id rows and {len(mask)} mask rows")
         self.prompts, self.ids, self.mask = list(prompts), np.asarray(ids), np.asarray(mask)
         self.batch_size, self.seed, self.width = batch_size, seed, self.ids.shape[1]
-        self.local_batch_size = _share(batch_size, shard_count)
-        self._offset = shard_index * self.local_batch_size
+        self._rows = np.arange(batch_size) if rows is None else np.asarray(rows, np.int64)
+        if self._rows.size == 0 or self._rows.min() < 0 or self._rows.max() >= batch_size:
+            raise ValueError(f"rows {self._rows.tolist()} are not positions in a batch of {batch_size}")
+        self.local_batch_size = len(self._rows)
         self.position = 0
 
     def take(self, position: int, n: int) -> np.ndarray:
@@ -103,7 +106,7 @@ class ArrayPrompts:
         return np.asarray([perms[p // m][p % m] for p in steps])
 
     def next_batch(self) -> PromptBatch:
-        idx = self.take(self.position + self._offset, self.local_batch_size)
+        idx = self.take(self.position, self.batch_size)[self._rows]
         self.position += self.batch_size
         return PromptBatch([self.prompts[i] for i in idx], self.ids[idx], self.mask[idx])
 

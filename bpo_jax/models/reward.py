@@ -52,8 +52,9 @@ class RewardModel:
     def __call__(self, input_ids, attention_mask) -> np.ndarray:
         """``[B]`` float32 scores of this host's rows (with several processes, every host calls it with the same
         shapes, each with its own rows)."""
-        ids_d, mask_d = distributed.global_rows(_host_rows(input_ids, attention_mask), self.mesh)
-        return distributed.local_rows(reward_scores(self.config, self.params, ids_d, mask_d))
+        rows = distributed.agreed(_host_rows, input_ids, attention_mask)  # bad rows on one host stop every host
+        ids_d, mask_d = distributed.global_rows(rows, self.mesh)
+        return distributed.local_rows(reward_scores(self.config, self.params, ids_d, mask_d), self.mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,13 @@ class DebertaRewardModel:
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None) -> np.ndarray:
         """``[B]`` float32 scores of this host's rows; ``token_type_ids`` (default 0) mark the text pair's second
-        segment (ignored by checkpoints with ``type_vocab_size`` 0, such as DeBERTa-v3)."""
+        segment (ignored by checkpoints with ``type_vocab_size`` 0, such as DeBERTa-v3). Rows one host cannot
+        score stop every host with the same error, before the collective."""
+        rows = distributed.agreed(self._checked_rows, input_ids, attention_mask, token_type_ids)
+        return distributed.local_rows(deberta.deberta_scores(self.config, self.params,
+                                                             *distributed.global_rows(rows, self.mesh)), self.mesh)
+
+    def _checked_rows(self, input_ids, attention_mask, token_type_ids):
         ids, mask = _host_rows(input_ids, attention_mask)
         types = np.zeros_like(ids) if token_type_ids is None else np.asarray(token_type_ids, np.int32)
         if types.shape != ids.shape:
@@ -78,8 +85,7 @@ class DebertaRewardModel:
         if self.config.position_biased_input and longest > limit:
             raise ValueError(f"a row has {longest} tokens, over max_position_embeddings={limit} (this checkpoint "
                              f"has absolute position embeddings)")
-        rows = distributed.global_rows((ids, mask, types), self.mesh)
-        return distributed.local_rows(deberta.deberta_scores(self.config, self.params, *rows))
+        return ids, mask, types
 
 
 def _host_rows(input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:

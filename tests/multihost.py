@@ -1,0 +1,115 @@
+"""Several JAX processes on one machine, as the hosts of a pod slice run them: one ``python -m bpo_jax`` per
+process, joined through ``jax.distributed`` on a fresh loopback port with gloo CPU collectives.
+
+Every child's environment is built explicitly (the pytest process's XLA_FLAGS never leak into it). If a child
+exits with a code the test did not allow, if one exits with an error while the others keep running longer than
+``straggle`` seconds, or if the group overruns ``deadline``, every child is killed and the test fails: nothing
+here can hang CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal as signals
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, NamedTuple
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEADLINE = 300  # seconds for one group of processes
+
+
+class Result(NamedTuple):
+    returncode: int
+    output: str  # stdout and stderr together
+    seconds: float  # from the group's start to this process's exit
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(devices: int, **extra) -> dict:
+    """A minimal environment: ``devices`` fake CPU devices, the HF hub offline, unbuffered output."""
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
+    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=ROOT, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+    return env
+
+
+def bpo_vars(n: int, i: int, port: int) -> dict:
+    """bpo_jax's own launch variables for process ``i`` of ``n``."""
+    return dict(BPO_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", BPO_NUM_PROCESSES=str(n), BPO_PROCESS_ID=str(i))
+
+
+def run_group(args_per_process, *, devices: int, cwd=None, signal_when: Callable[[], bool] | None = None,
+              signal: int = signals.SIGTERM, target: int = -1, allowed=(0, 2, 143), straggle: float = 60,
+              deadline: float = DEADLINE, launch_vars: Callable[[int, int, int], dict] = bpo_vars,
+              extra_env: dict | None = None) -> list[Result]:
+    """Start one ``python -m bpo_jax ARGS`` per entry of ``args_per_process`` (several: a distributed group on a
+    fresh port) and wait for all. ``signal_when()``: once true, send ``signal`` to process ``target`` only.
+    ``allowed``: exit codes that do not fail the test at once (a signalled process's own code always passes)."""
+    n, port = len(args_per_process), free_port()
+    procs, logs = [], []
+    for i, args in enumerate(args_per_process):
+        extra = {} if n == 1 else launch_vars(n, i, port)
+        out = tempfile.TemporaryFile("w+")  # never left behind in the checkout, also when the group fails
+        logs.append(out)
+        procs.append(subprocess.Popen([sys.executable, "-m", "bpo_jax", *args],
+                                      env=child_env(devices, **extra, **(extra_env or {})),
+                                      cwd=cwd[i] if cwd else ROOT, stdout=out, stderr=subprocess.STDOUT))
+    start, signalled, first_error = time.time(), None, None
+    ended = [None] * n
+    try:
+        while any(p.poll() is None for p in procs):
+            now = time.time()
+            for i, p in enumerate(procs):
+                if p.returncode is not None and ended[i] is None:
+                    ended[i] = now - start
+            if now - start > deadline:
+                raise TimeoutError(f"processes still running after {deadline} s")
+            bad = [i for i, p in enumerate(procs) if p.returncode not in (None, *allowed) and i != signalled]
+            if bad:
+                raise RuntimeError(f"process {bad[0]} exited with {procs[bad[0]].returncode}")
+            if first_error is None and any(p.returncode for p in procs):
+                first_error = now
+            if first_error is not None and now - first_error > straggle:
+                raise RuntimeError(f"a process ended with an error while the others kept running for {straggle} s")
+            if signal_when is not None and signalled is None and signal_when():
+                signalled = range(n)[target]
+                procs[signalled].send_signal(signal)
+            time.sleep(0.2)
+    except Exception as err:
+        for p in procs:
+            p.kill()
+        texts = []
+        for f in logs:
+            f.seek(0)
+            texts.append(f.read()[-3000:])
+        pytest.fail(f"{err}; logs:\n" + "\n----\n".join(texts))
+    results = []
+    for i, (p, f) in enumerate(zip(procs, logs)):
+        f.seek(0)
+        results.append(Result(p.wait(), f.read(), ended[i] if ended[i] is not None else time.time() - start))
+        f.close()
+    return results
+
+
+def losses(run_dir) -> dict:
+    """``{step: loss}`` from a run's metrics.jsonl."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def assert_same_losses(got: dict, want: dict, steps) -> None:
+    assert sorted(got) == sorted(want) == list(steps), (sorted(got), sorted(want))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-4, abs=1e-6), step
