@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # BPO on a Cloud TPU VM slice (one or several hosts) with gcloud: create -> copy -> setup -> run -> logs ->
 # stop / delete. Every worker runs the same command; jax.distributed.initialize() detects the slice by itself.
+# `watch` (or `run --watch` / `run --restart N`) stays in the foreground: one worker's failure stops them all,
+# and with --restart a preempted or dead slice is re-created and the same command rerun (the program resumes
+# from the last checkpoint in run_dir when given the same arguments).
 set -euo pipefail
 
 usage() {
@@ -14,8 +17,17 @@ Commands:
            inside REMOTE_DIR, where training runs, so model=DEST in the train args finds it)
   setup    on every worker: .venv with requirements-tpu.txt (installs python3.11 by apt if python3 is
            older), then remove a stale libtpu lock and kill processes still holding the TPU
-  run      -- TRAIN_ARGS: `python -m bpo_jax train TRAIN_ARGS` in the background on every worker,
+  run      -- TRAIN_ARGS: first stop stale processes holding the TPU (as setup/stop do), then
+           `python -m bpo_jax train TRAIN_ARGS` in the background on every worker (PYTHONUNBUFFERED=1),
            log in ~/bpo_logs/NAME.log on each; with several workers run_dir must be gs://...
+           With --watch or --restart N, `watch` follows in the foreground
+  watch    poll the queued resource and every worker's training (as `status`) every TPU_POLL_SECONDS [30]
+           until it ends: exit 0 when every worker exited 0; when one worker failed, stop the training on
+           all (fail fast) and exit non-zero. With --restart N [-- TRAIN_ARGS]: when the slice was preempted
+           (state SUSPENDED/PREEMPTED/FAILED/..., or gone), a worker died (no report twice in a row), or a
+           worker exited non-zero (143: stopped by SIGTERM after saving), bring it back (delete + create with
+           the create flags, copy, setup, when the slice is gone or a host dead; else reuse it) and rerun the
+           same TRAIN_ARGS, up to N times. Exit code 2 (a config error) is never restarted
   logs     fetch every worker's log to logs/NAME/worker-<i>.log, report how each ended; --follow: tail one
   status   queued-resource state, then each worker's training state (non-zero if one failed)
   stop     stop the training on every worker and free the TPU
@@ -33,6 +45,8 @@ Options (environment default in brackets):
                      (N counts TensorCores), v5litepod/v6e-N: 1 up to 8 chips, else N/4; without a
                      known type, the count of the node's networkEndpoints (gcloud describe)
   --worker W         run: all (default; the only choice with several workers); logs --follow: 0
+  --watch            run: then `watch` in the foreground (fail fast)
+  --restart N        run, watch: re-create / rerun up to N times (needs --type, the train args; default 0)
   --remote-dir DIR   repo folder on the workers, relative to home [TPU_REMOTE_DIR; bpo_jax]
   --python PY        interpreter for .venv on the workers [TPU_PYTHON; python3 if >= 3.11]
   --model-dir, --data-dir SRC:DEST   copy: repeatable
@@ -49,7 +63,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NAME=${TPU_NAME:-} ZONE=${TPU_ZONE:-} PROJECT=${TPU_PROJECT:-} TYPE=${TPU_TYPE:-} RUNTIME=${TPU_RUNTIME:-}
 WORKERS=${TPU_WORKERS:-} REMOTE_DIR=${TPU_REMOTE_DIR:-bpo_jax} PY=${TPU_PYTHON:-}
 POLL=${TPU_POLL_SECONDS:-30} LOGS_DIR=${TPU_LOGS_DIR:-}
-SPOT=0 RESERVED=0 NO_WAIT=0 FOLLOW=0 DRY=0 WORKER=all CMD=""
+SPOT=0 RESERVED=0 NO_WAIT=0 FOLLOW=0 DRY=0 WORKER=all CMD="" WATCH=0 RESTART=0
 COPIES=() TRAIN=()
 
 val() { [ $# -ge 2 ] || die "$1 needs a value"; printf '%s' "$2"; }
@@ -62,6 +76,8 @@ while [ $# -gt 0 ]; do
     --no-wait) NO_WAIT=1 ;;
     --follow) FOLLOW=1 ;;
     --dry-run) DRY=1 ;;
+    --watch) WATCH=1 ;;
+    --restart) RESTART=$(val "$@"); shift ;;
     --name) NAME=$(val "$@"); shift ;;
     --zone) ZONE=$(val "$@"); shift ;;
     --project) PROJECT=$(val "$@"); shift ;;
@@ -93,18 +109,27 @@ q() {
 run() { echo "+ $(q "$@")"; [ "$DRY" = 1 ] || "$@"; }  # one command, as argv
 run_sh() { echo "+ $1"; [ "$DRY" = 1 ] || bash -o pipefail -c "$1"; }  # one shell pipeline
 
-LOC=()
-loc() {  # checks the settings every command needs; fills LOC (the gcloud location flags)
+LOC=() DESCRIBE=() SSH=()
+loc() {  # checks the settings every command needs; fills LOC (the gcloud location flags) and DESCRIBE
   [ -n "$NAME" ] || die "--name (or TPU_NAME) is required"
   [ -n "$ZONE" ] || die "--zone (or TPU_ZONE) is required"
   [[ $NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || die "--name '$NAME': lower-case letters, digits and -"
   [[ $REMOTE_DIR =~ ^[A-Za-z0-9_./-]+$ ]] || die "--remote-dir '$REMOTE_DIR': letters, digits, _ . / - only"
   LOC=(--zone="$ZONE")
   if [ -n "$PROJECT" ]; then LOC+=(--project="$PROJECT"); fi
+  DESCRIBE=(gcloud compute tpus queued-resources describe "$NAME" "${LOC[@]}" --format='value(state.state)')
+  [[ $RESTART =~ ^[0-9]+$ ]] || die "--restart '$RESTART' is not a number"
+}
+# The queued resource's state (ACTIVE, WAITING_FOR_RESOURCES, SUSPENDED, ...); empty when it does not exist
+# (or gcloud failed: a caller that acts on "gone" asks twice).
+qr_state() { "${DESCRIBE[@]}" 2>/dev/null || true; }
+ssh_argv() {  # WORKER COMMAND: fills SSH, the gcloud command that runs COMMAND on the worker(s)
+  SSH=(gcloud compute tpus tpu-vm ssh "$NAME" "${LOC[@]}" --worker="$1" --quiet --strict-host-key-checking=no
+    --command="$2")
 }
 tpu_ssh() {  # WORKER COMMAND: COMMAND in the user's (bash) login shell on the worker(s), home as cwd
-  run gcloud compute tpus tpu-vm ssh "$NAME" "${LOC[@]}" --worker="$1" --quiet --strict-host-key-checking=no \
-    --command="$2"
+  ssh_argv "$1" "$2"
+  run "${SSH[@]}"
 }
 tpu_scp() {  # SRC DEST WORKER [--recurse]
   run gcloud compute tpus tpu-vm scp "$1" "$2" "${LOC[@]}" --worker="$3" --quiet --strict-host-key-checking=no \
@@ -167,11 +192,11 @@ cmd_create() {
   if [ "$RESERVED" = 1 ]; then args+=(--reserved); fi
   run "${args[@]}"
   [ "$NO_WAIT" = 0 ] || return 0
-  local state describe=(gcloud compute tpus queued-resources describe "$NAME" "${LOC[@]}" --format='value(state.state)')
-  echo "+ $(q "${describe[@]}")"
+  local state
+  echo "+ $(q "${DESCRIBE[@]}")"
   if [ "$DRY" = 1 ]; then echo "# (repeated every ${POLL}s until the state is ACTIVE)"; return 0; fi
   while :; do
-    state=$("${describe[@]}")
+    state=$("${DESCRIBE[@]}")
     case $state in
       ACTIVE) echo "[tpu_pod] $NAME is ACTIVE"; return 0 ;;
       FAILED | SUSPENDING | SUSPENDED) die "queued resource $NAME is $state (delete it and create again)" ;;
@@ -218,8 +243,8 @@ cmd_setup() {
   tpu_ssh all "cd $REMOTE_DIR && $py && source launch/_setup.sh && bpo_setup requirements-tpu.txt && $CLEAR_TPU"
 }
 
-cmd_run() {
-  [ ${#TRAIN[@]} -gt 0 ] || die "run needs the train arguments after --, e.g. -- --config configs/tldr_gemma2b.yaml"
+check_train() {  # the train arguments `run` (and a restart) starts on the workers
+  [ ${#TRAIN[@]} -gt 0 ] || die "$CMD needs the train arguments after --, e.g. -- --config configs/tldr_gemma2b.yaml"
   resolve_workers
   if [ "$WORKER" != all ] && ((WORKERS > 1)); then
     die "--worker=$WORKER: a slice of $WORKERS workers must run the training on every worker (--worker=all)"
@@ -228,8 +253,123 @@ cmd_run() {
   if ((WORKERS > 1)) && [[ $rd != gs://* ]]; then
     die "run_dir=${rd:-(unset)} is not shared by the $WORKERS workers: pass run_dir=gs://BUCKET/PATH"
   fi
+}
+check_restart() {  # a restart re-creates the slice as `create` would and reruns the train arguments
+  ((RESTART > 0)) || return 0
+  [ -n "$TYPE" ] || die "--restart needs --type (with --spot/--reserved/--runtime as for create) to re-create $NAME"
+  check_train
+}
+
+# Refuses when training already runs there; otherwise clears the TPU of stale holders (the same $CLEAR_TPU as
+# setup/stop: a crashed run's process keeps /dev/accel* and the next one cannot start) and starts the training
+# detached, unbuffered so the log shows each line as it is printed; its exit code goes to NAME.rc.
+start_training() {
   local log="$LOG$NAME"
-  tpu_ssh "$WORKER" "cd $REMOTE_DIR && if pgrep -f $TRAIN_PAT >/dev/null; then echo \"\$(hostname): training is already running (stop it first)\" >&2; exit 1; fi && source .venv/bin/activate && sudo rm -f /tmp/libtpu_lockfile && mkdir -p ${LOG%/} && rm -f $log.rc && { (trap \"\" HUP; nohup python -m bpo_jax train $(q "${TRAIN[@]}"); rc=\$?; echo \"[bpo_jax] exit code \$rc\"; echo \$rc > $log.rc) > $log.log 2>&1 < /dev/null & } && echo \"\$(hostname): started, log in $log.log\""
+  tpu_ssh "$WORKER" "cd $REMOTE_DIR && if pgrep -f $TRAIN_PAT >/dev/null; then echo \"\$(hostname): training is already running (stop it first)\" >&2; exit 1; fi && $CLEAR_TPU && source .venv/bin/activate && export PYTHONUNBUFFERED=1 && mkdir -p ${LOG%/} && rm -f $log.rc && { (trap \"\" HUP; nohup python -m bpo_jax train $(q "${TRAIN[@]}"); rc=\$?; echo \"[bpo_jax] exit code \$rc\"; echo \$rc > $log.rc) > $log.log 2>&1 < /dev/null & } && echo \"\$(hostname): started, log in $log.log\""
+}
+
+cmd_run() {
+  check_train
+  check_restart
+  start_training
+  if [ "$WATCH" = 1 ] || ((RESTART > 0)); then watch_loop; fi
+}
+
+cmd_watch() {
+  resolve_workers
+  check_restart
+  watch_loop
+}
+
+# The program's exit codes: 0 done, 143 stopped by SIGTERM after saving (a preemption notice), 2 a config error
+# (a rerun fails the same way), anything else a failure. Fail fast: once one worker has failed, the others
+# would wait in a collective until a timeout, so stop them all; then, with --restart, rerun the same command
+# (it resumes from the last checkpoint), on a new slice when the old one is gone or lost a host.
+watch_loop() {
+  local restarts=0
+  while :; do
+    wait_for_end
+    case $ENDED in
+      dry)
+        if ((RESTART > 0)); then echo "# (then up to $RESTART times: stop, re-create, copy, setup, run again)"; fi
+        return 0 ;;
+      ok) echo "[tpu_pod] the training finished on every worker (exit code 0)"; return 0 ;;
+      preempted) ;;  # the workers are gone: nothing to stop
+      *) echo "[tpu_pod] $WHY: stopping the training on every worker"; cmd_stop || true ;;
+    esac
+    [ "$ENDED" != config ] || die "$WHY: a config error, which a restart cannot fix (see 'logs')"
+    ((restarts < RESTART)) || die "$WHY (restarts done: $restarts of $RESTART; 'logs' fetches the logs)"
+    restarts=$((restarts + 1))
+    echo "[tpu_pod] $WHY: restart $restarts of $RESTART"
+    recover
+  done
+}
+
+# After a preemption or a dead host the VMs are new or gone: delete the queued resource, create it again (same
+# flags) and redo copy and setup. After a failure on a healthy slice, the stopped workers are reused as they are.
+recover() {
+  local state; state=$(qr_state)
+  if [ "$ENDED" = dead ] || [ "$state" != ACTIVE ]; then
+    echo "[tpu_pod] re-creating $NAME (it is ${state:-gone})"
+    cmd_delete || true  # fails when it is gone already
+    NO_WAIT=0
+    cmd_create
+    cmd_copy
+    cmd_setup
+  fi
+  # A start that fails (a host going down as we start) is seen by the next poll, which restarts again.
+  start_training || echo "[tpu_pod] the training did not start on every worker" >&2
+}
+
+# Polls the queued resource's state and every worker's training state (status's command) every POLL seconds
+# until the training has ended on a worker; sets ENDED (ok, config, failed, preempted, dead, or dry) and WHY.
+# A worker that reports neither running nor an exit code (ssh failed: host down; or the process vanished
+# without one) counts as dead on the second poll in a row, so one dropped ssh connection does not restart;
+# likewise a queued resource that describe does not find.
+ENDED="" WHY=""
+wait_for_end() {
+  local state out line rc running exited lost misses=0 gone=0 failed last="" now
+  ssh_argv all "$(state_cmd)"
+  echo "+ $(q "${DESCRIBE[@]}")"
+  echo "+ $(q "${SSH[@]}")"
+  if [ "$DRY" = 1 ]; then echo "# (both repeated every ${POLL}s until the training ends)"; ENDED=dry; return 0; fi
+  while :; do
+    state=$(qr_state)
+    if [ -z "$state" ]; then gone=$((gone + 1)); else gone=0; fi
+    case $state in
+      ACTIVE) ;;
+      SUSPENDING | SUSPENDED | PREEMPTED | FAILED | DELETING | "")  # Spot/preemptible reclaimed, or deleted
+        if [ -n "$state" ] || ((gone >= 2)); then
+          ENDED=preempted WHY="queued resource $NAME is ${state:-gone} (preempted?)"; return 0
+        fi
+        sleep "$POLL"; continue ;;
+      *) echo "[tpu_pod] $(date +%H:%M:%S) queued resource $NAME is $state"; sleep "$POLL"; continue ;;
+    esac
+    out=$("${SSH[@]}" 2>/dev/null || true)
+    running=0 exited=0 failed=""
+    while IFS= read -r line; do
+      case $line in
+        *"| "*) ;;  # a log line
+        *": running") running=$((running + 1)) ;;
+        *": exited with code "*) exited=$((exited + 1)) rc=${line##* }; [ "$rc" = 0 ] || failed+=" $rc" ;;
+      esac
+    done <<<"$out"
+    if [ -n "$failed" ]; then
+      ENDED=failed WHY="a worker's training exited with code${failed}"
+      if [[ " $failed " == *" 2 "* ]]; then ENDED=config; fi
+      return 0
+    fi
+    lost=$((WORKERS - running - exited))
+    if ((lost <= 0 && running == 0)); then ENDED=ok; return 0; fi
+    if ((lost > 0)); then misses=$((misses + 1)); else misses=0; fi
+    if ((misses >= 2)); then
+      ENDED=dead WHY="$lost of $WORKERS workers report no training (host down, or the process vanished)"; return 0
+    fi
+    now="$running running, $exited finished, $lost not answering"
+    [ "$now" = "$last" ] || echo "[tpu_pod] $(date +%H:%M:%S) $NAME: $now"
+    last=$now
+    sleep "$POLL"
+  done
 }
 
 cmd_logs() {
@@ -254,17 +394,22 @@ cmd_logs() {
   [ "$failed" = 0 ] || die "a worker failed (logs in $dir)"
 }
 
+# On each worker: one line "HOST: running", "HOST: exited with code RC" or "HOST: no training started", then the
+# log's last lines as "HOST| ..."; non-zero when the training failed there. `status` shows it, `watch` counts it.
+state_cmd() {
+  local log="$LOG$NAME"
+  printf '%s' "h=\$(hostname); if pgrep -f $TRAIN_PAT >/dev/null; then echo \"\$h: running\"; tail -n 2 $log.log | sed \"s/^/\$h| /\"; elif [ -f $log.rc ]; then rc=\$(cat $log.rc); echo \"\$h: exited with code \$rc\"; tail -n 5 $log.log | sed \"s/^/\$h| /\"; [ \"\$rc\" = 0 ]; else echo \"\$h: no training started\"; fi"
+}
+
 cmd_status() {
-  local log="$LOG$NAME" state describe=(gcloud compute tpus queued-resources describe "$NAME" "${LOC[@]}"
-    --format='value(state.state)')
-  echo "+ $(q "${describe[@]}")"
+  local state
+  echo "+ $(q "${DESCRIBE[@]}")"
   if [ "$DRY" = 0 ]; then
-    state=$("${describe[@]}")
+    state=$("${DESCRIBE[@]}")
     echo "queued resource $NAME: ${state:-not found}"
     [ "$state" = ACTIVE ] || exit 1
   fi
-  tpu_ssh all "h=\$(hostname); if pgrep -f $TRAIN_PAT >/dev/null; then echo \"\$h: running\"; tail -n 2 $log.log | sed \"s/^/\$h| /\"; elif [ -f $log.rc ]; then rc=\$(cat $log.rc); echo \"\$h: exited with code \$rc\"; tail -n 5 $log.log | sed \"s/^/\$h| /\"; [ \"\$rc\" = 0 ]; else echo \"\$h: no training started\"; fi" ||
-    die "a worker's training failed (see above; 'logs' fetches the logs)"
+  tpu_ssh all "$(state_cmd)" || die "a worker's training failed (see above; 'logs' fetches the logs)"
 }
 
 cmd_stop() {
@@ -276,7 +421,7 @@ cmd_delete() {
 }
 
 case $CMD in
-  create | copy | setup | run | logs | status | stop | delete) loc; "cmd_$CMD" ;;
+  create | copy | setup | run | watch | logs | status | stop | delete) loc; "cmd_$CMD" ;;
   "") usage >&2; exit 2 ;;
   *) die "unknown command '$CMD' (see --help)" ;;
 esac

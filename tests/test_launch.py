@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -37,22 +38,46 @@ def _exe(path: Path, text: str) -> Path:
 
 # A fake gcloud: logs its argv (JSON, one line per call). With FAKE_ROOT set it also plays a slice of
 # FAKE_WORKERS workers whose homes are FAKE_ROOT/w<i>: `tpu-vm ssh --command` runs the command there with
-# bash, `tpu-vm scp` copies files in and out, `describe` says ACTIVE.
+# bash, `tpu-vm scp` copies files in and out, `describe` says ACTIVE, or what FAKE_ROOT/state says (GONE: not
+# found). Queued-resource `create` makes the state ACTIVE and revives dead workers (killing their fake
+# training), `delete` makes it GONE; ssh
+# and scp fail (255) while it is not ACTIVE, and for a worker w<i> while FAKE_ROOT/dead-w<i> exists.
 FAKE_GCLOUD = """#!PYTHON
-import json, os, shutil, subprocess, sys
+import glob, json, os, shutil, subprocess, sys
 args = sys.argv[1:]
 with open(os.environ["FAKE_LOG"], "a") as f:
     f.write(json.dumps(args) + "\\n")
 root = os.environ.get("FAKE_ROOT")
 opt = lambda name, d=None: next((a.split("=", 1)[1] for a in args if a.startswith(name + "=")), d)
+state_file = os.path.join(root, "state") if root else None
+state = open(state_file).read().strip() if state_file and os.path.exists(state_file) else "ACTIVE"
+if args[2:4] == ["queued-resources", "create"] and root:
+    open(state_file, "w").write("ACTIVE")
+    for dead in glob.glob(os.path.join(root, "dead-w*")):  # a new VM: nothing of the old one runs
+        running = os.path.join(root, dead.split("-")[-1], "running")
+        if os.path.exists(running):
+            os.kill(int(open(running).read()), 15)  # its trap ends its sleep too
+        os.remove(dead)
+elif args[2:4] == ["queued-resources", "delete"] and root:
+    open(state_file, "w").write("GONE")
 if args[3:4] == ["describe"]:
-    print("ACTIVE")
+    if state == "GONE":
+        sys.exit("ERROR: (gcloud) NOT_FOUND")
+    print(state)
 if not root:
     sys.exit(0)
 homes = [os.path.join(root, f"w{i}") for i in range(int(os.environ["FAKE_WORKERS"]))]
 w = opt("--worker", "0")
 chosen = homes if w == "all" else [homes[int(w)]]
 rc = 0
+if args[2:4] in (["tpu-vm", "ssh"], ["tpu-vm", "scp"]) and state != "ACTIVE":
+    print(f"ssh: connect to host: Connection refused (the slice is {state})", file=sys.stderr)
+    sys.exit(255)
+alive = [h for h in chosen if not os.path.exists(os.path.join(root, "dead-" + os.path.basename(h)))]
+if alive != chosen:
+    rc = 255
+    print("ssh: connect to host: Connection timed out", file=sys.stderr)
+chosen = alive
 if args[2:4] == ["tpu-vm", "ssh"]:
     for home in chosen:
         env = dict(os.environ, HOME=home, PATH=os.environ["FAKE_WORKER_PATH"])
@@ -76,7 +101,7 @@ def fake(tmp_path):
     _exe(bin_dir / "gcloud", FAKE_GCLOUD.replace("PYTHON", sys.executable))
     for name in ("sbatch", "srun", "scontrol"):
         _exe(bin_dir / name, f"#!/bin/sh\necho {name} >> '{tmp_path}/called'\nexit 9\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_") and k != "PYTHONUNBUFFERED"}
     env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_LOG=str(tmp_path / "gcloud.log"), TMPDIR=str(tmp_path),
                TPU_NAME="bpo-pod", TPU_ZONE="us-west4-a", TPU_PROJECT="my-proj", TPU_POLL_SECONDS="0",
                TPU_LOGS_DIR=str(tmp_path / "fetched"))
@@ -139,6 +164,10 @@ def test_tpu_dry_run_prints_the_commands_and_runs_none(fake):
     (run,) = _dry(["run", "--type", "v5litepod-16", "--", *TRAIN], env)
     assert "--worker=all" in run and "nohup python -m bpo_jax train " + " ".join(TRAIN) in run
     assert "bpo_logs/bpo-pod.log" in run
+    # stale TPU holders go first, with setup's very command (one code path), then the unbuffered training
+    clear = setup[setup.index("sudo rm -f /tmp/libtpu_lockfile"):].rstrip("'")
+    assert clear in run and "lsof -t -w /dev/accel*" in clear
+    assert run.index(clear) < run.index("export PYTHONUNBUFFERED=1") < run.index("nohup python")
 
     logs = _dry(["logs", "--workers", "2"], env)
     assert [c.split()[5:7] for c in logs[1:]] == [["bpo-pod:bpo_logs/bpo-pod.log", f"{tmp_path}/fetched/worker-0.log"],
@@ -146,7 +175,14 @@ def test_tpu_dry_run_prints_the_commands_and_runs_none(fake):
     assert "--worker=1" in logs[2]
     assert "tail -n 100 -F bpo_logs/bpo-pod.log" in _dry(["logs", "--follow"], env)[0]
     (stop,) = _dry(["stop"], env)
-    assert "--worker=all" in stop and "pkill -TERM" in stop and "libtpu_lockfile" in stop
+    assert "--worker=all" in stop and "pkill -TERM" in stop and clear in stop
+
+    # run --restart: start, then watch (describe + every worker's state, as status)
+    run, describe, state = _dry(["run", "--type", "v4-16", "--spot", "--restart", "2", "--", *TRAIN], env)
+    assert "nohup python -m bpo_jax train" in run and "queued-resources describe bpo-pod" in describe
+    assert "--worker=all" in state and "exited with code" in state
+    assert _dry(["watch", "--workers", "2"], env) == [describe, state]
+    assert len(_dry(["run", "--watch", "--workers", "2", "--", *TRAIN], env)) == 3
     assert _dry(["delete"], env) == [
         "gcloud compute tpus queued-resources delete bpo-pod --zone=us-west4-a --project=my-proj --force --quiet"]
     assert "tpu-vm ssh" in _dry(["status"], env)[1]
@@ -171,6 +207,9 @@ def test_printed_commands_are_shell_words(fake):
     (["create"], "--type"),
     (["bogus"], "unknown command"),
     (["setup", "--zone"], "needs a value"),
+    (["run", "--workers", "2", "--restart", "1", "--", *TRAIN], "--restart needs --type"),
+    (["run", "--type", "v4-16", "--restart", "x", "--", *TRAIN], "not a number"),
+    (["watch", "--type", "v4-16", "--restart", "1"], "train arguments"),
 ])
 def test_tpu_refusals(fake, args, message):
     tmp_path, env = fake
@@ -263,6 +302,142 @@ def test_tpu_end_to_end_on_fake_workers(fake):
     assert out.returncode != 0 and "exit code 3" in out.stdout
 
 
+# Fake workers for `watch`: pgrep/pkill see and signal the fake training of their own home (HOME/running holds
+# its pid), and the training follows HOME/plan, one line per run: a number (exit with it), "sleep" (run until
+# SIGTERM, then exit 143 as the program does after saving), "preempt" (the slice turns PREEMPTED, exit 143),
+# "die" (this worker's host goes down). Each run appends "PYTHONUNBUFFERED=... ARGS" to HOME/runs.
+FAKE_TRAIN = r"""#!/bin/bash
+[ "$1 $2 $3" = "-m bpo_jax train" ] || exit 0  # pip, from setup
+echo "PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-} $*" >> "$HOME/runs"
+step=$(sed -n "$(wc -l < "$HOME/runs")p" "$HOME/plan")
+child=""
+trap 'kill "$child" 2>/dev/null; rm -f "$HOME/running"; echo SIGTERM >> "$HOME/events"; exit 143' TERM
+case $step in sleep | die) sleep 30 & child=$! ;; esac
+echo $$ > "$HOME/running"  # pkill finds it from here on: the trap and the child are in place
+case $step in
+  sleep) wait "$child" ;;
+  preempt) echo PREEMPTED > "$FAKE_ROOT/state" ;;
+  die) touch "$FAKE_ROOT/dead-$(basename "$HOME")"; wait "$child" ;;
+esac
+rm -f "$HOME/running"
+case $step in sleep | die) exit 0 ;; preempt) exit 143 ;; *) exit "$step" ;; esac
+"""
+
+
+@pytest.fixture
+def slice2(fake):
+    """Two fake workers with a .venv whose python is FAKE_TRAIN; returns (tmp_path, env, homes, set_plans)."""
+    tmp_path, env = fake
+    bin_w = tmp_path / "worker_bin"
+    bin_w.mkdir()
+    _exe(bin_w / "sudo", "#!/bin/sh\nexit 0\n")
+    _exe(bin_w / "lsof", "#!/bin/sh\nexit 1\n")
+    _exe(bin_w / "pgrep", '#!/bin/sh\n[ -f "$HOME/running" ]\n')
+    _exe(bin_w / "pkill", '#!/bin/sh\n[ -f "$HOME/running" ] && kill "$1" "$(cat "$HOME/running")"\n')
+    env.update(FAKE_ROOT=str(tmp_path), FAKE_WORKERS="2", FAKE_WORKER_PATH=f"{bin_w}:{os.environ['PATH']}",
+               TPU_POLL_SECONDS="0.2")
+    homes = [tmp_path / "w0", tmp_path / "w1"]
+    for home in homes:
+        venv = home / "bpo_jax/.venv/bin"
+        venv.mkdir(parents=True)
+        (venv / "activate").write_text('PATH="$PWD/.venv/bin:$PATH"\n')
+        _exe(venv / "python", FAKE_TRAIN)
+
+    def set_plans(*plans):
+        for home, plan in zip(homes, plans):
+            (home / "plan").write_text("\n".join(plan) + "\n")
+    yield tmp_path, env, homes, set_plans
+    for home in homes:  # no fake training left behind
+        if (home / "running").exists():
+            subprocess.run(["kill", (home / "running").read_text().strip()], check=False)
+
+
+def _runs(home):
+    return (home / "runs").read_text().splitlines() if (home / "runs").exists() else []
+
+
+def _wait_for(cond, what, timeout=15):
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, what
+        time.sleep(0.05)
+
+
+def _qr_calls(tmp_path, verb):
+    return [c for c in _calls(tmp_path) if c[2:4] == ["queued-resources", verb]]
+
+
+def test_tpu_watch_fails_fast(slice2):
+    """One worker fails while the other trains: watch stops every worker and exits non-zero; all exit 0: 0."""
+    tmp_path, env, homes, set_plans = slice2
+    set_plans(["sleep"], ["3"])
+    _run(TPU, ["run", "--workers", "2", "--", *TRAIN], env)
+    _wait_for(lambda: (homes[0] / "running").exists() and (homes[1] / "bpo_logs/bpo-pod.rc").exists(), "started")
+    out = _run(TPU, ["watch", "--workers", "2"], env, check=False)
+    assert out.returncode != 0 and "exited with code 3" in out.stderr, out.stdout + out.stderr
+    assert "stopping the training on every worker" in out.stdout
+    assert (homes[0] / "events").read_text() == "SIGTERM\n"  # the healthy worker was stopped (and saved)
+    assert (homes[0] / "bpo_logs/bpo-pod.rc").read_text().strip() == "143"
+    for home in homes:
+        assert _runs(home) == ["PYTHONUNBUFFERED=1 -m bpo_jax train " + " ".join(TRAIN)]
+    assert not _qr_calls(tmp_path, "create") and not _qr_calls(tmp_path, "delete")
+
+    set_plans(["sleep", "0"], ["3", "0"])  # run --watch: a finished run on every worker exits 0
+    out = _run(TPU, ["run", "--watch", "--workers", "2", "--", *TRAIN], env)
+    assert "finished on every worker" in out.stdout
+
+
+@pytest.mark.parametrize("restart", [0, 1])
+def test_tpu_restart_after_preemption(slice2, restart):
+    """The slice is preempted (the training saved and exited 143): --restart 1 deletes the queued resource,
+    creates it with the same flags, copies, sets up and reruns the same command; without restarts, watch gives up."""
+    tmp_path, env, homes, set_plans = slice2
+    set_plans(["preempt", "0"], ["preempt", "0"])
+    out = _run(TPU, ["run", "--watch", "--type", "v4-16", "--spot", "--restart", str(restart), "--", *TRAIN], env,
+               check=False)
+    first = "PYTHONUNBUFFERED=1 -m bpo_jax train " + " ".join(TRAIN)
+    if restart == 0:
+        assert out.returncode != 0 and "PREEMPTED" in out.stderr, out.stdout + out.stderr
+        assert not _qr_calls(tmp_path, "create") and [_runs(h) for h in homes] == [[first]] * 2
+        return
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "restart 1 of 1" in out.stdout and "finished on every worker" in out.stdout
+    assert [_runs(h) for h in homes] == [[first, first]] * 2  # the identical command, once more
+    calls = _calls(tmp_path)
+    loc = ["--zone=us-west4-a", "--project=my-proj"]
+    assert _qr_calls(tmp_path, "delete") == [["compute", "tpus", "queued-resources", "delete", "bpo-pod", *loc,
+                                              "--force", "--quiet"]]
+    assert _qr_calls(tmp_path, "create") == [["compute", "tpus", "queued-resources", "create", "bpo-pod",
+                                              "--node-id=bpo-pod", *loc, "--accelerator-type=v4-16",
+                                              "--runtime-version=tpu-ubuntu2204-base", "--spot"]]
+    i = calls.index(_qr_calls(tmp_path, "create")[0])
+    assert calls.index(_qr_calls(tmp_path, "delete")[0]) < i
+    after = [c[-1] for c in calls[i:] if c[2:4] == ["tpu-vm", "ssh"]]  # copy, setup, then the training again
+    assert "tar -xzf bpo_jax-src.tar.gz" in after[0] and "bpo_setup requirements-tpu.txt" in after[1]
+    assert "nohup python -m bpo_jax train" in after[2]
+    assert (homes[0] / "bpo_jax/launch/tpu_pod.sh").is_file()  # copied to the new slice
+
+
+def test_tpu_restart_after_a_dead_host(slice2):
+    """Worker 1's host goes down: after two polls without its report, stop the rest, re-create, rerun."""
+    tmp_path, env, homes, set_plans = slice2
+    set_plans(["sleep", "0"], ["die", "0"])
+    out = _run(TPU, ["run", "--type", "v4-16", "--restart", "1", "--", *TRAIN], env)
+    assert "1 of 2 workers report no training" in out.stdout and "restart 1 of 1" in out.stdout
+    assert (homes[0] / "events").read_text() == "SIGTERM\n"
+    assert len(_qr_calls(tmp_path, "create")) == 1 and [len(_runs(h)) for h in homes] == [2, 2]
+
+
+def test_tpu_no_restart_on_a_config_error(slice2):
+    """Exit code 2 is a config error: stop every worker and report it, even with restarts left."""
+    tmp_path, env, homes, set_plans = slice2
+    set_plans(["sleep", "0"], ["2", "0"])
+    out = _run(TPU, ["run", "--type", "v4-16", "--restart", "3", "--", *TRAIN], env, check=False)
+    assert out.returncode != 0 and "config error" in out.stderr, out.stdout + out.stderr
+    assert (homes[0] / "events").read_text() == "SIGTERM\n"
+    assert [len(_runs(h)) for h in homes] == [1, 1] and not _qr_calls(tmp_path, "create")
+
+
 SLURM_ARGS = ["--nodes", "2", "--gpus-per-node", "8", "--", "--config", "configs/tldr_gemma2b.yaml",
               "run_dir=/shared/runs/x"]
 
@@ -284,6 +459,16 @@ def test_slurm_dry_run(fake):
                  "python -m bpo_jax train --config configs/tldr_gemma2b.yaml run_dir=/shared/runs/x"]:
         assert want in script, want
     assert script.index("bpo_setup") < script.index("srun ")  # set-up once, before the tasks
+    for want in ["#SBATCH --signal=B:TERM@120", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                 "#SBATCH --exclusive", "BPO_PORT=$((10000 + SLURM_JOB_ID % 50000))", "export PYTHONUNBUFFERED=1",
+                 "trap forward_term TERM", 'kill -TERM "$srun_pid"', 'scontrol requeue "$SLURM_JOB_ID"']:
+        assert want in script, want
+    assert "cpus-per-task" not in script and "12355" not in script
+    other = _sbatch_script(_run(SLURM, ["--dry-run", "--port", "4444", "--signal-seconds", "300", "--no-exclusive",
+                                        "--cpus-per-task", "16", *SLURM_ARGS], env).stdout)
+    assert "BPO_PORT=4444" in other and "SLURM_JOB_ID % 50000" not in other and "--exclusive" not in other
+    assert "#SBATCH --signal=B:TERM@300" in other and "#SBATCH --cpus-per-task=16" in other
+    assert "    --cpus-per-task=16 \\" in other  # srun too: it does not inherit it from sbatch
     assert f"+ sbatch {ROOT}/logs/bpo_jax.sbatch" in out.stdout
     assert not (tmp_path / "called").exists() and not (ROOT / "logs/bpo_jax.sbatch").exists()
     path = tmp_path / "job.sbatch"
@@ -297,6 +482,7 @@ def test_slurm_dry_run(fake):
 
 @pytest.mark.parametrize("args, message", [
     (["--nodes", "2"], "after --"), (["--nodes", "x", "--", "a=1"], "positive"), (["--bogus", "--", "a=1"], "unknown"),
+    (["--signal-seconds", "0", "--", "a=1"], "positive"), (["--cpus-per-task", "-1", "--", "a=1"], "positive"),
 ])
 def test_slurm_refusals(args, message):
     out = subprocess.run(["bash", str(SLURM), "--dry-run", *args], capture_output=True, text=True)
@@ -352,6 +538,48 @@ def test_slurm_job_end_to_end(tmp_path):
     assert train == [f"BPO_PROCESS_ID={t} BPO_NUM_PROCESSES=2 BPO_COORDINATOR_ADDRESS=node7:4444 {tail}"
                      for t in (0, 1)]
     assert (repo / "logs/bpo_jax.sbatch").is_file()
+
+
+def test_slurm_term_is_forwarded_and_the_job_requeued(tmp_path):
+    """SLURM's SIGTERM to the batch shell (--signal=B:TERM@S, preemption): the job script passes it to srun,
+    which passes it to every task (they save and exit 143), then requeues the job; the port is the job id's."""
+    repo, calls = _fake_repo(tmp_path)
+    _exe(repo / ".venv/bin/python", f"""#!/bin/bash
+case "$*" in *"bpo_jax train"*) ;; *) exit 0 ;; esac  # pip, from the set-up
+trap 'kill "$child"; echo "$BPO_PROCESS_ID SIGTERM" >> "{calls}"; exit 143' TERM
+sleep 30 & child=$!
+echo "$BPO_PROCESS_ID started $BPO_COORDINATOR_ADDRESS PYTHONUNBUFFERED=$PYTHONUNBUFFERED" >> "{calls}"
+wait "$child"
+""")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _exe(bin_dir / "scontrol", f'#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "node7\\nnode8\\n"\n'
+                               f'[ "$1" = requeue ] && echo "scontrol $*" >> "{calls}"\nexit 0\n')
+    _exe(bin_dir / "sbatch", f'#!/bin/sh\necho $$ > "{tmp_path}/job.pid"\n'
+                             'SLURM_JOB_ID=4242 SLURM_JOB_NODELIST="node[7-8]" SLURM_NNODES=2 exec bash "$1"\n')
+    # srun: both tasks at once; SIGTERM to srun goes to every task (as the real srun forwards it)
+    _exe(bin_dir / "srun", '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\npids=()\n'
+                           'for t in 0 1; do SLURM_PROCID=$t "$@" > "logs/task-$t.log" 2>&1 & pids+=($!); done\n'
+                           'trap \'kill -TERM "${pids[@]}"\' TERM\nrc=0\n'
+                           'for p in "${pids[@]}"; do r=0; wait "$p" || r=$?\n'
+                           '  while kill -0 "$p" 2>/dev/null; do r=0; wait "$p" || r=$?; done\n'
+                           '  if ((r > rc)); then rc=$r; fi; done\nexit "$rc"\n')
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env.pop("PYTHONUNBUFFERED", None)  # the job script sets it
+    proc = subprocess.Popen(["bash", "launch/slurm.sh", *SLURM_ARGS], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(lambda: calls.exists() and calls.read_text().count(" started ") == 2, "both tasks started")
+        os.kill(int((tmp_path / "job.pid").read_text()), signal.SIGTERM)  # to the batch shell only
+        output = proc.communicate(timeout=20)[0]
+    finally:
+        proc.kill()
+    lines = calls.read_text().splitlines()
+    assert sorted(line for line in lines if "started" in line) == [
+        f"{t} started node7:14242 PYTHONUNBUFFERED=1" for t in (0, 1)]  # 10000 + 4242 % 50000
+    assert sorted(line for line in lines if "SIGTERM" in line) == ["0 SIGTERM", "1 SIGTERM"], output
+    assert [line for line in lines if line.startswith("scontrol")] == ["scontrol requeue 4242"], output
+    assert proc.returncode == 143, output
 
 
 def _doc_blocks():
