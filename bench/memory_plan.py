@@ -3,6 +3,7 @@
     python bench/memory_plan.py --config configs/tldr_gemma2b.yaml --model-config configs/models/gemma-2b.json \
         --device v5e-8 [--mesh data=1,fsdp=-1,tensor=1] [--rm-config configs/models/gemma-2b.json] [key=value ...]
     python bench/memory_plan.py --config configs/tldr_gemma2b.yaml --all [--rm-config ...]
+    python bench/memory_plan.py --config configs/tldr_gemma2b.yaml --hosts   # the mesh each slice gets
 
 Parameter and state shapes and dtypes come from the project's code under ``jax.eval_shape``
 (``decoder.init_params``, ``state.create_state``, ``decoder.init_cache``); per-device shard shapes come from
@@ -29,6 +30,7 @@ import optax  # noqa: E402
 from jax.sharding import AbstractMesh, AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from bpo_jax import distributed  # noqa: E402
 from bpo_jax import sampling  # noqa: E402
 from bpo_jax import sharding as shd  # noqa: E402
 from bpo_jax import state as st  # noqa: E402
@@ -47,6 +49,7 @@ DEVICES = {
     "v5e-32": ("TPU v5e, 32 chips (8 hosts)", 32, 16),
     "h100": ("NVIDIA H100 80GB, 1 GPU", 1, 80),
 }
+HOSTS = {"v4-8": 1, "v5e-8": 1, "v5p-8": 1, "v5e-32": 8, "h100": 1}  # JAX processes (hosts) per slice
 TIGHT = 0.10  # headroom below this fraction of HBM is reported as tight
 
 
@@ -316,6 +319,8 @@ CASES = (  # name, model config, overrides on top of the training config
     ("llama-2-7b full FT", "llama-2-7b.json", ("lora_rank=0", "ensemble_size=1")),
 )
 ALL_MESHES = {"v5e-32": "data=1,fsdp=16,tensor=2"}  # else FSDP over all chips
+# More shapes for the multi-host layout table (--hosts), among them one that is refused.
+HOST_MESHES = {"v5e-32": ("data=1,fsdp=8,tensor=4", "data=2,fsdp=8,tensor=2", "data=1,fsdp=4,tensor=8")}
 
 
 def print_all(config_path: str, overrides, rm: str | None) -> None:
@@ -338,6 +343,42 @@ def print_all(config_path: str, overrides, rm: str | None) -> None:
             print(" | ".join(row))
 
 
+class _Chip:
+    """A stand-in device for the layout code: an id and its host."""
+
+    platform = "cpu"
+
+    def __init__(self, i: int, host: int):
+        self.id, self.process_index = i, host
+
+
+def host_layout(sizes: dict, chips: int, hosts: int) -> str:
+    """What ``distributed.make_mesh`` builds for ``sizes`` on ``hosts`` hosts of ``chips / hosts`` chips: the
+    hosts' grid over the batch axes and each host's block, or why the shape is refused."""
+    if hosts == 1:
+        return "one host: every axis inside it"
+    devices = [_Chip(h * 1000 + i, h) for h in range(hosts) for i in range(chips // hosts)]
+    arranged = distributed.host_aware_devices(tuple(sizes.values()), devices)
+    if arranged is None:
+        return (f"refused: tensor={sizes['tensor']} does not fit inside a host's {chips // hosts} chips "
+                f"(or the hosts do not split over data x fsdp)")
+    d, f, t = arranged.shape
+    dd = len({arranged[i, 0, 0].process_index for i in range(d)})
+    df = len({arranged[0, j, 0].process_index for j in range(f)})
+    return (f"hosts form data {dd} x fsdp {df}; each host holds data {d // dd} x fsdp {f // df} x tensor {t}: "
+            f"tensor inside a host, {d * f // hosts} batch shard(s) per host")
+
+
+def print_hosts(config_path: str, overrides) -> None:
+    cfg = load_config(config_path, list(overrides))
+    print("device | hosts x chips | mesh d/f/t | layout")
+    for device, (_, chips, _) in DEVICES.items():
+        for mesh in dict.fromkeys([ALL_MESHES.get(device, "data=1,fsdp=-1,tensor=1"), *HOST_MESHES.get(device, ())]):
+            sizes = parse_mesh(mesh, chips, cfg)
+            print(f"{device} | {HOSTS[device]} x {chips // HOSTS[device]} | {'/'.join(map(str, sizes.values()))} | "
+                  f"{host_layout(sizes, chips, HOSTS[device])}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
@@ -346,10 +387,13 @@ def main(argv=None) -> None:
     ap.add_argument("--mesh", help="e.g. data=1,fsdp=-1,tensor=1 (default: the config's mesh_* keys)")
     ap.add_argument("--rm-config", help="HF config.json of a decoder reward model held on the same mesh")
     ap.add_argument("--all", action="store_true", help="the table for docs/scaling.md")
+    ap.add_argument("--hosts", action="store_true", help="the mesh layout over hosts of each slice")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     a = ap.parse_args(argv)
     if a.all:
         return print_all(a.config, a.overrides, a.rm_config)
+    if a.hosts:
+        return print_hosts(a.config, a.overrides)
     if not (a.model_config and a.device):
         ap.error("--model-config and --device are needed (or --all)")
     cfg = load_config(a.config, a.overrides)

@@ -2,11 +2,16 @@
 
 Expected errors (a missing path, a bad value, a malformed file, a checkpoint that does not fit) print one
 ``error: ...`` line and exit with 2; ``--debug`` (or ``BPO_DEBUG=1``) shows the traceback instead.
+
+The commands that use devices across processes (``JOINING``: train, evaluate, generate) first join the run's
+processes (``bpo_jax.cluster.initialize``). ``experiment`` never does: its ``train`` and ``evaluate`` children
+join by themselves, and a parent holding the TPU chips and the coordinator port would clash with them.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 
@@ -21,9 +26,34 @@ COMMANDS = {
     "experiment": ("bpo_jax.cli_experiment", "a method x loss x seed grid of train runs under one budget, with paired "
                                              "win-rate comparisons: EXPERIMENT.yaml"),
 }
+JOINING = ("train", "evaluate", "generate")  # commands that join the run's processes before touching a device
 
 
-def main(argv=None) -> int:
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when a line is logged (not the one at its creation,
+    which may be closed by then when commands run inside another program, e.g. a test)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def _log_to_stderr() -> None:
+    """The ``bpo_jax`` logger's INFO lines (process start-up, the compilation cache) on stderr, once."""
+    logger = logging.getLogger("bpo_jax")
+    if not logger.handlers:
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def main(argv=None, *, join: bool = True) -> int:
+    """Run one command; ``join=False`` never joins processes (a command run inside another one's process)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:10s} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -34,11 +64,13 @@ def main(argv=None) -> int:
         return 0
     debug = "--debug" in argv or os.environ.get("BPO_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
-    from bpo_jax import distributed
-
     module, _ = COMMANDS[argv[0]]
     try:
-        distributed.initialize()  # before anything touches a device: a no-op for one process
+        if join and argv[0] in JOINING:
+            from bpo_jax import cluster
+
+            _log_to_stderr()
+            cluster.initialize()  # before anything touches a device: a no-op for one process
         return int(importlib.import_module(module).main(argv[1:]) or 0)
     except (OSError, ValueError) as err:  # expected errors (a path, a value, a file's content): one clear line
         if debug:

@@ -99,19 +99,17 @@ class Checkpointer:
         A checkpoint that cannot be read (truncated files, a killed copy) is reported with its step and error,
         set aside whole into ``<run_dir>/checkpoints_broken/<step>`` (never deleted) and the next older one is
         tried. A checkpoint that reads but does not fit this run (``IncompatibleCheckpoint``) stops the run.
-        Every step's outcome is decided from all hosts' attempts (each host reads its own files): one host's
-        failure makes every host fall back to the same older step, so no two hosts resume different states.
+        Every step's outcome is decided from all hosts' attempts: with several processes each host first reads
+        the whole checkpoint into host memory on its own (``_readable_here``: no collective, so a host that cannot
+        read it fails alone), then all agree; one host's failure makes every host fall back to the same older
+        step, so no two hosts resume different states and none is left waiting inside orbax's restore.
         """
         broken = []
         for step in distributed.gather_json(sorted(self.steps(), reverse=True))[0]:  # the primary's listing
-            restored, outcome = None, None
-            try:
-                restored = self.restore(step, template, mesh=mesh)
-            except IncompatibleCheckpoint as err:
-                outcome = ["incompatible", str(err)]
-            except Exception as err:  # noqa: BLE001  orbax / TensorStore raise many kinds for unreadable data
-                outcome = ["broken", (str(err).strip().splitlines() or [type(err).__name__])[0][:300]]
-            outcomes = distributed.gather_json(outcome)
+            restored: list = []
+            outcomes = self._agree(lambda: self._readable_here(step) if distributed.process_count() > 1 else None)
+            if not any(outcomes):  # every host can read it alone: orbax's restore (which syncs the hosts) is safe
+                outcomes = self._agree(lambda: self.restore(step, template, mesh=mesh), keep=restored)
             if bad := [o for o in outcomes if o and o[0] == "incompatible"]:
                 raise IncompatibleCheckpoint(bad[0][1])
             if failed := [i for i, o in enumerate(outcomes) if o]:
@@ -124,24 +122,67 @@ class Checkpointer:
             if broken:
                 self._set_aside(broken, warn)
                 warn(f"warning: resuming from step {step}, the newest intact checkpoint")
-            return (step, *restored)
+            return (step, *restored[0])
         if broken:
             raise IncompatibleCheckpoint(f"no checkpoint in {self.directory} is readable (steps {broken}); they are "
                                          f"left in place. Start a new run_dir, or restore a copy of the directory")
         return None
+
+    @staticmethod
+    def _agree(attempt, keep: list | None = None) -> list:
+        """Every host's outcome of ``attempt()``, on every host: None (it worked; its result appended to
+        ``keep``), ``["incompatible", message]`` or ``["broken", first line of the error]``."""
+        outcome = None
+        try:
+            result = attempt()
+            if keep is not None:
+                keep.append(result)
+        except IncompatibleCheckpoint as err:
+            outcome = ["incompatible", str(err)]
+        except Exception as err:  # noqa: BLE001  orbax / TensorStore raise many kinds for unreadable data
+            outcome = ["broken", (str(err).strip().splitlines() or [type(err).__name__])[0][:300]]
+        return distributed.gather_json(outcome)
+
+    def _readable_here(self, step: int) -> None:
+        """Read every array of checkpoint ``step`` on this host alone, straight from its TensorStore files (no
+        orbax manager: its restore and bookkeeping talk to the other hosts); raises what the read raises. Costs
+        one extra read of the checkpoint per resume, in host memory."""
+        import json
+
+        import tensorstore as ts
+        from etils import epath
+
+        for item in ("state", "pairs"):
+            folder = epath.Path(self.directory) / str(step) / item
+            meta = json.loads((folder / "_METADATA").read_text())
+            base = str(folder) if distributed.is_remote(str(folder)) else f"file://{folder}"
+            for entry in meta["tree_metadata"].values():
+                value = entry["value_metadata"]
+                if value["value_type"] not in ("jax.Array", "np.ndarray") or value.get("skip_deserialize"):
+                    continue
+                name = ".".join(str(k["key"]) for k in entry["key_metadata"])
+                spec = {"driver": "zarr3" if meta.get("use_zarr3") else "zarr", "path": f"{name}/",
+                        "kvstore": {"driver": "ocdbt", "base": f"{base}/"}}
+                ts.open(spec, open=True).result().read().result()
 
     def _set_aside(self, steps, warn) -> None:
         """Move unreadable checkpoints out of the manager's directory (so new saves never collide with them)."""
         from etils import epath
 
         aside = epath.Path(self.directory).parent / "checkpoints_broken"
-        if distributed.is_primary():
+
+        def move():  # the primary moves; every host hears how it went
+            if not distributed.is_primary():
+                return
             aside.mkdir(parents=True, exist_ok=True)
             for step in steps:
-                dest = aside / f"{step}"
+                dest, n = aside / f"{step}", 1
+                while dest.exists():  # set aside before, by an earlier resume: keep both
+                    dest, n = aside / f"{step}.{n}", n + 1
                 (epath.Path(self.directory) / f"{step}").rename(dest)
                 warn(f"warning: moved the unreadable checkpoint of step {step} to {dest}")
-        distributed.barrier("bpo_jax.checkpoint.set_aside")
+
+        distributed.agreed(move)
         self._manager.close()
         self._manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(), options=self._options)
 

@@ -71,9 +71,11 @@ def subprocess_command(args: list, log_path: str) -> int:
 
 
 def in_process(args: list, log_path: str) -> int:
+    """``python -m bpo_jax <args>`` in this process, which never joins a group of processes (a run that needs
+    several processes is run by ``subprocess_command``, whose children join by themselves)."""
     from bpo_jax.__main__ import main as cli
 
-    return cli(list(args))
+    return cli(list(args), join=False)
 
 
 def _pct(x: float) -> str:

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
-    from bpo_jax import distributed, online
+    from bpo_jax import cluster, distributed, online
     from bpo_jax import run_dir as rd
     from bpo_jax.evaluate import score_test_set, scores_file, win_rate_from_scores, write_scores
     from bpo_jax.tasks import setup_run
@@ -34,6 +34,7 @@ def main(argv=None) -> int:
 
     from bpo_jax.config import validate_for_model, validate_for_processes
 
+    cluster.enable_compilation_cache(cfg.run_dir)  # a restart of this run reuses the compiled programs
     try:  # settings that need the process and device counts, a run_dir every host sees, the same run on resume
         validate_for_processes(cfg, distributed.process_count(), jax.device_count())
         distributed.check_shared_dir(cfg.run_dir)
@@ -57,9 +58,10 @@ def main(argv=None) -> int:
     def evaluate(params, step):
         if step in done:  # the loop's periodic evaluation at step T is also the final one
             return done[step]
+        say(f"step {step}: evaluating on {len(task.references)} test prompts")
         result = score_test_set(params, mcfg, tok, task.annotator, task.eval_prompts, task.eval_ids, task.eval_mask,
                                 task.references, max_new_tokens=cfg.eval_max_new_tokens, eos_token_ids=eos,
-                                mesh=mesh, batch_size=cfg.eval_batch_size)
+                                mesh=mesh, batch_size=cfg.eval_batch_size, interrupt=stop.check)
         wr = win_rate_from_scores(result.scores, result.reference_scores)
         say(f"step {step}: {wr.describe()}; mean {task.score_name} {wr.mean_score:.3f} vs references "
             f"{wr.mean_reference_score:.3f}; e.g. {result.responses[0][:100]!r}")
@@ -91,21 +93,24 @@ def main(argv=None) -> int:
             return 2
         start = lora.merge(model.params, lora_init, cfg.lora_scale)  # the SFT model: base + the adapters' merge
     logged = [r for r in rd.read_jsonl(metrics) if r.get("step") == 0 and "eval/win_rate" in r]
-    if logged:  # a resumed run: the starting model was evaluated by the first command
-        before = {k: v for k, v in logged[-1].items() if k.startswith("eval/")}
-    else:
-        before = evaluate(start, 0)
-        rd.append_jsonl(metrics, {"step": 0, **before})
-    try:
-        state = online.train(cfg, model_config=mcfg, tokenizer=tok, base=model.params, prompts=task.train,
-                             annotator=task.annotator, mesh=mesh, eos_token_ids=eos, reference=run.reference,
-                             lora_init=lora_init, evaluate=evaluate if cfg.eval_every else None, log=say)
-    except online.Preempted as err:
-        print(str(err), file=sys.stderr)
-        return 143
     from bpo_jax import state as st
 
-    after = evaluate(st.policy_params(cfg, state), cfg.total_steps)
+    stop = online.Preemption().__enter__()  # SIGTERM from here on: every host stops at the next check, together
+    try:
+        if logged:  # a resumed run: the starting model was evaluated by the first command
+            before = {k: v for k, v in logged[-1].items() if k.startswith("eval/")}
+        else:
+            before = evaluate(start, 0)
+            rd.append_jsonl(metrics, {"step": 0, **before})
+        state = online.train(cfg, model_config=mcfg, tokenizer=tok, base=model.params, prompts=task.train,
+                             annotator=task.annotator, mesh=mesh, eos_token_ids=eos, reference=run.reference,
+                             lora_init=lora_init, evaluate=evaluate if cfg.eval_every else None, stop=stop, log=say)
+        after = evaluate(st.policy_params(cfg, state), cfg.total_steps)
+    except online.Preempted as err:  # the last completed state is on disk; the same command resumes
+        print(str(err), file=sys.stderr)
+        return 143
+    finally:
+        stop.__exit__()
     rd.append_jsonl(metrics, {"step": cfg.total_steps, "final": True, **after})
     if cfg.export_policy:
         from bpo_jax.models import Decoder, save_pretrained
@@ -129,6 +134,7 @@ def main(argv=None) -> int:
         say(f"plot: {plot_path}")
     say(f"win rate vs human references: {100 * before['eval/win_rate']:.1f}% before -> "
         f"{100 * after['eval/win_rate']:.1f}% after training ({time.time() - t0:.0f} s)")
+    distributed.barrier("bpo_jax.train.done")  # every host leaves together, after process 0's export and plot
     return 0
 
 

@@ -3,9 +3,7 @@
 Every host runs the same program on its own devices; arrays that span hosts are global ``jax.Array``s over one
 mesh. The rest of the package asks this module, and reads no process index of its own:
 
-- ``initialize()``: called first by every CLI command. A Cloud TPU VM slice is detected by JAX itself; a GPU
-  cluster takes its coordinator, process count and id from SLURM, or from ``BPO_COORDINATOR_ADDRESS``,
-  ``BPO_NUM_PROCESSES``, ``BPO_PROCESS_ID`` (and optionally ``BPO_LOCAL_DEVICE_IDS``). One process does nothing.
+- Joining the processes at start-up is ``bpo_jax.cluster``'s job (every launch environment JAX supports).
 - ``is_primary()``: process 0, the one that prints, draws progress bars and writes metrics, plots, configs,
   exports.
 - ``global_rows(tree, mesh)`` / ``local_rows(tree)``: each host's rows → global arrays sharded over the mesh's
@@ -31,43 +29,6 @@ from jax.sharding import PartitionSpec as P
 
 from bpo_jax import sharding as shd
 from bpo_jax.sharding import BATCH_AXES, batch_shards
-
-ENV_VARS = ("BPO_COORDINATOR_ADDRESS", "BPO_NUM_PROCESSES", "BPO_PROCESS_ID", "BPO_LOCAL_DEVICE_IDS")
-
-
-def _tpu_vm() -> bool:
-    """A Cloud TPU VM (libtpu installed and TPU chips present); JAX's own detection finds its slice."""
-    import glob
-    import importlib.util
-
-    return importlib.util.find_spec("libtpu") is not None and bool(glob.glob("/dev/accel*") or
-                                                                    glob.glob("/dev/vfio/[0-9]*"))
-
-
-def initialize(environ=None) -> None:
-    """Join the run's processes (``jax.distributed.initialize``) before anything touches a device; a no-op
-    for a single process, when already initialised, or with ``BPO_DISTRIBUTED=off``."""
-    env = os.environ if environ is None else environ
-    if env.get("BPO_DISTRIBUTED", "auto") == "off" or jax.distributed.is_initialized():
-        return
-    if "BPO_NUM_PROCESSES" in env:
-        missing = [k for k in ENV_VARS[:3] if not env.get(k)]
-        if missing:
-            raise ValueError(f"BPO_NUM_PROCESSES is set but {', '.join(missing)} is not; set all three "
-                             f"(or none, on a TPU slice or under SLURM)")
-        n, i = int(env["BPO_NUM_PROCESSES"]), int(env["BPO_PROCESS_ID"])
-        if not 0 <= i < n:
-            raise ValueError(f"BPO_PROCESS_ID={i} must be in [0, BPO_NUM_PROCESSES={n})")
-        if n == 1:
-            return
-        ids = env.get("BPO_LOCAL_DEVICE_IDS")
-        jax.distributed.initialize(env["BPO_COORDINATOR_ADDRESS"], num_processes=n, process_id=i,
-                                   local_device_ids=[int(x) for x in ids.split(",")] if ids else None)
-    elif int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env:
-        jax.distributed.initialize(cluster_detection_method="slurm")
-    elif _tpu_vm():
-        jax.distributed.initialize()
-
 
 def process_index() -> int:
     return jax.process_index()

@@ -79,15 +79,27 @@ class TestSetScores(NamedTuple):
 
 
 def score_test_set(params, config, tokenizer, annotator, prompts, prompt_ids, prompt_mask, references, *,
-                   max_new_tokens: int, eos_token_ids, mesh=None, batch_size: int = 16) -> TestSetScores:
-    """Greedy responses to every test prompt, scored with the references; the same result on every host."""
+                   max_new_tokens: int, eos_token_ids, mesh=None, batch_size: int = 16,
+                   interrupt=None) -> TestSetScores:
+    """Greedy responses to every test prompt, scored with the references; the same result on every host.
+    ``interrupt()`` runs before each batch of ``batch_size`` prompts (decoded, then scored; a preemption check)."""
     n, hosts, me = len(prompts), distributed.process_count(), distributed.process_index()
     per_host = -(-n // hosts)
     mine = np.minimum(np.arange(me * per_host, (me + 1) * per_host), n - 1)  # pad: repeat the last prompt
-    responses = greedy_responses(params, config, tokenizer, np.asarray(prompt_ids)[mine],
-                                 np.asarray(prompt_mask)[mine], max_new_tokens=max_new_tokens,
-                                 eos_token_ids=eos_token_ids, mesh=mesh, batch_size=batch_size)
-    s, r = score_against_references(annotator, [prompts[j] for j in mine], responses, [references[j] for j in mine])
+    responses, s, r = [], [], []
+    for start in range(0, per_host, batch_size):  # decode and score a batch at a time: a preemption stops between
+        if interrupt is not None:
+            interrupt()
+        idx = mine[start:start + batch_size]
+        texts = greedy_responses(params, config, tokenizer, np.asarray(prompt_ids)[idx], np.asarray(prompt_mask)[idx],
+                                 max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids, mesh=mesh,
+                                 batch_size=batch_size)
+        scores, refs = score_against_references(annotator, [prompts[j] for j in idx], texts,
+                                                [references[j] for j in idx])
+        responses += texts
+        s.append(np.asarray(scores, np.float64))
+        r.append(np.asarray(refs, np.float64))
+    s, r = np.concatenate(s), np.concatenate(r)
     scores = distributed.all_gather(np.asarray(s, np.float64)).reshape(-1)[:n]
     reference_scores = distributed.all_gather(np.asarray(r, np.float64)).reshape(-1)[:n]
     if hosts > 1:

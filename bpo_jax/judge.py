@@ -25,6 +25,7 @@ import urllib.request
 
 import numpy as np
 
+from bpo_jax import distributed
 from bpo_jax.data.prompts import conversation
 
 TEMPLATE = """You compare two responses to the same conversation and decide which is better: more helpful, \
@@ -124,9 +125,19 @@ class Judge:
         except (ValueError, KeyError, IndexError, TypeError):
             raise _Retryable(f"malformed response body (not chat-completions JSON): {raw[:200]!r}") from None
 
-    # -- the annotator interface --------------------------------------------------------------------------------
+    # -- the annotator interface: each host judges its own rows; a failure on one host (out of retries, a refused
+    # request) ends every host with the same error instead of leaving them in the loop's next collective.
     def __call__(self, prompts, responses) -> np.ndarray:
         """Scores for the loop's sample pairs: rows 2i and 2i+1 share a prompt and are compared with each other."""
+        return distributed.agreed(self._pair_scores, prompts, responses)
+
+    def win_scores(self, prompts, responses, references) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, reference_scores)`` for a win rate: each response judged against its reference."""
+        prefs = distributed.agreed(lambda: np.asarray([self.compare(p, r, ref) for p, r, ref in
+                                                       zip(prompts, responses, references)], np.float32))
+        return prefs, 1.0 - prefs
+
+    def _pair_scores(self, prompts, responses) -> np.ndarray:
         if len(prompts) != len(responses) or len(responses) % 2:
             raise ValueError(f"the judge scores pairs: need an even, equal number of prompts and responses, got "
                              f"{len(prompts)} and {len(responses)}")
@@ -135,12 +146,6 @@ class Judge:
             p = self.compare(prompts[i], responses[i], responses[i + 1])
             scores[i], scores[i + 1] = p, 1.0 - p
         return scores
-
-    def win_scores(self, prompts, responses, references) -> tuple[np.ndarray, np.ndarray]:
-        """``(scores, reference_scores)`` for a win rate: each response judged against its reference."""
-        prefs = np.asarray([self.compare(p, r, ref) for p, r, ref in zip(prompts, responses, references)],
-                           np.float32)
-        return prefs, 1.0 - prefs
 
 
 class _Retryable(Exception):

@@ -38,15 +38,47 @@ from bpo_jax.train_step import BATCH_KEYS, behavior_logp_gap, make_train_step, m
 
 
 class Preempted(Exception):
-    """Raised after SIGTERM once a checkpoint is saved."""
+    """Raised after SIGTERM once the last completed state is on disk (saved now, or by the last checkpoint)."""
+
+
+class Preemption:
+    """SIGTERM (a TPU or Spot preemption notice, SLURM's ``--signal``) as a flag that every host checks at the
+    same points: before each collection round, before each evaluation batch and after each train step.
+
+    ``check()`` is a collective (``distributed.any_host``): one host's signal stops every host at the same
+    point, where ``Preempted`` is raised. A ``with`` block installs the handler and restores the previous one.
+    """
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self) -> "Preemption":
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def requested(self) -> bool:
+        """True on every host when any host has seen SIGTERM (a collective)."""
+        return distributed.any_host(self.raised)
+
+    def check(self, during: str = "evaluation") -> None:
+        if self.requested():
+            raise Preempted(f"SIGTERM during {during}")
 
 
 def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts, annotator, key, *, mesh=None,
-                  eos_token_ids=()):
+                  eos_token_ids=(), interrupt=None):
     """Steps 1–3 for one phase: sample with π_β from the next batches of the prompt stream (advancing it) until
     K·B distinct, annotated pairs exist (K·B/P on each of P hosts). Each sampling call takes as many of the
     stream's batches as the phase still needs, up to ``sampling_batch_size`` prompts (sampling throughput grows
-    with the batch); its responses are decoded and annotated together. Returns this host's ``(pairs, stats)``."""
+    with the batch); its responses are decoded and annotated together. ``interrupt(during)`` runs before each
+    round (a preemption check). Returns this host's ``(pairs, stats)``."""
     b_local = prompts.local_batch_size
     need = cfg.steps_per_phase * b_local
     most = max(1, (cfg.sampling_batch_size or cfg.batch_size) // cfg.batch_size)  # stream batches per call
@@ -56,7 +88,10 @@ def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts, 
     while (fewest := distributed.min_over_hosts(have)) < need:  # every host takes the same decision
         if rounds > 20 * cfg.steps_per_phase and fewest == 0:
             raise RuntimeError("the behavior LLM keeps sampling identical pairs; raise temperature")
-        batches = [prompts.next_batch() for _ in range(min(most, -(-(need - fewest) // b_local)))]
+        if interrupt is not None:
+            interrupt("the collection of pairs")
+        calls = min(most, -(-(need - fewest) // b_local))
+        batches = distributed.agreed(lambda: [prompts.next_batch() for _ in range(calls)])  # a host-local read
         texts_in = [p for bt in batches for p in bt.prompts]
         ids, pmask = np.concatenate([bt.ids for bt in batches]), np.concatenate([bt.mask for bt in batches])
         out = generate(behavior, ids, pmask, config=model_config,
@@ -82,28 +117,50 @@ def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts, 
 
 
 def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator, mesh=None, eos_token_ids=(),
-          evaluate=None, reference=None, lora_init=None, log=print) -> st.TrainState:
+          evaluate=None, reference=None, lora_init=None, stop: Preemption | None = None, log=print) -> st.TrainState:
     """Run (or resume) the online loop; ``evaluate(params, step) -> dict`` is called every ``eval_every`` steps.
     ``prompts``: a prompt stream (``bpo_jax.data.prompts``) of ``cfg.batch_size`` prompts per global batch; its
     state is checkpointed (one per host). ``reference``: the fixed reference's weights (``reference=fixed``).
-    ``lora_init``: the ensemble's starting factors (``lora_init_from``; unused when resuming). Returns the final
-    state."""
+    ``lora_init``: the ensemble's starting factors (``lora_init_from``; unused when resuming). ``stop``: the
+    caller's ``Preemption`` (which ``evaluate`` should check too); default: one of the loop's own. Returns the
+    final state.
+
+    On SIGTERM the loop raises ``Preempted`` with the last completed state on disk: after a train step it saves
+    that step; during a collection nothing is saved (the last checkpoint, or the fresh start, is where the phase
+    began, so a resume redoes the same collection); during a periodic evaluation it saves the step and marks
+    the evaluation pending, and the resumed run makes it first."""
     if prompts.batch_size != cfg.batch_size:
         raise ValueError(f"the prompt stream yields {prompts.batch_size} prompts per batch; the config's "
                          f"batch_size is {cfg.batch_size}")
     run_dir.make(cfg.run_dir)
     ckpt = Checkpointer(cfg.run_dir, cfg.keep_checkpoints)
     state = st.create_state(cfg, base, jax.random.key(cfg.seed), reference=reference, lora_init=lora_init)
+    metrics_path = run_dir.path(cfg.run_dir, "metrics.jsonl")
+    writer = _tensorboard(cfg.run_dir)
     pairs = None
-    if (restored := ckpt.restore_latest(state, mesh=mesh, warn=log)) is not None:
-        latest, state, pairs, meta = restored
-        prompts.set_state(meta["prompts"][distributed.process_index()])
-        log(f"resumed {cfg.run_dir} at step {latest}")
+    own_stop = stop is None
+    stop = Preemption().__enter__() if own_stop else stop
+    try:
+        if (restored := ckpt.restore_latest(state, mesh=mesh, warn=log)) is not None:
+            latest, state, pairs, meta = restored
+            prompts.set_state(meta["prompts"][distributed.process_index()])
+            log(f"resumed {cfg.run_dir} at step {latest}")
+            if meta.get("pending_eval") and evaluate is not None:  # interrupted by a preemption: make it now
+                _write(metrics_path, writer, {"step": latest, **evaluate(st.policy_params(cfg, state), latest)})
+        return _loop(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids, evaluate, ckpt, stop,
+                     metrics_path, writer, state, pairs, log)
+    finally:
+        if own_stop:
+            stop.__exit__()
+        ckpt.close()
+
+
+def _loop(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids, evaluate, ckpt, stop,
+          metrics_path, writer, state, pairs, log) -> st.TrainState:
+    """The steps from ``state`` (with the phase's remaining ``pairs``, or None at a phase start) to T, as
+    ``train``'s docstring says; returns the final state."""
     K, B, P = cfg.steps_per_phase, prompts.local_batch_size, prompts.width  # B: this host's pairs per step
     step_fn = make_train_step(cfg, model_config, st.shardings(state), prompt_len=P)
-    metrics_path = run_dir.path(cfg.run_dir, "metrics.jsonl")
-    stop = _SigtermFlag()
-    writer = _tensorboard(cfg.run_dir)
     bar = tqdm(total=cfg.total_steps, initial=int(state.step), desc="training", unit="step",
                disable=not distributed.is_primary())
     phase_stats: dict = {}
@@ -111,19 +168,8 @@ def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator
         while (step := int(state.step)) < cfg.total_steps:
             phase = step // K
             if pairs is None:  # a new phase: π_β ← π_θ (after the first), then collect its pairs with π_β
-                if phase > int(state.phase):
-                    state = st.sync_behavior(state)
-                behavior = st.behavior_params(cfg, state)
-                pairs, phase_stats = collect_pairs(
-                    cfg, model_config, behavior, tokenizer, prompts, annotator,
-                    jax.random.fold_in(jax.random.key(cfg.seed), phase), mesh=mesh, eos_token_ids=eos_token_ids)
-                first = distributed.global_rows({k: v[:B] for k, v in pairs.items() if k in BATCH_KEYS}, mesh)
-                phase_stats["behavior_logp_gap"] = float(behavior_logp_gap(
-                    model_config, behavior, first, prompt_len=P, share_prompt=cfg.share_prompt))
-                if cfg.ensemble_size > 1:
-                    gaps = member_logp_gaps(cfg, model_config, state.base, state.trainable, first, prompt_len=P)
-                    phase_stats["member_logp_gap_max"] = float(gaps.max())
-                del behavior
+                state, pairs, phase_stats = _start_phase(cfg, model_config, tokenizer, prompts, annotator, mesh,
+                                                         eos_token_ids, state, phase, stop, log)
             i = step - phase * K
             batch = distributed.global_rows({k: pairs[k][i * B:(i + 1) * B] for k in BATCH_KEYS}, mesh)
             state, metrics = step_fn(state, batch)
@@ -133,25 +179,53 @@ def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator
             if not math.isfinite(record["loss"]):  # the loss is one global value: every host stops here
                 raise FloatingPointError(f"loss is {record['loss']} at step {step + 1}; stopping. The last good "
                                          f"checkpoint in {ckpt.directory} is untouched.")
-            if i == K - 1:
-                pairs = None  # phase done
+            pairs = None if i == K - 1 else pairs  # phase done
+            save = lambda **extra: ckpt.save(  # noqa: E731
+                step + 1, state, None if pairs is None else distributed.global_rows(pairs, mesh),
+                {"prompts": distributed.gather_json(prompts.get_state()), **extra})
             if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                record.update(evaluate(st.policy_params(cfg, state), step + 1))
+                try:
+                    record.update(evaluate(st.policy_params(cfg, state), step + 1))
+                except Preempted:
+                    _write(metrics_path, writer, record)
+                    save(pending_eval=True)
+                    raise Preempted(f"SIGTERM during the evaluation at step {step + 1}: saved a checkpoint at "
+                                    f"step {step + 1} in {ckpt.directory}; the resumed run evaluates it first")
             _write(metrics_path, writer, record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", phase=phase + 1)
-            due = pairs is None or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)
-            preempted = distributed.any_host(stop.raised)  # one host's SIGTERM: every host saves, then stops
-            if due or preempted:
-                ckpt.save(step + 1, state, None if pairs is None else distributed.global_rows(pairs, mesh),
-                          {"prompts": distributed.gather_json(prompts.get_state())})
+            preempted = stop.requested()  # one host's SIGTERM: every host saves, then stops
+            if preempted or pairs is None or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
+                save()
             if preempted:
                 raise Preempted(f"SIGTERM: saved a checkpoint at step {step + 1} in {ckpt.directory}")
     finally:
         bar.close()
-        stop.restore()
-        ckpt.close()
     return state
+
+
+def _start_phase(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids, state, phase, stop, log):
+    """Steps 5 and 1–3 at a phase start: ``(state, this host's pairs, phase stats)``. A preemption during the
+    collection saves nothing: the last checkpoint (or the fresh start) already holds this phase's start."""
+    if phase > int(state.phase):
+        state = st.sync_behavior(state)
+    behavior = st.behavior_params(cfg, state)
+    log(f"phase {phase + 1}/{cfg.num_phases}: collecting {cfg.steps_per_phase * cfg.batch_size} pairs with pi_beta")
+    try:
+        pairs, stats = collect_pairs(cfg, model_config, behavior, tokenizer, prompts, annotator,
+                                     jax.random.fold_in(jax.random.key(cfg.seed), phase), mesh=mesh,
+                                     eos_token_ids=eos_token_ids, interrupt=stop.check)
+    except Preempted:
+        raise Preempted(f"SIGTERM while collecting phase {phase + 1}'s pairs: nothing to save; a resume redoes "
+                        f"this collection from step {int(state.step)}") from None
+    B, P = prompts.local_batch_size, prompts.width
+    first = distributed.global_rows({k: v[:B] for k, v in pairs.items() if k in BATCH_KEYS}, mesh)
+    stats["behavior_logp_gap"] = float(behavior_logp_gap(model_config, behavior, first, prompt_len=P,
+                                                         share_prompt=cfg.share_prompt))
+    if cfg.ensemble_size > 1:
+        gaps = member_logp_gaps(cfg, model_config, state.base, state.trainable, first, prompt_len=P)
+        stats["member_logp_gap_max"] = float(gaps.max())
+    return state, pairs, stats
 
 
 def _write(path, writer, record):
@@ -172,17 +246,3 @@ def _tensorboard(directory):
     except ImportError:
         return None
     return SummaryWriter(os.path.join(directory, "tensorboard"))
-
-
-class _SigtermFlag:
-    """Turns SIGTERM (e.g. a TPU preemption) into a flag the loop checks after each step."""
-
-    def __init__(self):
-        self.raised = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.raised = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)

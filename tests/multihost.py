@@ -31,6 +31,12 @@ class Result(NamedTuple):
     seconds: float  # from the group's start to this process's exit
 
 
+class Results(list):
+    """One ``Result`` per process; ``signalled_at``: seconds from the group's start to the signal (or None)."""
+
+    signalled_at: float | None = None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -50,26 +56,35 @@ def bpo_vars(n: int, i: int, port: int) -> dict:
     return dict(BPO_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", BPO_NUM_PROCESSES=str(n), BPO_PROCESS_ID=str(i))
 
 
+def _output_so_far(f) -> str:
+    """What a child has written so far (``pread``: the shared file offset the child writes at stays put)."""
+    fd = f.fileno()
+    return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+
+
 def run_group(args_per_process, *, devices: int, cwd=None, signal_when: Callable[[], bool] | None = None,
+              signal_on: str | None = None,
               signal: int = signals.SIGTERM, target: int = -1, allowed=(0, 2, 143), straggle: float = 60,
               deadline: float = DEADLINE, launch_vars: Callable[[int, int, int], dict] = bpo_vars,
-              extra_env: dict | None = None) -> list[Result]:
+              extra_env: dict | None = None, wrap: dict[int, list] | None = None) -> Results:
     """Start one ``python -m bpo_jax ARGS`` per entry of ``args_per_process`` (several: a distributed group on a
-    fresh port) and wait for all. ``signal_when()``: once true, send ``signal`` to process ``target`` only.
-    ``allowed``: exit codes that do not fail the test at once (a signalled process's own code always passes)."""
+    fresh port) and wait for all. ``signal_when()``: once true, send ``signal`` to process ``target`` only;
+    ``signal_on``: the same once this text appears in process 0's output.
+    ``allowed``: exit codes that do not fail the test at once (a signalled process's own code always passes).
+    ``wrap``: ``{i: [command, ...]}`` runs process ``i`` as ``command ... python -m bpo_jax ARGS``."""
     n, port = len(args_per_process), free_port()
     procs, logs = [], []
     for i, args in enumerate(args_per_process):
         extra = {} if n == 1 else launch_vars(n, i, port)
         out = tempfile.TemporaryFile("w+")  # never left behind in the checkout, also when the group fails
         logs.append(out)
-        procs.append(subprocess.Popen([sys.executable, "-m", "bpo_jax", *args],
+        procs.append(subprocess.Popen([*(wrap or {}).get(i, []), sys.executable, "-m", "bpo_jax", *args],
                                       env=child_env(devices, **extra, **(extra_env or {})),
                                       cwd=cwd[i] if cwd else ROOT, stdout=out, stderr=subprocess.STDOUT))
-    start, signalled, first_error = time.time(), None, None
+    start, signalled, first_error, signal_time = time.time(), None, None, None
     ended = [None] * n
     try:
-        while any(p.poll() is None for p in procs):
+        while None in [p.poll() for p in procs]:  # poll every process (any() would stop at the first running)
             now = time.time()
             for i, p in enumerate(procs):
                 if p.returncode is not None and ended[i] is None:
@@ -83,9 +98,12 @@ def run_group(args_per_process, *, devices: int, cwd=None, signal_when: Callable
                 first_error = now
             if first_error is not None and now - first_error > straggle:
                 raise RuntimeError(f"a process ended with an error while the others kept running for {straggle} s")
-            if signal_when is not None and signalled is None and signal_when():
+            due = (signal_when is not None and signal_when()) or (
+                signal_on is not None and signal_on in _output_so_far(logs[0]))
+            if signalled is None and due:
                 signalled = range(n)[target]
                 procs[signalled].send_signal(signal)
+                signal_time = now - start
             time.sleep(0.2)
     except Exception as err:
         for p in procs:
@@ -95,7 +113,8 @@ def run_group(args_per_process, *, devices: int, cwd=None, signal_when: Callable
             f.seek(0)
             texts.append(f.read()[-3000:])
         pytest.fail(f"{err}; logs:\n" + "\n----\n".join(texts))
-    results = []
+    results = Results()
+    results.signalled_at = signal_time
     for i, (p, f) in enumerate(zip(procs, logs)):
         f.seek(0)
         results.append(Result(p.wait(), f.read(), ended[i] if ended[i] is not None else time.time() - start))

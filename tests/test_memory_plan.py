@@ -201,3 +201,14 @@ def test_ema_lora_reference_forward_is_its_own_phase():
     assert res["phases"]["reference_forward"] == sum(res["reference_forward"].values())
     assert "reference_merged" not in res["train"]
     assert mp.plan(_cfg(f"lora_rank={r}"), TINY, _mesh(), 16)["reference_forward"] == {}
+
+
+def test_host_layout_table_names_the_mesh_each_slice_gets():
+    """The --hosts table runs distributed.host_aware_devices on stand-in devices: a v5e-32 (8 hosts x 4 chips)
+    keeps tensor=4 inside a host and refuses tensor=8."""
+    assert mp.host_layout({"data": 1, "fsdp": 8, "tensor": 4}, 32, 8) == (
+        "hosts form data 1 x fsdp 8; each host holds data 1 x fsdp 1 x tensor 4: tensor inside a host, "
+        "1 batch shard(s) per host")
+    assert mp.host_layout({"data": 2, "fsdp": 8, "tensor": 2}, 32, 8).startswith("hosts form data 2 x fsdp 4")
+    assert mp.host_layout({"data": 1, "fsdp": 4, "tensor": 8}, 32, 8).startswith("refused: tensor=8")
+    assert mp.host_layout({"data": 1, "fsdp": 4, "tensor": 1}, 4, 1) == "one host: every axis inside it"

@@ -7,7 +7,6 @@ The harness (``tests/multihost.py``) builds each child's environment explicitly 
 fails or it overruns its deadline: nothing here can hang CI.
 """
 
-import os
 
 import pytest
 from multihost import assert_same_losses, losses, run_group

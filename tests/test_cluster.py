@@ -1,0 +1,223 @@
+"""Process start-up (``bpo_jax.cluster``): which launch environment a process is in, decided from fake
+environments with ``jax.distributed.initialize`` recorded instead of called; the names handed to JAX's own
+cluster detection resolve, in JAX, to the right process count and index; ``experiment`` never joins in its own
+process; the compilation cache's folder. Then a real group: two processes launched with JAX's own variables
+join (each logs ``process i of 2``) and run ``generate``.
+"""
+
+import logging
+import os
+
+import jax
+import pytest
+from jax._src import distributed as jax_distributed
+from multihost import run_group
+
+from bpo_jax import cluster
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUTS = dict(heartbeat_timeout_seconds=cluster.HEARTBEAT_TIMEOUT, shutdown_timeout_seconds=cluster.SHUTDOWN_TIMEOUT,
+                initialization_timeout=cluster.INITIALIZATION_TIMEOUT)
+SLURM = dict(SLURM_JOB_ID="4097", SLURM_STEP_NODELIST="node[003-004]", SLURM_NTASKS="2", SLURM_PROCID="1",
+             SLURM_LOCALID="0")
+OMPI = dict(OMPI_MCA_orte_hnp_uri="1531576320.0;tcp://10.96.0.1,10.148.0.1:34911", OMPI_COMM_WORLD_SIZE="4",
+            OMPI_COMM_WORLD_RANK="3", OMPI_COMM_WORLD_LOCAL_RANK="1")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """``jax.distributed.initialize``'s keyword arguments, one dict per call; nothing joins, and the process
+    count and index it would have found are those the call names (0 of 1 when JAX's detection would)."""
+    recorded = []
+
+    def fake(**kwargs):
+        recorded.append(kwargs)
+        jax_distributed.global_state.num_processes = kwargs.get("num_processes") or 1
+        jax_distributed.global_state.process_id = kwargs.get("process_id") or 0
+
+    monkeypatch.setattr(jax.distributed, "initialize", fake)
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax_distributed.global_state, "num_processes", 1)
+    monkeypatch.setattr(jax_distributed.global_state, "process_id", 0)
+    monkeypatch.setattr(cluster, "_on_tpu_vm", lambda: False)
+    return recorded
+
+
+def test_bpo_variables_are_passed_as_they_are(calls, caplog):
+    env = dict(BPO_COORDINATOR_ADDRESS="10.0.0.1:1234", BPO_NUM_PROCESSES="2", BPO_PROCESS_ID="1",
+               BPO_LOCAL_DEVICE_IDS="0,1")
+    with caplog.at_level(logging.INFO, logger="bpo_jax"):
+        assert cluster.initialize(env).name == "bpo_jax's BPO_* variables"
+    assert calls == [dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1,
+                          local_device_ids=[0, 1], **TIMEOUTS)]
+    assert "joined bpo_jax's BPO_* variables: process 1 of 2 processes" in caplog.text
+
+
+def test_jax_variables(calls):
+    env = dict(JAX_COORDINATOR_ADDRESS="10.0.0.1:1234", JAX_NUM_PROCESSES="4", JAX_PROCESS_ID="3")
+    cluster.initialize(env)
+    assert calls == [dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3, **TIMEOUTS)]
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(BPO_NUM_PROCESSES="2"), "BPO_NUM_PROCESSES is set but BPO_COORDINATOR_ADDRESS, BPO_PROCESS_ID is not"),
+    (dict(BPO_PROCESS_ID="0", BPO_COORDINATOR_ADDRESS="h:1"), "BPO_COORDINATOR_ADDRESS is set but BPO_NUM_PROCESSES"),
+    (dict(BPO_COORDINATOR_ADDRESS="h:1", BPO_NUM_PROCESSES="2", BPO_PROCESS_ID="2"),
+     r"BPO_PROCESS_ID=2 must be in \[0, BPO_NUM_PROCESSES=2\)"),
+    (dict(JAX_NUM_PROCESSES="2"), "JAX_NUM_PROCESSES is set but JAX_COORDINATOR_ADDRESS, JAX_PROCESS_ID are not"),
+    (dict(JAX_COORDINATOR_ADDRESS="h:1", JAX_NUM_PROCESSES="2"),
+     "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES are set but JAX_PROCESS_ID is not"),
+    (dict(JAX_COORDINATOR_ADDRESS="h:1"), "JAX_COORDINATOR_ADDRESS is set but JAX_NUM_PROCESSES, JAX_PROCESS_ID"),
+    (dict(JAX_COORDINATOR_ADDRESS="h:1", JAX_NUM_PROCESSES="two", JAX_PROCESS_ID="0"), "must be whole numbers"),
+    ({k: v for k, v in OMPI.items() if k != "OMPI_MCA_orte_hnp_uri"}, "without OMPI_MCA_orte_hnp_uri"),
+    ({k: v for k, v in SLURM.items() if k != "SLURM_PROCID"}, "SLURM job of 2 tasks without SLURM_PROCID"),
+    (dict(BPO_DISTRIBUTED="no"), "BPO_DISTRIBUTED='no': use auto"),
+    (dict(BPO_HEARTBEAT_TIMEOUT="0", **SLURM), "BPO_HEARTBEAT_TIMEOUT='0' must be a positive whole number"),
+])
+def test_half_set_environments_name_what_is_missing(calls, env, message):
+    with pytest.raises(ValueError, match=message):
+        cluster.initialize(env)
+    assert calls == []
+
+
+def test_open_mpi_and_slurm_use_jax_detection(calls):
+    cluster.initialize(OMPI)
+    cluster.initialize(SLURM)
+    cluster.initialize(dict(SLURM, JAX_COORDINATOR_ADDRESS="node003:5555"))  # overrides the detected coordinator
+    assert calls == [dict(coordinator_address=None, cluster_detection_method="ompi", **TIMEOUTS),
+                     dict(coordinator_address=None, cluster_detection_method="slurm", **TIMEOUTS),
+                     dict(coordinator_address="node003:5555", cluster_detection_method="slurm", **TIMEOUTS)]
+    # Open MPI 5 (no URI): the coordinator from JAX_COORDINATOR_ADDRESS, count and rank from Open MPI.
+    cluster.initialize(dict({k: v for k, v in OMPI.items() if k != "OMPI_MCA_orte_hnp_uri"},
+                            JAX_COORDINATOR_ADDRESS="10.0.0.1:1234"))
+    assert calls[-1] == dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3, **TIMEOUTS)
+
+
+def test_tpu_pods_use_jax_detection(calls, monkeypatch):
+    cluster.initialize(dict(TPU_WORKER_HOSTNAMES="w0,w1"))  # not a TPU VM: nothing
+    monkeypatch.setattr(cluster, "_on_tpu_vm", lambda: True)
+    cluster.initialize(dict(TPU_WORKER_HOSTNAMES="w0,w1,w2,w3", TPU_WORKER_ID="2"))
+    cluster.initialize(dict(TPU_PROCESS_ADDRESSES="w0:8471", MEGASCALE_NUM_SLICES="2"))
+    cluster.initialize(dict(TPU_WORKER_HOSTNAMES="w0"))  # a single-host GKE node: nothing
+    monkeypatch.setattr(cluster, "_gce_tpu_process_count", lambda: 4)
+    assert cluster.detect({}).name == "a Cloud TPU VM slice" and cluster.detect({}).num_processes == 4
+    cluster.initialize({})
+    monkeypatch.setattr(cluster, "_gce_tpu_process_count", lambda: 1)  # a single-host TPU VM (v5e-8): nothing
+    cluster.initialize({})
+    assert calls == [dict(coordinator_address=None, cluster_detection_method=m, **TIMEOUTS)
+                     for m in ("gketpu", "gketpu", "gcetpu")]
+
+
+def test_jax_resolves_the_detection_methods_named(monkeypatch):
+    """The names ``cluster`` hands to JAX select JAX's Open MPI / SLURM / GKE detection, which finds the count,
+    index and coordinator from the same variables ``cluster.detect`` looked at."""
+    from jax._src.clusters import ClusterEnv, cloud_tpu_cluster
+
+    def resolve(env, method):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        found = ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, method, 1)
+        for k in env:
+            monkeypatch.delenv(k)
+        return found
+
+    address, n, i, _ = resolve(OMPI, "ompi")
+    assert address.startswith("10.96.0.1:") and (n, i) == (4, 3)
+    address, n, i, local = resolve(SLURM, "slurm")
+    assert address.startswith("node003:") and (n, i, local) == (2, 1, [0])
+    monkeypatch.setattr(cloud_tpu_cluster, "running_in_cloud_tpu_vm", True)
+    gke = dict(TPU_WORKER_HOSTNAMES="127.0.0.1,localhost", TPU_WORKER_ID="1", MEGASCALE_NUM_SLICES="1",
+               MEGASCALE_SLICE_ID="0", MEGASCALE_COORDINATOR_ADDRESS="")  # as GKE sets them: no metadata query
+    assert resolve(gke, "gketpu")[:3] == ("127.0.0.1:8482", 2, 1)
+    assert cluster.detect(gke) is None  # (this machine is no TPU VM)
+
+
+def test_single_process_off_and_already_initialised_do_nothing(calls, monkeypatch):
+    assert cluster.initialize({}) is None
+    assert cluster.initialize(dict(BPO_COORDINATOR_ADDRESS="h:1", BPO_NUM_PROCESSES="1", BPO_PROCESS_ID="0")) is None
+    assert cluster.initialize(dict(SLURM, SLURM_NTASKS="1")) is None
+    assert cluster.initialize(dict(OMPI, OMPI_COMM_WORLD_SIZE="1")) is None
+    assert cluster.initialize(dict(SLURM, BPO_DISTRIBUTED="off")) is None
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    assert cluster.initialize(SLURM) is None
+    assert calls == []
+
+
+def test_timeouts_from_the_environment(calls):
+    cluster.initialize(dict(SLURM, BPO_HEARTBEAT_TIMEOUT="12", BPO_SHUTDOWN_TIMEOUT="90",
+                            BPO_INITIALIZATION_TIMEOUT="600"))
+    assert calls == [dict(coordinator_address=None, cluster_detection_method="slurm", heartbeat_timeout_seconds=12,
+                          shutdown_timeout_seconds=90, initialization_timeout=600)]
+    assert cluster.HEARTBEAT_TIMEOUT < cluster.DEAD_PEER_BOUND <= 120
+
+
+def test_only_device_commands_join_and_experiment_never_in_its_process(monkeypatch, tmp_path, capsys):
+    from bpo_jax import __main__ as cli
+
+    joined = []
+    monkeypatch.setattr(cluster, "initialize", lambda environ=None: joined.append(True))
+    for key, value in SLURM.items():  # a multi-process environment: a joining command would join
+        monkeypatch.setenv(key, value)
+    tiny = os.path.join(ROOT, "configs", "experiments", "tiny.yaml")
+    assert cli.main(["experiment", tiny, "--dry-run", "--out-dir", str(tmp_path)]) == 0
+    assert "python -m bpo_jax train" in capsys.readouterr().out and joined == []
+    with pytest.raises(SystemExit):  # experiment --in-process runs train in its own process: it never joins
+        cli.main(["train", "--help"], join=False)
+    assert joined == []
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert joined == [True] and set(cli.JOINING) == {"train", "evaluate", "generate"}
+
+
+def test_a_start_up_error_is_one_line(monkeypatch, capsys):
+    from bpo_jax import __main__ as cli
+
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    assert cli.main(["generate", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: JAX_NUM_PROCESSES is set but JAX_COORDINATOR_ADDRESS, JAX_PROCESS_ID are not")
+
+
+def test_compilation_cache_folder(tmp_path):
+    local = str(tmp_path / "run")
+    assert cluster.compilation_cache_dir(local, {}) == os.path.join(local, "compile_cache")
+    assert cluster.compilation_cache_dir("gs://bucket/run/", {}) == "gs://bucket/run/compile_cache"
+    assert cluster.compilation_cache_dir("s3://bucket/run", {}) is None
+    assert cluster.compilation_cache_dir(local, dict(BPO_COMPILATION_CACHE="/cache")) == "/cache"
+    assert cluster.compilation_cache_dir(local, dict(BPO_COMPILATION_CACHE="off")) is None
+    assert cluster.enable_compilation_cache(local, dict(BPO_COMPILATION_CACHE="off")) is None
+
+
+def test_enable_compilation_cache_writes_compiled_programs(tmp_path, monkeypatch):
+    """A program compiled with the cache on is written to the folder (here whatever its compile time)."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    keys = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    before = {k: getattr(jax.config, k) for k in keys}
+    monkeypatch.setattr(cluster, "MIN_COMPILE_SECONDS", 0.0)
+    try:
+        folder = cluster.enable_compilation_cache(str(tmp_path / "run"), {})
+        jax.jit(lambda x: x * 3.0 + 1.0)(jax.numpy.arange(7.0)).block_until_ready()
+        assert folder == str(tmp_path / "run" / "compile_cache") and os.listdir(folder)
+    finally:
+        for k, v in before.items():
+            jax.config.update(k, v)
+        cc.reset_cache()
+
+
+def test_two_processes_join_with_jax_variables(tiny_policy_and_rm):
+    """A real group launched the way JAX documents it (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID, no BPO_* variable): both processes join one group of 2 and answer; only the primary prints."""
+    policy, _ = tiny_policy_and_rm
+
+    def jax_vars(n, i, port):
+        return dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i))
+
+    args = ["generate", "--model", policy, "--prompt", "Hello", "--max-new-tokens", "3"]
+    results = run_group([args, args], devices=2, launch_vars=jax_vars, allowed=(0,))
+    for i, (rc, out, _) in enumerate(results):
+        assert rc == 0, out[-2000:]
+        assert f"joined JAX's JAX_* variables: process {i} of 2 processes" in out, out[-2000:]
+    assert "BPO_" not in results[0].output
