@@ -67,19 +67,18 @@ def setup_run(cfg: TrainConfig, *, train: bool = True) -> Run:
     mesh = None
     if jax.device_count() > 1:  # checked before any compute: hosts must own disjoint batch rows
         mesh = distributed.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor, cfg.mesh_device_ids)
-    # Reading files is host-local: an error on one host (a missing file, a bad shape) stops every host alike.
-    model, tok = distributed.agreed(load_pretrained, cfg.model, mesh=mesh, param_dtype=cfg.param_dtype,
-                                    dtype=cfg.dtype, remat=cfg.remat, attention=cfg.attention)
+    model, tok = load_pretrained(cfg.model, mesh=mesh, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
+                                 remat=cfg.remat, attention=cfg.attention)
     if tok is None:
         raise ValueError(f"model {cfg.model!r} has no tokenizer files; training and evaluation need one")
     reference = None
     if cfg.reference == "fixed":
-        reference = distributed.agreed(load_pretrained, cfg.reference_path, mesh=mesh, param_dtype=cfg.param_dtype,
-                                       dtype=cfg.dtype)[0].params
+        reference = load_pretrained(cfg.reference_path, mesh=mesh, param_dtype=cfg.param_dtype,
+                                    dtype=cfg.dtype)[0].params
     eos = model.config.eos_token_id
     eos = eos if isinstance(eos, tuple) else (eos,)
     sources = prepare_tfds(cfg.data, cfg.data_dir, cfg.tfds_dir) if cfg.data in builders.BUILDERS else None
-    task = distributed.agreed(build_task, cfg, tok, mesh=mesh, train=train, sources=sources)  # host-local reads
+    task = build_task(cfg, tok, mesh=mesh, train=train, sources=sources)
     return Run(mesh, model, tok, reference, eos, task)
 
 
@@ -107,9 +106,10 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True, so
         references = [example_reference(ex) for ex in test]
         stream = None
         if train:
-            stream = GrainPrompts(sources["train"], tokenizer, batch_size=cfg.batch_size,
-                                  max_prompt_length=cfg.max_prompt_length, seed=cfg.seed,
-                                  shard_index=distributed.process_index(), shard_count=distributed.process_count())
+            stream = distributed.agreed(  # its probe of the prompts is host-local: one outcome for every host
+                GrainPrompts, sources["train"], tokenizer, batch_size=cfg.batch_size,
+                max_prompt_length=cfg.max_prompt_length, seed=cfg.seed, shard_index=distributed.process_index(),
+                shard_count=distributed.process_count())
         gold = None
     else:
         folder = demo_task.DATA_DIR if cfg.data == "minisum" else cfg.data
@@ -159,22 +159,12 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True, so
 
 
 def prepare_tfds(task: str, data_dir: str, tfds_dir: str) -> dict:
-    """A tfds task's splits, built once per file system: process 0 builds; then, where a host does not see that
-    build (``tfds_dir`` on a node-local disk), the first process of each machine builds its own copy; then every
-    process opens its splits. Each stage ends in a shared decision, so an error on one host (a missing raw file,
-    a bad row) stops every host with the same message."""
-    import socket
-
+    """A tfds task's splits, built once per file system: every process builds under a lock file in
+    ``tfds_dir``, so on a shared home directory the first builds and the others find its copy, and on node-local
+    disks each machine builds its own. No host waits in a collective while another builds; each stage ends in
+    a shared decision, so an error on one host (a missing raw file, a bad row) stops every host alike."""
     target = distributed.agreed(builders.Prepared.check, task, data_dir, tfds_dir)
-    me = distributed.process_index()
-    distributed.agreed(lambda: target.build() if me == 0 else None)
-    if distributed.process_count() > 1:
-        machines = distributed.gather_json([socket.gethostname(), target.is_built()])
-        first = {}
-        for p, (machine, built) in enumerate(machines):
-            if not built:
-                first.setdefault(machine, p)
-        distributed.agreed(lambda: target.build() if first.get(machines[me][0]) == me else None)
+    distributed.agreed(target.build)
     return distributed.agreed(target.open)
 
 

@@ -111,7 +111,7 @@ def run_group(args_per_process, *, devices: int, cwd=None, signal_when: Callable
         texts = []
         for f in logs:
             f.seek(0)
-            texts.append(f.read()[-3000:])
+            texts.append(f.read()[-8000:])
         pytest.fail(f"{err}; logs:\n" + "\n----\n".join(texts))
     results = Results()
     results.signalled_at = signal_time

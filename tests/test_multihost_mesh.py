@@ -8,10 +8,13 @@ compute with one ``error:`` line. A silent run with other losses fails either ch
 processes (2 devices each, fsdp 4 x tensor 2) matches one process with 8 devices.
 """
 
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
-from multihost import assert_same_losses, losses, run_group
+from multihost import ROOT, assert_same_losses, child_env, losses, run_group
 from tiny_models import write_minisum_folder
 
 from bpo_jax import distributed
@@ -59,6 +62,20 @@ def test_four_processes_fsdp_by_tensor_match_one_process(setting):
     res = run_group([four] * 4, devices=2)
     assert [r.returncode for r in res] == [0] * 4, res[0].output[-3000:]
     assert_same_losses(losses(runs / "four"), want, [1, 2])
+
+
+def test_two_processes_sharing_one_tfds_dir_build_it_once(tmp_path):
+    """As two nodes with one home directory: two processes prepare the tldr samples into one tfds_dir at the
+    same moment; they take turns on the lock file, so one builds and the other opens its copy (two concurrent
+    tfds builds of one folder fail when the second renames its temporary folder into place)."""
+    code = ("import sys; from bpo_jax.data import builders; t = builders.Prepared.check('tldr', '', sys.argv[1]); "
+            "t.build(); print('train rows', len(t.open()['train']))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "tfds")], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env(1)) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum(o.count("Downloading and preparing dataset") for o in outs) == 1, outs  # tfds's line per build
+    assert all("train rows 24" in o for o in outs), outs
 
 
 class _Dev:

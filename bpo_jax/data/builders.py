@@ -97,7 +97,8 @@ def prepare(task: str, manual_dir: str = "", data_dir: str = "") -> dict:
 class Prepared:
     """One task's prepared copy: ``check`` validates the raw files and names the folder (nothing is written);
     ``build`` writes it unless it is already there (tfds builds into a temporary folder and renames it into
-    place, so two processes must never build one folder at once); ``open`` returns the splits."""
+    place, so two processes must never build one folder at once: they take turns on a lock file); ``open``
+    returns the splits."""
 
     def __init__(self, builder, manual_dir: str, root: str):
         self.builder, self.manual_dir, self.root = builder, manual_dir, root
@@ -110,6 +111,17 @@ class Prepared:
         return self.builder.is_prepared()
 
     def build(self) -> None:
+        """Build unless built; processes sharing the folder take turns (a lock file beside it), so the first
+        builds and the others find its copy."""
+        import fcntl
+
+        os.makedirs(self.root, exist_ok=True)
+        with open(os.path.join(self.root, f".{self.builder.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not self.is_built():
+                self._build()
+
+    def _build(self) -> None:
         self.builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=self.manual_dir),
                                           download_dir=os.path.join(self.root, "downloads"))
 
