@@ -78,6 +78,20 @@ def test_two_processes_sharing_one_tfds_dir_build_it_once(tmp_path):
     assert all("train rows 24" in o for o in outs), outs
 
 
+def test_two_processes_sharing_one_tfds_dir_build_it_once_and_train(tiny_policy_and_rm, tmp_path):
+    """The same through a 2-process run of the TL;DR config on a fresh tfds_dir: one build, then training."""
+    policy, rm = tiny_policy_and_rm
+    args = ["train", "--config", "configs/tldr_gemma2b.yaml", f"model={policy}", f"reward_model={rm}",
+            f"tfds_dir={tmp_path / 'tfds'}", f"run_dir={tmp_path / 'run'}", "total_steps=2", "num_phases=1",
+            "batch_size=4", "reward_batch_size=4", "max_new_tokens=4", "eval_max_new_tokens=4", "eval_size=2",
+            "lora_rank=2", "lora_alpha=4", "ensemble_size=1", "param_dtype=float32", "dtype=float32",
+            "remat=false", "export_policy=false", "mesh_data=-1", "mesh_fsdp=1"]
+    res = run_group([args, args], devices=2)
+    assert [r.returncode for r in res] == [0, 0], [r.output[-3000:] for r in res]
+    assert sum(r.output.count("Downloading and preparing dataset") for r in res) == 1, [r.output for r in res]
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
+
+
 class _Dev:
     """A stand-in device: ``id`` and ``process_index`` are all the layout code reads."""
 

@@ -100,8 +100,14 @@ class Prepared:
     place, so two processes must never build one folder at once: they take turns on a lock file); ``open``
     returns the splits."""
 
-    def __init__(self, builder, manual_dir: str, root: str):
-        self.builder, self.manual_dir, self.root = builder, manual_dir, root
+    def __init__(self, task: str, folder: str, manual_dir: str, root: str):
+        self.task, self.folder, self.manual_dir, self.root = task, folder, manual_dir, root
+
+    @property
+    def builder(self):
+        """A fresh tfds builder each time: one made before another process finished the build would not see
+        it (tfds reads a data set's info when the builder is made)."""
+        return BUILDERS[self.task](data_dir=self.folder, file_format="array_record")
 
     @classmethod
     def check(cls, task: str, manual_dir: str = "", data_dir: str = "") -> "Prepared":
@@ -119,21 +125,42 @@ class Prepared:
         with open(os.path.join(self.root, f".{self.builder.name}.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not self.is_built():
-                self._build()
+                self._build_apart() if _joined() else self._build()
+
+    def _build_apart(self) -> None:
+        """``_build`` in a fresh Python process: in a process that has joined a multi-host run, the build put
+        data on devices that the other hosts never matched (seen as a collective mismatch right after it)."""
+        import subprocess
+        import sys
+
+        code = ("import sys; from bpo_jax.data.builders import Prepared; "
+                "Prepared.check(*sys.argv[1:4])._build()")
+        done = subprocess.run([sys.executable, "-c", code, self.task, self.manual_dir, self.root])
+        if done.returncode:
+            raise RuntimeError(f"preparing {self.task} in {self.root} failed (exit {done.returncode}; its output is above)")
 
     def _build(self) -> None:
         self.builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=self.manual_dir),
                                           download_dir=os.path.join(self.root, "downloads"))
 
     def open(self) -> dict:
-        if not self.is_built():
-            raise FileNotFoundError(f"the prepared {self.builder.name} data set is not in {self.builder.data_dir}: "
-                                    f"another process's build is not visible here")
-        return self.builder.as_data_source()
+        builder = self.builder
+        if not builder.is_prepared():
+            raise FileNotFoundError(f"the prepared {builder.name} data set is not in {builder.data_dir}: another "
+                                    f"process's build is not visible here")
+        return builder.as_data_source()
+
+
+def _joined() -> bool:
+    """True in a process that has joined a multi-process JAX run."""
+    import sys
+
+    jax = sys.modules.get("jax")
+    return jax is not None and jax.distributed.is_initialized()
 
 
 def _validated_builder(task: str, manual_dir: str, data_dir: str):
-    """``(builder, manual_dir, root)`` after every raw row is validated (errors name file:line and field)."""
+    """``(task, prepared folder, manual_dir, root)`` after every raw row is validated (errors name file:line and field)."""
     if task not in BUILDERS:
         raise ValueError(f"unknown task {task!r}; tfds tasks: {', '.join(BUILDERS)}")
     manual_dir = os.path.abspath(os.path.expanduser(manual_dir or os.path.join(SAMPLES_DIR, task)))
@@ -146,7 +173,7 @@ def _validated_builder(task: str, manual_dir: str, data_dir: str):
             BUILDERS[task].parse(row, f"{path}:{n}")
     key = hashlib.sha256(repr([(p, os.path.getsize(p), os.path.getmtime(p)) for p in files]).encode()).hexdigest()
     root = os.path.expanduser(data_dir or os.path.join("~", "tensorflow_datasets", "bpo_jax"))
-    return BUILDERS[task](data_dir=os.path.join(root, key[:16]), file_format="array_record"), manual_dir, root
+    return task, os.path.join(root, key[:16]), manual_dir, root
 
 
 def split_examples(source) -> list[dict]:
