@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     state, _, _ = ckpt.restore(step, template, mesh=run.mesh)
     ckpt.close()
     result = score_test_set(
-        st.policy_params(cfg, state), run.model.config, run.tokenizer, task.annotator, task.eval_prompts,
+        st.policy_params(cfg, state), run.model.config, run.tokenizer, task.eval_annotator, task.eval_prompts,
         task.eval_ids, task.eval_mask, task.references, max_new_tokens=cfg.eval_max_new_tokens,
         eos_token_ids=run.eos_token_ids, mesh=run.mesh, batch_size=cfg.eval_batch_size)
     wr = win_rate_from_scores(result.scores, result.reference_scores)

@@ -54,20 +54,23 @@ def main(argv=None) -> int:
         return 2
 
     done: dict = {}  # step -> metrics of an evaluation already made in this process
+    # What an evaluation's figure depends on beyond the model (eval_size and eval_max_new_tokens may change on
+    # resume): a stored step-0 result is reused only when it was made with the same setting.
+    eval_setting = {"eval/num_prompts": len(task.references), "eval/max_new_tokens": cfg.eval_max_new_tokens}
 
     def evaluate(params, step):
         if step in done:  # the loop's periodic evaluation at step T is also the final one
             return done[step]
         say(f"step {step}: evaluating on {len(task.references)} test prompts")
-        result = score_test_set(params, mcfg, tok, task.annotator, task.eval_prompts, task.eval_ids, task.eval_mask,
-                                task.references, max_new_tokens=cfg.eval_max_new_tokens, eos_token_ids=eos,
-                                mesh=mesh, batch_size=cfg.eval_batch_size, interrupt=stop.check)
+        result = score_test_set(params, mcfg, tok, task.eval_annotator, task.eval_prompts, task.eval_ids,
+                                task.eval_mask, task.references, max_new_tokens=cfg.eval_max_new_tokens,
+                                eos_token_ids=eos, mesh=mesh, batch_size=cfg.eval_batch_size, interrupt=stop.check)
         wr = win_rate_from_scores(result.scores, result.reference_scores)
         say(f"step {step}: {wr.describe()}; mean {task.score_name} {wr.mean_score:.3f} vs references "
             f"{wr.mean_reference_score:.3f}; e.g. {result.responses[0][:100]!r}")
         if step == cfg.total_steps:  # the final model's per-prompt scores, as `evaluate` writes them
             write_scores(scores_file(cfg.run_dir, step, cfg.data), task.eval_prompts, task.references, result)
-        done[step] = wr.metrics()
+        done[step] = {**wr.metrics(), **eval_setting}
         return done[step]
 
     lora = f"LoRA r={cfg.lora_rank} x{cfg.ensemble_size}" if cfg.lora_rank else "full fine-tuning"
@@ -92,12 +95,13 @@ def main(argv=None) -> int:
             print(f"config error: {err}", file=sys.stderr)
             return 2
         start = lora.merge(model.params, lora_init, cfg.lora_scale)  # the SFT model: base + the adapters' merge
-    logged = [r for r in rd.read_jsonl(metrics) if r.get("step") == 0 and "eval/win_rate" in r]
+    logged = [r for r in rd.read_jsonl(metrics) if r.get("step") == 0 and "eval/win_rate" in r
+              and all(r.get(k) == v for k, v in eval_setting.items())]
     from bpo_jax import state as st
 
     stop = online.Preemption().__enter__()  # SIGTERM from here on: every host stops at the next check, together
     try:
-        if logged:  # a resumed run: the starting model was evaluated by the first command
+        if logged:  # a resumed run: the starting model was evaluated by the first command, on the same test set
             before = {k: v for k, v in logged[-1].items() if k.startswith("eval/")}
         else:
             before = evaluate(start, 0)

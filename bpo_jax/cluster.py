@@ -262,5 +262,5 @@ def enable_compilation_cache(run_dir: str, environ=None) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # no size threshold, none imposed by JAX
     cc.reset_cache()  # a cache JAX opened before (another folder, or none) is reopened in ``directory``
-    log.info("bpo_jax: compilation cache in %s", directory)
+    log.debug("bpo_jax: compilation cache in %s", directory)
     return directory

@@ -16,7 +16,8 @@ import numpy as np
 import yaml
 
 from bpo_jax.lora import canonical_targets
-from bpo_jax.losses import validate_loss_args
+from bpo_jax.losses import BATCH_COUPLED, validate_loss_args
+from bpo_jax.pairs import TIE_RULES
 
 REFERENCES = ("behavior", "sft", "ema", "mixup", "fixed")
 TFDS_TASKS = ("tldr", "hh_helpful", "hh_harmless")
@@ -78,7 +79,11 @@ class TrainConfig:
     annotator: str = "auto"  # auto (rouge for minisum data, else reward_model) | rouge | reward_model | judge
     reward_model: str = ""  # HF *ForSequenceClassification folder (annotator=reward_model)
     reward_batch_size: int = 16
-    reward_max_length: int = 1024  # tokens per (prompt, response) under the RM's chat template
+    reward_max_length: int = 1024  # tokens per (prompt, response) under the RM's chat template, when annotating
+    # ... and when evaluating (0 = reward_max_length); the official evaluation cuts at max_prompt_length +
+    # max_new_tokens (xu1998hz/BPO train/online_dpo_rand_trainer.py:1025-1028 with config.max_length, :1154)
+    eval_reward_max_length: int = 0
+    tied_pairs: str = "drop"  # equally scored pairs: drop (no preference) | second (the official code's label)
     judge_url: str = ""  # annotator=judge: OpenAI-compatible .../chat/completions URL; nothing is sent otherwise
     judge_model: str = ""
     judge_api_key_env: str = ""  # name of the environment variable holding the API key ("" = no key)
@@ -314,8 +319,12 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.annotator != "judge" or (cfg.judge_url and cfg.judge_model), "annotator=judge needs judge_url and "
                                                                           "judge_model")
     need(cfg.judge_timeout > 0 and cfg.judge_retries >= 0, "need judge_timeout > 0 and judge_retries >= 0")
-    need(cfg.reward_batch_size >= 1 and cfg.reward_max_length >= 1,
-         "reward_batch_size and reward_max_length must be >= 1")
+    need(cfg.reward_batch_size >= 1 and cfg.reward_max_length >= 1 and cfg.eval_reward_max_length >= 0,
+         "reward_batch_size and reward_max_length must be >= 1, eval_reward_max_length >= 0 (0 = reward_max_length)")
+    need(cfg.tied_pairs in TIE_RULES, f"tied_pairs={cfg.tied_pairs!r}; valid: {', '.join(TIE_RULES)}")
+    need(cfg.micro_batches == 1 or cfg.loss_type not in BATCH_COUPLED,
+         f"loss_type={cfg.loss_type} couples the pairs of a batch (it sorts or averages over them), so "
+         f"micro_batches={cfg.micro_batches} would change the loss, not only the memory; use micro_batches=1")
     try:
         object.__setattr__(cfg, "remat", remat_policy(cfg.remat))
     except ValueError as err:

@@ -178,6 +178,9 @@ _LOSSES: dict[str, Callable] = {
     "discopop": _discopop,
 }
 LOSS_TYPES: tuple[str, ...] = tuple(_LOSSES)
+# Losses whose value for a pair depends on the other pairs of its batch (a batch sort or a batch mean): computed
+# per micro-batch they would be another loss, so gradient accumulation is refused for them (``bpo_jax.config``).
+BATCH_COUPLED: tuple[str, ...] = ("bco_pair_batchmean", "aot", "aot_unpaired")
 
 
 def _concrete(x):

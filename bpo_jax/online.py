@@ -32,7 +32,7 @@ from bpo_jax import state as st
 from bpo_jax.checkpoint import Checkpointer
 from bpo_jax.config import TrainConfig
 from bpo_jax.models.decoder import unstack_layers
-from bpo_jax.pairs import build_pairs, distinct
+from bpo_jax.pairs import build_pairs, distinct, tied
 from bpo_jax.sampling import generate
 from bpo_jax.train_step import BATCH_KEYS, behavior_logp_gap, make_train_step, member_logp_gaps
 
@@ -83,11 +83,13 @@ def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts, 
     need = cfg.steps_per_phase * b_local
     most = max(1, (cfg.sampling_batch_size or cfg.batch_size) // cfg.batch_size)  # stream batches per call
     behavior = unstack_layers(behavior)  # once per phase, not once per generate call
-    chunks, have, sampled, dropped, rounds = [], 0, 0, 0, 0
+    chunks, have, sampled, rounds = [], 0, 0, 0
+    tally = np.zeros(2, np.int64)  # identical pairs, tied pairs
     bar = tqdm(total=need, desc="collecting pairs", unit="pair", leave=False, disable=not distributed.is_primary())
     while (fewest := distributed.min_over_hosts(have)) < need:  # every host takes the same decision
         if rounds > 20 * cfg.steps_per_phase and fewest == 0:
-            raise RuntimeError("the behavior LLM keeps sampling identical pairs; raise temperature")
+            raise RuntimeError("the behavior LLM keeps sampling identical (or, with tied_pairs=drop, equally scored) "
+                               "pairs; raise temperature")
         if interrupt is not None:
             interrupt("the collection of pairs")
         calls = min(most, -(-(need - fewest) // b_local))
@@ -101,18 +103,22 @@ def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts, 
         rounds += 1
         toks, mask = out.tokens, out.mask  # this host's rows
         texts = [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip() for t, m in zip(toks, mask)]
-        keep = distinct(texts)
+        differ = distinct(texts)
         scores = annotator([p for p in texts_in for _ in range(2)], texts)
+        keep, ties = differ, differ & tied(scores)  # distinct responses the annotator cannot tell apart
+        if cfg.tied_pairs == "drop":
+            keep = keep & ~ties
         chunks.append(build_pairs(ids, pmask, toks, mask, out.logprobs, scores, keep, eos_token_ids=eos_token_ids))
         have += int(keep.sum())
         sampled += len(texts_in)
-        dropped += int((~keep).sum())
+        tally += [int((~differ).sum()), int(ties.sum())]
         bar.update(min(int(keep.sum()), need - bar.n))
     bar.close()
     pairs = {k: np.concatenate([c[k] for c in chunks])[:need] for k in chunks[0]}
-    counts = distributed.all_gather(np.asarray([sampled, dropped, pairs["truncated"].sum()], np.float64)).sum(0)
+    counts = distributed.all_gather(np.asarray([sampled, *tally, pairs["truncated"].sum()], np.float64)).sum(0)
     stats = {"prompts_sampled": int(counts[0]), "identical_pairs_dropped": int(counts[1]),
-             "truncation_rate": float(counts[2] / (need * distributed.process_count()))}
+             "tied_pairs": int(counts[2]), "tied_pairs_dropped": int(counts[2]) if cfg.tied_pairs == "drop" else 0,
+             "truncation_rate": float(counts[3] / (need * distributed.process_count()))}
     return pairs, stats
 
 

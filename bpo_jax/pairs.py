@@ -1,5 +1,11 @@
 """From two sampled responses per prompt to preference pairs: drop identical pairs, order by the annotator.
 
+Ties. Two responses with equal scores carry no preference. ``TIE_RULES``: ``drop`` (the default) drops such a
+pair as an identical pair is dropped, and the collection samples on until the phase has its pairs; ``second``
+labels the second sample chosen, exactly as the official code does (xu1998hz/BPO,
+``train/online_dpo_rand_trainer.py`` ``ret_train_data``: ``if first_score > sec_score`` the first is chosen,
+else the second). With a reward model ties are rare; with ROUGE-L they are common (0.0 when no word overlaps).
+
 The output is the train step's batch layout (see ``bpo_jax.train_step``) as host NumPy arrays, carrying the
 behavior LLM's untempered log-probs along with the pairs.
 """
@@ -7,6 +13,8 @@ behavior LLM's untempered log-probs along with the pairs.
 from __future__ import annotations
 
 import numpy as np
+
+TIE_RULES = ("drop", "second")
 
 
 def distinct(texts) -> np.ndarray:
@@ -16,16 +24,23 @@ def distinct(texts) -> np.ndarray:
     return np.asarray([a != b for a, b in zip(texts[0::2], texts[1::2])], bool)
 
 
+def tied(scores) -> np.ndarray:
+    """``[B]`` bool: the two responses of prompt i (``scores[2i]``, ``scores[2i+1]``) are scored equal."""
+    scores = np.asarray(scores)
+    return scores[0::2] == scores[1::2]
+
+
 def build_pairs(prompt_ids, prompt_mask, tokens, mask, logprobs, scores, keep, eos_token_ids=()) -> dict:
     """Preference pairs for the prompts where ``keep`` is True.
 
     ``tokens``/``mask``/``logprobs`` are the sampler's ``[2B, N]`` outputs (rows 2i, 2i+1 = prompt i), ``scores``
-    the annotator's ``[2B]`` scores; the higher-scored response is chosen (ties: the first sample).
+    the annotator's ``[2B]`` scores; the higher-scored response is chosen, and on a tie the second sample (the
+    official rule; pass ``keep & ~tied(scores)`` to drop ties instead).
     """
     prompt_ids, prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
     tokens, mask, logprobs, scores = (np.asarray(x) for x in (tokens, mask, logprobs, scores))
     idx = np.flatnonzero(keep)
-    first_wins = scores[0::2] >= scores[1::2]
+    first_wins = scores[0::2] > scores[1::2]
     chosen_row = np.where(first_wins, 0, 1)[idx] + 2 * idx
     rejected_row = np.where(first_wins, 1, 0)[idx] + 2 * idx
     seq_logps = (logprobs * mask).sum(axis=1).astype(np.float32)

@@ -40,9 +40,14 @@ class Task:
     eval_ids: np.ndarray
     eval_mask: np.ndarray
     references: list
-    annotator: object
+    annotator: object  # labels the sampled pairs
     score_name: str  # what the annotator's scores are, for printing
     truncated: int = 0  # test prompts cut to max_prompt_length (the annotator still sees them whole)
+    eval_annotator: object = None  # scores the test set: the annotator, or the RM at eval_reward_max_length
+
+    def __post_init__(self):
+        if self.eval_annotator is None:
+            self.eval_annotator = self.annotator
 
 
 @dataclass
@@ -125,6 +130,7 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True, so
             stream = ArrayPrompts(texts, ids, mask, batch_size=cfg.batch_size, seed=cfg.seed,
                                   rows=distributed.host_batch_rows(mesh, cfg.batch_size))
         gold = {demo_task.prompt_text(r): r["gold"] for r in train_rows + test_rows}
+    eval_annotator = None  # the annotator itself unless the RM scores the test set at another length
     if kind == "rouge":
         if gold is None:
             raise ValueError(f"annotator=rouge needs gold summaries (minisum-format data); task {cfg.data!r} "
@@ -148,6 +154,9 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True, so
         per_host = max(1, cfg.reward_batch_size // distributed.process_count())  # rows per call, each host
         annotator = RewardModelAnnotator(rm, rm_tokenizer, batch_size=per_host,
                                          max_length=cfg.reward_max_length)
+        if cfg.eval_reward_max_length and cfg.eval_reward_max_length != cfg.reward_max_length:
+            eval_annotator = RewardModelAnnotator(rm, rm_tokenizer, batch_size=per_host,
+                                                  max_length=cfg.eval_reward_max_length)
         score_name = "reward"
     encoded = encoded or [(encode(tokenizer, p), False) for p in eval_prompts]
     eval_ids, eval_mask = left_pad([ids for ids, _ in encoded])
@@ -155,7 +164,7 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True, so
         raise ValueError(f"a test prompt has {eval_ids.shape[1]} tokens, over max_prompt_length="
                          f"{cfg.max_prompt_length}")
     return Task(cfg.data, stream, eval_prompts, eval_ids, eval_mask, references, annotator, score_name,
-                truncated=sum(cut for _, cut in encoded))
+                truncated=sum(cut for _, cut in encoded), eval_annotator=eval_annotator)
 
 
 def prepare_tfds(task: str, data_dir: str, tfds_dir: str) -> dict:

@@ -36,6 +36,10 @@ def test_overrides_and_types(tmp_path):
     ("temperature: -1\n", "use a temperature > 0"),
     ("attention: flash\n", "attention='flash'; valid: xla, cudnn"),
     ("attention: cudnn\ndtype: float32\n", "attention=cudnn needs dtype bfloat16 or float16"),
+    ("loss_type: aot\nmicro_batches: 2\n", "loss_type=aot couples the pairs of a batch"),
+    ("loss_type: bco_pair_batchmean\nmicro_batches: 4\n", "use micro_batches=1"),
+    ("tied_pairs: first\n", "tied_pairs='first'; valid: drop, second"),
+    ("eval_reward_max_length: -1\n", "eval_reward_max_length >= 0"),
 ])
 def test_errors_name_the_problem(tmp_path, text, message):
     f = tmp_path / "c.yaml"

@@ -92,9 +92,42 @@ def test_sampling_several_batches_per_call_collects_the_same_phase(tiny_dir, mon
     prompt_of = lambda p: [tuple(r) for r in p["chosen_ids"][:, :fresh.width]]  # noqa: E731  (left-padded prompts)
     it = iter([tuple(fresh.ids[i]) for i in fresh.take(0, s6["prompts_sampled"])])
     assert all(p in it for p in prompt_of(p6))  # the pairs' prompts: the stream's, in its order
-    assert s6["prompts_sampled"] <= 6 + 2 * s6["identical_pairs_dropped"]  # no batch beyond what is missing
-    if s0["identical_pairs_dropped"] == s6["identical_pairs_dropped"] == 0:  # nothing dropped: the same prompts
+    dropped = {k: s["identical_pairs_dropped"] + s["tied_pairs_dropped"] for k, s in ((0, s0), (6, s6))}
+    assert s6["prompts_sampled"] <= 6 + 2 * dropped[6]  # no batch beyond what is missing
+    if dropped[0] == dropped[6] == 0:  # nothing dropped: the same prompts
         assert prompt_of(p6) == prompt_of(p0) and st0 == st6
+
+
+def test_tied_pairs_label_the_second_sample_or_are_dropped():
+    """``build_pairs``: the higher score is chosen and a tie labels the second sample (the official rule);
+    ``tied`` marks the ties that ``tied_pairs=drop`` removes."""
+    from bpo_jax.pairs import build_pairs, tied
+
+    tokens = np.arange(8 * 3).reshape(8, 3)
+    scores = np.asarray([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.0, 0.0])
+    pairs = build_pairs(np.zeros((4, 2), int), np.ones((4, 2), int), tokens, np.ones((8, 3), int),
+                        np.zeros((8, 3)), scores, np.ones(4, bool))
+    np.testing.assert_array_equal(pairs["chosen_ids"][:, 2:], tokens[[0, 3, 5, 7]])  # ties: rows 5 and 7
+    np.testing.assert_array_equal(pairs["rejected_ids"][:, 2:], tokens[[1, 2, 4, 6]])
+    np.testing.assert_array_equal(tied(scores), [False, False, True, True])
+
+
+@pytest.mark.parametrize("rule", ["drop", "second"])
+def test_collection_drops_and_counts_tied_pairs(tiny_dir, rule):
+    """An annotator that ties most pairs: ``drop`` samples on until the phase has K·B pairs that all carry a
+    preference and counts the ties it dropped; ``second`` keeps them (counted, none dropped)."""
+    model, tok, prompts = _setup(tiny_dir)
+    cfg = _cfg("unused", total_steps=2, num_phases=1, temperature=2.0, tied_pairs=rule)
+    coarse = FunctionAnnotator(lambda prompt, response: float(len(response) % 3 == 0))  # ties 5 times in 9
+    pairs, stats = online.collect_pairs(cfg, model.config, model.params, tok, prompts, coarse,
+                                        online.jax.random.key(0), eos_token_ids=(2,))
+    assert len(pairs["chosen_ids"]) == 4 and stats["tied_pairs"] > 0
+    decided = pairs["chosen_scores"] != pairs["rejected_scores"]
+    if rule == "drop":
+        assert decided.all() and stats["tied_pairs_dropped"] == stats["tied_pairs"]
+        assert stats["prompts_sampled"] >= 4 + stats["tied_pairs_dropped"]
+    else:
+        assert stats["tied_pairs_dropped"] == 0 and not decided.all()
 
 
 def test_ensemble_members_differ_from_the_merged_behavior_at_a_phase_start(tiny_dir, tmp_path):

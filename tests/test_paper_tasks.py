@@ -145,6 +145,9 @@ def test_paper_configs_follow_the_official_code():
         assert (cfg.learning_rate, cfg.max_grad_norm, cfg.beta, cfg.num_phases, cfg.eval_size) == (
             5e-5, 1.0, 0.1, 2, 0)
         assert (cfg.lora_rank, cfg.lora_alpha, cfg.ensemble_size, cfg.reference) == (256, 512, 5, "behavior")
+        # annotation cuts the RM input at 640, the evaluation at max_prompt_length + max_new_tokens; ties: second
+        assert (cfg.reward_max_length, cfg.eval_reward_max_length) == (640, prompt_len + cfg.max_new_tokens)
+        assert cfg.tied_pairs == "second"
 
 
 def test_adam_eps_gives_the_first_adamw_step_of_torch():

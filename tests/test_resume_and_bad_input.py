@@ -50,10 +50,15 @@ def test_resume_refuses_changed_run_settings_and_skips_the_step0_eval(tiny_dir, 
     assert "total_steps: 2 -> 4" in err and "lora_rank: 2 -> 4" in err
     assert "Rerun with the original settings" in err and "new run_dir" in err
     # Operational keys may change; the rerun resumes at the end, without a second step-0 evaluation.
-    assert cli(_args(tiny_dir, data_dir, run, "checkpoint_every=1", "eval_size=3")) == 0
+    assert cli(_args(tiny_dir, data_dir, run, "checkpoint_every=1")) == 0
     out = capsys.readouterr().out
     assert "step 0: win rate" not in out and "before ->" in out
     assert [r["step"] for r in _rows(run) if "eval/win_rate" in r].count(0) == 1
+    # Another test set (eval_size): step 0 is evaluated again on it, so "before -> after" compares like with like.
+    assert cli(_args(tiny_dir, data_dir, run, "eval_size=3")) == 0
+    assert "step 0: evaluating on 3 test prompts" in capsys.readouterr().out
+    step0 = [r for r in _rows(run) if r["step"] == 0 and "eval/win_rate" in r]
+    assert len(step0) == 2 and step0[0]["eval/num_prompts"] != 3 and step0[1]["eval/num_prompts"] == 3
 
 
 @pytest.mark.parametrize("extra, message", [
