@@ -64,13 +64,15 @@ def main(argv=None) -> int:
         say(f"step {step}: evaluating on {len(task.references)} test prompts")
         result = score_test_set(params, mcfg, tok, task.eval_annotator, task.eval_prompts, task.eval_ids,
                                 task.eval_mask, task.references, max_new_tokens=cfg.eval_max_new_tokens,
-                                eos_token_ids=eos, mesh=mesh, batch_size=cfg.eval_batch_size, interrupt=stop.check)
+                                eos_token_ids=eos, mesh=mesh, batch_size=cfg.eval_batch_size, interrupt=stop.check,
+                                reference_params=start if cfg.eval_sft_logratio else None)
         wr = win_rate_from_scores(result.scores, result.reference_scores)
+        drift = {} if result.logratio_sft is None else {"eval/sft_logratio": float(result.logratio_sft.mean())}
         say(f"step {step}: {wr.describe()}; mean {task.score_name} {wr.mean_score:.3f} vs references "
             f"{wr.mean_reference_score:.3f}; e.g. {result.responses[0][:100]!r}")
         if step == cfg.total_steps:  # the final model's per-prompt scores, as `evaluate` writes them
             write_scores(scores_file(cfg.run_dir, step, cfg.data), task.eval_prompts, task.references, result)
-        done[step] = {**wr.metrics(), **eval_setting}
+        done[step] = {**wr.metrics(), **drift, **eval_setting}
         return done[step]
 
     lora = f"LoRA r={cfg.lora_rank} x{cfg.ensemble_size}" if cfg.lora_rank else "full fine-tuning"
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
         save_config(cfg, str(rd.path(cfg.run_dir, "config.yaml")))  # what `python -m bpo_jax evaluate` reloads
     metrics = rd.path(cfg.run_dir, "metrics.jsonl")
     lora_init, start = None, model.params
-    if cfg.lora_init_from and not _has_checkpoint(cfg):  # a fresh run from adapter folders (a resume restores)
+    if cfg.lora_init_from:  # the SFT model is base + the adapters' merge (used to start; a resume restores)
         from bpo_jax import lora
         from bpo_jax.peft_adapters import read_ensemble
 
@@ -95,6 +97,7 @@ def main(argv=None) -> int:
             print(f"config error: {err}", file=sys.stderr)
             return 2
         start = lora.merge(model.params, lora_init, cfg.lora_scale)  # the SFT model: base + the adapters' merge
+        lora_init = None if _has_checkpoint(cfg) else lora_init
     logged = [r for r in rd.read_jsonl(metrics) if r.get("step") == 0 and "eval/win_rate" in r
               and all(r.get(k) == v for k, v in eval_setting.items())]
     from bpo_jax import state as st

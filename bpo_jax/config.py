@@ -93,6 +93,8 @@ class TrainConfig:
     eval_size: int = 0  # test prompts to evaluate (0 = all)
     eval_batch_size: int = 16  # test prompts per greedy decoding call (each host)
     eval_max_new_tokens: int = 64
+    # also log eval/sft_logratio: π_θ's log-ratio to the SFT model on its greedy responses (one extra forward)
+    eval_sft_logratio: bool = False
     # Run
     seed: int = 0
     run_dir: str = "runs/default"
@@ -223,6 +225,7 @@ def save_config(cfg: TrainConfig, path: str) -> None:
 # Keys that may change between the runs of one run_dir (how it runs, not what it computes). Every other key
 # defines the run: a resume with a different value is refused (``run_identity_changes``).
 OPERATIONAL_KEYS = ("run_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_size", "eval_max_new_tokens",
+                    "eval_sft_logratio",
                     "export_policy", "mesh_data", "mesh_fsdp", "mesh_tensor", "mesh_device_ids", "remat",
                     "micro_batches", "logprob_chunk", "share_prompt", "attention", "eval_batch_size",
                     "reward_batch_size", "data_dir", "tfds_dir", "judge_timeout", "judge_retries", "judge_api_key_env")

@@ -9,17 +9,27 @@ prompts.
 With several processes the test set is split across hosts (each decodes and scores its slice, padded to one
 size by repeating the last prompt) and the scores and responses are gathered, so every host computes the same
 win rate.
+
+Drift from the SFT model (``reference_params``): the mean over test prompts of the policy's greedy response's
+log-ratio ``Σ_t log π_θ(y_t | x, y_<t) − log π_SFT(y_t | x, y_<t)``. π_θ's log-probs are the sampler's own
+(untempered), π_SFT's come from one forward over ``[prompt | response]``. It is 0 for the SFT model itself and
+grows as the policy moves away; with responses sampled from π_θ its mean would estimate KL(π_θ‖π_SFT); on the
+greedy (modal) response it is a drift measure of the same kind, not an unbiased KL estimate.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from typing import NamedTuple
 
+import jax
 import numpy as np
 
 from bpo_jax import distributed
+from bpo_jax.logprobs import chunked_token_logprobs, reduce_masked
+from bpo_jax.models.decoder import hidden_states, logits_from_hidden
 from bpo_jax.sampling import generate
 
 
@@ -64,47 +74,76 @@ def score_against_references(annotator, prompts, responses, references) -> tuple
 
 
 def greedy_responses(params, config, tokenizer, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_token_ids,
-                     batch_size: int = 16, mesh=None) -> list[str]:
-    """Greedy-decoded response texts, one per prompt."""
+                     batch_size: int = 16, mesh=None, samples: bool = False):
+    """Greedy-decoded response texts, one per prompt (and the sampler's output, when ``samples``)."""
     out = generate(params, prompt_ids, prompt_mask, config=config, max_new_tokens=max_new_tokens, temperature=0.0,
                    eos_token_ids=eos_token_ids, batch_size=batch_size, mesh=mesh,
                    pad_token_id=config.pad_token_id or 0)
-    return [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip() for t, m in zip(out.tokens, out.mask)]
+    texts = [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip() for t, m in zip(out.tokens, out.mask)]
+    return (texts, out) if samples else texts
+
+
+@partial(jax.jit, static_argnames=("config", "prompt_len"))
+def _response_logps(config, params, ids, mask, *, prompt_len: int):
+    """``[B]`` summed log-probs of the response part of rows ``[prompt | response]`` (position P − 1 + j predicts
+    response token j), unembedded 16 positions at a time."""
+    h, _ = hidden_states(config, params, ids, attention_mask=mask)
+    lp = chunked_token_logprobs(partial(logits_from_hidden, config), params, h[:, prompt_len - 1 : -1],
+                                ids[:, prompt_len:], 16)
+    return reduce_masked(lp, mask[:, prompt_len:]).sum
+
+
+def response_logps(config, params, prompt_ids, prompt_mask, tokens, mask, *, mesh=None) -> np.ndarray:
+    """This host's ``[B]`` summed log-probs of ``tokens``/``mask`` (responses) after the left-padded prompts, under
+    ``params``. With several processes every host calls it with the same row count (its own rows)."""
+    ids = np.concatenate([prompt_ids, tokens], axis=1).astype(np.int32)
+    m = np.concatenate([prompt_mask, mask], axis=1).astype(np.int32)
+    rows = ids.shape[0]
+    shards = distributed.local_batch_shards(mesh)
+    pad = -rows % shards  # rows split evenly over this host's batch shards
+    ids, m = np.pad(ids, ((0, pad), (0, 0))), np.pad(m, ((0, pad), (0, 0)))
+    m[rows:, 0] = 1  # padding rows: one dummy token keeps them well-defined
+    ids_d, m_d = distributed.global_rows((ids, m), mesh)
+    out = _response_logps(config, params, ids_d, m_d, prompt_len=prompt_ids.shape[1])
+    return np.asarray(distributed.local_rows(out, mesh))[:rows]
 
 
 class TestSetScores(NamedTuple):
     responses: list  # the policy's greedy response per test prompt
     scores: np.ndarray  # [n] the annotator's score of each response ...
     reference_scores: np.ndarray  # ... and of each human reference (or a pairwise judge's equivalent)
+    logratio_sft: np.ndarray | None = None  # [n] log π_θ − log π_SFT of each response (``reference_params``)
 
 
 def score_test_set(params, config, tokenizer, annotator, prompts, prompt_ids, prompt_mask, references, *,
                    max_new_tokens: int, eos_token_ids, mesh=None, batch_size: int = 16,
-                   interrupt=None) -> TestSetScores:
+                   interrupt=None, reference_params=None) -> TestSetScores:
     """Greedy responses to every test prompt, scored with the references; the same result on every host.
-    ``interrupt()`` runs before each batch of ``batch_size`` prompts (decoded, then scored; a preemption check)."""
+    ``interrupt()`` runs before each batch of ``batch_size`` prompts (decoded, then scored; a preemption check).
+    ``reference_params`` (the SFT model): also each response's log-ratio to it (the module's drift measure)."""
     n, hosts, me = len(prompts), distributed.process_count(), distributed.process_index()
     per_host = -(-n // hosts)
     mine = np.minimum(np.arange(me * per_host, (me + 1) * per_host), n - 1)  # pad: repeat the last prompt
-    responses, s, r = [], [], []
+    responses, s, r, drift = [], [], [], []
     for start in range(0, per_host, batch_size):  # decode and score a batch at a time: a preemption stops between
         if interrupt is not None:
             interrupt()
         idx = mine[start:start + batch_size]
-        texts = greedy_responses(params, config, tokenizer, np.asarray(prompt_ids)[idx], np.asarray(prompt_mask)[idx],
-                                 max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids, mesh=mesh,
-                                 batch_size=batch_size)
+        ids, pmask = np.asarray(prompt_ids)[idx], np.asarray(prompt_mask)[idx]
+        texts, out = greedy_responses(params, config, tokenizer, ids, pmask, max_new_tokens=max_new_tokens,
+                                      eos_token_ids=eos_token_ids, mesh=mesh, batch_size=batch_size, samples=True)
         scores, refs = score_against_references(annotator, [prompts[j] for j in idx], texts,
                                                 [references[j] for j in idx])
+        if reference_params is not None:
+            sft = response_logps(config, reference_params, ids, pmask, out.tokens, out.mask, mesh=mesh)
+            drift.append((out.logprobs * out.mask).sum(axis=1) - sft)
         responses += texts
         s.append(np.asarray(scores, np.float64))
         r.append(np.asarray(refs, np.float64))
-    s, r = np.concatenate(s), np.concatenate(r)
-    scores = distributed.all_gather(np.asarray(s, np.float64)).reshape(-1)[:n]
-    reference_scores = distributed.all_gather(np.asarray(r, np.float64)).reshape(-1)[:n]
+    gather = lambda parts: distributed.all_gather(np.concatenate(parts).astype(np.float64)).reshape(-1)[:n]  # noqa: E731
     if hosts > 1:
         responses = [t for host in distributed.gather_json(responses) for t in host]
-    return TestSetScores(responses[:n], scores, reference_scores)
+    return TestSetScores(responses[:n], gather(s), gather(r), gather(drift) if drift else None)
 
 
 def scores_file(run_dir: str, step: int, data: str):
@@ -118,8 +157,9 @@ def scores_file(run_dir: str, step: int, data: str):
 def write_scores(path, prompts, references, result: TestSetScores) -> None:
     """Write ``scores_file`` (primary host only)."""
     if distributed.is_primary():
+        drift = result.logratio_sft if result.logratio_sft is not None else [None] * len(prompts)
         path.write_text("".join(
             json.dumps({"prompt": p, "response": resp, "reference": ref, "score": float(s),
-                        "reference_score": float(r)}) + "\n"
-            for p, resp, ref, s, r in zip(prompts, result.responses, references, result.scores,
-                                          result.reference_scores)))
+                        "reference_score": float(r), **({} if d is None else {"sft_logratio": float(d)})}) + "\n"
+            for p, resp, ref, s, r, d in zip(prompts, result.responses, references, result.scores,
+                                             result.reference_scores, drift)))

@@ -2,12 +2,17 @@
 
   1. read the grid: ``base`` train-config keys, ``methods`` (a name and the few keys a method may set),
      ``loss_types``, ``seeds``, ``out_dir``, and optionally ``only`` (loss type -> the methods it runs with, when
-     not all of them); build every run's ``TrainConfig`` and refuse a method that changes the
-     budget (T, batch size, test prompts, token limits, ...) or a finished run whose saved config differs;
+     not all of them) and ``stages`` (lists of methods run one list after another, each over every loss and
+     seed, so a half-finished grid has the first list on every seed); build every run's ``TrainConfig`` and
+     refuse a method that changes the budget (T, batch size, test prompts, token limits, ...) or a finished run
+     whose saved config differs;
   2. for each run in turn, ``run_dir = <out_dir>/<method>/<loss>/seed<k>``: skip it when it is finished, else run
      the same ``train`` command (which resumes from the run's checkpoint; its final evaluation writes the
      per-prompt scores), then ``evaluate`` the final checkpoint only if those scores are still missing; a
-     failing run is logged and the grid goes on;
+     failing run is logged and the grid goes on. The step-0 evaluation (the SFT model, the same for every
+     method and loss of a seed: they share everything else) is made by the seed's first run and copied into
+     the metrics of the others, which then skip it (``train`` reuses a logged step-0 result made on the same
+     test set);
   3. read each finished run's per-prompt outcomes (1 when the greedy response beats the human reference
      strictly, as the paper counts it: a tie loses) and its win rate against step;
   4. summarise: per (method, loss) the seeds' win rates with bootstrap CIs and their mean ± std, and for each
@@ -35,10 +40,11 @@ from bpo_jax.config import ConfigError, TrainConfig, load_config, run_identity_c
 
 # What a method may set: how often π_β is refreshed and what the loss's reference is (plus the references' own
 # knobs). Everything else is the shared budget and setting, in ``base``.
-METHOD_KEYS = ("num_phases", "reference", "ema_rate", "mixup_alpha", "mixup_every", "reference_path")
+METHOD_KEYS = ("num_phases", "reference", "ema_rate", "mixup_alpha", "mixup_every", "reference_path",
+               "ensemble_size")  # an ensemble of N adapters trains on the same pairs (the paper's stability claim)
 GRID_KEYS = ("loss_type", "seed", "run_dir")  # set by the runner for each run
 EXPERIMENT_KEYS = ("base", "methods", "loss_types", "seeds", "out_dir")
-OPTIONAL_KEYS = ("only",)
+OPTIONAL_KEYS = ("only", "stages")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +66,8 @@ class Experiment:
     loss_types: tuple
     seeds: tuple
     out_dir: str
-    runs: tuple  # Run, in the order they run: loss, then seed, then method (a half-finished grid compares
-                 # every method of the first loss on its first seeds)
+    runs: tuple  # Run, in the order they run: stage, then loss, then seed, then method (a half-finished grid
+                 # compares every method of the first stage and loss on its first seeds)
 
 
 def load_experiment(path: str, out_dir: str | None = None) -> Experiment:
@@ -118,19 +124,38 @@ def build_experiment(spec: dict, source: str = "the experiment") -> Experiment:
         resolved[name] = {k: base_cfg.total_steps if (k == "num_phases" and v == "T") else v for k, v in over.items()}
     only = _only(spec.get("only"), loss_types, resolved, source)
     runs = []
-    for loss, seed, (name, over) in itertools.product(loss_types, seeds, resolved.items()):
-        if name not in only.get(loss, resolved):
-            continue
-        run_dir = os.path.join(spec["out_dir"], name, loss, f"seed{seed}")
-        overrides = tuple(_kv(k, v) for k, v in {**base, **over, "loss_type": loss, "seed": seed,
-                                                  "run_dir": run_dir}.items())
-        try:
-            cfg = load_config(None, overrides)
-        except ConfigError as err:
-            raise ConfigError(f"{source}: method {name!r} with loss_type={loss}: {err}") from None
-        runs.append(Run(name, loss, seed, cfg, overrides))
+    for stage, loss, seed in itertools.product(_stages(spec.get("stages"), resolved, source), loss_types, seeds):
+        for name in stage:
+            if name not in only.get(loss, resolved):
+                continue
+            runs.append(_run(spec, base, name, resolved[name], loss, seed, source))
     check_same_budget(runs)
     return Experiment(resolved, tuple(loss_types), tuple(seeds), spec["out_dir"], tuple(runs))
+
+
+def _run(spec, base, name, over, loss, seed, source) -> Run:
+    """One grid cell's ``Run``: base + the method's overrides + the grid's keys."""
+    run_dir = os.path.join(spec["out_dir"], name, loss, f"seed{seed}")
+    overrides = tuple(_kv(k, v) for k, v in {**base, **over, "loss_type": loss, "seed": seed,
+                                              "run_dir": run_dir}.items())
+    try:
+        cfg = load_config(None, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: method {name!r} with loss_type={loss}: {err}") from None
+    return Run(name, loss, seed, cfg, overrides)
+
+
+def _stages(stages, methods, source) -> list:
+    """``stages``: lists of methods, each method in exactly one; default: one stage of every method."""
+    if stages is None:
+        return [list(methods)]
+    flat = [n for st in stages for n in st] if isinstance(stages, list) and all(
+        isinstance(st, list) and st for st in stages) else None
+    if flat is None or sorted(flat) != sorted(methods):
+        raise ConfigError(f"{source}: stages must be lists of methods that name each of {list(methods)} once, "
+                          f"got {stages!r}")
+    return stages
+
 
 
 def _only(only, loss_types, methods, source) -> dict:
@@ -211,6 +236,8 @@ def run_grid(exp: Experiment, run_command: Callable[[list, str], int], log=print
             log(f"{name}: finished, skipped")
             continue
         os.makedirs(run.run_dir, exist_ok=True)
+        if not trained and (donor := reuse_step0_eval(exp, run)):
+            log(f"{name}: the step-0 evaluation (the SFT model) is {donor}'s")
         log_path = os.path.join(run.run_dir, "experiment.log")
         commands = ([] if trained else [["train", *run.overrides]]) + [
             ["evaluate", "--checkpoint", run.run_dir, "--step", str(run.config.total_steps)]]
@@ -226,6 +253,28 @@ def run_grid(exp: Experiment, run_command: Callable[[list, str], int], log=print
                 failed.append((run, args[0], rc))
                 break
     return failed
+
+
+def _step0_evals(run_dir: str) -> list:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [r for r in map(json.loads, filter(str.strip, f)) if r.get("step") == 0 and "eval/win_rate" in r]
+
+
+def reuse_step0_eval(exp: Experiment, run: Run) -> str | None:
+    """Copy the step-0 evaluation of another run of ``run``'s seed into ``run``'s metrics (when it has none), so
+    its ``train`` skips evaluating the SFT model again; returns the donor's run_dir, or None. The runs of a seed
+    differ only in METHOD_KEYS and the loss (``check_same_budget``), none of which changes the step-0 model."""
+    if _step0_evals(run.run_dir):
+        return None
+    for other in exp.runs:
+        if other.seed == run.seed and other is not run and (records := _step0_evals(other.run_dir)):
+            with open(os.path.join(run.run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({**records[-1], "reused_from": other.run_dir}) + "\n")
+            return other.run_dir
+    return None
 
 
 # ---- step 3: per-prompt outcomes and curves -------------------------------------------------------------------

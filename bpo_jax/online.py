@@ -88,8 +88,11 @@ def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts, 
     bar = tqdm(total=need, desc="collecting pairs", unit="pair", leave=False, disable=not distributed.is_primary())
     while (fewest := distributed.min_over_hosts(have)) < need:  # every host takes the same decision
         if rounds > 20 * cfg.steps_per_phase and fewest == 0:
-            raise RuntimeError("the behavior LLM keeps sampling identical (or, with tied_pairs=drop, equally scored) "
-                               "pairs; raise temperature")
+            if distributed.any_host(bool(tally[1])):  # every host raises the same error
+                raise RuntimeError(f"the annotator scored the two responses of every distinct pair equal in {rounds} "
+                                   f"rounds, and tied_pairs=drop keeps no tied pair; use an annotator that "
+                                   f"separates them, or tied_pairs=second (the official code's label)")
+            raise RuntimeError("the behavior LLM keeps sampling identical pairs; raise temperature")
         if interrupt is not None:
             interrupt("the collection of pairs")
         calls = min(most, -(-(need - fewest) // b_local))

@@ -91,7 +91,8 @@ def test_online_loop_one_phase(tiny_policy_and_rm, tmp_path):
     """One phase of the demo task's loop (minisum, ROUGE annotator) on a tiny random Llama with SmolLM2's tokenizer
     (the shipped SmolLM2 runs the same code, only slower to compile)."""
     res, out = _run("online_loop.py", ["--steps", "2", f"model={tiny_policy_and_rm[0]}", "batch_size=2",
-                                       "eval_size=2", "max_new_tokens=8", "eval_max_new_tokens=8"], tmp_path)
+                                       "eval_size=2", "max_new_tokens=8", "eval_max_new_tokens=8",
+                                       "tied_pairs=second"], tmp_path)
     rows = res["rows"]
     for name in ("sampling", "decoding to text", "annotation", "train steps", "behavior sync", "checkpointing",
                  "eval: generate", "eval: scoring"):

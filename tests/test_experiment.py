@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _spec(model, data, out_dir, **methods):
     return {"base": {"model": model, "data": str(data), "total_steps": 2, "batch_size": 2, "max_new_tokens": 4,
                      "eval_max_new_tokens": 4, "eval_size": 4, "lora_rank": 2, "eval_every": 1,
-                     "learning_rate": 5e-3, "export_policy": False},
+                     "learning_rate": 5e-3, "export_policy": False,
+                     "tied_pairs": "second"},  # a tiny random model's responses all score ROUGE 0
             "methods": methods or {"offline": {"num_phases": 1, "reference": "sft"},
                                    "bpo_ft": {"num_phases": "T", "reference": "behavior"}},
             "loss_types": ["sigmoid"], "seeds": [0, 1], "out_dir": str(out_dir)}
@@ -43,6 +44,7 @@ def test_grid_writes_results_skips_finished_runs_and_resumes(tiny_policy_and_rm,
     out = tmp_path / "out"
     path = _write(tmp_path, _spec(tiny_policy_and_rm[0], data, out))
     assert experiment_cli([path, "--in-process"]) == 0
+    assert capsys.readouterr().out.count("step 0: evaluating") == 2  # once per seed, not once per run
     exp = ex.load_experiment(path)
     assert [(r.method, r.loss_type, r.seed) for r in exp.runs] == [
         ("offline", "sigmoid", 0), ("bpo_ft", "sigmoid", 0), ("offline", "sigmoid", 1), ("bpo_ft", "sigmoid", 1)]
@@ -69,6 +71,12 @@ def test_grid_writes_results_skips_finished_runs_and_resumes(tiny_policy_and_rm,
                                                 abs=1e-3)
     md = (out / "results.md").read_text()
     assert "| sigmoid | offline | 1 | sft |" in md and "| sigmoid | offline | bpo_ft |" in md
+    # The SFT model is evaluated once per seed: the seed's second run reuses the first one's step-0 result.
+    for seed in (0, 1):
+        first, second = (_records(out / m / "sigmoid" / f"seed{seed}")[0] for m in ("offline", "bpo_ft"))
+        assert first["step"] == second["step"] == 0 and "reused_from" not in first
+        assert second["reused_from"] == str(out / "offline" / "sigmoid" / f"seed{seed}")
+        assert {k: v for k, v in second.items() if k != "reused_from"} == first
     assert (out / "win_rate.png").read_bytes()[:4] == b"\x89PNG"
 
     # Rerun: every run is finished, nothing is trained or evaluated again.
@@ -127,6 +135,11 @@ def test_budget_check_refuses_a_method_that_changes_the_budget(tmp_path, capsys)
         ex.build_experiment({**good, "only": {"sigmoid": ["nope"]}})
     assert [(r.method, r.seed) for r in ex.build_experiment({**good, "only": {"sigmoid": ["bpo_ft"]}}).runs] == [
         ("bpo_ft", 0), ("bpo_ft", 1)]
+    staged = {**good, "stages": [["bpo_ft"], ["offline"]]}  # a stage runs over every seed before the next
+    assert [(r.method, r.seed) for r in ex.build_experiment(staged).runs] == [
+        ("bpo_ft", 0), ("bpo_ft", 1), ("offline", 0), ("offline", 1)]
+    with pytest.raises(ConfigError, match="stages must be lists of methods that name each of"):
+        ex.build_experiment({**good, "stages": [["bpo_ft"]]})
     with pytest.raises(ConfigError, match="missing keys \\['seeds'\\]"):
         ex.build_experiment({k: v for k, v in spec.items() if k != "seeds"})
 
@@ -144,6 +157,12 @@ def test_shipped_experiments_validate_and_dry_run(capsys):
     assert {(r.method, r.loss_type) for r in claim.runs if r.loss_type != "sigmoid"} == {
         (m, loss) for m in ("offline", "bpo_f2") for loss in ("ipo", "hinge")}
     assert claim.runs[0].config.data == "data/minisum_large"
+    long = ex.load_experiment(os.path.join(ROOT, "configs", "experiments", "minisum_claim_t64.yaml"))
+    cfg = long.runs[0].config  # issue 27's setting: T = 64 steps of 8 pairs, all 400 test prompts, T/2 and T
+    assert (cfg.total_steps, cfg.batch_size, cfg.eval_size, cfg.eval_every, cfg.lora_rank) == (64, 8, 0, 32, 16)
+    assert [r.method for r in long.runs[:4]] == ["offline", "bpo_f2", "on_policy_sft", "bpo_ft"]
+    assert [r.seed for r in long.runs[:12]] == [0] * 4 + [1] * 4 + [2] * 4  # the main question first
+    assert {r.config.ensemble_size for r in long.runs} == {1, 3} and len(long.runs) == 24
 
 
 def test_paired_bootstrap_known_difference_and_ci():

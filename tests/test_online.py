@@ -221,7 +221,8 @@ def test_train_command_end_to_end(tiny_dir, tmp_path, capsys):
     write_minisum_folder(data)
     run = tmp_path / "run"
     assert cli(["train", f"model={tiny_dir}", f"data={data}", f"run_dir={run}", "total_steps=2", "num_phases=2",
-                "batch_size=2", "max_new_tokens=4", "eval_max_new_tokens=4", "lora_rank=2"]) == 0
+                "batch_size=2", "max_new_tokens=4", "eval_max_new_tokens=4", "lora_rank=2", "learning_rate=0.05",
+                "eval_sft_logratio=true", "tied_pairs=second"]) == 0
     out = capsys.readouterr().out
     assert "win rate vs human references" in out and "before ->" in out
     with open(run / "metrics.jsonl") as f:
@@ -233,6 +234,9 @@ def test_train_command_end_to_end(tiny_dir, tmp_path, capsys):
     assert len(rows) == 6 and {"prompt", "response", "reference", "score", "reference_score"} <= set(rows[0])
     wins = np.mean([r["score"] > r["reference_score"] for r in rows])
     assert wins == pytest.approx(records[-1]["eval/win_rate"])
+    # Drift from the SFT model: 0 for the SFT model itself (up to the sampler's float rounding), then not.
+    assert abs(records[0]["eval/sft_logratio"]) < 1e-3 < abs(records[-1]["eval/sft_logratio"])
+    assert np.mean([r["sft_logratio"] for r in rows]) == pytest.approx(records[-1]["eval/sft_logratio"])
     exported, _ = load_pretrained(str(run / "policy"))  # the trained policy as an HF folder
     assert exported.config.num_layers == 2
 

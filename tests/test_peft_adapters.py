@@ -161,7 +161,7 @@ def test_train_starts_from_adapter_folders_and_exports_peft_folders(tiny_policy_
     run = tmp_path / "run"
     args = ["train", f"model={policy}", f"data={data}", f"run_dir={run}", "total_steps=2", "num_phases=2",
             "batch_size=2", "max_new_tokens=4", "eval_max_new_tokens=4", "eval_size=2", "lora_rank=4",
-            "lora_alpha=8", "ensemble_size=2", "learning_rate=0.01"]
+            "lora_alpha=8", "ensemble_size=2", "learning_rate=0.01", "tied_pairs=second"]
     assert cli([*args[:3], f"run_dir={tmp_path / 'bad'}", *args[4:], f"lora_init_from={dirs[0]},{tmp_path}"]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
     assert cli([*args, f"lora_init_from={dirs[0]},{dirs[1]}"]) == 0

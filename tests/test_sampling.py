@@ -128,3 +128,19 @@ def test_bad_inputs(llama):
         generate(model, PROMPTS, np.zeros_like(PMASK), max_new_tokens=2)
     with pytest.raises(ValueError, match="temperature >= 0"):
         generate(model, PROMPTS, PMASK, max_new_tokens=2, temperature=-1.0)
+
+
+def test_response_logps_score_the_samplers_responses_on_a_mesh(llama):
+    """``evaluate.response_logps`` (the drift measure's SFT side): the summed log-probs of sampled responses equal
+    the sampler's own, also on an 8-device mesh with 3 rows (padded to the batch shards), and differ under
+    other weights."""
+    from bpo_jax.evaluate import response_logps
+
+    out = generate(llama, PROMPTS, PMASK, max_new_tokens=6, temperature=1.0, eos_token_ids=(3,),
+                   rng=jax.random.key(4))
+    want = (np.asarray(out.logprobs) * np.asarray(out.mask)).sum(1)
+    for mesh in (None, shd.make_mesh(data=8, fsdp=1, tensor=1)):
+        got = response_logps(llama.config, llama.params, PROMPTS, PMASK, out.tokens, out.mask, mesh=mesh)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    other = jax.tree.map(lambda x: x * 1.5, llama.params)
+    assert np.abs(response_logps(llama.config, other, PROMPTS, PMASK, out.tokens, out.mask) - want).min() > 1e-3
