@@ -83,9 +83,10 @@ def parse_file(task: str, path: str, data_format: str = "auto"):
 class BpoTldr(_TaskBuilder):
     """Reddit TL;DR summarisation (OpenAI tldr_3_filtered): one user turn per post; reference = its TL;DR."""
 
-    MANUAL_DOWNLOAD_INSTRUCTIONS = ("Put the official BPO sft_tldr_data files (sampling.jsonl, test.jsonl) or "
-                                    "OpenAI's summarize-from-feedback tldr_3_filtered train.jsonl and test.jsonl "
-                                    "(rows: id, subreddit, title, post, summary) in manual_dir.")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = ("Put the official BPO sft_tldr_data files (sampling.jsonl, test.jsonl of "
+                                    "github.com/xu1998hz/BPO) or OpenAI's summarize-from-feedback "
+                                    "tldr_3_filtered train.jsonl and test.jsonl (rows: id, subreddit, title, "
+                                    "post, summary) in manual_dir.")
     parse = staticmethod(tldr_example)
     task = "tldr"
 
@@ -93,8 +94,9 @@ class BpoTldr(_TaskBuilder):
 class BpoHhHelpful(_TaskBuilder):
     """Anthropic HH helpfulness (hh-rlhf helpful-base): single-turn prompts, each dialogue's first exchange."""
 
-    MANUAL_DOWNLOAD_INSTRUCTIONS = ("Put the official BPO sft_hh_data files (sampling.jsonl, test.jsonl) or hh-rlhf "
-                                    "helpful-base/train.jsonl.gz and test.jsonl.gz in manual_dir.")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = ("Put the official BPO sft_hh_data files (sampling.jsonl, test.jsonl of "
+                                    "github.com/xu1998hz/BPO) or hh-rlhf helpful-base/train.jsonl.gz and "
+                                    "test.jsonl.gz in manual_dir.")
     parse = staticmethod(hh_first_turn_example)
     task, keep = "hh_helpful", "end"
 
@@ -102,8 +104,9 @@ class BpoHhHelpful(_TaskBuilder):
 class BpoHhHarmless(_TaskBuilder):
     """Anthropic HH harmlessness (hh-rlhf harmless-base), split at the last assistant turn."""
 
-    MANUAL_DOWNLOAD_INSTRUCTIONS = ("Put the official BPO sft_harm_data files (sampling.jsonl, test.jsonl) or "
-                                    "hh-rlhf harmless-base/train.jsonl.gz and test.jsonl.gz in manual_dir.")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = ("Put the official BPO sft_harm_data files (sampling.jsonl, test.jsonl of "
+                                    "github.com/xu1998hz/BPO) or hh-rlhf harmless-base/train.jsonl.gz and "
+                                    "test.jsonl.gz in manual_dir.")
     parse = staticmethod(hh_example)
     task, keep = "hh_harmless", "end"
 
@@ -170,7 +173,8 @@ class Prepared:
 
         code = ("import sys; from bpo_jax.data.builders import Prepared; "
                 "Prepared.check(*sys.argv[1:5])._build()")
-        done = subprocess.run([sys.executable, "-c", code, self.task, self.manual_dir, self.root, self.data_format])
+        argv = [sys.executable, "-c", code, self.task, self.manual_dir, self.root, self.data_format]
+        done = subprocess.run(argv)
         if done.returncode:
             raise RuntimeError(f"preparing {self.task} in {self.root} failed (exit {done.returncode}; its output is above)")
 
