@@ -10,9 +10,10 @@ import pytest
 from bpo_jax.__main__ import main as cli
 from bpo_jax.evaluate import win_rate_from_scores
 
-TINY = ["total_steps=2", "num_phases=2", "batch_size=2", "max_new_tokens=4", "eval_max_new_tokens=4", "lora_rank=2",
-        "lora_alpha=4", "ensemble_size=2", "param_dtype=float32", "dtype=float32", "remat=false", "eval_size=4",
-        "reward_batch_size=4", "export_policy=false"]
+# data_dir= : the shipped raw samples instead of the official files the configs name (not shipped).
+TINY = ["total_steps=2", "num_phases=2", "batch_size=2", "data_dir=", "max_new_tokens=4", "eval_max_new_tokens=4",
+        "lora_rank=2", "lora_alpha=4", "ensemble_size=2", "param_dtype=float32", "dtype=float32", "remat=false",
+        "eval_size=4", "reward_batch_size=4", "export_policy=false"]
 
 
 @pytest.mark.parametrize("task", ["tldr", "hh_helpful", "hh_harmless"])
@@ -145,6 +146,8 @@ def test_paper_configs_follow_the_official_code():
         assert (cfg.learning_rate, cfg.max_grad_norm, cfg.beta, cfg.num_phases, cfg.eval_size) == (
             5e-5, 1.0, 0.1, 2, 0)
         assert (cfg.lora_rank, cfg.lora_alpha, cfg.ensemble_size, cfg.reference) == (256, 512, 5, "behavior")
+        folder = {"tldr": "sft_tldr_data", "hh_helpful": "sft_hh_data", "hh_harmless": "sft_harm_data"}[task]
+        assert (cfg.data_dir, cfg.data_format) == (f"BPO/{folder}", "auto")  # the official files by default
 
 
 def test_adam_eps_gives_the_first_adamw_step_of_torch():
