@@ -164,3 +164,27 @@ def test_a_long_document_keeps_its_start(smollm2):
     post = PlainText(TLDR["prompt"].replace("I left the rice on too long.", "The rice burnt. " * 40))
     ids, cut = encode_truncated(tok, post, 20, keep="start")
     assert cut and len(ids) <= 20 and tok.decode(ids).startswith("SUBREDDIT: r/cooking\nTITLE: Burnt rice")
+
+
+def test_a_paper_config_on_official_files_renders_plain_and_keeps_dialogue_ends(tiny_policy_and_rm, smollm2,
+                                                                                tmp_path):
+    """build_task on official Harmlessness files: training and test prompts are the official strings tokenized
+    without the chat template, and a test dialogue over max_prompt_length keeps its last user turn."""
+    from bpo_jax.tasks import build_task
+
+    tok = smollm2[1]
+    long = {"prompt": "user: " + "tell me about locks " * 30 + "assistant: " + "locks are old " * 30
+                      + "user: which lock is safest? assistant: ", "label": "A deadbolt."}
+    folder = _folder(tmp_path, "hh_harmless", [HARM] * 4, [HARM, long])
+    policy, rm = tiny_policy_and_rm
+    cfg = load_config("configs/hh_harmless_gemma2b.yaml", [
+        f"model={policy}", f"reward_model={rm}", f"data_dir={folder}", f"tfds_dir={tmp_path / 'tfds'}",
+        "max_prompt_length=40", "batch_size=2", "reward_batch_size=2", "param_dtype=float32", "dtype=float32"])
+    task = build_task(cfg, tok)
+    assert all(isinstance(p, PlainText) for p in task.eval_prompts) and task.truncated == 1
+    kept = {p: list(ids[m == 1]) for p, ids, m in zip(task.eval_prompts, task.eval_ids, task.eval_mask)}
+    assert kept[HARM["prompt"]] == list(tok(HARM["prompt"])["input_ids"])
+    assert tok.decode(kept[long["prompt"]]) == "user: which lock is safest? assistant: "
+    batch = task.train.next_batch()
+    assert batch.prompts == [HARM["prompt"]] * 2 and isinstance(batch.prompts[0], PlainText)
+    assert list(batch.ids[0][batch.mask[0] == 1]) == list(tok(HARM["prompt"])["input_ids"])
