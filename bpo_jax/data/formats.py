@@ -93,10 +93,12 @@ def hh_first_turn_example(row: dict, where: str) -> dict:
     the reference; later turns are dropped, so every dialogue gives one prompt.
 
     As the official Helpfulness data: sft_hh_data's prompts are single human turns (``f"{instruction}
-    Assistant: "``, util/extract_train_data.py, from HuggingFaceH4/helpful-anthropic-raw's 65.5k single-turn
-    instruction/demonstration pairs, about one per hh-rlhf helpful dialogue); none of its 21,000 rows holds a
-    second turn. Its length filter (prompts <= 64 Gemma tokens, labels <= 128) is not applied here: the prompt
-    stream drops over-long prompts and the evaluation cuts them (``max_prompt_length``)."""
+    Assistant: "``, util/extract_train_data.py, from HuggingFaceH4/helpful-anthropic-raw, whose 65,842
+    instruction/demonstration pairs (its dataset card) are as many as hh-rlhf's helpful-base + helpful-online
+    training dialogues, 43,835 + 22,007: one pair per dialogue, so its first exchange, not only the dialogues of
+    one turn); none of the 21,000 sft_hh_data rows holds a second turn. Its length filter (prompts <= 64 Gemma
+    tokens, labels <= 128) is not applied here: the prompt stream drops over-long prompts and the evaluation
+    cuts them (``max_prompt_length``)."""
     turns = hh_turns(_field(row, "chosen", where), where)
     if len(turns) < 2 or not turns[0][1] or not turns[1][1]:
         raise ValueError(f"{where}: field 'chosen' must open with a non-empty Human turn and Assistant reply")
