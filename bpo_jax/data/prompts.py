@@ -58,7 +58,8 @@ def encode_truncated(tokenizer, prompt, max_len: int, keep: str = "start") -> tu
 
     ``keep="start"`` (a document, e.g. a TL;DR post) keeps the longest start whose encoding fits, as the official
     evaluation does (the tokenizer's default right-side truncation, online_dpo_rand_trainer.py:1012), except that
-    a chat template's generation prompt is kept: the text is cut at the end of the conversation, later turns first.
+    a chat template's generation prompt is kept: the text is cut at the end of the conversation, later turns first
+    (a ``PlainText`` has none, so its cut start loses the trailing ``TL;DR: `` cue, exactly as officially).
     ``keep="end"`` (a dialogue) keeps its end, so the last user turn and the assistant cue survive: whole earlier
     turns are dropped from the start (the rest starts at a user turn), and only when the last user turn alone
     does not fit is the start of that turn cut, to the longest end that fits. The official code keeps the start
@@ -206,7 +207,7 @@ class GrainPrompts:
         probe = min(len(shard), 64)
         if not any(len(self._encode(shard[i])["ids"]) <= max_prompt_length for i in range(probe)):
             raise ValueError(f"none of the first {probe} training prompts fits max_prompt_length="
-                             f"{max_prompt_length} tokens (after the chat template); raise it")
+                             f"{max_prompt_length} tokens (as encoded: chat template or plain text); raise it")
         ds = (shard.shuffle(seed=seed).repeat().map(self._encode)
               .filter(lambda ex: len(ex["ids"]) <= max_prompt_length))
         self._dataset = ds.to_iter_dataset().batch(self.local_batch_size, batch_fn=self._collate)
