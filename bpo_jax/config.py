@@ -21,6 +21,7 @@ from bpo_jax.pairs import TIE_RULES
 
 REFERENCES = ("behavior", "sft", "ema", "mixup", "fixed")
 TFDS_TASKS = ("tldr", "hh_helpful", "hh_harmless")
+DATA_FORMATS = ("auto", "official", "raw")  # data_format: how the files of a tfds task are read
 ANNOTATORS = ("auto", "rouge", "reward_model", "judge")
 
 
@@ -76,6 +77,8 @@ class TrainConfig:
     data: str = "minisum"  # minisum (the demo) | a folder in its format | tldr | hh_helpful | hh_harmless
     data_dir: str = ""  # tfds tasks: the raw files (manual_dir); "" = the shipped samples in data/samples/<task>
     tfds_dir: str = ""  # tfds tasks: where prepared copies go; "" = ~/tensorflow_datasets/bpo_jax
+    data_format: str = "auto"  # tfds tasks: auto (per file, from its first row) | official (BPO's sft_*_data
+    # {prompt, label} rows, rendered as plain text) | raw (the public hh-rlhf / summarize-from-feedback rows)
     annotator: str = "auto"  # auto (rouge for minisum data, else reward_model) | rouge | reward_model | judge
     reward_model: str = ""  # HF *ForSequenceClassification folder (annotator=reward_model)
     reward_batch_size: int = 16
@@ -291,6 +294,7 @@ def validate(cfg: TrainConfig) -> None:
         validate_loss_args(cfg.loss_type, cfg.beta, cfg.label_smoothing)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    need(cfg.data_format in DATA_FORMATS, f"data_format={cfg.data_format!r}; valid: {', '.join(DATA_FORMATS)}")
     need(cfg.reference in REFERENCES, f"reference={cfg.reference!r}; valid: {', '.join(REFERENCES)}")
     need(cfg.reference != "fixed" or cfg.reference_path, "reference=fixed needs reference_path")
     need(0.0 < cfg.ema_rate <= 1.0, f"ema_rate={cfg.ema_rate} must be in (0, 1]")

@@ -3,8 +3,10 @@ annotator that ranks samples and judges the win rate.
 
 - ``data=minisum`` (or a folder of ``train.jsonl`` / ``test.jsonl`` in its format): the CPU demo task, scored
   by ROUGE-L against held-out gold summaries (``annotator=rouge``) or by a reward model.
-- ``data=tldr | hh_helpful | hh_harmless``: the paper's tasks through the tfds builders, from the raw files in
-  ``data_dir`` (default: the shipped samples), scored by a reward model (``reward_model=<HF folder>``).
+- ``data=tldr | hh_helpful | hh_harmless``: the paper's tasks through the tfds builders, from the files in
+  ``data_dir`` (the official BPO ``sft_*_data`` files or the raw public ones, per ``data_format``; default: the
+  shipped raw samples), scored by a reward model (``reward_model=<HF folder>``). Over-long test prompts are cut
+  per task: a TL;DR post keeps its start, an HH dialogue its end (``builders``' ``keep``).
 
 Any task can instead be judged by an LLM over an OpenAI-compatible API (``annotator=judge``, ``judge_url``,
 ``judge_model``; ``bpo_jax.judge``).
@@ -26,7 +28,7 @@ from bpo_jax.data.prompts import (
     GrainPrompts,
     encode,
     encode_truncated,
-    example_conversation,
+    example_prompt,
     example_reference,
     left_pad,
 )
@@ -82,7 +84,8 @@ def setup_run(cfg: TrainConfig, *, train: bool = True) -> Run:
                                     dtype=cfg.dtype)[0].params
     eos = model.config.eos_token_id
     eos = eos if isinstance(eos, tuple) else (eos,)
-    sources = prepare_tfds(cfg.data, cfg.data_dir, cfg.tfds_dir) if cfg.data in builders.BUILDERS else None
+    sources = prepare_tfds(cfg.data, cfg.data_dir, cfg.tfds_dir, cfg.data_format) if cfg.data in builders.BUILDERS \
+        else None
     task = build_task(cfg, tok, mesh=mesh, train=train, sources=sources)
     return Run(mesh, model, tok, reference, eos, task)
 
@@ -101,13 +104,15 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True, so
     kind = annotator_kind(cfg)
     encoded = None
     if cfg.data in builders.BUILDERS:
-        sources = sources or prepare_tfds(cfg.data, cfg.data_dir, cfg.tfds_dir)
+        sources = sources or prepare_tfds(cfg.data, cfg.data_dir, cfg.tfds_dir, cfg.data_format)
         test = builders.split_examples(sources["test"])
         # Every test prompt, the long ones truncated, as the official evaluation has it (it evaluates the whole
-        # test split, online_dpo_rand_trainer.py eval_over_steps); eval_size > 0 takes the first ones.
+        # test split, online_dpo_rand_trainer.py eval_over_steps); eval_size > 0 takes the first ones. A
+        # dialogue is cut from its start so that its last user turn stays (builders' keep).
         test = test[: _eval_size(cfg, len(test), f"task {cfg.data!r}")]
-        eval_prompts = [example_conversation(ex) for ex in test]
-        encoded = [encode_truncated(tokenizer, p, cfg.max_prompt_length) for p in eval_prompts]
+        eval_prompts = [example_prompt(ex) for ex in test]
+        keep = builders.BUILDERS[cfg.data].keep
+        encoded = [encode_truncated(tokenizer, p, cfg.max_prompt_length, keep) for p in eval_prompts]
         references = [example_reference(ex) for ex in test]
         stream = None
         if train:
@@ -167,12 +172,12 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True, so
                 truncated=sum(cut for _, cut in encoded), eval_annotator=eval_annotator)
 
 
-def prepare_tfds(task: str, data_dir: str, tfds_dir: str) -> dict:
+def prepare_tfds(task: str, data_dir: str, tfds_dir: str, data_format: str = "auto") -> dict:
     """A tfds task's splits, built once per file system: every process builds under a lock file in
     ``tfds_dir``, so on a shared home directory the first builds and the others find its copy, and on node-local
     disks each machine builds its own. No host waits in a collective while another builds; each stage ends in
     a shared decision, so an error on one host (a missing raw file, a bad row) stops every host alike."""
-    target = distributed.agreed(builders.Prepared.check, task, data_dir, tfds_dir)
+    target = distributed.agreed(builders.Prepared.check, task, data_dir, tfds_dir, data_format)
     distributed.agreed(target.build)
     return distributed.agreed(target.open)
 

@@ -56,7 +56,8 @@ def test_malformed_hh_rows_name_file_line_and_field(tmp_path, line, message):
         for n, row in read_jsonl(str(tmp_path / "bad.jsonl")):
             hh_example(row, f"bad.jsonl:{n}")
     with pytest.raises(ValueError, match="train.jsonl:2"):  # prepare validates before building anything
-        builders.prepare("hh_helpful", str(tmp_path), str(tmp_path / "tfds"))
+        # (harmless: it keeps whole dialogues; helpful reads only the first exchange, see test_official_formats)
+        builders.prepare("hh_harmless", str(tmp_path), str(tmp_path / "tfds"))
     assert not (tmp_path / "tfds").exists()
 
 

@@ -10,9 +10,10 @@ import pytest
 from bpo_jax.__main__ import main as cli
 from bpo_jax.evaluate import win_rate_from_scores
 
-TINY = ["total_steps=2", "num_phases=2", "batch_size=2", "max_new_tokens=4", "eval_max_new_tokens=4", "lora_rank=2",
-        "lora_alpha=4", "ensemble_size=2", "param_dtype=float32", "dtype=float32", "remat=false", "eval_size=4",
-        "reward_batch_size=4", "export_policy=false"]
+# data_dir= : the shipped raw samples instead of the official files the configs name (not shipped).
+TINY = ["total_steps=2", "num_phases=2", "batch_size=2", "data_dir=", "max_new_tokens=4", "eval_max_new_tokens=4",
+        "lora_rank=2", "lora_alpha=4", "ensemble_size=2", "param_dtype=float32", "dtype=float32", "remat=false",
+        "eval_size=4", "reward_batch_size=4", "export_policy=false"]
 
 
 @pytest.mark.parametrize("task", ["tldr", "hh_helpful", "hh_harmless"])
@@ -148,6 +149,8 @@ def test_paper_configs_follow_the_official_code():
         # annotation cuts the RM input at 640, the evaluation at max_prompt_length + max_new_tokens; ties: second
         assert (cfg.reward_max_length, cfg.eval_reward_max_length) == (640, prompt_len + cfg.max_new_tokens)
         assert cfg.tied_pairs == "second"
+        folder = {"tldr": "sft_tldr_data", "hh_helpful": "sft_hh_data", "hh_harmless": "sft_harm_data"}[task]
+        assert (cfg.data_dir, cfg.data_format) == (f"BPO/{folder}", "auto")  # the official files by default
 
 
 def test_adam_eps_gives_the_first_adamw_step_of_torch():

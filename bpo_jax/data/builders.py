@@ -9,7 +9,10 @@ the evaluation prompts with their human references. The prepared copy lives unde
 keyed by the raw files' paths, sizes and modification times, so pointing ``manual_dir`` at other files (say,
 the real ones after the samples) prepares them afresh instead of silently reusing stale data.
 
-Raw files per task (``manual_dir`` holds them; ``.jsonl`` or ``.jsonl.gz``):
+Files per task (``manual_dir`` holds them; ``.jsonl`` or ``.jsonl.gz``), in either of two formats, found per
+file from its first row (``data_format=auto``; ``official`` or ``raw`` forces one): the official BPO files
+(``{"prompt", "label"}`` rows, ``bpo_jax.data.official``; the folder is the official repo's ``sft_tldr_data``,
+``sft_hh_data`` or ``sft_harm_data``, whose ``sampling.jsonl`` is the train split), or the raw public ones:
 
 ==============  ===========================================  =========================================
 task            where the public files come from             files in ``manual_dir``
@@ -19,6 +22,11 @@ task            where the public files come from             files in ``manual_d
 ``hh_helpful``  Anthropic ``hh-rlhf/helpful-base``           ``train.jsonl.gz``, ``test.jsonl.gz``
 ``hh_harmless`` Anthropic ``hh-rlhf/harmless-base``          ``train.jsonl.gz``, ``test.jsonl.gz``
 ==============  ===========================================  =========================================
+
+Prompts render as each format's source does: official prompts as plain text (no chat template, as the official
+trainer tokenizes them), raw ones as chat turns through the chat template. Over-long test prompts are cut per
+task (``keep``): a TL;DR post keeps its start (and the TL;DR cue), an HH dialogue its end (its last user turn and
+the assistant cue; ``bpo_jax.data.prompts.encode_truncated``).
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ import os
 
 import tensorflow_datasets as tfds
 
-from bpo_jax.data.formats import find_file, hh_example, read_jsonl, tldr_example
+from bpo_jax.data import official
+from bpo_jax.data.formats import hh_example, hh_first_turn_example, read_jsonl, split_file, tldr_example
 
 SPLITS = ("train", "test")
 
@@ -36,45 +45,70 @@ SPLITS = ("train", "test")
 class _TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared layout: every split's examples are ``{"id", "roles", "contents", "reference"}``."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
-    parse = None  # staticmethod(row, where) -> example
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "Official BPO files; a render field (chat | plain)."}
+    parse = None  # staticmethod(row, where) -> example: the raw format's parser
+    task = ""  # the BUILDERS key
+    keep = "start"  # which end of an over-long test prompt to keep: start (documents) | end (dialogues)
+    data_format = "auto"  # auto | official | raw (set on the instance by Prepared)
 
     def _info(self):
         text = tfds.features.Text()
         features = tfds.features.FeaturesDict({
             "id": text, "roles": tfds.features.Sequence(text), "contents": tfds.features.Sequence(text),
-            "reference": text})
+            "reference": text, "render": text})
         return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=features)
 
     def _split_generators(self, dl_manager):
-        return {split: self._generate_examples(find_file(str(dl_manager.manual_dir), split)) for split in SPLITS}
+        return {split: self._generate_examples(split_file(str(dl_manager.manual_dir), split)) for split in SPLITS}
 
     def _generate_examples(self, path):
-        for n, row in read_jsonl(path):
-            yield n, type(self).parse(row, f"{path}:{n}")
+        yield from parse_file(self.task, path, self.data_format)
+
+
+def parse_file(task: str, path: str, data_format: str = "auto"):
+    """``(line, example)`` for every row of the file at ``path``, in the file's format (``official.file_format``:
+    ``data_format`` or its first row's shape); raw examples get ``render="chat"``, official ones ``plain``.
+    A row of neither shape, or of the other one, is a ValueError naming the file and line."""
+    fmt = official.file_format(task, path, read_jsonl(path), data_format)
+    for n, row in read_jsonl(path):
+        where = f"{path}:{n}"
+        official.check_row(task, fmt, row, where)
+        if fmt == "official":
+            yield n, official.official_example(task, row, where)
+        else:
+            yield n, {**BUILDERS[task].parse(row, where), "render": "chat"}
 
 
 class BpoTldr(_TaskBuilder):
     """Reddit TL;DR summarisation (OpenAI tldr_3_filtered): one user turn per post; reference = its TL;DR."""
 
-    MANUAL_DOWNLOAD_INSTRUCTIONS = ("Put OpenAI's summarize-from-feedback tldr_3_filtered train.jsonl and "
-                                    "test.jsonl (rows: id, subreddit, title, post, summary) in manual_dir.")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = ("Put the official BPO sft_tldr_data files (sampling.jsonl, test.jsonl of "
+                                    "github.com/xu1998hz/BPO) or OpenAI's summarize-from-feedback "
+                                    "tldr_3_filtered train.jsonl and test.jsonl (rows: id, subreddit, title, "
+                                    "post, summary) in manual_dir.")
     parse = staticmethod(tldr_example)
+    task = "tldr"
 
 
 class BpoHhHelpful(_TaskBuilder):
-    """Anthropic HH helpfulness (hh-rlhf helpful-base), split at the last assistant turn."""
+    """Anthropic HH helpfulness (hh-rlhf helpful-base): single-turn prompts, each dialogue's first exchange."""
 
-    MANUAL_DOWNLOAD_INSTRUCTIONS = "Put hh-rlhf helpful-base/train.jsonl.gz and test.jsonl.gz in manual_dir."
-    parse = staticmethod(hh_example)
+    MANUAL_DOWNLOAD_INSTRUCTIONS = ("Put the official BPO sft_hh_data files (sampling.jsonl, test.jsonl of "
+                                    "github.com/xu1998hz/BPO) or hh-rlhf helpful-base/train.jsonl.gz and "
+                                    "test.jsonl.gz in manual_dir.")
+    parse = staticmethod(hh_first_turn_example)
+    task, keep = "hh_helpful", "end"
 
 
 class BpoHhHarmless(_TaskBuilder):
     """Anthropic HH harmlessness (hh-rlhf harmless-base), split at the last assistant turn."""
 
-    MANUAL_DOWNLOAD_INSTRUCTIONS = "Put hh-rlhf harmless-base/train.jsonl.gz and test.jsonl.gz in manual_dir."
+    MANUAL_DOWNLOAD_INSTRUCTIONS = ("Put the official BPO sft_harm_data files (sampling.jsonl, test.jsonl of "
+                                    "github.com/xu1998hz/BPO) or hh-rlhf harmless-base/train.jsonl.gz and "
+                                    "test.jsonl.gz in manual_dir.")
     parse = staticmethod(hh_example)
+    task, keep = "hh_harmless", "end"
 
 
 BUILDERS = {"tldr": BpoTldr, "hh_helpful": BpoHhHelpful, "hh_harmless": BpoHhHarmless}
@@ -82,14 +116,15 @@ SAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pa
                            "samples")
 
 
-def prepare(task: str, manual_dir: str = "", data_dir: str = "") -> dict:
+def prepare(task: str, manual_dir: str = "", data_dir: str = "", data_format: str = "auto") -> dict:
     """Build (once) and open task ``task``'s splits as tfds data sources (one process; a run over several
     hosts coordinates the build with ``bpo_jax.tasks``).
 
     ``manual_dir``: the raw files (default: the shipped samples, ``data/samples/<task>``); ``data_dir``: where
-    prepared copies go (default ``~/tensorflow_datasets/bpo_jax``).
+    prepared copies go (default ``~/tensorflow_datasets/bpo_jax``); ``data_format``: ``auto`` (per file),
+    ``official`` or ``raw``.
     """
-    target = Prepared.check(task, manual_dir, data_dir)
+    target = Prepared.check(task, manual_dir, data_dir, data_format)
     target.build()
     return target.open()
 
@@ -100,18 +135,21 @@ class Prepared:
     place, so two processes must never build one folder at once: they take turns on a lock file); ``open``
     returns the splits."""
 
-    def __init__(self, task: str, folder: str, manual_dir: str, root: str):
+    def __init__(self, task: str, folder: str, manual_dir: str, root: str, data_format: str = "auto"):
         self.task, self.folder, self.manual_dir, self.root = task, folder, manual_dir, root
+        self.data_format = data_format
 
     @property
     def builder(self):
         """A fresh tfds builder each time: one made before another process finished the build would not see
         it (tfds reads a data set's info when the builder is made)."""
-        return BUILDERS[self.task](data_dir=self.folder, file_format="array_record")
+        builder = BUILDERS[self.task](data_dir=self.folder, file_format="array_record")
+        builder.data_format = self.data_format
+        return builder
 
     @classmethod
-    def check(cls, task: str, manual_dir: str = "", data_dir: str = "") -> "Prepared":
-        return cls(*_validated_builder(task, manual_dir, data_dir))
+    def check(cls, task: str, manual_dir: str = "", data_dir: str = "", data_format: str = "auto") -> "Prepared":
+        return cls(*_validated_builder(task, manual_dir, data_dir, data_format))
 
     def is_built(self) -> bool:
         return self.builder.is_prepared()
@@ -134,8 +172,9 @@ class Prepared:
         import sys
 
         code = ("import sys; from bpo_jax.data.builders import Prepared; "
-                "Prepared.check(*sys.argv[1:4])._build()")
-        done = subprocess.run([sys.executable, "-c", code, self.task, self.manual_dir, self.root])
+                "Prepared.check(*sys.argv[1:5])._build()")
+        argv = [sys.executable, "-c", code, self.task, self.manual_dir, self.root, self.data_format]
+        done = subprocess.run(argv)
         if done.returncode:
             raise RuntimeError(f"preparing {self.task} in {self.root} failed (exit {done.returncode}; its output is above)")
 
@@ -159,21 +198,23 @@ def _joined() -> bool:
     return jax is not None and jax.distributed.is_initialized()
 
 
-def _validated_builder(task: str, manual_dir: str, data_dir: str):
-    """``(task, prepared folder, manual_dir, root)`` after every raw row is validated (errors name file:line and field)."""
+def _validated_builder(task: str, manual_dir: str, data_dir: str, data_format: str = "auto"):
+    """``(task, prepared folder, manual_dir, root, data_format)`` after every row is validated (errors name
+    file:line and field); the folder is keyed by the files and the format."""
     if task not in BUILDERS:
         raise ValueError(f"unknown task {task!r}; tfds tasks: {', '.join(BUILDERS)}")
     manual_dir = os.path.abspath(os.path.expanduser(manual_dir or os.path.join(SAMPLES_DIR, task)))
     if not os.path.isdir(manual_dir):
         raise FileNotFoundError(f"manual_dir {manual_dir!r} does not exist. "
                                 f"{BUILDERS[task].MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    files = [find_file(manual_dir, split) for split in SPLITS]
+    files = [split_file(manual_dir, split) for split in SPLITS]
     for path in files:  # validate every row before building anything (errors name file:line and field)
-        for n, row in read_jsonl(path):
-            BUILDERS[task].parse(row, f"{path}:{n}")
-    key = hashlib.sha256(repr([(p, os.path.getsize(p), os.path.getmtime(p)) for p in files]).encode()).hexdigest()
+        for _ in parse_file(task, path, data_format):
+            pass
+    stats = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in files]
+    key = hashlib.sha256(repr((stats, data_format)).encode()).hexdigest()
     root = os.path.expanduser(data_dir or os.path.join("~", "tensorflow_datasets", "bpo_jax"))
-    return task, os.path.join(root, key[:16]), manual_dir, root
+    return task, os.path.join(root, key[:16]), manual_dir, root, data_format
 
 
 def split_examples(source) -> list[dict]:

@@ -9,7 +9,9 @@ that the win rate compares against.
   ``SUBREDDIT: r/… / TITLE: … / POST: … / TL;DR:``; the reference is ``summary``.
 - **Anthropic HH** (``hh-rlhf``, ``helpful-base`` / ``harmless-base``: ``train.jsonl.gz`` / ``test.jsonl.gz``, rows
   ``{chosen, rejected}`` of ``\\n\\nHuman: …\\n\\nAssistant: …`` turns): split at the last assistant turn; the
-  prompt is the dialogue before it and the reference is the chosen final answer.
+  prompt is the dialogue before it and the reference is the chosen final answer (``hh_example``, Harmlessness:
+  the official sft_harm_data keeps the whole dialogue too). Helpfulness keeps the first exchange only
+  (``hh_first_turn_example``): the official sft_hh_data prompts are single human turns.
 
 A malformed line raises ``ValueError`` naming the file and line; a missing field names the field.
 """
@@ -86,6 +88,24 @@ def hh_example(row: dict, where: str) -> dict:
             "contents": [t for _, t in prompt], "reference": turns[-1][1]}
 
 
+def hh_first_turn_example(row: dict, where: str) -> dict:
+    """One HH row as a single-turn example: the chosen dialogue's first human turn, its first assistant reply as
+    the reference; later turns are dropped, so every dialogue gives one prompt.
+
+    As the official Helpfulness data: sft_hh_data's prompts are single human turns (``f"{instruction}
+    Assistant: "``, util/extract_train_data.py, from HuggingFaceH4/helpful-anthropic-raw, whose 65,842
+    instruction/demonstration pairs (its dataset card) are as many as hh-rlhf's helpful-base + helpful-online
+    training dialogues, 43,835 + 22,007: one pair per dialogue, so its first exchange, not only the dialogues of
+    one turn); none of the 21,000 sft_hh_data rows holds a second turn. Its length filter (prompts <= 64 Gemma
+    tokens, labels <= 128) is not applied here: the prompt stream drops over-long prompts and the evaluation
+    cuts them (``max_prompt_length``)."""
+    turns = hh_turns(_field(row, "chosen", where), where)
+    if len(turns) < 2 or not turns[0][1] or not turns[1][1]:
+        raise ValueError(f"{where}: field 'chosen' must open with a non-empty Human turn and Assistant reply")
+    return {"id": where.rsplit(os.sep, 1)[-1], "roles": ["user"], "contents": [turns[0][1]],
+            "reference": turns[1][1]}
+
+
 def find_file(folder: str, stem: str) -> str:
     """``folder/stem.jsonl`` or ``folder/stem.jsonl.gz``, whichever exists; else a FileNotFoundError saying where
     the raw files go."""
@@ -94,3 +114,15 @@ def find_file(folder: str, stem: str) -> str:
         if os.path.isfile(path):
             return path
     raise FileNotFoundError(f"no {stem}.jsonl or {stem}.jsonl.gz in {folder!r} (the task's manual_dir)")
+
+
+def split_file(folder: str, split: str) -> str:
+    """The file of ``split`` in ``folder``: ``test`` is ``test.jsonl[.gz]``; ``train`` (the prompts the online
+    loop samples for) is the official layout's ``sampling.jsonl`` when there is one (its ``train.jsonl`` is the
+    SFT data; online_dpo_rand_trainer.py:1252 reads sampling.jsonl), else ``train.jsonl[.gz]``."""
+    if split == "train":
+        try:
+            return find_file(folder, "sampling")
+        except FileNotFoundError:
+            pass
+    return find_file(folder, split)

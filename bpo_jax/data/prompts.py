@@ -9,12 +9,14 @@ checkpoint stores, so a resumed run continues the same stream).
   Every host walks the same global stream and takes its own slice of each global batch, so the global batches
   are the same whatever the number of processes.
 - ``GrainPrompts``: a ``grain`` pipeline over a tfds data source (``bpo_jax.data.builders``): slice per host,
-  seeded shuffle (a fresh one each epoch), tokenize with the chat template, drop prompts longer than
+  seeded shuffle (a fresh one each epoch), tokenize (``encode``: the chat template, or plain text for an
+  official row), drop prompts longer than
   ``max_prompt_length``, batch this host's share; its position is grain's iterator state (one per host).
 """
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple, Sequence
 
 import grain
@@ -27,44 +29,117 @@ class PromptBatch(NamedTuple):
     mask: np.ndarray  # int32 [B, P]
 
 
+class PlainText(str):
+    """A prompt that is tokenized as it is, without the chat template: an official BPO row's prompt, which the
+    official trainer tokenizes with the plain tokenizer (its BOS, no template; online_dpo_rand_trainer.py:660 and
+    1012). Everything else (annotators, logs) sees an ordinary string."""
+
+
 def conversation(prompt) -> list[dict]:
     """A prompt as chat messages: a text becomes one user turn."""
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
 def encode(tokenizer, prompt) -> list[int]:
-    """Token ids of a prompt (text or conversation) under the tokenizer's chat template, ready for the reply."""
+    """Token ids of a prompt ready for the reply: a ``PlainText`` as the tokenizer encodes the text (with its
+    special tokens, e.g. Gemma's BOS), any other text or conversation under the tokenizer's chat template."""
+    if isinstance(prompt, PlainText):
+        return list(tokenizer(str(prompt))["input_ids"])
     return list(tokenizer.apply_chat_template(conversation(prompt), tokenize=True, add_generation_prompt=True,
                                               return_dict=True)["input_ids"])
 
 
-def encode_truncated(tokenizer, prompt, max_len: int) -> tuple[list[int], bool]:
-    """``(ids, truncated)``: ``encode(prompt)`` cut to at most ``max_len`` tokens keeping the prompt's start, as
-    the official BPO evaluation does (the tokenizer's default right-side truncation, online_dpo_rand_trainer.py
-    :1012), except that the chat template's generation prompt is kept: the text is cut (at the end of the
-    conversation, whole later turns first) to the longest start whose encoding fits."""
+KEEP = ("start", "end")
+_PLAIN_USER_TURN = re.compile(r"(?:^|(?<= ))user: ")  # where a user turn starts in an official flattened dialogue
+
+
+def encode_truncated(tokenizer, prompt, max_len: int, keep: str = "start") -> tuple[list[int], bool]:
+    """``(ids, truncated)``: ``encode(prompt)`` cut to at most ``max_len`` tokens (unchanged when it fits).
+
+    ``keep="start"`` (a document, e.g. a TL;DR post) keeps the longest start whose encoding fits, as the official
+    evaluation does (the tokenizer's default right-side truncation, online_dpo_rand_trainer.py:1012), except that
+    a chat template's generation prompt is kept: the text is cut at the end of the conversation, later turns first
+    (a ``PlainText`` has none, so its cut start loses the trailing ``TL;DR: `` cue, exactly as officially).
+    ``keep="end"`` (a dialogue) keeps its end, so the last user turn and the assistant cue survive: whole earlier
+    turns are dropped from the start (the rest starts at a user turn), and only when the last user turn alone
+    does not fit is the start of that turn cut, to the longest end that fits. The official code keeps the start
+    for every task; for a dialogue that would lose the very question the reply must answer."""
+    if keep not in KEEP:
+        raise ValueError(f"keep={keep!r}; valid: {', '.join(KEEP)}")
     ids = encode(tokenizer, prompt)
     if len(ids) <= max_len:
         return ids, False
-    messages = conversation(prompt)
-    lengths = [len(m["content"]) for m in messages]
+    messages = prompt if isinstance(prompt, PlainText) else conversation(prompt)
+    pieces = _starts(messages) if keep == "start" else _ends(messages)
+    return encode(tokenizer, _longest_fitting(tokenizer, pieces, max_len)), True
+
+
+def _longest_fitting(tokenizer, pieces: list, max_len: int):
+    """The last of ``pieces`` (ordered shortest first, their lengths about monotone) whose encoding fits."""
+    if len(encode(tokenizer, pieces[0])) > max_len:
+        raise ValueError(f"max_prompt_length={max_len} is shorter than the chat template's own tokens")
+    lo, hi = 0, len(pieces)  # pieces[lo] fits; the answer lies in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if len(encode(tokenizer, pieces[mid])) <= max_len else (lo, mid)
+    return pieces[lo]
+
+
+def _starts(prompt) -> "_Lazy":
+    """Every start of a prompt (a ``PlainText`` or a conversation) by characters, shortest first."""
+    if isinstance(prompt, PlainText):
+        return _Lazy(len(prompt) + 1, lambda n: PlainText(prompt[:n]))
+    lengths = [len(m["content"]) for m in prompt]
 
     def cut(chars: int) -> list[dict]:
         out = []
-        for m, n in zip(messages, lengths):
+        for m, n in zip(prompt, lengths):
             out.append({**m, "content": m["content"][:max(chars, 0)]})
             chars -= n
             if chars <= 0:
                 break
         return out
 
-    lo, hi = 0, sum(lengths)  # the longest kept prefix (in characters) whose encoding fits lies in [lo, hi)
-    if len(encode(tokenizer, cut(0))) > max_len:
-        raise ValueError(f"max_prompt_length={max_len} is shorter than the chat template's own tokens")
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if len(encode(tokenizer, cut(mid))) <= max_len else (lo, mid)
-    return encode(tokenizer, cut(lo)), True
+    return _Lazy(sum(lengths) + 1, cut)
+
+
+def _ends(prompt) -> "_Lazy":
+    """The ends of a dialogue that start at a user turn (or inside the last one), shortest first: the last user
+    turn cut from its start by characters, then with whole earlier turns back to the first. A ``PlainText`` is an
+    official flattened dialogue, whose user turns start at ``user: ``; with none, the whole text is one turn."""
+    if isinstance(prompt, PlainText):
+        starts = [m.start() for m in _PLAIN_USER_TURN.finditer(prompt)]
+        starts = starts if starts and starts[0] == 0 else [0] + starts
+        last, size = starts[-1], len(prompt)
+        earlier = [PlainText(prompt[i:]) for i in reversed(starts[:-1])]
+        return _Lazy(size - last + 1 + len(earlier),
+                     lambda n: PlainText(prompt[size - n:]) if n <= size - last else earlier[n - (size - last) - 1])
+    users = [i for i, m in enumerate(prompt) if m["role"] == "user"]
+    if not users:
+        raise ValueError("a dialogue prompt to cut from its end has no user turn")
+    turn, tail = prompt[users[-1]], prompt[users[-1] + 1:]
+    size = len(turn["content"])
+    earlier = [prompt[i:] for i in reversed(users[:-1])]
+
+    def cut(n: int) -> list[dict]:
+        if n > size:
+            return earlier[n - size - 1]
+        return [{**turn, "content": turn["content"][size - n:]}] + tail
+
+    return _Lazy(size + 1 + len(earlier), cut)
+
+
+class _Lazy:
+    """The sequence ``make(0), …, make(n - 1)``, made on indexing."""
+
+    def __init__(self, n: int, make):
+        self.n, self.make = n, make
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.make(i)
 
 
 def left_pad(encoded: Sequence[Sequence[int]], width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -132,15 +207,15 @@ class GrainPrompts:
         probe = min(len(shard), 64)
         if not any(len(self._encode(shard[i])["ids"]) <= max_prompt_length for i in range(probe)):
             raise ValueError(f"none of the first {probe} training prompts fits max_prompt_length="
-                             f"{max_prompt_length} tokens (after the chat template); raise it")
+                             f"{max_prompt_length} tokens (as encoded: chat template or plain text); raise it")
         ds = (shard.shuffle(seed=seed).repeat().map(self._encode)
               .filter(lambda ex: len(ex["ids"]) <= max_prompt_length))
         self._dataset = ds.to_iter_dataset().batch(self.local_batch_size, batch_fn=self._collate)
         self._iterator = iter(self._dataset)
 
     def _encode(self, example) -> dict:
-        messages = example_conversation(example)
-        return {"prompt": messages, "ids": encode(self._tokenizer, messages)}
+        prompt = example_prompt(example)
+        return {"prompt": prompt, "ids": encode(self._tokenizer, prompt)}
 
     def _collate(self, rows) -> PromptBatch:
         ids, mask = left_pad([r["ids"] for r in rows], self.width)
@@ -170,6 +245,14 @@ def _text(value) -> str:
 def example_conversation(example) -> list[dict]:
     """A stored example's prompt as chat messages (tfds returns text as bytes)."""
     return [{"role": _text(r), "content": _text(c)} for r, c in zip(example["roles"], example["contents"])]
+
+
+def example_prompt(example):
+    """A stored example's prompt as it is rendered: a ``PlainText`` (an official row, ``render="plain"``: the
+    text as is) or chat messages (``render="chat"``, or an example without the field)."""
+    if _text(example.get("render", "chat")) == "plain":
+        return PlainText(_text(example["contents"][0]))
+    return example_conversation(example)
 
 
 def example_reference(example) -> str:
