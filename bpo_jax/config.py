@@ -16,12 +16,12 @@ import numpy as np
 import yaml
 
 from bpo_jax.lora import canonical_targets
+from bpo_jax.data.official import FORMATS as DATA_FORMATS
 from bpo_jax.losses import BATCH_COUPLED, validate_loss_args
 from bpo_jax.pairs import TIE_RULES
 
 REFERENCES = ("behavior", "sft", "ema", "mixup", "fixed")
 TFDS_TASKS = ("tldr", "hh_helpful", "hh_harmless")
-DATA_FORMATS = ("auto", "official", "raw")  # data_format: how the files of a tfds task are read
 ANNOTATORS = ("auto", "rouge", "reward_model", "judge")
 
 

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import os
 
-from bpo_jax.config import DATA_FORMATS
-
-FORMATS = DATA_FORMATS
+FORMATS = ("auto", "official", "raw")  # the data_format key: per file from its first row, or forced
 OFFICIAL_KEYS = ("prompt", "label")
 # The fields that identify a raw row of each task (bpo_jax.data.formats).
 RAW_KEYS = {"tldr": ("subreddit", "title", "post", "summary"), "hh_helpful": ("chosen",), "hh_harmless": ("chosen",)}
