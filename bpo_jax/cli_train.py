@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     lora_init, start = None, model.params
     if cfg.lora_init_from and not _has_checkpoint(cfg):  # a fresh run from adapter folders (a resume restores)
         from bpo_jax import lora
+        from bpo_jax import state as st
         from bpo_jax.peft_adapters import read_ensemble
 
         try:
@@ -91,7 +92,9 @@ def main(argv=None) -> int:
         except ValueError as err:
             print(f"config error: {err}", file=sys.stderr)
             return 2
-        start = lora.merge(model.params, lora_init, cfg.lora_scale)  # the SFT model: base + the adapters' merge
+        # the SFT model: base + the adapters' merge (by ensemble_merge), in activation space as π_β samples
+        start = lora.attach_merged(model.params, st.place_like_base(lora_init, model.params), cfg.lora_scale,
+                                   cfg.ensemble_merge)
     logged = [r for r in rd.read_jsonl(metrics) if r.get("step") == 0 and "eval/win_rate" in r]
     from bpo_jax import state as st
 
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
     if cfg.export_policy:
         from bpo_jax.models import Decoder, save_pretrained
 
-        out = save_pretrained(Decoder.from_params(mcfg, st.policy_params(cfg, state)), tok,
+        out = save_pretrained(Decoder.from_params(mcfg, st.export_params(cfg, state)), tok,
                               str(rd.path(cfg.run_dir, "policy")))
         say(f"policy exported as an HF folder: {out}")
         if cfg.lora_rank:
@@ -124,7 +127,8 @@ def main(argv=None) -> int:
             factors = distributed.gather_to_host(state.trainable)
             if distributed.is_primary():
                 out = str(rd.path(cfg.run_dir, "adapters"))
-                write_ensemble(out, factors, rank=cfg.lora_rank, alpha=cfg.lora_alpha, base_model=cfg.model)
+                write_ensemble(out, factors, rank=cfg.lora_rank, alpha=cfg.lora_alpha, base_model=cfg.model,
+                               merge=cfg.ensemble_merge)
                 say(f"LoRA adapters exported as PEFT folders: {out}/member_<i> and {out}/merged")
     if distributed.is_primary():
         from bpo_jax.plot import plot_runs
