@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         state = online.train(cfg, model_config=mcfg, tokenizer=tok, base=model.params, prompts=task.train,
                              annotator=task.annotator, mesh=mesh, eos_token_ids=eos, reference=run.reference,
                              lora_init=lora_init, evaluate=evaluate if cfg.eval_every else None, stop=stop, log=say)
-        after = evaluate(st.policy_params(cfg, state), cfg.total_steps)
+        after = evaluate(st.policy_params(cfg, state, mcfg.dtype), cfg.total_steps)
     except online.Preempted as err:  # the last completed state is on disk; the same command resumes
         print(str(err), file=sys.stderr)
         return 143

@@ -147,7 +147,8 @@ def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator
             prompts.set_state(meta["prompts"][distributed.process_index()])
             log(f"resumed {cfg.run_dir} at step {latest}")
             if meta.get("pending_eval") and evaluate is not None:  # interrupted by a preemption: make it now
-                _write(metrics_path, writer, {"step": latest, **evaluate(st.policy_params(cfg, state), latest)})
+                policy = st.policy_params(cfg, state, model_config.dtype)
+                _write(metrics_path, writer, {"step": latest, **evaluate(policy, latest)})
         return _loop(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids, evaluate, ckpt, stop,
                      metrics_path, writer, state, pairs, log)
     finally:
@@ -186,7 +187,7 @@ def _loop(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids,
                 {"prompts": distributed.gather_json(prompts.get_state()), **extra})
             if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 try:
-                    record.update(evaluate(st.policy_params(cfg, state), step + 1))
+                    record.update(evaluate(st.policy_params(cfg, state, model_config.dtype), step + 1))
                 except Preempted:
                     _write(metrics_path, writer, record)
                     save(pending_eval=True)
@@ -216,7 +217,7 @@ def _start_phase(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_tok
     (``train_step.LOGP_GAP_TOL``) with one adapter or full FT."""
     if phase > int(state.phase):
         state = st.sync_behavior(state)
-    behavior = st.behavior_params(cfg, state)
+    behavior = st.behavior_params(cfg, state, model_config.dtype)
     log(f"phase {phase + 1}/{cfg.num_phases}: collecting {cfg.steps_per_phase * cfg.batch_size} pairs with pi_beta")
     try:
         pairs, stats = collect_pairs(cfg, model_config, behavior, tokenizer, prompts, annotator,

@@ -59,14 +59,19 @@ def adapter_params(cfg: TrainConfig, base: Params, trainable_i: Params) -> Param
     return lora.attach(base, trainable_i, cfg.lora_scale) if cfg.lora_rank else trainable_i
 
 
-def ensemble_params(cfg: TrainConfig, base: Params, trainable: Params) -> Params:
+def ensemble_params(cfg: TrainConfig, base: Params, trainable: Params, compute_dtype=None) -> Params:
     """The merged ensemble as the train step runs it: LoRA: one adapter merged by ``cfg.ensemble_merge``
     attached in activation space (``lora.attach_merged``; ``mean_delta``: the members' factors concatenated
-    along the rank axis with scale s/N, exactly base + mean delta); full FT: the one float32 master model
-    (cast to the compute dtype where it is used, as in the train step)."""
+    along the rank axis with scale s/N, exactly base + mean delta); full FT: the one float32 master model. With
+    ``compute_dtype`` (the model's ``dtype``), full FT's weights are cast to it ahead of use, except the norm
+    weights, which the decoder reads in float32: the same values the step computes with, in a smaller copy."""
     if cfg.lora_rank:
         return lora.attach_merged(base, trainable, cfg.lora_scale, cfg.ensemble_merge)
-    return jax.tree.map(lambda x: x[0], trainable)
+    one = jax.tree.map(lambda x: x[0], trainable)
+    if compute_dtype is None or jnp.dtype(compute_dtype) == jnp.float32:
+        return one
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x if "norm" in str(path[-1]) else x.astype(compute_dtype), one)
 
 
 def merged_params(cfg: TrainConfig, base: Params, trainable: Params) -> Params:
@@ -79,15 +84,15 @@ def merged_params(cfg: TrainConfig, base: Params, trainable: Params) -> Params:
     return jax.tree.map(lambda x, b: x[0].astype(b.dtype), trainable, base)
 
 
-def behavior_params(cfg: TrainConfig, state: TrainState) -> Params:
+def behavior_params(cfg: TrainConfig, state: TrainState, compute_dtype=None) -> Params:
     """π_β: the model that samples in the current phase, as the train step would run it
     (``ensemble_params``), so at a phase start π_β = π_θ exactly under every dtype."""
-    return ensemble_params(cfg, state.base, state.behavior)
+    return ensemble_params(cfg, state.base, state.behavior, compute_dtype)
 
 
-def policy_params(cfg: TrainConfig, state: TrainState) -> Params:
-    """π_θ as evaluated: the merged ensemble in activation space (``ensemble_params``)."""
-    return ensemble_params(cfg, state.base, state.trainable)
+def policy_params(cfg: TrainConfig, state: TrainState, compute_dtype=None) -> Params:
+    """π_θ as evaluated: the merged ensemble as the train step runs it (``ensemble_params``)."""
+    return ensemble_params(cfg, state.base, state.trainable, compute_dtype)
 
 
 def export_params(cfg: TrainConfig, state: TrainState) -> Params:

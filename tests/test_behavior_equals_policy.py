@@ -2,6 +2,8 @@
 activation-space adapters, so a ΔW below half an ulp of W (which merging into bfloat16 weights rounds away)
 still reaches π_β's log-probs; and the ``policy_behavior_logp_gap`` check that sees it when it does not."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,3 +104,26 @@ def test_sampling_shardings_place_attached_factors():
     got = generate(behavior, ids, mask, config=MCFG, max_new_tokens=3, rng=jax.random.key(0), mesh=mesh,
                    param_shardings=target)
     np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_full_ft_samples_with_the_masters_as_the_step_runs_them(dtype):
+    """Full fine-tuning on a bfloat16 base: π_β is the float32 masters, matrices cast to the compute dtype
+    (as the decoder casts them), norm weights kept float32 (the decoder reads them in float32); the sampler's
+    log-probs equal the step's. A bfloat16 copy of the masters (the old merged path) would not be π_θ."""
+    mcfg = MCFG.replace(dtype=dtype)
+    cfg = dataclasses.replace(_cfg(), lora_rank=0)
+    state = st.create_state(cfg, _base(), jax.random.key(1))
+    state, _ = make_train_step(cfg, mcfg, st.shardings(state), prompt_len=P)(state, _random_batch())
+    state = st.sync_behavior(state)
+    behavior = st.behavior_params(cfg, state, mcfg.dtype)
+    assert behavior["layers"]["attn_norm"].dtype == jnp.float32 and behavior["final_norm"].dtype == jnp.float32
+    assert behavior["layers"]["q"].dtype == jnp.dtype(dtype)
+    batch = _sampled_batch(mcfg, behavior)
+    tol = LOGP_GAP_TOL_PER_TOKEN[dtype] * N
+    gap = policy_behavior_logp_gap(cfg, mcfg, state.base, state.trainable, batch, prompt_len=P)
+    assert float(gap[0]) <= tol
+    if dtype == "float32":
+        rounded = _sampled_batch(mcfg, st.merged_params(cfg, state.base, state.trainable))
+        gap = policy_behavior_logp_gap(cfg, mcfg, state.base, state.trainable, rounded, prompt_len=P)
+        assert float(gap[0]) > 10 * tol
