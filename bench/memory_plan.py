@@ -176,14 +176,18 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
         res["reward_model"] = tree_bytes(rm_base, rm_sh) + rm.hidden_size * 4
     layer_leaves = lambda: sum(  # noqa: E731
         tree_bytes(state.base["layers"][k], sh_base["layers"][k]) for k in state.base["layers"])
-    targets = sum(tree_bytes(state.base["layers"][k], sh_base["layers"][k]) for k in cfg.lora_targets) \
-        if cfg.lora_rank else 0
 
-    # Sampling (collect_pairs): merged behavior weights in the base's dtypes (LoRA: lora.merge makes new target
-    # leaves; full FT: merged_params casts the float32 master x[0] of every leaf to param_dtype), their
-    # unstack_layers copy, the KV cache of bprompts·2 rows and the prefill's prompt cache.
-    merged = targets if cfg.lora_rank else res["base"]
-    unstacked = layer_leaves()
+    # Sampling (collect_pairs): π_β as the train step runs it (state.behavior_params; LoRA: the merged adapter
+    # attached in activation space, a float32 copy of the behavior factors, 1/N of it under peft_linear; full
+    # FT: the master x[0] cast to the compute dtype, norms float32), its unstack_layers copy, the KV cache of
+    # bprompts·2 rows and the prefill's prompt cache. (Keys keep the name behavior_merged.)
+    if cfg.lora_rank:
+        merged = res["behavior"] // (n if cfg.ensemble_merge == "peft_linear" else 1)
+        unstacked = layer_leaves() + merged
+    else:
+        cast = jax.eval_shape(lambda b: st.ensemble_params(cfg, None, b, mc.dtype), state.behavior)
+        merged = tree_bytes(cast, sh_base)
+        unstacked = tree_bytes(cast["layers"], sh_base["layers"])
     bprompts = sampling._rows_bucket(cfg.batch_size, s)
     plen = sampling._bucket(cfg.max_prompt_length, 32)
     kv_len = plen + cfg.max_new_tokens

@@ -19,7 +19,7 @@ loop runs its own code in its own order and each building block's time lands in 
   train steps          the step function ``online.make_train_step`` returns (first call = compile + step)
   metrics writing      ``online._write`` (metrics.jsonl, TensorBoard when installed)
   checkpointing        ``Checkpointer.save`` (synchronous) and ``close``, as the loop calls them at the phase end
-  behavior merge       ``state.behavior_params`` (π_β's weights at the phase start; LoRA: a merge)
+  behavior merge       ``state.behavior_params`` (π_β at the phase start; LoRA: the merged adapter attached)
   behavior sync        ``state.sync_behavior`` (π_β ← π_θ): a one-phase run never reaches the next phase's
                        start, so the script calls it once on the returned state, as the loop would there
   evaluation           ``evaluate.score_test_set`` on the policy after the phase, as ``python -m bpo_jax train``

@@ -1,12 +1,16 @@
 """Sampling throughput: bpo_jax.sampling.generate vs HF transformers generate (PyTorch) on the same weights.
 
     python bench/sampling.py [--model smollm2-135m-instruct] [--batches 1 8 32] [--prompt-len 64] [--new 64]
-                             [--num-samples 1] [--skip-hf]
+                             [--num-samples 1] [--skip-hf] [--lora R --members N]
 
 Loads the model, exports it with ``save_pretrained`` and loads that folder into HF transformers, so both sides
 decode the very same float32 weights. Prints tokens/s per batch size (64-token prompts, 64 new tokens, no
 early stop), the ratio to HF, and the weight-read floor: parameter bytes (plus the KV cache read per step) /
 memory bandwidth (30 GB/s assumed for a CPU, the spec figure for a known GPU; ``--bandwidth-gbs`` overrides).
+
+``--lora R --members N`` (no HF side): a random ensemble of N rank-R adapters on every target, sampled the way
+π_β samples (``lora.attach_merged``: the merged adapter in activation space, rank N·R under ``mean_delta``)
+against the old merged weights (``lora.merge``: W + ΔW, plain weights); prints tokens/s of both.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bandwidth-gbs", type=float, default=None)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--lora", type=int, default=0, help="rank of a random LoRA ensemble: activation space vs merged")
+    p.add_argument("--members", type=int, default=1)
+    p.add_argument("--merge", default="mean_delta", help="ensemble_merge rule (mean_delta | peft_linear)")
     args = p.parse_args()
     n = args.num_samples
 
@@ -64,6 +71,9 @@ def main():
     print(f"device: {kind} ({jax.device_count()}x), jax {jax.__version__}; model {args.model}: {n_params / 1e6:.1f}M "
           f"params, {cfg.param_dtype}; prompt {args.prompt_len}, new tokens {args.new}, {n} sample(s) per prompt; "
           f"bandwidth {bw:.0f} GB/s")
+
+    if args.lora:
+        return _lora_vs_merged(model, args)
 
     # Export first (NumPy only), then time bpo_jax for every batch size before PyTorch is even imported: torch's
     # OpenMP threads keep spinning after its own work and would slow the JAX side down in a shared process.
@@ -112,6 +122,36 @@ def main():
         floor_tps = b * n / ((weight_bytes + kv_bytes) / (bw * 1e9))
         print(f"{b:>5} {ours[b]:>14.1f} {hf_tps[b]:>9.1f} {ours[b] / hf_tps[b]:>6.2f} {floor_tps:>12.1f} "
               f"{ours[b] / floor_tps:>9.2f}")
+
+def _lora_vs_merged(model, args):
+    """Tokens/s of the sampler on π_β's activation-space adapters vs on the merged weights (see the docstring)."""
+    from bpo_jax import lora
+
+    key = jax.random.key(1)
+    factors = lora.init_lora(key, model.params["layers"], targets=lora.TARGETS, rank=args.lora,
+                             num_adapters=args.members)
+    factors = {t: {**f, "b": 0.01 * jax.random.normal(jax.random.fold_in(key, i), f["b"].shape)}
+               for i, (t, f) in enumerate(factors.items())}
+    variants = {"merged (lora.merge)": lora.merge(model.params, factors, 2.0, args.merge),
+                "activation (lora.attach_merged)": lora.attach_merged(model.params, factors, 2.0, args.merge)}
+    rng = np.random.default_rng(0)
+    for b in args.batches:
+        ids = rng.integers(100, model.config.vocab_size - 100, size=(b, args.prompt_len)).astype(np.int32)
+        runs = {name: (lambda p=params: jax.block_until_ready(generate(
+            p, ids, np.ones_like(ids), config=model.config, max_new_tokens=args.new, temperature=1.0,
+            rng=jax.random.key(0), num_samples=args.num_samples).tokens)) for name, params in variants.items()}
+        times = {name: [] for name in runs}
+        for name, run in runs.items():
+            run()  # compile
+        for _ in range(args.repeats):  # interleaved, so load from other work hits both alike
+            for name, run in runs.items():
+                times[name].append(_median_time(run, 1))
+        for name, ts in times.items():
+            tok = b * args.num_samples * args.new
+            print(f"batch {b} x {args.num_samples}, LoRA r={args.lora} x {args.members} ({args.merge}), {name}: "
+                  f"{tok / statistics.median(ts):.1f} tok/s median, {tok / min(ts):.1f} best of {len(ts)}",
+                  flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -61,8 +61,9 @@ def main(argv=None) -> int:
     template = st.create_state(cfg, run.model.params, jax.random.key(cfg.seed), reference=run.reference)
     state, _, _ = ckpt.restore(step, template, mesh=run.mesh)
     ckpt.close()
+    policy = st.policy_params(cfg, state, run.model.config.dtype)  # π_θ as the train step runs it
     result = score_test_set(
-        st.policy_params(cfg, state), run.model.config, run.tokenizer, task.eval_annotator, task.eval_prompts,
+        policy, run.model.config, run.tokenizer, task.eval_annotator, task.eval_prompts,
         task.eval_ids, task.eval_mask, task.references, max_new_tokens=cfg.eval_max_new_tokens,
         eos_token_ids=run.eos_token_ids, mesh=run.mesh, batch_size=cfg.eval_batch_size)
     wr = win_rate_from_scores(result.scores, result.reference_scores)

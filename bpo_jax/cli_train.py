@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     if distributed.is_primary():
         save_config(cfg, str(rd.path(cfg.run_dir, "config.yaml")))  # what `python -m bpo_jax evaluate` reloads
     metrics = rd.path(cfg.run_dir, "metrics.jsonl")
+    from bpo_jax import state as st
+
     lora_init, start = None, model.params
     if cfg.lora_init_from:  # the SFT model is base + the adapters' merge (used to start; a resume restores)
         from bpo_jax import lora
@@ -96,11 +98,12 @@ def main(argv=None) -> int:
         except ValueError as err:
             print(f"config error: {err}", file=sys.stderr)
             return 2
-        start = lora.merge(model.params, lora_init, cfg.lora_scale)  # the SFT model: base + the adapters' merge
+        # the SFT model: base + the adapters' merge (by ensemble_merge), in activation space as π_β samples
+        start = lora.attach_merged(model.params, st.place_like_base(lora_init, model.params), cfg.lora_scale,
+                                   cfg.ensemble_merge)
         lora_init = None if _has_checkpoint(cfg) else lora_init
     logged = [r for r in rd.read_jsonl(metrics) if r.get("step") == 0 and "eval/win_rate" in r
               and all(r.get(k) == v for k, v in eval_setting.items())]
-    from bpo_jax import state as st
 
     stop = online.Preemption().__enter__()  # SIGTERM from here on: every host stops at the next check, together
     try:
@@ -112,7 +115,7 @@ def main(argv=None) -> int:
         state = online.train(cfg, model_config=mcfg, tokenizer=tok, base=model.params, prompts=task.train,
                              annotator=task.annotator, mesh=mesh, eos_token_ids=eos, reference=run.reference,
                              lora_init=lora_init, evaluate=evaluate if cfg.eval_every else None, stop=stop, log=say)
-        after = evaluate(st.policy_params(cfg, state), cfg.total_steps)
+        after = evaluate(st.policy_params(cfg, state, mcfg.dtype), cfg.total_steps)
     except online.Preempted as err:  # the last completed state is on disk; the same command resumes
         print(str(err), file=sys.stderr)
         return 143
@@ -122,7 +125,7 @@ def main(argv=None) -> int:
     if cfg.export_policy:
         from bpo_jax.models import Decoder, save_pretrained
 
-        out = save_pretrained(Decoder.from_params(mcfg, st.policy_params(cfg, state)), tok,
+        out = save_pretrained(Decoder.from_params(mcfg, st.export_params(cfg, state)), tok,
                               str(rd.path(cfg.run_dir, "policy")))
         say(f"policy exported as an HF folder: {out}")
         if cfg.lora_rank:
@@ -131,7 +134,8 @@ def main(argv=None) -> int:
             factors = distributed.gather_to_host(state.trainable)
             if distributed.is_primary():
                 out = str(rd.path(cfg.run_dir, "adapters"))
-                write_ensemble(out, factors, rank=cfg.lora_rank, alpha=cfg.lora_alpha, base_model=cfg.model)
+                write_ensemble(out, factors, rank=cfg.lora_rank, alpha=cfg.lora_alpha, base_model=cfg.model,
+                               merge=cfg.ensemble_merge)
                 say(f"LoRA adapters exported as PEFT folders: {out}/member_<i> and {out}/merged")
     if distributed.is_primary():
         from bpo_jax.plot import plot_runs

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from bpo_jax.lora import canonical_targets
 from bpo_jax.data.official import FORMATS as DATA_FORMATS
+from bpo_jax.lora import MERGE_RULES, canonical_targets
 from bpo_jax.losses import BATCH_COUPLED, validate_loss_args
 from bpo_jax.pairs import TIE_RULES
 
@@ -65,6 +65,9 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")
     ensemble_size: int = 1  # N LoRA adapters, merged (mean of weight deltas) into π_β
+    # How the N adapters merge into π_β / the evaluated and exported model (bpo_jax.lora): mean_delta (the exact
+    # mean of the weight deltas) | peft_linear (PEFT's add_weighted_adapter(combination_type="linear"))
+    ensemble_merge: str = "mean_delta"
     # PEFT adapter folders, one per member, to start the ensemble from (as the paper's official code starts from N
     # different-seed SFT adapters); empty: B = 0, A Kaiming-uniform as PEFT initialises a fresh adapter
     lora_init_from: tuple = ()
@@ -306,6 +309,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.lora_rank >= 0 and cfg.ensemble_size >= 1, "lora_rank must be >= 0 and ensemble_size >= 1")
     need(cfg.lora_rank > 0 or cfg.ensemble_size == 1,
          f"ensemble_size={cfg.ensemble_size} needs LoRA (lora_rank > 0); full fine-tuning trains one model")
+    need(cfg.ensemble_merge in MERGE_RULES, f"ensemble_merge={cfg.ensemble_merge!r}; valid: {', '.join(MERGE_RULES)}")
     need(not cfg.lora_init_from or (cfg.lora_rank > 0 and len(cfg.lora_init_from) == cfg.ensemble_size),
          f"lora_init_from names {len(cfg.lora_init_from)} adapter folders; it needs one per ensemble member "
          f"(ensemble_size={cfg.ensemble_size}) and lora_rank > 0")

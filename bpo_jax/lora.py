@@ -12,12 +12,21 @@ Training applies an adapter in activation space, as PEFT does: ``attach`` puts t
 float32 and rounded once (``decoder._linear``). No weight-sized copy is built, and a ``ΔW`` below half an ulp
 of ``W`` still reaches the output, which adding it to a bfloat16 ``W`` would round away.
 
-The merged ensemble — BPO's behavior LLM π_β and the evaluated model — is the base plus the *mean of the
-adapters' weight deltas*: ``W + (1/N) Σ_i ΔW_i``. In activation space it is one adapter of rank N·r (exact):
-``(1/N) Σ_i A_i B_i = [A_1 … A_N][B_1; …; B_N] / N`` (``attach_mean``); ``merge`` materialises it (float32 sum,
-cast to W's dtype) for sampling and export. PEFT's ``add_weighted_adapter(..., combination_type="linear")``,
-which the paper's authors used, instead averages the factors (``A' = Σ √w_i·s_i·A_i``, ``B' = Σ √w_i·B_i``), so
-its merged delta ``A'B'`` also contains the cross terms ``A_i B_j`` (i ≠ j) and is not the mean of the deltas.
+The merged ensemble — BPO's behavior LLM π_β, the ``ema``/``mixup`` reference, the evaluated model and the
+exported ``merged`` adapter — follows ``ensemble_merge`` (``merged_adapter``), always as ONE adapter applied in
+activation space (``attach_merged``), so π_β is exactly the π_θ the train step runs, whatever the dtypes:
+
+  * ``mean_delta`` (default): the base plus the *mean of the adapters' weight deltas*, ``W + (1/N) Σ_i ΔW_i``:
+    one adapter of rank N·r (exact), ``(1/N) Σ_i A_i B_i = [A_1 … A_N][B_1; …; B_N] / N``, scale ``s/N``.
+  * ``peft_linear``: what PEFT's ``LoraModel.add_weighted_adapter(adapters, weights=[1/N]*N,
+    combination_type="linear")`` builds (``_generalized_task_arithmetic_weighted_adapter``), which the paper's
+    authors used (xu1998hz/BPO ``train/online_dpo_rand_trainer.py``): with ``w_i = 1/N`` and each adapter's
+    scaling ``s``, ``A' = Σ_i √(w_i·s)·A_i``, ``B' = Σ_i √(w_i·s)·B_i``, a rank-r adapter whose config gets
+    ``r = lora_alpha = r`` (scale 1). Its delta ``A'B' = (s/N)(Σ_i A_i)(Σ_j B_j)`` holds the cross terms
+    ``A_i B_j`` (i ≠ j): it is not the mean of the deltas (equal to it for N = 1).
+
+``merge`` materialises a merged adapter into the weights (float32 sum, cast to W's dtype): only for export as
+plain HF weights, since a ``ΔW`` below half an ulp of a bfloat16 ``W`` rounds away there.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import jax.numpy as jnp
 
 # Target names: ours and the HF module names users know.
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+MERGE_RULES = ("mean_delta", "peft_linear")
 _HF_NAMES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
              "down_proj": "down"}
 
@@ -94,16 +104,54 @@ def attach_mean(base: dict, lora: dict, scale: float) -> dict:
     return attach(base, concat(lora), scale / n)
 
 
+def peft_linear(lora: dict, scale: float) -> dict:
+    """PEFT's ``add_weighted_adapter(weights=[1/N]*N, combination_type="linear")`` of the N adapters (each with
+    product scale ``scale``): ``a = Σ_i √(scale/N)·A_i [L, in, r]``, ``b = Σ_i √(scale/N)·B_i [L, r, out]``,
+    whose product is used with scale 1 (PEFT gives the new adapter ``lora_alpha = r``)."""
+    out = {}
+    for name, f in lora.items():
+        w = jnp.sqrt(jnp.float32(scale / f["a"].shape[0]))
+        out[name] = {"a": jnp.sum(w * f["a"], axis=0), "b": jnp.sum(w * f["b"], axis=0)}
+    return out
+
+
+def merged_adapter(lora: dict, scale: float, rule: str = "mean_delta") -> tuple[dict, float]:
+    """The ensemble merged by ``rule`` as one adapter: ``(factors {"a": [L, in, R], "b": [L, R, out]}, product
+    scale)``; ``mean_delta``: ``(concat(lora), scale / N)`` (R = N·r); ``peft_linear``: ``(peft_linear(lora,
+    scale), 1.0)`` (R = r). See the module docstring."""
+    if rule == "mean_delta":
+        return concat(lora), scale / jax.tree.leaves(lora)[0].shape[0]
+    if rule == "peft_linear":
+        return peft_linear(lora, scale), 1.0
+    raise ValueError(f"ensemble_merge={rule!r}; valid: {', '.join(MERGE_RULES)}")
+
+
+def attach_merged(base: dict, lora: dict, scale: float, rule: str = "mean_delta") -> dict:
+    """The merged ensemble (``merged_adapter``) attached in activation space: π_β, the ema/mixup reference and
+    the evaluated model, with no weight-sized copy and no rounding of the delta into W."""
+    factors, s = merged_adapter(lora, scale, rule)
+    return attach(base, factors, s)
+
+
+def attached_axes(layer_axes: dict, layers: dict) -> dict:
+    """Logical axes of the ``<target>_lora`` entries of an attached layer dict (no ensemble axis): ``a``
+    ``(layers, in, lora_rank)``, ``b`` ``(layers, lora_rank, out)``, from the targets' own axes."""
+    names = [k[: -len("_lora")] for k in layers if k.endswith("_lora")]
+    return {f"{n}_lora": {k: v[1:] for k, v in f.items()}
+            for n, f in lora_axes({"layers": layer_axes}, names).items()}
+
+
 def delta(factors: dict, scale: float) -> jax.Array:
     """``(α/r)·A B`` for one adapter's factors ``a [L, in, r]``, ``b [L, r, out]`` → ``[L, in, out]`` (float32)."""
     return scale * jnp.einsum("lir,lro->lio", factors["a"], factors["b"], preferred_element_type=jnp.float32)
 
 
-def merge(base: dict, lora: dict, scale: float) -> dict:
-    """The ensemble's merged params, materialised (for sampling and export): each target becomes
-    ``(W + (1/N) Σ_i ΔW_i)`` summed in float32 and cast to W's dtype."""
+def merge(base: dict, lora: dict, scale: float, rule: str = "mean_delta") -> dict:
+    """The merged ensemble materialised in the weights, for export only (HF folders): each target becomes
+    ``W + ΔW`` of ``merged_adapter(lora, scale, rule)``, summed in float32 and cast to W's dtype (a ΔW below
+    half an ulp of a bfloat16 W rounds away: never sample or score with it)."""
     layers = dict(base["layers"])
-    for name, f in lora.items():
-        mean_delta = delta(concat({name: f})[name], scale / f["a"].shape[0])
-        layers[name] = (layers[name].astype(jnp.float32) + mean_delta).astype(layers[name].dtype)
+    factors, s = merged_adapter(lora, scale, rule)
+    for name, f in factors.items():
+        layers[name] = (layers[name].astype(jnp.float32) + delta(f, s)).astype(layers[name].dtype)
     return {**base, "layers": layers}

@@ -34,7 +34,8 @@ from bpo_jax.config import TrainConfig
 from bpo_jax.models.decoder import unstack_layers
 from bpo_jax.pairs import build_pairs, distinct, tied
 from bpo_jax.sampling import generate
-from bpo_jax.train_step import BATCH_KEYS, behavior_logp_gap, make_train_step, member_logp_gaps
+from bpo_jax.train_step import (BATCH_KEYS, behavior_logp_gap, make_train_step, member_logp_gaps,
+                                policy_behavior_logp_gap)
 
 
 class Preempted(Exception):
@@ -155,7 +156,8 @@ def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator
             prompts.set_state(meta["prompts"][distributed.process_index()])
             log(f"resumed {cfg.run_dir} at step {latest}")
             if meta.get("pending_eval") and evaluate is not None:  # interrupted by a preemption: make it now
-                _write(metrics_path, writer, {"step": latest, **evaluate(st.policy_params(cfg, state), latest)})
+                policy = st.policy_params(cfg, state, model_config.dtype)
+                _write(metrics_path, writer, {"step": latest, **evaluate(policy, latest)})
         return _loop(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids, evaluate, ckpt, stop,
                      metrics_path, writer, state, pairs, log)
     finally:
@@ -194,7 +196,7 @@ def _loop(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids,
                 {"prompts": distributed.gather_json(prompts.get_state()), **extra})
             if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 try:
-                    record.update(evaluate(st.policy_params(cfg, state), step + 1))
+                    record.update(evaluate(st.policy_params(cfg, state, model_config.dtype), step + 1))
                 except Preempted:
                     _write(metrics_path, writer, record)
                     save(pending_eval=True)
@@ -215,10 +217,16 @@ def _loop(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids,
 
 def _start_phase(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids, state, phase, stop, log):
     """Steps 5 and 1–3 at a phase start: ``(state, this host's pairs, phase stats)``. A preemption during the
-    collection saves nothing: the last checkpoint (or the fresh start) already holds this phase's start."""
+    collection saves nothing: the last checkpoint (or the fresh start) already holds this phase's start.
+
+    π_β samples with the train step's own activation-space adapters (``state.behavior_params``). The stats
+    check it on the phase's first batch: ``behavior_logp_gap`` re-scores it with π_β's params,
+    ``policy_behavior_logp_gap`` (max; ``_mean``) with the train step's policy forward on the trainable params
+    (``train_step.policy_behavior_logp_gap``), which would show a π_β that is not π_θ; within sampler rounding
+    (``train_step.LOGP_GAP_TOL``) with one adapter or full FT."""
     if phase > int(state.phase):
         state = st.sync_behavior(state)
-    behavior = st.behavior_params(cfg, state)
+    behavior = st.behavior_params(cfg, state, model_config.dtype)
     log(f"phase {phase + 1}/{cfg.num_phases}: collecting {cfg.steps_per_phase * cfg.batch_size} pairs with pi_beta")
     try:
         pairs, stats = collect_pairs(cfg, model_config, behavior, tokenizer, prompts, annotator,
@@ -231,6 +239,9 @@ def _start_phase(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_tok
     first = distributed.global_rows({k: v[:B] for k, v in pairs.items() if k in BATCH_KEYS}, mesh)
     stats["behavior_logp_gap"] = float(behavior_logp_gap(model_config, behavior, first, prompt_len=P,
                                                          share_prompt=cfg.share_prompt))
+    policy_gap = policy_behavior_logp_gap(cfg, model_config, state.base, state.trainable, first, prompt_len=P)
+    stats["policy_behavior_logp_gap"] = float(policy_gap[0])  # π_θ's own forward vs the sampler: ≈ 0
+    stats["policy_behavior_logp_gap_mean"] = float(policy_gap[1])
     if cfg.ensemble_size > 1:
         gaps = member_logp_gaps(cfg, model_config, state.base, state.trainable, first, prompt_len=P)
         stats["member_logp_gap_max"] = float(gaps.max())

@@ -8,9 +8,11 @@ same product, so reading transposes and stacks the layers, and writing undoes it
 
 This is how the paper's ensemble starts (its official code loads N different-seed SFT LoRA adapters on the raw
 base model: ``lora_init_from``), and how LoRA results go back to HF: ``peft.PeftModel.from_pretrained(base,
-folder)`` gives the same logits as bpo_jax. The merged ensemble (the mean of the members' deltas, π_β and the
-evaluated model) is exactly one adapter of rank N·r with the members' factors concatenated and the scale divided
-by N (``lora.concat``): it is written with ``r = N·r`` and ``lora_alpha = α``, since ``α / (N·r) = (α / r) / N``.
+folder)`` gives the same logits as bpo_jax. The merged ensemble (π_β and the evaluated model, by
+``ensemble_merge``: ``lora.merged_adapter``) is one adapter: ``mean_delta`` (the mean of the members' deltas) is
+the members' factors concatenated with the scale divided by N (``lora.concat``), written with ``r = N·r`` and
+``lora_alpha = α``, since ``α / (N·r) = (α / r) / N``; ``peft_linear`` is what PEFT's
+``add_weighted_adapter(combination_type="linear")`` writes: rank r with ``lora_alpha = r`` (scale 1).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import json
 import os
 from typing import NamedTuple
 
+import jax
 import numpy as np
 
-from bpo_jax.lora import TARGETS
+from bpo_jax.lora import TARGETS, merged_adapter
 from bpo_jax.models.hf_names import layer_module
 
 MODULES = {t: layer_module(t) for t in TARGETS}  # "q" -> "self_attn.q_proj"
@@ -123,9 +126,11 @@ def write_adapter(folder: str, factors: dict, *, rank: int, alpha: float, base_m
     return folder
 
 
-def write_ensemble(out_dir: str, lora: dict, *, rank: int, alpha: float, base_model: str = "") -> list[str]:
+def write_ensemble(out_dir: str, lora: dict, *, rank: int, alpha: float, base_model: str = "",
+                   merge: str = "mean_delta") -> list[str]:
     """The N members (``lora[target] = {"a": [N, L, in, r], "b": [N, L, r, out]}``) as ``out_dir/member_<i>``
-    and their merge (the mean of the deltas: rank N·r, same alpha) as ``out_dir/merged``; returns the folders.
+    and their merge by ``merge`` (``lora.merged_adapter``: ``mean_delta``, rank N·r, same alpha;
+    ``peft_linear``, rank r, alpha r) as ``out_dir/merged``; returns the folders.
     ``out_dir`` may be object storage (``gs://…``): the folders are written locally, then copied up."""
     if "://" in out_dir:
         import tempfile
@@ -133,7 +138,7 @@ def write_ensemble(out_dir: str, lora: dict, *, rank: int, alpha: float, base_mo
         from etils import epath
 
         with tempfile.TemporaryDirectory() as tmp:
-            local = write_ensemble(tmp, lora, rank=rank, alpha=alpha, base_model=base_model)
+            local = write_ensemble(tmp, lora, rank=rank, alpha=alpha, base_model=base_model, merge=merge)
             for folder in local:
                 dest = epath.Path(out_dir) / os.path.basename(folder)
                 dest.mkdir(parents=True, exist_ok=True)
@@ -145,10 +150,10 @@ def write_ensemble(out_dir: str, lora: dict, *, rank: int, alpha: float, base_mo
     folders = [write_adapter(os.path.join(out_dir, f"member_{i}"), {t: {"a": f["a"][i], "b": f["b"][i]}
                                                                      for t, f in lora.items()},
                              rank=rank, alpha=alpha, base_model=base_model) for i in range(n)]
-    merged = {t: {"a": np.concatenate(list(f["a"]), axis=-1), "b": np.concatenate(list(f["b"]), axis=-2)}
-              for t, f in lora.items()}
-    folders.append(write_adapter(os.path.join(out_dir, "merged"), merged, rank=n * rank, alpha=alpha,
-                                 base_model=base_model))
+    factors, scale = merged_adapter(lora, alpha / rank, merge)
+    merged_rank = next(iter(factors.values()))["a"].shape[-1]  # product scale = alpha' / rank'
+    folders.append(write_adapter(os.path.join(out_dir, "merged"), jax.tree.map(np.asarray, factors),
+                                 rank=merged_rank, alpha=scale * merged_rank, base_model=base_model))
     return folders
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bpo_jax import distributed
+from bpo_jax import distributed, lora
 from bpo_jax import sharding as shd
 from bpo_jax.models import decoder
 from bpo_jax.sampling_ops import sample_step
@@ -31,10 +31,19 @@ Array = jax.Array
 SAMPLING_RULES = tuple((name, None if axis == "fsdp" else axis) for name, axis in shd.DEFAULT_RULES)
 
 
-def sampling_shardings(config, mesh, rules=SAMPLING_RULES):
+def sampling_shardings(config, mesh, rules=SAMPLING_RULES, params=None):
     """``NamedSharding`` pytree placing a params pytree in the sampling layout; pass it to ``generate`` as
-    ``param_shardings`` (the move is device to device, no host round trip)."""
-    return shd.logical_to_sharding(decoder.param_axes(config), decoder.param_shapes(config), mesh, rules)
+    ``param_shardings`` (the move is device to device, no host round trip). ``params``: the (stacked) params
+    to place, when they carry activation-space LoRA factors (``layers["<target>_lora"]``, e.g.
+    ``state.behavior_params``): the factors get their own axes (``lora.attached_axes``; shapes from
+    ``params``)."""
+    axes, shapes = decoder.param_axes(config), decoder.param_shapes(config)
+    extra = {} if params is None else lora.attached_axes(axes["layers"], params["layers"])
+    if extra:
+        axes = {**axes, "layers": {**axes["layers"], **extra}}
+        shapes = {**shapes, "layers": {**shapes["layers"], **{k: jax.tree.map(jnp.shape, params["layers"][k])
+                                                               for k in extra}}}
+    return shd.logical_to_sharding(axes, shapes, mesh, rules)
 
 
 class SampleOutput(NamedTuple):

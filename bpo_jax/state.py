@@ -59,30 +59,44 @@ def adapter_params(cfg: TrainConfig, base: Params, trainable_i: Params) -> Param
     return lora.attach(base, trainable_i, cfg.lora_scale) if cfg.lora_rank else trainable_i
 
 
-def ensemble_params(cfg: TrainConfig, base: Params, trainable: Params) -> Params:
-    """The merged ensemble for a forward inside the train step: LoRA: the members' factors concatenated
-    along the rank axis with scale s/N (``lora.attach_mean``, exactly base + mean delta); full FT: the one
-    float32 model."""
+def ensemble_params(cfg: TrainConfig, base: Params, trainable: Params, compute_dtype=None) -> Params:
+    """The merged ensemble as the train step runs it: LoRA: one adapter merged by ``cfg.ensemble_merge``
+    attached in activation space (``lora.attach_merged``; ``mean_delta``: the members' factors concatenated
+    along the rank axis with scale s/N, exactly base + mean delta); full FT: the one float32 master model. With
+    ``compute_dtype`` (the model's ``dtype``), full FT's weights are cast to it ahead of use, except the norm
+    weights, which the decoder reads in float32: the same values the step computes with, in a smaller copy."""
     if cfg.lora_rank:
-        return lora.attach_mean(base, trainable, cfg.lora_scale)
-    return jax.tree.map(lambda x: x[0], trainable)
+        return lora.attach_merged(base, trainable, cfg.lora_scale, cfg.ensemble_merge)
+    one = jax.tree.map(lambda x: x[0], trainable)
+    if compute_dtype is None or jnp.dtype(compute_dtype) == jnp.float32:
+        return one
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x if "norm" in str(path[-1]) else x.astype(compute_dtype), one)
 
 
 def merged_params(cfg: TrainConfig, base: Params, trainable: Params) -> Params:
-    """The ensemble merged in weight space, as plain weights in the base's dtypes (for sampling and export):
-    LoRA: base + mean of the adapters' deltas (``lora.merge``); full FT: the one model, cast."""
+    """The ensemble merged in weight space, as plain weights in the base's dtypes — for export only (HF
+    folders): LoRA: ``lora.merge`` by ``cfg.ensemble_merge``; full FT: the one model, cast. Under a bfloat16
+    base this rounds (a ΔW below half an ulp of W is lost): sampling, scoring and evaluation use
+    ``ensemble_params``."""
     if cfg.lora_rank:
-        return lora.merge(base, trainable, cfg.lora_scale)
+        return lora.merge(base, trainable, cfg.lora_scale, cfg.ensemble_merge)
     return jax.tree.map(lambda x, b: x[0].astype(b.dtype), trainable, base)
 
 
-def behavior_params(cfg: TrainConfig, state: TrainState) -> Params:
-    """π_β: the model that samples in the current phase."""
-    return merged_params(cfg, state.base, state.behavior)
+def behavior_params(cfg: TrainConfig, state: TrainState, compute_dtype=None) -> Params:
+    """π_β: the model that samples in the current phase, as the train step would run it
+    (``ensemble_params``), so at a phase start π_β = π_θ exactly under every dtype."""
+    return ensemble_params(cfg, state.base, state.behavior, compute_dtype)
 
 
-def policy_params(cfg: TrainConfig, state: TrainState) -> Params:
-    """π_θ as evaluated and exported: the merged ensemble."""
+def policy_params(cfg: TrainConfig, state: TrainState, compute_dtype=None) -> Params:
+    """π_θ as evaluated: the merged ensemble as the train step runs it (``ensemble_params``)."""
+    return ensemble_params(cfg, state.base, state.trainable, compute_dtype)
+
+
+def export_params(cfg: TrainConfig, state: TrainState) -> Params:
+    """π_θ as exported to an HF folder: ``merged_params`` (plain weights in the base's dtypes)."""
     return merged_params(cfg, state.base, state.trainable)
 
 
@@ -120,7 +134,7 @@ def create_state(cfg: TrainConfig, base: Params, key: jax.Array, *, reference: P
         else:
             trainable = lora.init_lora(init_key, base["layers"], targets=cfg.lora_targets, rank=cfg.lora_rank,
                                        num_adapters=cfg.ensemble_size)
-        trainable = _place_like_base(trainable, base)
+        trainable = place_like_base(trainable, base)
     else:
         trainable = jax.tree.map(lambda x: x[None].astype(jnp.float32), base)
     opt_state = _init_opt_state(make_optimizer(cfg), trainable)
@@ -175,7 +189,7 @@ def lora_specs(target_spec, rank: int, mesh) -> tuple:
     return P(None, None, s_in, rank_axis(s_in)), P(None, None, rank_axis(s_out), s_out)
 
 
-def _place_like_base(lora_tree, base):
+def place_like_base(lora_tree, base):
     """Put LoRA factors on the base's mesh (``lora_specs``)."""
     leaf = jax.tree.leaves(base)[0]
     sharding = getattr(leaf, "sharding", None)

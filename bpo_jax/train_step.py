@@ -177,14 +177,42 @@ def make_train_step(cfg: TrainConfig, model_config, state_shardings, *, prompt_l
     return step
 
 
+# The sampler-vs-forward tolerance, per response token: the sampler's cached decode sums attention in another
+# order than a full forward, so the same model gives summed response log-probs that differ by rounding only,
+# up to ``LOGP_GAP_TOL_PER_TOKEN[compute dtype] × response tokens`` (measured on tiny models: ≈4e-7 per token in
+# float32, ≈7e-4 in bfloat16). A gap above it means the two ran different models.
+LOGP_GAP_TOL_PER_TOKEN = {"float32": 2e-5, "bfloat16": 2e-2}
+
+
+def _logp_gap(model_config, params, batch, prompt_len: int, share_prompt: bool):
+    """``[2]``: (max, mean) over a batch's 2B responses of |this forward's summed response log-probs − the
+    sampler's| (``*_behavior_logps``). The one body every gap check below shares."""
+    pc, pr, _, _ = pair_logps(model_config, params, batch, prompt_len, share_prompt=share_prompt)
+    gap = jnp.abs(jnp.concatenate([pc - batch["chosen_behavior_logps"], pr - batch["rejected_behavior_logps"]]))
+    return jnp.stack([jnp.max(gap), jnp.mean(gap)])
+
+
 @partial(jax.jit, static_argnames=("model_config", "prompt_len", "share_prompt"))
 def behavior_logp_gap(model_config, params, batch, *, prompt_len: int, share_prompt: bool = False):
     """Largest |trainer forward − sampler| gap in summed response log-probs over a batch. At the start of a
     phase the behavior LLM must score its own samples exactly as the sampler did; a gap here (different dtype,
     params or masking) silently breaks BPO's reference."""
-    pc, pr, _, _ = pair_logps(model_config, params, batch, prompt_len, share_prompt=share_prompt)
-    return jnp.maximum(jnp.max(jnp.abs(pc - batch["chosen_behavior_logps"])),
-                       jnp.max(jnp.abs(pr - batch["rejected_behavior_logps"])))
+    return _logp_gap(model_config, params, batch, prompt_len, share_prompt)[0]
+
+
+@partial(jax.jit, static_argnames=("cfg", "model_config", "prompt_len"))
+def policy_behavior_logp_gap(cfg: TrainConfig, model_config, base, trainable, batch, *, prompt_len: int):
+    """``[2]``: (max, mean) |π_θ − sampler| gap in summed response log-probs, π_θ being the train step's own
+    policy forward on the trainable params: the member's ``adapter_params`` (what the loss runs) for one member,
+    the merged ensemble ``ensemble_params`` otherwise. Independent of how π_β was built for the sampler, so at
+    a phase start it sees any π_β ≠ π_θ (e.g. a ΔW rounded into bfloat16 weights). With one adapter or full FT
+    it is within sampler rounding: ``LOGP_GAP_TOL_PER_TOKEN`` × response tokens (2e-5 per token in float32
+    compute, 2e-2 in bfloat16), under a bfloat16 base too."""
+    if cfg.ensemble_size == 1:
+        params = st.adapter_params(cfg, base, jax.tree.map(lambda x: x[0], trainable))
+    else:
+        params = st.ensemble_params(cfg, base, trainable)
+    return _logp_gap(model_config, params, batch, prompt_len, cfg.share_prompt)
 
 
 @partial(jax.jit, static_argnames=("cfg", "model_config", "prompt_len"))
@@ -192,10 +220,5 @@ def member_logp_gaps(cfg: TrainConfig, model_config, base, trainable, batch, *, 
     """``[N]``: per ensemble member, the largest |member − sampler| gap in summed response log-probs over a batch.
     At a phase start the merged π_β sampled the batch, so this is how far each member is from π_β (0 only for
     full fine-tuning or one adapter): why an ensemble's first loss of a phase is not its h = 0 value."""
-    def one(train_i):
-        pc, pr, _, _ = pair_logps(model_config, st.adapter_params(cfg, base, train_i), batch, prompt_len,
-                                  share_prompt=cfg.share_prompt)
-        return jnp.maximum(jnp.max(jnp.abs(pc - batch["chosen_behavior_logps"])),
-                           jnp.max(jnp.abs(pr - batch["rejected_behavior_logps"])))
-
-    return jax.lax.map(one, trainable)
+    return jax.lax.map(lambda t: _logp_gap(model_config, st.adapter_params(cfg, base, t), batch, prompt_len,
+                                           cfg.share_prompt)[0], trainable)

@@ -169,20 +169,22 @@ def test_lora_train_step_is_activation_space(remat, share):
     assert res["train"]["member_factors"] == trainable // n
     assert res["train"]["grads_and_update"] == 3 * trainable // n
     assert res["train"]["logits"] == 2 * 2 * 4 * 8 * TINY.vocab_size * 4  # 2 x 8 response rows x 8 positions, f32
-    # sampling still materialises the merge: the target leaves in param_dtype, and the unstacked layers
+    # sampling attaches the merged adapter (a float32 copy of the factors), unstacked with the layers
     base = jax.eval_shape(functools.partial(decoder.init_params, TINY), jax.random.key(0))
-    assert res["sampling"]["behavior_merged"] == _base_bytes({k: base["layers"][k] for k in targets})
-    assert res["sampling"]["behavior_unstacked"] == _base_bytes(base["layers"])
+    assert res["sampling"]["behavior_merged"] == res["resident"]["behavior"]
+    assert res["sampling"]["behavior_unstacked"] == _base_bytes(base["layers"]) + res["resident"]["behavior"]
 
 
 def test_full_ft_masters_and_casts():
-    """Full FT: float32 master copy; sampling casts it to param_dtype; the step casts the unembedding and one
+    """Full FT: float32 master copy; sampling casts it to the compute dtype, as the step does (norms stay
+    float32); the step casts the unembedding and one
     layer at a time to the compute dtype."""
     cfg = _cfg("lora_rank=0", "ensemble_size=1")
     res = mp.plan(cfg, TINY, _mesh(), 16)
     base = jax.eval_shape(functools.partial(decoder.init_params, TINY), jax.random.key(0))
     assert res["resident"]["trainable"] == res["resident"]["behavior"] == _base_bytes(base, 4)
-    assert res["sampling"]["behavior_merged"] == _base_bytes(base)  # bfloat16, like the base
+    norms = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(base) if "norm" in str(p[-1]))  # float32
+    assert res["sampling"]["behavior_merged"] == _base_bytes(base) + 2 * norms  # as the step runs it
     unembed = "embed" if TINY.tie_word_embeddings else "lm_head"
     want = base[unembed].size * 2 + _base_bytes(base["layers"], 2) // TINY.num_layers
     assert res["train"]["weight_casts"] == want

@@ -63,6 +63,7 @@ def test_two_phase_run_logs_log2_at_each_phase_start(tiny_dir, tmp_path):
     for r in (records[0], records[2]):  # π_θ = π_β at each phase start under reference=behavior
         np.testing.assert_allclose(r["loss"], LOG2, atol=1e-5)
         assert r["phase/behavior_logp_gap"] < 1e-3
+        assert 0 <= r["phase/policy_behavior_logp_gap_mean"] <= r["phase/policy_behavior_logp_gap"] < 1e-3
     assert abs(records[1]["loss"] - LOG2) > 1e-4
     assert {"kl_policy_behavior", "grad_norm", "learning_rate", "truncation_rate", "rewards/accuracies"} <= set(records[0])
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
@@ -141,6 +142,7 @@ def test_ensemble_members_differ_from_the_merged_behavior_at_a_phase_start(tiny_
     first, second = records[0], records[2]
     assert first["phase/member_logp_gap_max"] < 1e-3 and abs(first["loss"] - LOG2) < 1e-5  # B = 0: all = base
     assert second["phase/behavior_logp_gap"] < 1e-3 < second["phase/member_logp_gap_max"]
+    assert second["phase/policy_behavior_logp_gap"] < 1e-3  # the merged ensemble, as the step runs it, is π_β
     assert abs(second["loss"] - LOG2) > 1e-5
 
 

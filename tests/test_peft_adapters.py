@@ -2,6 +2,7 @@
 load in ``peft`` onto the HF base to bpo_jax's logits; adapters PEFT wrote start an ensemble (``lora_init_from``),
 with the SFT reference their merge; bad adapter folders are refused with the reason."""
 
+import dataclasses
 import json
 
 import jax
@@ -171,3 +172,40 @@ def test_train_starts_from_adapter_folders_and_exports_peft_folders(tiny_policy_
         want = _hf(str(run / "policy"))(ids).logits.numpy()
         got = peft.PeftModel.from_pretrained(_hf(policy), str(run / "adapters" / "merged"))(ids).logits.numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_peft_linear_merge_is_peft_add_weighted_adapter_and_exports_to_its_logits(base, tmp_path):
+    """``ensemble_merge=peft_linear`` is PEFT's own ``add_weighted_adapter(weights=[1/N]*N,
+    combination_type="linear")`` (as the paper's code merges): the same A and B factors and the same logits; the
+    exported ``merged`` folder loads in PEFT to bpo_jax's π_θ; and it differs from ``mean_delta``."""
+    folder, model = base
+    dirs = _peft_adapters(folder, tmp_path, 2)
+    cfg = TrainConfig(lora_rank=4, lora_alpha=8, ensemble_size=2, lora_init_from=tuple(dirs),
+                      ensemble_merge="peft_linear", total_steps=2, num_phases=2, batch_size=2)
+    init = pa.read_ensemble(cfg.lora_init_from, _shapes(model), rank=4, scale=cfg.lora_scale,
+                            targets=cfg.lora_targets)
+    state = st.create_state(cfg, model.params, jax.random.key(0), lora_init=init)
+    theirs = peft.PeftModel.from_pretrained(_hf(folder), dirs[0], adapter_name="m0").eval()
+    theirs.load_adapter(dirs[1], adapter_name="m1")
+    theirs.add_weighted_adapter(["m0", "m1"], [0.5, 0.5], "merged", combination_type="linear")
+    theirs.set_adapter("merged")
+    assert theirs.peft_config["merged"].r == 4 and theirs.peft_config["merged"].lora_alpha == 4  # scale 1
+    ours, scale = lora.merged_adapter(state.trainable, cfg.lora_scale, "peft_linear")
+    assert scale == 1.0
+    layer = theirs.base_model.model.model.layers[1].self_attn.q_proj
+    np.testing.assert_allclose(np.asarray(ours["q"]["a"][1]).T, layer.lora_A["merged"].weight.detach().numpy(),
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(ours["q"]["b"][1]).T, layer.lora_B["merged"].weight.detach().numpy(),
+                               rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        want = theirs(torch.tensor(IDS)).logits.numpy()
+    got = _ours(model, st.policy_params(cfg, state))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    mean_delta = _ours(model, st.policy_params(dataclasses.replace(cfg, ensemble_merge="mean_delta"), state))
+    assert np.abs(mean_delta - got).max() > 1e-3  # the cross terms A_i B_j
+    out = pa.write_ensemble(str(tmp_path / "export"), state.trainable, rank=4, alpha=8, merge="peft_linear")
+    np.testing.assert_allclose(_peft_logits(folder, out[-1]), got, atol=1e-4, rtol=1e-4)
+    saved = json.loads((tmp_path / "export" / "merged" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"]) == (4, 4.0)
+    with pytest.raises(Exception, match="ensemble_merge"):
+        TrainConfig(lora_rank=4, ensemble_merge="svd")

@@ -93,7 +93,8 @@ def test_lora_ensemble_updates_only_adapters_and_merge_is_the_mean_delta():
     jax.tree.map(np.testing.assert_array_equal, base_before, jax.tree.map(np.asarray, state.base))
     a, b = np.asarray(state.trainable["q"]["a"]), np.asarray(state.trainable["q"]["b"])
     assert not np.allclose(b[0], b[1])  # adapters differ (own init, own optimizer)
-    merged = st.policy_params(cfg, state)
+    assert "q_lora" in st.policy_params(cfg, state)["layers"]  # evaluated in activation space, ...
+    merged = st.export_params(cfg, state)  # ... exported merged into the weights
     want = base_before["layers"]["q"] + (8.0 / 4) * np.mean(np.einsum("nlir,nlro->nlio", a, b), axis=0)
     np.testing.assert_allclose(np.asarray(merged["layers"]["q"]), want, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(merged["layers"]["k"]), base_before["layers"]["k"])
