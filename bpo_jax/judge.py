@@ -107,6 +107,7 @@ class Judge:
         self.concurrency, self.max_requests, self.max_wait = concurrency, max_requests, max_wait
         self.cache_path = cache_path
         self.cache: dict[str, str] = self._load_cache(cache_path)
+        self._cut = _ends_cut(cache_path)  # a killed run's half line: the next verdict starts a new line
         self.requests_sent = 0
         self._lock = threading.Lock()  # guards cache, requests_sent and the cache file
 
@@ -129,14 +130,14 @@ class Judge:
 
     def compare(self, prompt, a: str, b: str) -> float:
         """1.0 if ``a`` is preferred over ``b``, 0.0 if ``b`` is, 0.5 for a tie."""
-        return float(self.compare_many([(prompt, a, b)])[0])
+        return float(self.compare_many([(prompt, a, b)], announce=False)[0])
 
-    def compare_many(self, comparisons) -> np.ndarray:
+    def compare_many(self, comparisons, *, announce: bool = True) -> np.ndarray:
         """``compare`` for each ``(prompt, a, b)``, in input order, with up to ``concurrency`` requests at once;
-        identical comparisons are requested once."""
+        identical comparisons are requested once. ``announce``: log the request count first."""
         jobs = [self._job(*c) for c in comparisons]
         pending = {key: body for key, body, _ in jobs if key not in self.cache}
-        if jobs:
+        if jobs and announce:
             cached = sum(key in self.cache for key, _, _ in jobs)
             log.info("judge: %d comparisons to request (%d cached) with %d in flight", len(pending), cached,
                      min(self.concurrency, len(pending)))
@@ -217,6 +218,8 @@ class Judge:
             self.cache[key] = verdict
             if self.cache_path:
                 with open(self.cache_path, "a") as f:
+                    f.write("\n" if self._cut else "")
+                    self._cut = False
                     f.write(json.dumps({"key": key, "verdict": verdict}) + "\n")
                     f.flush()
         return verdict
@@ -262,6 +265,15 @@ class Judge:
         scores = np.zeros(len(responses), np.float32)
         scores[0::2], scores[1::2] = prefs, 1.0 - prefs
         return scores
+
+
+def _ends_cut(path: str | None) -> bool:
+    """Whether the file at ``path`` exists, is not empty and does not end with a newline."""
+    if not path or not os.path.isfile(path) or not os.path.getsize(path):
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 class _Retryable(Exception):
