@@ -110,6 +110,7 @@ class Judge:
         self._cut = _ends_cut(cache_path)  # a killed run's half line: the next verdict starts a new line
         self.requests_sent = 0
         self._lock = threading.Lock()  # guards cache, requests_sent and the cache file
+        self._jitter = random.Random()  # its own generator: the global one may be seeded for other ends
 
     @staticmethod
     def _load_cache(path: str | None) -> dict[str, str]:
@@ -167,11 +168,9 @@ class Judge:
         pool = cf.ThreadPoolExecutor(max_workers=min(self.concurrency, len(pending)), thread_name_prefix="judge")
         try:
             futures = [pool.submit(self._verdict, key, body, stop) for key, body in pending.items()]
-            done, _ = cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
-            if any(f.exception() is not None for f in done):
-                stop.set()
+            cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
         finally:
-            stop.set()  # also on KeyboardInterrupt: sleeping retries wake and end
+            stop.set()  # after a failure (or KeyboardInterrupt): nothing new starts, sleeping retries end
             pool.shutdown(wait=True, cancel_futures=True)
         errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
         errors = [e for e in errors if not isinstance(e, _Stopped)]
@@ -196,7 +195,7 @@ class Judge:
                 problem = f"the answer names no verdict ('Preferred: A/B/Tie'): {content[-200:]!r}"
                 wait = None
             if attempt < self.retries:
-                delay = self.backoff * 2 ** attempt * (0.5 + random.random()) if wait is None else wait
+                delay = self.backoff * 2 ** attempt * (0.5 + self._jitter.random()) if wait is None else wait
                 if stop.wait(min(delay, self.max_wait)):
                     raise _Stopped()
         raise JudgeError(f"judge at {self.url} gave no verdict after {self.retries + 1} attempts; last problem: "

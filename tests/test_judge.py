@@ -228,6 +228,16 @@ def test_failures_among_concurrent_requests_are_retried(server):
     assert judge.requests_sent == 12 + 5
 
 
+def test_a_refused_request_stops_the_others_and_keeps_their_verdicts(server, tmp_path):
+    cache = tmp_path / "verdicts.jsonl"
+    server.script, server.latency = ["400"], lambda: 0.05
+    comps, _ = _comparisons(40)
+    judge = _judge(server, cache_path=str(cache), concurrency=4)
+    with pytest.raises(JudgeError, match="HTTP 400"):
+        judge.compare_many(comps)
+    assert len(server.requests) < 40  # no new request after the refusal was seen
+    assert len(cache.read_text().splitlines()) == len(server.requests) - 1  # every other one is cached
+
 def test_a_restarted_judge_sends_no_request_twice(server, tmp_path):
     cache = tmp_path / "verdicts.jsonl"
     comps, want = _comparisons(40)
@@ -283,3 +293,13 @@ def test_judge_annotates_a_tiny_online_run(server, tiny_policy_and_rm, tmp_path,
     assert [r["step"] for r in records if "loss" in r] == [1, 2] and "eval/win_rate" in records[-1]
     cached = (run / "judge_cache.jsonl").read_text().splitlines()
     assert len(server.requests) == len(cached) == len(set(server.bodies())) > 0
+
+
+def test_concurrency_and_cap_are_validated_operational_keys():
+    from bpo_jax.config import ConfigError, TrainConfig, run_identity_changes
+
+    for bad in ({"judge_concurrency": 0}, {"judge_max_requests": -1}):
+        with pytest.raises(ConfigError, match="judge_concurrency >= 1 and judge_max_requests >= 0"):
+            TrainConfig(**bad)
+    assert TrainConfig().judge_concurrency == 8 and TrainConfig().judge_max_requests == 0
+    assert run_identity_changes(TrainConfig(), TrainConfig(judge_concurrency=2, judge_max_requests=50)) == []
