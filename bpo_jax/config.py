@@ -95,6 +95,8 @@ class TrainConfig:
     judge_api_key_env: str = ""  # name of the environment variable holding the API key ("" = no key)
     judge_timeout: float = 60.0
     judge_retries: int = 3
+    judge_concurrency: int = 8  # judge requests in flight at once
+    judge_max_requests: int = 0  # HTTP requests one command may send to the judge, retries included (0 = no cap)
     max_prompt_length: int = 256  # tokens, after the chat template
     eval_size: int = 0  # test prompts to evaluate (0 = all)
     eval_batch_size: int = 16  # test prompts per greedy decoding call (each host)
@@ -234,7 +236,8 @@ OPERATIONAL_KEYS = ("run_dir", "checkpoint_every", "keep_checkpoints", "eval_eve
                     "eval_sft_logratio",
                     "export_policy", "mesh_data", "mesh_fsdp", "mesh_tensor", "mesh_device_ids", "remat",
                     "micro_batches", "logprob_chunk", "share_prompt", "attention", "eval_batch_size",
-                    "reward_batch_size", "data_dir", "tfds_dir", "judge_timeout", "judge_retries", "judge_api_key_env")
+                    "reward_batch_size", "data_dir", "tfds_dir", "judge_timeout", "judge_retries", "judge_api_key_env",
+                    "judge_concurrency", "judge_max_requests")
 
 
 def run_identity_changes(saved: TrainConfig, new: TrainConfig) -> list[str]:
@@ -330,6 +333,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.annotator != "judge" or (cfg.judge_url and cfg.judge_model), "annotator=judge needs judge_url and "
                                                                           "judge_model")
     need(cfg.judge_timeout > 0 and cfg.judge_retries >= 0, "need judge_timeout > 0 and judge_retries >= 0")
+    need(cfg.judge_concurrency >= 1 and cfg.judge_max_requests >= 0,
+         f"need judge_concurrency >= 1 and judge_max_requests >= 0 (0 = no cap), got {cfg.judge_concurrency} and "
+         f"{cfg.judge_max_requests}")
     need(cfg.reward_batch_size >= 1 and cfg.reward_max_length >= 1 and cfg.eval_reward_max_length >= 0,
          "reward_batch_size and reward_max_length must be >= 1, eval_reward_max_length >= 0 (0 = reward_max_length)")
     need(cfg.tied_pairs in TIE_RULES, f"tied_pairs={cfg.tied_pairs!r}; valid: {', '.join(TIE_RULES)}")

@@ -149,7 +149,7 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True, so
             raise ValueError(f"judge_api_key_env={cfg.judge_api_key_env!r} but that environment variable is unset")
         annotator = Judge(cfg.judge_url, cfg.judge_model, api_key=api_key, timeout=cfg.judge_timeout,
                           retries=cfg.judge_retries, cache_path=_judge_cache(cfg.run_dir),
-                          seed=cfg.seed)
+                          seed=cfg.seed, concurrency=cfg.judge_concurrency, max_requests=cfg.judge_max_requests)
         score_name = "judge preference"
     else:
         from bpo_jax.models import load_reward_model

@@ -79,9 +79,12 @@ def _interrupted(common, run_dir, marker):
 def test_sigterm_during_collection_resumes_the_same_collection(setting):
     common, runs, want = setting
     run_dir = runs / "collect"
-    train, res = _interrupted(common, run_dir, "phase 2/2: collecting")
+    # One judge request at a time keeps the collection seconds long, so the signal lands inside it; the resume
+    # sends 8 at once (an operational key) and must still give the same labels, hence the same losses.
+    _, res = _interrupted([*common, "judge_concurrency=1"], run_dir, "phase 2/2: collecting")
     assert "SIGTERM while collecting phase 2's pairs" in res[0].output, res[0].output[-2000:]
     assert max(losses(run_dir)) == 2  # nothing was saved after the phase-1 checkpoint
+    train = ["train", *common, f"run_dir={run_dir}", "judge_concurrency=8"]
     again = run_group([train, train], devices=2)
     assert [r.returncode for r in again] == [0, 0], [r.output[-2000:] for r in again]
     assert f"resumed {run_dir} at step 2" in again[0].output
