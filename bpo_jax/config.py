@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # Model
-    model: str = "smollm2-135m-instruct"  # shipped name, HF folder or .gguf
+    model: str = "smollm2-135m-instruct"  # shipped name, HF folder, .gguf or Hub id org/name[@revision]
     param_dtype: str = "float32"
     dtype: str = "auto"  # compute dtype: auto = float32 on CPU, bfloat16 on accelerators
     remat: str = "none"  # per-layer rematerialisation: none | full | dots (keep matmul outputs); true = full
@@ -53,7 +53,7 @@ class TrainConfig:
     ema_rate: float = 0.01  # ema: ref ← (1 − rate)·ref + rate·θ after every step
     mixup_alpha: float = 0.6  # mixup (TR-DPO): ref ← α·θ + (1 − α)·ref ...
     mixup_every: int = 8  # ... every τ steps
-    reference_path: str = ""  # fixed: model to use as the reference
+    reference_path: str = ""  # fixed: model to use as the reference (a folder or Hub id, as model)
     # Sampling from the behavior LLM
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -80,7 +80,7 @@ class TrainConfig:
     data_format: str = "auto"  # tfds tasks: auto (per file, from its first row) | official (BPO's sft_*_data
     # {prompt, label} rows, rendered as plain text) | raw (the public hh-rlhf / summarize-from-feedback rows)
     annotator: str = "auto"  # auto (rouge for minisum data, else reward_model) | rouge | reward_model | judge
-    reward_model: str = ""  # HF *ForSequenceClassification folder (annotator=reward_model)
+    reward_model: str = ""  # HF *ForSequenceClassification folder or Hub id (annotator=reward_model)
     reward_batch_size: int = 16
     reward_max_length: int = 1024  # tokens per (prompt, response) under the RM's chat template, when annotating
     # ... and when evaluating (0 = reward_max_length); the official evaluation cuts at max_prompt_length +
