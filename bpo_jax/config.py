@@ -19,6 +19,7 @@ from bpo_jax.lora import canonical_targets
 from bpo_jax.data.official import FORMATS as DATA_FORMATS
 from bpo_jax.losses import BATCH_COUPLED, validate_loss_args
 from bpo_jax.pairs import TIE_RULES
+from bpo_jax.trackers import TRACKERS
 
 REFERENCES = ("behavior", "sft", "ema", "mixup", "fixed")
 TFDS_TASKS = ("tldr", "hh_helpful", "hh_harmless")
@@ -104,6 +105,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0 = only at phase boundaries
     keep_checkpoints: int = 3
     eval_every: int = 0  # 0 = no periodic evaluation
+    # where metrics go besides metrics.jsonl (bpo_jax.trackers): tensorboard, wandb (pip install wandb), both, or
+    # none; auto = tensorboard when tensorboardX is installed, else none
+    tracker: tuple = ("auto",)
     export_policy: bool = True  # write the final merged policy as an HF folder to <run_dir>/policy
     mesh_data: int = -1
     mesh_fsdp: int = 1
@@ -231,7 +235,8 @@ OPERATIONAL_KEYS = ("run_dir", "checkpoint_every", "keep_checkpoints", "eval_eve
                     "eval_sft_logratio",
                     "export_policy", "mesh_data", "mesh_fsdp", "mesh_tensor", "mesh_device_ids", "remat",
                     "micro_batches", "logprob_chunk", "share_prompt", "attention", "eval_batch_size",
-                    "reward_batch_size", "data_dir", "tfds_dir", "judge_timeout", "judge_retries", "judge_api_key_env")
+                    "reward_batch_size", "data_dir", "tfds_dir", "judge_timeout", "judge_retries", "judge_api_key_env",
+                    "tracker")
 
 
 def run_identity_changes(saved: TrainConfig, new: TrainConfig) -> list[str]:
@@ -346,6 +351,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(str(err)) from None
     need(len(targets) > 0 or cfg.lora_rank == 0, "lora_targets is empty")
     object.__setattr__(cfg, "lora_targets", targets)  # frozen dataclass: set once, during construction
+    need(all(t in TRACKERS for t in cfg.tracker) and (len(cfg.tracker) <= 1 or not {"auto", "none"} & set(cfg.tracker)),
+         f"tracker={','.join(cfg.tracker)}; valid: one or more of tensorboard, wandb, or none or auto alone")
+    object.__setattr__(cfg, "tracker", tuple(dict.fromkeys(cfg.tracker)))  # each tracker once
     need(all(str(i).isdigit() for i in cfg.mesh_device_ids),
          f"mesh_device_ids={list(cfg.mesh_device_ids)} must be device ids (non-negative integers)")
     object.__setattr__(cfg, "mesh_device_ids", tuple(int(i) for i in cfg.mesh_device_ids))
