@@ -89,3 +89,44 @@ def test_wandb_offline_run_holds_name_config_and_metrics(tiny_policy_and_rm, tmp
     assert history[1]["loss"] == pytest.approx(logged[1]["loss"])
     assert history[0]["eval/win_rate"] == pytest.approx(logged[0]["eval/win_rate"])
     assert history[2]["eval/win_rate"] == pytest.approx(logged[2]["eval/win_rate"])
+
+
+def test_auto_is_tensorboard_when_tensorboardx_is_installed(monkeypatch, tmp_path):
+    """With a (stand-in) tensorboardX, the default tracker writes each record's numbers at its step, with the
+    run's name and config as text; booleans and ``step`` itself are not scalars."""
+    import importlib.machinery
+    import types
+
+    calls = []
+
+    class SummaryWriter:
+        def __init__(self, logdir):
+            calls.append(("open", logdir))
+
+        def add_text(self, tag, text):
+            calls.append(("text", tag, text))
+
+        def add_scalar(self, tag, value, step):
+            calls.append(("scalar", tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            calls.append(("close",))
+
+    fake = types.ModuleType("tensorboardX")
+    fake.__spec__ = importlib.machinery.ModuleSpec("tensorboardX", None)
+    fake.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "tensorboardX", fake)
+    from bpo_jax.trackers import open_trackers
+
+    cfg = load_config(None, [f"run_dir={tmp_path / 'exp1'}", "total_steps=4"])
+    trackers = open_trackers(cfg)
+    trackers.log({"step": 2, "phase": 1, "loss": 0.5, "final": True, "note": "x"})
+    trackers.close()
+    assert calls[0] == ("open", str(tmp_path / "exp1" / "tensorboard"))
+    assert ("text", "run", "exp1") in calls
+    assert any(c[:2] == ("text", "config") and "total_steps: 4" in c[2] for c in calls)
+    assert [c for c in calls if c[0] == "scalar"] == [("scalar", "phase", 1.0, 2), ("scalar", "loss", 0.5, 2)]
+    assert calls[-1] == ("close",)
