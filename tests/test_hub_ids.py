@@ -82,3 +82,34 @@ def test_train_accepts_a_hub_id(hub_cache, tmp_path, capsys):
     assert "bpo_jax train: tiny-org/policy" in capsys.readouterr().out
     with open(run / "metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f] == [0, 1, 1]
+
+
+def test_online_download_asks_for_safetensors_only(monkeypatch, tmp_path):
+    """Online, the id goes to snapshot_download with its revision, the cache and patterns that fetch safetensors,
+    configs and tokenizer files but never *.bin / *.pt (checked on a stand-in: no network in tests)."""
+    import fnmatch
+
+    import huggingface_hub
+
+    seen = {}
+
+    def fake_snapshot_download(repo_id, **kw):
+        seen.update(kw, repo_id=repo_id)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert resolve_model("some-org/some-model@v2") == str(tmp_path)
+    assert seen["repo_id"] == "some-org/some-model" and seen["revision"] == "v2"
+    assert seen["local_files_only"] is False and seen["cache_dir"] == str(tmp_path / "cache")
+
+    def fetched(name):
+        return (any(fnmatch.fnmatch(name, p) for p in seen["allow_patterns"])
+                and not any(fnmatch.fnmatch(name, p) for p in seen["ignore_patterns"]))
+
+    for name in ("model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+                 "config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "spm.model"):
+        assert fetched(name), name
+    for name in ("pytorch_model.bin", "training_args.bin", "optimizer.pt", "flax_model.msgpack"):
+        assert not fetched(name), name
