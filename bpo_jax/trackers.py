@@ -130,9 +130,14 @@ class _WandB:
         run_id = id_file.read_text().strip() if id_file.exists() else None  # None: a new run, its id kept
         local = not distributed.is_remote(cfg.run_dir)
         id_file.parent.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "bpo_jax"), name=run_name(cfg), id=run_id,
-                              resume="allow", config=_config_dict(cfg),
-                              dir=os.environ.get("WANDB_DIR") or (str(cfg.run_dir) if local else None))
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "bpo_jax"), name=run_name(cfg),
+                                  id=run_id, resume="allow", config=_config_dict(cfg),
+                                  dir=os.environ.get("WANDB_DIR") or (str(cfg.run_dir) if local else None))
+        except Exception as err:  # wandb's own errors (not logged in, no network) are not ValueErrors
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(f"tracker=wandb could not start a W&B run ({first}); log in (wandb login, or "
+                             f"WANDB_API_KEY), or set WANDB_MODE=offline") from err
         if run_id is None:
             id_file.write_text(self.run.id)
         self.run.define_metric("step")
