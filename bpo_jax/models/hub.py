@@ -10,7 +10,9 @@ A name is, in this order:
   With ``HF_HUB_OFFLINE=1`` only the cache is used. A gated or private repo's token comes from the environment
   (``HF_TOKEN``) or ``hf auth login``, by huggingface_hub's own rules.
 
-Anything else raises a one-line ``ValueError`` naming the name and what to do.
+A Hub id that cannot be had (not cached while offline, unknown, gated) raises a one-line ``ValueError`` naming
+the id and what to do; a missing path that is no Hub id raises ``FileNotFoundError``. ``python -m bpo_jax``
+prints either as one ``error: ...`` line.
 """
 
 from __future__ import annotations
