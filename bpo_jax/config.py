@@ -351,6 +351,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(str(err)) from None
     need(len(targets) > 0 or cfg.lora_rank == 0, "lora_targets is empty")
     object.__setattr__(cfg, "lora_targets", targets)  # frozen dataclass: set once, during construction
+    if isinstance(cfg.tracker, str):  # TrainConfig(tracker="wandb") from Python, as a YAML scalar reads
+        object.__setattr__(cfg, "tracker", tuple(t.strip() for t in cfg.tracker.split(",") if t.strip()))
     need(all(t in TRACKERS for t in cfg.tracker) and (len(cfg.tracker) <= 1 or not {"auto", "none"} & set(cfg.tracker)),
          f"tracker={','.join(cfg.tracker)}; valid: one or more of tensorboard, wandb, or none or auto alone")
     object.__setattr__(cfg, "tracker", tuple(dict.fromkeys(cfg.tracker)))  # each tracker once
