@@ -1,7 +1,9 @@
 """Command-line entry point: ``python -m bpo_jax <command> [args] [--debug]``.
 
 Expected errors (a missing path, a bad value, a malformed file, a checkpoint that does not fit) print one
-``error: ...`` line and exit with 2; ``--debug`` (or ``BPO_DEBUG=1``) shows the traceback instead.
+``error: ...`` line and exit with 2; ``--debug`` (or ``BPO_DEBUG=1``) shows the traceback instead. A run is quiet
+about the libraries it loads (transformers, absl, orbax, TensorFlow: errors only, ``quiet_libraries``), so its
+first line is bpo_jax's; ``--debug`` lets them speak.
 
 The commands that use devices across processes (``JOINING``: train, evaluate, generate) first join the run's
 processes (``bpo_jax.cluster.initialize``). ``experiment`` never does: its ``train`` and ``evaluate`` children
@@ -52,6 +54,37 @@ def _log_to_stderr() -> None:
         logger.setLevel(logging.INFO)
 
 
+# Environment settings read by libraries when they load (TF_CPP_MIN_LOG_LEVEL also quiets XLA's C++ INFO/WARNING
+# lines); set only where the user has not set them.
+_QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TRANSFORMERS_VERBOSITY": "error",
+              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "GRPC_VERBOSITY": "ERROR"}
+_QUIET_LOGGERS = ("absl", "tensorflow", "orbax", "transformers", "tensorflow_datasets")
+_set_env: list[str] = []  # the _QUIET_ENV keys this process set (a later --debug call in it unsets them)
+
+
+def quiet_libraries(quiet: bool = True) -> None:
+    """Keep transformers (its "PyTorch was not found" advisory included), absl, orbax and TensorFlow to errors
+    only, so a run's first line is bpo_jax's; ``quiet=False`` (``--debug``) gives them their own defaults back.
+    Called before any command module is imported; libraries already imported are set directly."""
+    for key, value in _QUIET_ENV.items():
+        if quiet and key not in os.environ:
+            os.environ[key] = value
+            _set_env.append(key)
+        elif not quiet and key in _set_env:
+            os.environ.pop(key, None)
+            _set_env.remove(key)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.NOTSET)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        (hf_logging.set_verbosity_error if quiet else hf_logging.set_verbosity_warning)()
+    if "absl.logging" in sys.modules:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR if quiet else absl_logging.WARNING)
+
+
 def main(argv=None, *, join: bool = True) -> int:
     """Run one command; ``join=False`` never joins processes (a command run inside another one's process)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -64,6 +97,7 @@ def main(argv=None, *, join: bool = True) -> int:
         return 0
     debug = "--debug" in argv or os.environ.get("BPO_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
+    quiet_libraries(not debug)
     module, _ = COMMANDS[argv[0]]
     try:
         if join and argv[0] in JOINING:

@@ -5,8 +5,8 @@ It reloads the run's ``config.yaml`` (written by ``train``), restores the checkp
 merges the policy, greedy-decodes the test prompts (``eval_max_new_tokens``; the paper uses 128) and scores
 responses and references with the run's annotator, or with the one the overrides name (e.g.
 ``reward_model=<folder>``). It prints the win rate with its bootstrap 95% CI, appends it to
-``RUN_DIR/eval.jsonl`` and writes every prompt, response, reference and score to
-``RUN_DIR/eval_step<N>_<data>.jsonl``.
+``RUN_DIR/eval.jsonl`` (and to the run's trackers, as ``evaluate_<data>/...``) and writes every prompt,
+response, reference and score to ``RUN_DIR/eval_step<N>_<data>.jsonl``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     from bpo_jax import distributed
     from bpo_jax import run_dir as rd
     from bpo_jax.config import ConfigError, load_config
+    from bpo_jax.trackers import check_available, log_evaluation
 
     cfg_path = str(rd.path(args.checkpoint, "config.yaml"))
     if not rd.path(cfg_path).exists():
@@ -35,7 +36,8 @@ def main(argv=None) -> int:
     overrides = list(args.overrides) + ([f"data={args.data}"] if args.data else [])
     try:
         cfg = load_config(cfg_path, overrides + [f"run_dir={args.checkpoint}"])
-    except ConfigError as err:
+        check_available(cfg.tracker)  # before any compute
+    except (ConfigError, ValueError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
@@ -68,6 +70,7 @@ def main(argv=None) -> int:
         eos_token_ids=run.eos_token_ids, mesh=run.mesh, batch_size=cfg.eval_batch_size)
     wr = win_rate_from_scores(result.scores, result.reference_scores)
     rd.append_jsonl(rd.path(cfg.run_dir, "eval.jsonl"), {"step": step, "data": cfg.data, **wr.metrics()})
+    log_evaluation(cfg, step, wr.metrics())
     detail = scores_file(cfg.run_dir, step, cfg.data)
     write_scores(detail, task.eval_prompts, task.references, result)
     if distributed.is_primary():

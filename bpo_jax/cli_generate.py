@@ -10,7 +10,8 @@ import numpy as np
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bpo_jax generate", description=__doc__)
-    p.add_argument("--model", default="smollm2-135m-instruct", help="shipped name, HF folder or .gguf file")
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="shipped name, HF folder, .gguf file or Hub id org/name[@revision]")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -17,22 +17,21 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value, e.g. total_steps=4 reference=sft")
     args = p.parse_args(argv)
 
-    from bpo_jax.config import ConfigError, load_config, save_config
+    from bpo_jax.config import ConfigError, load_config
+    from bpo_jax.trackers import check_available, open_trackers
 
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
+        check_available(cfg.tracker)  # a missing wandb stops the run here, before any compute
+    except (ConfigError, ValueError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
-    from bpo_jax import cluster, distributed, online
-    from bpo_jax import run_dir as rd
-    from bpo_jax.evaluate import score_test_set, scores_file, win_rate_from_scores, write_scores
-    from bpo_jax.tasks import setup_run
+    from bpo_jax import cluster, distributed
 
     import jax
 
-    from bpo_jax.config import validate_for_model, validate_for_processes
+    from bpo_jax.config import validate_for_processes
 
     cluster.enable_compilation_cache(cfg.run_dir)  # a restart of this run reuses the compiled programs
     try:  # settings that need the process and device counts, a run_dir every host sees, the same run on resume
@@ -43,6 +42,21 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     t0 = time.time()
+    trackers = open_trackers(cfg)  # the primary host's tensorboard / W&B run: every record below goes there too
+    try:
+        return _run(cfg, trackers, t0)
+    finally:
+        trackers.close()
+
+
+def _run(cfg, trackers, t0) -> int:
+    """The run itself (``main`` after the config checks), logging each metrics record to ``trackers``."""
+    from bpo_jax import distributed, online
+    from bpo_jax import run_dir as rd
+    from bpo_jax.config import save_config, validate_for_model
+    from bpo_jax.evaluate import score_test_set, scores_file, win_rate_from_scores, write_scores
+    from bpo_jax.tasks import setup_run
+
     say = print if distributed.is_primary() else (lambda *a, **k: None)  # noqa: E731  one host speaks
     run = setup_run(cfg)
     model, tok, task, mesh, eos = run.model, run.tokenizer, run.task, run.mesh, run.eos_token_ids
@@ -112,9 +126,11 @@ def main(argv=None) -> int:
         else:
             before = evaluate(start, 0)
             rd.append_jsonl(metrics, {"step": 0, **before})
+            trackers.log({"step": 0, **before})
         state = online.train(cfg, model_config=mcfg, tokenizer=tok, base=model.params, prompts=task.train,
                              annotator=task.annotator, mesh=mesh, eos_token_ids=eos, reference=run.reference,
-                             lora_init=lora_init, evaluate=evaluate if cfg.eval_every else None, stop=stop, log=say)
+                             lora_init=lora_init, evaluate=evaluate if cfg.eval_every else None, stop=stop, log=say,
+                             trackers=trackers)
         after = evaluate(st.policy_params(cfg, state, mcfg.dtype), cfg.total_steps)
     except online.Preempted as err:  # the last completed state is on disk; the same command resumes
         print(str(err), file=sys.stderr)
@@ -122,6 +138,7 @@ def main(argv=None) -> int:
     finally:
         stop.__exit__()
     rd.append_jsonl(metrics, {"step": cfg.total_steps, "final": True, **after})
+    trackers.log({"step": cfg.total_steps, **after})
     if cfg.export_policy:
         from bpo_jax.models import Decoder, save_pretrained
 

@@ -19,6 +19,7 @@ from bpo_jax.data.official import FORMATS as DATA_FORMATS
 from bpo_jax.lora import MERGE_RULES, canonical_targets
 from bpo_jax.losses import BATCH_COUPLED, validate_loss_args
 from bpo_jax.pairs import TIE_RULES
+from bpo_jax.trackers import TRACKERS
 
 REFERENCES = ("behavior", "sft", "ema", "mixup", "fixed")
 TFDS_TASKS = ("tldr", "hh_helpful", "hh_harmless")
@@ -32,7 +33,7 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # Model
-    model: str = "smollm2-135m-instruct"  # shipped name, HF folder or .gguf
+    model: str = "smollm2-135m-instruct"  # shipped name, HF folder, .gguf or Hub id org/name[@revision]
     param_dtype: str = "float32"
     dtype: str = "auto"  # compute dtype: auto = float32 on CPU, bfloat16 on accelerators
     remat: str = "none"  # per-layer rematerialisation: none | full | dots (keep matmul outputs); true = full
@@ -53,7 +54,7 @@ class TrainConfig:
     ema_rate: float = 0.01  # ema: ref ← (1 − rate)·ref + rate·θ after every step
     mixup_alpha: float = 0.6  # mixup (TR-DPO): ref ← α·θ + (1 − α)·ref ...
     mixup_every: int = 8  # ... every τ steps
-    reference_path: str = ""  # fixed: model to use as the reference
+    reference_path: str = ""  # fixed: model to use as the reference (a folder or Hub id, as model)
     # Sampling from the behavior LLM
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -83,7 +84,7 @@ class TrainConfig:
     data_format: str = "auto"  # tfds tasks: auto (per file, from its first row) | official (BPO's sft_*_data
     # {prompt, label} rows, rendered as plain text) | raw (the public hh-rlhf / summarize-from-feedback rows)
     annotator: str = "auto"  # auto (rouge for minisum data, else reward_model) | rouge | reward_model | judge
-    reward_model: str = ""  # HF *ForSequenceClassification folder (annotator=reward_model)
+    reward_model: str = ""  # HF *ForSequenceClassification folder or Hub id (annotator=reward_model)
     reward_batch_size: int = 16
     reward_max_length: int = 1024  # tokens per (prompt, response) under the RM's chat template, when annotating
     # ... and when evaluating (0 = reward_max_length); the official evaluation cuts at max_prompt_length +
@@ -109,6 +110,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0 = only at phase boundaries
     keep_checkpoints: int = 3
     eval_every: int = 0  # 0 = no periodic evaluation
+    # where metrics go besides metrics.jsonl (bpo_jax.trackers): tensorboard, wandb (pip install wandb), both, or
+    # none; auto = tensorboard when tensorboardX is installed, else none
+    tracker: tuple = ("auto",)
     export_policy: bool = True  # write the final merged policy as an HF folder to <run_dir>/policy
     mesh_data: int = -1
     mesh_fsdp: int = 1
@@ -237,7 +241,7 @@ OPERATIONAL_KEYS = ("run_dir", "checkpoint_every", "keep_checkpoints", "eval_eve
                     "export_policy", "mesh_data", "mesh_fsdp", "mesh_tensor", "mesh_device_ids", "remat",
                     "micro_batches", "logprob_chunk", "share_prompt", "attention", "eval_batch_size",
                     "reward_batch_size", "data_dir", "tfds_dir", "judge_timeout", "judge_retries", "judge_api_key_env",
-                    "judge_concurrency", "judge_max_requests")
+                    "judge_concurrency", "judge_max_requests", "tracker")
 
 
 def run_identity_changes(saved: TrainConfig, new: TrainConfig) -> list[str]:
@@ -356,6 +360,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(str(err)) from None
     need(len(targets) > 0 or cfg.lora_rank == 0, "lora_targets is empty")
     object.__setattr__(cfg, "lora_targets", targets)  # frozen dataclass: set once, during construction
+    if isinstance(cfg.tracker, str):  # TrainConfig(tracker="wandb") from Python, as a YAML scalar reads
+        object.__setattr__(cfg, "tracker", tuple(t.strip() for t in cfg.tracker.split(",") if t.strip()))
+    need(all(t in TRACKERS for t in cfg.tracker) and (len(cfg.tracker) <= 1 or not {"auto", "none"} & set(cfg.tracker)),
+         f"tracker={','.join(cfg.tracker)}; valid: one or more of tensorboard, wandb, or none or auto alone")
+    object.__setattr__(cfg, "tracker", tuple(dict.fromkeys(cfg.tracker)))  # each tracker once
     need(all(str(i).isdigit() for i in cfg.mesh_device_ids),
          f"mesh_device_ids={list(cfg.mesh_device_ids)} must be device ids (non-negative integers)")
     object.__setattr__(cfg, "mesh_device_ids", tuple(int(i) for i in cfg.mesh_device_ids))

@@ -20,7 +20,6 @@ losses whatever the number of processes. The primary host alone prints and write
 from __future__ import annotations
 
 import math
-import os
 import signal
 
 import jax
@@ -34,6 +33,7 @@ from bpo_jax.config import TrainConfig
 from bpo_jax.models.decoder import unstack_layers
 from bpo_jax.pairs import build_pairs, distinct, tied
 from bpo_jax.sampling import generate
+from bpo_jax.trackers import open_trackers
 from bpo_jax.train_step import (BATCH_KEYS, behavior_logp_gap, make_train_step, member_logp_gaps,
                                 policy_behavior_logp_gap)
 
@@ -127,13 +127,15 @@ def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts, 
 
 
 def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator, mesh=None, eos_token_ids=(),
-          evaluate=None, reference=None, lora_init=None, stop: Preemption | None = None, log=print) -> st.TrainState:
+          evaluate=None, reference=None, lora_init=None, stop: Preemption | None = None, log=print,
+          trackers=None) -> st.TrainState:
     """Run (or resume) the online loop; ``evaluate(params, step) -> dict`` is called every ``eval_every`` steps.
     ``prompts``: a prompt stream (``bpo_jax.data.prompts``) of ``cfg.batch_size`` prompts per global batch; its
     state is checkpointed (one per host). ``reference``: the fixed reference's weights (``reference=fixed``).
     ``lora_init``: the ensemble's starting factors (``lora_init_from``; unused when resuming). ``stop``: the
-    caller's ``Preemption`` (which ``evaluate`` should check too); default: one of the loop's own. Returns the
-    final state.
+    caller's ``Preemption`` (which ``evaluate`` should check too); default: one of the loop's own. ``trackers``:
+    the caller's open ``bpo_jax.trackers.Trackers`` (left open); default: the config's own, closed at the end.
+    Returns the final state.
 
     On SIGTERM the loop raises ``Preempted`` with the last completed state on disk: after a train step it saves
     that step; during a collection nothing is saved (the last checkpoint, or the fresh start, is where the phase
@@ -146,7 +148,8 @@ def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator
     ckpt = Checkpointer(cfg.run_dir, cfg.keep_checkpoints)
     state = st.create_state(cfg, base, jax.random.key(cfg.seed), reference=reference, lora_init=lora_init)
     metrics_path = run_dir.path(cfg.run_dir, "metrics.jsonl")
-    writer = _tensorboard(cfg.run_dir)
+    own_trackers = trackers is None
+    trackers = open_trackers(cfg) if own_trackers else trackers
     pairs = None
     own_stop = stop is None
     stop = Preemption().__enter__() if own_stop else stop
@@ -157,17 +160,19 @@ def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator
             log(f"resumed {cfg.run_dir} at step {latest}")
             if meta.get("pending_eval") and evaluate is not None:  # interrupted by a preemption: make it now
                 policy = st.policy_params(cfg, state, model_config.dtype)
-                _write(metrics_path, writer, {"step": latest, **evaluate(policy, latest)})
+                _write(metrics_path, trackers, {"step": latest, **evaluate(policy, latest)})
         return _loop(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids, evaluate, ckpt, stop,
-                     metrics_path, writer, state, pairs, log)
+                     metrics_path, trackers, state, pairs, log)
     finally:
         if own_stop:
             stop.__exit__()
+        if own_trackers:
+            trackers.close()
         ckpt.close()
 
 
 def _loop(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids, evaluate, ckpt, stop,
-          metrics_path, writer, state, pairs, log) -> st.TrainState:
+          metrics_path, trackers, state, pairs, log) -> st.TrainState:
     """The steps from ``state`` (with the phase's remaining ``pairs``, or None at a phase start) to T, as
     ``train``'s docstring says; returns the final state."""
     K, B, P = cfg.steps_per_phase, prompts.local_batch_size, prompts.width  # B: this host's pairs per step
@@ -198,11 +203,11 @@ def _loop(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids,
                 try:
                     record.update(evaluate(st.policy_params(cfg, state, model_config.dtype), step + 1))
                 except Preempted:
-                    _write(metrics_path, writer, record)
+                    _write(metrics_path, trackers, record)
                     save(pending_eval=True)
                     raise Preempted(f"SIGTERM during the evaluation at step {step + 1}: saved a checkpoint at "
                                     f"step {step + 1} in {ckpt.directory}; the resumed run evaluates it first")
-            _write(metrics_path, writer, record)
+            _write(metrics_path, trackers, record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", phase=phase + 1)
             preempted = stop.requested()  # one host's SIGTERM: every host saves, then stops
@@ -248,21 +253,7 @@ def _start_phase(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_tok
     return state, pairs, stats
 
 
-def _write(path, writer, record):
+def _write(path, trackers, record):
+    """One metrics record: a line of ``metrics.jsonl`` and a point in each tracker (primary host only)."""
     run_dir.append_jsonl(path, record)
-    if writer is not None:
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)):
-                writer.add_scalar(k, v, record["step"])
-        writer.flush()
-
-
-def _tensorboard(directory):
-    """A tensorboardX writer on the primary host of a local run when the package is installed, else None."""
-    if not distributed.is_primary() or distributed.is_remote(directory):
-        return None
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(os.path.join(directory, "tensorboard"))
+    trackers.log(record)

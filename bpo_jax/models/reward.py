@@ -35,6 +35,7 @@ from bpo_jax import distributed
 from bpo_jax.models import deberta
 from bpo_jax.models.config import ModelConfig
 from bpo_jax.models.decoder import hidden_states
+from bpo_jax.models.hub import resolve_model
 from bpo_jax.models.loading import open_hf_folder, read_params
 
 SCORE_TENSOR = "score.weight"
@@ -110,7 +111,8 @@ def reward_scores(config: ModelConfig, params: dict, input_ids, attention_mask) 
 
 def load_reward_model(path: str, *, mesh=None, rules=None, param_dtype: str = "float32", dtype: str = "auto"):
     """``(RewardModel, tokenizer)`` from an HF ``*ForSequenceClassification`` folder with one label, or
-    ``(DebertaRewardModel, tokenizer)`` when its config.json has ``model_type`` ``deberta-v2``.
+    ``(DebertaRewardModel, tokenizer)`` when its config.json has ``model_type`` ``deberta-v2``. ``path`` may also
+    be a Hub id ``org/name[@revision]`` (``bpo_jax.models.hub``).
 
     The tokenizer (None when the folder has none) is the RM's own: annotators apply its chat template (a text
     pair for DeBERTa), so the RM need not share the policy's tokenizer. ``mesh``/``rules`` shard the weights as
@@ -118,6 +120,7 @@ def load_reward_model(path: str, *, mesh=None, rules=None, param_dtype: str = "f
     """
     if dtype == "auto":
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    path = resolve_model(path)
     cfg_file = os.path.join(path, "config.json")
     if os.path.isfile(cfg_file):
         with open(cfg_file) as f:
