@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test suite: same set-up as launch/local.sh plus the test extras, then pytest on 8 fake CPU
-# devices with the HF hub offline, one pytest-xdist worker per core. Extra arguments pass through to pytest.
+# devices with the HF hub offline, one pytest-xdist worker per core. Extra arguments pass through to pytest;
+# --fast first runs the fast tier only (no `slow` tests: pyproject.toml's markers).
 set -euo pipefail
 source "$(dirname "$0")/_setup.sh"
 bpo_setup requirements-test.txt
@@ -8,4 +9,9 @@ export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 # One worker per core (-n auto); each test file stays in one worker (its module fixtures are built once).
-exec python -m pytest -q -n auto --dist loadfile "$@"
+tier=()
+if [ "${1:-}" = "--fast" ]; then
+  shift
+  tier=(-m "not slow")
+fi
+exec python -m pytest -q -n auto --dist loadfile "${tier[@]}" "$@"

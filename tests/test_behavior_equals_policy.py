@@ -66,6 +66,7 @@ def _stepped_state(mcfg):
     return cfg, st.sync_behavior(state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_sampler_logps_equal_the_train_steps_policy_after_a_sub_ulp_step(dtype):
     mcfg = MCFG.replace(dtype=dtype)
@@ -88,6 +89,7 @@ def test_sampler_logps_equal_the_train_steps_policy_after_a_sub_ulp_step(dtype):
         assert float(gap[0]) > 10 * tol
 
 
+@pytest.mark.slow
 def test_sampling_shardings_place_attached_factors():
     """``sampling_shardings(..., params=)`` covers the ``<target>_lora`` entries: ``generate`` with them on a
     mesh samples what it samples unplaced."""
@@ -106,6 +108,7 @@ def test_sampling_shardings_place_attached_factors():
     np.testing.assert_array_equal(got.tokens, want.tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_full_ft_samples_with_the_masters_as_the_step_runs_them(dtype):
     """Full fine-tuning on a bfloat16 base: π_β is the float32 masters, matrices cast to the compute dtype

@@ -50,6 +50,7 @@ def tiny_llama(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_train_step_lora_behavior_remat_chunked(tiny_llama, tmp_path):
     """A tiny Llama's shapes from its config.json (random weights), LoRA, reference = behavior (no reference
     forward), full rematerialisation, log-probs unembedded 4 positions at a time. (The shipped SmolLM2 runs the
@@ -69,6 +70,7 @@ def test_train_step_lora_behavior_remat_chunked(tiny_llama, tmp_path):
     assert "trl" not in res and "bpo_jax  " in out and "tokens/s" in out
 
 
+@pytest.mark.slow
 def test_train_step_full_finetuning_matches_trl_on_a_tiny_model(tiny_llama, tmp_path):
     """Full fine-tuning against the SFT reference on a tiny Llama folder: after the same two AdamW steps on the same
     weights and batch, bpo_jax and TRL report the same loss (the peer computes what we compute). Also the MFU
@@ -87,6 +89,7 @@ def test_train_step_full_finetuning_matches_trl_on_a_tiny_model(tiny_llama, tmp_
     assert _positive(res["ratio"]["step_time"], res["ratio"]["peak_rss"]) and "bpo_jax / trl: step time" in out
 
 
+@pytest.mark.slow
 def test_online_loop_one_phase(tiny_policy_and_rm, tmp_path):
     """One phase of the demo task's loop (minisum, ROUGE annotator) on a tiny random Llama with SmolLM2's tokenizer
     (the shipped SmolLM2 runs the same code, only slower to compile)."""

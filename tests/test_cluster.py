@@ -207,6 +207,7 @@ def test_enable_compilation_cache_writes_compiled_programs(tmp_path, monkeypatch
         cc.reset_cache()
 
 
+@pytest.mark.slow
 def test_two_processes_join_with_jax_variables(tiny_policy_and_rm):
     """A real group launched the way JAX documents it (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
     JAX_PROCESS_ID, no BPO_* variable): both processes join one group of 2 and answer; only the primary prints."""

@@ -17,6 +17,9 @@ from tiny_models import write_minisum_folder
 
 from bpo_jax import cluster
 
+pytestmark = pytest.mark.slow  # several processes or a fresh venv (pyproject.toml's markers)
+
+
 STEPS = 6
 
 

@@ -52,6 +52,7 @@ def test_scores_match_hf_on_padded_text_pairs(rm):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_row_scores_the_same_padded_or_not(rm):
     hf_model, model, tok, _ = rm
     enc = tok(QUESTIONS, ANSWERS, padding=True, return_tensors="np")
@@ -83,6 +84,7 @@ def test_log_buckets_equal_hf(buckets, max_position):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_sharded_scores_equal_single_device(tmp_path):
     import jax
 
@@ -144,6 +146,7 @@ def test_annotator_truncates_long_pairs_with_the_tokenizer(rm):
     assert np.isfinite(short(["the cat " * 30], ["The end."])).all()
 
 
+@pytest.mark.slow
 def test_paper_config_runs_with_a_deberta_reward_model(tiny_policy_and_rm, tmp_path):
     """The TL;DR paper config (its reward model is the paper's DeBERTa-v3 RM) runs two BPO steps on the shipped
     samples with the tiny DeBERTa RM as ``reward_model``, then evaluates."""

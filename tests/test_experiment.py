@@ -38,6 +38,7 @@ def _records(run_dir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_grid_writes_results_skips_finished_runs_and_resumes(tiny_policy_and_rm, tmp_path, capsys):
     (tmp_path / "data").mkdir()
     data = write_minisum_folder(tmp_path / "data", rows=6)
@@ -101,6 +102,7 @@ def test_grid_writes_results_skips_finished_runs_and_resumes(tiny_policy_and_rm,
     assert resumed[-1]["final"] and os.path.exists(ex.eval_file(victim))
 
 
+@pytest.mark.slow
 def test_each_run_is_a_subprocess_and_a_failing_run_does_not_stop_the_grid(tiny_policy_and_rm, tmp_path, capsys):
     (tmp_path / "data").mkdir()
     data = write_minisum_folder(tmp_path / "data", rows=6)

@@ -71,6 +71,7 @@ def test_cli_reports_a_missing_id(hub_cache, capsys):
     assert err.startswith("error: model 'tiny-org/missing' is neither a local path nor in the HF cache")
 
 
+@pytest.mark.slow
 def test_train_accepts_a_hub_id(hub_cache, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()

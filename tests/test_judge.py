@@ -174,6 +174,7 @@ def _timed(judge, comps):
     return out, time.monotonic() - start
 
 
+@pytest.mark.slow
 def test_concurrent_requests_are_at_least_five_times_faster(server):
     """200 comparisons at 100 ms each: 16 in flight take at most a fifth of the time of one at a time."""
     server.latency = lambda: 0.1
@@ -200,6 +201,7 @@ def test_verdicts_come_back_in_input_order(server):
     assert len(server.requests) == 60
 
 
+@pytest.mark.slow
 def test_retry_after_is_waited_out(server):
     server.script = ["429"]
     judge = _judge(server, retries=2)
@@ -276,6 +278,7 @@ def test_the_request_count_is_logged_before_requesting(server, caplog):
     assert "judge: 4 comparisons to request (2 cached) with 4 in flight" in caplog.text
 
 
+@pytest.mark.slow
 def test_judge_annotates_a_tiny_online_run(server, tiny_policy_and_rm, tmp_path, caplog):
     from bpo_jax.__main__ import main as cli
 

@@ -247,6 +247,7 @@ def test_tpu_create_and_run_argv(fake):
     assert "python -m bpo_jax train " + " ".join(TRAIN) in calls[2][-1] and len(calls) == 3
 
 
+@pytest.mark.slow
 def test_tpu_end_to_end_on_fake_workers(fake):
     """copy, run, status, logs and a failing run, with each worker's commands run by bash in its own home."""
     tmp_path, env = fake
@@ -367,6 +368,7 @@ def _qr_calls(tmp_path, verb):
     return [c for c in _calls(tmp_path) if c[2:4] == ["queued-resources", verb]]
 
 
+@pytest.mark.slow
 def test_tpu_watch_fails_fast(slice2):
     """One worker fails while the other trains: watch stops every worker and exits non-zero; all exit 0: 0."""
     tmp_path, env, homes, set_plans = slice2
@@ -387,6 +389,7 @@ def test_tpu_watch_fails_fast(slice2):
     assert "finished on every worker" in out.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("restart", [0, 1])
 def test_tpu_restart_after_preemption(slice2, restart):
     """The slice is preempted (the training saved and exited 143): --restart 1 deletes the queued resource,
@@ -418,6 +421,7 @@ def test_tpu_restart_after_preemption(slice2, restart):
     assert (homes[0] / "bpo_jax/launch/tpu_pod.sh").is_file()  # copied to the new slice
 
 
+@pytest.mark.slow
 def test_tpu_restart_after_a_dead_host(slice2):
     """Worker 1's host goes down: after two polls without its report, stop the rest, re-create, rerun."""
     tmp_path, env, homes, set_plans = slice2
@@ -428,6 +432,7 @@ def test_tpu_restart_after_a_dead_host(slice2):
     assert len(_qr_calls(tmp_path, "create")) == 1 and [len(_runs(h)) for h in homes] == [2, 2]
 
 
+@pytest.mark.slow
 def test_tpu_no_restart_on_a_config_error(slice2):
     """Exit code 2 is a config error: stop every worker and report it, even with restarts left."""
     tmp_path, env, homes, set_plans = slice2
@@ -518,6 +523,7 @@ def test_setup_command_shape(tmp_path, extra):
     assert pip and f"-r {extra}" in pip[0]
 
 
+@pytest.mark.slow
 def test_slurm_job_end_to_end(tmp_path):
     """sbatch and srun played locally: set-up once, then every task gets its own BPO_PROCESS_ID."""
     repo, calls = _fake_repo(tmp_path)
@@ -540,6 +546,7 @@ def test_slurm_job_end_to_end(tmp_path):
     assert (repo / "logs/bpo_jax.sbatch").is_file()
 
 
+@pytest.mark.slow
 def test_slurm_term_is_forwarded_and_the_job_requeued(tmp_path):
     """SLURM's SIGTERM to the batch shell (--signal=B:TERM@S, preemption): the job script passes it to srun,
     which passes it to every task (they save and exit 143), then requeues the job; the port is the job id's."""

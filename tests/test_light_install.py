@@ -7,6 +7,11 @@ import shutil
 import subprocess
 import venv
 
+import pytest
+
+pytestmark = pytest.mark.slow  # several processes or a fresh venv (pyproject.toml's markers)
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINING_STACK = ("flax", "optax", "orbax", "transformers", "tensorflow_datasets", "grain", "gguf", "matplotlib",
                   "torch", "yaml")

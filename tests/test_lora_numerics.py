@@ -48,6 +48,7 @@ def _one_step(cfg, mcfg, state):
     return before, new_state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora_rank", [4, 0])
 def test_bf16_base_keeps_float32_masters_and_every_update(lora_rank):
     """A bfloat16 base, one AdamW step at lr 5e-5: trainable, behavior and optimizer leaves are float32, and
@@ -77,6 +78,7 @@ def test_bf16_base_keeps_float32_masters_and_every_update(lora_rank):
     assert {x.dtype for x in jax.tree.leaves(merged)} == {jnp.dtype(jnp.bfloat16)}  # sampling/export: param_dtype
 
 
+@pytest.mark.slow
 def test_bf16_compute_step_moves_every_lora_a_entry():
     """bfloat16 base and compute, lr 5e-5: every A entry (|A| ≈ 0.2, its update ≈ 5e-5) changes."""
     cfg = _cfg(lora_rank=4)
@@ -98,6 +100,7 @@ def _logits(mcfg, params):
     return forward(mcfg, params, jnp.asarray(IDS))[0]
 
 
+@pytest.mark.slow
 def test_activation_space_equals_the_materialised_sum_in_float32():
     """One member (``attach``) and the merged ensemble (``attach_mean``: factors concatenated along the rank
     axis, scale s/N) give the logits and factor gradients of ``W + ΔW`` built in float32."""
@@ -132,6 +135,7 @@ def test_state_views_use_activation_space():
     assert ref["layers"]["q_lora"]["a"].shape == (2, 32, 8)  # [L, in, N·r]
 
 
+@pytest.mark.slow
 def test_bf16_delta_below_half_an_ulp_reaches_the_output_only_in_activation_space():
     """|ΔW| ≤ 1e-5 < half an ulp of every bfloat16 W entry (|W| ≥ 0.01): adding ΔW to W rounds it away, so the
     materialised model is bit for bit the base; the activation-space adapter still changes the logits."""
@@ -152,6 +156,7 @@ def test_bf16_delta_below_half_an_ulp_reaches_the_output_only_in_activation_spac
     assert np.mean(np.asarray(tiny != none)) > 0.1
 
 
+@pytest.mark.slow
 def test_bf16_run_of_the_paper_config_trains_as_float32_does():
     """The TL;DR paper config (bfloat16 base and compute, a LoRA ensemble, AdamW ε 1e-6) on a tiny model: six
     steps on fixed pairs move the loss as the same run in float32 does, to within bfloat16 tolerance, and the

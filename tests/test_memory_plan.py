@@ -104,6 +104,7 @@ def test_mesh_parsing_and_chip_counts():
         mp.parse_mesh("data=1,fsdp=3,tensor=1", 8, cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [("lora_rank=8", "ensemble_size=2"), ("lora_rank=0", "reference=ema")])
 def test_shardings_match_real_placement(overrides):
     """The plan's shardings equal where create_state really puts the leaves (needs the 8 fake CPU devices)."""
@@ -128,6 +129,7 @@ def test_shardings_match_real_placement(overrides):
     np.testing.assert_equal(len(jax.tree.leaves(real.opt_state)), len(jax.tree.leaves(abstract.opt_state)))
 
 
+@pytest.mark.slow
 def test_all_prints_every_device():
     out = subprocess.run([sys.executable, SCRIPT, "--config", os.path.join(ROOT, "configs", "tldr_gemma2b.yaml"),
                           "--all"], capture_output=True, text=True, timeout=300, check=True).stdout

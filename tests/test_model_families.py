@@ -46,6 +46,7 @@ def _logits(cfg, params, ids=IDS, mask=MASK):
     return np.asarray(_forward(cfg, params, jnp.asarray(ids), jnp.asarray(mask)))
 
 
+@pytest.mark.slow
 def test_logits_match_hf_past_the_window_and_each_feature_matters(tiny):
     family, hf_model, model = tiny
     cfg, params = model.config, model.params
@@ -112,6 +113,7 @@ def test_greedy_matches_hf_generate_past_the_window(tiny):
     np.testing.assert_array_equal(np.asarray(out.tokens), want)
 
 
+@pytest.mark.slow
 def test_sampler_logprobs_equal_full_forward(tiny):
     _, _, model = tiny
     out = generate(model, PROMPTS, PMASK, max_new_tokens=14, temperature=1.0, num_samples=2,
@@ -207,6 +209,7 @@ def test_unsupported_variants_are_refused():
         ModelConfig.from_hf({**q3, "partial_rotary_factor": 0.5})
 
 
+@pytest.mark.slow
 def test_activation_space_lora_on_a_gemma3_stack():
     """LoRA factors next to q and down add ``(x A) B`` exactly as the merged weight ``W + A B`` does, with the
     q/k and sandwich norms around them (those are not LoRA targets)."""
@@ -227,6 +230,7 @@ def test_activation_space_lora_on_a_gemma3_stack():
     assert not np.allclose(with_lora, _logits(cfg, params, ids, mask), atol=1e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])  # between them every feature qwen3 has too
 def test_train_step_sharded_equals_one_device(family, tmp_path):
     """One LoRA ensemble step (reference=sft, so the reference forward runs too) on pairs sampled from the model:
@@ -262,6 +266,7 @@ def test_train_step_sharded_equals_one_device(family, tmp_path):
     assert abs(results[0][2] - results[0][0]) > 1e-4 and all(np.isfinite(results[0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])
 def test_shared_prompt_rows_equal_separate_rows(family):
     """``share_prompt``'s ``[prompt | chosen | rejected]`` rows give the chosen and rejected log-probs (and their
@@ -300,6 +305,7 @@ def test_shared_prompt_rows_equal_separate_rows(family):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("share", [False, True])
 def test_fused_attention_call_equals_our_attention(family, share):
@@ -341,6 +347,7 @@ def _pair_batch():
             for side in ("chosen", "rejected") for key in ("_ids", "_mask")}
 
 
+@pytest.mark.slow
 def test_attention_setting_reaches_the_train_step_and_is_checked(monkeypatch):
     """``attention=cudnn`` (bfloat16) routes the train step's forward through ``jax.nn.dot_product_attention``
     (here forced to JAX's reference implementation, as a CPU has no cuDNN) and gives the log-probs of

@@ -116,6 +116,7 @@ def test_more_variants_match_hf_and_export(hf_config, tmp_path):
     np.testing.assert_allclose(_hf_logits(reloaded, LEFT_PADDED, MASK)[real], want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_nnx_module_split_axes_and_chunkable_head():
     cfg = ModelConfig.from_hf(FAMILIES["qwen2"]().to_dict())
     model = Decoder(cfg, rngs=nnx.Rngs(0))
@@ -130,6 +131,7 @@ def test_nnx_module_split_axes_and_chunkable_head():
     np.testing.assert_allclose(jnp.concatenate(chunks, axis=1), logits, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "dots", True])
 def test_remat_gives_the_same_gradients(policy):
     cfg = ModelConfig.from_hf(FAMILIES["gemma"]().to_dict())
@@ -144,6 +146,7 @@ def test_remat_gives_the_same_gradients(policy):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
 
 
+@pytest.mark.slow
 def test_remat_policies_trade_memory_in_order():
     """XLA's temporary memory for a gradient: none keeps every layer's activations, dots only the matmul
     outputs, full only the layer inputs."""
@@ -213,6 +216,7 @@ def test_errors(tmp_path):
         load_pretrained(str(tmp_path / "m"))
 
 
+@pytest.mark.slow
 def test_tokenizer_larger_than_vocab_is_refused(smollm2, tmp_path):
     save_hf_model("llama", tmp_path)  # vocab 128
     smollm2[1].save_pretrained(str(tmp_path))  # a 49152-token tokenizer
@@ -229,6 +233,7 @@ def test_gguf_qk_permutation_round_trip():
     np.testing.assert_array_equal(p[:8, 0], w[[0, 4, 1, 5, 2, 6, 3, 7], 0])
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_answers_paris(smollm2):
     model, tok = smollm2
     cfg = model.config
@@ -247,6 +252,7 @@ def test_smollm2_gguf_answers_paris(smollm2):
     assert "Paris" in tok.decode(out)
 
 
+@pytest.mark.slow
 def test_smollm2_exports_as_an_hf_llama_folder(smollm2, tmp_path):
     model, tok = smollm2
     out = save_pretrained(model, tok, str(tmp_path / "smollm2"))
@@ -262,6 +268,7 @@ def test_smollm2_exports_as_an_hf_llama_folder(smollm2, tmp_path):
     np.testing.assert_allclose(np.asarray(model(ids)), want, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(8, 12), (12, 8)])
 @pytest.mark.parametrize("dtype,accumulate", [("float32", None), ("bfloat16", "float32")])
 def test_linear_gradients_equal_autodiff(shape, dtype, accumulate):

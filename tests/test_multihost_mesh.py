@@ -19,6 +19,8 @@ from tiny_models import write_minisum_folder
 
 from bpo_jax import distributed
 
+pytestmark = pytest.mark.slow  # several processes or a fresh venv (pyproject.toml's markers)
+
 
 @pytest.fixture(scope="module")
 def setting(tiny_policy_and_rm, tmp_path_factory):

@@ -19,6 +19,9 @@ import pytest
 from multihost import assert_same_losses, losses, run_group
 from tiny_models import write_minisum_folder
 
+pytestmark = pytest.mark.slow  # several processes or a fresh venv (pyproject.toml's markers)
+
+
 LATENCY = 1.0  # seconds per judge request
 EXIT_BOUND = 30  # seconds from the signal to every process's exit
 

@@ -12,6 +12,8 @@ import pytest
 from multihost import assert_same_losses, losses, run_group
 from tiny_models import write_minisum_folder
 
+pytestmark = pytest.mark.slow  # several processes or a fresh venv (pyproject.toml's markers)
+
 
 @pytest.fixture(scope="module")
 def setting(tiny_policy_and_rm, tmp_path_factory):

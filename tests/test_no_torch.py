@@ -98,11 +98,13 @@ def test_the_block_really_hides_torch(torchless_env):
     assert subprocess.run([sys.executable, "-c", code], env=torchless_env).returncode == 0
 
 
+@pytest.mark.slow
 def test_generate_with_the_shipped_gguf_without_torch(torchless_env):
     out = _run(torchless_env, "generate", "--prompt", "What is the capital of France?", "--max-new-tokens", "8")
     assert "Paris" in out
 
 
+@pytest.mark.slow
 def test_train_evaluate_plot_toy_without_torch(torchless_env, tiny_policy_and_rm, tmp_path):
     """A tiny run with a reward-model annotator (loads an HF policy folder and an RM folder, exports the policy,
     writes the plot), then ``evaluate`` on its checkpoint, ``plot`` and ``toy``."""
@@ -121,6 +123,7 @@ def test_train_evaluate_plot_toy_without_torch(torchless_env, tiny_policy_and_rm
     assert "BPO" in _run(torchless_env, "toy", "--total-steps", "8", "--seeds", "1")
 
 
+@pytest.mark.slow
 def test_a_train_run_starts_quietly(torchless_env, tiny_policy_and_rm, tmp_path):
     """No line from transformers, absl or TensorFlow; the first line on stdout is bpo_jax's (--debug brings the
     libraries' own messages back: ``bpo_jax.__main__.quiet_libraries``)."""

@@ -51,6 +51,7 @@ def _losses(run_dir):
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
+@pytest.mark.slow
 def test_two_phase_run_logs_log2_at_each_phase_start(tiny_dir, tmp_path):
     model, tok, prompts = _setup(tiny_dir)
     cfg = _cfg(tmp_path / "run")
@@ -69,6 +70,7 @@ def test_two_phase_run_logs_log2_at_each_phase_start(tiny_dir, tmp_path):
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
 
 
+@pytest.mark.slow
 def test_sampling_several_batches_per_call_collects_the_same_phase(tiny_dir, monkeypatch):
     """``sampling_batch_size`` = 3 batches: one generate call of 6 prompts collects the 3-step phase's 6 pairs
     (instead of three calls of 2) from the same prompts in the same order; the stream is left where it would be."""
@@ -113,6 +115,7 @@ def test_tied_pairs_label_the_second_sample_or_are_dropped():
     np.testing.assert_array_equal(tied(scores), [False, False, True, True])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["drop", "second"])
 def test_collection_drops_and_counts_tied_pairs(tiny_dir, rule):
     """An annotator that ties most pairs: ``drop`` samples on until the phase has K·B pairs that all carry a
@@ -131,6 +134,7 @@ def test_collection_drops_and_counts_tied_pairs(tiny_dir, rule):
         assert stats["tied_pairs_dropped"] == 0 and not decided.all()
 
 
+@pytest.mark.slow
 def test_ensemble_members_differ_from_the_merged_behavior_at_a_phase_start(tiny_dir, tmp_path):
     """With 3 adapters π_β is their merge: at phase 2's start the sampler matches π_β, but every member is
     away from it, so the first loss of the phase is not log 2 (it is with one adapter, above)."""
@@ -161,6 +165,7 @@ _KILLED_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_gives_identical_losses(tiny_dir, tmp_path):
     model, tok, prompts = _setup(tiny_dir)
     kw = dict(model_config=model.config, tokenizer=tok, base=model.params, prompts=prompts, annotator=_annotator(),
@@ -179,6 +184,7 @@ def test_sigkill_and_resume_gives_identical_losses(tiny_dir, tmp_path):
     np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_then_exits(tiny_dir, tmp_path):
     model, tok, prompts = _setup(tiny_dir)
 
@@ -194,6 +200,7 @@ def test_sigterm_saves_a_checkpoint_then_exits(tiny_dir, tmp_path):
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
 
 
+@pytest.mark.slow
 def test_nan_loss_halts_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_path, monkeypatch):
     model, tok, prompts = _setup(tiny_dir)
     real = online.make_train_step
@@ -217,6 +224,7 @@ def test_nan_loss_halts_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_path, m
     assert sorted(_losses(tmp_path / "run")) == [1, 2]
 
 
+@pytest.mark.slow
 def test_train_command_end_to_end(tiny_dir, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()

@@ -16,6 +16,7 @@ TINY = ["total_steps=2", "num_phases=2", "batch_size=2", "data_dir=", "max_new_t
         "eval_size=4", "reward_batch_size=4", "export_policy=false"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["tldr", "hh_helpful", "hh_harmless"])
 def test_paper_config_runs_on_the_samples_then_evaluates(task, tiny_policy_and_rm, tmp_path, capsys):
     policy, rm = tiny_policy_and_rm
@@ -60,6 +61,7 @@ def test_paper_task_without_a_reward_model_is_a_config_error(capsys):
     assert "annotator=judge needs judge_url and judge_model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_interrupted_tfds_run_resumes_the_prompt_stream_exactly(tiny_policy_and_rm, tmp_path):
     from bpo_jax import online
     from bpo_jax.config import load_config
@@ -95,6 +97,7 @@ def test_interrupted_tfds_run_resumes_the_prompt_stream_exactly(tiny_policy_and_
     np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_long_test_prompts_are_truncated_keeping_their_start_not_dropped(smollm2, tiny_policy_and_rm, tmp_path):
     """As the official evaluation: every test prompt, the long ones cut to max_prompt_length keeping their start;
     the chat template's generation prompt stays, and the annotator still sees the whole prompt."""
@@ -175,6 +178,7 @@ def test_adam_eps_gives_the_first_adamw_step_of_torch():
         np.testing.assert_allclose(np.asarray(upd), -5e-5 * g / (np.abs(g) + eps), rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("members", [1, 5])
 def test_bf16_tldr_config_behavior_equals_policy_at_every_phase_start(members, tiny_policy_and_rm, tmp_path):
     """The TL;DR paper config as it ships (bfloat16 base and compute, LoRA, ensemble_merge=peft_linear) on a tiny

@@ -69,6 +69,7 @@ def test_fresh_adapter_is_initialised_as_peft_does(base):
     assert all(not np.any(np.asarray(f["b"])) for f in ours.values())
 
 
+@pytest.mark.slow
 def test_members_and_merge_load_in_peft_to_the_same_logits(base, tmp_path):
     folder, model = base
     key = jax.random.key(1)
@@ -149,6 +150,7 @@ def test_bad_adapter_folders_are_refused_with_the_reason(base, tmp_path):
         pa.read_adapter(good, shapes)
 
 
+@pytest.mark.slow
 def test_train_starts_from_adapter_folders_and_exports_peft_folders(tiny_policy_and_rm, tmp_path, capsys):
     """``train lora_init_from=...`` on a tiny policy: the exported merged adapter, loaded by peft on the HF base,
     gives the exported policy's logits; bad folders are a config error before any compute."""

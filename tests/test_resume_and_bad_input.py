@@ -39,6 +39,7 @@ def _rows(run):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_run_settings_and_skips_the_step0_eval(tiny_dir, data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli(_args(tiny_dir, data_dir, run)) == 0
@@ -100,6 +101,7 @@ def _losses(run):
     return {r["step"]: r["loss"] for r in _rows(run) if "loss" in r}  # the last record of a step wins
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tiny_dir, tmp_path):
     whole = tmp_path / "whole"
     _loop(tiny_dir, whole)
@@ -120,6 +122,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tiny_dir, tmp_
     np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_changed_lora_shape_through_the_api_is_a_clear_refusal(tiny_dir, tmp_path):
     run = tmp_path / "run"
     _loop(tiny_dir, run, lora_rank=2, total_steps=2)
@@ -128,6 +131,7 @@ def test_changed_lora_shape_through_the_api_is_a_clear_refusal(tiny_dir, tmp_pat
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
 
 
+@pytest.mark.slow
 def test_resume_with_other_base_weights_is_refused(tiny_dir, tmp_path):
     import jax
 
@@ -169,6 +173,7 @@ def test_fuzzed_config_files_are_one_clear_line(tmp_path, capsys, yaml_text, mes
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line, message", [
     (json.dumps({**_GOOD_ROW, "document": ""}), ":2: missing or empty field 'document'"),
     (json.dumps({**_GOOD_ROW, "gold": 42}), ":2: missing or empty field 'gold'"),

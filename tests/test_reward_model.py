@@ -38,6 +38,7 @@ def _layout(seqs, split, width, left_pad):
     return ids, mask
 
 
+@pytest.mark.slow
 def test_scores_match_hf_for_any_padding(rm):
     hf_model, model, _ = rm
     want = np.array([_hf_score(hf_model, s) for s in SEQS])

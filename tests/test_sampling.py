@@ -50,6 +50,7 @@ def _full_forward_logprobs(model, prompts, pmask, tokens, mask):
     return token_logprobs(logits[:, p - 1 : -1], tokens) * mask
 
 
+@pytest.mark.slow
 def test_logprobs_equal_full_forward_and_layout(tiny):
     _, model = tiny
     out = generate(model, PROMPTS, PMASK, max_new_tokens=6, temperature=1.3, top_k=20, num_samples=2,
@@ -76,6 +77,7 @@ def test_determinism_and_rng(llama):
     np.testing.assert_array_equal(a.tokens, d.tokens)
 
 
+@pytest.mark.slow
 def test_eos_masks_and_padding(llama):
     model = llama
     greedy = np.asarray(generate(model, PROMPTS, PMASK, max_new_tokens=8, temperature=0.0).tokens)
@@ -91,6 +93,7 @@ def test_eos_masks_and_padding(llama):
     assert mask[0].sum() == 3
 
 
+@pytest.mark.slow
 def test_batches_buckets_and_mesh_give_the_same_samples(llama):
     model = llama
     key = jax.random.key(11)
@@ -102,6 +105,7 @@ def test_batches_buckets_and_mesh_give_the_same_samples(llama):
     np.testing.assert_allclose(base.logprobs, sharded.logprobs, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sampling_layout_reshard_and_progress(llama, capsys):
     from bpo_jax.sampling import sampling_shardings
 
@@ -130,6 +134,7 @@ def test_bad_inputs(llama):
         generate(model, PROMPTS, PMASK, max_new_tokens=2, temperature=-1.0)
 
 
+@pytest.mark.slow
 def test_response_logps_score_the_samplers_responses_on_a_mesh(llama):
     """``evaluate.response_logps`` (the drift measure's SFT side): the summed log-probs of sampled responses equal
     the sampler's own, also on an 8-device mesh with 3 rows (padded to the batch shards), and differ under

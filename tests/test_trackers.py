@@ -48,6 +48,7 @@ def test_tracker_values():
             load_config(None, [bad])
 
 
+@pytest.mark.slow
 def test_missing_wandb_is_a_clear_error_before_any_compute(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # what an uninstalled package looks like to import
     with pytest.raises(ValueError, match="pip install wandb"):
@@ -57,6 +58,7 @@ def test_missing_wandb_is_a_clear_error_before_any_compute(monkeypatch, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed "
                                                                       "(requirements-test.txt has it)")
 def test_wandb_offline_run_holds_name_config_and_metrics(tiny_policy_and_rm, tmp_path, monkeypatch):

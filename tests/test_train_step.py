@@ -52,6 +52,7 @@ def _step(cfg, state, batch):
     return fn(state, {k: jnp.asarray(batch[k]) for k in keys})
 
 
+@pytest.mark.slow
 def test_behavior_reference_gives_log2_at_every_phase_start_and_sft_does_not():
     for reference in ("behavior", "sft"):
         cfg = _cfg(reference=reference)
@@ -77,6 +78,7 @@ def test_sampler_logprobs_equal_a_reference_forward():
     assert float(gap) < 1e-4
 
 
+@pytest.mark.slow
 def test_lora_ensemble_updates_only_adapters_and_merge_is_the_mean_delta():
     cfg = _cfg(lora_rank=4, lora_alpha=8.0, ensemble_size=3, lora_targets=("q_proj", "v", "down"))
     assert cfg.lora_targets == ("q", "v", "down")
@@ -100,6 +102,7 @@ def test_lora_ensemble_updates_only_adapters_and_merge_is_the_mean_delta():
     np.testing.assert_array_equal(np.asarray(merged["layers"]["k"]), base_before["layers"]["k"])
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_and_chunked_logprobs_equal_the_plain_step():
     """Two micro-batches equal the large batch; unembedding the response 2 positions at a time (rematerialised)
     equals unembedding it whole."""
@@ -117,6 +120,7 @@ def test_gradient_accumulation_and_chunked_logprobs_equal_the_plain_step():
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), t1, t2)
 
 
+@pytest.mark.slow
 def test_fixed_reference_is_used_and_checked():
     cfg = _cfg(reference="fixed", reference_path="unused-here")
     other = _base(seed=9)
@@ -129,6 +133,7 @@ def test_fixed_reference_is_used_and_checked():
         st.create_state(cfg, _base(), jax.random.key(6), reference=small)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reference", ["ema", "mixup"])
 def test_soft_reference_updates(reference):
     cfg = _cfg(reference=reference, lora_rank=4, ema_rate=0.5, mixup_alpha=0.5, mixup_every=2)
@@ -146,6 +151,7 @@ def test_soft_reference_updates(reference):
                      jax.tree.map(np.asarray, state.reference), ref1, theta2)
 
 
+@pytest.mark.slow
 def test_state_sharding_on_8_devices_matches_one_device():
     cfg = _cfg(lora_rank=4, ensemble_size=2, reference="sft")
     batch = _batch(_base())
@@ -169,6 +175,7 @@ def test_state_sharding_on_8_devices_matches_one_device():
         np.testing.assert_allclose(float(m[key]), float(m_single[key]), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_a_different_mesh_with_the_same_devices(tmp_path):
     """A state and a phase's pairs saved on a data=8 mesh come back exactly on a data=2 x fsdp=2 x tensor=2 mesh,
     in the new mesh's shardings (orbax reshards)."""
