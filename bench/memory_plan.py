@@ -30,8 +30,10 @@ import optax  # noqa: E402
 from jax.sharding import AbstractMesh, AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from bpo_jax import distributed  # noqa: E402
-from bpo_jax import sampling  # noqa: E402
+from bpo_jax import (
+    distributed,  # noqa: E402
+    sampling,  # noqa: E402
+)
 from bpo_jax import sharding as shd  # noqa: E402
 from bpo_jax import state as st  # noqa: E402
 from bpo_jax.config import load_config  # noqa: E402

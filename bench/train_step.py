@@ -66,7 +66,6 @@ sys.path.insert(0, REPO)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-
 import trl_peer  # noqa: E402  (bench/, next to this script)
 from rss import MiB, peak_rss, peak_rss_reset  # noqa: E402
 
@@ -148,8 +147,7 @@ def run_bpo_jax(args, export_dir: str | None) -> dict:
     from bpo_jax import state as st
     from bpo_jax import train_step as ts
     from bpo_jax.config import ConfigError, TrainConfig
-    from bpo_jax.models import Decoder, init_params, load_pretrained, param_shapes, save_pretrained
-    from bpo_jax.models import loading
+    from bpo_jax.models import Decoder, init_params, load_pretrained, loading, param_shapes, save_pretrained
 
     dtype = args.dtype
     if dtype == "auto":

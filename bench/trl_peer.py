@@ -17,7 +17,6 @@ import tempfile
 import time
 
 import numpy as np
-
 from rss import MiB, peak_rss, peak_rss_reset
 
 

@@ -27,10 +27,9 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
-    from bpo_jax import cluster, distributed
-
     import jax
 
+    from bpo_jax import cluster, distributed
     from bpo_jax.config import validate_for_processes
 
     cluster.enable_compilation_cache(cfg.run_dir)  # a restart of this run reuses the compiled programs

@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from bpo_jax import sharding as shd
 from bpo_jax.sharding import BATCH_AXES, batch_shards
 
+
 def process_index() -> int:
     return jax.process_index()
 

@@ -79,7 +79,8 @@ def greedy_responses(params, config, tokenizer, prompt_ids, prompt_mask, *, max_
     out = generate(params, prompt_ids, prompt_mask, config=config, max_new_tokens=max_new_tokens, temperature=0.0,
                    eos_token_ids=eos_token_ids, batch_size=batch_size, mesh=mesh,
                    pad_token_id=config.pad_token_id or 0)
-    texts = [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip() for t, m in zip(out.tokens, out.mask)]
+    texts = [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()
+             for t, m in zip(out.tokens, out.mask)]
     return (texts, out) if samples else texts
 
 

@@ -34,8 +34,13 @@ from bpo_jax.models.decoder import unstack_layers
 from bpo_jax.pairs import build_pairs, distinct, tied
 from bpo_jax.sampling import generate
 from bpo_jax.trackers import open_trackers
-from bpo_jax.train_step import (BATCH_KEYS, behavior_logp_gap, make_train_step, member_logp_gaps,
-                                policy_behavior_logp_gap)
+from bpo_jax.train_step import (
+    BATCH_KEYS,
+    behavior_logp_gap,
+    make_train_step,
+    member_logp_gaps,
+    policy_behavior_logp_gap,
+)
 
 
 class Preempted(Exception):

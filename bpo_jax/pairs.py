@@ -59,5 +59,6 @@ def build_pairs(prompt_ids, prompt_mask, tokens, mask, logprobs, scores, keep, e
         "rejected_ids": rejected_ids, "rejected_mask": rejected_mask,
         "chosen_behavior_logps": seq_logps[chosen_row], "rejected_behavior_logps": seq_logps[rejected_row],
         "truncated": 0.5 * (truncated[chosen_row] + truncated[rejected_row]),
-        "chosen_scores": scores[chosen_row].astype(np.float32), "rejected_scores": scores[rejected_row].astype(np.float32),
+        "chosen_scores": scores[chosen_row].astype(np.float32),
+        "rejected_scores": scores[rejected_row].astype(np.float32),
     }

@@ -185,7 +185,8 @@ def prepare_tfds(task: str, data_dir: str, tfds_dir: str, data_format: str = "au
 def _judge_cache(run_dir: str) -> str:
     """The judge's verdict cache: a local file per host (each host judges its own rows; files cannot be shared
     for appending), under the run directory when it is local, else under ``~/.cache/bpo_jax``."""
-    name = "judge_cache.jsonl" if distributed.process_count() == 1 else f"judge_cache.p{distributed.process_index()}.jsonl"
+    one = distributed.process_count() == 1
+    name = "judge_cache.jsonl" if one else f"judge_cache.p{distributed.process_index()}.jsonl"
     folder = run_dir if not distributed.is_remote(run_dir) else os.path.join(
         os.path.expanduser("~/.cache/bpo_jax"), run_dir.replace("://", "_").replace("/", "_"))
     os.makedirs(folder, exist_ok=True)

@@ -8,6 +8,7 @@ bpo_setup requirements-test.txt
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
+ruff check --quiet bpo_jax tests bench  # the lint (pyproject.toml [tool.ruff]): a finding fails the run
 # One worker per core (-n auto); each test file stays in one worker (its module fixtures are built once).
 tier=()
 if [ "${1:-}" = "--fast" ]; then

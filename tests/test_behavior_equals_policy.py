@@ -15,8 +15,7 @@ from bpo_jax.config import TrainConfig
 from bpo_jax.models import ModelConfig, init_params
 from bpo_jax.pairs import build_pairs
 from bpo_jax.sampling import generate
-from bpo_jax.train_step import (BATCH_KEYS, LOGP_GAP_TOL_PER_TOKEN, make_train_step, pair_logps,
-                                policy_behavior_logp_gap)
+from bpo_jax.train_step import BATCH_KEYS, LOGP_GAP_TOL_PER_TOKEN, make_train_step, pair_logps, policy_behavior_logp_gap
 
 MCFG = ModelConfig(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=8, param_dtype="bfloat16")  # bf16 base, f32 compute

@@ -11,9 +11,9 @@ import os
 import jax
 import pytest
 from jax._src import distributed as jax_distributed
-from multihost import run_group
 
 from bpo_jax import cluster
+from multihost import run_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUTS = dict(heartbeat_timeout_seconds=cluster.HEARTBEAT_TIMEOUT, shutdown_timeout_seconds=cluster.SHUTDOWN_TIMEOUT,

@@ -12,10 +12,10 @@ import signal
 import time
 
 import pytest
-from multihost import assert_same_losses, losses, run_group
-from tiny_models import write_minisum_folder
 
 from bpo_jax import cluster
+from multihost import assert_same_losses, losses, run_group
+from tiny_models import write_minisum_folder
 
 pytestmark = pytest.mark.slow  # several processes or a fresh venv (pyproject.toml's markers)
 

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny_models import save_hf_deberta_reward_model
 
 from bpo_jax.models import load_reward_model
+from tiny_models import save_hf_deberta_reward_model
 
 QUESTIONS = ["What is the cat?", "Explain nuclear fusion like I am five", "hi", "Is the mat a cat?"]
 ANSWERS = ["The cat sat on the mat.", "The sun fuses atoms and that gives energy, a lot of energy, so much energy!",

@@ -8,11 +8,11 @@ import os
 import numpy as np
 import pytest
 import yaml
-from tiny_models import write_minisum_folder
 
 from bpo_jax import experiment as ex
 from bpo_jax.cli_experiment import main as experiment_cli
 from bpo_jax.config import ConfigError
+from tiny_models import write_minisum_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -13,10 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-from tiny_models import write_minisum_folder
 
 from bpo_jax.evaluate import score_against_references, win_rate_from_scores
 from bpo_jax.judge import Judge, JudgeBudgetError, JudgeError, retry_after
+from tiny_models import write_minisum_folder
 
 log = logging.getLogger(__name__)
 

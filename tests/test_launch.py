@@ -146,7 +146,8 @@ def test_tpu_dry_run_prints_the_commands_and_runs_none(fake):
     tmp_path, env = fake
     create = _dry(["create", "--type", "v5litepod-16", "--spot"], env)
     assert create[0] == ("gcloud compute tpus queued-resources create bpo-pod --node-id=bpo-pod --zone=us-west4-a "
-                         "--project=my-proj --accelerator-type=v5litepod-16 --runtime-version=v2-alpha-tpuv5-lite --spot")
+                         "--project=my-proj --accelerator-type=v5litepod-16 --runtime-version=v2-alpha-tpuv5-lite "
+                         "--spot")
     assert "queued-resources describe bpo-pod" in create[1] and "state.state" in create[1]
     assert "--reserved" in _dry(["create", "--type", "v4-32", "--reserved", "--runtime=tpu-ubuntu2204-base"], env)[0]
 
@@ -598,7 +599,8 @@ def _doc_blocks():
 
 
 def test_doc_commands_dry_run(fake):
-    """Every launch/tpu_pod.sh and launch/slurm.sh line of the README's TPU pod section runs with --dry-run as written."""
+    """Every launch/tpu_pod.sh and launch/slurm.sh line of the README's TPU pod section runs with --dry-run as
+    written."""
     tmp_path, env = fake
     lines = _doc_blocks()
     exports = "\n".join(line for line in lines if line.startswith("export "))

@@ -15,8 +15,16 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3Config, Gemma3TextConfig, Qwen3Config
 
 from bpo_jax import sharding as shd
-from bpo_jax.models import (ModelConfig, forward, init_cache, init_params, load_pretrained, param_axes, param_shapes,
-                            save_pretrained)
+from bpo_jax.models import (
+    ModelConfig,
+    forward,
+    init_cache,
+    init_params,
+    load_pretrained,
+    param_axes,
+    param_shapes,
+    save_pretrained,
+)
 from bpo_jax.sampling import generate
 from test_models import _hf_logits
 from test_sampling import _full_forward_logprobs

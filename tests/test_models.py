@@ -12,8 +12,19 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
-from bpo_jax.models import (Decoder, ModelConfig, forward, hidden_states, init_cache, init_params, load_pretrained,
-                            param_axes, save_pretrained, unembed, unstack_layers)
+from bpo_jax.models import (
+    Decoder,
+    ModelConfig,
+    forward,
+    hidden_states,
+    init_cache,
+    init_params,
+    load_pretrained,
+    param_axes,
+    save_pretrained,
+    unembed,
+    unstack_layers,
+)
 from bpo_jax.models.gguf_source import permute, unpermute
 from tiny_models import _COMMON, CORE_FAMILIES, FAMILIES, save_hf_model
 

@@ -14,10 +14,10 @@ import sys
 import jax
 import numpy as np
 import pytest
-from multihost import ROOT, assert_same_losses, child_env, losses, run_group
-from tiny_models import write_minisum_folder
 
 from bpo_jax import distributed
+from multihost import ROOT, assert_same_losses, child_env, losses, run_group
+from tiny_models import write_minisum_folder
 
 pytestmark = pytest.mark.slow  # several processes or a fresh venv (pyproject.toml's markers)
 
@@ -84,7 +84,8 @@ def test_two_processes_sharing_one_tfds_dir_build_it_once_and_train(tiny_policy_
     """The same through a 2-process run of the TL;DR config on a fresh tfds_dir: one build, then training."""
     policy, rm = tiny_policy_and_rm
     args = ["train", "--config", "configs/tldr_gemma2b.yaml", f"model={policy}", f"reward_model={rm}",
-            f"tfds_dir={tmp_path / 'tfds'}", f"run_dir={tmp_path / 'run'}", "data_dir=", "total_steps=2", "num_phases=1",
+            f"tfds_dir={tmp_path / 'tfds'}", f"run_dir={tmp_path / 'run'}", "data_dir=", "total_steps=2",
+            "num_phases=1",
             "batch_size=4", "reward_batch_size=4", "max_new_tokens=4", "eval_max_new_tokens=4", "eval_size=2",
             "lora_rank=2", "lora_alpha=4", "ensemble_size=1", "param_dtype=float32", "dtype=float32",
             "remat=false", "export_policy=false", "mesh_data=-1", "mesh_fsdp=1"]

@@ -16,6 +16,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
 from multihost import assert_same_losses, losses, run_group
 from tiny_models import write_minisum_folder
 

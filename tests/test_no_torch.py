@@ -8,19 +8,19 @@ as sympy), which is exactly what Python does for a package that is not installed
 see no torch either). The child's environment is built explicitly.
 """
 
+import importlib.metadata as md
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
 
-import importlib.metadata as md
-import itertools
-
 import pytest
-from tiny_models import write_minisum_folder
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from tiny_models import write_minisum_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # installed by launch/_setup.sh beside requirements.txt (or the venv's own tooling)

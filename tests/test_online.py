@@ -10,7 +10,6 @@ import textwrap
 
 import numpy as np
 import pytest
-from tiny_models import write_minisum_folder
 
 from bpo_jax import online
 from bpo_jax.__main__ import main as cli
@@ -19,6 +18,7 @@ from bpo_jax.config import TrainConfig
 from bpo_jax.data.prompts import ArrayPrompts
 from bpo_jax.demo_task import encode_prompts
 from bpo_jax.models import load_pretrained
+from tiny_models import write_minisum_folder
 
 TEXTS = [f"Tell me about topic number {i}, briefly." for i in range(12)]
 LOG2 = float(np.log(2.0))
@@ -66,7 +66,8 @@ def test_two_phase_run_logs_log2_at_each_phase_start(tiny_dir, tmp_path):
         assert r["phase/behavior_logp_gap"] < 1e-3
         assert 0 <= r["phase/policy_behavior_logp_gap_mean"] <= r["phase/policy_behavior_logp_gap"] < 1e-3
     assert abs(records[1]["loss"] - LOG2) > 1e-4
-    assert {"kl_policy_behavior", "grad_norm", "learning_rate", "truncation_rate", "rewards/accuracies"} <= set(records[0])
+    logged = {"kl_policy_behavior", "grad_norm", "learning_rate", "truncation_rate", "rewards/accuracies"}
+    assert logged <= set(records[0])
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
 
 
@@ -262,7 +263,8 @@ def test_train_command_end_to_end(tiny_dir, tmp_path, capsys):
     (["--config", "configs/nope.yaml"], "config file 'configs/nope.yaml' does not exist"),
     (["sampling_batch_size=12"], "sampling_batch_size=12 must be a multiple of batch_size=8"),
     (["remat=some"], "remat='some'; valid: none, full, dots"),
-    (["lora_rank=4", "ensemble_size=2", "lora_init_from=/a"], "lora_init_from names 1 adapter folders; it needs one per"),
+    (["lora_rank=4", "ensemble_size=2", "lora_init_from=/a"],
+     "lora_init_from names 1 adapter folders; it needs one per"),
 ])
 def test_bad_configs_fail_before_any_compute(args, message, capsys):
     assert cli(["train", *args]) == 2

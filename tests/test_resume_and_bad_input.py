@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-from tiny_models import write_minisum_folder
 
 from bpo_jax import online
 from bpo_jax.__main__ import main as cli
@@ -16,6 +15,7 @@ from bpo_jax.config import TrainConfig
 from bpo_jax.data.prompts import ArrayPrompts
 from bpo_jax.demo_task import encode_prompts
 from bpo_jax.models import load_pretrained
+from tiny_models import write_minisum_folder
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +139,8 @@ def test_resume_with_other_base_weights_is_refused(tiny_dir, tmp_path):
     _loop(tiny_dir, run, total_steps=2)
     model, _ = load_pretrained(tiny_dir)
     other = jax.tree.map(lambda x: x * 1.001, model.params)
-    from bpo_jax.checkpoint import Checkpointer
     from bpo_jax import state as st
+    from bpo_jax.checkpoint import Checkpointer
 
     cfg = TrainConfig(total_steps=2, num_phases=2, batch_size=2, max_new_tokens=6, run_dir=str(run), seed=3)
     ckpt = Checkpointer(str(run), 3)

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny_models import save_hf_reward_model
 
 from bpo_jax.models import load_reward_model
+from tiny_models import save_hf_reward_model
 
 SEQS = [[5, 9, 17, 3, 44, 8], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [21, 99], [33]]
 

@@ -142,7 +142,8 @@ def test_soft_reference_updates(reference):
     state, _ = _step(cfg, state, _batch(st.behavior_params(cfg, state)))
     ref1, theta1 = jax.tree.map(np.asarray, state.reference), jax.tree.map(np.asarray, state.trainable)
     if reference == "ema":
-        jax.tree.map(lambda r1, r0, t: np.testing.assert_allclose(r1, 0.5 * r0 + 0.5 * t, atol=1e-7), ref1, ref0, theta1)
+        jax.tree.map(lambda r1, r0, t: np.testing.assert_allclose(r1, 0.5 * r0 + 0.5 * t, atol=1e-7),
+                     ref1, ref0, theta1)
     else:  # not due at step 1
         jax.tree.map(np.testing.assert_array_equal, ref1, ref0)
         state, _ = _step(cfg, state, _batch(st.behavior_params(cfg, state), seed=1))

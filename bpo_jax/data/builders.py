@@ -176,7 +176,8 @@ class Prepared:
         argv = [sys.executable, "-c", code, self.task, self.manual_dir, self.root, self.data_format]
         done = subprocess.run(argv)
         if done.returncode:
-            raise RuntimeError(f"preparing {self.task} in {self.root} failed (exit {done.returncode}; its output is above)")
+            raise RuntimeError(f"preparing {self.task} in {self.root} failed (exit {done.returncode}; its output is "
+                               f"above)")
 
     def _build(self) -> None:
         self.builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=self.manual_dir),

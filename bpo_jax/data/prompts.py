@@ -1,7 +1,8 @@
 """Prompt streams for the online loop: endless, seeded, resumable batches of left-padded prompts.
 
 A stream has ``batch_size`` (prompts per global batch), ``local_batch_size`` (this host's share of each global
-batch: ``batch_size / shard_count`` with several processes), ``width`` (the fixed prompt width P, so the train step compiles once),
+batch: ``batch_size / shard_count`` with several processes), ``width`` (the fixed prompt width P, so the train
+step compiles once),
 ``next_batch() -> PromptBatch`` and ``get_state()`` / ``set_state(state)`` (a small JSON-able dict that the
 checkpoint stores, so a resumed run continues the same stream).
 

@@ -121,7 +121,7 @@ class _Entry:
 
 def _entries(c: DebertaConfig) -> list[_Entry]:
     """Every parameter this config needs: its HF tensor name, shape and logical axes."""
-    H, E, L, I, Q = c.hidden_size, c.embedding_size, c.num_layers, c.intermediate_size, c.num_heads * c.head_dim
+    H, E, L, F, Q = c.hidden_size, c.embedding_size, c.num_layers, c.intermediate_size, c.num_heads * c.head_dim
     out = [_Entry(("embed", "word"), "deberta.embeddings.word_embeddings.weight", (c.vocab_size, E),
                   ("vocab", "embed"))]
     if c.position_biased_input:
@@ -152,8 +152,8 @@ def _entries(c: DebertaConfig) -> list[_Entry]:
         out += dense(("layers", name), f"{layer}.attention.self.{name}_proj", H, Q, ("embed", "heads"), (L,))
     out += dense(("layers", "attn_out"), f"{layer}.attention.output.dense", Q, H, ("heads", "embed"), (L,))
     out += norm(("layers", "attn_norm"), f"{layer}.attention.output.LayerNorm", (L,))
-    out += dense(("layers", "mlp_in"), f"{layer}.intermediate.dense", H, I, ("embed", "mlp"), (L,))
-    out += dense(("layers", "mlp_out"), f"{layer}.output.dense", I, H, ("mlp", "embed"), (L,))
+    out += dense(("layers", "mlp_in"), f"{layer}.intermediate.dense", H, F, ("embed", "mlp"), (L,))
+    out += dense(("layers", "mlp_out"), f"{layer}.output.dense", F, H, ("mlp", "embed"), (L,))
     out += norm(("layers", "mlp_norm"), f"{layer}.output.LayerNorm", (L,))
     if c.relative_attention:
         out.append(_Entry(("rel_embeddings",), "deberta.encoder.rel_embeddings.weight", (2 * c.att_span, H),

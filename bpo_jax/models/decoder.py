@@ -97,7 +97,8 @@ def init_params(config: ModelConfig, key: Array) -> Params:
     """Random parameters (normal, std 0.02; norms at their identity value) — for tests and from-scratch runs."""
     shapes = param_shapes(config)
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree.flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+    with_paths = jax.tree.flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]
+    paths = [jax.tree_util.keystr(p) for p, _ in with_paths]
     keys = jax.random.split(key, len(leaves))
     dtype = jnp.dtype(config.param_dtype)
     out = []
@@ -399,8 +400,8 @@ class Decoder(nnx.Module):
         if params is None:
             params = init_params(config, (rngs or nnx.Rngs(0)).params())
         axes = param_axes(config)
-        self.weights = nnx.data(jax.tree.map(lambda a, ax: nnx.Param(a, out_sharding=ax, eager_sharding=False), params, axes,
-                                             is_leaf=lambda x: isinstance(x, tuple)))
+        self.weights = nnx.data(jax.tree.map(lambda a, ax: nnx.Param(a, out_sharding=ax, eager_sharding=False),
+                                             params, axes, is_leaf=lambda x: isinstance(x, tuple)))
 
     @classmethod
     def from_params(cls, config: ModelConfig, params: Params) -> "Decoder":
