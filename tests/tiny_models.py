@@ -1,9 +1,9 @@
 """Tiny random HF checkpoints of each supported family, saved as safetensors folders for parity tests, and a
-tiny task folder in the demo's (minisum) format."""
+tiny task folder in the demo's (minisum) format. Only the HF-model helpers import torch (when called): a test
+that needs just a minisum folder runs without it."""
 
 import json
 
-import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -51,6 +51,8 @@ CORE_FAMILIES = tuple(f for f in FAMILIES if f not in WINDOWED_FAMILIES)
 
 def make_hf_model(family: str, seed: int = 0):
     """A random HF model with every weight (norms and biases too) perturbed away from its init value."""
+    import torch
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(FAMILIES[family](), dtype=torch.float32).eval()
     with torch.no_grad():
@@ -67,6 +69,7 @@ def save_hf_model(family: str, path, seed: int = 0, **kw):
 
 def save_hf_reward_model(family: str, path, seed: int = 0):
     """A random HF ``*ForSequenceClassification`` reward model (num_labels=1), perturbed like ``make_hf_model``."""
+    import torch
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
@@ -120,6 +123,7 @@ def deberta_tokenizer():
 def save_hf_deberta_reward_model(path, seed: int = 0, **overrides):
     """A random HF ``DebertaV2ForSequenceClassification`` (num_labels=1; ``DEBERTA_V3`` updated by ``overrides``)
     with every weight perturbed like ``make_hf_model``, and the ``deberta_tokenizer``, saved in ``path``."""
+    import torch
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
     tokenizer = deberta_tokenizer()
