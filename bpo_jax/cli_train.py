@@ -52,73 +52,28 @@ def _run(cfg, trackers, t0) -> int:
     """The run itself (``main`` after the config checks), logging each metrics record to ``trackers``."""
     from bpo_jax import distributed, online
     from bpo_jax import run_dir as rd
+    from bpo_jax import state as st
     from bpo_jax.config import save_config, validate_for_model
-    from bpo_jax.evaluate import score_test_set, scores_file, win_rate_from_scores, write_scores
     from bpo_jax.tasks import setup_run
 
     say = print if distributed.is_primary() else (lambda *a, **k: None)  # noqa: E731  one host speaks
     run = setup_run(cfg)
-    model, tok, task, mesh, eos = run.model, run.tokenizer, run.task, run.mesh, run.eos_token_ids
-    mcfg = model.config
+    mcfg = run.model.config
     try:
         validate_for_model(cfg, mcfg.vocab_size, mcfg.max_position_embeddings)
+        lora_init, start = _sft_start(cfg, run.model.params)
     except ValueError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-
-    done: dict = {}  # step -> metrics of an evaluation already made in this process
-    # What an evaluation's figure depends on beyond the model (eval_size and eval_max_new_tokens may change on
-    # resume): a stored step-0 result is reused only when it was made with the same setting.
-    eval_setting = {"eval/num_prompts": len(task.references), "eval/max_new_tokens": cfg.eval_max_new_tokens}
-
-    def evaluate(params, step):
-        if step in done:  # the loop's periodic evaluation at step T is also the final one
-            return done[step]
-        say(f"step {step}: evaluating on {len(task.references)} test prompts")
-        result = score_test_set(params, mcfg, tok, task.eval_annotator, task.eval_prompts, task.eval_ids,
-                                task.eval_mask, task.references, max_new_tokens=cfg.eval_max_new_tokens,
-                                eos_token_ids=eos, mesh=mesh, batch_size=cfg.eval_batch_size, interrupt=stop.check,
-                                reference_params=start if cfg.eval_sft_logratio else None)
-        wr = win_rate_from_scores(result.scores, result.reference_scores)
-        drift = {} if result.logratio_sft is None else {"eval/sft_logratio": float(result.logratio_sft.mean())}
-        say(f"step {step}: {wr.describe()}; mean {task.score_name} {wr.mean_score:.3f} vs references "
-            f"{wr.mean_reference_score:.3f}; e.g. {result.responses[0][:100]!r}")
-        if step == cfg.total_steps:  # the final model's per-prompt scores, as `evaluate` writes them
-            write_scores(scores_file(cfg.run_dir, step, cfg.data), task.eval_prompts, task.references, result)
-        done[step] = {**wr.metrics(), **drift, **eval_setting}
-        return done[step]
-
-    lora = f"LoRA r={cfg.lora_rank} x{cfg.ensemble_size}" if cfg.lora_rank else "full fine-tuning"
-    hosts = f", {distributed.process_count()} processes" if distributed.process_count() > 1 else ""
-    say(f"bpo_jax train: {cfg.model}, T={cfg.total_steps}, F={cfg.num_phases}, reference={cfg.reference}, "
-        f"{cfg.loss_type} beta={cfg.beta}, {lora}, task {task.name}, {len(task.references)} test prompts"
-        f"{f' ({task.truncated} cut to max_prompt_length)' if task.truncated else ''}, run_dir={cfg.run_dir}{hosts}")
+    _say_setting(cfg, run.task, say)
     rd.make(cfg.run_dir)
     if distributed.is_primary():
         save_config(cfg, str(rd.path(cfg.run_dir, "config.yaml")))  # what `python -m bpo_jax evaluate` reloads
     metrics = rd.path(cfg.run_dir, "metrics.jsonl")
-    from bpo_jax import state as st
-
-    lora_init, start = None, model.params
-    if cfg.lora_init_from:  # the SFT model is base + the adapters' merge (used to start; a resume restores)
-        from bpo_jax import lora
-        from bpo_jax.peft_adapters import read_ensemble
-
-        try:
-            lora_init = read_ensemble(cfg.lora_init_from, {t: model.params["layers"][t].shape for t in
-                                                           cfg.lora_targets},
-                                      rank=cfg.lora_rank, scale=cfg.lora_scale, targets=cfg.lora_targets)
-        except ValueError as err:
-            print(f"config error: {err}", file=sys.stderr)
-            return 2
-        # the SFT model: base + the adapters' merge (by ensemble_merge), in activation space as π_β samples
-        start = lora.attach_merged(model.params, st.place_like_base(lora_init, model.params), cfg.lora_scale,
-                                   cfg.ensemble_merge)
-        lora_init = None if _has_checkpoint(cfg) else lora_init
-    logged = [r for r in rd.read_jsonl(metrics) if r.get("step") == 0 and "eval/win_rate" in r
-              and all(r.get(k) == v for k, v in eval_setting.items())]
-
     stop = online.Preemption().__enter__()  # SIGTERM from here on: every host stops at the next check, together
+    evaluate, setting = _evaluator(cfg, run, start, stop, say)
+    logged = [r for r in rd.read_jsonl(metrics) if r.get("step") == 0 and "eval/win_rate" in r
+              and all(r.get(k) == v for k, v in setting.items())]
     try:
         if logged:  # a resumed run: the starting model was evaluated by the first command, on the same test set
             before = {k: v for k, v in logged[-1].items() if k.startswith("eval/")}
@@ -126,10 +81,10 @@ def _run(cfg, trackers, t0) -> int:
             before = evaluate(start, 0)
             rd.append_jsonl(metrics, {"step": 0, **before})
             trackers.log({"step": 0, **before})
-        state = online.train(cfg, model_config=mcfg, tokenizer=tok, base=model.params, prompts=task.train,
-                             annotator=task.annotator, mesh=mesh, eos_token_ids=eos, reference=run.reference,
-                             lora_init=lora_init, evaluate=evaluate if cfg.eval_every else None, stop=stop, log=say,
-                             trackers=trackers)
+        state = online.train(cfg, model_config=mcfg, tokenizer=run.tokenizer, base=run.model.params,
+                             prompts=run.task.train, annotator=run.task.annotator, mesh=run.mesh,
+                             eos_token_ids=run.eos_token_ids, reference=run.reference, lora_init=lora_init,
+                             evaluate=evaluate if cfg.eval_every else None, stop=stop, log=say, trackers=trackers)
         after = evaluate(st.policy_params(cfg, state, mcfg.dtype), cfg.total_steps)
     except online.Preempted as err:  # the last completed state is on disk; the same command resumes
         print(str(err), file=sys.stderr)
@@ -138,10 +93,83 @@ def _run(cfg, trackers, t0) -> int:
         stop.__exit__()
     rd.append_jsonl(metrics, {"step": cfg.total_steps, "final": True, **after})
     trackers.log({"step": cfg.total_steps, **after})
+    _finish(cfg, run, state, say)
+    say(f"win rate vs human references: {100 * before['eval/win_rate']:.1f}% before -> "
+        f"{100 * after['eval/win_rate']:.1f}% after training ({time.time() - t0:.0f} s)")
+    distributed.barrier("bpo_jax.train.done")  # every host leaves together, after process 0's export and plot
+    return 0
+
+
+def _say_setting(cfg, task, say) -> None:
+    """The run's first line: model, schedule, loss, adapters, task and where it writes."""
+    from bpo_jax import distributed
+
+    lora = f"LoRA r={cfg.lora_rank} x{cfg.ensemble_size}" if cfg.lora_rank else "full fine-tuning"
+    hosts = f", {distributed.process_count()} processes" if distributed.process_count() > 1 else ""
+    say(f"bpo_jax train: {cfg.model}, T={cfg.total_steps}, F={cfg.num_phases}, reference={cfg.reference}, "
+        f"{cfg.loss_type} beta={cfg.beta}, {lora}, task {task.name}, {len(task.references)} test prompts"
+        f"{f' ({task.truncated} cut to max_prompt_length)' if task.truncated else ''}, run_dir={cfg.run_dir}{hosts}")
+
+
+def _sft_start(cfg, base):
+    """``(lora_init, start)``: the ensemble's starting factors for a fresh run from ``lora_init_from`` (None
+    otherwise, and on resume: the checkpoint holds them) and the SFT model the step-0 evaluation and the drift
+    measure use: the base, or base + the adapters' merge (by ``ensemble_merge``) in activation space, as π_β
+    samples. A bad adapter folder is a ValueError."""
+    if not cfg.lora_init_from:
+        return None, base
+    from bpo_jax import lora
+    from bpo_jax import state as st
+    from bpo_jax.peft_adapters import read_ensemble
+
+    lora_init = read_ensemble(cfg.lora_init_from, {t: base["layers"][t].shape for t in cfg.lora_targets},
+                              rank=cfg.lora_rank, scale=cfg.lora_scale, targets=cfg.lora_targets)
+    start = lora.attach_merged(base, st.place_like_base(lora_init, base), cfg.lora_scale, cfg.ensemble_merge)
+    return (None if _has_checkpoint(cfg) else lora_init), start
+
+
+def _evaluator(cfg, run, start, stop, say):
+    """``(evaluate(params, step) -> metrics, setting)``: the test-set evaluation the run makes at step 0, every
+    ``eval_every`` steps and at T (an evaluation of a step already made in this process is not repeated), and
+    what its figure depends on beyond the model (``eval_size`` and ``eval_max_new_tokens`` may change on resume:
+    a stored step-0 result is reused only when it was made with the same setting)."""
+    from bpo_jax.evaluate import score_test_set, scores_file, win_rate_from_scores, write_scores
+
+    task, mcfg = run.task, run.model.config
+    setting = {"eval/num_prompts": len(task.references), "eval/max_new_tokens": cfg.eval_max_new_tokens}
+    done: dict = {}  # step -> metrics
+
+    def evaluate(params, step):
+        if step in done:  # the loop's periodic evaluation at step T is also the final one
+            return done[step]
+        say(f"step {step}: evaluating on {len(task.references)} test prompts")
+        result = score_test_set(params, mcfg, run.tokenizer, task.eval_annotator, task.eval_prompts, task.eval_ids,
+                                task.eval_mask, task.references, max_new_tokens=cfg.eval_max_new_tokens,
+                                eos_token_ids=run.eos_token_ids, mesh=run.mesh, batch_size=cfg.eval_batch_size,
+                                interrupt=stop.check, reference_params=start if cfg.eval_sft_logratio else None)
+        wr = win_rate_from_scores(result.scores, result.reference_scores)
+        drift = {} if result.logratio_sft is None else {"eval/sft_logratio": float(result.logratio_sft.mean())}
+        say(f"step {step}: {wr.describe()}; mean {task.score_name} {wr.mean_score:.3f} vs references "
+            f"{wr.mean_reference_score:.3f}; e.g. {result.responses[0][:100]!r}")
+        if step == cfg.total_steps:  # the final model's per-prompt scores, as `evaluate` writes them
+            write_scores(scores_file(cfg.run_dir, step, cfg.data), task.eval_prompts, task.references, result)
+        done[step] = {**wr.metrics(), **drift, **setting}
+        return done[step]
+
+    return evaluate, setting
+
+
+def _finish(cfg, run, state, say) -> None:
+    """After training: the merged policy as an HF folder and the adapters as PEFT folders (``export_policy``),
+    and the run's plot (primary host)."""
+    from bpo_jax import distributed
+    from bpo_jax import run_dir as rd
+    from bpo_jax import state as st
+
     if cfg.export_policy:
         from bpo_jax.models import Decoder, save_pretrained
 
-        out = save_pretrained(Decoder.from_params(mcfg, st.export_params(cfg, state)), tok,
+        out = save_pretrained(Decoder.from_params(run.model.config, st.export_params(cfg, state)), run.tokenizer,
                               str(rd.path(cfg.run_dir, "policy")))
         say(f"policy exported as an HF folder: {out}")
         if cfg.lora_rank:
@@ -159,10 +187,6 @@ def _run(cfg, trackers, t0) -> int:
         plot_path = str(rd.path(cfg.run_dir, "plot.png"))
         plot_runs([cfg.run_dir], plot_path)
         say(f"plot: {plot_path}")
-    say(f"win rate vs human references: {100 * before['eval/win_rate']:.1f}% before -> "
-        f"{100 * after['eval/win_rate']:.1f}% after training ({time.time() - t0:.0f} s)")
-    distributed.barrier("bpo_jax.train.done")  # every host leaves together, after process 0's export and plot
-    return 0
 
 
 def _has_checkpoint(cfg) -> bool:

@@ -284,87 +284,116 @@ def validate_for_processes(cfg: TrainConfig, processes: int, devices: int) -> No
                               f"batch shards each; use a multiple of {shards}")
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Raise ConfigError for values that cannot run; canonicalise the LoRA target names in place."""
-    def need(ok, msg):
-        if not ok:
-            raise ConfigError(msg)
+def _need(ok, msg) -> None:
+    if not ok:
+        raise ConfigError(msg)
 
-    need(cfg.total_steps >= 1 and cfg.num_phases >= 1, "total_steps and num_phases must be >= 1")
-    need(cfg.total_steps % cfg.num_phases == 0,
-         f"total_steps={cfg.total_steps} must be a multiple of num_phases={cfg.num_phases} (K = T / F steps/phase)")
-    need(cfg.sampling_batch_size >= 0 and cfg.sampling_batch_size % cfg.batch_size == 0,
-         f"sampling_batch_size={cfg.sampling_batch_size} must be a multiple of batch_size={cfg.batch_size} "
-         f"(0 = batch_size)")
-    need(cfg.eval_batch_size >= 1, f"eval_batch_size={cfg.eval_batch_size} must be >= 1")
-    need(cfg.logprob_chunk >= 0, f"logprob_chunk={cfg.logprob_chunk} must be >= 0 (0 = no chunking)")
-    need(cfg.batch_size >= 1 and cfg.micro_batches >= 1 and cfg.batch_size % cfg.micro_batches == 0,
-         f"batch_size={cfg.batch_size} must be a positive multiple of micro_batches={cfg.micro_batches}")
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise ConfigError for values that cannot run; canonicalise the LoRA target names, remat, tracker and
+    mesh device ids in place (during construction). One check per concern, in the order below."""
+    _check_schedule_and_loss(cfg)
+    _check_data_and_reference(cfg)
+    _check_sampling_and_training(cfg)
+    _check_evaluation_and_annotation(cfg)
+    _canonicalise(cfg)
+
+
+def _check_schedule_and_loss(cfg: TrainConfig) -> None:
+    """T, F, the batch and its splits, the loss's arguments."""
+    _need(cfg.total_steps >= 1 and cfg.num_phases >= 1, "total_steps and num_phases must be >= 1")
+    _need(cfg.total_steps % cfg.num_phases == 0,
+          f"total_steps={cfg.total_steps} must be a multiple of num_phases={cfg.num_phases} (K = T / F steps/phase)")
+    _need(cfg.sampling_batch_size >= 0 and cfg.sampling_batch_size % cfg.batch_size == 0,
+          f"sampling_batch_size={cfg.sampling_batch_size} must be a multiple of batch_size={cfg.batch_size} "
+          f"(0 = batch_size)")
+    _need(cfg.eval_batch_size >= 1, f"eval_batch_size={cfg.eval_batch_size} must be >= 1")
+    _need(cfg.logprob_chunk >= 0, f"logprob_chunk={cfg.logprob_chunk} must be >= 0 (0 = no chunking)")
+    _need(cfg.batch_size >= 1 and cfg.micro_batches >= 1 and cfg.batch_size % cfg.micro_batches == 0,
+          f"batch_size={cfg.batch_size} must be a positive multiple of micro_batches={cfg.micro_batches}")
     try:
         validate_loss_args(cfg.loss_type, cfg.beta, cfg.label_smoothing)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    need(cfg.data_format in DATA_FORMATS, f"data_format={cfg.data_format!r}; valid: {', '.join(DATA_FORMATS)}")
-    need(cfg.reference in REFERENCES, f"reference={cfg.reference!r}; valid: {', '.join(REFERENCES)}")
-    need(cfg.reference != "fixed" or cfg.reference_path, "reference=fixed needs reference_path")
-    need(0.0 < cfg.ema_rate <= 1.0, f"ema_rate={cfg.ema_rate} must be in (0, 1]")
-    need(0.0 < cfg.mixup_alpha <= 1.0 and cfg.mixup_every >= 1, "mixup needs 0 < mixup_alpha <= 1, mixup_every >= 1")
-    need(cfg.max_new_tokens >= 1, "max_new_tokens must be >= 1")
-    need(cfg.temperature > 0.0, f"temperature={cfg.temperature}: the behavior LLM samples two responses per prompt, "
-                                f"and greedy decoding (0) makes them identical; use a temperature > 0")
-    need(cfg.top_k >= 0 and 0.0 < cfg.top_p <= 1.0, "need top_k >= 0 and 0 < top_p <= 1")
-    need(cfg.lora_rank >= 0 and cfg.ensemble_size >= 1, "lora_rank must be >= 0 and ensemble_size >= 1")
-    need(cfg.lora_rank > 0 or cfg.ensemble_size == 1,
-         f"ensemble_size={cfg.ensemble_size} needs LoRA (lora_rank > 0); full fine-tuning trains one model")
-    need(cfg.ensemble_merge in MERGE_RULES, f"ensemble_merge={cfg.ensemble_merge!r}; valid: {', '.join(MERGE_RULES)}")
-    need(not cfg.lora_init_from or (cfg.lora_rank > 0 and len(cfg.lora_init_from) == cfg.ensemble_size),
-         f"lora_init_from names {len(cfg.lora_init_from)} adapter folders; it needs one per ensemble member "
-         f"(ensemble_size={cfg.ensemble_size}) and lora_rank > 0")
-    need(cfg.learning_rate > 0 and cfg.weight_decay >= 0 and cfg.max_grad_norm > 0 and cfg.adam_eps > 0,
-         "need learning_rate > 0, weight_decay >= 0, max_grad_norm > 0, adam_eps > 0")
-    need(cfg.param_dtype in ("float32", "bfloat16") and cfg.dtype in ("auto", "float32", "bfloat16"),
-         "param_dtype must be float32 or bfloat16, and dtype auto, float32 or bfloat16")
-    need(cfg.max_prompt_length >= 1 and cfg.eval_size >= 0 and cfg.eval_max_new_tokens >= 1,
-         "need max_prompt_length >= 1, eval_size >= 0, eval_max_new_tokens >= 1")
-    need(min(cfg.checkpoint_every, cfg.eval_every) >= 0 and cfg.keep_checkpoints >= 1,
-         "checkpoint_every and eval_every must be >= 0 (0 = off); keep_checkpoints >= 1")
-    need(cfg.annotator in ANNOTATORS, f"annotator={cfg.annotator!r}; valid: {', '.join(ANNOTATORS)}")
-    need(not (cfg.data in TFDS_TASKS and cfg.annotator == "rouge"),
-         f"data={cfg.data} has no gold summaries for annotator=rouge; use annotator=reward_model")
+
+
+def _check_data_and_reference(cfg: TrainConfig) -> None:
+    """How the task's files are read, and the reference inside the loss."""
+    _need(cfg.data_format in DATA_FORMATS, f"data_format={cfg.data_format!r}; valid: {', '.join(DATA_FORMATS)}")
+    _need(cfg.reference in REFERENCES, f"reference={cfg.reference!r}; valid: {', '.join(REFERENCES)}")
+    _need(cfg.reference != "fixed" or cfg.reference_path, "reference=fixed needs reference_path")
+    _need(0.0 < cfg.ema_rate <= 1.0, f"ema_rate={cfg.ema_rate} must be in (0, 1]")
+    _need(0.0 < cfg.mixup_alpha <= 1.0 and cfg.mixup_every >= 1, "mixup needs 0 < mixup_alpha <= 1, mixup_every >= 1")
+
+
+def _check_sampling_and_training(cfg: TrainConfig) -> None:
+    """The behavior LLM's sampling, the trainable parameters, the optimizer and the dtypes."""
+    _need(cfg.max_new_tokens >= 1, "max_new_tokens must be >= 1")
+    _need(cfg.temperature > 0.0, f"temperature={cfg.temperature}: the behavior LLM samples two responses per prompt, "
+                                 f"and greedy decoding (0) makes them identical; use a temperature > 0")
+    _need(cfg.top_k >= 0 and 0.0 < cfg.top_p <= 1.0, "need top_k >= 0 and 0 < top_p <= 1")
+    _need(cfg.lora_rank >= 0 and cfg.ensemble_size >= 1, "lora_rank must be >= 0 and ensemble_size >= 1")
+    _need(cfg.lora_rank > 0 or cfg.ensemble_size == 1,
+          f"ensemble_size={cfg.ensemble_size} needs LoRA (lora_rank > 0); full fine-tuning trains one model")
+    _need(cfg.ensemble_merge in MERGE_RULES, f"ensemble_merge={cfg.ensemble_merge!r}; valid: {', '.join(MERGE_RULES)}")
+    _need(not cfg.lora_init_from or (cfg.lora_rank > 0 and len(cfg.lora_init_from) == cfg.ensemble_size),
+          f"lora_init_from names {len(cfg.lora_init_from)} adapter folders; it needs one per ensemble member "
+          f"(ensemble_size={cfg.ensemble_size}) and lora_rank > 0")
+    _need(cfg.learning_rate > 0 and cfg.weight_decay >= 0 and cfg.max_grad_norm > 0 and cfg.adam_eps > 0,
+          "need learning_rate > 0, weight_decay >= 0, max_grad_norm > 0, adam_eps > 0")
+    _need(cfg.param_dtype in ("float32", "bfloat16") and cfg.dtype in ("auto", "float32", "bfloat16"),
+          "param_dtype must be float32 or bfloat16, and dtype auto, float32 or bfloat16")
+
+
+def _check_evaluation_and_annotation(cfg: TrainConfig) -> None:
+    """Evaluation, checkpoints, the annotator (reward model, judge, ties) and batch-coupled losses."""
+    _need(cfg.max_prompt_length >= 1 and cfg.eval_size >= 0 and cfg.eval_max_new_tokens >= 1,
+          "need max_prompt_length >= 1, eval_size >= 0, eval_max_new_tokens >= 1")
+    _need(min(cfg.checkpoint_every, cfg.eval_every) >= 0 and cfg.keep_checkpoints >= 1,
+          "checkpoint_every and eval_every must be >= 0 (0 = off); keep_checkpoints >= 1")
+    _need(cfg.annotator in ANNOTATORS, f"annotator={cfg.annotator!r}; valid: {', '.join(ANNOTATORS)}")
+    _need(not (cfg.data in TFDS_TASKS and cfg.annotator == "rouge"),
+          f"data={cfg.data} has no gold summaries for annotator=rouge; use annotator=reward_model")
     uses_rm = cfg.annotator == "reward_model" or (cfg.annotator == "auto" and cfg.data in TFDS_TASKS)
-    need(not uses_rm or cfg.reward_model, f"data={cfg.data} with annotator={cfg.annotator} needs reward_model "
-                                          f"(an HF *ForSequenceClassification folder)")
-    need(cfg.annotator != "judge" or (cfg.judge_url and cfg.judge_model), "annotator=judge needs judge_url and "
-                                                                          "judge_model")
-    need(cfg.judge_timeout > 0 and cfg.judge_retries >= 0, "need judge_timeout > 0 and judge_retries >= 0")
-    need(cfg.judge_concurrency >= 1 and cfg.judge_max_requests >= 0,
-         f"need judge_concurrency >= 1 and judge_max_requests >= 0 (0 = no cap), got {cfg.judge_concurrency} and "
-         f"{cfg.judge_max_requests}")
-    need(cfg.reward_batch_size >= 1 and cfg.reward_max_length >= 1 and cfg.eval_reward_max_length >= 0,
-         "reward_batch_size and reward_max_length must be >= 1, eval_reward_max_length >= 0 (0 = reward_max_length)")
-    need(cfg.tied_pairs in TIE_RULES, f"tied_pairs={cfg.tied_pairs!r}; valid: {', '.join(TIE_RULES)}")
-    need(cfg.micro_batches == 1 or cfg.loss_type not in BATCH_COUPLED,
-         f"loss_type={cfg.loss_type} couples the pairs of a batch (it sorts or averages over them), so "
-         f"micro_batches={cfg.micro_batches} would change the loss, not only the memory; use micro_batches=1")
+    _need(not uses_rm or cfg.reward_model, f"data={cfg.data} with annotator={cfg.annotator} needs reward_model "
+                                           f"(an HF *ForSequenceClassification folder)")
+    _need(cfg.annotator != "judge" or (cfg.judge_url and cfg.judge_model), "annotator=judge needs judge_url and "
+                                                                           "judge_model")
+    _need(cfg.judge_timeout > 0 and cfg.judge_retries >= 0, "need judge_timeout > 0 and judge_retries >= 0")
+    _need(cfg.judge_concurrency >= 1 and cfg.judge_max_requests >= 0,
+          f"need judge_concurrency >= 1 and judge_max_requests >= 0 (0 = no cap), got {cfg.judge_concurrency} and "
+          f"{cfg.judge_max_requests}")
+    _need(cfg.reward_batch_size >= 1 and cfg.reward_max_length >= 1 and cfg.eval_reward_max_length >= 0,
+          "reward_batch_size and reward_max_length must be >= 1, eval_reward_max_length >= 0 (0 = reward_max_length)")
+    _need(cfg.tied_pairs in TIE_RULES, f"tied_pairs={cfg.tied_pairs!r}; valid: {', '.join(TIE_RULES)}")
+    _need(cfg.micro_batches == 1 or cfg.loss_type not in BATCH_COUPLED,
+          f"loss_type={cfg.loss_type} couples the pairs of a batch (it sorts or averages over them), so "
+          f"micro_batches={cfg.micro_batches} would change the loss, not only the memory; use micro_batches=1")
+
+
+def _canonicalise(cfg: TrainConfig) -> None:
+    """The settings with several spellings, set once to their canonical form (frozen dataclass: during
+    construction only)."""
     try:
         object.__setattr__(cfg, "remat", remat_policy(cfg.remat))
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    need(cfg.attention in ATTENTION_IMPLS, f"attention={cfg.attention!r}; valid: {', '.join(ATTENTION_IMPLS)}")
-    need(cfg.attention != "cudnn" or cfg.dtype in ("bfloat16", "float16", "auto"),
-         f"attention=cudnn needs dtype bfloat16 or float16 (cuDNN's fused attention has no float32 kernel); "
-         f"dtype is {cfg.dtype}")
+    _need(cfg.attention in ATTENTION_IMPLS, f"attention={cfg.attention!r}; valid: {', '.join(ATTENTION_IMPLS)}")
+    _need(cfg.attention != "cudnn" or cfg.dtype in ("bfloat16", "float16", "auto"),
+          f"attention=cudnn needs dtype bfloat16 or float16 (cuDNN's fused attention has no float32 kernel); "
+          f"dtype is {cfg.dtype}")
     try:
         targets = canonical_targets(cfg.lora_targets)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    need(len(targets) > 0 or cfg.lora_rank == 0, "lora_targets is empty")
+    _need(len(targets) > 0 or cfg.lora_rank == 0, "lora_targets is empty")
     object.__setattr__(cfg, "lora_targets", targets)  # frozen dataclass: set once, during construction
     if isinstance(cfg.tracker, str):  # TrainConfig(tracker="wandb") from Python, as a YAML scalar reads
         object.__setattr__(cfg, "tracker", tuple(t.strip() for t in cfg.tracker.split(",") if t.strip()))
-    need(all(t in TRACKERS for t in cfg.tracker) and (len(cfg.tracker) <= 1 or not {"auto", "none"} & set(cfg.tracker)),
-         f"tracker={','.join(cfg.tracker)}; valid: one or more of tensorboard, wandb, or none or auto alone")
+    alone = len(cfg.tracker) <= 1 or not {"auto", "none"} & set(cfg.tracker)
+    _need(all(t in TRACKERS for t in cfg.tracker) and alone,
+          f"tracker={','.join(cfg.tracker)}; valid: one or more of tensorboard, wandb, or none or auto alone")
     object.__setattr__(cfg, "tracker", tuple(dict.fromkeys(cfg.tracker)))  # each tracker once
-    need(all(str(i).isdigit() for i in cfg.mesh_device_ids),
-         f"mesh_device_ids={list(cfg.mesh_device_ids)} must be device ids (non-negative integers)")
+    _need(all(str(i).isdigit() for i in cfg.mesh_device_ids),
+          f"mesh_device_ids={list(cfg.mesh_device_ids)} must be device ids (non-negative integers)")
     object.__setattr__(cfg, "mesh_device_ids", tuple(int(i) for i in cfg.mesh_device_ids))
