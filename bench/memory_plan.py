@@ -30,15 +30,13 @@ import optax  # noqa: E402
 from jax.sharding import AbstractMesh, AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from bpo_jax import (
-    distributed,  # noqa: E402
-    sampling,  # noqa: E402
-)
-from bpo_jax import sharding as shd  # noqa: E402
-from bpo_jax import state as st  # noqa: E402
 from bpo_jax.config import load_config  # noqa: E402
 from bpo_jax.models import decoder  # noqa: E402
 from bpo_jax.models.config import ModelConfig  # noqa: E402
+from bpo_jax.runtime import distributed  # noqa: E402
+from bpo_jax.runtime import sharding as shd  # noqa: E402
+from bpo_jax.sample import sampler  # noqa: E402
+from bpo_jax.train import state as st  # noqa: E402
 
 GiB = 2**30
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,8 +188,8 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
         cast = jax.eval_shape(lambda b: st.ensemble_params(cfg, None, b, mc.dtype), state.behavior)
         merged = tree_bytes(cast, sh_base)
         unstacked = tree_bytes(cast["layers"], sh_base["layers"])
-    bprompts = sampling._rows_bucket(cfg.batch_size, s)
-    plen = sampling._bucket(cfg.max_prompt_length, 32)
+    bprompts = sampler._rows_bucket(cfg.batch_size, s)
+    plen = sampler._bucket(cfg.max_prompt_length, 32)
     kv_len = plen + cfg.max_new_tokens
     cache = jax.eval_shape(lambda: decoder.init_cache(mc, 2 * bprompts, kv_len, per_layer=True))
     prompt_cache = jax.eval_shape(lambda: decoder.init_cache(mc, bprompts, plen, per_layer=True))

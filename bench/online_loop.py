@@ -5,24 +5,24 @@
 
 How: the real loop, unmodified. The script loads the run as ``python -m bpo_jax train`` does
 (``tasks.setup_run``: model, tokenizer, prompt stream, annotator; timed as "setup", outside the phase), then
-calls ``bpo_jax.online.train`` itself for one phase of K steps (``total_steps=K, num_phases=1``, in a fresh
+calls ``bpo_jax.train.loop.train`` itself for one phase of K steps (``total_steps=K, num_phases=1``, in a fresh
 temporary ``run_dir``), with timing proxies monkeypatched over the names the loop looks up at call time, so the
 loop runs its own code in its own order and each building block's time lands in its row:
 
-  sampling             ``online.generate`` (π_β samples two responses per prompt; compiles on its first call)
-  unstack π_β          ``online.unstack_layers`` (the sampler's per-layer layout, once per phase)
+  sampling             ``loop.generate`` (π_β samples two responses per prompt; compiles on its first call)
+  unstack π_β          ``loop.unstack_layers`` (the sampler's per-layer layout, once per phase)
   decoding to text     ``tokenizer.decode`` as the loop calls it (the tokenizer handed to the loop is a proxy)
-  pairs building       ``online.distinct`` + ``online.build_pairs`` (identical-pair drop, chosen/rejected
+  pairs building       ``loop.distinct`` + ``loop.build_pairs`` (identical-pair drop, chosen/rejected
                        layout; both count as calls of this row)
   annotation           the annotator's ``__call__`` (a proxy around the task's annotator)
-  behavior log-prob check  ``online.behavior_logp_gap`` / ``member_logp_gaps`` (jitted; compile on first call)
-  train steps          the step function ``online.make_train_step`` returns (first call = compile + step)
-  metrics writing      ``online._write`` (metrics.jsonl, TensorBoard when installed)
+  behavior log-prob check  ``loop.behavior_logp_gap`` / ``member_logp_gaps`` (jitted; compile on first call)
+  train steps          the step function ``loop.make_train_step`` returns (first call = compile + step)
+  metrics writing      ``loop._write`` (metrics.jsonl, TensorBoard when installed)
   checkpointing        ``Checkpointer.save`` (synchronous) and ``close``, as the loop calls them at the phase end
   behavior merge       ``state.behavior_params`` (π_β at the phase start; LoRA: the merged adapter attached)
   behavior sync        ``state.sync_behavior`` (π_β ← π_θ): a one-phase run never reaches the next phase's
                        start, so the script calls it once on the returned state, as the loop would there
-  evaluation           ``evaluate.score_test_set`` on the policy after the phase, as ``python -m bpo_jax train``
+  evaluation           ``win_rate.score_test_set`` on the policy after the phase, as ``python -m bpo_jax train``
                        runs it (greedy decode of the test set + scoring against the references; split into its
                        generate / decode / scoring parts by the same kind of proxies); also inside the loop when
                        ``eval_every`` is set
@@ -105,11 +105,12 @@ class _Proxy:
 def run(args) -> dict:
     import jax
 
-    from bpo_jax import checkpoint, distributed, online
-    from bpo_jax import evaluate as ev
-    from bpo_jax import state as st
     from bpo_jax.config import ConfigError, load_config, validate_for_model, validate_for_processes
-    from bpo_jax.tasks import setup_run
+    from bpo_jax.data.tasks import setup_run
+    from bpo_jax.eval import win_rate as ev
+    from bpo_jax.runtime import distributed
+    from bpo_jax.train import checkpoint, loop
+    from bpo_jax.train import state as st
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -131,18 +132,18 @@ def run(args) -> dict:
 
     tm = Timings()
     patches = {
-        (online, "generate"): tm.wrap("sampling", online.generate),
-        (online, "unstack_layers"): tm.wrap("unstack π_β", online.unstack_layers, block=True),
-        (online, "distinct"): tm.wrap("pairs building", online.distinct),
-        (online, "build_pairs"): tm.wrap("pairs building", online.build_pairs),
-        (online, "behavior_logp_gap"): tm.wrap("behavior log-prob check", online.behavior_logp_gap, block=True),
-        (online, "member_logp_gaps"): tm.wrap("behavior log-prob check", online.member_logp_gaps, block=True),
-        (online, "_write"): tm.wrap("metrics writing", online._write),
+        (loop, "generate"): tm.wrap("sampling", loop.generate),
+        (loop, "unstack_layers"): tm.wrap("unstack π_β", loop.unstack_layers, block=True),
+        (loop, "distinct"): tm.wrap("pairs building", loop.distinct),
+        (loop, "build_pairs"): tm.wrap("pairs building", loop.build_pairs),
+        (loop, "behavior_logp_gap"): tm.wrap("behavior log-prob check", loop.behavior_logp_gap, block=True),
+        (loop, "member_logp_gaps"): tm.wrap("behavior log-prob check", loop.member_logp_gaps, block=True),
+        (loop, "_write"): tm.wrap("metrics writing", loop._write),
         (st, "behavior_params"): tm.wrap("behavior merge", st.behavior_params, block=True),
         (st, "sync_behavior"): tm.wrap("behavior sync", st.sync_behavior, block=True),
         (ev, "generate"): tm.wrap("eval: generate", ev.generate),
     }
-    make_train_step = online.make_train_step
+    make_train_step = loop.make_train_step
 
     def timed_make_train_step(*a, **k):
         return tm.wrap("train steps", make_train_step(*a, **k), block=True)
@@ -151,8 +152,8 @@ def run(args) -> dict:
         save = tm.wrap("checkpointing", checkpoint.Checkpointer.save)
         close = tm.wrap("checkpointing", checkpoint.Checkpointer.close)
 
-    patches[(online, "make_train_step")] = timed_make_train_step
-    patches[(online, "Checkpointer")] = TimedCheckpointer
+    patches[(loop, "make_train_step")] = timed_make_train_step
+    patches[(loop, "Checkpointer")] = TimedCheckpointer
     originals = {key: getattr(*key) for key in patches}
 
     loop_tok = _Proxy(setup.tokenizer, tm, {"decode": "decoding to text"})
@@ -178,7 +179,7 @@ def run(args) -> dict:
         setattr(mod, name, fn)
     try:
         t0 = time.perf_counter()
-        state = online.train(cfg, model_config=mcfg, tokenizer=loop_tok, base=setup.model.params,
+        state = loop.train(cfg, model_config=mcfg, tokenizer=loop_tok, base=setup.model.params,
                              prompts=task.train, annotator=loop_ann, mesh=setup.mesh,
                              eos_token_ids=setup.eos_token_ids, reference=setup.reference,
                              evaluate=evaluate if cfg.eval_every else None, log=print)

@@ -1,4 +1,4 @@
-"""Sampling throughput: bpo_jax.sampling.generate vs HF transformers generate (PyTorch) on the same weights.
+"""Sampling throughput: bpo_jax.sample.sampler.generate vs HF transformers generate (PyTorch) on the same weights.
 
     python bench/sampling.py [--model smollm2-135m-instruct] [--batches 1 8 32] [--prompt-len 64] [--new 64]
                              [--num-samples 1] [--skip-hf] [--lora R --members N]
@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bpo_jax.models import load_pretrained, save_pretrained  # noqa: E402
-from bpo_jax.sampling import generate  # noqa: E402
+from bpo_jax.sample.sampler import generate  # noqa: E402
 
 # Spec memory bandwidths (GB/s) by device-kind substring.
 _BANDWIDTH = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "TPU v4": 1200.0, "TPU v5e": 819.0, "TPU v5p": 2765.0}
@@ -125,7 +125,7 @@ def main():
 
 def _lora_vs_merged(model, args):
     """Tokens/s of the sampler on π_β's activation-space adapters vs on the merged weights (see the docstring)."""
-    from bpo_jax import lora
+    from bpo_jax.train import lora
 
     key = jax.random.key(1)
     factors = lora.init_lora(key, model.params["layers"], targets=lora.TARGETS, rank=args.lora,

@@ -5,8 +5,8 @@
         [--param-dtype float32] [--dtype auto] \
         [--repeats 3] [--model smollm2-135m-instruct] [--random] [--peer trl] [--profile DIR] [--json out.json]
 
-What runs: the step the online loop runs, ``bpo_jax.train_step.make_train_step`` (jitted, state donated, base
-weights read-only) on a state from ``bpo_jax.state.create_state``, with a ``TrainConfig`` built from the flags.
+What runs: the step the online loop runs, ``bpo_jax.train.step.make_train_step`` (jitted, state donated, base
+weights read-only) on a state from ``bpo_jax.train.state.create_state``, with a ``TrainConfig`` built from the flags.
 The batch is random but laid out as the sampler lays it out (``train_step.BATCH_KEYS``): ``pairs`` prompts
 left-padded to ``--prompt-len`` (real lengths drawn from [P/2, P]), each followed by a chosen and a rejected
 response right-padded to ``--response-len`` (lengths drawn from [N/2, N], ending in EOS when shorter than N),
@@ -144,10 +144,10 @@ def run_bpo_jax(args, export_dir: str | None) -> dict:
 
     import jax
 
-    from bpo_jax import state as st
-    from bpo_jax import train_step as ts
     from bpo_jax.config import ConfigError, TrainConfig
     from bpo_jax.models import Decoder, init_params, load_pretrained, loading, param_shapes, save_pretrained
+    from bpo_jax.train import state as st
+    from bpo_jax.train import step as ts
 
     dtype = args.dtype
     if dtype == "auto":

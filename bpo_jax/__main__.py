@@ -6,7 +6,7 @@ about the libraries it loads (transformers, absl, orbax, TensorFlow: errors only
 first line is bpo_jax's; ``--debug`` lets them speak.
 
 The commands that use devices across processes (``JOINING``: train, evaluate, generate) first join the run's
-processes (``bpo_jax.cluster.initialize``). ``experiment`` never does: its ``train`` and ``evaluate`` children
+processes (``bpo_jax.runtime.cluster.initialize``). ``experiment`` never does: its ``train`` and ``evaluate`` children
 join by themselves, and a parent holding the TPU chips and the coordinator port would clash with them.
 """
 
@@ -20,12 +20,12 @@ import sys
 # command -> (module with a ``main(argv) -> int``, one-line help). Modules are imported on use, so a command's
 # heavy dependencies load only when it runs.
 COMMANDS = {
-    "train": ("bpo_jax.cli_train", "online BPO training: --config configs/<file>.yaml [key=value ...]"),
-    "evaluate": ("bpo_jax.cli_evaluate", "a run checkpoint's win rate vs the human references: --checkpoint RUN_DIR"),
-    "plot": ("bpo_jax.plot", "PNG of win rate (with CI) and loss against step for one or more run dirs"),
-    "toy": ("bpo_jax.toy", "seconds-long BPO vs offline/on-policy comparison on a toy softmax policy"),
-    "generate": ("bpo_jax.cli_generate", "answer a prompt with a model (default: the shipped SmolLM2-135M-Instruct)"),
-    "experiment": ("bpo_jax.cli_experiment", "a method x loss x seed grid of train runs under one budget, with paired "
+    "train": ("bpo_jax.cli.train", "online BPO training: --config configs/<file>.yaml [key=value ...]"),
+    "evaluate": ("bpo_jax.cli.evaluate", "a run checkpoint's win rate vs the human references: --checkpoint RUN_DIR"),
+    "plot": ("bpo_jax.eval.plot", "PNG of win rate (with CI) and loss against step for one or more run dirs"),
+    "toy": ("bpo_jax.cli.toy", "seconds-long BPO vs offline/on-policy comparison on a toy softmax policy"),
+    "generate": ("bpo_jax.cli.generate", "answer a prompt with a model (default: the shipped SmolLM2-135M-Instruct)"),
+    "experiment": ("bpo_jax.cli.experiment", "a method x loss x seed grid of train runs under one budget, with paired "
                                              "win-rate comparisons: EXPERIMENT.yaml"),
 }
 JOINING = ("train", "evaluate", "generate")  # commands that join the run's processes before touching a device
@@ -101,7 +101,7 @@ def main(argv=None, *, join: bool = True) -> int:
     module, _ = COMMANDS[argv[0]]
     try:
         if join and argv[0] in JOINING:
-            from bpo_jax import cluster
+            from bpo_jax.runtime import cluster
 
             _log_to_stderr()
             cluster.initialize()  # before anything touches a device: a no-op for one process

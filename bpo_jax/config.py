@@ -16,10 +16,10 @@ import numpy as np
 import yaml
 
 from bpo_jax.data.official import FORMATS as DATA_FORMATS
-from bpo_jax.lora import MERGE_RULES, canonical_targets
 from bpo_jax.losses import BATCH_COUPLED, validate_loss_args
-from bpo_jax.pairs import TIE_RULES
-from bpo_jax.trackers import TRACKERS
+from bpo_jax.runtime.trackers import TRACKERS
+from bpo_jax.train.lora import MERGE_RULES, canonical_targets
+from bpo_jax.train.pairs import TIE_RULES
 
 REFERENCES = ("behavior", "sft", "ema", "mixup", "fixed")
 TFDS_TASKS = ("tldr", "hh_helpful", "hh_harmless")
@@ -66,7 +66,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple = ("q", "k", "v", "o", "gate", "up", "down")
     ensemble_size: int = 1  # N LoRA adapters, merged (mean of weight deltas) into π_β
-    # How the N adapters merge into π_β / the evaluated and exported model (bpo_jax.lora): mean_delta (the exact
+    # How the N adapters merge into π_β / the evaluated and exported model (bpo_jax.train.lora): mean_delta (the exact
     # mean of the weight deltas) | peft_linear (PEFT's add_weighted_adapter(combination_type="linear"))
     ensemble_merge: str = "mean_delta"
     # PEFT adapter folders, one per member, to start the ensemble from (as the paper's official code starts from N
@@ -110,8 +110,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0 = only at phase boundaries
     keep_checkpoints: int = 3
     eval_every: int = 0  # 0 = no periodic evaluation
-    # where metrics go besides metrics.jsonl (bpo_jax.trackers): tensorboard, wandb (pip install wandb), both, or
-    # none; auto = tensorboard when tensorboardX is installed, else none
+    # where metrics go besides metrics.jsonl (bpo_jax.runtime.trackers): tensorboard, wandb (pip install wandb),
+    # both, or none; auto = tensorboard when tensorboardX is installed, else none
     tracker: tuple = ("auto",)
     export_policy: bool = True  # write the final merged policy as an HF folder to <run_dir>/policy
     mesh_data: int = -1
@@ -261,7 +261,7 @@ def validate_for_model(cfg: TrainConfig, vocab_size: int, max_positions: int) ->
 
 
 def validate_for_processes(cfg: TrainConfig, processes: int, devices: int) -> None:
-    """Checks that need the process and device counts (``bpo_jax.distributed``); run before any compute.
+    """Checks that need the process and device counts (``bpo_jax.runtime.distributed``); run before any compute.
 
     With several processes each host owns ``batch_size / processes`` pairs of every step, which must split over
     its own batch shards (``mesh_data × mesh_fsdp`` devices in all); reward-model calls split the same way.

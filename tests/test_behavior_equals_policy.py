@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bpo_jax import lora
-from bpo_jax import state as st
 from bpo_jax.config import TrainConfig
 from bpo_jax.models import ModelConfig, init_params
-from bpo_jax.pairs import build_pairs
-from bpo_jax.sampling import generate
-from bpo_jax.train_step import BATCH_KEYS, LOGP_GAP_TOL_PER_TOKEN, make_train_step, pair_logps, policy_behavior_logp_gap
+from bpo_jax.sample.sampler import generate
+from bpo_jax.train import lora
+from bpo_jax.train import state as st
+from bpo_jax.train.pairs import build_pairs
+from bpo_jax.train.step import BATCH_KEYS, LOGP_GAP_TOL_PER_TOKEN, make_train_step, pair_logps, policy_behavior_logp_gap
 
 MCFG = ModelConfig(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=8, param_dtype="bfloat16")  # bf16 base, f32 compute
@@ -92,8 +92,8 @@ def test_sampler_logps_equal_the_train_steps_policy_after_a_sub_ulp_step(dtype):
 def test_sampling_shardings_place_attached_factors():
     """``sampling_shardings(..., params=)`` covers the ``<target>_lora`` entries: ``generate`` with them on a
     mesh samples what it samples unplaced."""
-    from bpo_jax import sharding as shd
-    from bpo_jax.sampling import sampling_shardings
+    from bpo_jax.runtime import sharding as shd
+    from bpo_jax.sample.sampler import sampling_shardings
 
     cfg, state = _stepped_state(MCFG)
     behavior = st.behavior_params(cfg, state)

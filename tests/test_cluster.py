@@ -1,4 +1,4 @@
-"""Process start-up (``bpo_jax.cluster``): which launch environment a process is in, decided from fake
+"""Process start-up (``bpo_jax.runtime.cluster``): which launch environment a process is in, decided from fake
 environments with ``jax.distributed.initialize`` recorded instead of called; the names handed to JAX's own
 cluster detection resolve, in JAX, to the right process count and index; ``experiment`` never joins in its own
 process; the compilation cache's folder. Then a real group: two processes launched with JAX's own variables
@@ -12,7 +12,7 @@ import jax
 import pytest
 from jax._src import distributed as jax_distributed
 
-from bpo_jax import cluster
+from bpo_jax.runtime import cluster
 from multihost import run_group
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from bpo_jax import cluster
+from bpo_jax.runtime import cluster
 from multihost import assert_same_losses, losses, run_group
 from tiny_models import write_minisum_folder
 

@@ -88,7 +88,7 @@ def test_log_buckets_equal_hf(buckets, max_position):
 def test_sharded_scores_equal_single_device(tmp_path):
     import jax
 
-    from bpo_jax import sharding as shd
+    from bpo_jax.runtime import sharding as shd
 
     save_hf_deberta_reward_model(tmp_path, type_vocab_size=2)
     single, tok = load_reward_model(str(tmp_path))
@@ -116,7 +116,7 @@ def test_bfloat16_compute_stays_close_to_float32(tmp_path):
 
 
 def test_annotator_scores_text_pairs(rm):
-    from bpo_jax.annotators import RewardModelAnnotator
+    from bpo_jax.eval.annotators import RewardModelAnnotator
 
     hf_model, model, tok, _ = rm
     conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
@@ -136,7 +136,7 @@ def test_annotator_scores_text_pairs(rm):
 
 
 def test_annotator_truncates_long_pairs_with_the_tokenizer(rm):
-    from bpo_jax.annotators import RewardModelAnnotator
+    from bpo_jax.eval.annotators import RewardModelAnnotator
 
     _, model, tok, _ = rm
     short = RewardModelAnnotator(model, tok, max_length=12)

@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from bpo_jax.evaluate import score_against_references, win_rate_from_scores
-from bpo_jax.judge import Judge, JudgeBudgetError, JudgeError, retry_after
+from bpo_jax.eval.judge import Judge, JudgeBudgetError, JudgeError, retry_after
+from bpo_jax.eval.win_rate import score_against_references, win_rate_from_scores
 from tiny_models import write_minisum_folder
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ def test_the_request_count_is_logged_before_requesting(server, caplog):
     comps, _ = _comparisons(6)
     judge = _judge(server, concurrency=8)
     judge.compare_many(comps[:2])
-    with caplog.at_level(logging.INFO, logger="bpo_jax.judge"):
+    with caplog.at_level(logging.INFO, logger="bpo_jax.eval.judge"):
         judge.compare_many(comps)
     assert "judge: 4 comparisons to request (2 cached) with 4 in flight" in caplog.text
 
@@ -289,7 +289,7 @@ def test_judge_annotates_a_tiny_online_run(server, tiny_policy_and_rm, tmp_path,
             f"judge_url={server.url}", "judge_model=judge-model", "judge_concurrency=4", "total_steps=2",
             "num_phases=1", "batch_size=2", "max_new_tokens=4", "eval_max_new_tokens=4", "eval_size=2",
             "lora_rank=2", "learning_rate=0.05", "tied_pairs=second", "export_policy=false"]
-    with caplog.at_level(logging.INFO, logger="bpo_jax.judge"):
+    with caplog.at_level(logging.INFO, logger="bpo_jax.eval.judge"):
         assert cli(args) == 0
     assert re.search(r"judge: \d+ comparisons to request \(\d+ cached\) with \d+ in flight", caplog.text)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bpo_jax import lora
-from bpo_jax import state as st
 from bpo_jax.config import TrainConfig
 from bpo_jax.models import ModelConfig, forward, init_params
-from bpo_jax.train_step import BATCH_KEYS, make_train_step
+from bpo_jax.train import lora
+from bpo_jax.train import state as st
+from bpo_jax.train.step import BATCH_KEYS, make_train_step
 
 MCFG = ModelConfig(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=8)

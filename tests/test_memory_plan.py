@@ -11,11 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from bpo_jax import sharding as shd
-from bpo_jax import state as st
 from bpo_jax.config import load_config
 from bpo_jax.models import decoder
 from bpo_jax.models.config import ModelConfig
+from bpo_jax.runtime import sharding as shd
+from bpo_jax.train import state as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "memory_plan.py")

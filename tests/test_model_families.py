@@ -14,7 +14,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3Config, Gemma3TextConfig, Qwen3Config
 
-from bpo_jax import sharding as shd
 from bpo_jax.models import (
     ModelConfig,
     forward,
@@ -25,7 +24,8 @@ from bpo_jax.models import (
     param_shapes,
     save_pretrained,
 )
-from bpo_jax.sampling import generate
+from bpo_jax.runtime import sharding as shd
+from bpo_jax.sample.sampler import generate
 from test_models import _hf_logits
 from test_sampling import _full_forward_logprobs
 from tiny_models import _COMMON, FAMILIES, WINDOWED_FAMILIES, save_hf_model
@@ -243,11 +243,11 @@ def test_activation_space_lora_on_a_gemma3_stack():
 def test_train_step_sharded_equals_one_device(family, tmp_path):
     """One LoRA ensemble step (reference=sft, so the reference forward runs too) on pairs sampled from the model:
     on a data=2 x fsdp=2 x tensor=2 mesh it gives the one-device loss and gradient norm, and it moves the loss."""
-    from bpo_jax import distributed
-    from bpo_jax import state as st
     from bpo_jax.config import TrainConfig
-    from bpo_jax.pairs import build_pairs
-    from bpo_jax.train_step import BATCH_KEYS, make_train_step
+    from bpo_jax.runtime import distributed
+    from bpo_jax.train import state as st
+    from bpo_jax.train.pairs import build_pairs
+    from bpo_jax.train.step import BATCH_KEYS, make_train_step
 
     save_hf_model(family, tmp_path, seed=3)
     model, _ = load_pretrained(str(tmp_path))
@@ -280,7 +280,7 @@ def test_shared_prompt_rows_equal_separate_rows(family):
     """``share_prompt``'s ``[prompt | chosen | rejected]`` rows give the chosen and rejected log-probs (and their
     gradients) of two separate ``[prompt | response]`` rows: left-padded prompts, responses of different lengths,
     an empty one, and sequences past Gemma's 6-token window (the window counts positions, not slots)."""
-    from bpo_jax.train_step import pair_logps
+    from bpo_jax.train.step import pair_logps
 
     cfg = ModelConfig.from_hf(FAMILIES[family]().to_dict())
     params = init_params(cfg, jax.random.key(3))
@@ -360,7 +360,7 @@ def test_attention_setting_reaches_the_train_step_and_is_checked(monkeypatch):
     """``attention=cudnn`` (bfloat16) routes the train step's forward through ``jax.nn.dot_product_attention``
     (here forced to JAX's reference implementation, as a CPU has no cuDNN) and gives the log-probs of
     ``attention=xla`` to bfloat16 accuracy; float32 or a softcapping model are refused by the config."""
-    from bpo_jax.train_step import pair_logps
+    from bpo_jax.train.step import pair_logps
 
     calls = []
     real_dpa = jax.nn.dot_product_attention
@@ -392,7 +392,7 @@ def test_attention_setting_reaches_the_train_step_and_is_checked(monkeypatch):
 def test_cudnn_attention_matches_xla_on_gpu():
     """On a GPU: the train step's log-probs and their gradients with ``attention=cudnn`` equal ``attention=xla``
     to bfloat16 accuracy, with shared-prompt rows (branch mask), left padding and grouped-query heads."""
-    from bpo_jax.train_step import pair_logps
+    from bpo_jax.train.step import pair_logps
 
     cfg = ModelConfig.from_hf(FAMILIES["llama"]().to_dict(), dtype="bfloat16")
     params = init_params(cfg, jax.random.key(3))

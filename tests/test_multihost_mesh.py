@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from bpo_jax import distributed
+from bpo_jax.runtime import distributed
 from multihost import ROOT, assert_same_losses, child_env, losses, run_group
 from tiny_models import write_minisum_folder
 

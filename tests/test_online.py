@@ -11,13 +11,13 @@ import textwrap
 import numpy as np
 import pytest
 
-from bpo_jax import online
 from bpo_jax.__main__ import main as cli
-from bpo_jax.annotators import FunctionAnnotator
 from bpo_jax.config import TrainConfig
+from bpo_jax.data.minisum import encode_prompts
 from bpo_jax.data.prompts import ArrayPrompts
-from bpo_jax.demo_task import encode_prompts
+from bpo_jax.eval.annotators import FunctionAnnotator
 from bpo_jax.models import load_pretrained
+from bpo_jax.train import loop
 from tiny_models import write_minisum_folder
 
 TEXTS = [f"Tell me about topic number {i}, briefly." for i in range(12)]
@@ -55,7 +55,7 @@ def _losses(run_dir):
 def test_two_phase_run_logs_log2_at_each_phase_start(tiny_dir, tmp_path):
     model, tok, prompts = _setup(tiny_dir)
     cfg = _cfg(tmp_path / "run")
-    state = online.train(cfg, model_config=model.config, tokenizer=tok, base=model.params, prompts=prompts,
+    state = loop.train(cfg, model_config=model.config, tokenizer=tok, base=model.params, prompts=prompts,
                          annotator=_annotator(), eos_token_ids=(2,), log=lambda *a: None)
     assert int(state.step) == 4 and int(state.phase) == 1
     with open(tmp_path / "run" / "metrics.jsonl") as f:
@@ -75,19 +75,19 @@ def test_two_phase_run_logs_log2_at_each_phase_start(tiny_dir, tmp_path):
 def test_sampling_several_batches_per_call_collects_the_same_phase(tiny_dir, monkeypatch):
     """``sampling_batch_size`` = 3 batches: one generate call of 6 prompts collects the 3-step phase's 6 pairs
     (instead of three calls of 2) from the same prompts in the same order; the stream is left where it would be."""
-    from bpo_jax import sampling
+    from bpo_jax.sample import sampler
 
     model, tok, _ = _setup(tiny_dir)
     calls = []
-    real = sampling.generate
-    monkeypatch.setattr(online, "generate", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    real = sampler.generate
+    monkeypatch.setattr(loop, "generate", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
     got = {}
     for sbs in (0, 6):
         prompts = ArrayPrompts(TEXTS, *encode_prompts(tok, TEXTS, 64), batch_size=2, seed=3)
         cfg = _cfg("unused", total_steps=3, num_phases=1, sampling_batch_size=sbs, temperature=2.0)
         calls.clear()
-        pairs, stats = online.collect_pairs(cfg, model.config, model.params, tok, prompts, _annotator(),
-                                            online.jax.random.key(0), eos_token_ids=(2,))
+        pairs, stats = loop.collect_pairs(cfg, model.config, model.params, tok, prompts, _annotator(),
+                                            loop.jax.random.key(0), eos_token_ids=(2,))
         got[sbs] = (pairs, stats, list(calls), prompts.get_state())
     (p0, s0, c0, st0), (p6, s6, c6, st6) = got[0], got[6]
     assert c6[0] == 6 and len(c6) <= len(c0) and c0[0] == 2
@@ -105,7 +105,7 @@ def test_sampling_several_batches_per_call_collects_the_same_phase(tiny_dir, mon
 def test_tied_pairs_label_the_second_sample_or_are_dropped():
     """``build_pairs``: the higher score is chosen and a tie labels the second sample (the official rule);
     ``tied`` marks the ties that ``tied_pairs=drop`` removes."""
-    from bpo_jax.pairs import build_pairs, tied
+    from bpo_jax.train.pairs import build_pairs, tied
 
     tokens = np.arange(8 * 3).reshape(8, 3)
     scores = np.asarray([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.0, 0.0])
@@ -124,8 +124,8 @@ def test_collection_drops_and_counts_tied_pairs(tiny_dir, rule):
     model, tok, prompts = _setup(tiny_dir)
     cfg = _cfg("unused", total_steps=2, num_phases=1, temperature=2.0, tied_pairs=rule)
     coarse = FunctionAnnotator(lambda prompt, response: float(len(response) % 3 == 0))  # ties 5 times in 9
-    pairs, stats = online.collect_pairs(cfg, model.config, model.params, tok, prompts, coarse,
-                                        online.jax.random.key(0), eos_token_ids=(2,))
+    pairs, stats = loop.collect_pairs(cfg, model.config, model.params, tok, prompts, coarse,
+                                        loop.jax.random.key(0), eos_token_ids=(2,))
     assert len(pairs["chosen_ids"]) == 4 and stats["tied_pairs"] > 0
     decided = pairs["chosen_scores"] != pairs["rejected_scores"]
     if rule == "drop":
@@ -140,7 +140,7 @@ def test_ensemble_members_differ_from_the_merged_behavior_at_a_phase_start(tiny_
     """With 3 adapters π_β is their merge: at phase 2's start the sampler matches π_β, but every member is
     away from it, so the first loss of the phase is not log 2 (it is with one adapter, above)."""
     model, tok, prompts = _setup(tiny_dir)
-    online.train(_cfg(tmp_path / "run", lora_rank=2, ensemble_size=3), model_config=model.config, tokenizer=tok,
+    loop.train(_cfg(tmp_path / "run", lora_rank=2, ensemble_size=3), model_config=model.config, tokenizer=tok,
                  base=model.params, prompts=prompts, annotator=_annotator(), eos_token_ids=(2,), log=lambda *a: None)
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
@@ -155,13 +155,13 @@ _KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     from test_online import _annotator, _cfg, _setup
-    from bpo_jax import online
+    from bpo_jax.train import loop
     model, tok, prompts = _setup({tiny!r})
     def die(params, step):
         if step == 3:
             os.kill(os.getpid(), signal.SIGKILL)
         return {{}}
-    online.train(_cfg({run!r}, checkpoint_every=1, eval_every=1), model_config=model.config, tokenizer=tok,
+    loop.train(_cfg({run!r}, checkpoint_every=1, eval_every=1), model_config=model.config, tokenizer=tok,
                  base=model.params, prompts=prompts, annotator=_annotator(), eos_token_ids=(2,), evaluate=die)
 """)
 
@@ -171,7 +171,7 @@ def test_sigkill_and_resume_gives_identical_losses(tiny_dir, tmp_path):
     model, tok, prompts = _setup(tiny_dir)
     kw = dict(model_config=model.config, tokenizer=tok, base=model.params, prompts=prompts, annotator=_annotator(),
               eos_token_ids=(2,), log=lambda *a: None)
-    online.train(_cfg(tmp_path / "whole", checkpoint_every=1), **kw)
+    loop.train(_cfg(tmp_path / "whole", checkpoint_every=1), **kw)
     want = _losses(tmp_path / "whole")
 
     run = str(tmp_path / "killed")
@@ -179,7 +179,7 @@ def test_sigkill_and_resume_gives_identical_losses(tiny_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert sorted(_losses(run)) == [1, 2]  # died during step 3, after the step-2 checkpoint
-    online.train(_cfg(run, checkpoint_every=1), **kw)  # the same command on the same run_dir resumes
+    loop.train(_cfg(run, checkpoint_every=1), **kw)  # the same command on the same run_dir resumes
     got = _losses(run)
     assert sorted(got) == [1, 2, 3, 4]
     np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)], rtol=1e-6)
@@ -194,8 +194,8 @@ def test_sigterm_saves_a_checkpoint_then_exits(tiny_dir, tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
         return {}
 
-    with pytest.raises(online.Preempted, match="saved a checkpoint at step 1"):
-        online.train(_cfg(tmp_path / "run", eval_every=1), model_config=model.config, tokenizer=tok,
+    with pytest.raises(loop.Preempted, match="saved a checkpoint at step 1"):
+        loop.train(_cfg(tmp_path / "run", eval_every=1), model_config=model.config, tokenizer=tok,
                      base=model.params, prompts=prompts, annotator=_annotator(), eos_token_ids=(2,), evaluate=preempt)
     assert os.listdir(tmp_path / "run" / "checkpoints") == ["1"]
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
@@ -204,7 +204,7 @@ def test_sigterm_saves_a_checkpoint_then_exits(tiny_dir, tmp_path):
 @pytest.mark.slow
 def test_nan_loss_halts_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_path, monkeypatch):
     model, tok, prompts = _setup(tiny_dir)
-    real = online.make_train_step
+    real = loop.make_train_step
 
     def poisoned(*args, **kwargs):
         step_fn = real(*args, **kwargs)
@@ -217,9 +217,9 @@ def test_nan_loss_halts_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_path, m
 
         return step
 
-    monkeypatch.setattr(online, "make_train_step", poisoned)
+    monkeypatch.setattr(loop, "make_train_step", poisoned)
     with pytest.raises(FloatingPointError, match="loss is nan at step 3"):
-        online.train(_cfg(tmp_path / "run"), model_config=model.config, tokenizer=tok, base=model.params,
+        loop.train(_cfg(tmp_path / "run"), model_config=model.config, tokenizer=tok, base=model.params,
                      prompts=prompts, annotator=_annotator(), eos_token_ids=(2,))
     assert os.listdir(tmp_path / "run" / "checkpoints") == ["2"]
     assert sorted(_losses(tmp_path / "run")) == [1, 2]

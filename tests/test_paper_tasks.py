@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bpo_jax.__main__ import main as cli
-from bpo_jax.evaluate import win_rate_from_scores
+from bpo_jax.eval.win_rate import win_rate_from_scores
 
 # data_dir= : the shipped raw samples instead of the official files the configs name (not shipped).
 TINY = ["total_steps=2", "num_phases=2", "batch_size=2", "data_dir=", "max_new_tokens=4", "eval_max_new_tokens=4",
@@ -63,10 +63,10 @@ def test_paper_task_without_a_reward_model_is_a_config_error(capsys):
 
 @pytest.mark.slow
 def test_interrupted_tfds_run_resumes_the_prompt_stream_exactly(tiny_policy_and_rm, tmp_path):
-    from bpo_jax import online
     from bpo_jax.config import load_config
+    from bpo_jax.data.tasks import build_task
     from bpo_jax.models import load_pretrained
-    from bpo_jax.tasks import build_task
+    from bpo_jax.train import loop
 
     policy, rm = tiny_policy_and_rm
     model, tok = load_pretrained(policy)
@@ -82,7 +82,7 @@ def test_interrupted_tfds_run_resumes_the_prompt_stream_exactly(tiny_policy_and_
                 raise KeyboardInterrupt
             return {}
 
-        online.train(cfg, model_config=model.config, tokenizer=tok, base=model.params, prompts=task.train,
+        loop.train(cfg, model_config=model.config, tokenizer=tok, base=model.params, prompts=task.train,
                      annotator=task.annotator, eos_token_ids=(2,), evaluate=evaluate, log=lambda *a: None)
 
     def losses(run_dir):
@@ -103,7 +103,7 @@ def test_long_test_prompts_are_truncated_keeping_their_start_not_dropped(smollm2
     the chat template's generation prompt stays, and the annotator still sees the whole prompt."""
     from bpo_jax.config import load_config
     from bpo_jax.data.prompts import encode, encode_truncated
-    from bpo_jax.tasks import build_task
+    from bpo_jax.data.tasks import build_task
 
     tok = smollm2[1]
     text = "one two three four five six seven eight nine ten " * 8
@@ -163,7 +163,7 @@ def test_adam_eps_gives_the_first_adamw_step_of_torch():
     import torch
 
     from bpo_jax.config import load_config
-    from bpo_jax.state import make_optimizer
+    from bpo_jax.train.state import make_optimizer
 
     g = np.array([1e-6, -3e-6, 2e-5, 0.5], np.float32)
     for eps in (1e-6, 1e-8):
@@ -185,7 +185,7 @@ def test_bf16_tldr_config_behavior_equals_policy_at_every_phase_start(members, t
     model: at every phase start the train step's own policy forward re-scores the sampler's first batch within
     bfloat16 rounding (``phase/policy_behavior_logp_gap`` <= the stated tolerance), and with one adapter the
     phase's first loss is log 2 up to that rounding (|loss - log 2| <= beta * gap)."""
-    from bpo_jax.train_step import LOGP_GAP_TOL_PER_TOKEN
+    from bpo_jax.train.step import LOGP_GAP_TOL_PER_TOKEN
 
     policy, rm = tiny_policy_and_rm
     run = tmp_path / "run"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bpo_jax.__main__ import main as cli
-from bpo_jax.plot import load_series, plot_runs
+from bpo_jax.eval.plot import load_series, plot_runs
 
 
 def _run(tmp_path, name, records):

@@ -7,14 +7,14 @@ import os
 import numpy as np
 import pytest
 
-from bpo_jax import online
 from bpo_jax.__main__ import main as cli
-from bpo_jax.annotators import FunctionAnnotator
-from bpo_jax.checkpoint import IncompatibleCheckpoint
 from bpo_jax.config import TrainConfig
+from bpo_jax.data.minisum import encode_prompts
 from bpo_jax.data.prompts import ArrayPrompts
-from bpo_jax.demo_task import encode_prompts
+from bpo_jax.eval.annotators import FunctionAnnotator
 from bpo_jax.models import load_pretrained
+from bpo_jax.train import loop
+from bpo_jax.train.checkpoint import IncompatibleCheckpoint
 from tiny_models import write_minisum_folder
 
 
@@ -90,7 +90,7 @@ def _loop(tiny_dir, run, **kw):
     cfg = TrainConfig(**{**dict(total_steps=4, num_phases=2, batch_size=2, max_new_tokens=6, learning_rate=5e-3,
                                 run_dir=str(run), seed=3, checkpoint_every=1), **kw})
     logs = []
-    online.train(cfg, model_config=model.config, tokenizer=tok, base=model.params,
+    loop.train(cfg, model_config=model.config, tokenizer=tok, base=model.params,
                  prompts=ArrayPrompts(texts, ids, mask, batch_size=2, seed=3),
                  annotator=FunctionAnnotator(lambda p, r: r.count("e") - 0.01 * len(r)), eos_token_ids=(2,),
                  log=logs.append)
@@ -139,8 +139,8 @@ def test_resume_with_other_base_weights_is_refused(tiny_dir, tmp_path):
     _loop(tiny_dir, run, total_steps=2)
     model, _ = load_pretrained(tiny_dir)
     other = jax.tree.map(lambda x: x * 1.001, model.params)
-    from bpo_jax import state as st
-    from bpo_jax.checkpoint import Checkpointer
+    from bpo_jax.train import state as st
+    from bpo_jax.train.checkpoint import Checkpointer
 
     cfg = TrainConfig(total_steps=2, num_phases=2, batch_size=2, max_new_tokens=6, run_dir=str(run), seed=3)
     ckpt = Checkpointer(str(run), 3)

@@ -66,7 +66,7 @@ def test_scores_differ_between_sequences(rm):
 def test_sharded_scores_equal_single_device(tmp_path):
     import jax
 
-    from bpo_jax import sharding as shd
+    from bpo_jax.runtime import sharding as shd
 
     save_hf_reward_model("llama", tmp_path)
     single, _ = load_reward_model(str(tmp_path))
@@ -104,7 +104,7 @@ def rm_with_tokenizer(tiny_policy_and_rm):
 
 
 def test_annotator_scores_text_with_the_rms_chat_template(rm_with_tokenizer):
-    from bpo_jax.annotators import RewardModelAnnotator
+    from bpo_jax.eval.annotators import RewardModelAnnotator
 
     hf, rm, tok = rm_with_tokenizer
     conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
@@ -126,7 +126,7 @@ def test_annotator_scores_text_with_the_rms_chat_template(rm_with_tokenizer):
 
 
 def test_annotator_keeps_the_response_end_when_truncating(rm_with_tokenizer):
-    from bpo_jax.annotators import RewardModelAnnotator
+    from bpo_jax.eval.annotators import RewardModelAnnotator
 
     _, rm, tok = rm_with_tokenizer
     short = RewardModelAnnotator(rm, tok, max_length=16)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from bpo_jax import sharding as shd
 from bpo_jax.logprobs import token_logprobs
 from bpo_jax.models import forward, load_pretrained, param_axes, unstack_layers
-from bpo_jax.sampling import generate
+from bpo_jax.runtime import sharding as shd
+from bpo_jax.sample.sampler import generate
 from tiny_models import CORE_FAMILIES, save_hf_model
 
 PROMPTS = np.array([[0, 0, 0, 5, 9, 17, 3], [7, 8, 9, 10, 11, 12, 13], [0, 0, 0, 0, 0, 21, 99]])
@@ -107,7 +107,7 @@ def test_batches_buckets_and_mesh_give_the_same_samples(llama):
 
 @pytest.mark.slow
 def test_sampling_layout_reshard_and_progress(llama, capsys):
-    from bpo_jax.sampling import sampling_shardings
+    from bpo_jax.sample.sampler import sampling_shardings
 
     mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
     train_layout = shd.shard(llama.params, shd.logical_to_sharding(
@@ -139,7 +139,7 @@ def test_response_logps_score_the_samplers_responses_on_a_mesh(llama):
     """``evaluate.response_logps`` (the drift measure's SFT side): the summed log-probs of sampled responses equal
     the sampler's own, also on an 8-device mesh with 3 rows (padded to the batch shards), and differ under
     other weights."""
-    from bpo_jax.evaluate import response_logps
+    from bpo_jax.eval.win_rate import response_logps
 
     out = generate(llama, PROMPTS, PMASK, max_new_tokens=6, temperature=1.0, eos_token_ids=(3,),
                    rng=jax.random.key(4))

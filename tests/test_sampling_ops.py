@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bpo_jax.sampling_ops import sample_step, sampling_log_probs
+from bpo_jax.sample.ops import sample_step, sampling_log_probs
 
 LOGITS = jnp.asarray([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]], jnp.float32)
 

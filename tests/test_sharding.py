@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bpo_jax import distributed
-from bpo_jax import sharding as shd
 from bpo_jax.models import ModelConfig, forward, init_params, load_pretrained, param_axes
+from bpo_jax.runtime import distributed
+from bpo_jax.runtime import sharding as shd
 from tiny_models import FAMILIES, save_hf_model
 
 

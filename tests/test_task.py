@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from bpo_jax.annotators import FunctionAnnotator, RougeAnnotator, rouge_l_f1
-from bpo_jax.demo_task import DATA_DIR, load_rows, prompt_text
-from bpo_jax.evaluate import win_rate_from_scores
+from bpo_jax.data.minisum import DATA_DIR, load_rows, prompt_text
+from bpo_jax.eval.annotators import FunctionAnnotator, RougeAnnotator, rouge_l_f1
+from bpo_jax.eval.win_rate import win_rate_from_scores
 
 
 def test_shipped_minisum():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from bpo_jax.__main__ import main as cli_main
-from bpo_jax.toy import run
+from bpo_jax.cli.toy import run
 
 
 def test_bpo_improves_gold_reward_and_is_deterministic():

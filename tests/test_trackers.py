@@ -1,4 +1,4 @@
-"""Trackers (``bpo_jax.trackers``): the ``tracker`` key's values, a W&B offline run holding a train run's name,
+"""Trackers (``bpo_jax.runtime.trackers``): the ``tracker`` key's values, a W&B offline run holding a train run's name,
 config and metrics, and a clear error before any compute when wandb is missing."""
 
 import glob
@@ -11,7 +11,7 @@ import pytest
 
 from bpo_jax.__main__ import main as cli
 from bpo_jax.config import ConfigError, load_config
-from bpo_jax.trackers import check_available, resolved
+from bpo_jax.runtime.trackers import check_available, resolved
 from tiny_models import write_minisum_folder
 
 _BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of (crc32, length, type) records
@@ -121,7 +121,7 @@ def test_auto_is_tensorboard_when_tensorboardx_is_installed(monkeypatch, tmp_pat
     fake.__spec__ = importlib.machinery.ModuleSpec("tensorboardX", None)
     fake.SummaryWriter = SummaryWriter
     monkeypatch.setitem(sys.modules, "tensorboardX", fake)
-    from bpo_jax.trackers import open_trackers
+    from bpo_jax.runtime.trackers import open_trackers
 
     cfg = load_config(None, [f"run_dir={tmp_path / 'exp1'}", "total_steps=4"])
     trackers = open_trackers(cfg)

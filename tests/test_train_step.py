@@ -6,14 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bpo_jax import distributed
-from bpo_jax import sharding as shd
-from bpo_jax import state as st
 from bpo_jax.config import TrainConfig
 from bpo_jax.models import ModelConfig, init_params, param_axes
-from bpo_jax.pairs import build_pairs, distinct
-from bpo_jax.sampling import generate
-from bpo_jax.train_step import behavior_logp_gap, make_train_step
+from bpo_jax.runtime import distributed
+from bpo_jax.runtime import sharding as shd
+from bpo_jax.sample.sampler import generate
+from bpo_jax.train import state as st
+from bpo_jax.train.pairs import build_pairs, distinct
+from bpo_jax.train.step import behavior_logp_gap, make_train_step
 
 MCFG = ModelConfig(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=8)
@@ -180,7 +180,7 @@ def test_state_sharding_on_8_devices_matches_one_device():
 def test_checkpoint_restores_onto_a_different_mesh_with_the_same_devices(tmp_path):
     """A state and a phase's pairs saved on a data=8 mesh come back exactly on a data=2 x fsdp=2 x tensor=2 mesh,
     in the new mesh's shardings (orbax reshards)."""
-    from bpo_jax.checkpoint import Checkpointer
+    from bpo_jax.train.checkpoint import Checkpointer
 
     cfg = _cfg(lora_rank=4, ensemble_size=2, reference="ema")
     pairs = {k: np.asarray(v) for k, v in _batch(_base()).items()}

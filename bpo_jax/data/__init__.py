@@ -1,2 +1,3 @@
-"""The paper's tasks as data: raw formats (``formats``), tfds builders (``builders``) and prompt streams for the
-online loop (``prompts``)."""
+"""The tasks as data: raw formats (``formats``), the official BPO files (``official``), tfds builders
+(``builders``), prompt streams (``prompts``), the CPU demo's minisum task (``minisum``) and a run's task
+(``tasks``: prompts, test set and annotator)."""

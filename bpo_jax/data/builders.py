@@ -118,7 +118,7 @@ SAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pa
 
 def prepare(task: str, manual_dir: str = "", data_dir: str = "", data_format: str = "auto") -> dict:
     """Build (once) and open task ``task``'s splits as tfds data sources (one process; a run over several
-    hosts coordinates the build with ``bpo_jax.tasks``).
+    hosts coordinates the build with ``bpo_jax.data.tasks``).
 
     ``manual_dir``: the raw files (default: the shipped samples, ``data/samples/<task>``); ``data_dir``: where
     prepared copies go (default ``~/tensorflow_datasets/bpo_jax``); ``data_format``: ``auto`` (per file),

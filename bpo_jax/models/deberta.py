@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bpo_jax import sharding as shd
 from bpo_jax.models.loading import folder_tokenizer, read_leaf, safetensors_tensors
+from bpo_jax.runtime import sharding as shd
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),

@@ -132,7 +132,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None, *, mes
 
     if mesh is None:
         return build()
-    from bpo_jax import sharding as shd
+    from bpo_jax.runtime import sharding as shd
 
     # Built in place on every device (also across hosts): no host buffer, no transfer.
     return jax.jit(build, out_shardings=shd.cache_shardings(jax.eval_shape(build), mesh))()

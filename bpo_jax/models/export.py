@@ -15,8 +15,8 @@ import os
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, which safetensors.numpy then writes as BF16)
 import numpy as np
 
-from bpo_jax import distributed
 from bpo_jax.models.hf_names import entries, get_path
+from bpo_jax.runtime import distributed
 
 
 def save_pretrained(model, tokenizer, out_dir: str, *, params=None) -> str:

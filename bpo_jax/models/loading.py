@@ -16,11 +16,11 @@ import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
 import numpy as np
 
-from bpo_jax import sharding as shd
 from bpo_jax.models.config import ModelConfig
 from bpo_jax.models.decoder import Decoder, param_axes
 from bpo_jax.models.hf_names import entries, get_path, set_path
 from bpo_jax.models.hub import SHIPPED, resolve_model  # noqa: F401  (SHIPPED: the shipped names)
+from bpo_jax.runtime import sharding as shd
 
 
 def resolve(path: str) -> str:

@@ -31,12 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bpo_jax import distributed
 from bpo_jax.models import deberta
 from bpo_jax.models.config import ModelConfig
 from bpo_jax.models.decoder import hidden_states
 from bpo_jax.models.hub import resolve_model
 from bpo_jax.models.loading import open_hf_folder, read_params
+from bpo_jax.runtime import distributed
 
 SCORE_TENSOR = "score.weight"
 

@@ -29,11 +29,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bpo_jax import state as st
 from bpo_jax.config import TrainConfig
 from bpo_jax.logprobs import chunked_token_logprobs, reduce_masked
 from bpo_jax.losses import dap_loss
 from bpo_jax.models.decoder import hidden_states, logits_from_hidden
+from bpo_jax.train import state as st
 
 BATCH_KEYS = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "chosen_behavior_logps",
               "rejected_behavior_logps", "truncated")

@@ -3,7 +3,7 @@
 Every host runs the same program on its own devices; arrays that span hosts are global ``jax.Array``s over one
 mesh. The rest of the package asks this module, and reads no process index of its own:
 
-- Joining the processes at start-up is ``bpo_jax.cluster``'s job (every launch environment JAX supports).
+- Joining the processes at start-up is ``bpo_jax.runtime.cluster``'s job (every launch environment JAX supports).
 - ``is_primary()``: process 0, the one that prints, draws progress bars and writes metrics, plots, configs,
   exports.
 - ``global_rows(tree, mesh)`` / ``local_rows(tree)``: each host's rows → global arrays sharded over the mesh's
@@ -27,8 +27,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from bpo_jax import sharding as shd
-from bpo_jax.sharding import BATCH_AXES, batch_shards
+from bpo_jax.runtime import sharding as shd
+from bpo_jax.runtime.sharding import BATCH_AXES, batch_shards
 
 
 def process_index() -> int:

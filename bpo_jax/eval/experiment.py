@@ -17,7 +17,7 @@
      strictly, as the paper counts it: a tie loses) and its win rate against step;
   4. summarise: per (method, loss) the seeds' win rates with bootstrap CIs and their mean ± std, and for each
      pair of methods the paired win-rate difference with a bootstrap CI over prompts and seeds;
-  5. write them (``bpo_jax.cli_experiment``: ``results.csv``, ``paired.csv``, ``results.md``, ``win_rate.png``).
+  5. write them (``bpo_jax.cli.experiment``: ``results.csv``, ``paired.csv``, ``results.md``, ``win_rate.png``).
 
 The runner takes its dependencies as arguments: ``run_command(args, log_path) -> exit code`` runs one
 ``python -m bpo_jax <args>`` (a subprocess per run in the CLI: bounded memory, isolated failures) and ``log``
@@ -209,7 +209,7 @@ def _kv(key, value) -> str:
 
 def eval_file(run: Run) -> str:
     """Where ``train`` (at its final evaluation) and ``evaluate`` write the final model's per-prompt scores."""
-    from bpo_jax.evaluate import scores_file
+    from bpo_jax.eval.win_rate import scores_file
 
     return str(scores_file(run.run_dir, run.config.total_steps, run.config.data))
 
@@ -294,7 +294,7 @@ def outcomes(scores, reference_scores) -> np.ndarray:
 
 def win_rate_curve(run: Run) -> tuple[np.ndarray, np.ndarray]:
     """``(steps, win_rates)`` from the run's ``metrics.jsonl`` (step 0, every ``eval_every``, the final)."""
-    from bpo_jax.plot import load_series
+    from bpo_jax.eval.plot import load_series
 
     s = load_series(run.run_dir)
     return s["eval_step"], s["win_rate"]
@@ -356,7 +356,7 @@ class MethodResult(NamedTuple):
     method: str
     loss_type: str
     seeds: tuple  # the finished seeds
-    per_seed: tuple  # bpo_jax.evaluate.WinRate per finished seed (bootstrap CI over prompts)
+    per_seed: tuple  # bpo_jax.eval.win_rate.WinRate per finished seed (bootstrap CI over prompts)
     summary: SeedSummary  # mean ± std of the seeds' win rates
 
 
@@ -364,7 +364,7 @@ def summarize(exp: Experiment, **bootstrap_kw) -> tuple[list, list, list]:
     """Steps 3–4 over the finished runs: ``(results, paired, unfinished)``; ``results`` has a MethodResult per
     (method, loss) with a finished seed, ``paired`` ``(loss, method_a, method_b, PairedDiff)`` over the seeds
     both finished, ``unfinished`` the runs without per-prompt scores."""
-    from bpo_jax.evaluate import win_rate_from_scores
+    from bpo_jax.eval.win_rate import win_rate_from_scores
 
     results, paired, unfinished, by_loss = [], [], [], {}
     for method, loss in itertools.product(exp.methods, exp.loss_types):

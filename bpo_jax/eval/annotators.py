@@ -13,8 +13,8 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from bpo_jax import distributed
 from bpo_jax.data.prompts import conversation
+from bpo_jax.runtime import distributed
 
 
 class Annotator(Protocol):

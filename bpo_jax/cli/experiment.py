@@ -29,8 +29,8 @@ def main(argv=None) -> int:
                    help="run train/evaluate in this process (no isolation: a crash stops the grid; for tests)")
     args = p.parse_args(argv)
 
-    from bpo_jax import experiment as ex
     from bpo_jax.config import ConfigError
+    from bpo_jax.eval import experiment as ex
 
     try:
         exp = ex.load_experiment(args.experiment, args.out_dir)
@@ -146,7 +146,7 @@ def plot_grid(exp, out: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from bpo_jax.experiment import is_trained, win_rate_curve
+    from bpo_jax.eval.experiment import is_trained, win_rate_curve
 
     fig, axes = plt.subplots(1, len(exp.loss_types), figsize=(5 * len(exp.loss_types), 4), squeeze=False)
     for ax, loss in zip(axes[0], exp.loss_types):

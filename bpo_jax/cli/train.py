@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from bpo_jax.config import ConfigError, load_config
-    from bpo_jax.trackers import check_available, open_trackers
+    from bpo_jax.runtime.trackers import check_available, open_trackers
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -29,8 +29,8 @@ def main(argv=None) -> int:
 
     import jax
 
-    from bpo_jax import cluster, distributed
     from bpo_jax.config import validate_for_processes
+    from bpo_jax.runtime import cluster, distributed
 
     cluster.enable_compilation_cache(cfg.run_dir)  # a restart of this run reuses the compiled programs
     try:  # settings that need the process and device counts, a run_dir every host sees, the same run on resume
@@ -50,11 +50,12 @@ def main(argv=None) -> int:
 
 def _run(cfg, trackers, t0) -> int:
     """The run itself (``main`` after the config checks), logging each metrics record to ``trackers``."""
-    from bpo_jax import distributed, online
-    from bpo_jax import run_dir as rd
-    from bpo_jax import state as st
     from bpo_jax.config import save_config, validate_for_model
-    from bpo_jax.tasks import setup_run
+    from bpo_jax.data.tasks import setup_run
+    from bpo_jax.runtime import distributed
+    from bpo_jax.runtime import run_dir as rd
+    from bpo_jax.train import loop
+    from bpo_jax.train import state as st
 
     say = print if distributed.is_primary() else (lambda *a, **k: None)  # noqa: E731  one host speaks
     run = setup_run(cfg)
@@ -70,7 +71,7 @@ def _run(cfg, trackers, t0) -> int:
     if distributed.is_primary():
         save_config(cfg, str(rd.path(cfg.run_dir, "config.yaml")))  # what `python -m bpo_jax evaluate` reloads
     metrics = rd.path(cfg.run_dir, "metrics.jsonl")
-    stop = online.Preemption().__enter__()  # SIGTERM from here on: every host stops at the next check, together
+    stop = loop.Preemption().__enter__()  # SIGTERM from here on: every host stops at the next check, together
     evaluate, setting = _evaluator(cfg, run, start, stop, say)
     logged = [r for r in rd.read_jsonl(metrics) if r.get("step") == 0 and "eval/win_rate" in r
               and all(r.get(k) == v for k, v in setting.items())]
@@ -81,12 +82,12 @@ def _run(cfg, trackers, t0) -> int:
             before = evaluate(start, 0)
             rd.append_jsonl(metrics, {"step": 0, **before})
             trackers.log({"step": 0, **before})
-        state = online.train(cfg, model_config=mcfg, tokenizer=run.tokenizer, base=run.model.params,
+        state = loop.train(cfg, model_config=mcfg, tokenizer=run.tokenizer, base=run.model.params,
                              prompts=run.task.train, annotator=run.task.annotator, mesh=run.mesh,
                              eos_token_ids=run.eos_token_ids, reference=run.reference, lora_init=lora_init,
                              evaluate=evaluate if cfg.eval_every else None, stop=stop, log=say, trackers=trackers)
         after = evaluate(st.policy_params(cfg, state, mcfg.dtype), cfg.total_steps)
-    except online.Preempted as err:  # the last completed state is on disk; the same command resumes
+    except loop.Preempted as err:  # the last completed state is on disk; the same command resumes
         print(str(err), file=sys.stderr)
         return 143
     finally:
@@ -102,7 +103,7 @@ def _run(cfg, trackers, t0) -> int:
 
 def _say_setting(cfg, task, say) -> None:
     """The run's first line: model, schedule, loss, adapters, task and where it writes."""
-    from bpo_jax import distributed
+    from bpo_jax.runtime import distributed
 
     lora = f"LoRA r={cfg.lora_rank} x{cfg.ensemble_size}" if cfg.lora_rank else "full fine-tuning"
     hosts = f", {distributed.process_count()} processes" if distributed.process_count() > 1 else ""
@@ -118,9 +119,9 @@ def _sft_start(cfg, base):
     samples. A bad adapter folder is a ValueError."""
     if not cfg.lora_init_from:
         return None, base
-    from bpo_jax import lora
-    from bpo_jax import state as st
-    from bpo_jax.peft_adapters import read_ensemble
+    from bpo_jax.models.peft_adapters import read_ensemble
+    from bpo_jax.train import lora
+    from bpo_jax.train import state as st
 
     lora_init = read_ensemble(cfg.lora_init_from, {t: base["layers"][t].shape for t in cfg.lora_targets},
                               rank=cfg.lora_rank, scale=cfg.lora_scale, targets=cfg.lora_targets)
@@ -133,7 +134,7 @@ def _evaluator(cfg, run, start, stop, say):
     ``eval_every`` steps and at T (an evaluation of a step already made in this process is not repeated), and
     what its figure depends on beyond the model (``eval_size`` and ``eval_max_new_tokens`` may change on resume:
     a stored step-0 result is reused only when it was made with the same setting)."""
-    from bpo_jax.evaluate import score_test_set, scores_file, win_rate_from_scores, write_scores
+    from bpo_jax.eval.win_rate import score_test_set, scores_file, win_rate_from_scores, write_scores
 
     task, mcfg = run.task, run.model.config
     setting = {"eval/num_prompts": len(task.references), "eval/max_new_tokens": cfg.eval_max_new_tokens}
@@ -162,9 +163,9 @@ def _evaluator(cfg, run, start, stop, say):
 def _finish(cfg, run, state, say) -> None:
     """After training: the merged policy as an HF folder and the adapters as PEFT folders (``export_policy``),
     and the run's plot (primary host)."""
-    from bpo_jax import distributed
-    from bpo_jax import run_dir as rd
-    from bpo_jax import state as st
+    from bpo_jax.runtime import distributed
+    from bpo_jax.runtime import run_dir as rd
+    from bpo_jax.train import state as st
 
     if cfg.export_policy:
         from bpo_jax.models import Decoder, save_pretrained
@@ -173,7 +174,7 @@ def _finish(cfg, run, state, say) -> None:
                               str(rd.path(cfg.run_dir, "policy")))
         say(f"policy exported as an HF folder: {out}")
         if cfg.lora_rank:
-            from bpo_jax.peft_adapters import write_ensemble
+            from bpo_jax.models.peft_adapters import write_ensemble
 
             factors = distributed.gather_to_host(state.trainable)
             if distributed.is_primary():
@@ -182,7 +183,7 @@ def _finish(cfg, run, state, say) -> None:
                                merge=cfg.ensemble_merge)
                 say(f"LoRA adapters exported as PEFT folders: {out}/member_<i> and {out}/merged")
     if distributed.is_primary():
-        from bpo_jax.plot import plot_runs
+        from bpo_jax.eval.plot import plot_runs
 
         plot_path = str(rd.path(cfg.run_dir, "plot.png"))
         plot_runs([cfg.run_dir], plot_path)
@@ -190,7 +191,7 @@ def _finish(cfg, run, state, say) -> None:
 
 
 def _has_checkpoint(cfg) -> bool:
-    from bpo_jax import run_dir as rd
+    from bpo_jax.runtime import run_dir as rd
 
     ckpts = rd.path(cfg.run_dir, "checkpoints")
     return ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
@@ -199,8 +200,8 @@ def _has_checkpoint(cfg) -> bool:
 def check_same_run(cfg) -> None:
     """On resume (``run_dir`` holds a checkpoint), refuse run-defining settings that differ from the saved
     ``config.yaml``, before anything is loaded: one line per key, and the two ways out."""
-    from bpo_jax import run_dir as rd
     from bpo_jax.config import ConfigError, load_config, run_identity_changes
+    from bpo_jax.runtime import run_dir as rd
 
     saved_path = rd.path(cfg.run_dir, "config.yaml")
     if not (saved_path.exists() and _has_checkpoint(cfg)):

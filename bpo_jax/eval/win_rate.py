@@ -27,10 +27,10 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from bpo_jax import distributed
 from bpo_jax.logprobs import chunked_token_logprobs, reduce_masked
 from bpo_jax.models.decoder import hidden_states, logits_from_hidden
-from bpo_jax.sampling import generate
+from bpo_jax.runtime import distributed
+from bpo_jax.sample.sampler import generate
 
 
 class WinRate(NamedTuple):
@@ -150,7 +150,7 @@ def score_test_set(params, config, tokenizer, annotator, prompts, prompt_ids, pr
 def scores_file(run_dir: str, step: int, data: str):
     """``<run_dir>/eval_step<N>_<data>.jsonl``: one test prompt per line, with the response, the reference and both
     scores (written by ``train`` at its final evaluation and by ``evaluate``)."""
-    from bpo_jax import run_dir as rd
+    from bpo_jax.runtime import run_dir as rd
 
     return rd.path(run_dir, f"eval_step{step}_{os.path.basename(os.path.normpath(data))}.jsonl")
 

@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bpo_jax import distributed, lora
-from bpo_jax import sharding as shd
 from bpo_jax.models import decoder
-from bpo_jax.sampling_ops import sample_step
+from bpo_jax.runtime import distributed
+from bpo_jax.runtime import sharding as shd
+from bpo_jax.sample.ops import sample_step
+from bpo_jax.train import lora
 
 Array = jax.Array
 
@@ -193,10 +194,10 @@ def generate(
       mesh: shard rows over its ``data``/``fsdp`` axes (the params keep their own placement unless
         ``param_shardings`` is given, e.g. ``sampling_shardings(config, mesh)``).
       batch_size: prompts per compiled call; several calls (with a tqdm bar if ``progress``) cover B.
-      interrupt: called before each call (e.g. ``online.Preemption.check``: it raises to stop a long run of
+      interrupt: called before each call (e.g. ``loop.Preemption.check``: it raises to stop a long run of
         calls; with several processes every host calls it at the same points).
 
-    With several processes (``bpo_jax.distributed``) every host calls ``generate`` with the same shapes and its
+    With several processes (``bpo_jax.runtime.distributed``) every host calls ``generate`` with the same shapes and its
     own prompt rows; the sampling runs on the global mesh and each host gets its own rows' samples back. Each
     host pads its rows to the same bucket, so a prompt's samples stay on the devices of the host that owns it.
 

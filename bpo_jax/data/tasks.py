@@ -9,7 +9,7 @@ annotator that ranks samples and judges the win rate.
   per task: a TL;DR post keeps its start, an HH dialogue its end (``builders``' ``keep``).
 
 Any task can instead be judged by an LLM over an OpenAI-compatible API (``annotator=judge``, ``judge_url``,
-``judge_model``; ``bpo_jax.judge``).
+``judge_model``; ``bpo_jax.eval.judge``).
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bpo_jax import demo_task, distributed
-from bpo_jax.annotators import RewardModelAnnotator, RougeAnnotator
 from bpo_jax.config import TrainConfig
-from bpo_jax.data import builders
+from bpo_jax.data import builders, minisum
 from bpo_jax.data.prompts import (
     ArrayPrompts,
     GrainPrompts,
@@ -32,6 +30,8 @@ from bpo_jax.data.prompts import (
     example_reference,
     left_pad,
 )
+from bpo_jax.eval.annotators import RewardModelAnnotator, RougeAnnotator
+from bpo_jax.runtime import distributed
 
 
 @dataclass
@@ -122,19 +122,19 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True, so
                 shard_count=distributed.process_count())
         gold = None
     else:
-        folder = demo_task.DATA_DIR if cfg.data == "minisum" else cfg.data
-        train_rows = demo_task.load_rows(os.path.join(folder, "train.jsonl"))
-        test_rows = demo_task.load_rows(os.path.join(folder, "test.jsonl"))
+        folder = minisum.DATA_DIR if cfg.data == "minisum" else cfg.data
+        train_rows = minisum.load_rows(os.path.join(folder, "train.jsonl"))
+        test_rows = minisum.load_rows(os.path.join(folder, "test.jsonl"))
         test_rows = test_rows[: _eval_size(cfg, len(test_rows), os.path.join(folder, "test.jsonl"))]
-        eval_prompts = [demo_task.prompt_text(r) for r in test_rows]
+        eval_prompts = [minisum.prompt_text(r) for r in test_rows]
         references = [r["reference"] for r in test_rows]
         stream = None
         if train:
-            texts = [demo_task.prompt_text(r) for r in train_rows]
-            ids, mask = demo_task.encode_prompts(tokenizer, texts, cfg.max_prompt_length)
+            texts = [minisum.prompt_text(r) for r in train_rows]
+            ids, mask = minisum.encode_prompts(tokenizer, texts, cfg.max_prompt_length)
             stream = ArrayPrompts(texts, ids, mask, batch_size=cfg.batch_size, seed=cfg.seed,
                                   rows=distributed.host_batch_rows(mesh, cfg.batch_size))
-        gold = {demo_task.prompt_text(r): r["gold"] for r in train_rows + test_rows}
+        gold = {minisum.prompt_text(r): r["gold"] for r in train_rows + test_rows}
     eval_annotator = None  # the annotator itself unless the RM scores the test set at another length
     if kind == "rouge":
         if gold is None:
@@ -142,7 +142,7 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True, so
                              f"needs annotator=reward_model")
         annotator, score_name = RougeAnnotator(gold), "gold ROUGE-L"
     elif kind == "judge":
-        from bpo_jax.judge import Judge
+        from bpo_jax.eval.judge import Judge
 
         api_key = os.environ.get(cfg.judge_api_key_env) if cfg.judge_api_key_env else None
         if cfg.judge_api_key_env and not api_key:

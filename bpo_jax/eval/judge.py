@@ -45,8 +45,8 @@ import urllib.request
 
 import numpy as np
 
-from bpo_jax import distributed
 from bpo_jax.data.prompts import conversation
+from bpo_jax.runtime import distributed
 
 log = logging.getLogger(__name__)
 

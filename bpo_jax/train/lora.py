@@ -4,7 +4,7 @@ An ensemble of N adapters on a set of target matrices: for a target ``W [layers,
 ``A [N, layers, in, r]`` and ``B [N, layers, r, out]`` with ``ΔW_i = s · A_i B_i``, ``s = α / r``. A fresh adapter
 is initialised as PEFT does (``init_lora_weights=True``): ``B = 0``, so every adapter starts at the base model,
 and ``A`` Kaiming-uniform with ``a = √5`` over its ``in`` fan-in, i.e. ``U(−1/√in, 1/√in)``, with its own seed per
-adapter; or the ensemble starts from PEFT adapter folders (``bpo_jax.peft_adapters``). The factors are float32
+adapter; or the ensemble starts from PEFT adapter folders (``bpo_jax.models.peft_adapters``). The factors are float32
 whatever the base's dtype: they are the optimizer's master weights.
 
 Training applies an adapter in activation space, as PEFT does: ``attach`` puts the factors next to each target

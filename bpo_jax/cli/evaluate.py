@@ -23,10 +23,10 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value, e.g. eval_size=100 data_dir=/data/tldr")
     args = p.parse_args(argv)
 
-    from bpo_jax import distributed
-    from bpo_jax import run_dir as rd
     from bpo_jax.config import ConfigError, load_config
-    from bpo_jax.trackers import check_available, log_evaluation
+    from bpo_jax.runtime import distributed
+    from bpo_jax.runtime import run_dir as rd
+    from bpo_jax.runtime.trackers import check_available, log_evaluation
 
     cfg_path = str(rd.path(args.checkpoint, "config.yaml"))
     if not rd.path(cfg_path).exists():
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
-    from bpo_jax.checkpoint import Checkpointer
+    from bpo_jax.train.checkpoint import Checkpointer
 
     ckpt = Checkpointer(cfg.run_dir, cfg.keep_checkpoints)
     steps = ckpt.steps()
@@ -54,9 +54,9 @@ def main(argv=None) -> int:
 
     import jax
 
-    from bpo_jax import state as st
-    from bpo_jax.evaluate import score_test_set, scores_file, win_rate_from_scores, write_scores
-    from bpo_jax.tasks import setup_run
+    from bpo_jax.data.tasks import setup_run
+    from bpo_jax.eval.win_rate import score_test_set, scores_file, win_rate_from_scores, write_scores
+    from bpo_jax.train import state as st
 
     run = setup_run(cfg, train=False)
     task = run.task

@@ -2,7 +2,7 @@
 
 Each row has a ``document``, a plain human ``reference`` summary (what the policy must beat) and a held-out
 expert ``gold`` summary (what the annotator scores against; the policy never sees it). The gold reward is
-ROUGE-L F1 against ``gold`` (``bpo_jax.annotators.RougeAnnotator``); the win rate is the fraction of test
+ROUGE-L F1 against ``gold`` (``bpo_jax.eval.annotators.RougeAnnotator``); the win rate is the fraction of test
 documents where the policy's greedy summary scores higher than the human reference does.
 """
 
@@ -14,7 +14,7 @@ from bpo_jax.data.formats import read_jsonl
 from bpo_jax.data.prompts import encode, left_pad
 
 FIELDS = ("id", "document", "reference", "gold")
-DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "minisum")
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data", "minisum")
 INSTRUCTION = "Summarize the following text in one sentence.\n\n"
 
 

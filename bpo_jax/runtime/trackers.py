@@ -68,7 +68,7 @@ class Trackers:
 
 def open_trackers(cfg) -> Trackers:
     """The trackers ``cfg.tracker`` names for ``cfg.run_dir`` on the primary host (none on the others)."""
-    from bpo_jax import distributed
+    from bpo_jax.runtime import distributed
 
     if not distributed.is_primary():
         return Trackers()
@@ -123,8 +123,8 @@ class _WandB:
     def __init__(self, cfg):
         import wandb
 
-        from bpo_jax import distributed
-        from bpo_jax import run_dir as rd
+        from bpo_jax.runtime import distributed
+        from bpo_jax.runtime import run_dir as rd
 
         id_file = rd.path(cfg.run_dir, "wandb_id")
         run_id = id_file.read_text().strip() if id_file.exists() else None  # None: a new run, its id kept

@@ -6,7 +6,7 @@ labels the second sample chosen, exactly as the official code does (xu1998hz/BPO
 ``train/online_dpo_rand_trainer.py`` ``ret_train_data``: ``if first_score > sec_score`` the first is chosen,
 else the second). With a reward model ties are rare; with ROUGE-L they are common (0.0 when no word overlaps).
 
-The output is the train step's batch layout (see ``bpo_jax.train_step``) as host NumPy arrays, carrying the
+The output is the train step's batch layout (see ``bpo_jax.train.step``) as host NumPy arrays, carrying the
 behavior LLM's untempered log-probs along with the pairs.
 """
 

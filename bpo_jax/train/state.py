@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bpo_jax import lora
 from bpo_jax.config import TrainConfig
+from bpo_jax.train import lora
 
 Params = Any
 
@@ -119,7 +119,7 @@ def _copy(tree):
 def create_state(cfg: TrainConfig, base: Params, key: jax.Array, *, reference: Params | None = None,
                  lora_init: Params | None = None) -> TrainState:
     """A fresh state around ``base`` (already placed on its mesh). LoRA factors are created on the base's
-    mesh (``lora_init``: the members' starting factors, ``bpo_jax.peft_adapters.read_ensemble``; else a fresh
+    mesh (``lora_init``: the members' starting factors, ``bpo_jax.models.peft_adapters.read_ensemble``; else a fresh
     PEFT-style init); the optimizer state follows the trainable leaves' shardings. Trainable leaves are
     float32."""
     init_key, run_key = jax.random.split(key)

@@ -1,6 +1,6 @@
 """Per-step sampling operations: logits → sampling distribution, token draw and log-probs.
 
-Kept apart from the decode loop (``bpo_jax.sampling``) so the maths is small and testable on its own.
+Kept apart from the decode loop (``bpo_jax.sample.sampler``) so the maths is small and testable on its own.
 """
 
 from __future__ import annotations

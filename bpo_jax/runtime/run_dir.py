@@ -12,7 +12,7 @@ import json
 
 from etils import epath
 
-from bpo_jax import distributed
+from bpo_jax.runtime import distributed
 
 
 def path(run_dir: str, *parts: str) -> epath.Path:
@@ -24,7 +24,7 @@ def make(run_dir: str) -> None:
     """Create the run directory (primary host; the others wait for it)."""
     if distributed.is_primary():
         path(run_dir).mkdir(parents=True, exist_ok=True)
-    distributed.barrier("bpo_jax.run_dir.make")
+    distributed.barrier("bpo_jax.runtime.run_dir.make")
 
 
 def append_jsonl(file: epath.Path, record: dict) -> None:

@@ -18,8 +18,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bpo_jax import distributed
-from bpo_jax import run_dir as rd
+from bpo_jax.runtime import distributed
+from bpo_jax.runtime import run_dir as rd
 
 
 class IncompatibleCheckpoint(ValueError):

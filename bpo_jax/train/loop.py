@@ -10,7 +10,7 @@ With ``reference=behavior`` this is BPO; F = 1 is offline DAP and F = T is on-po
 ``checkpoint_every`` steps and at each phase end) hold the state, the phase's pairs and the prompt stream's state,
 so the same command on the same ``run_dir`` resumes exactly; SIGTERM saves and exits.
 
-Several processes (``bpo_jax.distributed``): each host owns B/P prompts of every global batch of B. It samples
+Several processes (``bpo_jax.runtime.distributed``): each host owns B/P prompts of every global batch of B. It samples
 them with π_β on the global mesh, decodes and annotates only its own rows, and keeps its own pairs; the
 collection goes on until every host has its K·B/P pairs (the hosts agree on that from their gathered counts).
 Each train step's global batch is assembled from the hosts' rows, so the same global batch gives the same
@@ -26,15 +26,15 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from bpo_jax import distributed, run_dir
-from bpo_jax import state as st
-from bpo_jax.checkpoint import Checkpointer
 from bpo_jax.config import TrainConfig
 from bpo_jax.models.decoder import unstack_layers
-from bpo_jax.pairs import build_pairs, distinct, tied
-from bpo_jax.sampling import generate
-from bpo_jax.trackers import open_trackers
-from bpo_jax.train_step import (
+from bpo_jax.runtime import distributed, run_dir
+from bpo_jax.runtime.trackers import open_trackers
+from bpo_jax.sample.sampler import generate
+from bpo_jax.train import state as st
+from bpo_jax.train.checkpoint import Checkpointer
+from bpo_jax.train.pairs import build_pairs, distinct, tied
+from bpo_jax.train.step import (
     BATCH_KEYS,
     behavior_logp_gap,
     make_train_step,
@@ -139,7 +139,7 @@ def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator
     state is checkpointed (one per host). ``reference``: the fixed reference's weights (``reference=fixed``).
     ``lora_init``: the ensemble's starting factors (``lora_init_from``; unused when resuming). ``stop``: the
     caller's ``Preemption`` (which ``evaluate`` should check too); default: one of the loop's own. ``trackers``:
-    the caller's open ``bpo_jax.trackers.Trackers`` (left open); default: the config's own, closed at the end.
+    the caller's open ``bpo_jax.runtime.trackers.Trackers`` (left open); default: the config's own, closed at the end.
     Returns the final state.
 
     On SIGTERM the loop raises ``Preempted`` with the last completed state on disk: after a train step it saves

@@ -3,7 +3,7 @@
 Every parameter carries logical axis names (``bpo_jax.models.decoder.param_axes``); rules map them onto the
 mesh axes ``data`` / ``fsdp`` / ``tensor``. A mesh axis that does not divide a dimension is skipped for that
 dimension (it stays replicated there), so the same rules serve a 1-device CPU, 8 fake CPU devices, one GPU and
-a TPU pod slice. Batches are sharded over ``data`` and ``fsdp`` together (``bpo_jax.distributed.global_rows``
+a TPU pod slice. Batches are sharded over ``data`` and ``fsdp`` together (``bpo_jax.runtime.distributed.global_rows``
 builds them from each host's rows).
 """
 
@@ -53,7 +53,7 @@ def mesh_sizes(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[in
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None):
     """A ``(data, fsdp, tensor)`` mesh with Auto axis types in JAX's device order (physical on a TPU); one size
     may be -1 for "all remaining devices". Runs over several hosts build theirs with
-    ``bpo_jax.distributed.make_mesh``, which keeps each tensor group inside a host."""
+    ``bpo_jax.runtime.distributed.make_mesh``, which keeps each tensor group inside a host."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = mesh_sizes(data, fsdp, tensor, len(devices))
     return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)

@@ -21,9 +21,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
     args = p.parse_args(argv)
 
-    from bpo_jax import distributed
     from bpo_jax.models import load_pretrained
-    from bpo_jax.sampling import generate
+    from bpo_jax.runtime import distributed
+    from bpo_jax.sample.sampler import generate
 
     model, tok = load_pretrained(args.model)
     if tok is None:
