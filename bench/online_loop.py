@@ -47,8 +47,7 @@ import tempfile
 import time
 from collections import defaultdict
 
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, REPO)
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")  # the checkout: its configs/
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Rows in the order the loop reaches them, and the brief's categories they add up to.
@@ -182,7 +181,7 @@ def run(args) -> dict:
         state = loop.train(cfg, model_config=mcfg, tokenizer=loop_tok, base=setup.model.params,
                              prompts=task.train, annotator=loop_ann, mesh=setup.mesh,
                              eos_token_ids=setup.eos_token_ids, reference=setup.reference,
-                             evaluate=evaluate if cfg.eval_every else None, log=print)
+                             evaluate=evaluate if cfg.eval_every else None)
         loop_s = time.perf_counter() - t0
         in_loop_eval = tm.total("evaluation")
         state = st.sync_behavior(state)  # the next phase's start: π_β ← π_θ

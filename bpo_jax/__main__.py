@@ -17,6 +17,8 @@ import logging
 import os
 import sys
 
+log = logging.getLogger("bpo_jax.cli")  # this module runs as __main__
+
 # command -> (module with a ``main(argv) -> int``, one-line help). Modules are imported on use, so a command's
 # heavy dependencies load only when it runs.
 COMMANDS = {
@@ -29,29 +31,6 @@ COMMANDS = {
                                              "win-rate comparisons: EXPERIMENT.yaml"),
 }
 JOINING = ("train", "evaluate", "generate")  # commands that join the run's processes before touching a device
-
-
-class _Stderr(logging.StreamHandler):
-    """A handler writing to whatever ``sys.stderr`` is when a line is logged (not the one at its creation,
-    which may be closed by then when commands run inside another program, e.g. a test)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _):
-        pass
-
-
-def _log_to_stderr() -> None:
-    """The ``bpo_jax`` logger's INFO lines (process start-up, the compilation cache) on stderr, once."""
-    logger = logging.getLogger("bpo_jax")
-    if not logger.handlers:
-        handler = _Stderr()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
 
 
 # Environment settings read by libraries when they load (TF_CPP_MIN_LOG_LEVEL also quiets XLA's C++ INFO/WARNING
@@ -99,17 +78,19 @@ def main(argv=None, *, join: bool = True) -> int:
     argv = [a for a in argv if a != "--debug"]
     quiet_libraries(not debug)
     module, _ = COMMANDS[argv[0]]
+    from bpo_jax.runtime import logs
+
+    logs.setup(debug=debug)  # every host's start-up lines; each command then keeps INFO to the primary host
     try:
         if join and argv[0] in JOINING:
             from bpo_jax.runtime import cluster
 
-            _log_to_stderr()
             cluster.initialize()  # before anything touches a device: a no-op for one process
         return int(importlib.import_module(module).main(argv[1:]) or 0)
     except (OSError, ValueError) as err:  # expected errors (a path, a value, a file's content): one clear line
         if debug:
             raise
-        print(f"error: {err}\n(python -m bpo_jax {argv[0]} --debug ... shows the traceback)", file=sys.stderr)
+        log.error(f"error: {err}\n(python -m bpo_jax {argv[0]} --debug ... shows the traceback)")
         return 2
 
 

@@ -56,7 +56,7 @@ def test_two_phase_run_logs_log2_at_each_phase_start(tiny_dir, tmp_path):
     model, tok, prompts = _setup(tiny_dir)
     cfg = _cfg(tmp_path / "run")
     state = loop.train(cfg, model_config=model.config, tokenizer=tok, base=model.params, prompts=prompts,
-                         annotator=_annotator(), eos_token_ids=(2,), log=lambda *a: None)
+                         annotator=_annotator(), eos_token_ids=(2,))
     assert int(state.step) == 4 and int(state.phase) == 1
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
@@ -141,7 +141,7 @@ def test_ensemble_members_differ_from_the_merged_behavior_at_a_phase_start(tiny_
     away from it, so the first loss of the phase is not log 2 (it is with one adapter, above)."""
     model, tok, prompts = _setup(tiny_dir)
     loop.train(_cfg(tmp_path / "run", lora_rank=2, ensemble_size=3), model_config=model.config, tokenizer=tok,
-                 base=model.params, prompts=prompts, annotator=_annotator(), eos_token_ids=(2,), log=lambda *a: None)
+                 base=model.params, prompts=prompts, annotator=_annotator(), eos_token_ids=(2,))
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     first, second = records[0], records[2]
@@ -170,7 +170,7 @@ _KILLED_RUN = textwrap.dedent("""
 def test_sigkill_and_resume_gives_identical_losses(tiny_dir, tmp_path):
     model, tok, prompts = _setup(tiny_dir)
     kw = dict(model_config=model.config, tokenizer=tok, base=model.params, prompts=prompts, annotator=_annotator(),
-              eos_token_ids=(2,), log=lambda *a: None)
+              eos_token_ids=(2,))
     loop.train(_cfg(tmp_path / "whole", checkpoint_every=1), **kw)
     want = _losses(tmp_path / "whole")
 

@@ -83,7 +83,7 @@ def test_interrupted_tfds_run_resumes_the_prompt_stream_exactly(tiny_policy_and_
             return {}
 
         loop.train(cfg, model_config=model.config, tokenizer=tok, base=model.params, prompts=task.train,
-                     annotator=task.annotator, eos_token_ids=(2,), evaluate=evaluate, log=lambda *a: None)
+                     annotator=task.annotator, eos_token_ids=(2,), evaluate=evaluate)
 
     def losses(run_dir):
         return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}

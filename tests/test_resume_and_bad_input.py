@@ -2,6 +2,7 @@
 checkpoint falls back to the previous one, and expected errors are one clear line with exit code 2."""
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -89,12 +90,29 @@ def _loop(tiny_dir, run, **kw):
     ids, mask = encode_prompts(tok, texts, 64)
     cfg = TrainConfig(**{**dict(total_steps=4, num_phases=2, batch_size=2, max_new_tokens=6, learning_rate=5e-3,
                                 run_dir=str(run), seed=3, checkpoint_every=1), **kw})
-    logs = []
-    loop.train(cfg, model_config=model.config, tokenizer=tok, base=model.params,
-                 prompts=ArrayPrompts(texts, ids, mask, batch_size=2, seed=3),
-                 annotator=FunctionAnnotator(lambda p, r: r.count("e") - 0.01 * len(r)), eos_token_ids=(2,),
-                 log=logs.append)
-    return logs
+    logs = _Messages()
+    logger = logging.getLogger("bpo_jax")
+    level, logger.level = logger.level, logging.INFO
+    logger.addHandler(logs)
+    try:
+        loop.train(cfg, model_config=model.config, tokenizer=tok, base=model.params,
+                   prompts=ArrayPrompts(texts, ids, mask, batch_size=2, seed=3),
+                   annotator=FunctionAnnotator(lambda p, r: r.count("e") - 0.01 * len(r)), eos_token_ids=(2,))
+    finally:
+        logger.removeHandler(logs)
+        logger.setLevel(level)
+    return logs.messages
+
+
+class _Messages(logging.Handler):
+    """The messages the ``bpo_jax`` loggers emit, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
 
 
 def _losses(run):

@@ -12,7 +12,9 @@ response, reference and score to ``RUN_DIR/eval_step<N>_<data>.jsonl``.
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
+
+log = logging.getLogger(__name__)
 
 
 def main(argv=None) -> int:
@@ -24,21 +26,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from bpo_jax.config import ConfigError, load_config
-    from bpo_jax.runtime import distributed
+    from bpo_jax.runtime import distributed, logs
     from bpo_jax.runtime import run_dir as rd
     from bpo_jax.runtime.trackers import check_available, log_evaluation
 
+    logs.setup(primary=distributed.is_primary())
     cfg_path = str(rd.path(args.checkpoint, "config.yaml"))
     if not rd.path(cfg_path).exists():
-        print(f"error: {cfg_path!r} not found; --checkpoint must be a run directory written by `train`",
-              file=sys.stderr)
+        log.error(f"error: {cfg_path!r} not found; --checkpoint must be a run directory written by `train`")
         return 2
     overrides = list(args.overrides) + ([f"data={args.data}"] if args.data else [])
     try:
         cfg = load_config(cfg_path, overrides + [f"run_dir={args.checkpoint}"])
         check_available(cfg.tracker)  # before any compute
     except (ConfigError, ValueError) as err:
-        print(f"config error: {err}", file=sys.stderr)
+        log.error(f"config error: {err}")
         return 2
 
     from bpo_jax.train.checkpoint import Checkpointer
@@ -48,14 +50,14 @@ def main(argv=None) -> int:
     step = args.step if args.step is not None else (steps[-1] if steps else None)
     if step is None or step not in steps:
         ckpt.close()
-        print(f"error: no checkpoint {'at step %d ' % step if step is not None else ''}in {ckpt.directory} "
-              f"(have: {steps or 'none'})", file=sys.stderr)
+        log.error(f"error: no checkpoint {'at step %d ' % step if step is not None else ''}in {ckpt.directory} "
+                  f"(have: {steps or 'none'})")
         return 2
 
     import jax
 
     from bpo_jax.data.tasks import setup_run
-    from bpo_jax.eval.win_rate import score_test_set, scores_file, win_rate_from_scores, write_scores
+    from bpo_jax.eval.win_rate import score_task, scores_file, write_scores
     from bpo_jax.train import state as st
 
     run = setup_run(cfg, train=False)
@@ -64,17 +66,12 @@ def main(argv=None) -> int:
     state, _, _ = ckpt.restore(step, template, mesh=run.mesh)
     ckpt.close()
     policy = st.policy_params(cfg, state, run.model.config.dtype)  # π_θ as the train step runs it
-    result = score_test_set(
-        policy, run.model.config, run.tokenizer, task.eval_annotator, task.eval_prompts,
-        task.eval_ids, task.eval_mask, task.references, max_new_tokens=cfg.eval_max_new_tokens,
-        eos_token_ids=run.eos_token_ids, mesh=run.mesh, batch_size=cfg.eval_batch_size)
-    wr = win_rate_from_scores(result.scores, result.reference_scores)
+    result, wr = score_task(cfg, run, policy)
     rd.append_jsonl(rd.path(cfg.run_dir, "eval.jsonl"), {"step": step, "data": cfg.data, **wr.metrics()})
     log_evaluation(cfg, step, wr.metrics())
     detail = scores_file(cfg.run_dir, step, cfg.data)
     write_scores(detail, task.eval_prompts, task.references, result)
-    if distributed.is_primary():
-        cut = f" ({task.truncated} test prompts cut to max_prompt_length)" if task.truncated else ""
-        print(f"{cfg.run_dir} step {step} on {cfg.data}{cut}: {wr.describe()}; mean {task.score_name} "
-              f"{wr.mean_score:.3f} vs references {wr.mean_reference_score:.3f}. Responses: {detail}")
+    cut = f" ({task.truncated} test prompts cut to max_prompt_length)" if task.truncated else ""
+    log.info(f"{cfg.run_dir} step {step} on {cfg.data}{cut}: {wr.describe()}; mean {task.score_name} "
+             f"{wr.mean_score:.3f} vs references {wr.mean_reference_score:.3f}. Responses: {detail}")
     return 0

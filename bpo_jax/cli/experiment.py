@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import os
 import subprocess
 import sys
+
+log = logging.getLogger(__name__)
 
 
 def main(argv=None) -> int:
@@ -31,42 +34,44 @@ def main(argv=None) -> int:
 
     from bpo_jax.config import ConfigError
     from bpo_jax.eval import experiment as ex
+    from bpo_jax.runtime import logs
+
+    logs.setup()
 
     try:
         exp = ex.load_experiment(args.experiment, args.out_dir)
         ex.check_finished_runs_match(exp)
     except ConfigError as err:
-        print(f"experiment error: {err}", file=sys.stderr)
+        log.error(f"experiment error: {err}")
         return 2
     if args.dry_run:
         for run in exp.runs:
             state = "finished" if ex.is_trained(run) and os.path.exists(ex.eval_file(run)) else "to run"
-            print(f"# {run.method}/{run.loss_type}/seed{run.seed}: {state}\n"
-                  f"python -m bpo_jax train {' '.join(run.overrides)}\n"
-                  f"python -m bpo_jax evaluate --checkpoint {run.run_dir} --step {run.config.total_steps}")
+            log.info(f"# {run.method}/{run.loss_type}/seed{run.seed}: {state}\n"
+                     f"python -m bpo_jax train {' '.join(run.overrides)}\n"
+                     f"python -m bpo_jax evaluate --checkpoint {run.run_dir} --step {run.config.total_steps}")
         return 0
     failed = []
     if not args.report_only:
-        print(f"experiment: {len(exp.runs)} runs ({len(exp.methods)} methods, {len(exp.loss_types)} losses, "
-              f"{len(exp.seeds)} seeds) in {exp.out_dir}", flush=True)
-        failed = ex.run_grid(exp, in_process if args.in_process else subprocess_command,
-                             log=lambda msg: print(msg, flush=True))
+        log.info(f"experiment: {len(exp.runs)} runs ({len(exp.methods)} methods, {len(exp.loss_types)} losses, "
+                 f"{len(exp.seeds)} seeds) in {exp.out_dir}")
+        failed = ex.run_grid(exp, in_process if args.in_process else subprocess_command)
     results, paired, unfinished = ex.summarize(exp)
     os.makedirs(exp.out_dir, exist_ok=True)
     write_results(exp, results, paired, unfinished)
     if results:
         plot_grid(exp, os.path.join(exp.out_dir, "win_rate.png"))
-    print(f"results: {os.path.join(exp.out_dir, 'results.md')} ({len(exp.runs) - len(unfinished)} of "
-          f"{len(exp.runs)} runs finished)")
+    log.info(f"results: {os.path.join(exp.out_dir, 'results.md')} ({len(exp.runs) - len(unfinished)} of "
+             f"{len(exp.runs)} runs finished)")
     for run, step, rc in failed:
-        print(f"FAILED: {run.run_dir}: {step} exited with {rc}; see {run.run_dir}/experiment.log", file=sys.stderr)
+        log.error(f"FAILED: {run.run_dir}: {step} exited with {rc}; see {run.run_dir}/experiment.log")
     return 1 if failed else 0
 
 
 def subprocess_command(args: list, log_path: str) -> int:
     """``python -m bpo_jax <args>`` in a fresh process, its output appended to ``log_path``."""
-    with open(log_path, "a") as log:
-        return subprocess.run([sys.executable, "-m", "bpo_jax", *args], stdout=log, stderr=subprocess.STDOUT,
+    with open(log_path, "a") as out:
+        return subprocess.run([sys.executable, "-m", "bpo_jax", *args], stdout=out, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
 
 

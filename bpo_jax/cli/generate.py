@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 import jax
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def main(argv=None) -> int:
@@ -22,8 +25,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from bpo_jax.models import load_pretrained
-    from bpo_jax.runtime import distributed
+    from bpo_jax.runtime import distributed, logs
     from bpo_jax.sample.sampler import generate
+
+    logs.setup(primary=distributed.is_primary())  # several processes each answer the same prompt on their own
 
     model, tok = load_pretrained(args.model)
     if tok is None:
@@ -39,6 +44,5 @@ def main(argv=None) -> int:
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_ids=eos,
                    rng=jax.random.key(args.seed), pad_token_id=model.config.pad_token_id or 0)
     n = int(np.asarray(out.mask)[0].sum())
-    if distributed.is_primary():  # several processes each answer the same prompt on their own devices
-        print(tok.decode(np.asarray(out.tokens)[0, :n], skip_special_tokens=True).strip())
+    log.info(tok.decode(np.asarray(out.tokens)[0, :n], skip_special_tokens=True).strip())
     return 0

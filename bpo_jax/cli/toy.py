@@ -14,6 +14,7 @@ real trainer on a language model lives in the trainer modules; this one exists f
 from __future__ import annotations
 
 import argparse
+import logging
 from functools import partial
 
 import jax
@@ -22,6 +23,8 @@ import numpy as np
 import optax
 
 from bpo_jax.losses import LOSS_TYPES, dap_loss
+
+log = logging.getLogger(__name__)
 
 
 def _logps(theta, idx):
@@ -84,13 +87,16 @@ def main(argv=None) -> int:
     p.add_argument("--total-steps", type=int, default=64)
     p.add_argument("--seeds", type=int, default=4)
     args = p.parse_args(argv)
+    from bpo_jax.runtime import logs
+
+    logs.setup()
     t = args.total_steps
     settings = [("offline DAP (F=1, ref=SFT)", 1, "sft"), ("on-policy (F=T, ref=SFT)", t, "sft"),
                 ("BPO (F=2, ref=behavior)", 2, "behavior"), ("BPO (F=T, ref=behavior)", t, "behavior")]
-    print(f"toy BPO: {args.loss_type}, beta={args.beta}, T={t}; expected gold reward of pi_theta "
-          f"(mean over {args.seeds} seeds)")
+    log.info(f"toy BPO: {args.loss_type}, beta={args.beta}, T={t}; expected gold reward of pi_theta "
+             f"(mean over {args.seeds} seeds)")
     for label, f, ref in settings:
         curves = np.stack([run(num_phases=f, reference=ref, total_steps=t, loss_type=args.loss_type,
                                beta=args.beta, seed=s) for s in range(args.seeds)])
-        print(f"  {label:28s} start {curves[:, 0].mean():+.3f}  end {curves[:, -1].mean():+.3f}")
+        log.info(f"  {label:28s} start {curves[:, 0].mean():+.3f}  end {curves[:, -1].mean():+.3f}")
     return 0

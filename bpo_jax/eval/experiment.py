@@ -20,8 +20,8 @@
   5. write them (``bpo_jax.cli.experiment``: ``results.csv``, ``paired.csv``, ``results.md``, ``win_rate.png``).
 
 The runner takes its dependencies as arguments: ``run_command(args, log_path) -> exit code`` runs one
-``python -m bpo_jax <args>`` (a subprocess per run in the CLI: bounded memory, isolated failures) and ``log``
-prints. Statistics are pure NumPy functions.
+``python -m bpo_jax <args>`` (a subprocess per run in the CLI: bounded memory, isolated failures); progress goes to
+this module's logger. Statistics are pure NumPy functions.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import time
 from typing import Callable, NamedTuple
@@ -37,6 +38,8 @@ import numpy as np
 import yaml
 
 from bpo_jax.config import ConfigError, TrainConfig, load_config, run_identity_changes
+
+log = logging.getLogger(__name__)
 
 # What a method may set: how often π_β is refreshed and what the loss's reference is (plus the references' own
 # knobs). Everything else is the shared budget and setting, in ``base``.
@@ -224,7 +227,7 @@ def is_trained(run: Run) -> bool:
                    for r in map(json.loads, filter(str.strip, f)))
 
 
-def run_grid(exp: Experiment, run_command: Callable[[list, str], int], log=print) -> list:
+def run_grid(exp: Experiment, run_command: Callable[[list, str], int]) -> list:
     """Step 2: train and evaluate each unfinished run in turn. Returns the runs that failed, with their step and
     exit code."""
     check_finished_runs_match(exp)
@@ -233,11 +236,11 @@ def run_grid(exp: Experiment, run_command: Callable[[list, str], int], log=print
         name = f"[{i}/{len(exp.runs)}] {run.method}/{run.loss_type}/seed{run.seed}"
         trained, evaluated = is_trained(run), os.path.exists(eval_file(run))
         if trained and evaluated:
-            log(f"{name}: finished, skipped")
+            log.info(f"{name}: finished, skipped")
             continue
         os.makedirs(run.run_dir, exist_ok=True)
         if not trained and (donor := reuse_step0_eval(exp, run)):
-            log(f"{name}: the step-0 evaluation (the SFT model) is {donor}'s")
+            log.info(f"{name}: the step-0 evaluation (the SFT model) is {donor}'s")
         log_path = os.path.join(run.run_dir, "experiment.log")
         commands = ([] if trained else [["train", *run.overrides]]) + [
             ["evaluate", "--checkpoint", run.run_dir, "--step", str(run.config.total_steps)]]
@@ -245,9 +248,9 @@ def run_grid(exp: Experiment, run_command: Callable[[list, str], int], log=print
             if args[0] == "evaluate" and os.path.exists(eval_file(run)):
                 break  # train's final evaluation wrote the per-prompt scores: no second evaluation
             t0 = time.time()
-            log(f"{name}: python -m bpo_jax {' '.join(args)}")
+            log.info(f"{name}: python -m bpo_jax {' '.join(args)}")
             rc = run_command(args, log_path)
-            log(f"{name}: {args[0]} {'done' if rc == 0 else f'FAILED (exit {rc}; see {log_path})'} "
+            log.info(f"{name}: {args[0]} {'done' if rc == 0 else f'FAILED (exit {rc}; see {log_path})'} "
                 f"in {time.time() - t0:.0f} s")
             if rc != 0:
                 failed.append((run, args[0], rc))

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def load_series(run_dir: str) -> dict[str, np.ndarray]:
@@ -71,6 +74,9 @@ def main(argv=None) -> int:
     if args.labels and len(args.labels) != len(args.run_dirs):
         p.error(f"{len(args.labels)} labels for {len(args.run_dirs)} runs")
     out = args.out or os.path.join(args.run_dirs[0], "plot.png")
+    from bpo_jax.runtime import logs
+
+    logs.setup()
     plot_runs(args.run_dirs, out, args.labels)
-    print(out)
+    log.info(out)
     return 0

@@ -164,3 +164,14 @@ def write_scores(path, prompts, references, result: TestSetScores) -> None:
                         "reference_score": float(r), **({} if d is None else {"sft_logratio": float(d)})}) + "\n"
             for p, resp, ref, s, r, d in zip(prompts, result.responses, references, result.scores,
                                              result.reference_scores, drift)))
+
+
+def score_task(cfg, run, params, *, interrupt=None, reference_params=None) -> tuple[TestSetScores, WinRate]:
+    """``score_test_set`` on a run's test set (``bpo_jax.data.tasks.Run``) with the config's evaluation settings,
+    and its win rate: what ``train`` and ``evaluate`` both report."""
+    task = run.task
+    result = score_test_set(params, run.model.config, run.tokenizer, task.eval_annotator, task.eval_prompts,
+                            task.eval_ids, task.eval_mask, task.references, max_new_tokens=cfg.eval_max_new_tokens,
+                            eos_token_ids=run.eos_token_ids, mesh=run.mesh, batch_size=cfg.eval_batch_size,
+                            interrupt=interrupt, reference_params=reference_params)
+    return result, win_rate_from_scores(result.scores, result.reference_scores)

@@ -56,7 +56,7 @@ from typing import NamedTuple
 
 import jax
 
-log = logging.getLogger("bpo_jax")
+log = logging.getLogger(__name__)
 
 BPO_VARS = ("BPO_COORDINATOR_ADDRESS", "BPO_NUM_PROCESSES", "BPO_PROCESS_ID")
 JAX_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")

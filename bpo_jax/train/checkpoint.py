@@ -14,12 +14,16 @@ number of processes is refused. A different mesh with the same devices restores 
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from bpo_jax.runtime import distributed
 from bpo_jax.runtime import run_dir as rd
+
+log = logging.getLogger(__name__)
 
 
 class IncompatibleCheckpoint(ValueError):
@@ -93,7 +97,7 @@ class Checkpointer:
         pairs = None if "_none" in out["pairs"] else distributed.local_rows(dict(out["pairs"]), mesh)
         return out["state"].replace(base=template.base), pairs, meta
 
-    def restore_latest(self, template, *, mesh=None, warn=print):
+    def restore_latest(self, template, *, mesh=None):
         """``(step, state, pairs, meta)`` from the newest intact checkpoint, or None when there is none.
 
         A checkpoint that cannot be read (truncated files, a killed copy) is reported with its step and error,
@@ -115,13 +119,13 @@ class Checkpointer:
             if failed := [i for i, o in enumerate(outcomes) if o]:
                 where = "" if len(outcomes) == 1 else f" on process{'es' if len(failed) > 1 else ''} " \
                                                      f"{', '.join(map(str, failed))}"
-                warn(f"warning: checkpoint step {step} in {self.directory} is unreadable{where} "
+                log.warning(f"warning: checkpoint step {step} in {self.directory} is unreadable{where} "
                      f"({outcomes[failed[0]][1]})")
                 broken.append(step)
                 continue
             if broken:
-                self._set_aside(broken, warn)
-                warn(f"warning: resuming from step {step}, the newest intact checkpoint")
+                self._set_aside(broken)
+                log.warning(f"warning: resuming from step {step}, the newest intact checkpoint")
             return (step, *restored[0])
         if broken:
             raise IncompatibleCheckpoint(f"no checkpoint in {self.directory} is readable (steps {broken}); they are "
@@ -165,7 +169,7 @@ class Checkpointer:
                         "kvstore": {"driver": "ocdbt", "base": f"{base}/"}}
                 ts.open(spec, open=True).result().read().result()
 
-    def _set_aside(self, steps, warn) -> None:
+    def _set_aside(self, steps) -> None:
         """Move unreadable checkpoints out of the manager's directory (so new saves never collide with them)."""
         from etils import epath
 
@@ -180,7 +184,7 @@ class Checkpointer:
                 while dest.exists():  # set aside before, by an earlier resume: keep both
                     dest, n = aside / f"{step}.{n}", n + 1
                 (epath.Path(self.directory) / f"{step}").rename(dest)
-                warn(f"warning: moved the unreadable checkpoint of step {step} to {dest}")
+                log.warning(f"warning: moved the unreadable checkpoint of step {step} to {dest}")
 
         distributed.agreed(move)
         self._manager.close()

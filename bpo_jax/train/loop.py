@@ -19,6 +19,7 @@ losses whatever the number of processes. The primary host alone prints and write
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 
@@ -41,6 +42,8 @@ from bpo_jax.train.step import (
     member_logp_gaps,
     policy_behavior_logp_gap,
 )
+
+log = logging.getLogger(__name__)
 
 
 class Preempted(Exception):
@@ -132,7 +135,7 @@ def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts, 
 
 
 def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator, mesh=None, eos_token_ids=(),
-          evaluate=None, reference=None, lora_init=None, stop: Preemption | None = None, log=print,
+          evaluate=None, reference=None, lora_init=None, stop: Preemption | None = None,
           trackers=None) -> st.TrainState:
     """Run (or resume) the online loop; ``evaluate(params, step) -> dict`` is called every ``eval_every`` steps.
     ``prompts``: a prompt stream (``bpo_jax.data.prompts``) of ``cfg.batch_size`` prompts per global batch; its
@@ -159,15 +162,15 @@ def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator
     own_stop = stop is None
     stop = Preemption().__enter__() if own_stop else stop
     try:
-        if (restored := ckpt.restore_latest(state, mesh=mesh, warn=log)) is not None:
+        if (restored := ckpt.restore_latest(state, mesh=mesh)) is not None:
             latest, state, pairs, meta = restored
             prompts.set_state(meta["prompts"][distributed.process_index()])
-            log(f"resumed {cfg.run_dir} at step {latest}")
+            log.info(f"resumed {cfg.run_dir} at step {latest}")
             if meta.get("pending_eval") and evaluate is not None:  # interrupted by a preemption: make it now
                 policy = st.policy_params(cfg, state, model_config.dtype)
                 _write(metrics_path, trackers, {"step": latest, **evaluate(policy, latest)})
         return _loop(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids, evaluate, ckpt, stop,
-                     metrics_path, trackers, state, pairs, log)
+                     metrics_path, trackers, state, pairs)
     finally:
         if own_stop:
             stop.__exit__()
@@ -177,7 +180,7 @@ def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator
 
 
 def _loop(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids, evaluate, ckpt, stop,
-          metrics_path, trackers, state, pairs, log) -> st.TrainState:
+          metrics_path, trackers, state, pairs) -> st.TrainState:
     """The steps from ``state`` (with the phase's remaining ``pairs``, or None at a phase start) to T, as
     ``train``'s docstring says; returns the final state."""
     K, B, P = cfg.steps_per_phase, prompts.local_batch_size, prompts.width  # B: this host's pairs per step
@@ -190,7 +193,7 @@ def _loop(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids,
             phase = step // K
             if pairs is None:  # a new phase: π_β ← π_θ (after the first), then collect its pairs with π_β
                 state, pairs, phase_stats = _start_phase(cfg, model_config, tokenizer, prompts, annotator, mesh,
-                                                         eos_token_ids, state, phase, stop, log)
+                                                         eos_token_ids, state, phase, stop)
             i = step - phase * K
             batch = distributed.global_rows({k: pairs[k][i * B:(i + 1) * B] for k in BATCH_KEYS}, mesh)
             state, metrics = step_fn(state, batch)
@@ -225,7 +228,7 @@ def _loop(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids,
     return state
 
 
-def _start_phase(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids, state, phase, stop, log):
+def _start_phase(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids, state, phase, stop):
     """Steps 5 and 1–3 at a phase start: ``(state, this host's pairs, phase stats)``. A preemption during the
     collection saves nothing: the last checkpoint (or the fresh start) already holds this phase's start.
 
@@ -237,7 +240,8 @@ def _start_phase(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_tok
     if phase > int(state.phase):
         state = st.sync_behavior(state)
     behavior = st.behavior_params(cfg, state, model_config.dtype)
-    log(f"phase {phase + 1}/{cfg.num_phases}: collecting {cfg.steps_per_phase * cfg.batch_size} pairs with pi_beta")
+    log.info(f"phase {phase + 1}/{cfg.num_phases}: collecting {cfg.steps_per_phase * cfg.batch_size} pairs "
+             f"with pi_beta")
     try:
         pairs, stats = collect_pairs(cfg, model_config, behavior, tokenizer, prompts, annotator,
                                      jax.random.fold_in(jax.random.key(cfg.seed), phase), mesh=mesh,

@@ -1,0 +1,135 @@
+"""A train run's life around the online loop (``bpo_jax.train.loop``): the checks before it starts, the SFT
+model it starts from, its evaluations at step 0, every ``eval_every`` steps and at T, and its finish (the policy
+and adapters exported, the plot). ``python -m bpo_jax train`` is these calls in order."""
+
+from __future__ import annotations
+
+import logging
+
+from bpo_jax.config import ConfigError, load_config, run_identity_changes
+from bpo_jax.runtime import distributed
+from bpo_jax.runtime import run_dir as rd
+
+log = logging.getLogger(__name__)
+
+
+def has_checkpoint(cfg) -> bool:
+    ckpts = rd.path(cfg.run_dir, "checkpoints")
+    return ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
+
+
+def check_same_run(cfg) -> None:
+    """On resume (``run_dir`` holds a checkpoint), refuse run-defining settings that differ from the saved
+    ``config.yaml``, before anything is loaded: one line per key, and the two ways out."""
+    saved_path = rd.path(cfg.run_dir, "config.yaml")
+    if not (saved_path.exists() and has_checkpoint(cfg)):
+        return
+    try:
+        saved = load_config(str(saved_path))
+    except ConfigError as err:
+        raise ConfigError(f"cannot read the run's saved config to resume it: {err}") from None
+    changes = run_identity_changes(saved, cfg)
+    if changes:
+        lines = "\n  ".join(changes)
+        raise ConfigError(f"{cfg.run_dir} holds a run started with other settings; resuming would silently change "
+                          f"it:\n  {lines}\nRerun with the original settings (see {saved_path}), or pass a new "
+                          f"run_dir=... to start another run")
+
+
+def describe(cfg, task) -> str:
+    """The run's first line: model, schedule, loss, adapters, task and where it writes."""
+    lora = f"LoRA r={cfg.lora_rank} x{cfg.ensemble_size}" if cfg.lora_rank else "full fine-tuning"
+    hosts = f", {distributed.process_count()} processes" if distributed.process_count() > 1 else ""
+    cut = f" ({task.truncated} cut to max_prompt_length)" if task.truncated else ""
+    return (f"bpo_jax train: {cfg.model}, T={cfg.total_steps}, F={cfg.num_phases}, reference={cfg.reference}, "
+            f"{cfg.loss_type} beta={cfg.beta}, {lora}, task {task.name}, {len(task.references)} test prompts"
+            f"{cut}, run_dir={cfg.run_dir}{hosts}")
+
+
+def sft_start(cfg, base):
+    """``(lora_init, start)``: the ensemble's starting factors for a fresh run from ``lora_init_from`` (None
+    otherwise, and on resume: the checkpoint holds them) and the SFT model the step-0 evaluation and the drift
+    measure use: the base, or base + the adapters' merge (by ``ensemble_merge``) in activation space, as π_β
+    samples. A bad adapter folder is a ValueError."""
+    if not cfg.lora_init_from:
+        return None, base
+    from bpo_jax.models.peft_adapters import read_ensemble
+    from bpo_jax.train import lora
+    from bpo_jax.train import state as st
+
+    lora_init = read_ensemble(cfg.lora_init_from, {t: base["layers"][t].shape for t in cfg.lora_targets},
+                              rank=cfg.lora_rank, scale=cfg.lora_scale, targets=cfg.lora_targets)
+    start = lora.attach_merged(base, st.place_like_base(lora_init, base), cfg.lora_scale, cfg.ensemble_merge)
+    return (None if has_checkpoint(cfg) else lora_init), start
+
+
+class Evaluator:
+    """``evaluator(params, step) -> metrics``: the test-set evaluation a run makes at step 0, every
+    ``eval_every`` steps and at T (a step already evaluated in this process is not repeated). ``setting`` is what
+    a figure depends on beyond the model (``eval_size`` and ``eval_max_new_tokens`` may change on resume: a
+    stored step-0 result is reused only when it was made with the same setting, ``step0_metrics``)."""
+
+    def __init__(self, cfg, run, start, interrupt=None):
+        self.cfg, self.run, self.start, self.interrupt = cfg, run, start, interrupt
+        self.setting = {"eval/num_prompts": len(run.task.references), "eval/max_new_tokens": cfg.eval_max_new_tokens}
+        self.done: dict = {}  # step -> metrics
+
+    def __call__(self, params, step: int) -> dict:
+        from bpo_jax.eval.win_rate import score_task, scores_file, write_scores
+
+        cfg, task = self.cfg, self.run.task
+        if step in self.done:  # the loop's periodic evaluation at step T is also the final one
+            return self.done[step]
+        log.info(f"step {step}: evaluating on {len(task.references)} test prompts")
+        result, wr = score_task(cfg, self.run, params, interrupt=self.interrupt,
+                                reference_params=self.start if cfg.eval_sft_logratio else None)
+        drift = {} if result.logratio_sft is None else {"eval/sft_logratio": float(result.logratio_sft.mean())}
+        log.info(f"step {step}: {wr.describe()}; mean {task.score_name} {wr.mean_score:.3f} vs references "
+                 f"{wr.mean_reference_score:.3f}; e.g. {result.responses[0][:100]!r}")
+        if step == cfg.total_steps:  # the final model's per-prompt scores, as `evaluate` writes them
+            write_scores(scores_file(cfg.run_dir, step, cfg.data), task.eval_prompts, task.references, result)
+        self.done[step] = {**wr.metrics(), **drift, **self.setting}
+        return self.done[step]
+
+    def step0_metrics(self, trackers) -> dict:
+        """The starting model's metrics: those a first command logged with the same setting (a resumed run),
+        else evaluated now and logged to ``metrics.jsonl`` and ``trackers``."""
+        metrics = rd.path(self.cfg.run_dir, "metrics.jsonl")
+        logged = [r for r in rd.read_jsonl(metrics) if r.get("step") == 0 and "eval/win_rate" in r
+                  and all(r.get(k) == v for k, v in self.setting.items())]
+        if logged:
+            return {k: v for k, v in logged[-1].items() if k.startswith("eval/")}
+        before = self(self.start, 0)
+        rd.append_jsonl(metrics, {"step": 0, **before})
+        trackers.log({"step": 0, **before})
+        return before
+
+
+def finish_run(cfg, run, state, after: dict, trackers) -> None:
+    """After training: the final metrics logged, the merged policy as an HF folder and the adapters as PEFT
+    folders (``export_policy``), and the run's plot (primary host)."""
+    from bpo_jax.train import state as st
+
+    rd.append_jsonl(rd.path(cfg.run_dir, "metrics.jsonl"), {"step": cfg.total_steps, "final": True, **after})
+    trackers.log({"step": cfg.total_steps, **after})
+    if cfg.export_policy:
+        from bpo_jax.models import Decoder, save_pretrained
+
+        out = save_pretrained(Decoder.from_params(run.model.config, st.export_params(cfg, state)), run.tokenizer,
+                              str(rd.path(cfg.run_dir, "policy")))
+        log.info(f"policy exported as an HF folder: {out}")
+        if cfg.lora_rank:
+            from bpo_jax.models.peft_adapters import write_ensemble
+
+            factors = distributed.gather_to_host(state.trainable)
+            if distributed.is_primary():
+                out = str(rd.path(cfg.run_dir, "adapters"))
+                write_ensemble(out, factors, rank=cfg.lora_rank, alpha=cfg.lora_alpha, base_model=cfg.model,
+                               merge=cfg.ensemble_merge)
+                log.info(f"LoRA adapters exported as PEFT folders: {out}/member_<i> and {out}/merged")
+    if distributed.is_primary():
+        from bpo_jax.eval.plot import plot_runs
+
+        plot_path = str(rd.path(cfg.run_dir, "plot.png"))
+        plot_runs([cfg.run_dir], plot_path)
+        log.info(f"plot: {plot_path}")
