@@ -17,6 +17,7 @@ import yaml
 
 from bpo_jax.data.official import FORMATS as DATA_FORMATS
 from bpo_jax.losses import BATCH_COUPLED, validate_loss_args
+from bpo_jax.numerics import ATTENTION_IMPLS, remat_policy
 from bpo_jax.runtime.trackers import TRACKERS
 from bpo_jax.train.lora import MERGE_RULES, canonical_targets
 from bpo_jax.train.pairs import TIE_RULES
@@ -134,20 +135,6 @@ class TrainConfig:
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
-
-
-REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_IMPLS = ("xla", "cudnn")  # the attention of full-sequence forwards (models.ModelConfig.attention)
-
-
-def remat_policy(value) -> str:
-    """A remat setting as one of REMAT_POLICIES; booleans (the older form) mean full (True) or none (False)."""
-    named = {"true": "full", "1": "full", "yes": "full", "false": "none", "0": "none", "no": "none"}
-    name = str(value).lower()
-    name = named.get(name, name)
-    if name not in REMAT_POLICIES:
-        raise ValueError(f"remat={value!r}; valid: {', '.join(REMAT_POLICIES)} (true = full, false = none)")
-    return name
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -1,6 +1,8 @@
 """The train step: BPO's log 2 at phase starts, reference modes, trainable-only updates, LoRA merge,
 gradient accumulation, sampler log-probs = reference forward, and sharding on 8 fake devices."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,3 +211,32 @@ def assert_sharding(restored, template):
 def test_identical_pairs_are_compared_as_text():
     # different token sequences that decode to the same stripped text are the same response to the annotator
     assert distinct(["a cat", "a cat", "a cat", "a dog", "", ""]).tolist() == [False, True, False]
+
+
+def _step_jaxpr(cfg, model_config) -> str:
+    state = st.create_state(cfg, _base(), jax.random.key(1))
+    batch = _batch(st.behavior_params(cfg, state))
+    keys = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "chosen_behavior_logps",
+            "rejected_behavior_logps", "truncated")
+    fn = make_train_step(cfg, model_config, st.shardings(state), prompt_len=P)
+    return str(jax.make_jaxpr(fn)(state, {k: jnp.asarray(batch[k]) for k in keys}))
+
+
+def test_the_step_takes_remat_from_the_run_config_not_the_model_config():
+    """A library user who sets remat on TrainConfig and loads the model without it gets rematerialisation (the
+    run's config is the one home of remat and attention), and none when the run says none."""
+    import dataclasses
+
+    assert MCFG.remat == "none"
+    remat = re.compile(r"= (remat\d*|checkpoint)\[")  # jax.checkpoint's primitive, as jaxprs print it
+    assert remat.search(_step_jaxpr(_cfg(remat="dots"), MCFG))
+    assert not remat.search(_step_jaxpr(_cfg(remat="none"), dataclasses.replace(MCFG, remat="full")))
+
+
+def test_a_model_config_with_another_compute_dtype_than_the_run_is_refused():
+    import dataclasses
+
+    with pytest.raises(ValueError, match="the run's dtype=float32 but the model was loaded with dtype=bfloat16"):
+        make_train_step(_cfg(dtype="float32"), dataclasses.replace(MCFG, dtype="bfloat16"), None, prompt_len=P)
+    with pytest.raises(ValueError, match="the run's dtype=bfloat16 but the model was loaded with dtype=float32"):
+        make_train_step(_cfg(dtype="bfloat16"), MCFG, None, prompt_len=P)

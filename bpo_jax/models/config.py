@@ -13,7 +13,7 @@ import dataclasses
 import math
 from typing import Any
 
-from bpo_jax.config import ATTENTION_IMPLS, remat_policy
+from bpo_jax.numerics import ATTENTION_IMPLS, remat_policy
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 _GEMMAS = ("gemma", "gemma2", "gemma3_text")
@@ -34,6 +34,8 @@ _ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gel
 _HF_ACTS = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}
 _ROPE_TYPES = ("default", "llama3", "linear")
 FULL, SLIDING = "full_attention", "sliding_attention"
+
+
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ accumulator and the AdamW update are float32, like the master weights they updat
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
@@ -32,6 +33,7 @@ import optax
 from bpo_jax.config import TrainConfig
 from bpo_jax.logprobs import chunked_token_logprobs, reduce_masked
 from bpo_jax.losses import dap_loss
+from bpo_jax.models.config import ModelConfig
 from bpo_jax.models.decoder import hidden_states, logits_from_hidden
 from bpo_jax.train import state as st
 
@@ -159,9 +161,24 @@ def _updated_reference(cfg: TrainConfig, reference, trainable, step):
     return reference
 
 
+def step_model_config(cfg: TrainConfig, model_config: ModelConfig) -> ModelConfig:
+    """The model config the step computes with. ``remat`` and ``attention`` have one home, the run's config:
+    they replace the model config's (a model loaded without ``remat=`` still rematerialises as the run says).
+    The compute dtype is fixed when the model is loaded (with the weights' own dtype, ``param_dtype``), so a model
+    config whose compute dtype disagrees with the run's explicit ``dtype`` is refused (load the model with the
+    run's dtypes, as ``bpo_jax.data.tasks.setup_run`` does; ``dtype=auto`` takes the model's)."""
+    if cfg.dtype != "auto" and model_config.dtype != cfg.dtype:
+        raise ValueError(f"the run's dtype={cfg.dtype} but the model was loaded with dtype={model_config.dtype}; "
+                         f"load it with load_pretrained(..., dtype={cfg.dtype!r})")
+    return dataclasses.replace(model_config, remat=cfg.remat, attention=cfg.attention)
+
+
 def make_train_step(cfg: TrainConfig, model_config, state_shardings, *, prompt_len: int, batch_sharding=None):
     """``train_step`` jitted with explicit in/out shardings, the state donated — all but the frozen base
-    weights, which the step only reads (and the caller may still hold)."""
+    weights, which the step only reads (and the caller may still hold). The model config's numerics are the
+    run's (``step_model_config``)."""
+    model_config = step_model_config(cfg, model_config)
+
     def fn(rest, base, batch):
         new_state, metrics = train_step(cfg, model_config, rest.replace(base=base), batch, prompt_len=prompt_len)
         return new_state.replace(base=None), metrics
