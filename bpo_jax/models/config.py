@@ -137,52 +137,12 @@ class ModelConfig:
         ``rope_local_base_freq``) or the transformers-5 ``rope_parameters`` form, flat or per layer type).
         ``numerics`` sets ``param_dtype``/``dtype``/``remat``/``attention``."""
         mt = hf.get("model_type")
-        if mt in _REFUSED:
-            raise ValueError(_REFUSED[mt])
-        if mt not in SUPPORTED:
-            raise ValueError(f"unsupported model_type {mt!r}; bpo_jax supports: {', '.join(SUPPORTED)}")
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if k not in hf]
-        if missing:
-            raise ValueError(f"config.json lacks required keys: {', '.join(missing)}")
-        if hf.get("num_experts") or hf.get("num_local_experts"):
-            raise ValueError(f"mixture-of-experts {mt} checkpoints are not supported")
+        _check_supported(hf, mt)
         n_layers = hf["num_hidden_layers"]
         theta, scaling, local_theta, local_scaling = _read_rope(hf, mt)
-        if mt == "qwen2" and hf.get("use_sliding_window"):
-            raise ValueError("Qwen2 sliding-window attention (use_sliding_window=true) is not supported")
-        if mt == "qwen3" and hf.get("use_sliding_window"):
-            raise ValueError("Qwen3 sliding-window attention (use_sliding_window=true) is not supported")
-        if mt == "mistral" and hf.get("sliding_window") is not None:
-            raise ValueError(f"Mistral sliding-window attention (sliding_window={hf['sliding_window']}) is not "
-                             f"supported; only checkpoints with sliding_window=null")
-        if mt in ("gemma2", "gemma3_text") and hf.get("use_bidirectional_attention"):
-            raise ValueError(f"{mt} with use_bidirectional_attention=true (an encoder) is not supported")
-        if mt in ("qwen3", "gemma2", "gemma3_text") and hf.get("attention_bias"):
-            raise ValueError(f"{mt} with attention_bias=true is not supported")
-        for key in ("sinks", "attention_sinks", "use_sinks"):
-            if hf.get(key):
-                raise ValueError(f"attention sinks ({key}) are not supported")
-        layer_types, window = (), None
-        if mt in ("gemma2", "gemma3_text"):
-            window = hf.get("sliding_window", 4096)
-            layer_types = hf.get("layer_types")
-            if layer_types is None:  # HF's default pattern: every `pattern`-th layer is global
-                pattern = 2 if mt == "gemma2" else hf.get("sliding_window_pattern", 6)
-                layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
-            bad = sorted(set(layer_types) - {FULL, SLIDING})
-            if bad:
-                raise ValueError(f"unsupported layer_types {bad}; supported: {FULL}, {SLIDING}")
-            if len(layer_types) != n_layers:
-                raise ValueError(f"layer_types has {len(layer_types)} entries for {n_layers} layers")
-            if window is None and SLIDING in layer_types:
-                raise ValueError("sliding_attention layers need a sliding_window")
-            layer_types = tuple(layer_types)
+        layer_types, window = _layer_pattern(hf, mt, n_layers)
         heads = hf["num_attention_heads"]
-        act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if mt in _GEMMAS else "silu")
-        if act not in _ACTS:
-            raise ValueError(f"unsupported activation {act!r}; supported: {', '.join(_ACTS)}")
-        act = "gelu_tanh" if mt == "gemma" and act == "gelu" else _ACTS[act]
+        act = _activation(hf, mt)
         eos = hf.get("eos_token_id")
         default_head_dim = 256 if mt in _GEMMAS else 128 if mt == "qwen3" else hf["hidden_size"] // heads
         g23 = mt in ("gemma2", "gemma3_text")
@@ -315,6 +275,63 @@ def _rope_entry(params: dict, default_theta: float, where: str = ""):
     scaling = () if rope_type == "default" else tuple(sorted((k, v) for k, v in params.items()
                                                              if k != "type" and not isinstance(v, list)))
     return theta, scaling
+
+
+
+def _check_supported(hf: dict, mt) -> None:
+    """Refuse a config.json whose architecture or attention variant the decoder does not implement."""
+    if mt in _REFUSED:
+        raise ValueError(_REFUSED[mt])
+    if mt not in SUPPORTED:
+        raise ValueError(f"unsupported model_type {mt!r}; bpo_jax supports: {', '.join(SUPPORTED)}")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in hf]
+    if missing:
+        raise ValueError(f"config.json lacks required keys: {', '.join(missing)}")
+    if hf.get("num_experts") or hf.get("num_local_experts"):
+        raise ValueError(f"mixture-of-experts {mt} checkpoints are not supported")
+    if mt == "qwen2" and hf.get("use_sliding_window"):
+        raise ValueError("Qwen2 sliding-window attention (use_sliding_window=true) is not supported")
+    if mt == "qwen3" and hf.get("use_sliding_window"):
+        raise ValueError("Qwen3 sliding-window attention (use_sliding_window=true) is not supported")
+    if mt == "mistral" and hf.get("sliding_window") is not None:
+        raise ValueError(f"Mistral sliding-window attention (sliding_window={hf['sliding_window']}) is not "
+                         f"supported; only checkpoints with sliding_window=null")
+    if mt in ("gemma2", "gemma3_text") and hf.get("use_bidirectional_attention"):
+        raise ValueError(f"{mt} with use_bidirectional_attention=true (an encoder) is not supported")
+    if mt in ("qwen3", "gemma2", "gemma3_text") and hf.get("attention_bias"):
+        raise ValueError(f"{mt} with attention_bias=true is not supported")
+    for key in ("sinks", "attention_sinks", "use_sinks"):
+        if hf.get(key):
+            raise ValueError(f"attention sinks ({key}) are not supported")
+
+
+def _layer_pattern(hf: dict, mt: str, n_layers: int) -> tuple[tuple, int | None]:
+    """``(layer_types, sliding_window)``: Gemma 2/3's per-layer full/sliding attention; ``((), None)`` elsewhere."""
+    layer_types, window = (), None
+    if mt in ("gemma2", "gemma3_text"):
+        window = hf.get("sliding_window", 4096)
+        layer_types = hf.get("layer_types")
+        if layer_types is None:  # HF's default pattern: every `pattern`-th layer is global
+            pattern = 2 if mt == "gemma2" else hf.get("sliding_window_pattern", 6)
+            layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
+        bad = sorted(set(layer_types) - {FULL, SLIDING})
+        if bad:
+            raise ValueError(f"unsupported layer_types {bad}; supported: {FULL}, {SLIDING}")
+        if len(layer_types) != n_layers:
+            raise ValueError(f"layer_types has {len(layer_types)} entries for {n_layers} layers")
+        if window is None and SLIDING in layer_types:
+            raise ValueError("sliding_attention layers need a sliding_window")
+        layer_types = tuple(layer_types)
+    return layer_types, window
+
+
+def _activation(hf: dict, mt: str) -> str:
+    """The MLP activation in our names (Gemma 1's legacy "gelu" is the tanh approximation)."""
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if mt in _GEMMAS else "silu")
+    if act not in _ACTS:
+        raise ValueError(f"unsupported activation {act!r}; supported: {', '.join(_ACTS)}")
+    return "gelu_tanh" if mt == "gemma" and act == "gelu" else _ACTS[act]
 
 
 def _read_rope(hf: dict, mt: str):

@@ -47,10 +47,21 @@ def same_weights(saved, now) -> bool:
     return bool(np.all(np.abs(saved - now) <= 1e-5 * (np.abs(saved[:, 1:]) + np.abs(now[:, 1:]) + 1e-6)))
 
 
+def checkpoint_dir(run_dir: str):
+    """Where a run directory's checkpoints live (one folder per step)."""
+    return rd.path(run_dir, "checkpoints")
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    """Whether ``run_dir`` holds a checkpoint (a resume), without opening a checkpoint manager."""
+    folder = checkpoint_dir(run_dir)
+    return folder.exists() and any(p.name.isdigit() for p in folder.iterdir())
+
+
 class Checkpointer:
     def __init__(self, run_dir: str, keep: int):
         root = run_dir if distributed.is_remote(run_dir) else str(rd.path(run_dir).resolve())
-        self.directory = str(rd.path(root, "checkpoints"))
+        self.directory = str(checkpoint_dir(root))
         self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self._manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(), options=self._options)
 

@@ -9,20 +9,16 @@ import logging
 from bpo_jax.config import ConfigError, load_config, run_identity_changes
 from bpo_jax.runtime import distributed
 from bpo_jax.runtime import run_dir as rd
+from bpo_jax.train.checkpoint import has_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def has_checkpoint(cfg) -> bool:
-    ckpts = rd.path(cfg.run_dir, "checkpoints")
-    return ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
 
 
 def check_same_run(cfg) -> None:
     """On resume (``run_dir`` holds a checkpoint), refuse run-defining settings that differ from the saved
     ``config.yaml``, before anything is loaded: one line per key, and the two ways out."""
     saved_path = rd.path(cfg.run_dir, "config.yaml")
-    if not (saved_path.exists() and has_checkpoint(cfg)):
+    if not (saved_path.exists() and has_checkpoint(cfg.run_dir)):
         return
     try:
         saved = load_config(str(saved_path))
@@ -60,7 +56,7 @@ def sft_start(cfg, base):
     lora_init = read_ensemble(cfg.lora_init_from, {t: base["layers"][t].shape for t in cfg.lora_targets},
                               rank=cfg.lora_rank, scale=cfg.lora_scale, targets=cfg.lora_targets)
     start = lora.attach_merged(base, st.place_like_base(lora_init, base), cfg.lora_scale, cfg.ensemble_merge)
-    return (None if has_checkpoint(cfg) else lora_init), start
+    return (None if has_checkpoint(cfg.run_dir) else lora_init), start
 
 
 class Evaluator:
