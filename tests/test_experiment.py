@@ -72,6 +72,7 @@ def test_grid_writes_results_skips_finished_runs_and_resumes(tiny_policy_and_rm,
                                                 abs=1e-3)
     md = (out / "results.md").read_text()
     assert "| sigmoid | offline | 1 | sft |" in md and "| sigmoid | offline | bpo_ft |" in md
+    assert 0 <= float(pair["discordance"]) <= 1 and "| offline | sigmoid | 0 | 1: " in md  # the drift table
     # The SFT model is evaluated once per seed: the seed's second run reuses the first one's step-0 result.
     for seed in (0, 1):
         first, second = (_records(out / m / "sigmoid" / f"seed{seed}")[0] for m in ("offline", "bpo_ft"))
@@ -100,6 +101,26 @@ def test_grid_writes_results_skips_finished_runs_and_resumes(tiny_policy_and_rm,
     resumed = _records(victim.run_dir)
     assert [r["step"] for r in resumed if "loss" in r] == [r["step"] for r in records if "loss" in r] == [1, 2]
     assert resumed[-1]["final"] and os.path.exists(ex.eval_file(victim))
+
+
+def test_run_drift_reads_the_records_a_run_logs(tmp_path):
+    """Closed form from hand-written records: the last record of a step wins (a resume logs a step twice),
+    reward accuracy is averaged by half of T, the phases' dropped pairs are summed."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ev = lambda w, lr, m: {"eval/win_rate": w, "eval/sft_logratio": lr, "eval/mean_score": m}  # noqa: E731
+    recs = [{"step": 0, **ev(0.4, 0.0, 0.30)},
+            {"step": 1, "rewards/accuracies": 0.5, "phase/prompts_sampled": 10, "phase/tied_pairs_dropped": 1,
+             "phase/identical_pairs_dropped": 0},
+            {"step": 2, "rewards/accuracies": 0.25}, {"step": 2, "rewards/accuracies": 1.0},
+            {"step": 2, **ev(0.5, 2.0, 0.4)},
+            {"step": 3, "rewards/accuracies": 0.5, "phase/prompts_sampled": 12, "phase/tied_pairs_dropped": 2,
+             "phase/identical_pairs_dropped": 3},
+            {"step": 4, "rewards/accuracies": 0.0, "final": True, **ev(0.75, 3.5, 0.6)}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cfg = ex.TrainConfig(total_steps=4, run_dir=str(run_dir))
+    d = ex.run_drift(ex.Run("m", "sigmoid", 0, cfg, ()))
+    assert d == ex.RunDrift((2, 4), (0.5, 0.75), (2.0, 3.5), (0.4, 0.6), (0.75, 0.25), 3, 3, 22)
 
 
 @pytest.mark.slow
@@ -175,7 +196,7 @@ def test_paired_bootstrap_known_difference_and_ci():
     d4 = ex.paired_bootstrap(np.tile(a, 16), np.tile(b, 16))  # 16x the prompts: a CI about 4x narrower
     assert d4.diff == pytest.approx(0.3) and d4.ci_low <= 0.3 <= d4.ci_high
     assert 0.15 < (d4.ci_high - d4.ci_low) / (d.ci_high - d.ci_low) < 0.4
-    assert ex.paired_bootstrap(a, a) == (0.0, 0.0, 0.0, 1.0, 10, 1)  # identical outcomes: no difference at all
+    assert ex.paired_bootstrap(a, a) == (0.0, 0.0, 0.0, 1.0, 10, 1, 0.0)  # identical outcomes: no difference at all
 
     # Against the normal approximation: one seed, n paired Bernoulli outcomes, CI ≈ diff ± 1.96 sd(a - b) / √n.
     rng = np.random.default_rng(0)

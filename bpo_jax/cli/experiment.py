@@ -89,7 +89,24 @@ def _pct(x: float) -> str:
 
 def write_results(exp, results, paired, unfinished) -> None:
     """``results.csv``, ``paired.csv`` and ``results.md`` in ``exp.out_dir``."""
-    cfg = exp.runs[0].config
+    _write_results_csv(exp, results)
+    with open(os.path.join(exp.out_dir, "paired.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["loss_type", "method_a", "method_b", "diff", "ci_low", "ci_high", "p_value", "n_prompts",
+                    "n_seeds", "discordance"])
+        for loss, a, b, d in paired:
+            w.writerow([loss, a, b, f"{d.diff:.4f}", f"{d.ci_low:.4f}", f"{d.ci_high:.4f}", f"{d.p_value:.4f}",
+                        d.n_prompts, d.n_seeds, f"{d.discordance:.4f}"])
+    lines = [f"# Experiment: {exp.out_dir}", "", *_win_rate_lines(exp, results), "", *_paired_lines(paired),
+             "", *_drift_lines(exp)]
+    if unfinished:
+        lines += ["", f"Not finished ({len(unfinished)}): " + ", ".join(
+            f"{r.method}/{r.loss_type}/seed{r.seed}" for r in unfinished)]
+    with open(os.path.join(exp.out_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _write_results_csv(exp, results) -> None:
     seed_cols = [f"{c}_seed{s}" for s in exp.seeds for c in ("win_rate", "ci_low", "ci_high", "tie_rate")]
     with open(os.path.join(exp.out_dir, "results.csv"), "w", newline="") as f:
         w = csv.writer(f)
@@ -102,15 +119,11 @@ def write_results(exp, results, paired, unfinished) -> None:
                      for s in exp.seeds for c in ("win_rate", "ci_low", "ci_high", "tie_rate")]
             w.writerow([r.method, r.loss_type, over.num_phases, over.reference, len(r.seeds), r.per_seed[0].n,
                         f"{r.summary.mean:.4f}", f"{r.summary.std:.4f}", *cells])
-    with open(os.path.join(exp.out_dir, "paired.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["loss_type", "method_a", "method_b", "diff", "ci_low", "ci_high", "p_value", "n_prompts",
-                    "n_seeds"])
-        for loss, a, b, d in paired:
-            w.writerow([loss, a, b, f"{d.diff:.4f}", f"{d.ci_low:.4f}", f"{d.ci_high:.4f}", f"{d.p_value:.4f}",
-                        d.n_prompts, d.n_seeds])
-    lines = [f"# Experiment: {exp.out_dir}", "",
-             f"Model {cfg.model}, data {cfg.data}; every method: T={cfg.total_steps} steps, batch {cfg.batch_size} "
+
+
+def _win_rate_lines(exp, results) -> list:
+    cfg = exp.runs[0].config
+    lines = [f"Model {cfg.model}, data {cfg.data}; every method: T={cfg.total_steps} steps, batch {cfg.batch_size} "
              f"pairs, max_new_tokens={cfg.max_new_tokens}, {results[0].per_seed[0].n if results else '?'} test "
              f"prompts (eval_size={cfg.eval_size}), eval_max_new_tokens={cfg.eval_max_new_tokens}, beta={cfg.beta}, "
              f"lora_rank={cfg.lora_rank}, learning_rate={cfg.learning_rate}.", "",
@@ -125,17 +138,39 @@ def write_results(exp, results, paired, unfinished) -> None:
                  for s in exp.seeds]
         lines.append(f"| {r.loss_type} | {r.method} | {over.num_phases} | {over.reference} | "
                      f"{_pct(r.summary.mean)} ± {_pct(r.summary.std)} | " + " | ".join(cells) + " |")
-    lines += ["", "Paired differences (A − B, percentage points), same test prompts and seeds; 95% CI from a "
-              "bootstrap that resamples prompts and seeds, the same draw for both methods.", "",
-              "| loss | A | B | A − B | 95% CI | p | prompts × seeds |", "|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _paired_lines(paired) -> list:
+    lines = ["Paired differences (A − B, percentage points), same test prompts and seeds; 95% CI from a "
+             "bootstrap that resamples prompts and seeds, the same draw for both methods; discordance: the share "
+             "of prompt-runs whose outcomes differ.", "",
+             "| loss | A | B | A − B | 95% CI | p | prompts × seeds | discordance |",
+             "|---|---|---|---|---|---|---|---|"]
     for loss, a, b, d in paired:
         lines.append(f"| {loss} | {a} | {b} | {100 * d.diff:+.1f} | [{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}] | "
-                     f"{d.p_value:.3f} | {d.n_prompts} × {d.n_seeds} |")
-    if unfinished:
-        lines += ["", f"Not finished ({len(unfinished)}): " + ", ".join(
-            f"{r.method}/{r.loss_type}/seed{r.seed}" for r in unfinished)]
-    with open(os.path.join(exp.out_dir, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+                     f"{d.p_value:.3f} | {d.n_prompts} × {d.n_seeds} | {_pct(d.discordance)}% |")
+    return lines
+
+
+def _drift_lines(exp) -> list:
+    """Per trained run: win rate, log-ratio to the SFT model and gold score at each evaluated step, reward
+    accuracy by half, and the pairs dropped and resampled."""
+    from bpo_jax.eval.experiment import is_trained, run_drift
+
+    lines = ["Drift per run: at each evaluated step, win rate (%) / log π_θ/π_SFT of the greedy responses (nats, "
+             "mean over prompts) / mean gold score; the train step's reward accuracy over the first and second "
+             "half of the steps; pairs dropped (tied + identical) of the prompts sampled.", "",
+             "| method | loss | seed | win rate / drift / score by step | reward acc. | dropped of sampled |",
+             "|---|---|---|---|---|---|"]
+    for run in (r for r in exp.runs if is_trained(r)):
+        d = run_drift(run)
+        steps = "; ".join(f"{s}: {_pct(w)} / {lr:.2f} / {m:.3f}"
+                          for s, w, lr, m in zip(d.eval_steps, d.win_rate, d.sft_logratio, d.mean_score))
+        acc = " / ".join(f"{a:.2f}" for a in d.reward_accuracy)
+        lines.append(f"| {run.method} | {run.loss_type} | {run.seed} | {steps} | {acc} | "
+                     f"{d.tied_dropped} + {d.identical_dropped} of {d.prompts_sampled} |")
+    return lines
 
 
 def _method_config(exp, method):

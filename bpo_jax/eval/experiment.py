@@ -303,6 +303,43 @@ def win_rate_curve(run: Run) -> tuple[np.ndarray, np.ndarray]:
     return s["eval_step"], s["win_rate"]
 
 
+class RunDrift(NamedTuple):
+    """How far a run's policy moved and what its pairs looked like, from its ``metrics.jsonl``."""
+    eval_steps: tuple  # the evaluated steps after step 0, in order
+    win_rate: tuple  # per evaluated step
+    sft_logratio: tuple  # per evaluated step: log π_θ/π_SFT of the greedy responses (nan when not logged)
+    mean_score: tuple  # per evaluated step: the greedy responses' mean gold score
+    reward_accuracy: tuple  # mean ``rewards/accuracies`` over steps 1..T/2 and T/2+1..T
+    tied_dropped: int  # pairs the annotator scored equal, dropped and resampled, over the run
+    identical_dropped: int  # pairs of two identical samples, dropped and resampled
+    prompts_sampled: int  # prompts π_β sampled over the run (the trained pairs plus the dropped ones)
+
+
+def run_drift(run: Run) -> RunDrift:
+    """The run's :class:`RunDrift`; a resumed run may log a step twice: the last record of a step wins."""
+    from etils import epath
+
+    from bpo_jax.runtime.run_dir import read_jsonl
+
+    by_step: dict = {}
+    for rec in read_jsonl(epath.Path(run.run_dir) / "metrics.jsonl"):
+        by_step.setdefault(rec["step"], {}).update(rec)
+    evals = [s for s in sorted(by_step) if s > 0 and "eval/win_rate" in by_step[s]]
+    half = run.config.total_steps // 2
+    acc = [[r["rewards/accuracies"] for s, r in by_step.items() if lo < s <= hi and "rewards/accuracies" in r]
+           for lo, hi in ((0, half), (half, run.config.total_steps))]
+
+    def total(key):
+        return int(sum(r.get(key, 0) for r in by_step.values()))
+
+    return RunDrift(tuple(evals), tuple(by_step[s]["eval/win_rate"] for s in evals),
+                    tuple(by_step[s].get("eval/sft_logratio", float("nan")) for s in evals),
+                    tuple(by_step[s]["eval/mean_score"] for s in evals),
+                    tuple(float(np.mean(a)) if a else float("nan") for a in acc),
+                    total("phase/tied_pairs_dropped"), total("phase/identical_pairs_dropped"),
+                    total("phase/prompts_sampled"))
+
+
 # ---- step 4: statistics (pure) ---------------------------------------------------------------------------------
 
 class SeedSummary(NamedTuple):
@@ -322,6 +359,7 @@ class PairedDiff(NamedTuple):
     p_value: float  # two-sided: twice the smaller bootstrap tail beyond 0 (capped at 1)
     n_prompts: int
     n_seeds: int
+    discordance: float  # share of (seed, prompt) outcomes where the two methods differ
 
 
 def paired_bootstrap(a, b, *, num_bootstrap: int = 2000, seed: int = 0, chunk: int = 250) -> PairedDiff:
@@ -344,7 +382,7 @@ def paired_bootstrap(a, b, *, num_bootstrap: int = 2000, seed: int = 0, chunk: i
     boot = np.concatenate(boots)
     lo, hi = np.percentile(boot, [2.5, 97.5])
     p = min(1.0, 2 * min((boot <= 0).mean(), (boot >= 0).mean()))
-    return PairedDiff(float(d.mean()), float(lo), float(hi), float(p), N, S)
+    return PairedDiff(float(d.mean()), float(lo), float(hi), float(p), N, S, float((d != 0).mean()))
 
 
 def compare_methods(outcomes_by_method: dict, **kw) -> list:
