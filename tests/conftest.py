@@ -28,11 +28,11 @@ def tiny_policy_and_rm(smollm2, tmp_path_factory):
     import torch
     from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-    from bpo_jax.models import Decoder, ModelConfig, init_params, save_pretrained
+    from bpo_jax.models import Decoder, init_params, save_pretrained
+    from testing import tiny_model_config
 
     tok = smollm2[1]
-    cfg = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, eos_token_id=2, pad_token_id=2)
+    cfg = tiny_model_config(vocab_size=49152, eos_token_id=2, pad_token_id=2)  # SmolLM2's vocabulary
     policy = str(tmp_path_factory.mktemp("tiny_policy"))
     save_pretrained(Decoder.from_params(cfg, init_params(cfg, jax.random.key(0))), tok, policy)
     torch.manual_seed(0)

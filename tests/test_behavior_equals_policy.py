@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 
 from bpo_jax.config import TrainConfig
-from bpo_jax.models import ModelConfig, init_params
+from bpo_jax.models import init_params
 from bpo_jax.sample.sampler import generate
 from bpo_jax.train import lora
 from bpo_jax.train import state as st
 from bpo_jax.train.pairs import build_pairs
 from bpo_jax.train.step import BATCH_KEYS, LOGP_GAP_TOL_PER_TOKEN, make_train_step, pair_logps, policy_behavior_logp_gap
+from testing import random_pair_batch, tiny_model_config
 
-MCFG = ModelConfig(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,
-                   num_heads=4, num_kv_heads=2, head_dim=8, param_dtype="bfloat16")  # bf16 base, f32 compute
+MCFG = tiny_model_config(param_dtype="bfloat16")  # bf16 base, f32 compute
 P, N, B = 6, 5, 4
 FLOOR = 1.5 * 2.0 ** -4  # |W| ≥ 0.094: half an ulp ≥ 2^-12 = 2.4e-4 (not a power of two: the same both ways)
 LR = 6e-5  # one AdamW step from B = 0 moves B by ≈ lr: |ΔW| ≤ s·r·max|A|·lr ≈ 1.7e-4, below half an ulp
@@ -41,10 +41,7 @@ def _cfg():
 
 
 def _random_batch(seed=0):
-    rng = np.random.default_rng(seed)
-    ids = lambda: jnp.asarray(rng.integers(3, 96, (B, P + N)), jnp.int32)  # noqa: E731
-    ones, zeros = jnp.ones((B, P + N), jnp.int32), jnp.zeros((B,), jnp.float32)
-    return dict(zip(BATCH_KEYS, (ids(), ones, ids(), ones, zeros, zeros, zeros)))
+    return random_pair_batch(seed, B, P, N, MCFG.vocab_size, pad=False, behavior_logps=0.0)
 
 
 def _sampled_batch(mcfg, behavior):

@@ -15,7 +15,7 @@ import pytest
 
 from bpo_jax.runtime import cluster
 from multihost import assert_same_losses, losses, run_group
-from tiny_models import write_minisum_folder
+from testing import write_minisum_folder
 
 pytestmark = pytest.mark.slow  # several processes or a fresh venv (pyproject.toml's markers)
 

@@ -12,7 +12,7 @@ import yaml
 from bpo_jax.cli.experiment import main as experiment_cli
 from bpo_jax.config import ConfigError
 from bpo_jax.eval import experiment as ex
-from tiny_models import write_minisum_folder
+from testing import write_minisum_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

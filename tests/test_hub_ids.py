@@ -11,7 +11,7 @@ import pytest
 from bpo_jax.__main__ import main as cli
 from bpo_jax.models import load_pretrained, load_reward_model
 from bpo_jax.models.hub import parse_hub_id, resolve_model
-from tiny_models import write_minisum_folder
+from testing import write_minisum_folder
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 

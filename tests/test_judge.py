@@ -16,7 +16,7 @@ import pytest
 
 from bpo_jax.eval.judge import Judge, JudgeBudgetError, JudgeError, retry_after
 from bpo_jax.eval.win_rate import score_against_references, win_rate_from_scores
-from tiny_models import write_minisum_folder
+from testing import write_minisum_folder
 
 log = logging.getLogger(__name__)
 

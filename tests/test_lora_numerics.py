@@ -8,25 +8,21 @@ import numpy as np
 import pytest
 
 from bpo_jax.config import TrainConfig
-from bpo_jax.models import ModelConfig, forward, init_params
+from bpo_jax.models import forward, init_params
 from bpo_jax.train import lora
 from bpo_jax.train import state as st
-from bpo_jax.train.step import BATCH_KEYS, make_train_step
+from bpo_jax.train.step import make_train_step
+from testing import random_pair_batch, tiny_model_config
 
-MCFG = ModelConfig(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,
-                   num_heads=4, num_kv_heads=2, head_dim=8)
+MCFG = tiny_model_config()
 BF16 = MCFG.replace(param_dtype="bfloat16", dtype="bfloat16")
 P, N, B = 6, 5, 4
 IDS = np.random.default_rng(0).integers(3, 96, (2, 9)).astype(np.int32)
 
 
 def _batch(seed=0):
-    """Random preference pairs (``reference=sft`` never reads the behavior log-probs for the loss)."""
-    rng = np.random.default_rng(seed)
-    ids = lambda: jnp.asarray(rng.integers(3, 96, (B, P + N)), jnp.int32)  # noqa: E731
-    ones = jnp.ones((B, P + N), jnp.int32)
-    zeros = jnp.zeros((B,), jnp.float32)
-    return dict(zip(BATCH_KEYS, (ids(), ones, ids(), ones, zeros, zeros, zeros)))
+    """Random preference pairs, no padding (``reference=sft`` never reads the behavior log-probs for the loss)."""
+    return random_pair_batch(seed, B, P, N, MCFG.vocab_size, pad=False, behavior_logps=0.0)
 
 
 def _cfg(**kw):

@@ -13,9 +13,9 @@ import pytest
 
 from bpo_jax.config import load_config
 from bpo_jax.models import decoder
-from bpo_jax.models.config import ModelConfig
 from bpo_jax.runtime import sharding as shd
 from bpo_jax.train import state as st
+from testing import tiny_model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "memory_plan.py")
@@ -23,8 +23,8 @@ _spec = importlib.util.spec_from_file_location("memory_plan", SCRIPT)
 mp = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(mp)
 
-TINY = ModelConfig(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
-                   num_heads=4, num_kv_heads=2, head_dim=16, param_dtype="bfloat16", dtype="bfloat16")
+TINY = tiny_model_config(vocab_size=128, hidden_size=64, intermediate_size=96, head_dim=16, param_dtype="bfloat16",
+                         dtype="bfloat16")
 
 
 def _mesh(data=1, fsdp=1, tensor=1):

@@ -26,6 +26,7 @@ from bpo_jax.models import (
     unstack_layers,
 )
 from bpo_jax.models.gguf_source import permute, unpermute
+from testing import tiny_model_config
 from tiny_models import _COMMON, CORE_FAMILIES, FAMILIES, save_hf_model
 
 LEFT_PADDED = np.array([[0, 0, 0, 5, 9, 17, 3, 44], [7, 8, 9, 10, 11, 12, 13, 14], [0, 0, 0, 0, 0, 0, 21, 99]])
@@ -161,8 +162,8 @@ def test_remat_gives_the_same_gradients(policy):
 def test_remat_policies_trade_memory_in_order():
     """XLA's temporary memory for a gradient: none keeps every layer's activations, dots only the matmul
     outputs, full only the layer inputs."""
-    cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=256, num_layers=4,
-                      num_heads=4, num_kv_heads=4, head_dim=16)
+    cfg = tiny_model_config(vocab_size=64, hidden_size=64, intermediate_size=256, num_layers=4, num_kv_heads=4,
+                            head_dim=16)
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     ids = jax.ShapeDtypeStruct((4, 128), jnp.int32)
 

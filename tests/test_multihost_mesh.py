@@ -17,7 +17,7 @@ import pytest
 
 from bpo_jax.runtime import distributed
 from multihost import ROOT, assert_same_losses, child_env, losses, run_group
-from tiny_models import write_minisum_folder
+from testing import write_minisum_folder
 
 pytestmark = pytest.mark.slow  # several processes or a fresh venv (pyproject.toml's markers)
 

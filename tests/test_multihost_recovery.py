@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from multihost import assert_same_losses, losses, run_group
-from tiny_models import write_minisum_folder
+from testing import write_minisum_folder
 
 pytestmark = pytest.mark.slow  # several processes or a fresh venv (pyproject.toml's markers)
 

@@ -11,7 +11,7 @@ fails or it overruns its deadline: nothing here can hang CI.
 import pytest
 
 from multihost import assert_same_losses, losses, run_group
-from tiny_models import write_minisum_folder
+from testing import write_minisum_folder
 
 pytestmark = pytest.mark.slow  # several processes or a fresh venv (pyproject.toml's markers)
 

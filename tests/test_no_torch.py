@@ -20,7 +20,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tiny_models import write_minisum_folder
+from testing import write_minisum_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # installed by launch/_setup.sh beside requirements.txt (or the venv's own tooling)

@@ -18,7 +18,7 @@ from bpo_jax.data.prompts import ArrayPrompts
 from bpo_jax.eval.annotators import FunctionAnnotator
 from bpo_jax.models import load_pretrained
 from bpo_jax.train import loop
-from tiny_models import write_minisum_folder
+from testing import write_minisum_folder
 
 TEXTS = [f"Tell me about topic number {i}, briefly." for i in range(12)]
 LOG2 = float(np.log(2.0))

@@ -155,7 +155,7 @@ def test_train_starts_from_adapter_folders_and_exports_peft_folders(tiny_policy_
     """``train lora_init_from=...`` on a tiny policy: the exported merged adapter, loaded by peft on the HF base,
     gives the exported policy's logits; bad folders are a config error before any compute."""
     from bpo_jax.__main__ import main as cli
-    from tiny_models import write_minisum_folder
+    from testing import write_minisum_folder
 
     policy, _ = tiny_policy_and_rm
     dirs = _peft_adapters(policy, tmp_path, 2)

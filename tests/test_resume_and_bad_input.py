@@ -16,7 +16,7 @@ from bpo_jax.eval.annotators import FunctionAnnotator
 from bpo_jax.models import load_pretrained
 from bpo_jax.train import loop
 from bpo_jax.train.checkpoint import IncompatibleCheckpoint
-from tiny_models import write_minisum_folder
+from testing import write_minisum_folder
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from bpo_jax.__main__ import main as cli
 from bpo_jax.config import ConfigError, load_config
 from bpo_jax.runtime.trackers import check_available, resolved
-from tiny_models import write_minisum_folder
+from testing import write_minisum_folder
 
 _BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of (crc32, length, type) records
 

@@ -1,47 +1,43 @@
-"""Tiny random HF checkpoints of each supported family, saved as safetensors folders for parity tests, and a
-tiny task folder in the demo's (minisum) format. Only the HF-model helpers import torch (when called): a test
-that needs just a minisum folder runs without it."""
+"""Tiny random HF checkpoints of each supported family, saved as safetensors folders for parity tests. Importing
+this module is torch-free (transformers and torch are imported when a checkpoint is built); the torch-free
+helpers (a tiny ``ModelConfig``, random pair batches, the minisum folder writer) are in ``testing.py``."""
 
-import json
 
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma2Config,
-    Gemma3TextConfig,
-    GemmaConfig,
-    LlamaConfig,
-    Qwen2Config,
-    Qwen3Config,
-)
+def _hf(name: str, **kw):
+    """``transformers.<name>(**kw)``, importing transformers only now."""
+    import transformers
+
+    return getattr(transformers, name)(**kw)
+
 
 _COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 FAMILIES = {
-    "llama": lambda: LlamaConfig(**_COMMON, tie_word_embeddings=False),
-    "llama3_rope": lambda: LlamaConfig(**_COMMON, tie_word_embeddings=True, rope_parameters={
+    "llama": lambda: _hf("LlamaConfig", **_COMMON, tie_word_embeddings=False),
+    "llama3_rope": lambda: _hf("LlamaConfig", **_COMMON, tie_word_embeddings=True, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
-    "qwen2": lambda: Qwen2Config(**_COMMON, tie_word_embeddings=False),
-    "gemma": lambda: GemmaConfig(**{**_COMMON, "num_key_value_heads": 1}, head_dim=32,
-                                 hidden_activation="gelu_pytorch_tanh"),
+    "qwen2": lambda: _hf("Qwen2Config", **_COMMON, tie_word_embeddings=False),
+    "gemma": lambda: _hf("GemmaConfig", **{**_COMMON, "num_key_value_heads": 1}, head_dim=32,
+                         hidden_activation="gelu_pytorch_tanh"),
     # Qwen3: per-head q/k RMSNorm; head_dim 32 != hidden / heads.
-    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=32, tie_word_embeddings=False),
+    "qwen3": lambda: _hf("Qwen3Config", **_COMMON, head_dim=32, tie_word_embeddings=False),
     # Gemma 2: 3 layers (sliding, full, sliding), a window shorter than the test sequences, both softcaps small
     # enough to bite, and query_pre_attn_scalar != head_dim.
-    "gemma2": lambda: Gemma2Config(**{**_COMMON, "num_hidden_layers": 3}, head_dim=16, sliding_window=6,
-                                   query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
-                                   hidden_activation="gelu_pytorch_tanh"),
+    "gemma2": lambda: _hf("Gemma2Config", **{**_COMMON, "num_hidden_layers": 3}, head_dim=16, sliding_window=6,
+                          query_pre_attn_scalar=24, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                          hidden_activation="gelu_pytorch_tanh"),
     # Gemma 3 (text): 4 layers with both kinds, (1 + w) q/k norms, a local RoPE base far from the global one (and
     # linear scaling on the global layers only), a final-logit softcap.
-    "gemma3": lambda: Gemma3TextConfig(**{**_COMMON, "num_hidden_layers": 4}, head_dim=32, sliding_window=6,
-                                       layer_types=["sliding_attention", "full_attention", "sliding_attention",
-                                                    "full_attention"],
-                                       rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
-                                                                           "rope_theta": 10000.0},
-                                                        "sliding_attention": {"rope_type": "default",
-                                                                              "rope_theta": 100.0}},
-                                       query_pre_attn_scalar=16, final_logit_softcapping=3.0),
+    "gemma3": lambda: _hf("Gemma3TextConfig", **{**_COMMON, "num_hidden_layers": 4}, head_dim=32,
+                          sliding_window=6,
+                          layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                                       "full_attention"],
+                          rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                              "rope_theta": 10000.0},
+                                           "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+                          query_pre_attn_scalar=16, final_logit_softcapping=3.0),
 }
 # The families with sliding windows, softcaps and q/k norms: tests/test_model_families.py checks them past the
 # window; test_models.py and test_sampling.py run their per-family checks on the others.
@@ -52,6 +48,7 @@ CORE_FAMILIES = tuple(f for f in FAMILIES if f not in WINDOWED_FAMILIES)
 def make_hf_model(family: str, seed: int = 0):
     """A random HF model with every weight (norms and biases too) perturbed away from its init value."""
     import torch
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(FAMILIES[family](), dtype=torch.float32).eval()
@@ -86,16 +83,6 @@ def save_hf_reward_model(family: str, path, seed: int = 0):
 def _with_one_label(config):
     config.num_labels = 1
     return config
-
-
-def write_minisum_folder(folder, rows: int = 6):
-    """``folder/{train,test}.jsonl`` of ``rows`` short documents in the minisum format; returns ``folder``."""
-    data = [{"id": f"r{i}", "document": f"Town {i} opened a park with {i + 3} benches on Monday.",
-             "reference": f"Town {i} has a new park.", "gold": f"Town {i} opened a park with {i + 3} benches."}
-            for i in range(rows)]
-    for split in ("train", "test"):
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
-    return folder
 
 
 DEBERTA_V3 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,

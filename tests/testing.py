@@ -1,0 +1,87 @@
+"""Shared test helpers, torch-free (importing this module imports neither torch nor transformers): one tiny
+decoder config, a random preference-pair batch in the train step's layout, and a tiny task folder in the demo's
+(minisum) format. The HF-checkpoint helpers, which need torch, stay in ``tiny_models.py``. Importing it is cheap:
+jax and bpo_jax are imported when a helper that needs them is called."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from bpo_jax.models.config import ModelConfig
+
+_TINY = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+             num_kv_heads=2, head_dim=8)
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+    """A tiny random-init Llama ``ModelConfig``: vocab 96, hidden 32, MLP 64, 2 layers, 4 query heads over 2 KV
+    heads of dim 8, every other field at its default (float32, no special token ids); ``overrides`` replace any
+    field (``tiny_model_config(param_dtype="bfloat16")``)."""
+    from bpo_jax.models.config import ModelConfig
+
+    return ModelConfig(**{**_TINY, **overrides})
+
+
+def random_pair_batch(rng_or_seed, batch: int, prompt_len: int, response_len: int, vocab: int, *, pad: bool = True,
+                      low: int = 3, pad_id: int = 0, eos_id: int = 2, behavior_logps: float | None = None) -> dict:
+    """``batch`` random preference pairs in the train step's layout (``bpo_jax.train.step``): a dict of jax arrays
+    keyed by ``BATCH_KEYS``, ``*_ids``/``*_mask`` int32 ``[batch, prompt_len + response_len]``, the rest float32
+    ``[batch]``.
+
+    ``rng_or_seed`` (a seed or a ``np.random.Generator``) first draws the chosen rows, then the rejected rows,
+    each uniform in ``[low, vocab)`` (so ``pad_id``/``eos_id`` below ``low`` never occur by chance). With ``pad``,
+    a pair shares its prompt (the rejected row's prompt is the chosen one's), left-padded by 0 to
+    ``prompt_len - 1`` tokens, and each response is right-padded to 1 to ``response_len`` real tokens, one shorter
+    than ``response_len`` ending in ``eos_id``; padded positions hold ``pad_id`` and mask 0. Without ``pad`` every
+    position is a real token (all-ones masks) and the rows are as drawn. ``truncated`` is the fraction of the
+    pair's two responses that fill ``response_len`` without an EOS (1 everywhere without ``pad``).
+    ``behavior_logps``: None draws each response's log-prob as a sum of per-token values in [-3, -0.1); a number
+    puts that value in every row (``reference=sft`` never reads them for the loss)."""
+    import jax.numpy as jnp
+
+    from bpo_jax.train.step import BATCH_KEYS
+
+    rng = np.random.default_rng(rng_or_seed)
+    width = prompt_len + response_len
+    ids = {side: rng.integers(low, vocab, (batch, width)).astype(np.int32) for side in ("chosen", "rejected")}
+    masks = {side: np.ones((batch, width), np.int32) for side in ids}
+    lengths = {side: np.full(batch, response_len) for side in ids}
+    if pad:
+        ids["rejected"][:, :prompt_len] = ids["chosen"][:, :prompt_len]
+        left = rng.integers(0, prompt_len, batch)
+        for side in ids:
+            lengths[side] = rng.integers(1, response_len + 1, batch)
+            col = np.arange(width)[None]
+            masks[side] = (((col >= left[:, None]) & (col < prompt_len))
+                           | ((col >= prompt_len) & (col < prompt_len + lengths[side][:, None]))).astype(np.int32)
+            short = np.flatnonzero(lengths[side] < response_len)
+            ids[side][short, prompt_len + lengths[side][short] - 1] = eos_id
+            ids[side] = np.where(masks[side] == 1, ids[side], pad_id).astype(np.int32)
+    logps = {}
+    for side in ids:
+        if behavior_logps is None:
+            per_token = rng.uniform(-3.0, -0.1, (batch, response_len))
+            logps[side] = (per_token * (np.arange(response_len)[None] < lengths[side][:, None])).sum(1)
+        else:
+            logps[side] = np.full(batch, behavior_logps)
+    truncated = 0.5 * sum((lengths[side] == response_len).astype(np.float32) for side in ids)
+    values = (ids["chosen"], masks["chosen"], ids["rejected"], masks["rejected"], logps["chosen"], logps["rejected"],
+              truncated)
+    return {k: jnp.asarray(v, jnp.int32 if k.endswith(("_ids", "_mask")) else jnp.float32)
+            for k, v in zip(BATCH_KEYS, values)}
+
+
+def write_minisum_folder(folder, rows: int = 6):
+    """``folder/{train,test}.jsonl`` (``folder`` a ``pathlib.Path`` that exists), each ``rows`` short documents
+    in the minisum format (``id``, ``document``, ``reference``, ``gold``; the same rows in both splits); returns
+    ``folder``."""
+    data = [{"id": f"r{i}", "document": f"Town {i} opened a park with {i + 3} benches on Monday.",
+             "reference": f"Town {i} has a new park.", "gold": f"Town {i} opened a park with {i + 3} benches."}
+            for i in range(rows)]
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    return folder
