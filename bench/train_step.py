@@ -142,6 +142,7 @@ def run_bpo_jax(args, export_dir: str | None) -> dict:
 
     import jax
 
+    from bpo_jax import config as config_module
     from bpo_jax.config import ConfigError, TrainConfig
     from bpo_jax.models import Decoder, init_params, load_pretrained, loading, param_shapes, save_pretrained
     from bpo_jax.train import state as st
@@ -151,12 +152,13 @@ def run_bpo_jax(args, export_dir: str | None) -> dict:
     if dtype == "auto":
         dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     remat = args.remat
+    keys = getattr(config_module, "KEY_GROUP", None) or TrainConfig.__dataclass_fields__  # older checkouts: flat
     extra = {}
     if args.logprob_chunk:
-        if "logprob_chunk" not in TrainConfig.__dataclass_fields__:
+        if "logprob_chunk" not in keys:
             sys.exit("--logprob-chunk: this checkout's TrainConfig has no logprob_chunk")
         extra["logprob_chunk"] = args.logprob_chunk
-    if "share_prompt" in TrainConfig.__dataclass_fields__:
+    if "share_prompt" in keys:
         extra["share_prompt"] = args.share_prompt == "on"
     elif args.share_prompt == "on":
         print("(this checkout's TrainConfig has no share_prompt: two rows per pair)", file=sys.stderr)

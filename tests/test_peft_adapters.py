@@ -2,7 +2,6 @@
 load in ``peft`` onto the HF base to bpo_jax's logits; adapters PEFT wrote start an ensemble (``lora_init_from``),
 with the SFT reference their merge; bad adapter folders are refused with the reason."""
 
-import dataclasses
 import json
 
 import jax
@@ -203,7 +202,7 @@ def test_peft_linear_merge_is_peft_add_weighted_adapter_and_exports_to_its_logit
         want = theirs(torch.tensor(IDS)).logits.numpy()
     got = _ours(model, st.policy_params(cfg, state))
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-    mean_delta = _ours(model, st.policy_params(dataclasses.replace(cfg, ensemble_merge="mean_delta"), state))
+    mean_delta = _ours(model, st.policy_params(cfg.replace(ensemble_merge="mean_delta"), state))
     assert np.abs(mean_delta - got).max() > 1e-3  # the cross terms A_i B_j
     out = pa.write_ensemble(str(tmp_path / "export"), state.trainable, rank=4, alpha=8, merge="peft_linear")
     np.testing.assert_allclose(_peft_logits(folder, out[-1]), got, atol=1e-4, rtol=1e-4)

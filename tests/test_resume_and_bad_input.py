@@ -179,7 +179,9 @@ _GOOD_ROW = {"id": "r0", "document": "Town 0 opened a park.", "reference": "A pa
     ("beta:\n", "beta=None is not a valid float"),
     ("model: {name: smollm2}\n", "model={'name': 'smollm2'} is not a valid str"),
     ("lora_targets: [q, 3]\n", "lora_targets=['q', 3] is not a list of names"),
-    ("lora: {rank: 4}\n", "unknown config key 'lora'"),
+    ("lora: {rank: 4}\n", "unknown config key 'lora.rank'"),  # a group's mapping: its keys are checked
+    ("lora: {beta: 4}\n", "'lora.beta' in"),  # a key of another group
+    ("lorra: {lora_rank: 4}\n", "unknown config key 'lorra'"),
     ("- total_steps: 4\n", "must hold a mapping of keys to values"),
     ("total_steps: 4\n  beta: [\n", "is not valid YAML"),
 ])

@@ -240,3 +240,37 @@ def test_a_model_config_with_another_compute_dtype_than_the_run_is_refused():
         make_train_step(_cfg(dtype="float32"), dataclasses.replace(MCFG, dtype="bfloat16"), None, prompt_len=P)
     with pytest.raises(ValueError, match="the run's dtype=bfloat16 but the model was loaded with dtype=float32"):
         make_train_step(_cfg(dtype="bfloat16"), MCFG, None, prompt_len=P)
+
+
+def test_the_gap_checks_compile_once_per_lora_setting_not_per_run_config():
+    """The phase-start checks are jitted on the LoRA group alone: runs that differ in anything else (the loss,
+    evaluation, checkpoints, the run folder) reuse one compilation; another LoRA rank compiles anew."""
+    from bpo_jax.train import step as ts
+
+    base_cfg = _cfg(lora_rank=2)
+    state = st.create_state(base_cfg, _base(), jax.random.key(1))
+    batch = {k: jnp.asarray(v) for k, v in _batch(state.base).items()}
+    before = ts._policy_gap._cache_size()
+    for cfg in (base_cfg, base_cfg.replace(beta=0.5, eval_every=3, run_dir="/elsewhere", checkpoint_every=2)):
+        ts.policy_behavior_logp_gap(cfg, MCFG, state.base, state.trainable, batch, prompt_len=P)
+    assert ts._policy_gap._cache_size() == before + 1
+    other = base_cfg.replace(lora_rank=4)
+    ts.policy_behavior_logp_gap(other, MCFG, state.base, st.create_state(other, _base(), jax.random.key(1)).trainable,
+                                batch, prompt_len=P)
+    assert ts._policy_gap._cache_size() == before + 2
+
+
+def test_discopop_tau_reaches_the_loss():
+    """DiscoPOP's τ only acts once the policy has moved (at h = 0 the loss is ½·log 2 + ½ for any τ): the first
+    step's loss agrees across τ, the second's differs."""
+    losses = {}
+    for tau in (0.05, 5.0):
+        cfg = _cfg(loss_type="discopop", discopop_tau=tau)
+        state = st.create_state(cfg, _base(), jax.random.key(1))
+        batch = _batch(st.behavior_params(cfg, state))
+        state, m1 = _step(cfg, state, batch)
+        _, m2 = _step(cfg, state, batch)
+        losses[tau] = (float(m1["loss"]), float(m2["loss"]))
+    np.testing.assert_allclose(losses[0.05][0], 0.5 * LOG2 + 0.5, atol=1e-5)
+    np.testing.assert_allclose(losses[0.05][0], losses[5.0][0], atol=1e-6)
+    assert abs(losses[0.05][1] - losses[5.0][1]) > 1e-4

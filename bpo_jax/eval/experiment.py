@@ -37,7 +37,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import yaml
 
-from bpo_jax.config import ConfigError, TrainConfig, load_config, run_identity_changes
+from bpo_jax.config import KEY_GROUP, ConfigError, TrainConfig, load_config, run_identity_changes
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,7 @@ def check_same_budget(runs) -> None:
     free = set(METHOD_KEYS) | set(GRID_KEYS)
     first = runs[0]
     for run in runs[1:]:
-        diff = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in free
-                and getattr(run.config, f.name) != getattr(first.config, f.name)]
+        diff = [k for k in KEY_GROUP if k not in free and getattr(run.config, k) != getattr(first.config, k)]
         if diff:
             raise ConfigError(f"runs {first.method} and {run.method} differ in {diff}: not the same budget")
 

@@ -15,7 +15,6 @@ tracker the config's ``tracker`` key names, on the primary host only.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import os
 
@@ -93,7 +92,7 @@ def log_evaluation(cfg, step: int, metrics: dict) -> None:
 
 
 def _config_dict(cfg) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_flat().items()}
 
 
 def run_name(cfg) -> str:

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bpo_jax.config import TrainConfig
+from bpo_jax.config import StepConfig, TrainConfig
+from bpo_jax.config.groups import Lora
 from bpo_jax.train import lora
 
 Params = Any
@@ -45,21 +46,20 @@ class TrainState:
     opt_state: Any
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """The paper's optimizer: grad-norm clipping, then AdamW with a linear decay to 0 over T steps, no warmup."""
-    schedule = optax.linear_schedule(cfg.learning_rate, 0.0, cfg.total_steps)
-    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
-                       optax.adamw(schedule, eps=cfg.adam_eps, weight_decay=cfg.weight_decay))
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    """The run's optimizer (a ``TrainConfig`` or ``StepConfig``): ``cfg.optimizer.build`` over its T steps."""
+    return cfg.optimizer.build(cfg.total_steps)
 
 
-def adapter_params(cfg: TrainConfig, base: Params, trainable_i: Params) -> Params:
+def adapter_params(cfg: TrainConfig | StepConfig | Lora, base: Params, trainable_i: Params) -> Params:
     """The params one ensemble member's forward runs on (``trainable_i`` has no N axis): LoRA in activation
     space (``lora.attach``: base weights plus their float32 factors, no merged copy); full FT: the float32
     master weights themselves."""
     return lora.attach(base, trainable_i, cfg.lora_scale) if cfg.lora_rank else trainable_i
 
 
-def ensemble_params(cfg: TrainConfig, base: Params, trainable: Params, compute_dtype=None) -> Params:
+def ensemble_params(cfg: TrainConfig | StepConfig | Lora, base: Params, trainable: Params,
+                    compute_dtype=None) -> Params:
     """The merged ensemble as the train step runs it: LoRA: one adapter merged by ``cfg.ensemble_merge``
     attached in activation space (``lora.attach_merged``; ``mean_delta``: the members' factors concatenated
     along the rank axis with scale s/N, exactly base + mean delta); full FT: the one float32 master model. With

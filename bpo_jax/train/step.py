@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bpo_jax.config import TrainConfig
+from bpo_jax.config import StepConfig, TrainConfig
+from bpo_jax.config.groups import Lora
 from bpo_jax.logprobs import chunked_token_logprobs, reduce_masked
 from bpo_jax.losses import dap_loss
 from bpo_jax.models.config import ModelConfig
@@ -97,8 +98,9 @@ def _split_micro(batch, m: int):
     return jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
 
 
-def train_step(cfg: TrainConfig, model_config, state: st.TrainState, batch: dict, *, prompt_len: int):
-    """One optimizer step for every ensemble member on ``batch`` (un-jitted; see ``make_train_step``)."""
+def train_step(cfg: StepConfig, model_config: ModelConfig, state: st.TrainState, batch: dict, *, prompt_len: int):
+    """One optimizer step for every ensemble member on ``batch`` (un-jitted; see ``make_train_step``). ``cfg``
+    holds only what the step computes with (``TrainConfig.step_config``)."""
     optimizer = st.make_optimizer(cfg)
     micro = _split_micro({k: batch[k] for k in BATCH_KEYS}, cfg.micro_batches)
 
@@ -113,7 +115,8 @@ def train_step(cfg: TrainConfig, model_config, state: st.TrainState, batch: dict
         params = st.adapter_params(cfg, state.base, train_i)
         pc, pr, nc, nr = pair_logps(model_config, params, mb, prompt_len, cfg.logprob_chunk, cfg.share_prompt)
         losses, m = dap_loss(pc, pr, ref_c, ref_r, loss_type=cfg.loss_type, beta=cfg.beta,
-                             label_smoothing=cfg.label_smoothing, chosen_lengths=nc, rejected_lengths=nr)
+                             label_smoothing=cfg.label_smoothing, discopop_tau=cfg.discopop_tau,
+                             chosen_lengths=nc, rejected_lengths=nr)
         log_ratio = jnp.concatenate([pc - mb["chosen_behavior_logps"], pr - mb["rejected_behavior_logps"]])
         m = {**m, "kl_policy_behavior": jnp.mean(_kl_policy_behavior(log_ratio)),
              "logps/chosen": jnp.mean(pc), "logps/rejected": jnp.mean(pr)}
@@ -141,14 +144,14 @@ def train_step(cfg: TrainConfig, model_config, state: st.TrainState, batch: dict
 
     trainable, opt_state, metrics = jax.lax.map(one_member, (state.trainable, state.opt_state))
     metrics = jax.tree.map(jnp.mean, metrics)
-    metrics["learning_rate"] = optax.linear_schedule(cfg.learning_rate, 0.0, cfg.total_steps)(state.step)
+    metrics["learning_rate"] = cfg.optimizer.schedule(cfg.total_steps)(state.step)
     metrics["truncation_rate"] = jnp.mean(batch["truncated"])
     new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
                               reference=_updated_reference(cfg, state.reference, trainable, state.step + 1))
     return new_state, metrics
 
 
-def _updated_reference(cfg: TrainConfig, reference, trainable, step):
+def _updated_reference(cfg: StepConfig, reference, trainable, step):
     """``ema``: ref ← (1 − rate)·ref + rate·θ every step. ``mixup`` (TR-DPO soft update): ref ← α·θ + (1 − α)·ref
     every ``mixup_every`` steps. Under LoRA both act on the adapter factors (as PEFT-based TR-DPO code does),
     so the reference's weight delta is not exactly the average of the policies' deltas."""
@@ -161,7 +164,7 @@ def _updated_reference(cfg: TrainConfig, reference, trainable, step):
     return reference
 
 
-def step_model_config(cfg: TrainConfig, model_config: ModelConfig) -> ModelConfig:
+def step_model_config(cfg: TrainConfig | StepConfig, model_config: ModelConfig) -> ModelConfig:
     """The model config the step computes with. ``remat`` and ``attention`` have one home, the run's config:
     they replace the model config's (a model loaded without ``remat=`` still rematerialises as the run says).
     The compute dtype is fixed when the model is loaded (with the weights' own dtype, ``param_dtype``), so a model
@@ -173,10 +176,12 @@ def step_model_config(cfg: TrainConfig, model_config: ModelConfig) -> ModelConfi
     return dataclasses.replace(model_config, remat=cfg.remat, attention=cfg.attention)
 
 
-def make_train_step(cfg: TrainConfig, model_config, state_shardings, *, prompt_len: int, batch_sharding=None):
+def make_train_step(cfg: TrainConfig | StepConfig, model_config: ModelConfig, state_shardings, *, prompt_len: int,
+                    batch_sharding=None):
     """``train_step`` jitted with explicit in/out shardings, the state donated — all but the frozen base
-    weights, which the step only reads (and the caller may still hold). The model config's numerics are the
-    run's (``step_model_config``)."""
+    weights, which the step only reads (and the caller may still hold). The step sees ``cfg.step_config``
+    only; the model config's numerics are the run's (``step_model_config``)."""
+    cfg = cfg.step_config
     model_config = step_model_config(cfg, model_config)
 
     def fn(rest, base, batch):
@@ -217,25 +222,37 @@ def behavior_logp_gap(model_config, params, batch, *, prompt_len: int, share_pro
     return _logp_gap(model_config, params, batch, prompt_len, share_prompt)[0]
 
 
-@partial(jax.jit, static_argnames=("cfg", "model_config", "prompt_len"))
-def policy_behavior_logp_gap(cfg: TrainConfig, model_config, base, trainable, batch, *, prompt_len: int):
+def policy_behavior_logp_gap(cfg: TrainConfig | StepConfig, model_config: ModelConfig, base, trainable, batch, *,
+                             prompt_len: int):
     """``[2]``: (max, mean) |π_θ − sampler| gap in summed response log-probs, π_θ being the train step's own
     policy forward on the trainable params: the member's ``adapter_params`` (what the loss runs) for one member,
     the merged ensemble ``ensemble_params`` otherwise. Independent of how π_β was built for the sampler, so at
     a phase start it sees any π_β ≠ π_θ (e.g. a ΔW rounded into bfloat16 weights). With one adapter or full FT
     it is within sampler rounding: ``LOGP_GAP_TOL_PER_TOKEN`` × response tokens (2e-5 per token in float32
-    compute, 2e-2 in bfloat16), under a bfloat16 base too."""
-    if cfg.ensemble_size == 1:
-        params = st.adapter_params(cfg, base, jax.tree.map(lambda x: x[0], trainable))
+    compute, 2e-2 in bfloat16), under a bfloat16 base too. Compiled per LoRA setting, not per run config."""
+    return _policy_gap(cfg.lora, model_config, base, trainable, batch, prompt_len=prompt_len,
+                       share_prompt=cfg.share_prompt)
+
+
+@partial(jax.jit, static_argnames=("lora", "model_config", "prompt_len", "share_prompt"))
+def _policy_gap(lora: Lora, model_config, base, trainable, batch, *, prompt_len: int, share_prompt: bool):
+    if lora.ensemble_size == 1:
+        params = st.adapter_params(lora, base, jax.tree.map(lambda x: x[0], trainable))
     else:
-        params = st.ensemble_params(cfg, base, trainable)
-    return _logp_gap(model_config, params, batch, prompt_len, cfg.share_prompt)
+        params = st.ensemble_params(lora, base, trainable)
+    return _logp_gap(model_config, params, batch, prompt_len, share_prompt)
 
 
-@partial(jax.jit, static_argnames=("cfg", "model_config", "prompt_len"))
-def member_logp_gaps(cfg: TrainConfig, model_config, base, trainable, batch, *, prompt_len: int):
+def member_logp_gaps(cfg: TrainConfig | StepConfig, model_config: ModelConfig, base, trainable, batch, *,
+                     prompt_len: int):
     """``[N]``: per ensemble member, the largest |member − sampler| gap in summed response log-probs over a batch.
     At a phase start the merged π_β sampled the batch, so this is how far each member is from π_β (0 only for
     full fine-tuning or one adapter): why an ensemble's first loss of a phase is not its h = 0 value."""
-    return jax.lax.map(lambda t: _logp_gap(model_config, st.adapter_params(cfg, base, t), batch, prompt_len,
-                                           cfg.share_prompt)[0], trainable)
+    return _member_gaps(cfg.lora, model_config, base, trainable, batch, prompt_len=prompt_len,
+                        share_prompt=cfg.share_prompt)
+
+
+@partial(jax.jit, static_argnames=("lora", "model_config", "prompt_len", "share_prompt"))
+def _member_gaps(lora: Lora, model_config, base, trainable, batch, *, prompt_len: int, share_prompt: bool):
+    return jax.lax.map(lambda t: _logp_gap(model_config, st.adapter_params(lora, base, t), batch, prompt_len,
+                                           share_prompt)[0], trainable)

@@ -1,0 +1,333 @@
+"""The run's settings grouped by concern: one frozen dataclass per group, each field with its help text and
+whether a resume of the same run may change it (``resumable``: how the run executes, not what it computes).
+
+Each group validates itself: ``checked()`` returns the group with its settings in canonical form (``remat:
+true`` -> ``full``, LoRA target aliases, tracker lists) or raises ``ConfigError`` naming the key. Checks that
+read two groups live in ``bpo_jax.config.train_config``. Field names are the flat keys a YAML file or a
+``key=value`` override uses (unique across groups), so ``beta=0.1`` and ``loss.beta=0.1`` name the same setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from bpo_jax.data.official import FORMATS as DATA_FORMATS
+from bpo_jax.losses import validate_loss_args
+from bpo_jax.numerics import ATTENTION_IMPLS, remat_policy
+from bpo_jax.runtime.trackers import TRACKERS
+from bpo_jax.train.lora import MERGE_RULES, canonical_targets
+from bpo_jax.train.pairs import TIE_RULES
+
+REFERENCES = ("behavior", "sft", "ema", "mixup", "fixed")
+TFDS_TASKS = ("tldr", "hh_helpful", "hh_harmless")
+ANNOTATORS = ("auto", "rouge", "reward_model", "judge")
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot run."""
+
+
+def setting(default, help: str, *, resumable: bool = False):
+    """A group field: its default, its help text, and whether a resume may change it."""
+    return dataclasses.field(default=default, metadata={"help": help, "resumable": resumable})
+
+
+def need(ok, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+class _Group:
+    def checked(self):
+        """The group in canonical form; raises ConfigError for a value that cannot run."""
+        return self
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModel(_Group):
+    """The model the policy starts from, and the dtypes it is loaded in."""
+    model: str = setting("smollm2-135m-instruct", "shipped name, HF folder, .gguf file or Hub id org/name[@revision]")
+    param_dtype: str = setting("float32", "dtype of the frozen base weights: float32 | bfloat16")
+    dtype: str = setting("auto", "compute dtype: auto (float32 on CPU, bfloat16 on accelerators) | float32 | bfloat16")
+
+    def checked(self):
+        need(self.param_dtype in ("float32", "bfloat16") and self.dtype in ("auto", "float32", "bfloat16"),
+             "param_dtype must be float32 or bfloat16, and dtype auto, float32 or bfloat16")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics(_Group):
+    """How the train step spends memory and time; the same maths either way."""
+    remat: str = setting("none", "per-layer rematerialisation: none | full | dots (keep matmul outputs); true = full",
+                         resumable=True)
+    attention: str = setting("xla", "training/scoring attention: xla (any backend) | cudnn (NVIDIA fused, bf16/fp16)",
+                             resumable=True)
+    micro_batches: int = setting(1, "gradient accumulation inside the jitted step", resumable=True)
+    logprob_chunk: int = setting(0, "unembed this many response positions at a time (0 = all at once)",
+                                 resumable=True)
+    share_prompt: bool = setting(True, "one row [prompt | chosen | rejected] per pair, the prompt run once",
+                                 resumable=True)
+
+    def checked(self):
+        try:
+            remat = remat_policy(self.remat)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        need(self.attention in ATTENTION_IMPLS, f"attention={self.attention!r}; valid: {', '.join(ATTENTION_IMPLS)}")
+        need(self.micro_batches >= 1, f"micro_batches={self.micro_batches} must be >= 1")
+        need(self.logprob_chunk >= 0, f"logprob_chunk={self.logprob_chunk} must be >= 0 (0 = no chunking)")
+        return self.replace(remat=remat)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule(_Group):
+    """T optimizer steps in F annotation phases (K = T / F steps per phase), B pairs per step."""
+    total_steps: int = setting(16, "T: optimizer steps in all")
+    num_phases: int = setting(2, "F: annotation phases (1 = offline DAP, T = on-policy); π_β ← π_θ after each")
+    batch_size: int = setting(8, "preference pairs per optimizer step")
+
+    @property
+    def steps_per_phase(self) -> int:
+        return self.total_steps // self.num_phases
+
+    def checked(self):
+        need(self.total_steps >= 1 and self.num_phases >= 1, "total_steps and num_phases must be >= 1")
+        need(self.total_steps % self.num_phases == 0, f"total_steps={self.total_steps} must be a multiple of "
+                                                      f"num_phases={self.num_phases} (K = T / F steps/phase)")
+        need(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss(_Group):
+    """The DAP loss (``bpo_jax.losses``)."""
+    loss_type: str = setting("sigmoid", "sigmoid (DPO) | ipo | hinge (SLiC) | ... (bpo_jax.losses.LOSSES)")
+    beta: float = setting(0.1, "β: the strength of the pull towards the reference")
+    label_smoothing: float = setting(0.0, "conservative DPO's label noise ε")
+    discopop_tau: float = setting(0.05, "discopop: τ > 0 of the log-ratio modulation σ(βh/τ)")
+
+    def checked(self):
+        try:
+            validate_loss_args(self.loss_type, self.beta, self.label_smoothing, self.discopop_tau)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class TrustRegion(_Group):
+    """The reference inside the loss: the model the policy is kept close to."""
+    reference: str = setting("behavior", "behavior (BPO: π_β, the sampler) | sft | ema | mixup | fixed")
+    ema_rate: float = setting(0.01, "ema: ref ← (1 − rate)·ref + rate·θ after every step")
+    mixup_alpha: float = setting(0.6, "mixup (TR-DPO): ref ← α·θ + (1 − α)·ref every mixup_every steps")
+    mixup_every: int = setting(8, "mixup: τ, the steps between reference updates")
+    reference_path: str = setting("", "fixed: the model to use as the reference (a folder or Hub id, as model)")
+
+    def checked(self):
+        need(self.reference in REFERENCES, f"reference={self.reference!r}; valid: {', '.join(REFERENCES)}")
+        need(self.reference != "fixed" or self.reference_path, "reference=fixed needs reference_path")
+        need(0.0 < self.ema_rate <= 1.0, f"ema_rate={self.ema_rate} must be in (0, 1]")
+        need(0.0 < self.mixup_alpha <= 1.0 and self.mixup_every >= 1,
+             "mixup needs 0 < mixup_alpha <= 1, mixup_every >= 1")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling(_Group):
+    """How the behavior LLM samples two responses per prompt."""
+    max_new_tokens: int = setting(128, "tokens per sampled response")
+    temperature: float = setting(1.0, "sampling temperature (> 0: two greedy samples would be identical)")
+    top_k: int = setting(0, "keep the k most likely tokens (0 = all)")
+    top_p: float = setting(1.0, "nucleus sampling mass (1 = all)")
+    sampling_batch_size: int = setting(0, "prompts per sampling call, a multiple of batch_size (0 = batch_size)")
+
+    def checked(self):
+        need(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
+        need(self.temperature > 0.0, f"temperature={self.temperature}: the behavior LLM samples two responses per "
+                                     f"prompt, and greedy decoding (0) makes them identical; use a temperature > 0")
+        need(self.top_k >= 0 and 0.0 < self.top_p <= 1.0, "need top_k >= 0 and 0 < top_p <= 1")
+        need(self.sampling_batch_size >= 0, f"sampling_batch_size={self.sampling_batch_size} must be >= 0")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Lora(_Group):
+    """The trainable parameters: full fine-tuning, one LoRA adapter, or an ensemble merged into π_β."""
+    lora_rank: int = setting(0, "LoRA rank r (0 = full fine-tuning)")
+    lora_alpha: float = setting(16.0, "LoRA α: the adapter's scale is α / r")
+    lora_targets: tuple = setting(("q", "k", "v", "o", "gate", "up", "down"), "the projections that get adapters")
+    ensemble_size: int = setting(1, "N LoRA adapters trained on the same pairs, merged into π_β")
+    ensemble_merge: str = setting("mean_delta", "how the N adapters merge (bpo_jax.train.lora): mean_delta (the "
+                                  "exact mean of the weight deltas) | peft_linear (PEFT's add_weighted_adapter linear)")
+    lora_init_from: tuple = setting((), "PEFT adapter folders, one per member, to start from (as the official "
+                                    "code does); empty: B = 0, A Kaiming-uniform, as PEFT initialises one")
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    def checked(self):
+        need(self.lora_rank >= 0 and self.ensemble_size >= 1, "lora_rank must be >= 0 and ensemble_size >= 1")
+        need(self.lora_rank > 0 or self.ensemble_size == 1,
+             f"ensemble_size={self.ensemble_size} needs LoRA (lora_rank > 0); full fine-tuning trains one model")
+        need(self.ensemble_merge in MERGE_RULES,
+             f"ensemble_merge={self.ensemble_merge!r}; valid: {', '.join(MERGE_RULES)}")
+        need(not self.lora_init_from or (self.lora_rank > 0 and len(self.lora_init_from) == self.ensemble_size),
+             f"lora_init_from names {len(self.lora_init_from)} adapter folders; it needs one per ensemble member "
+             f"(ensemble_size={self.ensemble_size}) and lora_rank > 0")
+        try:
+            targets = canonical_targets(self.lora_targets)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        need(len(targets) > 0 or self.lora_rank == 0, "lora_targets is empty")
+        return self.replace(lora_targets=targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer(_Group):
+    """The paper's optimizer: grad-norm clipping, then AdamW with a linear decay to 0 over T steps, no warmup."""
+    learning_rate: float = setting(5e-5, "peak learning rate, decayed linearly to 0 over total_steps")
+    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay")
+    adam_eps: float = setting(1e-8, "AdamW's ε (optax's and torch's default; the official code's uses 1e-6)")
+    max_grad_norm: float = setting(1.0, "clip the gradients' global norm to this")
+
+    def checked(self):
+        need(self.learning_rate > 0 and self.weight_decay >= 0 and self.max_grad_norm > 0 and self.adam_eps > 0,
+             "need learning_rate > 0, weight_decay >= 0, max_grad_norm > 0, adam_eps > 0")
+        return self
+
+    def schedule(self, total_steps: int):
+        """The learning rate at each step: linear from ``learning_rate`` to 0 over ``total_steps``."""
+        import optax
+
+        return optax.linear_schedule(self.learning_rate, 0.0, total_steps)
+
+    def build(self, total_steps: int):
+        """The optax chain over ``total_steps`` steps."""
+        import optax
+
+        return optax.chain(optax.clip_by_global_norm(self.max_grad_norm),
+                           optax.adamw(self.schedule(total_steps), eps=self.adam_eps, weight_decay=self.weight_decay))
+
+
+@dataclasses.dataclass(frozen=True)
+class Task(_Group):
+    """The prompts: which task, where its files are, how long a prompt may be."""
+    data: str = setting("minisum", "minisum (the demo) | a folder in its format | tldr | hh_helpful | hh_harmless")
+    data_dir: str = setting("", "tfds tasks: the raw files (manual_dir); empty = the shipped samples",
+                            resumable=True)
+    tfds_dir: str = setting("", "tfds tasks: where prepared copies go; empty = ~/tensorflow_datasets/bpo_jax",
+                            resumable=True)
+    data_format: str = setting("auto", "tfds tasks: auto (per file, from its first row) | official (BPO's "
+                               "sft_*_data rows) | raw (the public hh-rlhf / summarize-from-feedback rows)")
+    max_prompt_length: int = setting(256, "tokens per prompt, after the chat template")
+
+    def checked(self):
+        need(self.data_format in DATA_FORMATS, f"data_format={self.data_format!r}; valid: {', '.join(DATA_FORMATS)}")
+        need(self.max_prompt_length >= 1, "need max_prompt_length >= 1")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Feedback(_Group):
+    """The annotator that picks the winner of each pair: ROUGE, a reward model or an API judge."""
+    annotator: str = setting("auto", "auto (rouge for minisum data, else reward_model) | rouge | reward_model | judge")
+    reward_model: str = setting("", "HF *ForSequenceClassification folder or Hub id (annotator=reward_model)")
+    reward_batch_size: int = setting(16, "(prompt, response) pairs per reward-model call", resumable=True)
+    reward_max_length: int = setting(1024, "tokens per (prompt, response) under the RM's chat template")
+    tied_pairs: str = setting("drop", "equally scored pairs: drop (no preference) | second (the official label)")
+    judge_url: str = setting("", "annotator=judge: OpenAI-compatible .../chat/completions URL")
+    judge_model: str = setting("", "annotator=judge: the model name sent with each request")
+    judge_api_key_env: str = setting("", "the environment variable holding the judge's API key (empty = none)",
+                                     resumable=True)
+    judge_timeout: float = setting(60.0, "seconds per judge request", resumable=True)
+    judge_retries: int = setting(3, "retries of a failed judge request", resumable=True)
+    judge_concurrency: int = setting(8, "judge requests in flight at once", resumable=True)
+    judge_max_requests: int = setting(0, "HTTP requests one command may send to the judge, retries included "
+                                      "(0 = no cap)", resumable=True)
+
+    def checked(self):
+        need(self.annotator in ANNOTATORS, f"annotator={self.annotator!r}; valid: {', '.join(ANNOTATORS)}")
+        need(self.annotator != "judge" or (self.judge_url and self.judge_model),
+             "annotator=judge needs judge_url and judge_model")
+        need(self.judge_timeout > 0 and self.judge_retries >= 0, "need judge_timeout > 0 and judge_retries >= 0")
+        need(self.judge_concurrency >= 1 and self.judge_max_requests >= 0,
+             f"need judge_concurrency >= 1 and judge_max_requests >= 0 (0 = no cap), got {self.judge_concurrency} "
+             f"and {self.judge_max_requests}")
+        need(self.reward_batch_size >= 1 and self.reward_max_length >= 1,
+             "reward_batch_size and reward_max_length must be >= 1")
+        need(self.tied_pairs in TIE_RULES, f"tied_pairs={self.tied_pairs!r}; valid: {', '.join(TIE_RULES)}")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Eval(_Group):
+    """The greedy evaluation on the test prompts (win rate against the human references)."""
+    eval_size: int = setting(0, "test prompts to evaluate (0 = all)", resumable=True)
+    eval_batch_size: int = setting(16, "test prompts per greedy decoding call (each host)", resumable=True)
+    eval_max_new_tokens: int = setting(64, "tokens per greedy test response", resumable=True)
+    eval_every: int = setting(0, "evaluate every this many steps (0 = no periodic evaluation)",
+                              resumable=True)
+    eval_sft_logratio: bool = setting(False, "also log eval/sft_logratio: the policy's log-ratio to the SFT model "
+                                      "on its greedy responses (one extra forward)", resumable=True)
+    eval_reward_max_length: int = setting(0, "reward-model tokens per test response (0 = reward_max_length; the "
+                                          "official evaluation cuts at max_prompt_length + max_new_tokens)")
+
+    def checked(self):
+        need(self.eval_size >= 0 and self.eval_max_new_tokens >= 1, "need eval_size >= 0, eval_max_new_tokens >= 1")
+        need(self.eval_batch_size >= 1, f"eval_batch_size={self.eval_batch_size} must be >= 1")
+        need(self.eval_every >= 0, "eval_every must be >= 0 (0 = off)")
+        need(self.eval_reward_max_length >= 0, "need eval_reward_max_length >= 0 (0 = reward_max_length)")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings(_Group):
+    """Where the run lives and what it keeps: seed, folder, checkpoints, trackers, the exported policy."""
+    seed: int = setting(0, "the run's random seed (sampling, adapter initialisation, prompt order)")
+    run_dir: str = setting("runs/default", "the run's folder (local or gs://): config, metrics, checkpoints",
+                           resumable=True)
+    checkpoint_every: int = setting(0, "checkpoint every this many steps (0 = at phase boundaries only)",
+                                    resumable=True)
+    keep_checkpoints: int = setting(3, "checkpoints kept (the oldest are deleted)", resumable=True)
+    tracker: tuple = setting(("auto",), "where metrics go besides metrics.jsonl: tensorboard, wandb, both, or "
+                             "none; auto = tensorboard when tensorboardX is installed", resumable=True)
+    export_policy: bool = setting(True, "write the final merged policy as an HF folder to <run_dir>/policy",
+                                  resumable=True)
+
+    def checked(self):
+        need(self.checkpoint_every >= 0 and self.keep_checkpoints >= 1,
+             "checkpoint_every must be >= 0 (0 = off); keep_checkpoints >= 1")
+        tracker = self.tracker
+        if isinstance(tracker, str):  # tracker="wandb" from Python, as a YAML scalar reads
+            tracker = tuple(t.strip() for t in tracker.split(",") if t.strip())
+        alone = len(tracker) <= 1 or not {"auto", "none"} & set(tracker)
+        need(all(t in TRACKERS for t in tracker) and alone,
+             f"tracker={','.join(tracker)}; valid: one or more of tensorboard, wandb, or none or auto alone")
+        return self.replace(tracker=tuple(dict.fromkeys(tracker)))  # each tracker once
+
+
+@dataclasses.dataclass(frozen=True)
+class Mesh(_Group):
+    """The device mesh: data × fsdp × tensor axes (one may be -1: all the rest)."""
+    mesh_data: int = setting(-1, "devices along the data axis (-1 = all the rest)", resumable=True)
+    mesh_fsdp: int = setting(1, "devices along the fsdp axis (weights sharded, gathered per layer)", resumable=True)
+    mesh_tensor: int = setting(1, "devices along the tensor axis (kept inside one host)", resumable=True)
+    mesh_device_ids: tuple = setting((), "an explicit device order (ids, row-major over data, fsdp, tensor); "
+                                     "empty = bpo_jax's, which keeps each tensor group inside a host",
+                                     resumable=True)
+
+    def checked(self):
+        need(all(str(i).isdigit() for i in self.mesh_device_ids),
+             f"mesh_device_ids={list(self.mesh_device_ids)} must be device ids (non-negative integers)")
+        return self.replace(mesh_device_ids=tuple(int(i) for i in self.mesh_device_ids))
+
+
+# The groups in order: TrainConfig's fields, the dotted keys' first part, the help listing.
+GROUPS = {"base": BaseModel, "numerics": Numerics, "schedule": Schedule, "loss": Loss, "trust_region": TrustRegion,
+          "sampling": Sampling, "lora": Lora, "optimizer": Optimizer, "task": Task, "feedback": Feedback,
+          "eval": Eval, "run": RunSettings, "mesh": Mesh}
