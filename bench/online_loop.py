@@ -17,7 +17,7 @@ loop runs its own code in its own order and each building block's time lands in 
   annotation           the annotator's ``__call__`` (a proxy around the task's annotator)
   behavior log-prob check  ``loop.behavior_logp_gap`` / ``member_logp_gaps`` (jitted; compile on first call)
   train steps          the step function ``loop.make_train_step`` returns (first call = compile + step)
-  metrics writing      ``loop._write`` (metrics.jsonl, TensorBoard when installed)
+  metrics writing      ``loop._Outputs.write`` (metrics.jsonl, TensorBoard when installed)
   checkpointing        ``Checkpointer.save`` (synchronous) and ``close``, as the loop calls them at the phase end
   behavior merge       ``state.behavior_params`` (π_β at the phase start; LoRA: the merged adapter attached)
   behavior sync        ``state.sync_behavior`` (π_β ← π_θ): a one-phase run never reaches the next phase's
@@ -38,6 +38,7 @@ median of the other calls. Compilation is not excluded: it is part of what a pha
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -137,7 +138,7 @@ def run(args) -> dict:
         (loop, "build_pairs"): tm.wrap("pairs building", loop.build_pairs),
         (loop, "behavior_logp_gap"): tm.wrap("behavior log-prob check", loop.behavior_logp_gap, block=True),
         (loop, "member_logp_gaps"): tm.wrap("behavior log-prob check", loop.member_logp_gaps, block=True),
-        (loop, "_write"): tm.wrap("metrics writing", loop._write),
+        (loop._Outputs, "write"): tm.wrap("metrics writing", loop._Outputs.write),
         (st, "behavior_params"): tm.wrap("behavior merge", st.behavior_params, block=True),
         (st, "sync_behavior"): tm.wrap("behavior sync", st.sync_behavior, block=True),
         (ev, "generate"): tm.wrap("eval: generate", ev.generate),
@@ -178,10 +179,8 @@ def run(args) -> dict:
         setattr(mod, name, fn)
     try:
         t0 = time.perf_counter()
-        state = loop.train(cfg, model_config=mcfg, tokenizer=loop_tok, base=setup.model.params,
-                             prompts=task.train, annotator=loop_ann, mesh=setup.mesh,
-                             eos_token_ids=setup.eos_token_ids, reference=setup.reference,
-                             evaluate=evaluate if cfg.eval_every else None)
+        timed = dataclasses.replace(setup, tokenizer=loop_tok, task=dataclasses.replace(task, annotator=loop_ann))
+        state = loop.train(cfg, timed, evaluate=evaluate if cfg.eval_every else None)
         loop_s = time.perf_counter() - t0
         in_loop_eval = tm.total("evaluation")
         state = st.sync_behavior(state)  # the next phase's start: π_β ← π_θ

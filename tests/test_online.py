@@ -15,6 +15,7 @@ from bpo_jax.__main__ import main as cli
 from bpo_jax.config import TrainConfig
 from bpo_jax.data.minisum import encode_prompts
 from bpo_jax.data.prompts import ArrayPrompts
+from bpo_jax.data.tasks import training_run
 from bpo_jax.eval.annotators import FunctionAnnotator
 from bpo_jax.models import load_pretrained
 from bpo_jax.train import loop
@@ -55,8 +56,7 @@ def _losses(run_dir):
 def test_two_phase_run_logs_log2_at_each_phase_start(tiny_dir, tmp_path):
     model, tok, prompts = _setup(tiny_dir)
     cfg = _cfg(tmp_path / "run")
-    state = loop.train(cfg, model_config=model.config, tokenizer=tok, base=model.params, prompts=prompts,
-                         annotator=_annotator(), eos_token_ids=(2,))
+    state = loop.train(cfg, training_run(model, tok, prompts, _annotator(), eos_token_ids=(2,)))
     assert int(state.step) == 4 and int(state.phase) == 1
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
@@ -86,8 +86,8 @@ def test_sampling_several_batches_per_call_collects_the_same_phase(tiny_dir, mon
         prompts = ArrayPrompts(TEXTS, *encode_prompts(tok, TEXTS, 64), batch_size=2, seed=3)
         cfg = _cfg("unused", total_steps=3, num_phases=1, sampling_batch_size=sbs, temperature=2.0)
         calls.clear()
-        pairs, stats = loop.collect_pairs(cfg, model.config, model.params, tok, prompts, _annotator(),
-                                            loop.jax.random.key(0), eos_token_ids=(2,))
+        pairs, stats = loop.collect_pairs(cfg, training_run(model, tok, prompts, _annotator(), eos_token_ids=(2,)),
+                                          model.params, loop.jax.random.key(0))
         got[sbs] = (pairs, stats, list(calls), prompts.get_state())
     (p0, s0, c0, st0), (p6, s6, c6, st6) = got[0], got[6]
     assert c6[0] == 6 and len(c6) <= len(c0) and c0[0] == 2
@@ -124,8 +124,8 @@ def test_collection_drops_and_counts_tied_pairs(tiny_dir, rule):
     model, tok, prompts = _setup(tiny_dir)
     cfg = _cfg("unused", total_steps=2, num_phases=1, temperature=2.0, tied_pairs=rule)
     coarse = FunctionAnnotator(lambda prompt, response: float(len(response) % 3 == 0))  # ties 5 times in 9
-    pairs, stats = loop.collect_pairs(cfg, model.config, model.params, tok, prompts, coarse,
-                                        loop.jax.random.key(0), eos_token_ids=(2,))
+    pairs, stats = loop.collect_pairs(cfg, training_run(model, tok, prompts, coarse, eos_token_ids=(2,)),
+                                      model.params, loop.jax.random.key(0))
     assert len(pairs["chosen_ids"]) == 4 and stats["tied_pairs"] > 0
     decided = pairs["chosen_scores"] != pairs["rejected_scores"]
     if rule == "drop":
@@ -140,8 +140,8 @@ def test_ensemble_members_differ_from_the_merged_behavior_at_a_phase_start(tiny_
     """With 3 adapters π_β is their merge: at phase 2's start the sampler matches π_β, but every member is
     away from it, so the first loss of the phase is not log 2 (it is with one adapter, above)."""
     model, tok, prompts = _setup(tiny_dir)
-    loop.train(_cfg(tmp_path / "run", lora_rank=2, ensemble_size=3), model_config=model.config, tokenizer=tok,
-                 base=model.params, prompts=prompts, annotator=_annotator(), eos_token_ids=(2,))
+    loop.train(_cfg(tmp_path / "run", lora_rank=2, ensemble_size=3),
+               training_run(model, tok, prompts, _annotator(), eos_token_ids=(2,)))
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     first, second = records[0], records[2]
@@ -155,23 +155,23 @@ _KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     from test_online import _annotator, _cfg, _setup
+    from bpo_jax.data.tasks import training_run
     from bpo_jax.train import loop
     model, tok, prompts = _setup({tiny!r})
     def die(params, step):
         if step == 3:
             os.kill(os.getpid(), signal.SIGKILL)
         return {{}}
-    loop.train(_cfg({run!r}, checkpoint_every=1, eval_every=1), model_config=model.config, tokenizer=tok,
-                 base=model.params, prompts=prompts, annotator=_annotator(), eos_token_ids=(2,), evaluate=die)
+    loop.train(_cfg({run!r}, checkpoint_every=1, eval_every=1),
+               training_run(model, tok, prompts, _annotator(), eos_token_ids=(2,)), evaluate=die)
 """)
 
 
 @pytest.mark.slow
 def test_sigkill_and_resume_gives_identical_losses(tiny_dir, tmp_path):
     model, tok, prompts = _setup(tiny_dir)
-    kw = dict(model_config=model.config, tokenizer=tok, base=model.params, prompts=prompts, annotator=_annotator(),
-              eos_token_ids=(2,))
-    loop.train(_cfg(tmp_path / "whole", checkpoint_every=1), **kw)
+    parts = training_run(model, tok, prompts, _annotator(), eos_token_ids=(2,))
+    loop.train(_cfg(tmp_path / "whole", checkpoint_every=1), parts)
     want = _losses(tmp_path / "whole")
 
     run = str(tmp_path / "killed")
@@ -179,7 +179,7 @@ def test_sigkill_and_resume_gives_identical_losses(tiny_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert sorted(_losses(run)) == [1, 2]  # died during step 3, after the step-2 checkpoint
-    loop.train(_cfg(run, checkpoint_every=1), **kw)  # the same command on the same run_dir resumes
+    loop.train(_cfg(run, checkpoint_every=1), parts)  # the same command on the same run_dir resumes
     got = _losses(run)
     assert sorted(got) == [1, 2, 3, 4]
     np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)], rtol=1e-6)
@@ -195,8 +195,8 @@ def test_sigterm_saves_a_checkpoint_then_exits(tiny_dir, tmp_path):
         return {}
 
     with pytest.raises(loop.Preempted, match="saved a checkpoint at step 1"):
-        loop.train(_cfg(tmp_path / "run", eval_every=1), model_config=model.config, tokenizer=tok,
-                     base=model.params, prompts=prompts, annotator=_annotator(), eos_token_ids=(2,), evaluate=preempt)
+        loop.train(_cfg(tmp_path / "run", eval_every=1), training_run(model, tok, prompts, _annotator(),
+                                                                      eos_token_ids=(2,)), evaluate=preempt)
     assert os.listdir(tmp_path / "run" / "checkpoints") == ["1"]
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
 
@@ -219,8 +219,7 @@ def test_nan_loss_halts_and_keeps_the_last_good_checkpoint(tiny_dir, tmp_path, m
 
     monkeypatch.setattr(loop, "make_train_step", poisoned)
     with pytest.raises(FloatingPointError, match="loss is nan at step 3"):
-        loop.train(_cfg(tmp_path / "run"), model_config=model.config, tokenizer=tok, base=model.params,
-                     prompts=prompts, annotator=_annotator(), eos_token_ids=(2,))
+        loop.train(_cfg(tmp_path / "run"), training_run(model, tok, prompts, _annotator(), eos_token_ids=(2,)))
     assert os.listdir(tmp_path / "run" / "checkpoints") == ["2"]
     assert sorted(_losses(tmp_path / "run")) == [1, 2]
 

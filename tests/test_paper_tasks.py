@@ -64,7 +64,7 @@ def test_paper_task_without_a_reward_model_is_a_config_error(capsys):
 @pytest.mark.slow
 def test_interrupted_tfds_run_resumes_the_prompt_stream_exactly(tiny_policy_and_rm, tmp_path):
     from bpo_jax.config import load_config
-    from bpo_jax.data.tasks import build_task
+    from bpo_jax.data.tasks import build_task, training_run
     from bpo_jax.models import load_pretrained
     from bpo_jax.train import loop
 
@@ -82,8 +82,7 @@ def test_interrupted_tfds_run_resumes_the_prompt_stream_exactly(tiny_policy_and_
                 raise KeyboardInterrupt
             return {}
 
-        loop.train(cfg, model_config=model.config, tokenizer=tok, base=model.params, prompts=task.train,
-                     annotator=task.annotator, eos_token_ids=(2,), evaluate=evaluate)
+        loop.train(cfg, training_run(model, tok, task.train, task.annotator, eos_token_ids=(2,)), evaluate=evaluate)
 
     def losses(run_dir):
         return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}

@@ -12,6 +12,7 @@ from bpo_jax.__main__ import main as cli
 from bpo_jax.config import TrainConfig
 from bpo_jax.data.minisum import encode_prompts
 from bpo_jax.data.prompts import ArrayPrompts
+from bpo_jax.data.tasks import training_run
 from bpo_jax.eval.annotators import FunctionAnnotator
 from bpo_jax.models import load_pretrained
 from bpo_jax.train import loop
@@ -95,9 +96,8 @@ def _loop(tiny_dir, run, **kw):
     level, logger.level = logger.level, logging.INFO
     logger.addHandler(logs)
     try:
-        loop.train(cfg, model_config=model.config, tokenizer=tok, base=model.params,
-                   prompts=ArrayPrompts(texts, ids, mask, batch_size=2, seed=3),
-                   annotator=FunctionAnnotator(lambda p, r: r.count("e") - 0.01 * len(r)), eos_token_ids=(2,))
+        loop.train(cfg, training_run(model, tok, ArrayPrompts(texts, ids, mask, batch_size=2, seed=3),
+                                     FunctionAnnotator(lambda p, r: r.count("e") - 0.01 * len(r)), eos_token_ids=(2,)))
     finally:
         logger.removeHandler(logs)
         logger.setLevel(level)

@@ -77,10 +77,8 @@ def _run(cfg, trackers, t0) -> int:
         evaluate = lifecycle.Evaluator(cfg, run, start, interrupt=stop.check)
         try:
             before = evaluate.step0_metrics(trackers)
-            state = loop.train(cfg, model_config=mcfg, tokenizer=run.tokenizer, base=run.model.params,
-                               prompts=run.task.train, annotator=run.task.annotator, mesh=run.mesh,
-                               eos_token_ids=run.eos_token_ids, reference=run.reference, lora_init=lora_init,
-                               evaluate=evaluate if cfg.eval_every else None, stop=stop, trackers=trackers)
+            state = loop.train(cfg, run, lora_init=lora_init, evaluate=evaluate if cfg.eval_every else None,
+                               stop=stop, trackers=trackers)
             after = evaluate(st.policy_params(cfg, state, mcfg.dtype), cfg.total_steps)
         except loop.Preempted as err:  # the last completed state is on disk; the same command resumes
             log.error(str(err))

@@ -65,6 +65,15 @@ class Run:
     task: Task
 
 
+def training_run(model, tokenizer, prompts, annotator, *, mesh=None, eos_token_ids=(), reference=None) -> Run:
+    """A ``Run`` for ``bpo_jax.train.loop.train`` from parts built by hand: a loaded model (``.config``,
+    ``.params``: the SFT start), its tokenizer, a prompt stream (``bpo_jax.data.prompts``) and an annotator
+    (``(prompts, responses) -> scores``); no test set (evaluate with your own ``evaluate`` callable)."""
+    empty = np.zeros((0, 1), np.int32)
+    task = Task("custom", prompts, [], empty, empty, [], annotator, "score")
+    return Run(mesh, model, tokenizer, reference, tuple(eos_token_ids), task)
+
+
 def setup_run(cfg: TrainConfig, *, train: bool = True) -> Run:
     """Load the policy (sharded over the config's mesh when there is more than one device) and build the task."""
     import jax
@@ -101,68 +110,11 @@ def annotator_kind(cfg: TrainConfig) -> str:
 def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True, sources: dict | None = None) -> Task:
     """Load data and annotator for ``cfg``; errors name the file, line or key at fault. ``sources``: a tfds
     task's splits when already prepared (``prepare_tfds``; else prepared here)."""
-    kind = annotator_kind(cfg)
-    encoded = None
     if cfg.data in builders.BUILDERS:
-        sources = sources or prepare_tfds(cfg.data, cfg.data_dir, cfg.tfds_dir, cfg.data_format)
-        test = builders.split_examples(sources["test"])
-        # Every test prompt, the long ones truncated, as the official evaluation has it (it evaluates the whole
-        # test split, online_dpo_rand_trainer.py eval_over_steps); eval_size > 0 takes the first ones. A
-        # dialogue is cut from its start so that its last user turn stays (builders' keep).
-        test = test[: _eval_size(cfg, len(test), f"task {cfg.data!r}")]
-        eval_prompts = [example_prompt(ex) for ex in test]
-        keep = builders.BUILDERS[cfg.data].keep
-        encoded = [encode_truncated(tokenizer, p, cfg.max_prompt_length, keep) for p in eval_prompts]
-        references = [example_reference(ex) for ex in test]
-        stream = None
-        if train:
-            stream = distributed.agreed(  # its probe of the prompts is host-local: one outcome for every host
-                GrainPrompts, sources["train"], tokenizer, batch_size=cfg.batch_size,
-                max_prompt_length=cfg.max_prompt_length, seed=cfg.seed, shard_index=distributed.process_index(),
-                shard_count=distributed.process_count())
-        gold = None
+        eval_prompts, references, encoded, stream, gold = _tfds_data(cfg, tokenizer, sources, train)
     else:
-        folder = minisum.DATA_DIR if cfg.data == "minisum" else cfg.data
-        train_rows = minisum.load_rows(os.path.join(folder, "train.jsonl"))
-        test_rows = minisum.load_rows(os.path.join(folder, "test.jsonl"))
-        test_rows = test_rows[: _eval_size(cfg, len(test_rows), os.path.join(folder, "test.jsonl"))]
-        eval_prompts = [minisum.prompt_text(r) for r in test_rows]
-        references = [r["reference"] for r in test_rows]
-        stream = None
-        if train:
-            texts = [minisum.prompt_text(r) for r in train_rows]
-            ids, mask = minisum.encode_prompts(tokenizer, texts, cfg.max_prompt_length)
-            stream = ArrayPrompts(texts, ids, mask, batch_size=cfg.batch_size, seed=cfg.seed,
-                                  rows=distributed.host_batch_rows(mesh, cfg.batch_size))
-        gold = {minisum.prompt_text(r): r["gold"] for r in train_rows + test_rows}
-    eval_annotator = None  # the annotator itself unless the RM scores the test set at another length
-    if kind == "rouge":
-        if gold is None:
-            raise ValueError(f"annotator=rouge needs gold summaries (minisum-format data); task {cfg.data!r} "
-                             f"needs annotator=reward_model")
-        annotator, score_name = RougeAnnotator(gold), "gold ROUGE-L"
-    elif kind == "judge":
-        from bpo_jax.eval.judge import Judge
-
-        api_key = os.environ.get(cfg.judge_api_key_env) if cfg.judge_api_key_env else None
-        if cfg.judge_api_key_env and not api_key:
-            raise ValueError(f"judge_api_key_env={cfg.judge_api_key_env!r} but that environment variable is unset")
-        annotator = Judge(cfg.judge_url, cfg.judge_model, api_key=api_key, timeout=cfg.judge_timeout,
-                          retries=cfg.judge_retries, cache_path=_judge_cache(cfg.run_dir),
-                          seed=cfg.seed, concurrency=cfg.judge_concurrency, max_requests=cfg.judge_max_requests)
-        score_name = "judge preference"
-    else:
-        from bpo_jax.models import load_reward_model
-
-        rm, rm_tokenizer = load_reward_model(cfg.reward_model, mesh=mesh, param_dtype=cfg.param_dtype,
-                                             dtype=cfg.dtype)
-        per_host = max(1, cfg.reward_batch_size // distributed.process_count())  # rows per call, each host
-        annotator = RewardModelAnnotator(rm, rm_tokenizer, batch_size=per_host,
-                                         max_length=cfg.reward_max_length)
-        if cfg.eval_reward_max_length and cfg.eval_reward_max_length != cfg.reward_max_length:
-            eval_annotator = RewardModelAnnotator(rm, rm_tokenizer, batch_size=per_host,
-                                                  max_length=cfg.eval_reward_max_length)
-        score_name = "reward"
+        eval_prompts, references, encoded, stream, gold = _folder_data(cfg, tokenizer, mesh, train)
+    annotator, eval_annotator, score_name = _annotators(cfg, gold, mesh)
     encoded = encoded or [(encode(tokenizer, p), False) for p in eval_prompts]
     eval_ids, eval_mask = left_pad([ids for ids, _ in encoded])
     if eval_ids.shape[1] > cfg.max_prompt_length:
@@ -170,6 +122,72 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True, so
                          f"{cfg.max_prompt_length}")
     return Task(cfg.data, stream, eval_prompts, eval_ids, eval_mask, references, annotator, score_name,
                 truncated=sum(cut for _, cut in encoded), eval_annotator=eval_annotator)
+
+
+def _tfds_data(cfg: TrainConfig, tokenizer, sources, train: bool):
+    """A tfds task: (test prompts, references, encoded test prompts, the train stream or None, gold = None)."""
+    sources = sources or prepare_tfds(cfg.data, cfg.data_dir, cfg.tfds_dir, cfg.data_format)
+    test = builders.split_examples(sources["test"])
+    # Every test prompt, the long ones truncated, as the official evaluation has it (it evaluates the whole
+    # test split, online_dpo_rand_trainer.py eval_over_steps); eval_size > 0 takes the first ones. A
+    # dialogue is cut from its start so that its last user turn stays (builders' keep).
+    test = test[: _eval_size(cfg, len(test), f"task {cfg.data!r}")]
+    eval_prompts = [example_prompt(ex) for ex in test]
+    keep = builders.BUILDERS[cfg.data].keep
+    encoded = [encode_truncated(tokenizer, p, cfg.max_prompt_length, keep) for p in eval_prompts]
+    stream = None
+    if train:
+        stream = distributed.agreed(  # its probe of the prompts is host-local: one outcome for every host
+            GrainPrompts, sources["train"], tokenizer, batch_size=cfg.batch_size,
+            max_prompt_length=cfg.max_prompt_length, seed=cfg.seed, shard_index=distributed.process_index(),
+            shard_count=distributed.process_count())
+    return eval_prompts, [example_reference(ex) for ex in test], encoded, stream, None
+
+
+def _folder_data(cfg: TrainConfig, tokenizer, mesh, train: bool):
+    """A minisum-format folder: (test prompts, references, None, the train stream or None, gold summaries)."""
+    folder = minisum.DATA_DIR if cfg.data == "minisum" else cfg.data
+    train_rows = minisum.load_rows(os.path.join(folder, "train.jsonl"))
+    test_rows = minisum.load_rows(os.path.join(folder, "test.jsonl"))
+    test_rows = test_rows[: _eval_size(cfg, len(test_rows), os.path.join(folder, "test.jsonl"))]
+    stream = None
+    if train:
+        texts = [minisum.prompt_text(r) for r in train_rows]
+        ids, mask = minisum.encode_prompts(tokenizer, texts, cfg.max_prompt_length)
+        stream = ArrayPrompts(texts, ids, mask, batch_size=cfg.batch_size, seed=cfg.seed,
+                              rows=distributed.host_batch_rows(mesh, cfg.batch_size))
+    gold = {minisum.prompt_text(r): r["gold"] for r in train_rows + test_rows}
+    return [minisum.prompt_text(r) for r in test_rows], [r["reference"] for r in test_rows], None, stream, gold
+
+
+def _annotators(cfg: TrainConfig, gold, mesh):
+    """(the pairs' annotator, the test set's annotator or None for the same, what its scores are)."""
+    kind = annotator_kind(cfg)
+    if kind == "rouge":
+        if gold is None:
+            raise ValueError(f"annotator=rouge needs gold summaries (minisum-format data); task {cfg.data!r} "
+                             f"needs annotator=reward_model")
+        return RougeAnnotator(gold), None, "gold ROUGE-L"
+    if kind == "judge":
+        from bpo_jax.eval.judge import Judge
+
+        api_key = os.environ.get(cfg.judge_api_key_env) if cfg.judge_api_key_env else None
+        if cfg.judge_api_key_env and not api_key:
+            raise ValueError(f"judge_api_key_env={cfg.judge_api_key_env!r} but that environment variable is unset")
+        judge = Judge(cfg.judge_url, cfg.judge_model, api_key=api_key, timeout=cfg.judge_timeout,
+                      retries=cfg.judge_retries, cache_path=_judge_cache(cfg.run_dir),
+                      seed=cfg.seed, concurrency=cfg.judge_concurrency, max_requests=cfg.judge_max_requests)
+        return judge, None, "judge preference"
+    from bpo_jax.models import load_reward_model
+
+    rm, rm_tokenizer = load_reward_model(cfg.reward_model, mesh=mesh, param_dtype=cfg.param_dtype, dtype=cfg.dtype)
+    per_host = max(1, cfg.reward_batch_size // distributed.process_count())  # rows per call, each host
+    annotator = RewardModelAnnotator(rm, rm_tokenizer, batch_size=per_host, max_length=cfg.reward_max_length)
+    eval_annotator = None  # the annotator itself unless the RM scores the test set at another length
+    if cfg.eval_reward_max_length and cfg.eval_reward_max_length != cfg.reward_max_length:
+        eval_annotator = RewardModelAnnotator(rm, rm_tokenizer, batch_size=per_host,
+                                              max_length=cfg.eval_reward_max_length)
+    return annotator, eval_annotator, "reward"
 
 
 def prepare_tfds(task: str, data_dir: str, tfds_dir: str, data_format: str = "auto") -> dict:

@@ -19,6 +19,7 @@ losses whatever the number of processes. The primary host alone prints and write
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
@@ -28,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bpo_jax.config import TrainConfig
+from bpo_jax.data.tasks import Run
 from bpo_jax.models.decoder import unstack_layers
 from bpo_jax.runtime import distributed, run_dir
 from bpo_jax.runtime.trackers import open_trackers
@@ -81,13 +83,15 @@ class Preemption:
             raise Preempted(f"SIGTERM during {during}")
 
 
-def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts, annotator, key, *, mesh=None,
-                  eos_token_ids=(), interrupt=None):
-    """Steps 1–3 for one phase: sample with π_β from the next batches of the prompt stream (advancing it) until
+def collect_pairs(cfg: TrainConfig, run: Run, behavior, key, *, interrupt=None):
+    """Steps 1–3 for one phase: sample with π_β (``behavior``: its params) from the next batches of the run's
+    prompt stream ``run.task.train`` (advancing it), annotated by ``run.task.annotator``, until
     K·B distinct, annotated pairs exist (K·B/P on each of P hosts). Each sampling call takes as many of the
     stream's batches as the phase still needs, up to ``sampling_batch_size`` prompts (sampling throughput grows
     with the batch); its responses are decoded and annotated together. ``interrupt(during)`` runs before each
     round (a preemption check). Returns this host's ``(pairs, stats)``."""
+    prompts, annotator, model_config, eos_token_ids = run.task.train, run.task.annotator, run.model.config, \
+        run.eos_token_ids
     b_local = prompts.local_batch_size
     need = cfg.steps_per_phase * b_local
     most = max(1, (cfg.sampling_batch_size or cfg.batch_size) // cfg.batch_size)  # stream batches per call
@@ -111,10 +115,12 @@ def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts, 
         out = generate(behavior, ids, pmask, config=model_config,
                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                        top_p=cfg.top_p, num_samples=2, eos_token_ids=eos_token_ids,
-                       rng=jax.random.fold_in(key, rounds), mesh=mesh, pad_token_id=model_config.pad_token_id or 0)
+                       rng=jax.random.fold_in(key, rounds), mesh=run.mesh,
+                       pad_token_id=model_config.pad_token_id or 0)
         rounds += 1
         toks, mask = out.tokens, out.mask  # this host's rows
-        texts = [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip() for t, m in zip(toks, mask)]
+        texts = [run.tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()
+                 for t, m in zip(toks, mask)]
         differ = distinct(texts)
         scores = annotator([p for p in texts_in for _ in range(2)], texts)
         keep, ties = differ, differ & tied(scores)  # distinct responses the annotator cannot tell apart
@@ -134,57 +140,71 @@ def collect_pairs(cfg: TrainConfig, model_config, behavior, tokenizer, prompts, 
     return pairs, stats
 
 
-def train(cfg: TrainConfig, *, model_config, tokenizer, base, prompts, annotator, mesh=None, eos_token_ids=(),
-          evaluate=None, reference=None, lora_init=None, stop: Preemption | None = None,
+def train(cfg: TrainConfig, run: Run, *, evaluate=None, lora_init=None, stop: Preemption | None = None,
           trackers=None) -> st.TrainState:
-    """Run (or resume) the online loop; ``evaluate(params, step) -> dict`` is called every ``eval_every`` steps.
-    ``prompts``: a prompt stream (``bpo_jax.data.prompts``) of ``cfg.batch_size`` prompts per global batch; its
-    state is checkpointed (one per host). ``reference``: the fixed reference's weights (``reference=fixed``).
-    ``lora_init``: the ensemble's starting factors (``lora_init_from``; unused when resuming). ``stop``: the
-    caller's ``Preemption`` (which ``evaluate`` should check too); default: one of the loop's own. ``trackers``:
-    the caller's open ``bpo_jax.runtime.trackers.Trackers`` (left open); default: the config's own, closed at the end.
+    """Run (or resume) the online loop on ``run`` (``bpo_jax.data.tasks.Run``: its model's params are the SFT
+    start, ``run.task.train`` the prompt stream of ``cfg.batch_size`` prompts per global batch, whose state is
+    checkpointed, one per host; ``run.task.annotator`` ranks the pairs; ``run.reference`` the fixed reference's
+    weights for ``reference=fixed``; ``tasks.training_run`` builds one from parts). ``evaluate(params, step) ->
+    dict`` is called every ``eval_every`` steps. ``lora_init``: the ensemble's starting factors
+    (``lora_init_from``; unused when resuming). ``stop``: the caller's ``Preemption`` (which ``evaluate`` should
+    check too); default: one of the loop's own. ``trackers``: the caller's open
+    ``bpo_jax.runtime.trackers.Trackers`` (left open); default: the config's own, closed at the end.
     Returns the final state.
 
     On SIGTERM the loop raises ``Preempted`` with the last completed state on disk: after a train step it saves
     that step; during a collection nothing is saved (the last checkpoint, or the fresh start, is where the phase
     began, so a resume redoes the same collection); during a periodic evaluation it saves the step and marks
     the evaluation pending, and the resumed run makes it first."""
+    prompts = run.task.train
     if prompts.batch_size != cfg.batch_size:
         raise ValueError(f"the prompt stream yields {prompts.batch_size} prompts per batch; the config's "
                          f"batch_size is {cfg.batch_size}")
     run_dir.make(cfg.run_dir)
-    ckpt = Checkpointer(cfg.run_dir, cfg.keep_checkpoints)
-    state = st.create_state(cfg, base, jax.random.key(cfg.seed), reference=reference, lora_init=lora_init)
-    metrics_path = run_dir.path(cfg.run_dir, "metrics.jsonl")
-    own_trackers = trackers is None
-    trackers = open_trackers(cfg) if own_trackers else trackers
+    state = st.create_state(cfg, run.model.params, jax.random.key(cfg.seed), reference=run.reference,
+                            lora_init=lora_init)
+    out = _Outputs(evaluate, Checkpointer(cfg.run_dir, cfg.keep_checkpoints),
+                   stop if stop is not None else Preemption().__enter__(), run_dir.path(cfg.run_dir, "metrics.jsonl"),
+                   trackers if trackers is not None else open_trackers(cfg))
     pairs = None
-    own_stop = stop is None
-    stop = Preemption().__enter__() if own_stop else stop
     try:
-        if (restored := ckpt.restore_latest(state, mesh=mesh)) is not None:
+        if (restored := out.ckpt.restore_latest(state, mesh=run.mesh)) is not None:
             latest, state, pairs, meta = restored
             prompts.set_state(meta["prompts"][distributed.process_index()])
             log.info(f"resumed {cfg.run_dir} at step {latest}")
             if meta.get("pending_eval") and evaluate is not None:  # interrupted by a preemption: make it now
-                policy = st.policy_params(cfg, state, model_config.dtype)
-                _write(metrics_path, trackers, {"step": latest, **evaluate(policy, latest)})
-        return _loop(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids, evaluate, ckpt, stop,
-                     metrics_path, trackers, state, pairs)
+                policy = st.policy_params(cfg, state, run.model.config.dtype)
+                out.write({"step": latest, **evaluate(policy, latest)})
+        return _loop(cfg, run, out, state, pairs)
     finally:
-        if own_stop:
-            stop.__exit__()
-        if own_trackers:
-            trackers.close()
-        ckpt.close()
+        if stop is None:
+            out.stop.__exit__()
+        if trackers is None:
+            out.trackers.close()
+        out.ckpt.close()
 
 
-def _loop(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids, evaluate, ckpt, stop,
-          metrics_path, trackers, state, pairs) -> st.TrainState:
+@dataclasses.dataclass
+class _Outputs:
+    """Where the loop's results go, and what may stop it: the evaluation, checkpoints, metrics, SIGTERM."""
+    evaluate: object  # (params, step) -> metrics, or None
+    ckpt: Checkpointer
+    stop: Preemption
+    metrics_path: object
+    trackers: object
+
+    def write(self, record: dict) -> None:
+        """One metrics record: a line of ``metrics.jsonl`` and a point in each tracker (primary host only)."""
+        run_dir.append_jsonl(self.metrics_path, record)
+        self.trackers.log(record)
+
+
+def _loop(cfg: TrainConfig, run: Run, out: _Outputs, state, pairs) -> st.TrainState:
     """The steps from ``state`` (with the phase's remaining ``pairs``, or None at a phase start) to T, as
     ``train``'s docstring says; returns the final state."""
+    prompts, mesh = run.task.train, run.mesh
     K, B, P = cfg.steps_per_phase, prompts.local_batch_size, prompts.width  # B: this host's pairs per step
-    step_fn = make_train_step(cfg, model_config, st.shardings(state), prompt_len=P)
+    step_fn = make_train_step(cfg, run.model.config, st.shardings(state), prompt_len=P)
     bar = tqdm(total=cfg.total_steps, initial=int(state.step), desc="training", unit="step",
                disable=not distributed.is_primary())
     phase_stats: dict = {}
@@ -192,8 +212,7 @@ def _loop(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids,
         while (step := int(state.step)) < cfg.total_steps:
             phase = step // K
             if pairs is None:  # a new phase: π_β ← π_θ (after the first), then collect its pairs with π_β
-                state, pairs, phase_stats = _start_phase(cfg, model_config, tokenizer, prompts, annotator, mesh,
-                                                         eos_token_ids, state, phase, stop)
+                state, pairs, phase_stats = _start_phase(cfg, run, state, phase, out.stop)
             i = step - phase * K
             batch = distributed.global_rows({k: pairs[k][i * B:(i + 1) * B] for k in BATCH_KEYS}, mesh)
             state, metrics = step_fn(state, batch)
@@ -202,33 +221,39 @@ def _loop(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids,
                 record.update({f"phase/{k}": v for k, v in phase_stats.items()})
             if not math.isfinite(record["loss"]):  # the loss is one global value: every host stops here
                 raise FloatingPointError(f"loss is {record['loss']} at step {step + 1}; stopping. The last good "
-                                         f"checkpoint in {ckpt.directory} is untouched.")
+                                         f"checkpoint in {out.ckpt.directory} is untouched.")
             pairs = None if i == K - 1 else pairs  # phase done
-            save = lambda **extra: ckpt.save(  # noqa: E731
+            save = lambda **extra: out.ckpt.save(  # noqa: E731
                 step + 1, state, None if pairs is None else distributed.global_rows(pairs, mesh),
                 {"prompts": distributed.gather_json(prompts.get_state()), **extra})
-            if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                try:
-                    record.update(evaluate(st.policy_params(cfg, state, model_config.dtype), step + 1))
-                except Preempted:
-                    _write(metrics_path, trackers, record)
-                    save(pending_eval=True)
-                    raise Preempted(f"SIGTERM during the evaluation at step {step + 1}: saved a checkpoint at "
-                                    f"step {step + 1} in {ckpt.directory}; the resumed run evaluates it first")
-            _write(metrics_path, trackers, record)
+            if out.evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                _periodic_eval(cfg, run, out, state, step + 1, record, save)
+            out.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", phase=phase + 1)
-            preempted = stop.requested()  # one host's SIGTERM: every host saves, then stops
+            preempted = out.stop.requested()  # one host's SIGTERM: every host saves, then stops
             if preempted or pairs is None or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
                 save()
             if preempted:
-                raise Preempted(f"SIGTERM: saved a checkpoint at step {step + 1} in {ckpt.directory}")
+                raise Preempted(f"SIGTERM: saved a checkpoint at step {step + 1} in {out.ckpt.directory}")
     finally:
         bar.close()
     return state
 
 
-def _start_phase(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_token_ids, state, phase, stop):
+def _periodic_eval(cfg: TrainConfig, run: Run, out: _Outputs, state, step: int, record: dict, save) -> None:
+    """The evaluation every ``eval_every`` steps, into ``record``; a SIGTERM during it writes the step's record,
+    saves the step with the evaluation marked pending, and raises ``Preempted``."""
+    try:
+        record.update(out.evaluate(st.policy_params(cfg, state, run.model.config.dtype), step))
+    except Preempted:
+        out.write(record)
+        save(pending_eval=True)
+        raise Preempted(f"SIGTERM during the evaluation at step {step}: saved a checkpoint at step {step} in "
+                        f"{out.ckpt.directory}; the resumed run evaluates it first") from None
+
+
+def _start_phase(cfg: TrainConfig, run: Run, state, phase: int, stop: Preemption):
     """Steps 5 and 1–3 at a phase start: ``(state, this host's pairs, phase stats)``. A preemption during the
     collection saves nothing: the last checkpoint (or the fresh start) already holds this phase's start.
 
@@ -237,20 +262,20 @@ def _start_phase(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_tok
     ``policy_behavior_logp_gap`` (max; ``_mean``) with the train step's policy forward on the trainable params
     (``train_step.policy_behavior_logp_gap``), which would show a π_β that is not π_θ; within sampler rounding
     (``train_step.LOGP_GAP_TOL``) with one adapter or full FT."""
+    model_config = run.model.config
     if phase > int(state.phase):
         state = st.sync_behavior(state)
     behavior = st.behavior_params(cfg, state, model_config.dtype)
     log.info(f"phase {phase + 1}/{cfg.num_phases}: collecting {cfg.steps_per_phase * cfg.batch_size} pairs "
              f"with pi_beta")
     try:
-        pairs, stats = collect_pairs(cfg, model_config, behavior, tokenizer, prompts, annotator,
-                                     jax.random.fold_in(jax.random.key(cfg.seed), phase), mesh=mesh,
-                                     eos_token_ids=eos_token_ids, interrupt=stop.check)
+        pairs, stats = collect_pairs(cfg, run, behavior, jax.random.fold_in(jax.random.key(cfg.seed), phase),
+                                     interrupt=stop.check)
     except Preempted:
         raise Preempted(f"SIGTERM while collecting phase {phase + 1}'s pairs: nothing to save; a resume redoes "
                         f"this collection from step {int(state.step)}") from None
-    B, P = prompts.local_batch_size, prompts.width
-    first = distributed.global_rows({k: v[:B] for k, v in pairs.items() if k in BATCH_KEYS}, mesh)
+    B, P = run.task.train.local_batch_size, run.task.train.width
+    first = distributed.global_rows({k: v[:B] for k, v in pairs.items() if k in BATCH_KEYS}, run.mesh)
     stats["behavior_logp_gap"] = float(behavior_logp_gap(model_config, behavior, first, prompt_len=P,
                                                          share_prompt=cfg.share_prompt))
     policy_gap = policy_behavior_logp_gap(cfg, model_config, state.base, state.trainable, first, prompt_len=P)
@@ -260,9 +285,3 @@ def _start_phase(cfg, model_config, tokenizer, prompts, annotator, mesh, eos_tok
         gaps = member_logp_gaps(cfg, model_config, state.base, state.trainable, first, prompt_len=P)
         stats["member_logp_gap_max"] = float(gaps.max())
     return state, pairs, stats
-
-
-def _write(path, trackers, record):
-    """One metrics record: a line of ``metrics.jsonl`` and a point in each tracker (primary host only)."""
-    run_dir.append_jsonl(path, record)
-    trackers.log(record)
