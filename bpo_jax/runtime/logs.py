@@ -41,9 +41,10 @@ class _Below(logging.Filter):
 
 
 def setup(primary: bool = True, debug: bool | None = None) -> None:
-    """Send the ``bpo_jax`` loggers to the console: INFO (DEBUG with ``debug``) on stdout on the primary host,
-    WARNING and above on stderr on every host. Idempotent: a later call changes the levels only, and keeps the
-    first call's ``debug`` unless it passes its own."""
+    """Send the ``bpo_jax`` loggers to the console: INFO on stdout on the primary host, WARNING and above on
+    stderr on every host; with ``debug``, DEBUG and up on every host (to see each host of a multi-host run).
+    Idempotent: a later call changes the levels only, and keeps the first call's ``debug`` unless it passes its
+    own."""
     logger = logging.getLogger(_ROOT)
     out = next((h for h in logger.handlers if isinstance(h, _Stream) and h.name == "stdout"), None)
     if out is None:
@@ -54,6 +55,9 @@ def setup(primary: bool = True, debug: bool | None = None) -> None:
             handler.setFormatter(logging.Formatter("%(message)s"))
             logger.addHandler(handler)
         out.debug = False
+        # The console is these handlers': a handler on the root logger (orbax.checkpoint's import installs one)
+        # would print every line a second time, as "INFO:bpo_jax...:" on stderr.
+        logger.propagate = False
     if debug is not None:
         out.debug = debug
     logger.setLevel(logging.DEBUG if out.debug else logging.INFO if primary else logging.WARNING)
