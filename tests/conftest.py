@@ -9,7 +9,22 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import logging  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_bpo_jax_logger():
+    """A command run in-process (``bpo_jax.__main__.main``) puts console handlers on the ``bpo_jax`` logger and
+    stops it propagating to the root logger (pytest's ``caplog``): each test starts from, and leaves, the logger
+    as the session found it."""
+    logger = logging.getLogger("bpo_jax")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
 
 
 @pytest.fixture(scope="session")
