@@ -260,6 +260,7 @@ def test_the_gap_checks_compile_once_per_lora_setting_not_per_run_config():
     assert ts._policy_gap._cache_size() == before + 2
 
 
+@pytest.mark.slow
 def test_discopop_tau_reaches_the_loss():
     """DiscoPOP's τ only acts once the policy has moved (at h = 0 the loss is ½·log 2 + ½ for any τ): the first
     step's loss agrees across τ, the second's differs."""
