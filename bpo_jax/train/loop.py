@@ -23,13 +23,13 @@ import dataclasses
 import logging
 import math
 import signal
+import typing
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from bpo_jax.config import TrainConfig
-from bpo_jax.data.tasks import Run
 from bpo_jax.models.decoder import unstack_layers
 from bpo_jax.runtime import distributed, run_dir
 from bpo_jax.runtime.trackers import open_trackers
@@ -44,6 +44,9 @@ from bpo_jax.train.step import (
     member_logp_gaps,
     policy_behavior_logp_gap,
 )
+
+if typing.TYPE_CHECKING:  # annotations only: the loop reads the run's parts, it does not build them
+    from bpo_jax.data.tasks import Run
 
 log = logging.getLogger(__name__)
 
