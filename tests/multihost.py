@@ -21,7 +21,8 @@ from typing import Callable, NamedTuple
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing import ROOT
+
 DEADLINE = 300  # seconds for one group of processes
 
 

@@ -9,10 +9,11 @@ import venv
 
 import pytest
 
+from testing import ROOT
+
 pytestmark = pytest.mark.slow  # several processes or a fresh venv (pyproject.toml's markers)
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINING_STACK = ("flax", "optax", "orbax", "transformers", "tensorflow_datasets", "grain", "gguf", "matplotlib",
                   "torch", "yaml")
 

@@ -15,9 +15,8 @@ from bpo_jax.config import load_config
 from bpo_jax.models import decoder
 from bpo_jax.runtime import sharding as shd
 from bpo_jax.train import state as st
-from testing import tiny_model_config
+from testing import ROOT, tiny_model_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "memory_plan.py")
 _spec = importlib.util.spec_from_file_location("memory_plan", SCRIPT)
 mp = importlib.util.module_from_spec(_spec)

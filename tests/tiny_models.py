@@ -39,10 +39,22 @@ FAMILIES = {
                                            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
                           query_pre_attn_scalar=16, final_logit_softcapping=3.0),
 }
-# The families with sliding windows, softcaps and q/k norms: tests/test_model_families.py checks them past the
+# The families with sliding windows, softcaps and q/k norms: tests/models/test_model_families.py checks them past the
 # window; test_models.py and test_sampling.py run their per-family checks on the others.
 WINDOWED_FAMILIES = ("qwen3", "gemma2", "gemma3")
 CORE_FAMILIES = tuple(f for f in FAMILIES if f not in WINDOWED_FAMILIES)
+
+
+def hf_logits(model, ids, mask):
+    """An HF causal LM's logits for a left-padded numpy batch, positions counted from each row's first real token
+    (as bpo_jax counts them)."""
+    import numpy as np
+    import torch
+
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
+    return out.logits.numpy()
 
 
 def make_hf_model(family: str, seed: int = 0):

@@ -33,7 +33,7 @@ process 0); a process silent for ``heartbeat_timeout`` seconds (``BPO_HEARTBEAT_
 is 100) is declared dead and JAX aborts every other process with a fatal error ("Terminating process because the
 JAX distributed service detected fatal errors ... heartbeat timeout": SIGABRT, exit status -6 / 134). Bound: every
 survivor exits within ``heartbeat_timeout + 30`` seconds of a peer's death (``DEAD_PEER_BOUND`` = 60 s with the
-default). Measured on CPU (gloo, 2 processes, process 1 SIGKILLed mid-train, tests/test_dead_peer.py): 18-27 s
+default). Measured on CPU (gloo, 2 processes, process 1 SIGKILLed mid-train, tests/runtime/test_dead_peer.py): 18-27 s
 with 30, 7 s with 10, 61 s with JAX's 100; when process 0 (the coordinator) dies the others abort within 1 s.
 An exiting process waits for the others at JAX's shutdown barrier up to ``BPO_SHUTDOWN_TIMEOUT`` seconds
 (default 60; JAX's own is 300), and the barrier's timeout aborts every process: so a host that fails alone while

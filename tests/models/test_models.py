@@ -27,17 +27,10 @@ from bpo_jax.models import (
 )
 from bpo_jax.models.gguf_source import permute, unpermute
 from testing import tiny_model_config
-from tiny_models import _COMMON, CORE_FAMILIES, FAMILIES, save_hf_model
+from tiny_models import _COMMON, CORE_FAMILIES, FAMILIES, hf_logits, save_hf_model
 
 LEFT_PADDED = np.array([[0, 0, 0, 5, 9, 17, 3, 44], [7, 8, 9, 10, 11, 12, 13, 14], [0, 0, 0, 0, 0, 0, 21, 99]])
 MASK = (np.arange(8)[None] >= np.array([3, 0, 6])[:, None]).astype(np.int32)
-
-
-def _hf_logits(model, ids, mask):
-    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
-    return out.logits.numpy()
 
 
 @pytest.fixture(scope="module", params=CORE_FAMILIES)
@@ -50,12 +43,12 @@ def tiny(request, tmp_path_factory):
 
 def test_logits_match_hf_with_left_padding(tiny):
     family, _, hf_model, model = tiny
-    want = _hf_logits(hf_model, LEFT_PADDED, MASK)
+    want = hf_logits(hf_model, LEFT_PADDED, MASK)
     got = np.asarray(forward(model.config, model.params, jnp.asarray(LEFT_PADDED), attention_mask=jnp.asarray(MASK))[0])
     real = MASK.astype(bool)
     np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=1e-4)
     # The NNX module call on an unpadded batch agrees too.
-    np.testing.assert_allclose(np.asarray(model(LEFT_PADDED[1:2])), _hf_logits(hf_model, LEFT_PADDED[1:2], MASK[1:2]),
+    np.testing.assert_allclose(np.asarray(model(LEFT_PADDED[1:2])), hf_logits(hf_model, LEFT_PADDED[1:2], MASK[1:2]),
                                atol=1e-4, rtol=1e-4)
 
 
@@ -95,7 +88,7 @@ def test_export_round_trip_through_hf(tiny, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
     ours = np.asarray(model(LEFT_PADDED, attention_mask=jnp.asarray(MASK)))
     real = MASK.astype(bool)
-    np.testing.assert_allclose(_hf_logits(reloaded, LEFT_PADDED, MASK)[real], ours[real], atol=1e-4)
+    np.testing.assert_allclose(hf_logits(reloaded, LEFT_PADDED, MASK)[real], ours[real], atol=1e-4)
     model2, _ = load_pretrained(str(tmp_path / "out"))
     assert model2.config.replace(pad_token_id=None) == model.config.replace(pad_token_id=None)
 
@@ -104,7 +97,7 @@ def test_sharded_safetensors_index_loads(tmp_path):
     hf_model = save_hf_model("llama", tmp_path, max_shard_size="40KB")
     assert os.path.isfile(tmp_path / "model.safetensors.index.json")
     model, _ = load_pretrained(str(tmp_path))
-    np.testing.assert_allclose(np.asarray(model(LEFT_PADDED[1:2])), _hf_logits(hf_model, LEFT_PADDED[1:2], MASK[1:2]),
+    np.testing.assert_allclose(np.asarray(model(LEFT_PADDED[1:2])), hf_logits(hf_model, LEFT_PADDED[1:2], MASK[1:2]),
                                atol=1e-4)
 
 
@@ -121,11 +114,11 @@ def test_more_variants_match_hf_and_export(hf_config, tmp_path):
     hf_model.save_pretrained(tmp_path / "hf")
     model, _ = load_pretrained(str(tmp_path / "hf"))
     real = MASK.astype(bool)
-    want = _hf_logits(hf_model, LEFT_PADDED, MASK)[real]
+    want = hf_logits(hf_model, LEFT_PADDED, MASK)[real]
     np.testing.assert_allclose(np.asarray(model(LEFT_PADDED, attention_mask=jnp.asarray(MASK)))[real], want, atol=1e-4)
     save_pretrained(model, None, str(tmp_path / "out"))
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
-    np.testing.assert_allclose(_hf_logits(reloaded, LEFT_PADDED, MASK)[real], want, atol=1e-5)
+    np.testing.assert_allclose(hf_logits(reloaded, LEFT_PADDED, MASK)[real], want, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -276,7 +269,7 @@ def test_smollm2_exports_as_an_hf_llama_folder(smollm2, tmp_path):
                                            add_generation_prompt=True)
     ids = np.asarray([reloaded_tok(text).input_ids])
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    want = _hf_logits(hf, ids, np.ones_like(ids))
+    want = hf_logits(hf, ids, np.ones_like(ids))
     np.testing.assert_allclose(np.asarray(model(ids)), want, atol=2e-4, rtol=1e-4)
 
 

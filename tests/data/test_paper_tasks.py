@@ -9,11 +9,9 @@ import pytest
 
 from bpo_jax.__main__ import main as cli
 from bpo_jax.eval.win_rate import win_rate_from_scores
+from testing import TINY_PAPER_RUN
 
 # data_dir= : the shipped raw samples instead of the official files the configs name (not shipped).
-TINY = ["total_steps=2", "num_phases=2", "batch_size=2", "data_dir=", "max_new_tokens=4", "eval_max_new_tokens=4",
-        "lora_rank=2", "lora_alpha=4", "ensemble_size=2", "param_dtype=float32", "dtype=float32", "remat=false",
-        "eval_size=4", "reward_batch_size=4", "export_policy=false"]
 
 
 @pytest.mark.slow
@@ -22,7 +20,7 @@ def test_paper_config_runs_on_the_samples_then_evaluates(task, tiny_policy_and_r
     policy, rm = tiny_policy_and_rm
     run = tmp_path / "run"
     args = ["train", "--config", f"configs/{task}_gemma2b.yaml", f"model={policy}", f"reward_model={rm}",
-            f"run_dir={run}", f"tfds_dir={tmp_path / 'tfds'}", *TINY]
+            f"run_dir={run}", f"tfds_dir={tmp_path / 'tfds'}", *TINY_PAPER_RUN]
     assert cli(args) == 0
     assert f"task {task}, 4 test prompts" in capsys.readouterr().out
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -74,7 +72,7 @@ def test_interrupted_tfds_run_resumes_the_prompt_stream_exactly(tiny_policy_and_
     def run(run_dir, stop_at=None):
         cfg = load_config("configs/hh_helpful_gemma2b.yaml", [
             f"model={policy}", f"reward_model={rm}", f"run_dir={run_dir}", f"tfds_dir={tmp_path / 'tfds'}",
-            "total_steps=4", "num_phases=2", "eval_every=1", "learning_rate=0.05", *TINY[2:]])
+            "total_steps=4", "num_phases=2", "eval_every=1", "learning_rate=0.05", *TINY_PAPER_RUN[2:]])
         task = build_task(cfg, tok)  # a fresh stream, as a restarted process would have
 
         def evaluate(params, step):
@@ -129,7 +127,7 @@ def test_long_test_prompts_are_truncated_keeping_their_start_not_dropped(smollm2
     policy, rm = tiny_policy_and_rm
     cfg = load_config("configs/tldr_gemma2b.yaml", [f"model={policy}", f"reward_model={rm}",
                                                     f"tfds_dir={tmp_path / 'tfds'}", "max_prompt_length=48",
-                                                    *TINY[:-3]])
+                                                    *TINY_PAPER_RUN[:-3]])
     task = build_task(cfg, tok, train=False)
     lengths = [len(encode(tok, p)) for p in task.eval_prompts]
     assert len(task.eval_prompts) == len(task.references) and max(lengths) > 48  # none dropped
@@ -188,7 +186,8 @@ def test_bf16_tldr_config_behavior_equals_policy_at_every_phase_start(members, t
 
     policy, rm = tiny_policy_and_rm
     run = tmp_path / "run"
-    small = [a for a in TINY if a.split("=")[0] not in ("param_dtype", "dtype", "ensemble_size", "total_steps")]
+    dropped = ("param_dtype", "dtype", "ensemble_size", "total_steps")
+    small = [a for a in TINY_PAPER_RUN if a.split("=")[0] not in dropped]
     assert cli(["train", "--config", "configs/tldr_gemma2b.yaml", f"model={policy}", f"reward_model={rm}",
                 f"run_dir={run}", f"tfds_dir={tmp_path / 'tfds'}", *small, "total_steps=4",
                 f"ensemble_size={members}", "learning_rate=5e-2"]) == 0

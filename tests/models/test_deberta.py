@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bpo_jax.models import load_reward_model
+from testing import TINY_PAPER_RUN
 from tiny_models import save_hf_deberta_reward_model
 
 QUESTIONS = ["What is the cat?", "Explain nuclear fusion like I am five", "hi", "Is the mat a cat?"]
@@ -151,13 +152,12 @@ def test_paper_config_runs_with_a_deberta_reward_model(tiny_policy_and_rm, tmp_p
     """The TL;DR paper config (its reward model is the paper's DeBERTa-v3 RM) runs two BPO steps on the shipped
     samples with the tiny DeBERTa RM as ``reward_model``, then evaluates."""
     from bpo_jax.__main__ import main as cli
-    from test_paper_tasks import TINY
 
     rm_dir = tmp_path / "deberta_rm"
     save_hf_deberta_reward_model(rm_dir)
     run = tmp_path / "run"
     assert cli(["train", "--config", "configs/tldr_gemma2b.yaml", f"model={tiny_policy_and_rm[0]}",
-                f"reward_model={rm_dir}", f"run_dir={run}", f"tfds_dir={tmp_path / 'tfds'}", *TINY]) == 0
+                f"reward_model={rm_dir}", f"run_dir={run}", f"tfds_dir={tmp_path / 'tfds'}", *TINY_PAPER_RUN]) == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)

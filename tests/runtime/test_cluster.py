@@ -14,8 +14,8 @@ from jax._src import distributed as jax_distributed
 
 from bpo_jax.runtime import cluster
 from multihost import run_group
+from testing import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUTS = dict(heartbeat_timeout_seconds=cluster.HEARTBEAT_TIMEOUT, shutdown_timeout_seconds=cluster.SHUTDOWN_TIMEOUT,
                 initialization_timeout=cluster.INITIALIZATION_TIMEOUT)
 SLURM = dict(SLURM_JOB_ID="4097", SLURM_STEP_NODELIST="node[003-004]", SLURM_NTASKS="2", SLURM_PROCID="1",

@@ -12,9 +12,7 @@ import yaml
 from bpo_jax.cli.experiment import main as experiment_cli
 from bpo_jax.config import ConfigError
 from bpo_jax.eval import experiment as ex
-from testing import write_minisum_folder
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testing import ROOT, write_minisum_folder
 
 
 def _spec(model, data, out_dir, **methods):

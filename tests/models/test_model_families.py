@@ -26,9 +26,8 @@ from bpo_jax.models import (
 )
 from bpo_jax.runtime import sharding as shd
 from bpo_jax.sample.sampler import generate
-from test_models import _hf_logits
-from test_sampling import _full_forward_logprobs
-from tiny_models import _COMMON, FAMILIES, WINDOWED_FAMILIES, save_hf_model
+from testing import full_forward_logprobs
+from tiny_models import _COMMON, FAMILIES, WINDOWED_FAMILIES, hf_logits, save_hf_model
 
 NEW = WINDOWED_FAMILIES
 T = 24
@@ -59,7 +58,7 @@ def test_logits_match_hf_past_the_window_and_each_feature_matters(tiny):
     family, hf_model, model = tiny
     cfg, params = model.config, model.params
     real = MASK.astype(bool)
-    want = _hf_logits(hf_model, IDS, MASK)
+    want = hf_logits(hf_model, IDS, MASK)
     got = _logits(cfg, params)
     np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=1e-4)
     # What the config read, and that switching each feature off changes the logits (so parity above tests it).
@@ -127,7 +126,7 @@ def test_sampler_logprobs_equal_full_forward(tiny):
     out = generate(model, PROMPTS, PMASK, max_new_tokens=14, temperature=1.0, num_samples=2,
                    rng=jax.random.key(4), prompt_bucket=8)
     rows = np.repeat(np.arange(3), 2)
-    ref = _full_forward_logprobs(model, PROMPTS[rows], PMASK[rows], out.tokens, out.mask)
+    ref = full_forward_logprobs(model, PROMPTS[rows], PMASK[rows], out.tokens, out.mask)
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref), atol=2e-5)
 
 
@@ -138,7 +137,7 @@ def test_export_round_trip_through_hf(tiny, tmp_path):
     assert type(reloaded).__name__ == {"qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
                                        "gemma3": "Gemma3ForCausalLM"}[family]
     real = MASK.astype(bool)
-    np.testing.assert_allclose(_hf_logits(reloaded, IDS, MASK)[real], _hf_logits(hf_model, IDS, MASK)[real],
+    np.testing.assert_allclose(hf_logits(reloaded, IDS, MASK)[real], hf_logits(hf_model, IDS, MASK)[real],
                                atol=1e-5)
     model2, _ = load_pretrained(str(tmp_path / "out"))
     assert model2.config == model.config

@@ -1,15 +1,14 @@
 """The sampler: greedy parity with HF generate, log-probs = full forward, layout, EOS, determinism, meshes."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from bpo_jax.logprobs import token_logprobs
-from bpo_jax.models import forward, load_pretrained, param_axes, unstack_layers
+from bpo_jax.models import load_pretrained, param_axes, unstack_layers
 from bpo_jax.runtime import sharding as shd
 from bpo_jax.sample.sampler import generate
+from testing import full_forward_logprobs
 from tiny_models import CORE_FAMILIES, save_hf_model
 
 PROMPTS = np.array([[0, 0, 0, 5, 9, 17, 3], [7, 8, 9, 10, 11, 12, 13], [0, 0, 0, 0, 0, 21, 99]])
@@ -42,14 +41,6 @@ def test_greedy_matches_hf_generate(tiny):
     assert np.all(np.asarray(out.mask) == 1)
 
 
-def _full_forward_logprobs(model, prompts, pmask, tokens, mask):
-    ids = jnp.concatenate([jnp.asarray(prompts), tokens], axis=1)
-    m = jnp.concatenate([jnp.asarray(pmask), mask], axis=1)
-    logits, _ = forward(model.config, model.params, ids, attention_mask=m)
-    p = prompts.shape[1]
-    return token_logprobs(logits[:, p - 1 : -1], tokens) * mask
-
-
 @pytest.mark.slow
 def test_logprobs_equal_full_forward_and_layout(tiny):
     _, model = tiny
@@ -57,7 +48,7 @@ def test_logprobs_equal_full_forward_and_layout(tiny):
                    rng=jax.random.key(3))
     assert out.tokens.shape == out.mask.shape == out.logprobs.shape == out.sampling_logprobs.shape == (6, 6)
     rows = np.repeat(np.arange(3), 2)  # row i·n + j is prompt i's j-th sample
-    ref = _full_forward_logprobs(model, PROMPTS[rows], PMASK[rows], out.tokens, out.mask)
+    ref = full_forward_logprobs(model, PROMPTS[rows], PMASK[rows], out.tokens, out.mask)
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref), atol=2e-5)
     # Tempered, truncated sampling log-probs differ from the model's own, and are ≥ them under top-k.
     assert not np.allclose(out.sampling_logprobs, out.logprobs)

@@ -9,8 +9,8 @@ import os
 import pytest
 
 from bpo_jax.eval.win_rate import win_rate_from_scores
+from testing import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(ROOT, "docs", "results_t64_runs")
 NAMES = {"offline": "offline DAP", "bpo_f2": "BPO", "on_policy_sft": "on-policy DAP (OAIF)", "bpo_ft": "BPO, on-policy",
          "bpo_f4": "BPO (stage 2)", "bpo_f8": "BPO (stage 2)"}

@@ -19,7 +19,7 @@ from bpo_jax.data.tasks import training_run
 from bpo_jax.eval.annotators import FunctionAnnotator
 from bpo_jax.models import load_pretrained
 from bpo_jax.train import loop
-from testing import write_minisum_folder
+from testing import TESTS, write_minisum_folder
 
 TEXTS = [f"Tell me about topic number {i}, briefly." for i in range(12)]
 LOG2 = float(np.log(2.0))
@@ -153,7 +153,7 @@ def test_ensemble_members_differ_from_the_merged_behavior_at_a_phase_start(tiny_
 
 _KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{here!r}, {tests!r}]
     from test_online import _annotator, _cfg, _setup
     from bpo_jax.data.tasks import training_run
     from bpo_jax.train import loop
@@ -175,7 +175,7 @@ def test_sigkill_and_resume_gives_identical_losses(tiny_dir, tmp_path):
     want = _losses(tmp_path / "whole")
 
     run = str(tmp_path / "killed")
-    script = _KILLED_RUN.format(tests=os.path.dirname(__file__), tiny=tiny_dir, run=run)
+    script = _KILLED_RUN.format(here=os.path.dirname(os.path.abspath(__file__)), tests=TESTS, tiny=tiny_dir, run=run)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert sorted(_losses(run)) == [1, 2]  # died during step 3, after the step-2 checkpoint

@@ -7,8 +7,7 @@ import os
 import pytest
 
 from bpo_jax.config import ConfigError, TrainConfig, load_config
-
-ROOT = os.path.dirname(os.path.dirname(__file__))
+from testing import ROOT
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))

@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 
 from bpo_jax.models.gguf_tokenizer import tokenizer_from_gguf
 from bpo_jax.models.loading import resolve
+from testing import ROOT
 
 TEXTS = ["Hello world 2024 12345 3.14", "  leading spaces\n\ttabs\r\nand\n\n\nnewlines  ", "don't you'll I'M we've",
          "émigré naïve 日本語 🤖 ½ ∑", "<|im_start|>user\nhi<|im_end|> <|endoftext|> <repo_name>x<filename>y", "",
@@ -24,7 +25,7 @@ def both(smollm2):
 
 def test_same_ids_and_text_as_transformers_gguf_tokenizer(both):
     ours, ref = both
-    with open(os.path.join(os.path.dirname(__file__), "..", "data", "minisum", "train.jsonl")) as f:
+    with open(os.path.join(ROOT, "data", "minisum", "train.jsonl")) as f:
         docs = [json.loads(line)["document"] for line in f][:40]
     assert len(ours) == len(ref) == 49152
     for text in TEXTS + docs:
