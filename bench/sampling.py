@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bpo_jax.models import load_pretrained, save_pretrained  # noqa: E402
-from bpo_jax.sample.sampler import generate  # noqa: E402
+from bpo_jax.sample.sampler import Decoding, generate  # noqa: E402
 
 # Spec memory bandwidths (GB/s) by device-kind substring.
 _BANDWIDTH = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0, "TPU v4": 1200.0, "TPU v5e": 819.0, "TPU v5p": 2765.0}
@@ -82,10 +82,10 @@ def main():
     prompts = {b: rng.integers(100, cfg.vocab_size - 100, size=(b, args.prompt_len)).astype(np.int32)
                for b in args.batches}
     ours = {}
+    decoding = Decoding(max_new_tokens=args.new, temperature=1.0, num_samples=n)
     for b, ids in prompts.items():
-        run = lambda: jax.block_until_ready(generate(  # noqa: E731
-            model, ids, np.ones_like(ids), max_new_tokens=args.new, temperature=1.0, rng=jax.random.key(0),
-            num_samples=n).tokens)
+        run = lambda: jax.block_until_ready(  # noqa: E731
+            generate(model, ids, np.ones_like(ids), decoding, rng=jax.random.key(0)).tokens)
         run()  # compile
         ours[b] = b * n * args.new / _median_time(run, args.repeats)
         print(f"bpo_jax batch {b}: {ours[b]:.1f} tok/s", flush=True)  # as it comes: HF's side may take long
@@ -135,9 +135,10 @@ def _lora_vs_merged(model, args):
     rng = np.random.default_rng(0)
     for b in args.batches:
         ids = rng.integers(100, model.config.vocab_size - 100, size=(b, args.prompt_len)).astype(np.int32)
-        runs = {name: (lambda p=params: jax.block_until_ready(generate(
-            p, ids, np.ones_like(ids), config=model.config, max_new_tokens=args.new, temperature=1.0,
-            rng=jax.random.key(0), num_samples=args.num_samples).tokens)) for name, params in variants.items()}
+        decoding = Decoding(max_new_tokens=args.new, temperature=1.0, num_samples=args.num_samples)
+        runs = {name: (lambda p=params: jax.block_until_ready(
+                    generate(p, ids, np.ones_like(ids), decoding, config=model.config, rng=jax.random.key(0)).tokens))
+                for name, params in variants.items()}
         times = {name: [] for name in runs}
         for name, run in runs.items():
             run()  # compile

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
 
     from bpo_jax.models import load_pretrained
     from bpo_jax.runtime import distributed, logs
-    from bpo_jax.sample.sampler import generate
+    from bpo_jax.sample.sampler import Decoding, generate
 
     logs.setup(primary=distributed.is_primary())  # several processes each answer the same prompt on their own
 
@@ -40,9 +40,9 @@ def main(argv=None) -> int:
                                       add_generation_prompt=True, return_dict=True)["input_ids"]
     eos = model.config.eos_token_id
     eos = tuple(eos) if isinstance(eos, tuple) else ((eos,) if eos is not None else ())
-    out = generate(model, np.asarray([ids]), np.ones((1, len(ids)), np.int32), max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_ids=eos,
-                   rng=jax.random.key(args.seed), pad_token_id=model.config.pad_token_id or 0)
+    decoding = Decoding(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, eos_token_ids=eos, pad_token_id=model.config.pad_token_id or 0)
+    out = generate(model, np.asarray([ids]), np.ones((1, len(ids)), np.int32), decoding, rng=jax.random.key(args.seed))
     n = int(np.asarray(out.mask)[0].sum())
     log.info(tok.decode(np.asarray(out.tokens)[0, :n], skip_special_tokens=True).strip())
     return 0

@@ -30,7 +30,7 @@ import numpy as np
 from bpo_jax.logprobs import chunked_token_logprobs, reduce_masked
 from bpo_jax.models.decoder import hidden_states, logits_from_hidden
 from bpo_jax.runtime import distributed
-from bpo_jax.sample.sampler import generate
+from bpo_jax.sample.sampler import Decoding, generate
 
 
 class WinRate(NamedTuple):
@@ -76,9 +76,9 @@ def score_against_references(annotator, prompts, responses, references) -> tuple
 def greedy_responses(params, config, tokenizer, prompt_ids, prompt_mask, *, max_new_tokens: int, eos_token_ids,
                      batch_size: int = 16, mesh=None, samples: bool = False):
     """Greedy-decoded response texts, one per prompt (and the sampler's output, when ``samples``)."""
-    out = generate(params, prompt_ids, prompt_mask, config=config, max_new_tokens=max_new_tokens, temperature=0.0,
-                   eos_token_ids=eos_token_ids, batch_size=batch_size, mesh=mesh,
-                   pad_token_id=config.pad_token_id or 0)
+    greedy = Decoding(max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=eos_token_ids,
+                      pad_token_id=config.pad_token_id or 0)
+    out = generate(params, prompt_ids, prompt_mask, greedy, config=config, batch_size=batch_size, mesh=mesh)
     texts = [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()
              for t, m in zip(out.tokens, out.mask)]
     return (texts, out) if samples else texts

@@ -11,8 +11,9 @@ the number of batch-sharding devices), so a run compiles once per bucket rather 
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,34 @@ def sampling_shardings(config, mesh, rules=SAMPLING_RULES, params=None):
     return shd.logical_to_sharding(axes, shapes, mesh, rules)
 
 
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """What ``generate`` draws for each prompt, checked when built; hashable, so the jitted prefill and decode
+    take it whole as their one static argument (a new value compiles anew, the same value never does).
+
+    ``max_new_tokens``: the response buffer's width. ``temperature``: 0.0 is greedy. ``top_k``: 0 is off.
+    ``top_p``: 1.0 is off. ``num_samples``: responses per prompt (BPO draws 2). ``eos_token_ids``: tokens that end
+    a response (the EOS itself is kept, with mask 1). ``pad_token_id``: what fills a response after its EOS.
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_samples: int = 1
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "eos_token_ids", tuple(int(e) for e in self.eos_token_ids))
+        if self.max_new_tokens < 1 or self.num_samples < 1:
+            raise ValueError(f"max_new_tokens and num_samples must be >= 1; got {self.max_new_tokens}, "
+                             f"{self.num_samples}")
+        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {self.temperature}, "
+                             f"{self.top_k}, {self.top_p}")
+
+
 class SampleOutput(NamedTuple):
     """Responses ``[B·n, max_new_tokens]`` as NumPy; row ``i·n + j`` is prompt i's j-th sample (with several
     processes, of this host's prompts).
@@ -76,18 +105,17 @@ class _DecodeState(NamedTuple):
     key: Array
 
 
-def _write(state: _DecodeState, step, logits, *, eos, pad_id, temperature, top_k, top_p) -> _DecodeState:
+def _write(state: _DecodeState, step, logits, d: Decoding) -> _DecodeState:
     """Sample column ``step`` from ``logits [R, V]`` and write it (padding rows that are already done)."""
-    tok, lp, slp = sample_step(
-        jax.random.fold_in(state.key, step), logits, temperature=temperature, top_k=top_k, top_p=top_p
-    )
+    tok, lp, slp = sample_step(jax.random.fold_in(state.key, step), logits, temperature=d.temperature, top_k=d.top_k,
+                               top_p=d.top_p)
     alive = ~state.done
-    tok = jnp.where(alive, tok, pad_id)
+    tok = jnp.where(alive, tok, d.pad_token_id)
     col = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v[:, None].astype(buf.dtype), step, axis=1)  # noqa: E731
     return state._replace(
         step=step,
         last=tok,
-        done=state.done | (alive & jnp.isin(tok, jnp.asarray(eos, jnp.int32))),
+        done=state.done | (alive & jnp.isin(tok, jnp.asarray(d.eos_token_ids, jnp.int32))),
         tokens=col(state.tokens, tok),
         mask=col(state.mask, alive),
         logprobs=col(state.logprobs, jnp.where(alive, lp, 0.0)),
@@ -95,12 +123,11 @@ def _write(state: _DecodeState, step, logits, *, eos, pad_id, temperature, top_k
     )
 
 
-@partial(jax.jit, static_argnames=("config", "num_samples", "eos", "pad_id", "temperature", "top_k", "top_p"),
-         donate_argnames=("cache",))
-def _prefill(config, params, prompt_ids, prompt_mask, cache, key, *, num_samples, eos, pad_id, temperature,
-             top_k, top_p) -> _DecodeState:
+@partial(jax.jit, static_argnames=("config", "decoding"), donate_argnames=("cache",))
+def _prefill(config, params, prompt_ids, prompt_mask, cache, key, *, decoding: Decoding) -> _DecodeState:
     """Run each prompt through the model once, copy its keys/values into the rows of its ``num_samples``
     samples in ``cache``, and sample every row's first response token."""
+    num_samples, pad_id = decoding.num_samples, decoding.pad_token_id
     rows, plen = prompt_ids.shape[0] * num_samples, prompt_ids.shape[1]
     max_new_tokens = cache["valid"].shape[1] - plen
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
@@ -121,14 +148,11 @@ def _prefill(config, params, prompt_ids, prompt_mask, cache, key, *, num_samples
         mask=jnp.zeros((rows, max_new_tokens), jnp.int32), logprobs=zeros, sampling_logprobs=zeros,
         cache=cache, key=key,
     )
-    return _write(state, jnp.int32(0), per_row(logits[:, -1]), eos=eos, pad_id=pad_id, temperature=temperature,
-                  top_k=top_k, top_p=top_p)
+    return _write(state, jnp.int32(0), per_row(logits[:, -1]), decoding)
 
 
-@partial(jax.jit, static_argnames=("config", "prompt_len", "eos", "pad_id", "temperature", "top_k", "top_p"),
-         donate_argnames=("state",))
-def _decode(config, params, state: _DecodeState, *, prompt_len, eos, pad_id, temperature, top_k,
-            top_p) -> _DecodeState:
+@partial(jax.jit, static_argnames=("config", "prompt_len", "decoding"), donate_argnames=("state",))
+def _decode(config, params, state: _DecodeState, *, prompt_len, decoding: Decoding) -> _DecodeState:
     """Decode one token at a time until every row has written an EOS or the buffers are full."""
     max_new_tokens = state.tokens.shape[1]
 
@@ -142,8 +166,7 @@ def _decode(config, params, state: _DecodeState, *, prompt_len, eos, pad_id, tem
             attention_mask=jnp.ones_like(s.last[:, None]), cache=s.cache, cache_index=prompt_len + s.step,
         )
         s = s._replace(positions=positions, cache=cache)
-        return _write(s, s.step + 1, logits[:, 0], eos=eos, pad_id=pad_id, temperature=temperature,
-                      top_k=top_k, top_p=top_p)
+        return _write(s, s.step + 1, logits[:, 0], decoding)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -163,16 +186,10 @@ def generate(
     model_or_params,
     prompt_ids,
     prompt_mask,
+    decoding: Decoding,
     *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    num_samples: int = 1,
-    eos_token_ids: Sequence[int] = (),
     rng: Array | None = None,
     config=None,
-    pad_token_id: int = 0,
     mesh: jax.sharding.Mesh | None = None,
     param_shardings=None,
     batch_size: int | None = None,
@@ -180,20 +197,19 @@ def generate(
     progress: bool = False,
     interrupt=None,
 ) -> SampleOutput:
-    """Sample ``num_samples`` responses for each left-padded prompt ``prompt_ids [B, P]`` / ``prompt_mask``.
+    """Sample ``decoding.num_samples`` responses for each left-padded prompt ``prompt_ids [B, P]`` / ``prompt_mask``.
 
     Args:
       model_or_params: a loaded model (anything with ``.config`` and ``.params``), or a params pytree with
         ``config=`` given — e.g. the train state's behavior params, or a LoRA-merged view of them. Params
         already in the ``decoder.unstack_layers`` layout are used as they are (callers that sample many
         batches with the same weights unstack once).
-      temperature: 0.0 is greedy. top_k: 0 is off. top_p: 1.0 is off.
-      num_samples: responses per prompt; BPO draws 2.
-      eos_token_ids: tokens that end a response (the EOS itself is kept, with mask 1).
+      decoding: what to draw (``Decoding``: new tokens, temperature, top-k/top-p, samples per prompt, EOS, pad).
       rng: a ``jax.random.key``; the same key gives the same samples, on any mesh.
       mesh: shard rows over its ``data``/``fsdp`` axes (the params keep their own placement unless
         ``param_shardings`` is given, e.g. ``sampling_shardings(config, mesh)``).
       batch_size: prompts per compiled call; several calls (with a tqdm bar if ``progress``) cover B.
+      prompt_bucket: prompt lengths are left-padded up to a multiple of it (one compilation per bucket).
       interrupt: called before each call (e.g. ``loop.Preemption.check``: it raises to stop a long run of
         calls; with several processes every host calls it at the same points).
 
@@ -216,9 +232,7 @@ def generate(
         params = shd.shard(params, param_shardings)
     if not isinstance(params["layers"], (tuple, list)):
         params = decoder.unstack_layers(params)  # the decode loop's layout: no per-step slicing of stacked weights
-    prompt_ids = np.asarray(prompt_ids, np.int32)
-    prompt_mask = np.asarray(prompt_mask, np.int32)
-    _check_inputs(prompt_ids, prompt_mask, max_new_tokens, temperature, top_k, top_p, num_samples)
+    prompt_ids, prompt_mask = _checked_prompts(prompt_ids, prompt_mask)
     rng = jax.random.key(0) if rng is None else rng
     b = prompt_ids.shape[0]
     batch_size = b if batch_size is None else batch_size
@@ -232,14 +246,12 @@ def generate(
         if interrupt is not None:
             interrupt()
         outs.append(_generate_batch(config, params, prompt_ids[s : s + batch_size], prompt_mask[s : s + batch_size],
-                                    jax.random.fold_in(rng, s), max_new_tokens=max_new_tokens,
-                                    temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
-                                    eos=tuple(int(e) for e in eos_token_ids), pad_id=pad_token_id, mesh=mesh,
-                                    prompt_bucket=prompt_bucket))
+                                    jax.random.fold_in(rng, s), decoding, mesh=mesh, prompt_bucket=prompt_bucket))
     return SampleOutput(*(np.concatenate(parts, axis=0) for parts in zip(*outs)))
 
 
-def _check_inputs(prompt_ids, prompt_mask, max_new_tokens, temperature, top_k, top_p, num_samples):
+def _checked_prompts(prompt_ids, prompt_mask) -> tuple[np.ndarray, np.ndarray]:
+    prompt_ids, prompt_mask = np.asarray(prompt_ids, np.int32), np.asarray(prompt_mask, np.int32)
     if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
         raise ValueError(f"prompt_ids and prompt_mask must both be [B, P]; got {prompt_ids.shape} and "
                          f"{prompt_mask.shape}")
@@ -247,14 +259,10 @@ def _check_inputs(prompt_ids, prompt_mask, max_new_tokens, temperature, top_k, t
         raise ValueError("prompts must be left-padded: prompt_mask must be 0…0 1…1 in every row")
     if np.any(prompt_mask.sum(axis=1) == 0):
         raise ValueError("every prompt needs at least one token (a row of prompt_mask is all 0)")
-    if max_new_tokens < 1 or num_samples < 1:
-        raise ValueError(f"max_new_tokens and num_samples must be >= 1; got {max_new_tokens}, {num_samples}")
-    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got {temperature}, {top_k}, "
-                         f"{top_p}")
+    return prompt_ids, prompt_mask
 
 
-def _generate_batch(config, params, prompt_ids, prompt_mask, key, *, num_samples, mesh, prompt_bucket, **kw):
+def _generate_batch(config, params, prompt_ids, prompt_mask, key, decoding: Decoding, *, mesh, prompt_bucket):
     prompts = prompt_ids.shape[0]
     # Bucket: left-pad the prompt length, add all-padding prompts (a single dummy token keeps them well-defined)
     # up to a power of two times this host's batch shards, so the n·prompts sample rows split evenly over the
@@ -265,11 +273,10 @@ def _generate_batch(config, params, prompt_ids, prompt_mask, key, *, num_samples
     mask = np.pad(prompt_mask, ((0, bprompts - prompts), (plen - prompt_mask.shape[1], 0)))
     mask[prompts:, -1] = 1
     ids_d, mask_d = distributed.global_rows((ids, mask), mesh)
-    cache = decoder.init_cache(config, ids_d.shape[0] * num_samples, plen + kw["max_new_tokens"], mesh=mesh,
-                               per_layer=True)
-    static = {k: kw[k] for k in ("eos", "pad_id", "temperature", "top_k", "top_p")}
-    state = _prefill(config, params, ids_d, mask_d, cache, key, num_samples=num_samples, **static)
-    state = _decode(config, params, state, prompt_len=plen, **static)
-    rows = prompts * num_samples
+    cache = decoder.init_cache(config, ids_d.shape[0] * decoding.num_samples, plen + decoding.max_new_tokens,
+                               mesh=mesh, per_layer=True)
+    state = _prefill(config, params, ids_d, mask_d, cache, key, decoding=decoding)
+    state = _decode(config, params, state, prompt_len=plen, decoding=decoding)
+    rows = prompts * decoding.num_samples
     local = distributed.local_rows((state.tokens, state.mask, state.logprobs, state.sampling_logprobs), mesh)
     return tuple(x[:rows] for x in local)

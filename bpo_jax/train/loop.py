@@ -33,7 +33,7 @@ from bpo_jax.config import TrainConfig
 from bpo_jax.models.decoder import unstack_layers
 from bpo_jax.runtime import distributed, run_dir
 from bpo_jax.runtime.trackers import open_trackers
-from bpo_jax.sample.sampler import generate
+from bpo_jax.sample.sampler import Decoding, generate
 from bpo_jax.train import state as st
 from bpo_jax.train.checkpoint import Checkpointer
 from bpo_jax.train.pairs import build_pairs, distinct, tied
@@ -99,6 +99,9 @@ def collect_pairs(cfg: TrainConfig, run: Run, behavior, key, *, interrupt=None):
     need = cfg.steps_per_phase * b_local
     most = max(1, (cfg.sampling_batch_size or cfg.batch_size) // cfg.batch_size)  # stream batches per call
     behavior = unstack_layers(behavior)  # once per phase, not once per generate call
+    decoding = Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                        top_p=cfg.top_p, num_samples=2, eos_token_ids=eos_token_ids,
+                        pad_token_id=model_config.pad_token_id or 0)  # two responses per prompt
     chunks, have, sampled, rounds = [], 0, 0, 0
     tally = np.zeros(2, np.int64)  # identical pairs, tied pairs
     bar = tqdm(total=need, desc="collecting pairs", unit="pair", leave=False, disable=not distributed.is_primary())
@@ -115,11 +118,8 @@ def collect_pairs(cfg: TrainConfig, run: Run, behavior, key, *, interrupt=None):
         batches = distributed.agreed(lambda: [prompts.next_batch() for _ in range(calls)])  # a host-local read
         texts_in = [p for bt in batches for p in bt.prompts]
         ids, pmask = np.concatenate([bt.ids for bt in batches]), np.concatenate([bt.mask for bt in batches])
-        out = generate(behavior, ids, pmask, config=model_config,
-                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                       top_p=cfg.top_p, num_samples=2, eos_token_ids=eos_token_ids,
-                       rng=jax.random.fold_in(key, rounds), mesh=run.mesh,
-                       pad_token_id=model_config.pad_token_id or 0)
+        out = generate(behavior, ids, pmask, decoding, config=model_config, rng=jax.random.fold_in(key, rounds),
+                       mesh=run.mesh)
         rounds += 1
         toks, mask = out.tokens, out.mask  # this host's rows
         texts = [run.tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()

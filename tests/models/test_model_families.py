@@ -25,7 +25,7 @@ from bpo_jax.models import (
     save_pretrained,
 )
 from bpo_jax.runtime import sharding as shd
-from bpo_jax.sample.sampler import generate
+from bpo_jax.sample.sampler import Decoding, generate
 from testing import full_forward_logprobs
 from tiny_models import _COMMON, FAMILIES, WINDOWED_FAMILIES, hf_logits, save_hf_model
 
@@ -116,14 +116,14 @@ def test_greedy_matches_hf_generate_past_the_window(tiny):
     with torch.no_grad():
         want = hf_model.generate(torch.tensor(PROMPTS), attention_mask=torch.tensor(PMASK), max_new_tokens=n,
                                  do_sample=False, eos_token_id=None, pad_token_id=0).numpy()[:, PROMPTS.shape[1]:]
-    out = generate(model, PROMPTS, PMASK, max_new_tokens=n, temperature=0.0)
+    out = generate(model, PROMPTS, PMASK, Decoding(max_new_tokens=n, temperature=0.0))
     np.testing.assert_array_equal(np.asarray(out.tokens), want)
 
 
 @pytest.mark.slow
 def test_sampler_logprobs_equal_full_forward(tiny):
     _, _, model = tiny
-    out = generate(model, PROMPTS, PMASK, max_new_tokens=14, temperature=1.0, num_samples=2,
+    out = generate(model, PROMPTS, PMASK, Decoding(max_new_tokens=14, temperature=1.0, num_samples=2),
                    rng=jax.random.key(4), prompt_bucket=8)
     rows = np.repeat(np.arange(3), 2)
     ref = full_forward_logprobs(model, PROMPTS[rows], PMASK[rows], out.tokens, out.mask)
@@ -253,8 +253,9 @@ def test_train_step_sharded_equals_one_device(family, tmp_path):
     cfg = TrainConfig(total_steps=2, num_phases=1, batch_size=4, learning_rate=5e-2, max_new_tokens=10,
                       lora_rank=4, ensemble_size=2, reference="sft")
     prompts, pmask = PROMPTS[[0, 1, 2, 0]], PMASK[[0, 1, 2, 0]]
-    out = generate(model.params, prompts, pmask, config=model.config, max_new_tokens=10, num_samples=2,
-                   eos_token_ids=(), rng=jax.random.key(0), temperature=1.5)  # past the window of 6
+    out = generate(model.params, prompts, pmask,
+                   Decoding(max_new_tokens=10, num_samples=2, eos_token_ids=(), temperature=1.5), config=model.config,
+                   rng=jax.random.key(0))  # past the window of 6
     toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
     batch = build_pairs(prompts, pmask, toks, mask, np.asarray(out.logprobs), toks.sum(1), np.ones(4, bool),
                         eos_token_ids=())

@@ -11,7 +11,7 @@ import pytest
 
 from bpo_jax.config import TrainConfig
 from bpo_jax.models import init_params
-from bpo_jax.sample.sampler import generate
+from bpo_jax.sample.sampler import Decoding, generate
 from bpo_jax.train import lora
 from bpo_jax.train import state as st
 from bpo_jax.train.pairs import build_pairs
@@ -48,7 +48,7 @@ def _sampled_batch(mcfg, behavior):
     """π_β's samples for B prompts as a train batch (what ``online.collect_pairs`` builds)."""
     rng = np.random.default_rng(1)
     ids, mask = rng.integers(3, 96, (B, P)).astype(np.int32), np.ones((B, P), np.int32)
-    out = generate(behavior, ids, mask, config=mcfg, max_new_tokens=N, num_samples=2, rng=jax.random.key(3))
+    out = generate(behavior, ids, mask, Decoding(max_new_tokens=N, num_samples=2), config=mcfg, rng=jax.random.key(3))
     pairs = build_pairs(ids, mask, out.tokens, out.mask, out.logprobs, np.arange(2 * B, dtype=np.float32),
                         np.ones(B, bool))
     return {k: jnp.asarray(pairs[k]) for k in BATCH_KEYS}
@@ -98,8 +98,8 @@ def test_sampling_shardings_place_attached_factors():
     target = sampling_shardings(MCFG, mesh, params=behavior)
     assert set(target["layers"]["q_lora"]) == {"a", "b"}
     ids, mask = np.full((2, P), 5, np.int32), np.ones((2, P), np.int32)
-    want = generate(behavior, ids, mask, config=MCFG, max_new_tokens=3, rng=jax.random.key(0))
-    got = generate(behavior, ids, mask, config=MCFG, max_new_tokens=3, rng=jax.random.key(0), mesh=mesh,
+    want = generate(behavior, ids, mask, Decoding(max_new_tokens=3), config=MCFG, rng=jax.random.key(0))
+    got = generate(behavior, ids, mask, Decoding(max_new_tokens=3), config=MCFG, rng=jax.random.key(0), mesh=mesh,
                    param_shardings=target)
     np.testing.assert_array_equal(got.tokens, want.tokens)
 

@@ -7,7 +7,7 @@ import torch
 
 from bpo_jax.models import load_pretrained, param_axes, unstack_layers
 from bpo_jax.runtime import sharding as shd
-from bpo_jax.sample.sampler import generate
+from bpo_jax.sample.sampler import Decoding, generate
 from testing import full_forward_logprobs
 from tiny_models import CORE_FAMILIES, save_hf_model
 
@@ -36,7 +36,7 @@ def test_greedy_matches_hf_generate(tiny):
     with torch.no_grad():
         want = hf_model.generate(torch.tensor(PROMPTS), attention_mask=torch.tensor(PMASK), max_new_tokens=n,
                                  do_sample=False, eos_token_id=None, pad_token_id=0).numpy()[:, PROMPTS.shape[1]:]
-    out = generate(model, PROMPTS, PMASK, max_new_tokens=n, temperature=0.0)
+    out = generate(model, PROMPTS, PMASK, Decoding(max_new_tokens=n, temperature=0.0))
     np.testing.assert_array_equal(np.asarray(out.tokens), want)
     assert np.all(np.asarray(out.mask) == 1)
 
@@ -44,7 +44,7 @@ def test_greedy_matches_hf_generate(tiny):
 @pytest.mark.slow
 def test_logprobs_equal_full_forward_and_layout(tiny):
     _, model = tiny
-    out = generate(model, PROMPTS, PMASK, max_new_tokens=6, temperature=1.3, top_k=20, num_samples=2,
+    out = generate(model, PROMPTS, PMASK, Decoding(max_new_tokens=6, temperature=1.3, top_k=20, num_samples=2),
                    rng=jax.random.key(3))
     assert out.tokens.shape == out.mask.shape == out.logprobs.shape == out.sampling_logprobs.shape == (6, 6)
     rows = np.repeat(np.arange(3), 2)  # row i·n + j is prompt i's j-th sample
@@ -57,23 +57,24 @@ def test_logprobs_equal_full_forward_and_layout(tiny):
 
 def test_determinism_and_rng(llama):
     path_model = llama
-    a = generate(path_model, PROMPTS, PMASK, max_new_tokens=8, rng=jax.random.key(7))
-    b = generate(path_model, PROMPTS, PMASK, max_new_tokens=8, rng=jax.random.key(7))
-    c = generate(path_model, PROMPTS, PMASK, max_new_tokens=8, rng=jax.random.key(8))
+    a = generate(path_model, PROMPTS, PMASK, Decoding(max_new_tokens=8), rng=jax.random.key(7))
+    b = generate(path_model, PROMPTS, PMASK, Decoding(max_new_tokens=8), rng=jax.random.key(7))
+    c = generate(path_model, PROMPTS, PMASK, Decoding(max_new_tokens=8), rng=jax.random.key(8))
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert not np.array_equal(a.tokens, c.tokens)
     # Params already unstacked (as the online loop passes them) give the very same samples.
-    d = generate(unstack_layers(path_model.params), PROMPTS, PMASK, config=path_model.config, max_new_tokens=8,
-                 rng=jax.random.key(7))
+    d = generate(unstack_layers(path_model.params), PROMPTS, PMASK, Decoding(max_new_tokens=8),
+                 config=path_model.config, rng=jax.random.key(7))
     np.testing.assert_array_equal(a.tokens, d.tokens)
 
 
 @pytest.mark.slow
 def test_eos_masks_and_padding(llama):
     model = llama
-    greedy = np.asarray(generate(model, PROMPTS, PMASK, max_new_tokens=8, temperature=0.0).tokens)
+    greedy = np.asarray(generate(model, PROMPTS, PMASK, Decoding(max_new_tokens=8, temperature=0.0)).tokens)
     eos = int(greedy[0, 2])  # make the 3rd greedy token of row 0 an EOS
-    out = generate(model, PROMPTS, PMASK, max_new_tokens=8, temperature=0.0, eos_token_ids=(eos,), pad_token_id=0)
+    out = generate(model, PROMPTS, PMASK,
+                   Decoding(max_new_tokens=8, temperature=0.0, eos_token_ids=(eos,), pad_token_id=0))
     toks, mask, lp = map(np.asarray, (out.tokens, out.mask, out.logprobs))
     for r in range(3):
         hits = np.flatnonzero(greedy[r] == eos)
@@ -88,9 +89,9 @@ def test_eos_masks_and_padding(llama):
 def test_batches_buckets_and_mesh_give_the_same_samples(llama):
     model = llama
     key = jax.random.key(11)
-    base = generate(model, PROMPTS, PMASK, max_new_tokens=5, num_samples=2, rng=key)
+    base = generate(model, PROMPTS, PMASK, Decoding(max_new_tokens=5, num_samples=2), rng=key)
     mesh = shd.make_mesh(data=2, fsdp=2, tensor=2)
-    sharded = generate(model, PROMPTS, PMASK, max_new_tokens=5, num_samples=2, rng=key, mesh=mesh,
+    sharded = generate(model, PROMPTS, PMASK, Decoding(max_new_tokens=5, num_samples=2), rng=key, mesh=mesh,
                        prompt_bucket=16)
     np.testing.assert_array_equal(base.tokens, sharded.tokens)
     np.testing.assert_allclose(base.logprobs, sharded.logprobs, atol=1e-5)
@@ -107,8 +108,8 @@ def test_sampling_layout_reshard_and_progress(llama, capsys):
     target = sampling_shardings(llama.config, mesh)
     assert "fsdp" not in target["layers"]["gate"].spec and "tensor" in target["layers"]["gate"].spec
     key = jax.random.key(5)
-    want = generate(llama, PROMPTS, PMASK, max_new_tokens=4, rng=key)
-    got = generate(train_layout, PROMPTS, PMASK, config=llama.config, max_new_tokens=4, rng=key, mesh=mesh,
+    want = generate(llama, PROMPTS, PMASK, Decoding(max_new_tokens=4), rng=key)
+    got = generate(train_layout, PROMPTS, PMASK, Decoding(max_new_tokens=4), config=llama.config, rng=key, mesh=mesh,
                    param_shardings=target, batch_size=2, progress=True)
     np.testing.assert_array_equal(got.tokens[:2], want.tokens[:2])
     assert got.tokens.shape == want.tokens.shape
@@ -118,11 +119,33 @@ def test_sampling_layout_reshard_and_progress(llama, capsys):
 def test_bad_inputs(llama):
     model = llama
     with pytest.raises(ValueError, match="left-padded"):
-        generate(model, PROMPTS, PMASK[:, ::-1], max_new_tokens=2)
+        generate(model, PROMPTS, PMASK[:, ::-1], Decoding(max_new_tokens=2))
     with pytest.raises(ValueError, match="at least one token"):
-        generate(model, PROMPTS, np.zeros_like(PMASK), max_new_tokens=2)
+        generate(model, PROMPTS, np.zeros_like(PMASK), Decoding(max_new_tokens=2))
     with pytest.raises(ValueError, match="temperature >= 0"):
-        generate(model, PROMPTS, PMASK, max_new_tokens=2, temperature=-1.0)
+        Decoding(max_new_tokens=2, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p <= 1"):
+        Decoding(max_new_tokens=2, top_p=0.0)
+    with pytest.raises(ValueError, match="num_samples must be >= 1; got 2, 0"):
+        Decoding(max_new_tokens=2, num_samples=0)
+
+
+def test_equal_decodings_share_one_compilation_and_another_compiles_anew(llama):
+    """``Decoding`` is the prefill's and the decode loop's one static argument: two equal values built apart (EOS
+    ids as a list or a tuple of NumPy ints) reuse one compilation; another temperature compiles anew."""
+    from bpo_jax.sample import sampler
+
+    first = Decoding(max_new_tokens=3, temperature=0.7, eos_token_ids=[np.int64(5)])
+    again = Decoding(max_new_tokens=3, temperature=0.7, eos_token_ids=(5,))
+    assert first == again and hash(first) == hash(again) and first.eos_token_ids == (5,)
+    generate(llama, PROMPTS, PMASK, first)
+    sizes = sampler._prefill._cache_size(), sampler._decode._cache_size()
+    a = generate(llama, PROMPTS, PMASK, again)
+    assert (sampler._prefill._cache_size(), sampler._decode._cache_size()) == sizes
+    b = generate(llama, PROMPTS, PMASK, first)
+    np.testing.assert_array_equal(a.tokens, b.tokens)  # the same key: the same samples
+    generate(llama, PROMPTS, PMASK, Decoding(max_new_tokens=3, temperature=0.9, eos_token_ids=(5,)))
+    assert (sampler._prefill._cache_size(), sampler._decode._cache_size()) == (sizes[0] + 1, sizes[1] + 1)
 
 
 @pytest.mark.slow
@@ -132,7 +155,7 @@ def test_response_logps_score_the_samplers_responses_on_a_mesh(llama):
     other weights."""
     from bpo_jax.eval.win_rate import response_logps
 
-    out = generate(llama, PROMPTS, PMASK, max_new_tokens=6, temperature=1.0, eos_token_ids=(3,),
+    out = generate(llama, PROMPTS, PMASK, Decoding(max_new_tokens=6, temperature=1.0, eos_token_ids=(3,)),
                    rng=jax.random.key(4))
     want = (np.asarray(out.logprobs) * np.asarray(out.mask)).sum(1)
     for mesh in (None, shd.make_mesh(data=8, fsdp=1, tensor=1)):

@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 
 from bpo_jax.config import TrainConfig
-from bpo_jax.models import ModelConfig, init_params, param_axes
+from bpo_jax.models import init_params, param_axes
 from bpo_jax.runtime import distributed
 from bpo_jax.runtime import sharding as shd
-from bpo_jax.sample.sampler import generate
+from bpo_jax.sample.sampler import Decoding, generate
 from bpo_jax.train import state as st
 from bpo_jax.train.pairs import build_pairs, distinct
-from bpo_jax.train.step import behavior_logp_gap, make_train_step
+from bpo_jax.train.step import BATCH_KEYS, behavior_logp_gap, make_train_step
+from testing import tiny_model_config
 
-MCFG = ModelConfig(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,
-                   num_heads=4, num_kv_heads=2, head_dim=8)
+MCFG = tiny_model_config()
 P, N, B = 6, 5, 4
 LOG2 = float(np.log(2.0))
 
@@ -39,7 +39,7 @@ def _batch(params, seed=0):
     pmask = np.ones_like(prompts)
     pmask[0, :2] = 0
     prompts[0, :2] = 0
-    out = generate(params, prompts, pmask, config=MCFG, max_new_tokens=N, num_samples=2, eos_token_ids=(2,),
+    out = generate(params, prompts, pmask, Decoding(max_new_tokens=N, num_samples=2, eos_token_ids=(2,)), config=MCFG,
                    rng=jax.random.key(seed))
     toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
     assert (toks[0::2] != toks[1::2]).any(axis=1).all()
@@ -49,9 +49,7 @@ def _batch(params, seed=0):
 
 def _step(cfg, state, batch):
     fn = make_train_step(cfg, MCFG, st.shardings(state), prompt_len=P)
-    keys = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "chosen_behavior_logps",
-            "rejected_behavior_logps", "truncated")
-    return fn(state, {k: jnp.asarray(batch[k]) for k in keys})
+    return fn(state, {k: jnp.asarray(batch[k]) for k in BATCH_KEYS})
 
 
 @pytest.mark.slow
