@@ -32,3 +32,31 @@ def test_readme_loss_example_runs():
     assert grads["table"].shape == (vocab, vocab) and bool(jnp.any(grads["table"] != 0))
     assert set(metrics) >= {"rewards/chosen", "rewards/margins", "rewards/accuracies"}
     assert jax.tree.all(jax.tree.map(lambda x: bool(jnp.all(jnp.isfinite(x))), grads))
+
+
+def _layout_modules(text: str) -> list[str]:
+    """The ``bpo_jax/...`` module paths the README's layout block names, from its indentation (two spaces a
+    folder level)."""
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    paths, folders = [], []
+    for line in block.splitlines():
+        name = line.strip().split(" ", 1)[0]
+        if not name:
+            continue
+        depth = (len(line) - len(line.lstrip())) // 2
+        folders = folders[:depth]
+        if name.endswith("/"):
+            folders.append(name.rstrip("/"))
+        elif name.endswith(".py") and folders and folders[0] == "bpo_jax":
+            paths.append("/".join([*folders, name]))
+    return paths
+
+
+def test_readme_layout_names_every_module_once():
+    """The README's layout section is the real layout: one line per module of ``bpo_jax`` (package
+    ``__init__.py`` files aside), none missing, none that does not exist."""
+    root = pathlib.Path(__file__).parents[1]
+    listed = _layout_modules((root / "README.md").read_text())
+    real = sorted(str(p.relative_to(root)) for p in (root / "bpo_jax").rglob("*.py") if p.name != "__init__.py")
+    assert len(listed) == len(set(listed)), [p for p in listed if listed.count(p) > 1]
+    assert sorted(listed) == real, (sorted(set(real) - set(listed)), sorted(set(listed) - set(real)))
