@@ -13,7 +13,8 @@ from testing import ROOT
 
 RUNS = os.path.join(ROOT, "docs", "results_t64_runs")
 NAMES = {"offline": "offline DAP", "bpo_f2": "BPO", "on_policy_sft": "on-policy DAP (OAIF)", "bpo_ft": "BPO, on-policy",
-         "bpo_f4": "BPO (stage 2)", "bpo_f8": "BPO (stage 2)"}
+         "bpo_f4": "BPO (stage 2)", "bpo_f8": "BPO (stage 2)", "f2_sft": "ablation: F = 2, SFT ref.",
+         "bpo_f2_ens3": "ablation: BPO, 3-member ensemble"}
 
 
 def _finished():
