@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 
 import pytest
 
-from testing import ROOT
+from testing import ROOT, minimal_env
 
 DEADLINE = 300  # seconds for one group of processes
 
@@ -46,10 +46,8 @@ def free_port() -> int:
 
 def child_env(devices: int, **extra) -> dict:
     """A minimal environment: ``devices`` fake CPU devices, the HF hub offline, unbuffered output."""
-    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
-    env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=ROOT, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
-    return env
+    return minimal_env(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+                       PYTHONPATH=ROOT, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
 
 
 def bpo_vars(n: int, i: int, port: int) -> dict:

@@ -21,6 +21,16 @@ _TINY = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_siz
              num_kv_heads=2, head_dim=8)
 
 
+def minimal_env(**extra) -> dict:
+    """A child process's environment built from scratch rather than inherited: PATH, HOME, LANG and TMPDIR, and the
+    session's shared compilation cache (``BPO_COMPILATION_CACHE`` and its threshold, set by conftest.py), from this
+    process; then ``extra``. Nothing else leaks in (the pytest process's XLA_FLAGS in particular)."""
+    keep = ("PATH", "HOME", "LANG", "TMPDIR", "BPO_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.update(extra)
+    return env
+
+
 def tiny_model_config(**overrides) -> ModelConfig:
     """A tiny random-init Llama ``ModelConfig``: vocab 96, hidden 32, MLP 64, 2 layers, 4 query heads over 2 KV
     heads of dim 8, every other field at its default (float32, no special token ids); ``overrides`` replace any

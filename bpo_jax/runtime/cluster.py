@@ -249,17 +249,20 @@ def compilation_cache_dir(run_dir: str, environ=None) -> str | None:
 
 def enable_compilation_cache(run_dir: str, environ=None) -> str | None:
     """Turn on JAX's persistent compilation cache in ``compilation_cache_dir(run_dir)`` for every program that
-    takes at least ``MIN_COMPILE_SECONDS`` to compile, whatever its size, so CPU-sized programs are cached too.
+    takes at least ``MIN_COMPILE_SECONDS`` to compile (or JAX's ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``, when
+    set), whatever its size, so CPU-sized programs are cached too.
     Call it before the run's first compile, on every host; returns the folder, or None when the cache stays off.
     Entries are keyed by the program, the devices and the JAX/XLA versions: a stale entry is never used."""
-    directory = compilation_cache_dir(run_dir, environ)
+    env = os.environ if environ is None else environ
+    directory = compilation_cache_dir(run_dir, env)
     if directory is None:
         return None
     from jax.experimental.compilation_cache import compilation_cache as cc
 
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in env:  # JAX's own variable, when set, is the user's choice
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # no size threshold, none imposed by JAX
     cc.reset_cache()  # a cache JAX opened before (another folder, or none) is reopened in ``directory``
     log.debug("bpo_jax: compilation cache in %s", directory)

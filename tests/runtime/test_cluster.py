@@ -201,6 +201,11 @@ def test_enable_compilation_cache_writes_compiled_programs(tmp_path, monkeypatch
         folder = cluster.enable_compilation_cache(str(tmp_path / "run"), {})
         jax.jit(lambda x: x * 3.0 + 1.0)(jax.numpy.arange(7.0)).block_until_ready()
         assert folder == str(tmp_path / "run" / "compile_cache") and os.listdir(folder)
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+        # JAX's own variable, when the environment sets it, is left to JAX (which read it at import).
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 7.0)
+        cluster.enable_compilation_cache(str(tmp_path / "run"), {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "7"})
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 7.0
     finally:
         for k, v in before.items():
             jax.config.update(k, v)
