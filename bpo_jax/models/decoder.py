@@ -335,10 +335,19 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: Array, *, posi
 
     layer = _layer if c.remat == "none" else jax.checkpoint(_layer, static_argnums=(0,), policy=_REMAT[c.remat])
 
-    if isinstance(params["layers"], (tuple, list)):  # unstack_layers: an unrolled loop over per-layer weights
-        n = len(params["layers"])
+    x, new_cache = _run_layers(c, params["layers"], x, layer, rope, meta, valid, q_slots, cache, cache_index,
+                               branches)
+    return _rms_norm(x, params["final_norm"], c.rms_norm_eps, c.norm_plus_one), new_cache
+
+
+def _run_layers(c: ModelConfig, layers, x, layer, rope, meta, valid, q_slots, cache, cache_index, branches):
+    """``hidden_states``' layer stack: ``x`` through every layer, returning ``(x, new_cache)``. Stacked ``layers``
+    run under a scan (with the stacked cache, when there is one); a tuple of per-layer weights
+    (``unstack_layers``) runs unrolled with a per-layer cache."""
+    if isinstance(layers, (tuple, list)):  # unstack_layers: an unrolled loop over per-layer weights
+        n = len(layers)
         ks, vs = (list(cache["k"]), list(cache["v"])) if cache is not None else ([None] * n, [None] * n)
-        for i, lp in enumerate(params["layers"]):
+        for i, lp in enumerate(layers):
             meta_i = (meta[0][i], meta[1][i])
             x, ks[i], vs[i] = layer(c, x, lp, rope, meta_i, ks[i], vs[i], valid, q_slots, cache_index, branches)
         new_cache = None if cache is None else {"k": tuple(ks), "v": tuple(vs), "valid": valid}
@@ -348,7 +357,7 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: Array, *, posi
             h, _, _ = layer(c, h, lp, rope, meta_i, None, None, valid, q_slots, cache_index, branches)
             return h, None
 
-        x, _ = jax.lax.scan(body, x, (params["layers"], meta))
+        x, _ = jax.lax.scan(body, x, (layers, meta))
         new_cache = None
     else:
         def body(carry, lp_i):
@@ -358,9 +367,9 @@ def hidden_states(config: ModelConfig, params: Params, input_ids: Array, *, posi
             return (h, ks.at[i].set(k), vs.at[i].set(v)), None
 
         (x, ks, vs), _ = jax.lax.scan(body, (x, cache["k"], cache["v"]),
-                                      (params["layers"], meta, jnp.arange(c.num_layers)))
+                                      (layers, meta, jnp.arange(c.num_layers)))
         new_cache = {"k": ks, "v": vs, "valid": valid}
-    return _rms_norm(x, params["final_norm"], c.rms_norm_eps, c.norm_plus_one), new_cache
+    return x, new_cache
 
 
 def unembed(config: ModelConfig, params: Params) -> Array:
