@@ -75,3 +75,15 @@ def tiny_policy_and_rm(smollm2, tmp_path_factory):
     hf_rm.save_pretrained(rm)
     tok.save_pretrained(rm)
     return policy, rm
+
+
+def pytest_collection_modifyitems(config, items):
+    """Test files holding a ``slow`` test run first, each file's tests in their own order: pytest-xdist's
+    ``--dist loadfile`` hands out whole files in this order, so the long multi-process and CLI files start
+    early and the many short files fill the workers' gaps at the end instead of one long file running alone
+    while the other cores idle (longest jobs first). Which tests run, and each file's order, are unchanged."""
+    files: dict = {}
+    for item in items:
+        files.setdefault(item.path, []).append(item)
+    groups = sorted(files.values(), key=lambda group: not any(i.get_closest_marker("slow") for i in group))
+    items[:] = [item for group in groups for item in group]
