@@ -1,10 +1,16 @@
-"""Test set-up: 8 fake CPU devices and an offline HF hub, before jax or transformers are imported."""
+"""Test set-up: 8 fake CPU devices, fast XLA:CPU compiles and an offline HF hub, before jax or transformers are
+imported."""
 
 import os
 
+from testing import FAST_COMPILE_FLAGS
+
 _flags = os.environ.get("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
+    _flags = f"{_flags} --xla_force_host_platform_device_count=8"
+if "--xla_backend_optimization_level" not in _flags:  # XLA_FLAGS naming a level: the user's choice
+    _flags = f"{_flags} {FAST_COMPILE_FLAGS}"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 
 import pytest
 
-from testing import ROOT, minimal_env
+from testing import ROOT, minimal_env, xla_flags
 
 DEADLINE = 300  # seconds for one group of processes
 
@@ -45,9 +45,10 @@ def free_port() -> int:
 
 
 def child_env(devices: int, **extra) -> dict:
-    """A minimal environment: ``devices`` fake CPU devices, the HF hub offline, unbuffered output."""
+    """A minimal environment: ``devices`` fake CPU devices (``testing.xla_flags``), the HF hub offline, unbuffered
+    output."""
     return minimal_env(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-                       PYTHONPATH=ROOT, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+                       PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(devices), **extra)
 
 
 def bpo_vars(n: int, i: int, port: int) -> dict:

@@ -58,3 +58,17 @@ def test_write_minisum_folder(tmp_path):
         rows = [json.loads(line) for line in (tmp_path / f"{split}.jsonl").read_text().splitlines()]
         assert [r["id"] for r in rows] == ["r0", "r1", "r2"]
         assert all(set(r) == {"id", "document", "reference", "gold"} for r in rows)
+
+
+def test_the_suite_and_its_child_processes_compile_with_the_fast_flags():
+    """conftest.py puts ``FAST_COMPILE_FLAGS`` in the suite's XLA_FLAGS; ``child_env`` in a child's, with its own
+    device count and nothing else from this process."""
+    from multihost import child_env
+    from testing import FAST_COMPILE_FLAGS
+
+    assert FAST_COMPILE_FLAGS in os.environ["XLA_FLAGS"]
+    assert child_env(2)["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2",
+                                                 *FAST_COMPILE_FLAGS.split()]
+    code = "import jax; print(jax.device_count())"
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(3), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "3"  # XLA accepts the flags (an unknown flag aborts the process)

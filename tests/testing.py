@@ -17,6 +17,18 @@ if TYPE_CHECKING:
 TESTS = os.path.dirname(os.path.abspath(__file__))  # the tests/ folder (this module, conftest.py, ...)
 ROOT = os.path.dirname(TESTS)  # the checkout: configs/, data/, launch/, README.md
 
+# XLA:CPU compile options for the suite: LLVM at -O0 and the classic elemental emitters instead of the fusion
+# emitters. The suite compiles hundreds of tiny programs whose run time is negligible next to their compile time;
+# these options cut a cold tiny train run's CPU time by ~40% (27 s -> 15.5 s). They change how XLA generates
+# machine code, never the program (every product code path runs as it does for a user).
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+
+
+def xla_flags(devices: int) -> str:
+    """``XLA_FLAGS`` for a child process: ``devices`` fake CPU devices and ``FAST_COMPILE_FLAGS``."""
+    return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}"
+
+
 _TINY = dict(model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
              num_kv_heads=2, head_dim=8)
 
