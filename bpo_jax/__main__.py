@@ -1,11 +1,25 @@
 """Command-line entry point: ``python -m bpo_jax <command> [args] [--debug]``.
 
-Expected errors (a missing path, a bad value, a malformed file, a checkpoint that does not fit) print one
-``error: ...`` line and exit with 2; ``--debug`` (or ``BPO_DEBUG=1``) shows the traceback instead. A run is quiet
-about the libraries it loads (transformers, absl, orbax, TensorFlow: errors only, ``quiet_libraries``), so its
-first line is bpo_jax's; ``--debug`` lets them speak.
+The exit code is a contract with the launchers (``bpo_jax.runtime.exits``, ``launch/*.sh``):
 
-The commands that use devices across processes (``JOINING``: train, evaluate, generate) first join the run's
+====  ==========================================================================  =============================
+code  meaning                                                                     the launchers
+====  ==========================================================================  =============================
+0     done                                                                        stop
+1     transient, on any host: a network or remote-storage error, a judge out of   restart with backoff, up to a
+      retries, a host that failed, anything unexpected                            limit
+2     the user must change something: a config value, a data row, a missing or    never restart
+      unreadable path, a checkpoint that does not fit
+143   preempted (SIGTERM): the last completed state is on disk                    restart at once
+====  ==========================================================================  =============================
+
+A failure prints one ``error: ...`` line (on every host, the same line and code: ``distributed.HostError``); a
+transient one says it may succeed when retried, and an unexpected one (likely a bug) shows its traceback too.
+``--debug`` (or ``BPO_DEBUG=1``) raises instead, with the traceback. A run is quiet about the libraries it loads
+(transformers, absl, orbax, TensorFlow: errors only, ``quiet_libraries``), so its first line is bpo_jax's;
+``--debug`` lets them speak.
+
+The commands that use devices across processes (``JOINING``: train, sft, evaluate, generate) first join the run's
 processes (``bpo_jax.runtime.cluster.initialize``). ``experiment`` never does: its ``train`` and ``evaluate`` children
 join by themselves, and a parent holding the TPU chips and the coordinator port would clash with them.
 """
@@ -87,11 +101,23 @@ def main(argv=None, *, join: bool = True) -> int:
 
             cluster.initialize()  # before anything touches a device: a no-op for one process
         return int(importlib.import_module(module).main(argv[1:]) or 0)
-    except (OSError, ValueError) as err:  # expected errors (a path, a value, a file's content): one clear line
+    except Exception as err:  # noqa: BLE001  every failure: one clear line and its kind's exit code
         if debug:
             raise
-        log.error(f"error: {err}\n(python -m bpo_jax {argv[0]} --debug ... shows the traceback)")
-        return 2
+        return _failed(argv[0], err)
+
+
+def _failed(command: str, err: Exception) -> int:
+    """Log ``err`` as one ``error:`` line (after its traceback when it is unexpected) and return its exit code."""
+    from bpo_jax.runtime import exits
+
+    code = exits.exit_code(err)
+    if not exits.expected(err):
+        log.error("an unexpected error (likely a bug), with its traceback:", exc_info=err)
+    retry = "a transient failure: a retry may succeed, and the launchers restart it. " if code == exits.TRANSIENT \
+        else ""
+    log.error(f"error: {exits.describe(err)}\n({retry}python -m bpo_jax {command} --debug ... shows the traceback)")
+    return code
 
 
 if __name__ == "__main__":

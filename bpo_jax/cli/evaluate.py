@@ -1,7 +1,8 @@
 """``python -m bpo_jax evaluate --checkpoint RUN_DIR [--step N] [--data TASK] [key=value ...]``: the win rate of
 a trained policy against the human references.
 
-It reloads the run's ``config.yaml`` (written by ``train``), restores the checkpoint (the latest, or step N),
+It reloads the run's ``config.yaml`` (written by ``train``), restores the checkpoint (the latest, or step N:
+with several processes the primary host picks it from its listing, and every host restores that one),
 merges the policy, greedy-decodes the test prompts (``eval_max_new_tokens``; the paper uses 128) and scores
 responses and references with the run's annotator, or with the one the overrides name (e.g.
 ``reward_model=<folder>``). It prints the win rate with its bootstrap 95% CI, appends it to
@@ -29,13 +30,15 @@ def main(argv=None) -> int:
 
     logs.setup(primary=distributed.is_primary())
     try:  # config errors (ConfigError is a ValueError) stop here, before any compute, as "config error: ..."
-        cfg = _checked_config(args)
+        cfg = distributed.agreed(_checked_config, args)  # host-local reads: one outcome for every host
     except ValueError as err:
         log.error(f"config error: {err}")
         return 2
     ckpt = Checkpointer(cfg.run_dir, cfg.keep_checkpoints)
     try:
-        steps = ckpt.steps()
+        # The primary's listing decides for every host: while training still writes checkpoints, hosts listing
+        # the folder each on their own could restore different steps (or some none).
+        steps = distributed.gather_json(ckpt.steps())[0]
         step = args.step if args.step is not None else (steps[-1] if steps else None)
         if step is None or step not in steps:
             log.error(f"error: no checkpoint {'at step %d ' % step if step is not None else ''}in {ckpt.directory} "

@@ -83,14 +83,15 @@ def setup_run(cfg: TrainConfig, *, train: bool = True) -> Run:
     mesh = None
     if jax.device_count() > 1:  # checked before any compute: hosts must own disjoint batch rows
         mesh = distributed.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor, cfg.mesh_device_ids)
-    model, tok = load_pretrained(cfg.model, mesh=mesh, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
-                                 remat=cfg.remat, attention=cfg.attention)
+    # Each host reads its own copy of the weights (no collective): a failure on one host stops every host alike.
+    model, tok = distributed.agreed(load_pretrained, cfg.model, mesh=mesh, param_dtype=cfg.param_dtype,
+                                    dtype=cfg.dtype, remat=cfg.remat, attention=cfg.attention)
     if tok is None:
         raise ValueError(f"model {cfg.model!r} has no tokenizer files; training and evaluation need one")
     reference = None
     if cfg.reference == "fixed":
-        reference = load_pretrained(cfg.reference_path, mesh=mesh, param_dtype=cfg.param_dtype,
-                                    dtype=cfg.dtype)[0].params
+        reference = distributed.agreed(load_pretrained, cfg.reference_path, mesh=mesh, param_dtype=cfg.param_dtype,
+                                       dtype=cfg.dtype)[0].params
     eos = model.config.eos_token_id
     eos = eos if isinstance(eos, tuple) else (eos,)
     sources = prepare_tfds(cfg.data, cfg.data_dir, cfg.tfds_dir, cfg.data_format) if cfg.data in builders.BUILDERS \
@@ -180,7 +181,8 @@ def _annotators(cfg: TrainConfig, gold, mesh):
         return judge, None, "judge preference"
     from bpo_jax.models import load_reward_model
 
-    rm, rm_tokenizer = load_reward_model(cfg.reward_model, mesh=mesh, param_dtype=cfg.param_dtype, dtype=cfg.dtype)
+    rm, rm_tokenizer = distributed.agreed(load_reward_model, cfg.reward_model, mesh=mesh, param_dtype=cfg.param_dtype,
+                                          dtype=cfg.dtype)  # host-local reads, as the policy's
     per_host = max(1, cfg.reward_batch_size // distributed.process_count())  # rows per call, each host
     annotator = RewardModelAnnotator(rm, rm_tokenizer, batch_size=per_host, max_length=cfg.reward_max_length)
     eval_annotator = None  # the annotator itself unless the RM scores the test set at another length

@@ -98,7 +98,8 @@ class RewardModelAnnotator:
     text); a pair over ``max_length`` is cut by the tokenizer's ``longest_first`` truncation. Truncated rows are
     counted in ``truncated``. Rows are scored in fixed-size batches, right-padded to a multiple of 64 tokens, so
     the jitted scorer compiles once per length bucket. With several processes each host scores its own rows
-    (``batch_size`` per host per call) and the hosts agree on each call's width.
+    (``batch_size`` per host per call) and the hosts agree on each call's width; a row one host cannot encode
+    stops every host with the same error.
     """
 
     def __init__(self, rm, tokenizer, *, batch_size: int = 16, max_length: int = 1024):
@@ -134,9 +135,7 @@ class RewardModelAnnotator:
         return ids, [0] * len(ids)
 
     def __call__(self, prompts, responses) -> np.ndarray:
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        encoded = [self.encode_row(p, r) for p, r in zip(prompts, responses)]
+        encoded = distributed.agreed(self._encoded, prompts, responses)  # host-local: one outcome for every host
         scores = []
         for s in range(0, len(encoded), self.batch_size):
             chunk = encoded[s: s + self.batch_size]
@@ -152,3 +151,8 @@ class RewardModelAnnotator:
             rows = self.rm(ids, mask, types) if self.rm.text_pair else self.rm(ids, mask)
             scores.append(rows[: len(chunk)])
         return np.concatenate(scores).astype(np.float32) if scores else np.zeros((0,), np.float32)
+
+    def _encoded(self, prompts, responses) -> list[tuple[list[int], list[int]]]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        return [self.encode_row(p, r) for p, r in zip(prompts, responses)]

@@ -10,7 +10,9 @@ results come back in the order of the inputs and the A/B order of each compariso
 itself, so a run's labels do not depend on thread scheduling. Each request has a timeout and is retried up to
 ``retries`` times: after HTTP 429/503 it waits what the server's ``Retry-After`` says (seconds or an HTTP date,
 at most ``max_wait`` seconds), otherwise (5xx, timeouts, connection errors, malformed bodies, answers that name
-no verdict) it backs off exponentially with jitter. Other 4xx answers are not retried.
+no verdict) it backs off exponentially with jitter. Other 4xx answers are not retried (``JudgeRefused``). Out of
+retries is transient (``JudgeError``: exit 1, restarted by the launchers); a refusal or the request cap below is
+the user's to fix (exit 2, ``bpo_jax.runtime.exits``).
 
 Cache: every verdict is appended to a JSON-lines file (keyed by the exact request) under one lock and flushed at
 once, so a killed run loses at most the requests in flight and a rerun or resumed evaluation asks nothing twice.
@@ -46,7 +48,7 @@ import urllib.request
 import numpy as np
 
 from bpo_jax.data.prompts import conversation
-from bpo_jax.runtime import distributed
+from bpo_jax.runtime import distributed, exits
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +70,23 @@ _VERDICT = re.compile(r"preferred\s*:\s*\**\s*(A|B|tie)\b", re.IGNORECASE)
 
 
 class JudgeError(RuntimeError):
-    """The judge endpoint could not give a verdict (after retries)."""
+    """The judge endpoint could not give a verdict after its retries: a transient failure (``exit_code``,
+    ``bpo_jax.runtime.exits``), which a later run may get past."""
+
+    exit_code = exits.TRANSIENT
+
+
+class JudgeRefused(JudgeError):
+    """The endpoint refused the request (an HTTP 4xx other than 429): a key, model or URL for the user to fix."""
+
+    exit_code = exits.USER
 
 
 class JudgeBudgetError(JudgeError):
-    """The per-run request cap (``judge_max_requests``) is reached; the verdicts obtained are in the cache."""
+    """The per-run request cap (``judge_max_requests``) is reached; the verdicts obtained are in the cache. The
+    user decides whether to spend more: never restarted by itself."""
+
+    exit_code = exits.USER
 
 
 def retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -235,7 +249,7 @@ class Judge:
             if err.code == 429 or err.code >= 500:
                 wait = retry_after(err.headers.get("Retry-After")) if err.code in (429, 503) else None
                 raise _Retryable(f"HTTP {err.code}", wait) from None
-            raise JudgeError(f"judge at {self.url} refused the request: HTTP {err.code} "
+            raise JudgeRefused(f"judge at {self.url} refused the request: HTTP {err.code} "
                              f"{err.read()[:200]!r}") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
             raise _Retryable(f"no answer within {self.timeout} s or connection failed ({err})") from None

@@ -13,7 +13,8 @@ mesh. The rest of the package asks this module, and reads no process index of it
 - ``all_gather``, ``any_host``, ``min_over_hosts``: small host values (counts, flags, widths) that every host
   must agree on before a collective; hosts never compute a shared decision each on their own.
 - ``agreed`` / ``raise_on_all``: host-local work that may fail, then one shared outcome: an error on one host
-  ends every host with the same message instead of leaving the others waiting in a collective.
+  ends every host with the same message and exit kind (``HostError``, ``bpo_jax.runtime.exits``) instead of
+  leaving the others waiting in a collective.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from bpo_jax.runtime import exits
 from bpo_jax.runtime import sharding as shd
 from bpo_jax.runtime.sharding import BATCH_AXES, batch_shards
 
@@ -276,23 +278,29 @@ def gather_json(value) -> list:
     return [json.loads(bytes(r).rstrip(b"\0").decode()) for r in rows]
 
 
-class HostError(ValueError):
-    """An error one host met, raised on every host with the same message (``agreed`` / ``raise_on_all``)."""
+class HostError(Exception):
+    """An error one host met, raised on every host with the same message and the same exit kind: ``exit_code``,
+    the failing host's (``bpo_jax.runtime.exits``), so every host exits as that host would have alone."""
+
+    def __init__(self, message: str, exit_code: int = exits.TRANSIENT):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def raise_on_all(problem: BaseException | None) -> None:
     """A collective: every host passes the error it met (or None); when any host met one, every host raises
-    ``HostError`` with the first failing host's message, so all exit with the same line instead of some
-    waiting in the next collective. One process: ``problem`` itself is raised unchanged."""
+    ``HostError`` with the first failing host's message (its first line) and exit kind, so all exit with the
+    same line and code instead of some waiting in the next collective. One process: ``problem`` itself is raised
+    unchanged."""
     if jax.process_count() == 1:
         if problem is not None:
             raise problem
         return
-    text = None if problem is None else (str(problem).strip().splitlines() or [type(problem).__name__])[0]
-    failed = [(i, m) for i, m in enumerate(gather_json(text)) if m is not None]
+    mine = None if problem is None else [exits.exit_code(problem), exits.describe(problem).splitlines()[0]]
+    failed = [(i, m) for i, m in enumerate(gather_json(mine)) if m is not None]
     if failed:
-        i, message = failed[0]
-        raise HostError(f"process {i}: {message}") from problem
+        i, (code, message) = failed[0]
+        raise HostError(f"process {i}: {message}", code) from problem
 
 
 def agreed(fn, *args, **kwargs):

@@ -53,8 +53,9 @@ def sft_start(cfg, base):
     from bpo_jax.train import lora
     from bpo_jax.train import state as st
 
-    lora_init = read_ensemble(cfg.lora_init_from, {t: base["layers"][t].shape for t in cfg.lora_targets},
-                              rank=cfg.lora_rank, scale=cfg.lora_scale, targets=cfg.lora_targets)
+    lora_init = distributed.agreed(  # host-local reads: a failure on one host stops every host alike
+        read_ensemble, cfg.lora_init_from, {t: base["layers"][t].shape for t in cfg.lora_targets},
+        rank=cfg.lora_rank, scale=cfg.lora_scale, targets=cfg.lora_targets)
     start = lora.attach_merged(base, st.place_like_base(lora_init, base), cfg.lora_scale, cfg.ensemble_merge)
     return (None if has_checkpoint(cfg.run_dir) else lora_init), start
 
