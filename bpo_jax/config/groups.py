@@ -228,6 +228,9 @@ class Task(_Group):
 
     def checked(self):
         need(self.data_format in DATA_FORMATS, f"data_format={self.data_format!r}; valid: {', '.join(DATA_FORMATS)}")
+        need("://" not in self.tfds_dir, f"tfds_dir={self.tfds_dir!r}: the prepared copy must be on a local or "
+             f"mounted file system (the processes that share it take turns on a lock file beside it); give a local "
+             f"folder (each machine prepares its own copy) or leave it empty")
         need(self.max_prompt_length >= 1, "need max_prompt_length >= 1")
         return self
 

@@ -4,8 +4,11 @@ loop's position, so that the same command on the same ``run_dir`` resumes exactl
 The frozen base weights are not written (they are the model the run was started from, reloaded by the same
 command); a fingerprint of them is, and a resume with different base weights is refused.
 
-Orbax writes each checkpoint to a temporary directory and renames it when complete, so a run killed while
-saving leaves the previous checkpoint intact; the manager keeps the last ``keep`` of them.
+A step counts once orbax has committed it, so a run killed while saving leaves the previous checkpoint as
+the newest: on a local disk orbax writes each step to a temporary folder and renames it into place; on GCS
+(where a folder rename is a copy and delete per object) it writes into the step's folder and commits it by
+writing ``commit_success.txt`` last. "Is there a checkpoint" (``has_checkpoint``, ``Checkpointer.steps``) means
+a committed step, as orbax lists them. The manager keeps the last ``keep`` of them.
 
 With several processes every host writes its shards of the state and of the pairs (global arrays) to the
 shared run directory, and the JSON metadata holds one prompt-stream state per host; a resume with another
@@ -24,6 +27,8 @@ from bpo_jax.runtime import distributed
 from bpo_jax.runtime import run_dir as rd
 
 log = logging.getLogger(__name__)
+
+COMMIT_FILE = "commit_success.txt"  # what commits a step on an object store (orbax's CommitFileTemporaryPath)
 
 
 class IncompatibleCheckpoint(ValueError):
@@ -53,9 +58,9 @@ def checkpoint_dir(run_dir: str):
 
 
 def has_checkpoint(run_dir: str) -> bool:
-    """Whether ``run_dir`` holds a checkpoint (a resume), without opening a checkpoint manager."""
-    folder = checkpoint_dir(run_dir)
-    return folder.exists() and any(p.name.isdigit() for p in folder.iterdir())
+    """Whether ``run_dir`` holds a committed checkpoint (a resume), without opening a checkpoint manager: a step
+    folder that a killed save left uncommitted does not count (orbax's own listing)."""
+    return bool(ocp.utils.checkpoint_steps(checkpoint_dir(run_dir)))
 
 
 class Checkpointer:
@@ -73,7 +78,10 @@ class Checkpointer:
 
     def save(self, step: int, state, pairs: dict | None, meta: dict) -> None:
         """Save synchronously (a checkpoint on disk is a checkpoint that survives a SIGKILL). ``pairs``: global
-        arrays (``distributed.global_rows``) or None; ``meta``: JSON, the same on every host."""
+        arrays (``distributed.global_rows``) or None; ``meta``: JSON, the same on every host. The metrics lines
+        waiting for a remote run directory are written first (``run_dir.flush``), so the rows up to this step are
+        stored before the step is and a resume from it finds them."""
+        rd.flush()
         # Orbax cannot store zero-size arrays: an absent pairs buffer is one placeholder array.
         packed = pairs if pairs else {"_none": np.zeros((1,), np.int32)}
         meta = {**meta, "base_fingerprint": fingerprint(state.base), "process_count": distributed.process_count()}
@@ -181,7 +189,9 @@ class Checkpointer:
                 ts.open(spec, open=True).result().read().result()
 
     def _set_aside(self, steps) -> None:
-        """Move unreadable checkpoints out of the manager's directory (so new saves never collide with them)."""
+        """Move unreadable checkpoints out of the manager's directory (so new saves never collide with them) to
+        ``<run_dir>/checkpoints_broken/<step>`` (``<step>.<n>`` when an earlier resume set one aside there), never
+        deleting an object before its copy exists (``_move_folder``)."""
         from etils import epath
 
         aside = epath.Path(self.directory).parent / "checkpoints_broken"
@@ -189,12 +199,11 @@ class Checkpointer:
         def move():  # the primary moves; every host hears how it went
             if not distributed.is_primary():
                 return
-            aside.mkdir(parents=True, exist_ok=True)
             for step in steps:
                 dest, n = aside / f"{step}", 1
                 while dest.exists():  # set aside before, by an earlier resume: keep both
                     dest, n = aside / f"{step}.{n}", n + 1
-                (epath.Path(self.directory) / f"{step}").rename(dest)
+                _move_folder(epath.Path(self.directory) / f"{step}", dest)
                 log.warning(f"warning: moved the unreadable checkpoint of step {step} to {dest}")
 
         distributed.agreed(move)
@@ -203,6 +212,31 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _move_folder(src, dest) -> None:
+    """Move the folder ``src`` to ``dest`` (``epath`` paths). On a local disk a rename. On an object store,
+    where a folder is only a name prefix and a rename would copy and delete object by object in no useful
+    order: every object is copied (server-side), the copies are checked (same names and sizes) before anything
+    is deleted, then the step's ``commit_success.txt`` is deleted first, so an interrupted delete leaves an
+    uncommitted step that orbax neither lists nor restores (and clears when it saves that step again)."""
+    if not distributed.is_remote(str(src)):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        src.rename(dest)
+        return
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(src))
+    target = fsspec.core.url_to_fs(str(dest))[1]
+    sizes = {name[len(root):]: info["size"] for name, info in fs.find(root, detail=True).items()}
+    fs.copy([root + name for name in sizes], [target + name for name in sizes])
+    fs.invalidate_cache(target)
+    copied = {name[len(target):]: info["size"] for name, info in fs.find(target, detail=True).items()}
+    if missing := [name for name in sizes if copied.get(name) != sizes[name]]:
+        raise OSError(f"copying {src} to {dest} left {len(missing)} of {len(sizes)} files uncopied (e.g. "
+                      f"{missing[0].lstrip('/')}); nothing was deleted")
+    (src / COMMIT_FILE).unlink(missing_ok=True)
+    src.rmtree()
 
 
 def _handlers():

@@ -108,6 +108,7 @@ def finish_run(cfg, run, state, after: dict, trackers) -> None:
     from bpo_jax.train import state as st
 
     rd.append_jsonl(rd.path(cfg.run_dir, "metrics.jsonl"), {"step": cfg.total_steps, "final": True, **after})
+    rd.flush()  # a remote run_dir's waiting lines: the plot below reads the file
     trackers.log({"step": cfg.total_steps, **after})
     if cfg.export_policy:
         from bpo_jax.models import Decoder, save_pretrained
