@@ -2,8 +2,8 @@
 # BPO on a Cloud TPU VM slice (one or several hosts) with gcloud: create -> copy -> setup -> run -> logs ->
 # stop / delete. Every worker runs the same command; jax.distributed.initialize() detects the slice by itself.
 # `watch` (or `run --watch` / `run --restart N`) stays in the foreground: one worker's failure stops them all,
-# and with --restart a preempted or dead slice is re-created and the same command rerun (the program resumes
-# from the last checkpoint in run_dir when given the same arguments).
+# and with --restart the same command is rerun as the training's exit code says (the program resumes from the
+# last checkpoint in run_dir when given the same arguments). A slice is deleted only when --recreate asks.
 set -euo pipefail
 
 usage() {
@@ -19,16 +19,21 @@ Commands:
            older), then remove a stale libtpu lock and kill processes still holding the TPU
   run      -- TRAIN_ARGS: first stop stale processes holding the TPU (as setup/stop do), then
            `python -m bpo_jax train TRAIN_ARGS` in the background on every worker (PYTHONUNBUFFERED=1),
-           log in ~/bpo_logs/NAME.log on each; with several workers run_dir must be gs://...
+           its output appended to ~/bpo_logs/NAME.log on each after a line "[tpu_pod] run started TIME"
+           (every run's log is kept); with several workers run_dir must be gs://...
            With --watch or --restart N, `watch` follows in the foreground
   watch    poll the queued resource and every worker's training (as `status`) every TPU_POLL_SECONDS [30]
-           until it ends: exit 0 when every worker exited 0; when one worker failed, stop the training on
-           all (fail fast) and exit non-zero. With --restart N [-- TRAIN_ARGS]: when the slice was preempted
-           (state SUSPENDED/PREEMPTED/FAILED/..., or gone), a worker died (no report twice in a row), or a
-           worker exited non-zero (143: stopped by SIGTERM after saving), bring it back (delete + create with
-           the create flags, copy, setup, when the slice is gone or a host dead; else reuse it) and rerun the
-           same TRAIN_ARGS, up to N times. Exit code 2 (a config error) is never restarted
-  logs     fetch every worker's log to logs/NAME/worker-<i>.log, report how each ended; --follow: tail one
+           until it ends; when one worker's training ends non-zero, stop the training on all (fail fast).
+           With --restart N [-- TRAIN_ARGS], rerun the same TRAIN_ARGS on the same slice, up to N times
+           in all, as the training's exit code says: 2 (the user must change something) never; 143
+           (stopped by SIGTERM after saving: a preemption notice) at once; any other after --backoff S
+           seconds, doubling at each such restart. A lost slice (queued resource SUSPENDED/PREEMPTED/
+           FAILED/..., or gone) or a dead host (no answer to --missed-polls N polls in a row) ends the
+           watch (exit 3), the slice left as it is; with --recreate (and restarts left) it is deleted and
+           created again with the create flags, then copy, setup and the rerun.
+           Exit: 0 every worker exited 0; 2 a worker exited 2; 3 the slice is lost; 1 otherwise
+  logs     fetch every worker's log to logs/NAME/worker-<i>.log, report how each worker's last run
+           ended and the exit codes of the earlier runs in its log; --follow: tail one
   status   queued-resource state, then each worker's training state (non-zero if one failed)
   stop     stop the training on every worker and free the TPU
   delete   delete the queued resource and its TPU
@@ -46,7 +51,13 @@ Options (environment default in brackets):
                      known type, the count of the node's networkEndpoints (gcloud describe)
   --worker W         run: all (default; the only choice with several workers); logs --follow: 0
   --watch            run: then `watch` in the foreground (fail fast)
-  --restart N        run, watch: re-create / rerun up to N times (needs --type, the train args; default 0)
+  --restart N        run, watch: rerun up to N times (needs the train args; default 0)
+  --recreate         run, watch with --restart: delete and re-create a lost slice (needs --type, and
+                     --spot/--reserved as at create); without it, no slice is ever deleted
+  --backoff S        run, watch: seconds before the first restart after an exit code other than 2 and
+                     143, doubled at each next one [TPU_RESTART_BACKOFF; 30]
+  --missed-polls N   run, watch: a worker counts as dead, and a queued resource that describe does not
+                     find as gone, after N polls in a row [TPU_MISSED_POLLS; 5]
   --remote-dir DIR   repo folder on the workers, relative to home [TPU_REMOTE_DIR; bpo_jax]
   --python PY        interpreter for .venv on the workers [TPU_PYTHON; python3 if >= 3.11]
   --model-dir, --data-dir SRC:DEST   copy: repeatable
@@ -57,13 +68,15 @@ Options (environment default in brackets):
 EOF
 }
 
-die() { echo "tpu_pod.sh: $*" >&2; exit 1; }
+quit() { local code=$1; shift; echo "tpu_pod.sh: $*" >&2; exit "$code"; }  # CODE MESSAGE
+die() { quit 1 "$@"; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NAME=${TPU_NAME:-} ZONE=${TPU_ZONE:-} PROJECT=${TPU_PROJECT:-} TYPE=${TPU_TYPE:-} RUNTIME=${TPU_RUNTIME:-}
 WORKERS=${TPU_WORKERS:-} REMOTE_DIR=${TPU_REMOTE_DIR:-bpo_jax} PY=${TPU_PYTHON:-}
 POLL=${TPU_POLL_SECONDS:-30} LOGS_DIR=${TPU_LOGS_DIR:-}
-SPOT=0 RESERVED=0 NO_WAIT=0 FOLLOW=0 DRY=0 WORKER=all CMD="" WATCH=0 RESTART=0
+BACKOFF=${TPU_RESTART_BACKOFF:-30} MISSED=${TPU_MISSED_POLLS:-5}
+SPOT=0 RESERVED=0 NO_WAIT=0 FOLLOW=0 DRY=0 WORKER=all CMD="" WATCH=0 RESTART=0 RECREATE=0
 COPIES=() TRAIN=()
 
 val() { [ $# -ge 2 ] || die "$1 needs a value"; printf '%s' "$2"; }
@@ -78,6 +91,9 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --watch) WATCH=1 ;;
     --restart) RESTART=$(val "$@"); shift ;;
+    --recreate) RECREATE=1 ;;
+    --backoff) BACKOFF=$(val "$@"); shift ;;
+    --missed-polls) MISSED=$(val "$@"); shift ;;
     --name) NAME=$(val "$@"); shift ;;
     --zone) ZONE=$(val "$@"); shift ;;
     --project) PROJECT=$(val "$@"); shift ;;
@@ -119,9 +135,11 @@ loc() {  # checks the settings every command needs; fills LOC (the gcloud locati
   if [ -n "$PROJECT" ]; then LOC+=(--project="$PROJECT"); fi
   DESCRIBE=(gcloud compute tpus queued-resources describe "$NAME" "${LOC[@]}" --format='value(state.state)')
   [[ $RESTART =~ ^[0-9]+$ ]] || die "--restart '$RESTART' is not a number"
+  [[ $BACKOFF =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--backoff '$BACKOFF' is not a number of seconds"
+  [[ $MISSED =~ ^[1-9][0-9]*$ ]] || die "--missed-polls '$MISSED' is not a positive number"
 }
 # The queued resource's state (ACTIVE, WAITING_FOR_RESOURCES, SUSPENDED, ...); empty when it does not exist
-# (or gcloud failed: a caller that acts on "gone" asks twice).
+# (or gcloud failed: a caller that acts on "gone" asks --missed-polls times).
 qr_state() { "${DESCRIBE[@]}" 2>/dev/null || true; }
 ssh_argv() {  # WORKER COMMAND: fills SSH, the gcloud command that runs COMMAND on the worker(s)
   SSH=(gcloud compute tpus tpu-vm ssh "$NAME" "${LOC[@]}" --worker="$1" --quiet --strict-host-key-checking=no
@@ -254,18 +272,23 @@ check_train() {  # the train arguments `run` (and a restart) starts on the worke
     die "run_dir=${rd:-(unset)} is not shared by the $WORKERS workers: pass run_dir=gs://BUCKET/PATH"
   fi
 }
-check_restart() {  # a restart re-creates the slice as `create` would and reruns the train arguments
+check_restart() {  # a restart reruns the train arguments; --recreate re-creates the slice as `create` would
+  [ "$RECREATE" = 0 ] || ((RESTART > 0)) || die "--recreate acts on restarts: pass --restart N too"
   ((RESTART > 0)) || return 0
-  [ -n "$TYPE" ] || die "--restart needs --type (with --spot/--reserved/--runtime as for create) to re-create $NAME"
+  [ "$RECREATE" = 0 ] || [ -n "$TYPE" ] ||
+    die "--recreate needs --type (with --spot/--reserved/--runtime as for create) to re-create $NAME"
   check_train
 }
 
-# Refuses when training already runs there; otherwise clears the TPU of stale holders (the same $CLEAR_TPU as
-# setup/stop: a crashed run's process keeps /dev/accel* and the next one cannot start) and starts the training
-# detached, unbuffered so the log shows each line as it is printed; its exit code goes to NAME.rc.
+# [NOTE]: refuses when training already runs there; otherwise clears the TPU of stale holders (the same
+# $CLEAR_TPU as setup/stop: a crashed run's process keeps /dev/accel* and the next one cannot start) and starts
+# the training detached, unbuffered so the log shows each line as it is printed. Each run appends to NAME.log
+# after a header "[tpu_pod] run started TIME (NOTE)", so the logs of earlier runs stay; the run's exit code goes
+# to NAME.rc and, as "[bpo_jax] exit code RC", to the log.
 start_training() {
-  local log="$LOG$NAME"
-  tpu_ssh "$WORKER" "cd $REMOTE_DIR && if pgrep -f $TRAIN_PAT >/dev/null; then echo \"\$(hostname): training is already running (stop it first)\" >&2; exit 1; fi && $CLEAR_TPU && source .venv/bin/activate && export PYTHONUNBUFFERED=1 && mkdir -p ${LOG%/} && rm -f $log.rc && { (trap \"\" HUP; nohup python -m bpo_jax train $(q "${TRAIN[@]}"); rc=\$?; echo \"[bpo_jax] exit code \$rc\"; echo \$rc > $log.rc) > $log.log 2>&1 < /dev/null & } && echo \"\$(hostname): started, log in $log.log\""
+  local log="$LOG$NAME" header
+  header="echo $(q "[tpu_pod] run started") \$(date -u +%FT%TZ)${1:+ $(q "($1)")}"
+  tpu_ssh "$WORKER" "cd $REMOTE_DIR && if pgrep -f $TRAIN_PAT >/dev/null; then echo \"\$(hostname): training is already running (stop it first)\" >&2; exit 1; fi && $CLEAR_TPU && source .venv/bin/activate && export PYTHONUNBUFFERED=1 && mkdir -p ${LOG%/} && rm -f $log.rc && $header >> $log.log && { (trap \"\" HUP; nohup python -m bpo_jax train $(q "${TRAIN[@]}"); rc=\$?; echo \"[bpo_jax] exit code \$rc\"; echo \$rc > $log.rc) >> $log.log 2>&1 < /dev/null & } && echo \"\$(hostname): started, log in $log.log\""
 }
 
 cmd_run() {
@@ -281,51 +304,63 @@ cmd_watch() {
   watch_loop
 }
 
-# The program's exit codes: 0 done, 143 stopped by SIGTERM after saving (a preemption notice), 2 a config error
-# (a rerun fails the same way), anything else a failure. Fail fast: once one worker has failed, the others
-# would wait in a collective until a timeout, so stop them all; then, with --restart, rerun the same command
-# (it resumes from the last checkpoint), on a new slice when the old one is gone or lost a host.
+# The training's exit codes are a contract: 0 done; 2 the user must change something (config, data, a checkpoint
+# that does not fit), never restarted; 143 stopped by SIGTERM after saving (a preemption notice), rerun at once;
+# anything else a transient failure, rerun after BACKOFF seconds, doubled at each one. Fail fast: once one worker
+# has ended, the others would wait in a collective until a timeout, so stop them all. Reruns use the same slice
+# (the program resumes from the last checkpoint). A lost slice (preempted, gone, or a dead host) is deleted and
+# created again only with --recreate: deleting it gives up its Spot or reserved capacity.
 watch_loop() {
-  local restarts=0
+  local restarts=0 transient=0 delay
   while :; do
     wait_for_end
     case $ENDED in
       dry)
-        if ((RESTART > 0)); then echo "# (then up to $RESTART times: stop, re-create, copy, setup, run again)"; fi
+        if ((RESTART > 0)); then
+          echo "# (then up to $RESTART reruns: after exit code 143 at once, after 2 never, after another in" \
+            "${BACKOFF}s, doubling; a lost slice: $([ "$RECREATE" = 1 ] && echo "delete, create, copy, setup" ||
+              echo "exit 3"))"
+        fi
         return 0 ;;
       ok) echo "[tpu_pod] the training finished on every worker (exit code 0)"; return 0 ;;
-      preempted) ;;  # the workers are gone: nothing to stop
+      lost) ;;  # the workers are gone: nothing to stop
       *) echo "[tpu_pod] $WHY: stopping the training on every worker"; cmd_stop || true ;;
     esac
-    [ "$ENDED" != config ] || die "$WHY: a config error, which a restart cannot fix (see 'logs')"
-    ((restarts < RESTART)) || die "$WHY (restarts done: $restarts of $RESTART; 'logs' fetches the logs)"
+    if [ "$ENDED" = config ]; then
+      quit 2 "$WHY: the user must change something (config, data, checkpoint): not restarted (see 'logs')"
+    fi
+    if [[ $ENDED == lost || $ENDED == dead ]] && [ "$RECREATE" = 0 ]; then
+      quit 3 "$WHY: $NAME is left as it is (no --recreate). To go on: delete, create, copy, setup and the same" \
+        "run, or let watch do it: --restart N --recreate"
+    fi
+    ((restarts < RESTART)) || die "$WHY: not restarted (restarts done: $restarts of $RESTART; 'logs' fetches the logs)"
     restarts=$((restarts + 1))
-    echo "[tpu_pod] $WHY: restart $restarts of $RESTART"
-    recover
+    case $ENDED in
+      sigterm) echo "[tpu_pod] $WHY: restart $restarts of $RESTART on the same slice, now" ;;
+      failed)
+        delay=$(awk -v b="$BACKOFF" -v n="$transient" 'BEGIN { printf "%.10g", b * 2 ^ n }')
+        transient=$((transient + 1))
+        echo "[tpu_pod] $WHY: restart $restarts of $RESTART on the same slice in ${delay}s"
+        sleep "$delay" ;;
+      *)  # lost or dead, with --recreate: the VMs are new or gone, so copy and setup again
+        echo "[tpu_pod] $WHY: restart $restarts of $RESTART: deleting and re-creating $NAME (--recreate)"
+        cmd_delete || true  # fails when it is gone already
+        NO_WAIT=0
+        cmd_create
+        cmd_copy
+        cmd_setup ;;
+    esac
+    # A start that fails (a host going down as we start) is seen by the next poll, which restarts again.
+    start_training "restart $restarts of $RESTART" || echo "[tpu_pod] the training did not start on every worker" >&2
   done
 }
 
-# After a preemption or a dead host the VMs are new or gone: delete the queued resource, create it again (same
-# flags) and redo copy and setup. After a failure on a healthy slice, the stopped workers are reused as they are.
-recover() {
-  local state; state=$(qr_state)
-  if [ "$ENDED" = dead ] || [ "$state" != ACTIVE ]; then
-    echo "[tpu_pod] re-creating $NAME (it is ${state:-gone})"
-    cmd_delete || true  # fails when it is gone already
-    NO_WAIT=0
-    cmd_create
-    cmd_copy
-    cmd_setup
-  fi
-  # A start that fails (a host going down as we start) is seen by the next poll, which restarts again.
-  start_training || echo "[tpu_pod] the training did not start on every worker" >&2
-}
-
 # Polls the queued resource's state and every worker's training state (status's command) every POLL seconds
-# until the training has ended on a worker; sets ENDED (ok, config, failed, preempted, dead, or dry) and WHY.
-# A worker that reports neither running nor an exit code (ssh failed: host down; or the process vanished
-# without one) counts as dead on the second poll in a row, so one dropped ssh connection does not restart;
-# likewise a queued resource that describe does not find.
+# until the training has ended on a worker; sets WHY and ENDED: ok (every worker exited 0), config (one exited 2),
+# sigterm (143 only), failed (another code), lost (the queued resource is not ACTIVE), dead, or dry. A worker that
+# reports neither running nor an exit code (ssh failed: host down; or the process vanished without one) counts as
+# dead on the MISSED-th poll in a row, so dropped ssh connections do not restart; likewise a queued resource
+# that describe does not find counts as gone.
 ENDED="" WHY=""
 wait_for_end() {
   local state out line rc running exited lost misses=0 gone=0 failed last="" now
@@ -339,8 +374,8 @@ wait_for_end() {
     case $state in
       ACTIVE) ;;
       SUSPENDING | SUSPENDED | PREEMPTED | FAILED | DELETING | "")  # Spot/preemptible reclaimed, or deleted
-        if [ -n "$state" ] || ((gone >= 2)); then
-          ENDED=preempted WHY="queued resource $NAME is ${state:-gone} (preempted?)"; return 0
+        if [ -n "$state" ] || ((gone >= MISSED)); then
+          ENDED=lost WHY="queued resource $NAME is ${state:-gone} (preempted?)"; return 0
         fi
         sleep "$POLL"; continue ;;
       *) echo "[tpu_pod] $(date +%H:%M:%S) queued resource $NAME is $state"; sleep "$POLL"; continue ;;
@@ -356,14 +391,16 @@ wait_for_end() {
     done <<<"$out"
     if [ -n "$failed" ]; then
       ENDED=failed WHY="a worker's training exited with code${failed}"
-      if [[ " $failed " == *" 2 "* ]]; then ENDED=config; fi
+      if [[ " $failed " == *" 2 "* ]]; then ENDED=config
+      elif [ -z "${failed// 143/}" ]; then ENDED=sigterm WHY+=" (stopped by SIGTERM after saving)"; fi
       return 0
     fi
     lost=$((WORKERS - running - exited))
     if ((lost <= 0 && running == 0)); then ENDED=ok; return 0; fi
     if ((lost > 0)); then misses=$((misses + 1)); else misses=0; fi
-    if ((misses >= 2)); then
-      ENDED=dead WHY="$lost of $WORKERS workers report no training (host down, or the process vanished)"; return 0
+    if ((misses >= MISSED)); then
+      ENDED=dead WHY="$lost of $WORKERS workers did not answer $MISSED status polls in a row (host down, or the"
+      WHY+=" process vanished)"; return 0
     fi
     now="$running running, $exited finished, $lost not answering"
     [ "$now" = "$last" ] || echo "[tpu_pod] $(date +%H:%M:%S) $NAME: $now"
@@ -379,7 +416,7 @@ cmd_logs() {
     return 0
   fi
   resolve_workers
-  local dir=${LOGS_DIR:-$ROOT/logs/$NAME} i failed=0 last
+  local dir=${LOGS_DIR:-$ROOT/logs/$NAME} i failed=0 summary
   run mkdir -p "$dir"
   for ((i = 0; i < WORKERS; i++)); do
     tpu_scp "$NAME:$log" "$dir/worker-$i.log" "$i" || { echo "worker $i: no log fetched" >&2; failed=1; }
@@ -387,11 +424,24 @@ cmd_logs() {
   [ "$DRY" = 0 ] || return 0
   for ((i = 0; i < WORKERS; i++)); do
     [ -f "$dir/worker-$i.log" ] || continue
-    last=$(grep -a '^\[bpo_jax\] exit code' "$dir/worker-$i.log" | tail -n 1 || true)
-    echo "worker $i: ${last:-still running (no exit code yet)}"
-    if [ -n "$last" ] && [ "${last##* }" != 0 ]; then failed=1; fi
+    summary=$(runs_in_log "$dir/worker-$i.log") || failed=1
+    echo "worker $i: $summary"
   done
   [ "$failed" = 0 ] || die "a worker failed (logs in $dir)"
+}
+
+# How the runs in a worker's log (each after start_training's header) ended: "exit code RC" or "still running (no
+# exit code yet)" for the last, then the earlier runs' codes ("none": the host went down first). Non-zero when the
+# last run failed.
+runs_in_log() {
+  awk '/^\[tpu_pod\] run started / { n++; rc[n] = "" }
+    /^\[bpo_jax\] exit code / { if (!n) n = 1; rc[n] = $NF }
+    END {
+      out = rc[n] == "" ? "still running (no exit code yet)" : "exit code " rc[n]
+      for (i = 1; i < n; i++) earlier = earlier (i > 1 ? ", " : "") (rc[i] == "" ? "none" : rc[i])
+      print out (n > 1 ? " (run " n " in the log; earlier runs: " earlier ")" : "")
+      exit (rc[n] != "" && rc[n] != 0)
+    }' "$1"
 }
 
 # On each worker: one line "HOST: running", "HOST: exited with code RC" or "HOST: no training started", then the

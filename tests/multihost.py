@@ -1,6 +1,9 @@
 """Several JAX processes on one machine, as the hosts of a pod slice run them: one ``python -m bpo_jax`` per
 process, joined through ``jax.distributed`` on a fresh loopback port with gloo CPU collectives.
 
+``judge_server`` is an LLM judge on loopback for such runs: deterministic labels, a latency per request, and an
+optional gate a test can hold requests at.
+
 Every child's environment is built explicitly (the pytest process's XLA_FLAGS never leak into it). If a child
 exits with a code the test did not allow, if one exits with an error while the others keep running longer than
 ``straggle`` seconds, or if the group overruns ``deadline``, every child is killed and the test fails: nothing
@@ -11,12 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal as signals
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, NamedTuple
 
 import pytest
@@ -42,6 +48,39 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def judge_server(latency: float = 0.0, gate: Callable[[], None] | None = None) -> ThreadingHTTPServer:
+    """An OpenAI-compatible judge on 127.0.0.1 (``judge_url=http://127.0.0.1:{port}/v1/chat/completions``) that
+    prefers the longer response (A on equal length): deterministic, so every run gets the same labels. Each
+    request waits ``latency`` seconds, then ``gate()`` (which may block) before answering. Stop it with
+    ``.shutdown()``."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            time.sleep(latency)
+            if gate is not None:
+                gate()
+            text = body["messages"][0]["content"]
+            a = re.search(r"Response A:\n(.*?)\n\nResponse B:", text, re.S).group(1)
+            b = re.search(r"Response B:\n(.*?)\n\nExplain", text, re.S).group(1)
+            answer = json.dumps({"choices": [{"message": {"role": "assistant", "content":
+                                 f"Preferred: {'A' if len(a) >= len(b) else 'B'}"}}]}).encode()
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(answer)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
 
 
 def child_env(devices: int, **extra) -> dict:

@@ -1,13 +1,12 @@
-"""launch/tpu_pod.sh and launch/slurm.sh without Google Cloud or SLURM: shellcheck, the commands --dry-run
-prints (and that it runs none), the refusals, and both scripts end to end against fake gcloud / sbatch / srun
-that run the remote commands and the batch script locally."""
+"""launch/tpu_pod.sh and launch/slurm.sh without Google Cloud: shellcheck, the commands --dry-run prints (and that
+it runs none), the refusals, and tpu_pod.sh end to end against a fake gcloud that runs the remote commands locally
+(a TPU slice cannot run here). launch/slurm.sh runs under a real Slurm in tests/runtime/test_slurm.py."""
 
 import json
 import os
 import re
 import shlex
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -15,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from testing import launcher_repo
 
 ROOT = Path(__file__).resolve().parents[1]
 TPU = ROOT / "launch" / "tpu_pod.sh"
@@ -40,8 +41,8 @@ def _exe(path: Path, text: str) -> Path:
 # FAKE_WORKERS workers whose homes are FAKE_ROOT/w<i>: `tpu-vm ssh --command` runs the command there with
 # bash, `tpu-vm scp` copies files in and out, `describe` says ACTIVE, or what FAKE_ROOT/state says (GONE: not
 # found). Queued-resource `create` makes the state ACTIVE and revives dead workers (killing their fake
-# training), `delete` makes it GONE; ssh
-# and scp fail (255) while it is not ACTIVE, and for a worker w<i> while FAKE_ROOT/dead-w<i> exists.
+# training), `delete` makes it GONE; ssh and scp fail (255) while it is not ACTIVE, and for a worker w<i> while
+# FAKE_ROOT/dead-w<i> exists (each such call appends its argv to FAKE_ROOT/unreachable).
 FAKE_GCLOUD = """#!PYTHON
 import glob, json, os, shutil, subprocess, sys
 args = sys.argv[1:]
@@ -77,6 +78,8 @@ alive = [h for h in chosen if not os.path.exists(os.path.join(root, "dead-" + os
 if alive != chosen:
     rc = 255
     print("ssh: connect to host: Connection timed out", file=sys.stderr)
+    with open(os.path.join(root, "unreachable"), "a") as f:
+        f.write(json.dumps(args) + "\\n")
 chosen = alive
 if args[2:4] == ["tpu-vm", "ssh"]:
     for home in chosen:
@@ -140,6 +143,13 @@ def test_help():
         assert os.access(script, os.X_OK), f"{script} is not executable (git update-index --chmod=+x)"
         out = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "Usage:" in out.stdout
+
+
+def test_tpu_help_documents_the_restart_settings():
+    out = subprocess.run(["bash", str(TPU), "--help"], capture_output=True, text=True).stdout
+    for word in ("--missed-polls N", "TPU_MISSED_POLLS", "--backoff S", "TPU_RESTART_BACKOFF", "--recreate",
+                 "143", "exit 3"):
+        assert word in out, word
 
 
 def test_tpu_dry_run_prints_the_commands_and_runs_none(fake):
@@ -208,7 +218,10 @@ def test_printed_commands_are_shell_words(fake):
     (["create"], "--type"),
     (["bogus"], "unknown command"),
     (["setup", "--zone"], "needs a value"),
-    (["run", "--workers", "2", "--restart", "1", "--", *TRAIN], "--restart needs --type"),
+    (["run", "--workers", "2", "--restart", "1", "--recreate", "--", *TRAIN], "--recreate needs --type"),
+    (["run", "--type", "v4-16", "--watch", "--recreate", "--", *TRAIN], "--restart N"),
+    (["watch", "--type", "v4-16", "--missed-polls", "0"], "--missed-polls"),
+    (["watch", "--type", "v4-16", "--backoff", "1m"], "--backoff"),
     (["run", "--type", "v4-16", "--restart", "x", "--", *TRAIN], "not a number"),
     (["watch", "--type", "v4-16", "--restart", "1"], "train arguments"),
 ])
@@ -295,19 +308,25 @@ def test_tpu_end_to_end_on_fake_workers(fake):
     for i in range(2):
         text = (tmp_path / f"fetched/worker-{i}.log").read_text()
         assert "training" in text and "[bpo_jax] exit code 0" in text
-    assert "worker 1: [bpo_jax] exit code 0" in out.stdout
+    assert "worker 1: exit code 0\n" in out.stdout
 
     run_and_wait(3)
     out = _run(TPU, ["status"], env, check=False)
     assert out.returncode != 0 and "exited with code 3" in out.stdout and "failed" in out.stderr
     out = _run(TPU, ["logs", "--type", "v4-16"], env, check=False)
-    assert out.returncode != 0 and "exit code 3" in out.stdout
+    assert out.returncode != 0 and "worker 1: exit code 3 (run 2 in the log; earlier runs: 0)" in out.stdout
+    for i in range(2):  # each run's log follows its header: the second run appended to the first's
+        lines = (tmp_path / f"fetched/worker-{i}.log").read_text().splitlines()
+        assert [line.split()[:3] for line in lines if line.startswith("[")] == [
+            ["[tpu_pod]", "run", "started"], ["[bpo_jax]", "exit", "code"]] * 2
+        assert lines[-1] == "[bpo_jax] exit code 3" and lines.count("training") == 2
 
 
 # Fake workers for `watch`: pgrep/pkill see and signal the fake training of their own home (HOME/running holds
 # its pid), and the training follows HOME/plan, one line per run: a number (exit with it), "sleep" (run until
 # SIGTERM, then exit 143 as the program does after saving), "preempt" (the slice turns PREEMPTED, exit 143),
-# "die" (this worker's host goes down). Each run appends "PYTHONUNBUFFERED=... ARGS" to HOME/runs.
+# "die" (this worker's host goes down), "glitch" (this worker's host does not answer two status polls, then
+# exit 0). Each run appends "PYTHONUNBUFFERED=... ARGS" to HOME/runs.
 FAKE_TRAIN = r"""#!/bin/bash
 [ "$1 $2 $3" = "-m bpo_jax train" ] || exit 0  # pip, from setup
 echo "PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-} $*" >> "$HOME/runs"
@@ -320,9 +339,13 @@ case $step in
   sleep) wait "$child" ;;
   preempt) echo PREEMPTED > "$FAKE_ROOT/state" ;;
   die) touch "$FAKE_ROOT/dead-$(basename "$HOME")"; wait "$child" ;;
+  glitch)
+    touch "$FAKE_ROOT/unreachable" "$FAKE_ROOT/dead-$(basename "$HOME")"
+    until [ "$(grep -c 'exited with code' "$FAKE_ROOT/unreachable")" -ge 2 ]; do sleep 0.05; done
+    rm "$FAKE_ROOT/dead-$(basename "$HOME")" ;;
 esac
 rm -f "$HOME/running"
-case $step in sleep | die) exit 0 ;; preempt) exit 143 ;; *) exit "$step" ;; esac
+case $step in sleep | die | glitch) exit 0 ;; preempt) exit 143 ;; *) exit "$step" ;; esac
 """
 
 
@@ -369,6 +392,13 @@ def _qr_calls(tmp_path, verb):
     return [c for c in _calls(tmp_path) if c[2:4] == ["queued-resources", verb]]
 
 
+def _missed_polls(tmp_path):
+    """The status polls (ssh) that found a worker's host down."""
+    path = tmp_path / "unreachable"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [c for c in map(json.loads, lines) if "exited with code" in c[-1]]
+
+
 @pytest.mark.slow
 def test_tpu_watch_fails_fast(slice2):
     """One worker fails while the other trains: watch stops every worker and exits non-zero; all exit 0: 0."""
@@ -377,7 +407,7 @@ def test_tpu_watch_fails_fast(slice2):
     _run(TPU, ["run", "--workers", "2", "--", *TRAIN], env)
     _wait_for(lambda: (homes[0] / "running").exists() and (homes[1] / "bpo_logs/bpo-pod.rc").exists(), "started")
     out = _run(TPU, ["watch", "--workers", "2"], env, check=False)
-    assert out.returncode != 0 and "exited with code 3" in out.stderr, out.stdout + out.stderr
+    assert out.returncode == 1 and "exited with code 3: not restarted" in out.stderr, out.stdout + out.stderr
     assert "stopping the training on every worker" in out.stdout
     assert (homes[0] / "events").read_text() == "SIGTERM\n"  # the healthy worker was stopped (and saved)
     assert (homes[0] / "bpo_logs/bpo-pod.rc").read_text().strip() == "143"
@@ -391,21 +421,25 @@ def test_tpu_watch_fails_fast(slice2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("restart", [0, 1])
-def test_tpu_restart_after_preemption(slice2, restart):
-    """The slice is preempted (the training saved and exited 143): --restart 1 deletes the queued resource,
-    creates it with the same flags, copies, sets up and reruns the same command; without restarts, watch gives up."""
+@pytest.mark.parametrize("restart, recreate", [(0, False), (1, False), (1, True)])
+def test_tpu_restart_after_preemption(slice2, restart, recreate):
+    """The slice is preempted (the training saved and exited 143). With --restart 1 --recreate: delete the queued
+    resource, create it with the same flags, copy, set up and rerun the same command. Without --recreate the slice
+    is left as it is (Spot or reserved capacity) and watch exits 3 saying what to do."""
     tmp_path, env, homes, set_plans = slice2
     set_plans(["preempt", "0"], ["preempt", "0"])
-    out = _run(TPU, ["run", "--watch", "--type", "v4-16", "--spot", "--restart", str(restart), "--", *TRAIN], env,
-               check=False)
+    out = _run(TPU, ["run", "--watch", "--type", "v4-16", "--spot", "--restart", str(restart),
+                     *["--recreate"] * recreate, "--", *TRAIN], env, check=False)
     first = "PYTHONUNBUFFERED=1 -m bpo_jax train " + " ".join(TRAIN)
-    if restart == 0:
-        assert out.returncode != 0 and "PREEMPTED" in out.stderr, out.stdout + out.stderr
-        assert not _qr_calls(tmp_path, "create") and [_runs(h) for h in homes] == [[first]] * 2
+    if not recreate:
+        assert out.returncode == 3, out.stdout + out.stderr
+        assert "queued resource bpo-pod is PREEMPTED" in out.stderr and "no --recreate" in out.stderr
+        assert not _qr_calls(tmp_path, "create") and not _qr_calls(tmp_path, "delete")
+        assert [_runs(h) for h in homes] == [[first]] * 2
         return
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "restart 1 of 1" in out.stdout and "finished on every worker" in out.stdout
+    assert "restart 1 of 1: deleting and re-creating bpo-pod" in out.stdout
+    assert "finished on every worker" in out.stdout
     assert [_runs(h) for h in homes] == [[first, first]] * 2  # the identical command, once more
     calls = _calls(tmp_path)
     loc = ["--zone=us-west4-a", "--project=my-proj"]
@@ -423,23 +457,66 @@ def test_tpu_restart_after_preemption(slice2, restart):
 
 
 @pytest.mark.slow
-def test_tpu_restart_after_a_dead_host(slice2):
-    """Worker 1's host goes down: after two polls without its report, stop the rest, re-create, rerun."""
+@pytest.mark.parametrize("recreate", [False, True])
+def test_tpu_a_dead_host(slice2, recreate):
+    """Worker 1's host goes down: after --missed-polls polls without its report, stop the rest; re-create the
+    slice and rerun only with --recreate, else exit 3 and delete nothing."""
     tmp_path, env, homes, set_plans = slice2
     set_plans(["sleep", "0"], ["die", "0"])
-    out = _run(TPU, ["run", "--type", "v4-16", "--restart", "1", "--", *TRAIN], env)
-    assert "1 of 2 workers report no training" in out.stdout and "restart 1 of 1" in out.stdout
+    out = _run(TPU, ["run", "--type", "v4-16", "--restart", "1", "--missed-polls", "3", *["--recreate"] * recreate,
+                     "--", *TRAIN], env, check=False)
+    assert "1 of 2 workers did not answer 3 status polls in a row" in out.stdout + out.stderr
+    assert len(_missed_polls(tmp_path)) == 3
     assert (homes[0] / "events").read_text() == "SIGTERM\n"
-    assert len(_qr_calls(tmp_path, "create")) == 1 and [len(_runs(h)) for h in homes] == [2, 2]
+    if recreate:
+        assert out.returncode == 0 and "restart 1 of 1: deleting and re-creating" in out.stdout
+        assert len(_qr_calls(tmp_path, "create")) == 1 and [len(_runs(h)) for h in homes] == [2, 2]
+    else:
+        assert out.returncode == 3 and "no --recreate" in out.stderr, out.stdout + out.stderr
+        assert not _qr_calls(tmp_path, "delete") and [len(_runs(h)) for h in homes] == [1, 1]
+
+
+@pytest.mark.slow
+def test_tpu_a_host_missing_a_few_polls_is_not_dead(slice2):
+    """Worker 1's host misses two status polls (fewer than --missed-polls, default 5), then its training ends
+    well: the watch goes on and ends with exit code 0."""
+    tmp_path, env, homes, set_plans = slice2
+    set_plans(["0"], ["glitch"])
+    out = _run(TPU, ["run", "--watch", "--workers", "2", "--", *TRAIN], env, check=False)
+    assert out.returncode == 0 and "finished on every worker" in out.stdout, out.stdout + out.stderr
+    assert len(_missed_polls(tmp_path)) >= 2
+
+
+@pytest.mark.slow
+def test_tpu_restarts_follow_the_exit_code_contract(slice2):
+    """143 (stopped after saving) is rerun at once; any other failure after a backoff that doubles; each on the same
+    slice; 0 ends the watch. Every run's log is kept, after its header."""
+    tmp_path, env, homes, set_plans = slice2
+    set_plans(["143", "1", "7", "0"], ["sleep", "sleep", "sleep", "0"])
+    start = time.time()
+    out = _run(TPU, ["run", "--type", "v4-16", "--restart", "3", "--backoff", "0.2", "--", *TRAIN], env)
+    assert time.time() - start > 0.6
+    restarts = [line.split(": ", 1)[1] for line in out.stdout.splitlines() if ": restart " in line]
+    assert restarts == ["restart 1 of 3 on the same slice, now", "restart 2 of 3 on the same slice in 0.2s",
+                        "restart 3 of 3 on the same slice in 0.4s"], out.stdout
+    assert "exited with code 143 (stopped by SIGTERM after saving)" in out.stdout
+    assert "finished on every worker" in out.stdout and [len(_runs(h)) for h in homes] == [4, 4]
+    assert not _qr_calls(tmp_path, "create") and not _qr_calls(tmp_path, "delete")
+    out = _run(TPU, ["logs", "--workers", "2"], env)
+    assert "worker 0: exit code 0 (run 4 in the log; earlier runs: 143, 1, 7)" in out.stdout
+    assert "worker 1: exit code 0 (run 4 in the log; earlier runs: 143, 143, 143)" in out.stdout
+    log = (tmp_path / "fetched/worker-0.log").read_text()
+    assert re.findall(r"^\[tpu_pod\] run started \S+( \(restart \d of 3\))?$", log, re.M) == [
+        "", " (restart 1 of 3)", " (restart 2 of 3)", " (restart 3 of 3)"]
 
 
 @pytest.mark.slow
 def test_tpu_no_restart_on_a_config_error(slice2):
-    """Exit code 2 is a config error: stop every worker and report it, even with restarts left."""
+    """Exit code 2 means the user must change something: stop every worker and exit 2, even with restarts left."""
     tmp_path, env, homes, set_plans = slice2
     set_plans(["sleep", "0"], ["2", "0"])
     out = _run(TPU, ["run", "--type", "v4-16", "--restart", "3", "--", *TRAIN], env, check=False)
-    assert out.returncode != 0 and "config error" in out.stderr, out.stdout + out.stderr
+    assert out.returncode == 2 and "the user must change something" in out.stderr, out.stdout + out.stderr
     assert (homes[0] / "events").read_text() == "SIGTERM\n"
     assert [len(_runs(h)) for h in homes] == [1, 1] and not _qr_calls(tmp_path, "create")
 
@@ -455,28 +532,41 @@ def _sbatch_script(stdout: str) -> str:
 
 
 def test_slurm_dry_run(fake):
+    """The batch script's shape (the real Slurm runs it in tests/runtime/test_slurm.py): the time limit's SIGTERM
+    goes to the tasks (``--signal=TERM@S``, no ``B:``) and the batch shell never passes it on to srun (a real srun
+    then SIGKILLs the tasks); no ``--kill-on-bad-exit`` (srun's code would hide an agreed config error)."""
     tmp_path, env = fake
     out = _run(SLURM, ["--dry-run", *SLURM_ARGS], env)
     script = _sbatch_script(out.stdout)
     for want in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
                  "bpo_setup requirements-gpu.txt", "export BPO_COORDINATOR_ADDRESS", "scontrol show hostnames",
                  'export BPO_NUM_PROCESSES="$SLURM_NNODES"', 'BPO_PROCESS_ID="$SLURM_PROCID"', "srun ",
-                 "--kill-on-bad-exit=1", "--output=logs/%x-%j-%t.log",
+                 '--output="$LOGS/%x-%j-%t.log"', "    --gpus-per-node=8 \\",
                  "python -m bpo_jax train --config configs/tldr_gemma2b.yaml run_dir=/shared/runs/x"]:
         assert want in script, want
     assert script.index("bpo_setup") < script.index("srun ")  # set-up once, before the tasks
-    for want in ["#SBATCH --signal=B:TERM@120", "#SBATCH --requeue", "#SBATCH --open-mode=append",
-                 "#SBATCH --exclusive", "BPO_PORT=$((10000 + SLURM_JOB_ID % 50000))", "export PYTHONUNBUFFERED=1",
-                 "trap forward_term TERM", 'kill -TERM "$srun_pid"', 'scontrol requeue "$SLURM_JOB_ID"']:
+    for want in ["#SBATCH --signal=TERM@120", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                 f"#SBATCH --output={ROOT}/logs/%x-%j.log", "#SBATCH --exclusive",
+                 "BPO_PORT=$((10000 + SLURM_JOB_ID % 50000))", "export PYTHONUNBUFFERED=1",
+                 "MAX_RETRIES=3 BACKOFF=60", 'scontrol requeue "$SLURM_JOB_ID"']:
         assert want in script, want
-    assert "cpus-per-task" not in script and "12355" not in script
+    for never in ["B:TERM", "kill -TERM", "--kill-on-bad-exit", "cpus-per-task", "12355"]:
+        assert never not in script, never
     other = _sbatch_script(_run(SLURM, ["--dry-run", "--port", "4444", "--signal-seconds", "300", "--no-exclusive",
-                                        "--cpus-per-task", "16", *SLURM_ARGS], env).stdout)
+                                        "--cpus-per-task", "16", "--max-retries", "0", "--retry-backoff", "5",
+                                        "--log-dir", str(tmp_path / "l"), *SLURM_ARGS], env).stdout)
     assert "BPO_PORT=4444" in other and "SLURM_JOB_ID % 50000" not in other and "--exclusive" not in other
-    assert "#SBATCH --signal=B:TERM@300" in other and "#SBATCH --cpus-per-task=16" in other
+    assert "#SBATCH --signal=TERM@300" in other and "#SBATCH --cpus-per-task=16" in other
     assert "    --cpus-per-task=16 \\" in other  # srun too: it does not inherit it from sbatch
+    assert "MAX_RETRIES=0 BACKOFF=5" in other and f"#SBATCH --output={tmp_path}/l/%x-%j.log" in other
+    cpu_args = [*SLURM_ARGS[:2], "--gpus-per-node", "0", *SLURM_ARGS[4:]]
+    cpu = _sbatch_script(_run(SLURM, ["--dry-run", "--no-setup", *cpu_args], env).stdout)
+    assert "gpus-per-node" not in cpu and "bpo_setup" not in cpu and ". .venv/bin/activate" in cpu
+    cpu = _sbatch_script(_run(SLURM, ["--dry-run", *cpu_args], env).stdout)
+    assert "bpo_setup  #" in cpu and "requirements-gpu" not in cpu
     assert f"+ sbatch {ROOT}/logs/bpo_jax.sbatch" in out.stdout
     assert not (tmp_path / "called").exists() and not (ROOT / "logs/bpo_jax.sbatch").exists()
+    assert not (tmp_path / "l").exists()  # a dry run writes nothing
     path = tmp_path / "job.sbatch"
     path.write_text(script)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
@@ -489,105 +579,24 @@ def test_slurm_dry_run(fake):
 @pytest.mark.parametrize("args, message", [
     (["--nodes", "2"], "after --"), (["--nodes", "x", "--", "a=1"], "positive"), (["--bogus", "--", "a=1"], "unknown"),
     (["--signal-seconds", "0", "--", "a=1"], "positive"), (["--cpus-per-task", "-1", "--", "a=1"], "positive"),
+    (["--gpus-per-node", "-1", "--", "a=1"], "0 or more"), (["--max-retries", "x", "--", "a=1"], "0 or more"),
+    (["--retry-backoff", "0", "--", "a=1"], "positive"),
 ])
 def test_slurm_refusals(args, message):
     out = subprocess.run(["bash", str(SLURM), "--dry-run", *args], capture_output=True, text=True)
     assert out.returncode != 0 and message in out.stderr
 
 
-def _fake_repo(tmp_path: Path) -> tuple[Path, Path]:
-    """A copy of the launch scripts beside a fake .venv whose python records each call (pip included)."""
-    repo = tmp_path / "repo"
-    (repo / "launch").mkdir(parents=True)
-    for f in ("launch/_setup.sh", "launch/slurm.sh", "requirements.txt", "requirements-gpu.txt",
-              "requirements-tpu.txt", "pyproject.toml"):
-        shutil.copy(ROOT / f, repo / f)
-    venv = repo / ".venv/bin"
-    venv.mkdir(parents=True)
-    (venv / "activate").write_text(f'PATH="{venv}:$PATH"\n')
-    calls = tmp_path / "python_calls"
-    _exe(venv / "python", f'#!/bin/sh\n{{ printf "%s " "BPO_PROCESS_ID=$BPO_PROCESS_ID" '
-                          f'"BPO_NUM_PROCESSES=$BPO_NUM_PROCESSES" "BPO_COORDINATOR_ADDRESS=$BPO_COORDINATOR_ADDRESS" '
-                          f'"$@"; echo; }} >> "{calls}"\n')
-    return repo, calls
-
-
 @pytest.mark.parametrize("extra", ["requirements-gpu.txt", "requirements-tpu.txt"])
 def test_setup_command_shape(tmp_path, extra):
     """`source launch/_setup.sh && bpo_setup <extra>` installs requirements.txt and the extra file into .venv."""
-    repo, calls = _fake_repo(tmp_path)
+    repo, calls = launcher_repo(tmp_path)
     out = subprocess.run(["bash", "-c", f"source launch/_setup.sh && bpo_setup {extra} && command -v python"],
                          cwd=repo, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(repo / ".venv/bin/python")
     pip = [line for line in calls.read_text().splitlines() if "-r requirements.txt" in line]
     assert pip and f"-r {extra}" in pip[0]
-
-
-@pytest.mark.slow
-def test_slurm_job_end_to_end(tmp_path):
-    """sbatch and srun played locally: set-up once, then every task gets its own BPO_PROCESS_ID."""
-    repo, calls = _fake_repo(tmp_path)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    _exe(bin_dir / "scontrol", '#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "node7\\nnode8\\n"\n')
-    _exe(bin_dir / "sbatch", '#!/bin/sh\nSLURM_JOB_NODELIST="node[7-8]" SLURM_NNODES=2 exec bash "$1"\n')
-    _exe(bin_dir / "srun", '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\n'  # srun's own options
-                           'for t in 0 1; do SLURM_PROCID=$t "$@" > "logs/task-$t.log" || exit 1; done\n')
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
-    out = subprocess.run(["bash", "launch/slurm.sh", "--port", "4444", *SLURM_ARGS, "note=a b"], cwd=repo, env=env,
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
-    lines = calls.read_text().splitlines()
-    assert sum("-r requirements-gpu.txt" in line for line in lines) == 1
-    train = [line.strip() for line in lines if "bpo_jax train" in line]
-    tail = "-m bpo_jax train --config configs/tldr_gemma2b.yaml run_dir=/shared/runs/x note=a b"
-    assert train == [f"BPO_PROCESS_ID={t} BPO_NUM_PROCESSES=2 BPO_COORDINATOR_ADDRESS=node7:4444 {tail}"
-                     for t in (0, 1)]
-    assert (repo / "logs/bpo_jax.sbatch").is_file()
-
-
-@pytest.mark.slow
-def test_slurm_term_is_forwarded_and_the_job_requeued(tmp_path):
-    """SLURM's SIGTERM to the batch shell (--signal=B:TERM@S, preemption): the job script passes it to srun,
-    which passes it to every task (they save and exit 143), then requeues the job; the port is the job id's."""
-    repo, calls = _fake_repo(tmp_path)
-    _exe(repo / ".venv/bin/python", f"""#!/bin/bash
-case "$*" in *"bpo_jax train"*) ;; *) exit 0 ;; esac  # pip, from the set-up
-trap 'kill "$child"; echo "$BPO_PROCESS_ID SIGTERM" >> "{calls}"; exit 143' TERM
-sleep 30 & child=$!
-echo "$BPO_PROCESS_ID started $BPO_COORDINATOR_ADDRESS PYTHONUNBUFFERED=$PYTHONUNBUFFERED" >> "{calls}"
-wait "$child"
-""")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    _exe(bin_dir / "scontrol", f'#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "node7\\nnode8\\n"\n'
-                               f'[ "$1" = requeue ] && echo "scontrol $*" >> "{calls}"\nexit 0\n')
-    _exe(bin_dir / "sbatch", f'#!/bin/sh\necho $$ > "{tmp_path}/job.pid"\n'
-                             'SLURM_JOB_ID=4242 SLURM_JOB_NODELIST="node[7-8]" SLURM_NNODES=2 exec bash "$1"\n')
-    # srun: both tasks at once; SIGTERM to srun goes to every task (as the real srun forwards it)
-    _exe(bin_dir / "srun", '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\npids=()\n'
-                           'for t in 0 1; do SLURM_PROCID=$t "$@" > "logs/task-$t.log" 2>&1 & pids+=($!); done\n'
-                           'trap \'kill -TERM "${pids[@]}"\' TERM\nrc=0\n'
-                           'for p in "${pids[@]}"; do r=0; wait "$p" || r=$?\n'
-                           '  while kill -0 "$p" 2>/dev/null; do r=0; wait "$p" || r=$?; done\n'
-                           '  if ((r > rc)); then rc=$r; fi; done\nexit "$rc"\n')
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
-    env.pop("PYTHONUNBUFFERED", None)  # the job script sets it
-    proc = subprocess.Popen(["bash", "launch/slurm.sh", *SLURM_ARGS], cwd=repo, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        _wait_for(lambda: calls.exists() and calls.read_text().count(" started ") == 2, "both tasks started")
-        os.kill(int((tmp_path / "job.pid").read_text()), signal.SIGTERM)  # to the batch shell only
-        output = proc.communicate(timeout=20)[0]
-    finally:
-        proc.kill()
-    lines = calls.read_text().splitlines()
-    assert sorted(line for line in lines if "started" in line) == [
-        f"{t} started node7:14242 PYTHONUNBUFFERED=1" for t in (0, 1)]  # 10000 + 4242 % 50000
-    assert sorted(line for line in lines if "SIGTERM" in line) == ["0 SIGTERM", "1 SIGTERM"], output
-    assert [line for line in lines if line.startswith("scontrol")] == ["scontrol requeue 4242"], output
-    assert proc.returncode == 143, output
 
 
 def _doc_blocks():

@@ -133,3 +133,28 @@ def full_forward_logprobs(model, prompts, prompt_mask, tokens, mask):
     logits, _ = forward(model.config, model.params, ids, attention_mask=m)
     p = prompts.shape[1]
     return token_logprobs(logits[:, p - 1 : -1], tokens) * mask
+
+
+def launcher_repo(tmp_path):
+    """``(repo, calls)``: a copy of the launch scripts and requirement files in ``tmp_path/repo`` beside a fake
+    ``.venv`` whose ``python`` only records each call (pip's included) as a line in ``calls``, with the BPO_*
+    launch variables it saw: the launchers' own logic, run by a real shell (or a real Slurm), without installing
+    or training anything."""
+    import shutil
+    import stat
+
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    for f in ("launch/_setup.sh", "launch/slurm.sh", "requirements.txt", "requirements-gpu.txt",
+              "requirements-tpu.txt", "pyproject.toml"):
+        shutil.copy(os.path.join(ROOT, f), repo / f)
+    venv = repo / ".venv/bin"
+    venv.mkdir(parents=True)
+    (venv / "activate").write_text(f'PATH="{venv}:$PATH"\n')
+    calls = tmp_path / "python_calls"
+    python = venv / "python"
+    python.write_text(f'#!/bin/sh\n{{ printf "%s " "BPO_PROCESS_ID=$BPO_PROCESS_ID" '
+                      f'"BPO_NUM_PROCESSES=$BPO_NUM_PROCESSES" "BPO_COORDINATOR_ADDRESS=$BPO_COORDINATOR_ADDRESS" '
+                      f'"$@"; echo; }} >> "{calls}"\n')
+    python.chmod(python.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return repo, calls

@@ -10,7 +10,8 @@ own cluster detection for that environment. In order of precedence:
 environment         detected by (the first that matches wins)
 ==================  ==========================================================================================
 bpo_jax             ``BPO_COORDINATOR_ADDRESS``, ``BPO_NUM_PROCESSES``, ``BPO_PROCESS_ID`` (all three, or none;
-                    optional ``BPO_LOCAL_DEVICE_IDS=0,1``): passed to JAX as they are
+                    optional ``BPO_LOCAL_DEVICE_IDS=0,1``): passed to JAX as they are, with JAX's cluster detection
+                    off, so the process sees every local device (``launch/slurm.sh``: one process per node)
 JAX                 ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` (all three; JAX
                     itself reads ``JAX_LOCAL_DEVICE_IDS``)
 Open MPI            ``mpirun``: ``OMPI_COMM_WORLD_SIZE`` > 1; JAX's ``ompi`` detection (``OMPI_MCA_orte_hnp_uri``)
@@ -153,9 +154,13 @@ def _bpo_vars(env) -> Launch | None:
                          f"(or none, on a TPU slice or under SLURM)")
     n, i = _count_and_index(env, BPO_VARS)
     ids = env.get("BPO_LOCAL_DEVICE_IDS")
+    # Everything is given: JAX's own detection is off. Left on, its SLURM detection (SLURM_JOB_ID is set in every
+    # Slurm job) would restrict each process to the one GPU of its SLURM_LOCALID, so a process per node would
+    # train on one of the node's GPUs without a word.
     return Launch("bpo_jax's BPO_* variables", n, i,
                   dict(coordinator_address=env["BPO_COORDINATOR_ADDRESS"], num_processes=n, process_id=i,
-                       local_device_ids=[int(x) for x in ids.split(",")] if ids else None))
+                       local_device_ids=[int(x) for x in ids.split(",")] if ids else None,
+                       cluster_detection_method="deactivate"))
 
 
 def _jax_vars(env) -> Launch | None:

@@ -49,8 +49,30 @@ def test_bpo_variables_are_passed_as_they_are(calls, caplog):
     with caplog.at_level(logging.INFO, logger="bpo_jax"):
         assert cluster.initialize(env).name == "bpo_jax's BPO_* variables"
     assert calls == [dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1,
-                          local_device_ids=[0, 1], **TIMEOUTS)]
+                          local_device_ids=[0, 1], cluster_detection_method="deactivate", **TIMEOUTS)]
     assert "joined bpo_jax's BPO_* variables: process 1 of 2 processes" in caplog.text
+
+
+def test_bpo_variables_under_slurm_keep_every_local_gpu():
+    """launch/slurm.sh runs one process per node with the BPO_* variables inside a Slurm job: JAX's own SLURM
+    detection must not restrict the process to the GPU of its SLURM_LOCALID (JAX sets
+    ``jax_cuda_visible_devices`` from ``local_device_ids``; on the CPU the setting is recorded all the same)."""
+    import subprocess
+    import sys
+
+    from multihost import child_env, free_port
+
+    code = ("import jax; from bpo_jax.runtime import cluster; import os; "
+            "launch = cluster._bpo_vars(os.environ); "
+            "jax.distributed.initialize(**launch.kwargs, initialization_timeout=60); "
+            "from jax._src import xla_bridge; print('visible', xla_bridge.CUDA_VISIBLE_DEVICES.value); "
+            "jax.distributed.shutdown()")
+    env = child_env(1, BPO_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", BPO_NUM_PROCESSES="1",
+                    BPO_PROCESS_ID="0", SLURM_JOB_ID="77", SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_LOCALID="3",
+                    SLURM_STEP_NODELIST="localhost")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "visible all" in out.stdout, out.stdout
 
 
 def test_jax_variables(calls):
@@ -166,7 +188,7 @@ def test_only_device_commands_join_and_experiment_never_in_its_process(monkeypat
     assert joined == []
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
-    assert joined == [True] and set(cli.JOINING) == {"train", "evaluate", "generate"}
+    assert joined == [True] and set(cli.JOINING) == {"train", "sft", "evaluate", "generate"}
 
 
 def test_a_start_up_error_is_one_line(monkeypatch, capsys):

@@ -9,15 +9,11 @@ makes both processes fall back to the same older step.
 
 import json
 import os
-import re
 import shutil
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from multihost import assert_same_losses, losses, run_group
+from multihost import assert_same_losses, judge_server, losses, run_group
 from testing import write_minisum_folder
 
 pytestmark = pytest.mark.slow  # several processes or a fresh venv (pyproject.toml's markers)
@@ -27,37 +23,9 @@ LATENCY = 1.0  # seconds per judge request
 EXIT_BOUND = 30  # seconds from the signal to every process's exit
 
 
-def _judge_server():
-    """Prefers the longer response (A on equal length): deterministic, so every run gets the same labels."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            time.sleep(LATENCY)
-            text = body["messages"][0]["content"]
-            a = re.search(r"Response A:\n(.*?)\n\nResponse B:", text, re.S).group(1)
-            b = re.search(r"Response B:\n(.*?)\n\nExplain", text, re.S).group(1)
-            answer = json.dumps({"choices": [{"message": {"role": "assistant", "content":
-                                 f"Preferred: {'A' if len(a) >= len(b) else 'B'}"}}]}).encode()
-            try:
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(answer)
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd
-
-
 @pytest.fixture(scope="module")
 def setting(tiny_policy_and_rm, tmp_path_factory):
-    httpd = _judge_server()
+    httpd = judge_server(LATENCY)
     data = write_minisum_folder(tmp_path_factory.mktemp("rec_data"), rows=10)
     common = [f"model={tiny_policy_and_rm[0]}", f"data={data}", "annotator=judge", "judge_model=test",
               f"judge_url=http://127.0.0.1:{httpd.server_address[1]}/v1/chat/completions", "total_steps=4",
