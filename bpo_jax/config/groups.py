@@ -16,7 +16,7 @@ from bpo_jax.losses import validate_loss_args
 from bpo_jax.numerics import ATTENTION_IMPLS, remat_policy
 from bpo_jax.runtime.trackers import TRACKERS
 from bpo_jax.train.lora import MERGE_RULES, canonical_targets
-from bpo_jax.train.pairs import TIE_RULES
+from bpo_jax.train.pairs import EOS_RULES, IDENTICAL_RULES, TIE_RULES
 
 REFERENCES = ("behavior", "sft", "ema", "mixup", "fixed")
 TFDS_TASKS = ("tldr", "hh_helpful", "hh_harmless")
@@ -144,6 +144,10 @@ class Sampling(_Group):
     top_k: int = setting(0, "keep the k most likely tokens (0 = all)")
     top_p: float = setting(1.0, "nucleus sampling mass (1 = all)")
     sampling_batch_size: int = setting(0, "prompts per sampling call, a multiple of batch_size (0 = batch_size)")
+    response_eos: str = setting("sampled", "how a trained response ends: sampled (the tokens as sampled; a truncated "
+                                "one has no EOS) | append (every response ends with an EOS, one forced after a "
+                                "truncated one, as the official code appends eos_token_id to each decoded response: "
+                                "train/online_dpo_rand_trainer.py lines 699 and 328-332)")
 
     def checked(self):
         need(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
@@ -151,6 +155,7 @@ class Sampling(_Group):
                                      f"prompt, and greedy decoding (0) makes them identical; use a temperature > 0")
         need(self.top_k >= 0 and 0.0 < self.top_p <= 1.0, "need top_k >= 0 and 0 < top_p <= 1")
         need(self.sampling_batch_size >= 0, f"sampling_batch_size={self.sampling_batch_size} must be >= 0")
+        need(self.response_eos in EOS_RULES, f"response_eos={self.response_eos!r}; valid: {', '.join(EOS_RULES)}")
         return self
 
 
@@ -243,6 +248,11 @@ class Feedback(_Group):
     reward_batch_size: int = setting(16, "(prompt, response) pairs per reward-model call", resumable=True)
     reward_max_length: int = setting(1024, "tokens per (prompt, response) under the RM's chat template")
     tied_pairs: str = setting("drop", "equally scored pairs: drop (no preference) | second (the official label)")
+    identical_pairs: str = setting("resample", "pairs of two identical responses (and ties under tied_pairs=drop): "
+                                   "resample (sample more prompts until the phase has K·B pairs) | shrink (a step "
+                                   "trains on the pairs kept among its B prompts, the rest masked, as the official "
+                                   "code drops them: train/online_dpo_rand_trainer.py line 720, loss lines 954 "
+                                   "and 1366)")
     judge_url: str = setting("", "annotator=judge: OpenAI-compatible .../chat/completions URL")
     judge_model: str = setting("", "annotator=judge: the model name sent with each request")
     judge_api_key_env: str = setting("", "the environment variable holding the judge's API key (empty = none)",
@@ -264,6 +274,8 @@ class Feedback(_Group):
         need(self.reward_batch_size >= 1 and self.reward_max_length >= 1,
              "reward_batch_size and reward_max_length must be >= 1")
         need(self.tied_pairs in TIE_RULES, f"tied_pairs={self.tied_pairs!r}; valid: {', '.join(TIE_RULES)}")
+        need(self.identical_pairs in IDENTICAL_RULES,
+             f"identical_pairs={self.identical_pairs!r}; valid: {', '.join(IDENTICAL_RULES)}")
         return self
 
 

@@ -142,6 +142,9 @@ def check_across_groups(cfg: TrainConfig) -> None:
     need(cfg.micro_batches == 1 or cfg.loss_type not in BATCH_COUPLED,
          f"loss_type={cfg.loss_type} couples the pairs of a batch (it sorts or averages over them), so "
          f"micro_batches={cfg.micro_batches} would change the loss, not only the memory; use micro_batches=1")
+    need(cfg.identical_pairs == "resample" or cfg.loss_type not in BATCH_COUPLED,
+         f"loss_type={cfg.loss_type} couples the pairs of a batch, so identical_pairs=shrink's masked rows would "
+         f"enter its batch sort or mean; use identical_pairs=resample")
 
 
 def run_identity_changes(saved: TrainConfig, new: TrainConfig) -> list[str]:
@@ -155,7 +158,8 @@ def validate_for_model(cfg: TrainConfig, vocab_size: int, max_positions: int) ->
     """Checks that need the loaded model's sizes; run before any compute."""
     if cfg.top_k > vocab_size:
         raise ConfigError(f"top_k={cfg.top_k} is larger than the model's vocabulary ({vocab_size} tokens)")
-    longest = cfg.max_prompt_length + max(cfg.max_new_tokens, cfg.eval_max_new_tokens)
+    response = cfg.max_new_tokens + (cfg.response_eos == "append")  # an appended EOS takes one more position
+    longest = cfg.max_prompt_length + max(response, cfg.eval_max_new_tokens)
     if longest > max_positions:
         raise ConfigError(f"max_prompt_length={cfg.max_prompt_length} plus up to {longest - cfg.max_prompt_length} new "
                           f"tokens is {longest} positions, more than the model's {max_positions}")

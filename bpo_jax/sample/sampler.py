@@ -53,9 +53,17 @@ class Decoding:
     """What ``generate`` draws for each prompt, checked when built; hashable, so the jitted prefill and decode
     take it whole as their one static argument (a new value compiles anew, the same value never does).
 
-    ``max_new_tokens``: the response buffer's width. ``temperature``: 0.0 is greedy. ``top_k``: 0 is off.
-    ``top_p``: 1.0 is off. ``num_samples``: responses per prompt (BPO draws 2). ``eos_token_ids``: tokens that end
-    a response (the EOS itself is kept, with mask 1). ``pad_token_id``: what fills a response after its EOS.
+    ``max_new_tokens``: sampled tokens per response at most. ``temperature``: 0.0 is greedy. ``top_k``: 0 is
+    off. ``top_p``: 1.0 is off. ``num_samples``: responses per prompt (BPO draws 2). ``eos_token_ids``: tokens that
+    end a response (the EOS itself is kept, with mask 1). ``pad_token_id``: what fills a response after its EOS.
+
+    ``append_eos``: the buffers get one more column (``width`` = max_new_tokens + 1), and a response still
+    without an EOS after max_new_tokens sampled tokens (a truncated one) gets ``eos_token_ids[0]`` forced there,
+    so every response ends with an EOS (``response_eos=append``). The forced EOS's ``logprobs`` entry is its
+    untempered log-prob under the logits one more decode step computes for that column (one token's forward,
+    not a second pass over the sequence), as for every sampled token: what a full forward gives it up to the
+    cached decode's rounding. Its
+    ``sampling_logprobs`` entry is 0 (it was not drawn). A response that ended by itself is left as it is.
     """
 
     max_new_tokens: int
@@ -65,9 +73,17 @@ class Decoding:
     num_samples: int = 1
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
+    append_eos: bool = False
+
+    @property
+    def width(self) -> int:
+        """Columns of the response buffers: ``max_new_tokens``, plus one for an appended EOS."""
+        return self.max_new_tokens + int(self.append_eos)
 
     def __post_init__(self):
         object.__setattr__(self, "eos_token_ids", tuple(int(e) for e in self.eos_token_ids))
+        if self.append_eos and not self.eos_token_ids:
+            raise ValueError("append_eos needs an EOS token id (eos_token_ids is empty)")
         if self.max_new_tokens < 1 or self.num_samples < 1:
             raise ValueError(f"max_new_tokens and num_samples must be >= 1; got {self.max_new_tokens}, "
                              f"{self.num_samples}")
@@ -77,7 +93,7 @@ class Decoding:
 
 
 class SampleOutput(NamedTuple):
-    """Responses ``[B·n, max_new_tokens]`` as NumPy; row ``i·n + j`` is prompt i's j-th sample (with several
+    """Responses ``[B·n, decoding.width]`` as NumPy; row ``i·n + j`` is prompt i's j-th sample (with several
     processes, of this host's prompts).
 
     ``mask`` is 1 for response tokens up to and including the first EOS and 0 after it (those positions hold
@@ -106,9 +122,15 @@ class _DecodeState(NamedTuple):
 
 
 def _write(state: _DecodeState, step, logits, d: Decoding) -> _DecodeState:
-    """Sample column ``step`` from ``logits [R, V]`` and write it (padding rows that are already done)."""
+    """Sample column ``step`` from ``logits [R, V]`` and write it (padding rows that are already done; with
+    ``append_eos``, the EOS forced in the last column)."""
     tok, lp, slp = sample_step(jax.random.fold_in(state.key, step), logits, temperature=d.temperature, top_k=d.top_k,
                                top_p=d.top_p)
+    if d.append_eos:
+        eos, forced = d.eos_token_ids[0], step == d.max_new_tokens
+        tok = jnp.where(forced, eos, tok)
+        lp = jnp.where(forced, jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[:, eos], lp)
+        slp = jnp.where(forced, 0.0, slp)
     alive = ~state.done
     tok = jnp.where(alive, tok, d.pad_token_id)
     col = lambda buf, v: jax.lax.dynamic_update_slice_in_dim(buf, v[:, None].astype(buf.dtype), step, axis=1)  # noqa: E731
@@ -128,8 +150,7 @@ def _prefill(config, params, prompt_ids, prompt_mask, cache, key, *, decoding: D
     """Run each prompt through the model once, copy its keys/values into the rows of its ``num_samples``
     samples in ``cache``, and sample every row's first response token."""
     num_samples, pad_id = decoding.num_samples, decoding.pad_token_id
-    rows, plen = prompt_ids.shape[0] * num_samples, prompt_ids.shape[1]
-    max_new_tokens = cache["valid"].shape[1] - plen
+    rows, plen, width = prompt_ids.shape[0] * num_samples, prompt_ids.shape[1], decoding.width
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
     logits, prompt_cache = decoder.forward(
         config, params, prompt_ids, positions=positions, attention_mask=prompt_mask,
@@ -141,11 +162,11 @@ def _prefill(config, params, prompt_ids, prompt_mask, cache, key, *, decoding: D
     cache = {"k": tuple(map(into, cache["k"], prompt_cache["k"])),
              "v": tuple(map(into, cache["v"], prompt_cache["v"])),
              "valid": into(cache["valid"], prompt_cache["valid"])}
-    zeros = jnp.zeros((rows, max_new_tokens), jnp.float32)
+    zeros = jnp.zeros((rows, width), jnp.float32)
     state = _DecodeState(
         step=jnp.int32(0), last=jnp.zeros((rows,), jnp.int32), positions=per_row(positions[:, -1]),
-        done=jnp.zeros((rows,), bool), tokens=jnp.full((rows, max_new_tokens), pad_id, jnp.int32),
-        mask=jnp.zeros((rows, max_new_tokens), jnp.int32), logprobs=zeros, sampling_logprobs=zeros,
+        done=jnp.zeros((rows,), bool), tokens=jnp.full((rows, width), pad_id, jnp.int32),
+        mask=jnp.zeros((rows, width), jnp.int32), logprobs=zeros, sampling_logprobs=zeros,
         cache=cache, key=key,
     )
     return _write(state, jnp.int32(0), per_row(logits[:, -1]), decoding)
@@ -153,11 +174,12 @@ def _prefill(config, params, prompt_ids, prompt_mask, cache, key, *, decoding: D
 
 @partial(jax.jit, static_argnames=("config", "prompt_len", "decoding"), donate_argnames=("state",))
 def _decode(config, params, state: _DecodeState, *, prompt_len, decoding: Decoding) -> _DecodeState:
-    """Decode one token at a time until every row has written an EOS or the buffers are full."""
-    max_new_tokens = state.tokens.shape[1]
+    """Decode one token at a time until every row has written an EOS or the buffers are full. The cache holds
+    the prompt and max_new_tokens positions: the last column's token (an appended EOS too) is never fed back."""
+    width = state.tokens.shape[1]
 
     def cond(s: _DecodeState):
-        return (s.step + 1 < max_new_tokens) & ~jnp.all(s.done)
+        return (s.step + 1 < width) & ~jnp.all(s.done)
 
     def body(s: _DecodeState):
         positions = s.positions + 1

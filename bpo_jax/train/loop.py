@@ -1,7 +1,9 @@
 """The online BPO loop — T steps in F annotation phases, K = T / F steps per phase. In each phase:
 
   1. the behavior LLM π_β samples two responses per prompt for the phase's K batches of prompts;
-  2. pairs whose two responses are the same text are dropped;
+  2. pairs whose two responses are the same text are dropped (``identical_pairs``: ``resample`` samples more
+     prompts until the phase has K·B pairs; ``shrink`` keeps the phase's K·B prompts and weights the dropped
+     pairs 0, so a step trains on fewer pairs, as the official code does; ``bpo_jax.train.pairs``);
   3. the annotator scores both responses; the higher one is y_w;
   4. the policy π_θ trains K steps on these pairs with L_DAP(π_θ; reference);
   5. π_β ← π_θ.
@@ -9,6 +11,11 @@
 With ``reference=behavior`` this is BPO; F = 1 is offline DAP and F = T is on-policy. Checkpoints (every
 ``checkpoint_every`` steps and at each phase end) hold the state, the phase's pairs and the prompt stream's state,
 so the same command on the same ``run_dir`` resumes exactly; SIGTERM saves and exits.
+
+Each step's record in ``metrics.jsonl`` carries ``phase_start`` (1 on a phase's first step). There, under
+``reference=behavior``, π_θ = π_β, so h = 0 up to rounding and ``rewards/accuracies`` (the fraction of pairs
+with h > 0) is rounding noise, not a measure of the policy: read it over the steps with ``phase_start`` 0 (with
+F = T there are none).
 
 Several processes (``bpo_jax.runtime.distributed``): each host owns B/P prompts of every global batch of B. It samples
 them with π_β on the global mesh, decodes and annotates only its own rows, and keeps its own pairs; the
@@ -39,6 +46,7 @@ from bpo_jax.train.checkpoint import Checkpointer
 from bpo_jax.train.pairs import build_pairs, distinct, tied
 from bpo_jax.train.step import (
     BATCH_KEYS,
+    WEIGHT_KEY,
     behavior_logp_gap,
     make_train_step,
     member_logp_gaps,
@@ -89,19 +97,22 @@ class Preemption:
 def collect_pairs(cfg: TrainConfig, run: Run, behavior, key, *, interrupt=None):
     """Steps 1–3 for one phase: sample with π_β (``behavior``: its params) from the next batches of the run's
     prompt stream ``run.task.train`` (advancing it), annotated by ``run.task.annotator``, until
-    K·B distinct, annotated pairs exist (K·B/P on each of P hosts). Each sampling call takes as many of the
+    K·B distinct, annotated pairs exist (K·B/P on each of P hosts), or (``identical_pairs=shrink``) from the
+    phase's K·B prompts, the dropped pairs weighted 0. Each sampling call takes as many of the
     stream's batches as the phase still needs, up to ``sampling_batch_size`` prompts (sampling throughput grows
-    with the batch); its responses are decoded and annotated together. ``interrupt(during)`` runs before each
+    with the batch); its responses are decoded and annotated together. ``response_eos=append``: the sampler
+    ends every response with an EOS (``Decoding.append_eos``). ``interrupt(during)`` runs before each
     round (a preemption check). Returns this host's ``(pairs, stats)``."""
     prompts, annotator, model_config, eos_token_ids = run.task.train, run.task.annotator, run.model.config, \
         run.eos_token_ids
     b_local = prompts.local_batch_size
     need = cfg.steps_per_phase * b_local
+    shrink, append = cfg.identical_pairs == "shrink", cfg.response_eos == "append"
     most = max(1, (cfg.sampling_batch_size or cfg.batch_size) // cfg.batch_size)  # stream batches per call
     behavior = unstack_layers(behavior)  # once per phase, not once per generate call
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                         top_p=cfg.top_p, num_samples=2, eos_token_ids=eos_token_ids,
-                        pad_token_id=model_config.pad_token_id or 0)  # two responses per prompt
+                        pad_token_id=model_config.pad_token_id or 0, append_eos=append)  # two per prompt
     chunks, have, sampled, rounds = [], 0, 0, 0
     tally = np.zeros(2, np.int64)  # identical pairs, tied pairs
     bar = tqdm(total=need, desc="collecting pairs", unit="pair", leave=False, disable=not distributed.is_primary())
@@ -129,17 +140,20 @@ def collect_pairs(cfg: TrainConfig, run: Run, behavior, key, *, interrupt=None):
         keep, ties = differ, differ & tied(scores)  # distinct responses the annotator cannot tell apart
         if cfg.tied_pairs == "drop":
             keep = keep & ~ties
-        chunks.append(build_pairs(ids, pmask, toks, mask, out.logprobs, scores, keep, eos_token_ids=eos_token_ids))
-        have += int(keep.sum())
+        chunks.append(build_pairs(ids, pmask, toks, mask, out.logprobs, scores, keep, eos_token_ids=eos_token_ids,
+                                  shrink=shrink, eos_appended=append))
+        rows = len(texts_in) if shrink else int(keep.sum())
+        have += rows
         sampled += len(texts_in)
         tally += [int((~differ).sum()), int(ties.sum())]
-        bar.update(min(int(keep.sum()), need - bar.n))
+        bar.update(min(rows, need - bar.n))
     bar.close()
     pairs = {k: np.concatenate([c[k] for c in chunks])[:need] for k in chunks[0]}
-    counts = distributed.all_gather(np.asarray([sampled, *tally, pairs["truncated"].sum()], np.float64)).sum(0)
+    kept, truncated = pairs[WEIGHT_KEY].sum(), (pairs[WEIGHT_KEY] * pairs["truncated"]).sum()
+    counts = distributed.all_gather(np.asarray([sampled, *tally, truncated, kept], np.float64)).sum(0)
     stats = {"prompts_sampled": int(counts[0]), "identical_pairs_dropped": int(counts[1]),
              "tied_pairs": int(counts[2]), "tied_pairs_dropped": int(counts[2]) if cfg.tied_pairs == "drop" else 0,
-             "truncation_rate": float(counts[3] / (need * distributed.process_count()))}
+             "truncation_rate": float(counts[3] / max(counts[4], 1.0)), "pairs_kept": int(counts[4])}
     return pairs, stats
 
 
@@ -173,6 +187,8 @@ def train(cfg: TrainConfig, run: Run, *, evaluate=None, lora_init=None, stop: Pr
     try:
         if (restored := out.ckpt.restore_latest(state, mesh=run.mesh)) is not None:
             latest, state, pairs, meta = restored
+            if pairs is not None and WEIGHT_KEY not in pairs:  # saved before pairs carried weights: all kept
+                pairs[WEIGHT_KEY] = np.ones(len(pairs["truncated"]), np.float32)
             prompts.set_state(meta["prompts"][distributed.process_index()])
             log.info(f"resumed {cfg.run_dir} at step {latest}")
             if meta.get("pending_eval") and evaluate is not None:  # interrupted by a preemption: make it now
@@ -217,9 +233,11 @@ def _loop(cfg: TrainConfig, run: Run, out: _Outputs, state, pairs) -> st.TrainSt
             if pairs is None:  # a new phase: π_β ← π_θ (after the first), then collect its pairs with π_β
                 state, pairs, phase_stats = _start_phase(cfg, run, state, phase, out.stop)
             i = step - phase * K
-            batch = distributed.global_rows({k: pairs[k][i * B:(i + 1) * B] for k in BATCH_KEYS}, mesh)
+            batch = distributed.global_rows({k: pairs[k][i * B:(i + 1) * B] for k in (*BATCH_KEYS, WEIGHT_KEY)},
+                                            mesh)
             state, metrics = step_fn(state, batch)
-            record = {"step": step + 1, "phase": phase + 1, **{k: float(v) for k, v in metrics.items()}}
+            record = {"step": step + 1, "phase": phase + 1, "phase_start": int(i == 0),
+                      **{k: float(v) for k, v in metrics.items()}}
             if i == 0:
                 record.update({f"phase/{k}": v for k, v in phase_stats.items()})
             if not math.isfinite(record["loss"]):  # the loss is one global value: every host stops here

@@ -8,6 +8,14 @@ followed by a right-padded response of N tokens, for the chosen and the rejected
   ``prompt_len``                          static: P (the trainer scores only positions ≥ P)
   ``chosen_behavior_logps``, ``rejected_behavior_logps``  float32 [B]: the sampler's untempered log-probs
   ``truncated``                           float32 [B]: fraction of the pair's responses without an EOS
+  ``weight`` (optional)                   float32 [B]: 1 for a pair the step trains on, 0 for a row that only
+                                          holds a place (``identical_pairs=shrink``); absent: every pair 1
+
+The loss and every per-pair metric are means over the kept pairs of the whole batch, Σ w·ℓ / max(Σ w, 1), as
+the official step's ``torch.sum(losses) / cur_acc_steps`` with ``cur_acc_steps`` the number of kept pairs
+(``online_dpo_rand_trainer.py`` lines 954 and 1366, step_per_feedback = 1 by line 37); ``pairs_kept`` is Σ w.
+A batch without a kept pair leaves every member's parameters and optimizer state as they were (the official step
+then has no gradient, and torch's AdamW skips a parameter without one); the step counter still advances.
 
 One forward runs chosen and rejected together; only the response positions are unembedded. When the reference
 is the behavior LLM that sampled the pairs (BPO), the sampler's log-probs are the reference log-probs and no
@@ -33,13 +41,14 @@ import optax
 from bpo_jax.config import StepConfig, TrainConfig
 from bpo_jax.config.groups import Lora
 from bpo_jax.logprobs import chunked_token_logprobs, reduce_masked
-from bpo_jax.losses import dap_loss
+from bpo_jax.losses import BATCH_COUPLED, canonical_loss_type, dap_loss
 from bpo_jax.models.config import ModelConfig
 from bpo_jax.models.decoder import hidden_states, logits_from_hidden
 from bpo_jax.train import state as st
 
 BATCH_KEYS = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "chosen_behavior_logps",
               "rejected_behavior_logps", "truncated")
+WEIGHT_KEY = "weight"  # the batch's optional per-pair weight
 
 
 def _separate_rows_hidden(model_config, params, mb, p: int):
@@ -94,6 +103,20 @@ def _kl_policy_behavior(log_ratio):
     return jnp.exp(lr) * lr - jnp.expm1(lr)
 
 
+def _pair_losses(cfg: StepConfig, pc, pr, rc, rr, nc, nr):
+    """``(losses [B], metrics {name: [B]})``: the DAP loss and each of its metrics per pair, for the step to
+    weight. ``dap_loss``'s metrics are batch means, so it runs on one pair at a time (``vmap``), where each mean
+    is the pair's own value. A batch-coupled loss (``losses.BATCH_COUPLED``: a batch sort or mean) cannot be
+    scored pair by pair: it runs on the batch, its metrics broadcast to every pair, and so needs every weight
+    to be 1 (the config refuses ``identical_pairs=shrink`` with it)."""
+    loss = partial(dap_loss, loss_type=cfg.loss_type, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                   discopop_tau=cfg.discopop_tau)
+    if canonical_loss_type(cfg.loss_type) in BATCH_COUPLED:
+        losses, m = loss(pc, pr, rc, rr, chosen_lengths=nc, rejected_lengths=nr)
+        return losses, {k: jnp.broadcast_to(v, losses.shape) for k, v in m.items()}
+    return jax.vmap(lambda *a: loss(*a[:4], chosen_lengths=a[4], rejected_lengths=a[5]))(pc, pr, rc, rr, nc, nr)
+
+
 def _split_micro(batch, m: int):
     return jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
 
@@ -102,7 +125,10 @@ def train_step(cfg: StepConfig, model_config: ModelConfig, state: st.TrainState,
     """One optimizer step for every ensemble member on ``batch`` (un-jitted; see ``make_train_step``). ``cfg``
     holds only what the step computes with (``TrainConfig.step_config``)."""
     optimizer = st.make_optimizer(cfg)
-    micro = _split_micro({k: batch[k] for k in BATCH_KEYS}, cfg.micro_batches)
+    weight = batch.get(WEIGHT_KEY, jnp.ones_like(batch["truncated"])).astype(jnp.float32)
+    kept = jnp.sum(weight)
+    norm = jnp.maximum(kept, 1.0)  # the kept pairs of the whole batch: each micro-batch adds its share
+    micro = _split_micro({**{k: batch[k] for k in BATCH_KEYS}, WEIGHT_KEY: weight}, cfg.micro_batches)
 
     if cfg.reference == "behavior":
         ref = (micro["chosen_behavior_logps"], micro["rejected_behavior_logps"])
@@ -114,13 +140,12 @@ def train_step(cfg: StepConfig, model_config: ModelConfig, state: st.TrainState,
     def loss_fn(train_i, mb, ref_c, ref_r):
         params = st.adapter_params(cfg, state.base, train_i)
         pc, pr, nc, nr = pair_logps(model_config, params, mb, prompt_len, cfg.logprob_chunk, cfg.share_prompt)
-        losses, m = dap_loss(pc, pr, ref_c, ref_r, loss_type=cfg.loss_type, beta=cfg.beta,
-                             label_smoothing=cfg.label_smoothing, discopop_tau=cfg.discopop_tau,
-                             chosen_lengths=nc, rejected_lengths=nr)
-        log_ratio = jnp.concatenate([pc - mb["chosen_behavior_logps"], pr - mb["rejected_behavior_logps"]])
-        m = {**m, "kl_policy_behavior": jnp.mean(_kl_policy_behavior(log_ratio)),
-             "logps/chosen": jnp.mean(pc), "logps/rejected": jnp.mean(pr)}
-        return jnp.mean(losses), m
+        losses, m = _pair_losses(cfg, pc, pr, ref_c, ref_r, nc, nr)
+        kl = 0.5 * (_kl_policy_behavior(pc - mb["chosen_behavior_logps"])
+                    + _kl_policy_behavior(pr - mb["rejected_behavior_logps"]))
+        m = {**m, "kl_policy_behavior": kl, "logps/chosen": pc, "logps/rejected": pr}
+        w = mb[WEIGHT_KEY] / norm
+        return jnp.sum(w * losses), {k: jnp.sum(w * v) for k, v in m.items()}
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -135,17 +160,18 @@ def train_step(cfg: StepConfig, model_config: ModelConfig, state: st.TrainState,
         zeros = jax.tree.map(jnp.zeros_like, train_i)
         _, m_shape = jax.eval_shape(loss_fn, train_i, jax.tree.map(lambda x: x[0], micro), ref[0][0], ref[1][0])
         init = (zeros, {**jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape), "loss": jnp.float32(0)})
-        (grads, metrics), _ = jax.lax.scan(accumulate, init, (micro, ref[0], ref[1]))
-        grads = jax.tree.map(lambda g: g / cfg.micro_batches, grads)
-        metrics = jax.tree.map(lambda v: v / cfg.micro_batches, metrics)
+        (grads, metrics), _ = jax.lax.scan(accumulate, init, (micro, ref[0], ref[1]))  # sums of weighted means
         metrics["grad_norm"] = optax.tree.norm(grads)
-        updates, opt_i = optimizer.update(grads, opt_i, train_i)
-        return optax.apply_updates(train_i, updates), opt_i, metrics
+        updates, new_opt = optimizer.update(grads, opt_i, train_i)
+        unless_empty = lambda new, old: jnp.where(kept > 0, new, old)  # noqa: E731  no kept pair: no update
+        return (jax.tree.map(unless_empty, optax.apply_updates(train_i, updates), train_i),
+                jax.tree.map(unless_empty, new_opt, opt_i), metrics)
 
     trainable, opt_state, metrics = jax.lax.map(one_member, (state.trainable, state.opt_state))
     metrics = jax.tree.map(jnp.mean, metrics)
     metrics["learning_rate"] = cfg.optimizer.schedule(cfg.total_steps)(state.step)
-    metrics["truncation_rate"] = jnp.mean(batch["truncated"])
+    metrics["truncation_rate"] = jnp.sum(weight * batch["truncated"]) / norm
+    metrics["pairs_kept"] = kept
     new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
                               reference=_updated_reference(cfg, state.reference, trainable, state.step + 1))
     return new_state, metrics
