@@ -160,14 +160,15 @@ def _drift_lines(exp) -> list:
 
     lines = ["Drift per run: at each evaluated step, win rate (%) / log π_θ/π_SFT of the greedy responses (nats, "
              "mean over prompts) / mean gold score; the train step's reward accuracy over the first and second "
-             "half of the steps; pairs dropped (tied + identical) of the prompts sampled.", "",
+             "half of the steps (with the behavior reference over the steps that start no phase, where h = 0: n/a "
+             "when every step starts one); pairs dropped (tied + identical) of the prompts sampled.", "",
              "| method | loss | seed | win rate / drift / score by step | reward acc. | dropped of sampled |",
              "|---|---|---|---|---|---|"]
     for run in (r for r in exp.runs if is_trained(r)):
         d = run_drift(run)
         steps = "; ".join(f"{s}: {_pct(w)} / {lr:.2f} / {m:.3f}"
                           for s, w, lr, m in zip(d.eval_steps, d.win_rate, d.sft_logratio, d.mean_score))
-        acc = " / ".join(f"{a:.2f}" for a in d.reward_accuracy)
+        acc = " / ".join("n/a" if a != a else f"{a:.2f}" for a in d.reward_accuracy)  # nan: no step to count
         lines.append(f"| {run.method} | {run.loss_type} | {run.seed} | {steps} | {acc} | "
                      f"{d.tied_dropped} + {d.identical_dropped} of {d.prompts_sampled} |")
     return lines

@@ -308,7 +308,9 @@ class RunDrift(NamedTuple):
     win_rate: tuple  # per evaluated step
     sft_logratio: tuple  # per evaluated step: log π_θ/π_SFT of the greedy responses (nan when not logged)
     mean_score: tuple  # per evaluated step: the greedy responses' mean gold score
-    reward_accuracy: tuple  # mean ``rewards/accuracies`` over steps 1..T/2 and T/2+1..T
+    reward_accuracy: tuple  # mean ``rewards/accuracies`` over steps 1..T/2 and T/2+1..T; with the behavior
+    # reference only over the steps that start no phase (nan: none, as with F = T): there π_θ = π_β, h = 0 up to
+    # rounding and the accuracy is rounding noise
     tied_dropped: int  # pairs the annotator scored equal, dropped and resampled, over the run
     identical_dropped: int  # pairs of two identical samples, dropped and resampled
     prompts_sampled: int  # prompts π_β sampled over the run (the trained pairs plus the dropped ones)
@@ -324,8 +326,13 @@ def run_drift(run: Run) -> RunDrift:
     for rec in read_jsonl(epath.Path(run.run_dir) / "metrics.jsonl"):
         by_step.setdefault(rec["step"], {}).update(rec)
     evals = [s for s in sorted(by_step) if s > 0 and "eval/win_rate" in by_step[s]]
-    half = run.config.total_steps // 2
-    acc = [[r["rewards/accuracies"] for s, r in by_step.items() if lo < s <= hi and "rewards/accuracies" in r]
+    half, k = run.config.total_steps // 2, run.config.steps_per_phase
+
+    def phase_start(s, r):  # where h = 0: the flag the runs log (derived from K for older runs), behavior ref. only
+        return run.config.reference == "behavior" and bool(r.get("phase_start", (s - 1) % k == 0))
+
+    acc = [[r["rewards/accuracies"] for s, r in by_step.items()
+            if lo < s <= hi and "rewards/accuracies" in r and not phase_start(s, r)]
            for lo, hi in ((0, half), (half, run.config.total_steps))]
 
     def total(key):

@@ -103,7 +103,8 @@ def test_grid_writes_results_skips_finished_runs_and_resumes(tiny_policy_and_rm,
 
 def test_run_drift_reads_the_records_a_run_logs(tmp_path):
     """Closed form from hand-written records: the last record of a step wins (a resume logs a step twice),
-    reward accuracy is averaged by half of T, the phases' dropped pairs are summed."""
+    reward accuracy is averaged by half of T, with the behavior reference over the steps that start no phase (F = 2
+    of T = 4: steps 1 and 3 start one; F = T: every step, so none is left), the phases' dropped pairs are summed."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     ev = lambda w, lr, m: {"eval/win_rate": w, "eval/sft_logratio": lr, "eval/mean_score": m}  # noqa: E731
@@ -116,9 +117,14 @@ def test_run_drift_reads_the_records_a_run_logs(tmp_path):
              "phase/identical_pairs_dropped": 3},
             {"step": 4, "rewards/accuracies": 0.0, "final": True, **ev(0.75, 3.5, 0.6)}]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    cfg = ex.TrainConfig(total_steps=4, run_dir=str(run_dir))
+    cfg = ex.TrainConfig(total_steps=4, num_phases=2, reference="behavior", run_dir=str(run_dir))
+    assert ex.run_drift(ex.Run("m", "sigmoid", 0, cfg.replace(reference="sft"), ())).reward_accuracy == (0.75, 0.25)
     d = ex.run_drift(ex.Run("m", "sigmoid", 0, cfg, ()))
-    assert d == ex.RunDrift((2, 4), (0.5, 0.75), (2.0, 3.5), (0.4, 0.6), (0.75, 0.25), 3, 3, 22)
+    assert d == ex.RunDrift((2, 4), (0.5, 0.75), (2.0, 3.5), (0.4, 0.6), (1.0, 0.0), 3, 3, 22)
+    on_policy = ex.run_drift(ex.Run("m", "sigmoid", 0, cfg.replace(num_phases=4), ()))
+    assert all(np.isnan(a) for a in on_policy.reward_accuracy)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({**r, "phase_start": 0}) + "\n" for r in recs))
+    assert ex.run_drift(ex.Run("m", "sigmoid", 0, cfg, ())).reward_accuracy == (0.75, 0.25)  # the logged flag wins
 
 
 @pytest.mark.slow
