@@ -37,6 +37,8 @@ log = logging.getLogger("bpo_jax.cli")  # this module runs as __main__
 # heavy dependencies load only when it runs.
 COMMANDS = {
     "train": ("bpo_jax.cli.train", "online BPO training: --config configs/<file>.yaml [key=value ...]"),
+    "sft": ("bpo_jax.cli.sft", "supervised fine-tuning of sft_seeds adapters, the loss on responses only: --config "
+                               "configs/<file>_sft.yaml [key=value ...]"),
     "evaluate": ("bpo_jax.cli.evaluate", "a run checkpoint's win rate vs the human references: --checkpoint RUN_DIR"),
     "plot": ("bpo_jax.eval.plot", "PNG of win rate (with CI) and loss against step for one or more run dirs"),
     "toy": ("bpo_jax.cli.toy", "seconds-long BPO vs offline/on-policy comparison on a toy softmax policy"),
@@ -44,7 +46,7 @@ COMMANDS = {
     "experiment": ("bpo_jax.cli.experiment", "a method x loss x seed grid of train runs under one budget, with paired "
                                              "win-rate comparisons: EXPERIMENT.yaml"),
 }
-JOINING = ("train", "evaluate", "generate")  # commands that join the run's processes before touching a device
+JOINING = ("train", "sft", "evaluate", "generate")  # commands that join the run's processes before touching a device
 
 
 # Environment settings read by libraries when they load (TF_CPP_MIN_LOG_LEVEL also quiets XLA's C++ INFO/WARNING

@@ -19,10 +19,11 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value, e.g. total_steps=4 reference=sft")
     args = p.parse_args(argv)
     from bpo_jax.runtime import logs
+    from bpo_jax.train.lifecycle import checked_config
 
     logs.setup()
     try:  # config errors (ConfigError is a ValueError) stop here, before any compute, as "config error: ..."
-        cfg, trackers = _checked_config(args)
+        cfg, trackers = checked_config(args.config, args.overrides)
     except ValueError as err:
         log.error(f"config error: {err}")
         return 2
@@ -30,26 +31,6 @@ def main(argv=None) -> int:
         return _run(cfg, trackers, time.time())
     finally:
         trackers.close()
-
-
-def _checked_config(args):
-    """The config, checked against the trackers, the processes and devices, the shared run_dir and a resumed
-    run's saved settings; and the primary host's open trackers (every metrics record goes there too)."""
-    import jax
-
-    from bpo_jax.config import load_config, validate_for_processes
-    from bpo_jax.runtime import cluster, distributed, logs
-    from bpo_jax.runtime.trackers import check_available, open_trackers
-    from bpo_jax.train import lifecycle
-
-    cfg = load_config(args.config, args.overrides)
-    check_available(cfg.tracker)  # a missing wandb stops the run here
-    logs.setup(primary=distributed.is_primary())  # one host speaks
-    cluster.enable_compilation_cache(cfg.run_dir)  # a restart of this run reuses the compiled programs
-    validate_for_processes(cfg, distributed.process_count(), jax.device_count())
-    distributed.check_shared_dir(cfg.run_dir)
-    lifecycle.check_same_run(cfg)
-    return cfg, open_trackers(cfg)
 
 
 def _run(cfg, trackers, t0) -> int:

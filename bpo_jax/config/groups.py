@@ -21,6 +21,7 @@ from bpo_jax.train.pairs import EOS_RULES, IDENTICAL_RULES, TIE_RULES
 REFERENCES = ("behavior", "sft", "ema", "mixup", "fixed")
 TFDS_TASKS = ("tldr", "hh_helpful", "hh_harmless")
 ANNOTATORS = ("auto", "rouge", "reward_model", "judge")
+LR_SCHEDULES = ("linear", "cosine")
 
 
 class ConfigError(ValueError):
@@ -88,7 +89,7 @@ class Schedule(_Group):
     """T optimizer steps in F annotation phases (K = T / F steps per phase), B pairs per step."""
     total_steps: int = setting(16, "T: optimizer steps in all")
     num_phases: int = setting(2, "F: annotation phases (1 = offline DAP, T = on-policy); π_β ← π_θ after each")
-    batch_size: int = setting(8, "preference pairs per optimizer step")
+    batch_size: int = setting(8, "preference pairs per optimizer step (sft: rows per step)")
 
     @property
     def steps_per_phase(self) -> int:
@@ -199,16 +200,22 @@ class Optimizer(_Group):
     weight_decay: float = setting(0.0, "AdamW's decoupled weight decay")
     adam_eps: float = setting(1e-8, "AdamW's ε (optax's and torch's default; the official code's uses 1e-6)")
     max_grad_norm: float = setting(1.0, "clip the gradients' global norm to this")
+    lr_schedule: str = setting("linear", "the learning rate from learning_rate to 0 over the run's steps, no warmup: "
+                               "linear (the paper's DAP) | cosine (the official SFT: HF's cosine schedule)")
 
     def checked(self):
         need(self.learning_rate > 0 and self.weight_decay >= 0 and self.max_grad_norm > 0 and self.adam_eps > 0,
              "need learning_rate > 0, weight_decay >= 0, max_grad_norm > 0, adam_eps > 0")
+        need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule={self.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
         return self
 
     def schedule(self, total_steps: int):
-        """The learning rate at each step: linear from ``learning_rate`` to 0 over ``total_steps``."""
+        """The learning rate at step t of ``total_steps`` (T), from η = ``learning_rate`` to 0: ``linear``
+        η (1 − t/T); ``cosine`` η (1 + cos(π t/T)) / 2 (transformers' cosine schedule without warmup)."""
         import optax
 
+        if self.lr_schedule == "cosine":
+            return optax.cosine_decay_schedule(self.learning_rate, total_steps)
         return optax.linear_schedule(self.learning_rate, 0.0, total_steps)
 
     def build(self, total_steps: int):
@@ -342,7 +349,31 @@ class Mesh(_Group):
         return self.replace(mesh_device_ids=tuple(int(i) for i in self.mesh_device_ids))
 
 
+@dataclasses.dataclass(frozen=True)
+class Sft(_Group):
+    """``python -m bpo_jax sft``: supervised fine-tuning on (prompt, response) rows, the loss on the response tokens
+    only, one adapter (or model) per seed. It also reads ``model``, the ``lora_*`` keys, ``batch_size`` (rows per
+    optimizer step), ``micro_batches``, the optimizer group (``lr_schedule: cosine`` as the official SFT),
+    ``max_prompt_length``, ``max_new_tokens`` (response tokens kept), ``seed``, the run group and the mesh."""
+    sft_data: str = setting("", "the SFT rows: empty = the task's (data) training prompts and human references, "
+                            "held out: its test split; or a folder of official {prompt, label} rows (the official "
+                            "sft_<task>_data: train.jsonl, held out: dev.jsonl, else test.jsonl)")
+    sft_seeds: int = setting(1, "N: adapters trained one after another, seeds seed .. seed + N - 1 (each its own "
+                             "initialisation and data order), written to <run_dir>/adapters/seed_<k>")
+    sft_epochs: float = setting(1.0, "passes over the SFT rows per seed: floor(epochs x rows / batch_size) steps")
+    sft_steps: int = setting(0, "optimizer steps per seed (0 = from sft_epochs)")
+    sft_eval_size: int = setting(0, "held-out rows scored for the loss before and after each seed (0 = all)",
+                                 resumable=True)
+
+    def checked(self):
+        need(self.sft_seeds >= 1 and self.sft_steps >= 0 and self.sft_eval_size >= 0,
+             f"need sft_seeds >= 1, sft_steps >= 0, sft_eval_size >= 0; got {self.sft_seeds}, {self.sft_steps}, "
+             f"{self.sft_eval_size}")
+        need(self.sft_epochs > 0, f"sft_epochs={self.sft_epochs} must be > 0")
+        return self
+
+
 # The groups in order: TrainConfig's fields, the dotted keys' first part, the help listing.
 GROUPS = {"base": BaseModel, "numerics": Numerics, "schedule": Schedule, "loss": Loss, "trust_region": TrustRegion,
           "sampling": Sampling, "lora": Lora, "optimizer": Optimizer, "task": Task, "feedback": Feedback,
-          "eval": Eval, "run": RunSettings, "mesh": Mesh}
+          "eval": Eval, "run": RunSettings, "mesh": Mesh, "sft": Sft}

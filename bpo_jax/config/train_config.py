@@ -31,6 +31,7 @@ from bpo_jax.config.groups import (
     RunSettings,
     Sampling,
     Schedule,
+    Sft,
     Task,
     TrustRegion,
     need,
@@ -72,6 +73,7 @@ class TrainConfig(_FlatReads):
     eval: Eval
     run: RunSettings
     mesh: Mesh
+    sft: Sft
 
     def __init__(self, **settings):
         """Groups by name and/or flat keys (a flat key wins over the same setting in a group passed with it);

@@ -1,6 +1,6 @@
 """A train run's life around the online loop (``bpo_jax.train.loop``): the checks before it starts, the SFT
 model it starts from, its evaluations at step 0, every ``eval_every`` steps and at T, and its finish (the policy
-and adapters exported, the plot). ``python -m bpo_jax train`` is these calls in order."""
+and adapters exported, the plot). ``python -m bpo_jax train`` is these calls in order; ``sft`` shares the checks."""
 
 from __future__ import annotations
 
@@ -12,6 +12,26 @@ from bpo_jax.runtime import run_dir as rd
 from bpo_jax.train.checkpoint import has_checkpoint
 
 log = logging.getLogger(__name__)
+
+
+def checked_config(config_path, overrides):
+    """The config (``train`` and ``sft``), checked against the trackers, the processes and devices, the shared
+    run_dir and a resumed run's saved settings; and the primary host's open trackers (every metrics record goes
+    there too)."""
+    import jax
+
+    from bpo_jax.config import validate_for_processes
+    from bpo_jax.runtime import cluster, logs
+    from bpo_jax.runtime.trackers import check_available, open_trackers
+
+    cfg = load_config(config_path, overrides)
+    check_available(cfg.tracker)  # a missing wandb stops the run here
+    logs.setup(primary=distributed.is_primary())  # one host speaks
+    cluster.enable_compilation_cache(cfg.run_dir)  # a restart of this run reuses the compiled programs
+    validate_for_processes(cfg, distributed.process_count(), jax.device_count())
+    distributed.check_shared_dir(cfg.run_dir)
+    check_same_run(cfg)
+    return cfg, open_trackers(cfg)
 
 
 def check_same_run(cfg) -> None:

@@ -204,14 +204,22 @@ def step_model_config(cfg: TrainConfig | StepConfig, model_config: ModelConfig) 
 
 def make_train_step(cfg: TrainConfig | StepConfig, model_config: ModelConfig, state_shardings, *, prompt_len: int,
                     batch_sharding=None):
-    """``train_step`` jitted with explicit in/out shardings, the state donated — all but the frozen base
-    weights, which the step only reads (and the caller may still hold). The step sees ``cfg.step_config``
-    only; the model config's numerics are the run's (``step_model_config``)."""
+    """``train_step`` jitted (``jit_state_step``)."""
+    return jit_state_step(train_step, cfg, model_config, state_shardings, prompt_len=prompt_len,
+                          batch_sharding=batch_sharding)
+
+
+def jit_state_step(step_fn, cfg: TrainConfig | StepConfig, model_config: ModelConfig, state_shardings, *,
+                   prompt_len: int, batch_sharding=None):
+    """``step_fn(cfg, model_config, state, batch, prompt_len=)`` (the DAP step, the SFT step) jitted with explicit
+    in/out shardings, the state donated — all but the frozen base weights, which the step only reads (and the
+    caller may still hold). The step sees ``cfg.step_config`` only; the model config's numerics are the run's
+    (``step_model_config``)."""
     cfg = cfg.step_config
     model_config = step_model_config(cfg, model_config)
 
     def fn(rest, base, batch):
-        new_state, metrics = train_step(cfg, model_config, rest.replace(base=base), batch, prompt_len=prompt_len)
+        new_state, metrics = step_fn(cfg, model_config, rest.replace(base=base), batch, prompt_len=prompt_len)
         return new_state.replace(base=None), metrics
 
     rest_shardings = state_shardings.replace(base=None)

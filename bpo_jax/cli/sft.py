@@ -1,0 +1,74 @@
+"""``python -m bpo_jax sft --config configs/<file>_sft.yaml [key=value ...]``: supervised fine-tuning of
+``sft_seeds`` adapters (or models), one per seed, the loss on the response tokens only.
+
+It reports the held-out loss before and after each seed, writes ``<run_dir>/adapters/seed_<k>`` as PEFT folders
+(full fine-tuning: ``<run_dir>/policies/seed_<k>`` as HF folders) and prints the ``train`` overrides that start
+the paper's ensemble from them (``lora_init_from=...``). Rerunning the same command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+log = logging.getLogger(__name__)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bpo_jax sft", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML file in configs/ (defaults apply to missing keys)")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. sft_seeds=3 sft_steps=100")
+    args = p.parse_args(argv)
+    from bpo_jax.runtime import logs
+    from bpo_jax.train.lifecycle import checked_config
+
+    logs.setup()
+    try:  # the same checks as train: trackers, processes and devices, a shared run_dir, a resume's settings
+        cfg, trackers = checked_config(args.config, args.overrides)
+    except ValueError as err:
+        log.error(f"config error: {err}")
+        return 2
+    try:
+        return _run(cfg, trackers, time.time())
+    finally:
+        trackers.close()
+
+
+def _run(cfg, trackers, t0) -> int:
+    """Load the model and rows, then every seed in turn; the line to pass to ``train`` at the end."""
+    from bpo_jax.config import save_config, validate_for_model
+    from bpo_jax.data import builders
+    from bpo_jax.data.tasks import prepare_tfds
+    from bpo_jax.runtime import distributed
+    from bpo_jax.runtime import run_dir as rd
+    from bpo_jax.train import sft
+    from bpo_jax.train.loop import Preempted, Preemption
+
+    sources = None
+    if not cfg.sft_data and cfg.data in builders.BUILDERS:
+        sources = prepare_tfds(cfg.data, cfg.data_dir, cfg.tfds_dir, cfg.data_format)
+    run = sft.setup(cfg, sources)
+    try:
+        validate_for_model(cfg, run.model.config.vocab_size, run.model.config.max_position_embeddings)
+    except ValueError as err:
+        log.error(f"config error: {err}")
+        return 2
+    steps = sft.steps_per_seed(cfg, len(run.train.ids))
+    lora = f"LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha:g}" if cfg.lora_rank else "full fine-tuning"
+    cut = f" ({run.dropped[0]} + {run.dropped[1]} over max_prompt_length dropped)" if any(run.dropped) else ""
+    log.info(f"bpo_jax sft: {cfg.model}, {lora}, {cfg.sft_seeds} seed(s) x {steps} steps of {cfg.batch_size} rows "
+             f"({cfg.lr_schedule} lr {cfg.learning_rate:g}), {len(run.train.ids)} rows from {run.source}, "
+             f"{len(run.heldout.ids)} held out{cut}, run_dir={cfg.run_dir}")
+    rd.make(cfg.run_dir)
+    if distributed.is_primary():
+        save_config(cfg, str(rd.path(cfg.run_dir, "config.yaml")))
+    with Preemption() as stop:
+        try:
+            folders = sft.train_seeds(run, stop=stop, trackers=trackers)
+        except Preempted as err:  # the last completed step is on disk; the same command resumes
+            log.error(str(err))
+            return 143
+    log.info(f"sft done in {time.time() - t0:.0f} s; start train from these with: {sft.train_command(folders, cfg)}")
+    distributed.barrier("bpo_jax.sft.done")
+    return 0
