@@ -8,7 +8,6 @@ the paper's ensemble from them (``lora_init_from=...``). Rerunning the same comm
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 
@@ -16,23 +15,9 @@ log = logging.getLogger(__name__)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bpo_jax sft", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="YAML file in configs/ (defaults apply to missing keys)")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. sft_seeds=3 sft_steps=100")
-    args = p.parse_args(argv)
-    from bpo_jax.runtime import logs
-    from bpo_jax.train.lifecycle import checked_config
+    from bpo_jax.cli import run_with_config
 
-    logs.setup()
-    try:  # the same checks as train: trackers, processes and devices, a shared run_dir, a resume's settings
-        cfg, trackers = checked_config(args.config, args.overrides)
-    except ValueError as err:
-        log.error(f"config error: {err}")
-        return 2
-    try:
-        return _run(cfg, trackers, time.time())
-    finally:
-        trackers.close()
+    return run_with_config("sft", __doc__, "sft_seeds=3 sft_steps=100", _run, argv)
 
 
 def _run(cfg, trackers, t0) -> int:

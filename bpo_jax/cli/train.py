@@ -6,7 +6,6 @@ gold reward, before and after training, and writes everything to ``<run_dir>/met
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 
@@ -14,23 +13,9 @@ log = logging.getLogger(__name__)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bpo_jax train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="YAML file in configs/ (defaults apply to missing keys)")
-    p.add_argument("overrides", nargs="*", help="key=value, e.g. total_steps=4 reference=sft")
-    args = p.parse_args(argv)
-    from bpo_jax.runtime import logs
-    from bpo_jax.train.lifecycle import checked_config
+    from bpo_jax.cli import run_with_config
 
-    logs.setup()
-    try:  # config errors (ConfigError is a ValueError) stop here, before any compute, as "config error: ..."
-        cfg, trackers = checked_config(args.config, args.overrides)
-    except ValueError as err:
-        log.error(f"config error: {err}")
-        return 2
-    try:
-        return _run(cfg, trackers, time.time())
-    finally:
-        trackers.close()
+    return run_with_config("train", __doc__, "total_steps=4 reference=sft", _run, argv)
 
 
 def _run(cfg, trackers, t0) -> int:
