@@ -83,6 +83,9 @@ class Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
     def _handle(self, signum, frame):
+        if not self.raised:  # a scheduler may send it more than once (Slurm's time limit does)
+            log.warning("SIGTERM received: the run stops at its next check (after this sampling call, evaluation "
+                        "batch or train step) and exits 143 with its last completed state on disk")
         self.raised = True
 
     def requested(self) -> bool:

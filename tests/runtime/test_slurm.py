@@ -5,9 +5,10 @@ The time-limit test submits a two-node training through the launcher (one JAX pr
 each). Its annotator is an LLM judge served here (``multihost.judge_server``); once phase 2's collection asks it, it
 holds the requests and the test lowers the job's time limit so that Slurm's ``--signal=TERM@S`` warning falls due at
 once. Slurm checks time limits every 30 s, so the warning reaches the tasks within 30 s; the judge answers again
-after 35 s, the tasks stop at their next check (exit 143, nothing lost: the phase-1 checkpoints are on disk), the job
-script requeues the job, and the rerun (time limit raised again) resumes and finishes with the per-step losses of an
-uninterrupted single process with the same 4 devices.
+once the task's log says it received SIGTERM (at most after ``HOLD`` seconds), the tasks stop at their next check
+(exit 143, nothing lost: the phase-1 checkpoints are on disk), the job script requeues the job, and the rerun
+(time limit raised again) resumes and finishes with the per-step losses of an uninterrupted single process with
+the same 4 devices.
 
 The set-up test runs the launcher from a copy of the repo whose ``.venv/bin/python`` only records its calls: the
 job installs requirements.txt (CPU nodes) once before the tasks, and every task gets its own BPO_* variables with
@@ -31,7 +32,7 @@ from testing import ROOT, launcher_repo, write_minisum_folder
 pytestmark = pytest.mark.slow  # a real Slurm and several processes
 
 SIGNAL_SECONDS = 600  # --signal-seconds: the warning falls due once the test lowers the limit to within 10 min
-HOLD = 35  # seconds the judge holds phase 2's requests: longer than Slurm's 30 s time-limit check interval
+HOLD = 90  # the most seconds the judge holds phase 2's requests waiting for SIGTERM (Slurm checks every 30 s)
 DEADLINE = 420  # seconds for one job, every attempt included
 
 
@@ -100,15 +101,18 @@ def test_time_limit_saves_requeues_and_resumes(slurm, tiny_policy_and_rm, tmp_pa
     runs = tmp_path_factory.mktemp("slurm_runs")
     run_dir, logs = runs / "multi", runs / "logs"
     held = threading.Event()  # set at the first request the judge holds
-    state = {"until": None}
+    state = {"until": None, "log": None}
 
-    def gate():  # hold phase 2's requests (steps 1-2 are in metrics.jsonl) once, for HOLD seconds
+    def signalled() -> bool:
+        return state["log"] is not None and state["log"].exists() and "SIGTERM received" in state["log"].read_text()
+
+    def gate():  # hold phase 2's requests (steps 1-2 are in metrics.jsonl) once, until the tasks have SIGTERM
         metrics = run_dir / "metrics.jsonl"
         if state["until"] is None and metrics.exists() and '"step": 2,' in metrics.read_text():
             state["until"] = time.time() + HOLD
             held.set()
-        if state["until"] is not None:
-            time.sleep(max(0.0, state["until"] - time.time()))
+        while state["until"] is not None and time.time() < state["until"] and not signalled():
+            time.sleep(0.5)
 
     httpd = judge_server(gate=gate)
     url = f"http://127.0.0.1:{httpd.server_address[1]}/v1/chat/completions"
@@ -116,6 +120,7 @@ def test_time_limit_saves_requeues_and_resumes(slurm, tiny_policy_and_rm, tmp_pa
     try:
         job_id = _submit(slurm, logs, ["--job-name", "bpo_tl", "--time", "60", "--signal-seconds",
                                        str(SIGNAL_SECONDS)], [*common, f"run_dir={run_dir}"])
+        state["log"] = logs / f"bpo_tl-{job_id}-0.log"
         reference = []  # the uninterrupted run, meanwhile (the gate looks at the job's run_dir only)
         single = threading.Thread(target=lambda: reference.extend(
             run_group([["train", *common, f"run_dir={runs / 'single'}"]], devices=4)))
@@ -139,7 +144,7 @@ def test_time_limit_saves_requeues_and_resumes(slurm, tiny_policy_and_rm, tmp_pa
     assert rc == 0, out[-3000:]
     assert lowered and job["Restarts"] == "1" and job["ExitCode"] == "0:0", job
     task0 = (logs / f"bpo_tl-{job_id}-0.log").read_text()  # appended to by both attempts
-    assert "SIGTERM while collecting phase 2's pairs" in task0, task0[-3000:]
+    assert "SIGTERM received" in task0 and "SIGTERM while collecting phase 2's pairs" in task0, task0[-3000:]
     assert f"resumed {run_dir} at step 2" in task0, task0[-3000:]
     batch = (logs / f"bpo_tl-{job_id}.log").read_text()
     assert f"the tasks saved after SIGTERM: requeueing job {job_id}" in batch, batch
