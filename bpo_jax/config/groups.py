@@ -229,16 +229,22 @@ class Optimizer(_Group):
 @dataclasses.dataclass(frozen=True)
 class Task(_Group):
     """The prompts: which task, where its files are, how long a prompt may be."""
-    data: str = setting("minisum", "minisum (the demo) | a folder in its format | tldr | hh_helpful | hh_harmless")
-    data_dir: str = setting("", "tfds tasks: the raw files (manual_dir); empty = the shipped samples",
+    data: str = setting("minisum", "minisum (the demo) | a folder in its format | tldr | hh_helpful | hh_harmless | "
+                        "a dataset in TRL's formats (hf://datasets/org/name[@rev], or parquet files)")
+    data_dir: str = setting("", "tfds tasks: their files (a folder, or a dataset in TRL's formats); empty = the "
+                            "shipped samples; with data=minisum, a dataset here is the data",
                             resumable=True)
     tfds_dir: str = setting("", "tfds tasks: where prepared copies go; empty = ~/tensorflow_datasets/bpo_jax",
                             resumable=True)
     data_format: str = setting("auto", "tfds tasks: auto (per file, from its first row) | official (BPO's "
                                "sft_*_data rows) | raw (the public hh-rlhf / summarize-from-feedback rows)")
     max_prompt_length: int = setting(256, "tokens per prompt, after the chat template")
+    split: str = setting("train,test", "the data's training and test splits, TRAIN,TEST (file names, or a Hub "
+                         "dataset's splits, e.g. train_prefs,test_prefs)")
 
     def checked(self):
+        need(len(self.split.split(",")) == 2 and all(s.strip() for s in self.split.split(",")),
+             f"split={self.split!r}: name the training and test splits, TRAIN,TEST")
         need(self.data_format in DATA_FORMATS, f"data_format={self.data_format!r}; valid: {', '.join(DATA_FORMATS)}")
         need("://" not in self.tfds_dir, f"tfds_dir={self.tfds_dir!r}: the prepared copy must be on a local or "
              f"mounted file system (the processes that share it take turns on a lock file beside it); give a local "

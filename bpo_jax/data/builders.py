@@ -1,4 +1,5 @@
-"""tensorflow-datasets builders for the paper's three tasks, read from local raw files (no download).
+"""tensorflow-datasets builders for the paper's three tasks and for prompt datasets in TRL's formats, read from
+local files (no download; ``bpo_jax.data.tasks`` fetches a Hub dataset into the HF cache first).
 
     sources = prepare("tldr", manual_dir="data/samples/tldr")      # {"train": ..., "test": ...}
     sources["test"][0]  # {"id": b"...", "roles": [b"user"], "contents": [b"..."], "reference": b"..."}
@@ -23,10 +24,16 @@ task            where the public files come from             files in ``manual_d
 ``hh_harmless`` Anthropic ``hh-rlhf/harmless-base``          ``train.jsonl.gz``, ``test.jsonl.gz``
 ==============  ===========================================  =========================================
 
-Prompts render as each format's source does: official prompts as plain text (no chat template, as the official
-trainer tokenizes them), raw ones as chat turns through the chat template. Over-long test prompts are cut per
-task (``keep``): a TL;DR post keeps its start (and the TL;DR cue), an HH dialogue its end (its last user turn and
-the assistant cue; ``bpo_jax.data.prompts.encode_truncated``).
+A folder (or file) of parquet is read in TRL's formats instead (prompt-only, prompt-completion, preference;
+standard or conversational: ``bpo_jax.data.trl_formats``), for a paper task or for the generic ``dataset`` task
+(``BpoDataset``). ``splits`` names the data's training and test splits (default ``train``, ``test``): the
+files' names (``<split>.jsonl``, or the parquet files of that split); the tfds splits are ``train`` and ``test``.
+
+Prompts render as each format's source does: official prompts and TRL's standard ones as plain text (no chat
+template, as the official trainer and TRL tokenize them), raw and conversational ones as chat turns through the
+chat template. Over-long test prompts are cut per task (``keep``): a TL;DR post keeps its start (and the TL;DR
+cue), an HH dialogue its end (its last user turn and the assistant cue; ``bpo_jax.data.prompts.
+encode_truncated``), as does a ``dataset`` prompt.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ import os
 
 import tensorflow_datasets as tfds
 
-from bpo_jax.data import official
+from bpo_jax.data import official, trl_formats
 from bpo_jax.data.formats import hh_example, hh_first_turn_example, read_jsonl, split_file, tldr_example
 
 SPLITS = ("train", "test")
@@ -48,9 +55,11 @@ class _TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "Official BPO files; a render field (chat | plain)."}
     parse = None  # staticmethod(row, where) -> example: the raw format's parser
-    task = ""  # the BUILDERS key
+    task = ""  # the TASKS key
     keep = "start"  # which end of an over-long test prompt to keep: start (documents) | end (dialogues)
     data_format = "auto"  # auto | official | raw (set on the instance by Prepared)
+    splits = SPLITS  # the data's names of the train and test splits (set on the instance by Prepared)
+    source = ""  # the files: a folder, or one parquet file (set on the instance by Prepared)
 
     def _info(self):
         text = tfds.features.Text()
@@ -60,16 +69,40 @@ class _TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return tfds.core.DatasetInfo(builder=self, description=self.__doc__, features=features)
 
     def _split_generators(self, dl_manager):
-        return {split: self._generate_examples(split_file(str(dl_manager.manual_dir), split)) for split in SPLITS}
+        files = data_files(self.task, self.source, self.splits)
+        return {split: self._generate_examples(paths, split == "test") for split, paths in files.items()}
 
-    def _generate_examples(self, path):
-        yield from parse_file(self.task, path, self.data_format)
+    def _generate_examples(self, paths, test):
+        for i, path in enumerate(paths):
+            for n, example in parse_file(self.task, path, self.data_format, test=test):
+                yield (n if len(paths) == 1 else f"{i:05d}:{n}"), example
 
 
-def parse_file(task: str, path: str, data_format: str = "auto"):
-    """``(line, example)`` for every row of the file at ``path``, in the file's format (``official.file_format``:
-    ``data_format`` or its first row's shape); raw examples get ``render="chat"``, official ones ``plain``.
-    A row of neither shape, or of the other one, is a ValueError naming the file and line."""
+def data_files(task: str, folder: str, splits=SPLITS) -> dict:
+    """``{"train": [files], "test": [files]}`` of the data at ``folder``, ``splits`` naming the data's train and
+    test splits: parquet files by split (``trl_formats.split_files``), else ``<split>.jsonl[.gz]`` (the official
+    layout's ``sampling.jsonl`` for ``train``; ``formats.split_file``). A missing split is a FileNotFoundError
+    naming the folder."""
+    if trl_formats.is_parquet_data(folder):
+        return {tfds_split: trl_formats.split_files(folder, name, train=tfds_split == "train")
+                for tfds_split, name in zip(SPLITS, splits)}
+    if task == "dataset":
+        raise FileNotFoundError(f"no parquet files in {folder!r}: a dataset's prompts are parquet files in TRL's "
+                                f"formats (a Hub dataset id, or a folder or file of parquet)")
+    return {tfds_split: [split_file(folder, name)] for tfds_split, name in zip(SPLITS, splits)}
+
+
+def parse_file(task: str, path: str, data_format: str = "auto", *, test: bool = False):
+    """``(row, example)`` for every row of the file at ``path``, in the file's format: parquet in TRL's formats
+    (``trl_formats``; ``test``: the rows must carry references), JSONL as ``official.file_format`` finds it
+    (``data_format`` or its first row's shape; raw examples get ``render="chat"``, official ones ``plain``). A row
+    of neither shape, or of the other one, is a ValueError naming the file and line."""
+    if path.endswith(trl_formats.PARQUET):
+        if data_format != "auto":
+            raise ValueError(f"data_format={data_format} reads JSONL files; {path} is parquet, read in TRL's "
+                             f"formats (data_format=auto)")
+        yield from trl_formats.parse_file(path, test=test)
+        return
     fmt = official.file_format(task, path, read_jsonl(path), data_format)
     for n, row in read_jsonl(path):
         where = f"{path}:{n}"
@@ -111,20 +144,31 @@ class BpoHhHarmless(_TaskBuilder):
     task, keep = "hh_harmless", "end"
 
 
-BUILDERS = {"tldr": BpoTldr, "hh_helpful": BpoHhHelpful, "hh_harmless": BpoHhHarmless}
+class BpoDataset(_TaskBuilder):
+    """A prompt dataset in TRL's formats (parquet; a Hub dataset's files): prompts as stored, references from the
+    completion or chosen column; an over-long test prompt keeps its end (its last user turn)."""
+
+    MANUAL_DOWNLOAD_INSTRUCTIONS = ("Give a Hub dataset id (hf://datasets/org/name) or a folder of parquet files in "
+                                    "TRL's formats: prompt-only, prompt-completion or preference.")
+    task, keep = "dataset", "end"
+
+
+BUILDERS = {"tldr": BpoTldr, "hh_helpful": BpoHhHelpful, "hh_harmless": BpoHhHarmless}  # the paper's tasks (data=)
+TASKS = {**BUILDERS, "dataset": BpoDataset}  # and the generic one: what a Prepared copy can hold
 SAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data",
                            "samples")
 
 
-def prepare(task: str, manual_dir: str = "", data_dir: str = "", data_format: str = "auto") -> dict:
+def prepare(task: str, manual_dir: str = "", data_dir: str = "", data_format: str = "auto",
+            splits=SPLITS) -> dict:
     """Build (once) and open task ``task``'s splits as tfds data sources (one process; a run over several
     hosts coordinates the build with ``bpo_jax.data.tasks``).
 
     ``manual_dir``: the raw files (default: the shipped samples, ``data/samples/<task>``); ``data_dir``: where
     prepared copies go (default ``~/tensorflow_datasets/bpo_jax``); ``data_format``: ``auto`` (per file),
-    ``official`` or ``raw``.
+    ``official`` or ``raw``; ``splits``: the data's names of the train and test splits.
     """
-    target = Prepared.check(task, manual_dir, data_dir, data_format)
+    target = Prepared.check(task, manual_dir, data_dir, data_format, splits)
     target.build()
     return target.open()
 
@@ -135,21 +179,27 @@ class Prepared:
     place, so two processes must never build one folder at once: they take turns on a lock file); ``open``
     returns the splits."""
 
-    def __init__(self, task: str, folder: str, manual_dir: str, root: str, data_format: str = "auto"):
+    def __init__(self, task: str, folder: str, manual_dir: str, root: str, data_format: str = "auto",
+                 splits=SPLITS):
         self.task, self.folder, self.manual_dir, self.root = task, folder, manual_dir, root
-        self.data_format = data_format
+        self.data_format, self.splits = data_format, tuple(splits)
 
     @property
     def builder(self):
         """A fresh tfds builder each time: one made before another process finished the build would not see
         it (tfds reads a data set's info when the builder is made)."""
-        builder = BUILDERS[self.task](data_dir=self.folder, file_format="array_record")
-        builder.data_format = self.data_format
+        builder = TASKS[self.task](data_dir=self.folder, file_format="array_record")
+        builder.data_format, builder.splits, builder.source = self.data_format, self.splits, self.manual_dir
         return builder
 
     @classmethod
-    def check(cls, task: str, manual_dir: str = "", data_dir: str = "", data_format: str = "auto") -> "Prepared":
-        return cls(*_validated_builder(task, manual_dir, data_dir, data_format))
+    def check(cls, task: str, manual_dir: str = "", data_dir: str = "", data_format: str = "auto",
+              splits=SPLITS) -> "Prepared":
+        """The prepared copy of ``task``'s files in ``manual_dir`` (a local folder, or a parquet file) under
+        ``data_dir``, after every row is validated; ``splits``: the names of its train and test splits (a
+        ``TRAIN,TEST`` string or a pair)."""
+        splits = tuple(splits.split(",")) if isinstance(splits, str) else tuple(splits)
+        return cls(*_validated_builder(task, manual_dir, data_dir, data_format, splits))
 
     def is_built(self) -> bool:
         return self.builder.is_prepared()
@@ -172,15 +222,17 @@ class Prepared:
         import sys
 
         code = ("import sys; from bpo_jax.data.builders import Prepared; "
-                "Prepared.check(*sys.argv[1:5])._build()")
-        argv = [sys.executable, "-c", code, self.task, self.manual_dir, self.root, self.data_format]
+                "Prepared.check(*sys.argv[1:6])._build()")
+        argv = [sys.executable, "-c", code, self.task, self.manual_dir, self.root, self.data_format,
+                ",".join(self.splits)]
         done = subprocess.run(argv)
         if done.returncode:
             raise RuntimeError(f"preparing {self.task} in {self.root} failed (exit {done.returncode}; its output is "
                                f"above)")
 
     def _build(self) -> None:
-        self.builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=self.manual_dir),
+        folder = self.manual_dir if os.path.isdir(self.manual_dir) else os.path.dirname(self.manual_dir)
+        self.builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=folder),
                                           download_dir=os.path.join(self.root, "downloads"))
 
     def open(self) -> dict:
@@ -199,23 +251,27 @@ def _joined() -> bool:
     return jax is not None and jax.distributed.is_initialized()
 
 
-def _validated_builder(task: str, manual_dir: str, data_dir: str, data_format: str = "auto"):
-    """``(task, prepared folder, manual_dir, root, data_format)`` after every row is validated (errors name
-    file:line and field); the folder is keyed by the files and the format."""
-    if task not in BUILDERS:
-        raise ValueError(f"unknown task {task!r}; tfds tasks: {', '.join(BUILDERS)}")
-    manual_dir = os.path.abspath(os.path.expanduser(manual_dir or os.path.join(SAMPLES_DIR, task)))
-    if not os.path.isdir(manual_dir):
+def _validated_builder(task: str, manual_dir: str, data_dir: str, data_format: str = "auto", splits=SPLITS):
+    """``(task, prepared folder, manual_dir, root, data_format, splits)`` after every row is validated (errors
+    name file:line and field); the folder is keyed by the files, the format and the split names."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tfds tasks: {', '.join(TASKS)}")
+    if len(splits) != 2 or not all(splits):
+        raise ValueError(f"splits={','.join(splits)!r}: name the train and test splits, TRAIN,TEST")
+    manual_dir = manual_dir or (os.path.join(SAMPLES_DIR, task) if task != "dataset" else "")
+    manual_dir = os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else ""
+    if not (manual_dir and os.path.exists(manual_dir)):
         raise FileNotFoundError(f"manual_dir {manual_dir!r} does not exist. "
-                                f"{BUILDERS[task].MANUAL_DOWNLOAD_INSTRUCTIONS}")
-    files = [split_file(manual_dir, split) for split in SPLITS]
-    for path in files:  # validate every row before building anything (errors name file:line and field)
-        for _ in parse_file(task, path, data_format):
-            pass
-    stats = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in files]
-    key = hashlib.sha256(repr((stats, data_format)).encode()).hexdigest()
+                                f"{TASKS[task].MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    files = data_files(task, manual_dir, splits)
+    for split, paths in files.items():  # validate every row before building anything (errors name file:line)
+        for path in paths:
+            for _ in parse_file(task, path, data_format, test=split == "test"):
+                pass
+    stats = [(p, os.path.getsize(p), os.path.getmtime(p)) for paths in files.values() for p in paths]
+    key = hashlib.sha256(repr((stats, data_format, splits)).encode()).hexdigest()
     root = os.path.expanduser(data_dir or os.path.join("~", "tensorflow_datasets", "bpo_jax"))
-    return task, os.path.join(root, key[:16]), manual_dir, root, data_format
+    return task, os.path.join(root, key[:16]), manual_dir, root, data_format, splits
 
 
 def split_examples(source) -> list[dict]:

@@ -7,6 +7,11 @@ annotator that ranks samples and judges the win rate.
   ``data_dir`` (the official BPO ``sft_*_data`` files or the raw public ones, per ``data_format``; default: the
   shipped raw samples), scored by a reward model (``reward_model=<HF folder>``). Over-long test prompts are cut
   per task: a TL;DR post keeps its start, an HH dialogue its end (``builders``' ``keep``).
+- a prompt dataset in TRL's formats (``bpo_jax.data.trl_formats``): ``data=hf://datasets/org/name[@revision]``
+  (or ``org/name`` that is no local path; fetched into the HF cache, offline from it: ``bpo_jax.models.hub``),
+  or a parquet file or folder; the same given as ``data_dir`` with ``data=minisum`` (the default); the
+  generic ``dataset`` tfds task, scored by a reward model. A paper task reads such a dataset too
+  (``data=tldr data_dir=hf://datasets/...``). ``split`` names the training and test splits.
 
 Any task can instead be judged by an LLM over an OpenAI-compatible API (``annotator=judge``, ``judge_url``,
 ``judge_model``; ``bpo_jax.eval.judge``).
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bpo_jax.config import TrainConfig
-from bpo_jax.data import builders, minisum
+from bpo_jax.data import builders, minisum, trl_formats
 from bpo_jax.data.prompts import (
     ArrayPrompts,
     GrainPrompts,
@@ -80,6 +85,9 @@ def setup_run(cfg: TrainConfig, *, train: bool = True) -> Run:
 
     from bpo_jax.models import load_pretrained
 
+    if annotator_kind(cfg) == "reward_model" and not cfg.reward_model:  # before any load
+        raise ValueError(f"data {data_name(cfg)!r} has no gold summaries: it needs reward_model (an HF "
+                         f"*ForSequenceClassification folder or Hub id) or annotator=judge")
     mesh = None
     if jax.device_count() > 1:  # checked before any compute: hosts must own disjoint batch rows
         mesh = distributed.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor, cfg.mesh_device_ids)
@@ -94,8 +102,8 @@ def setup_run(cfg: TrainConfig, *, train: bool = True) -> Run:
                                        dtype=cfg.dtype)[0].params
     eos = model.config.eos_token_id
     eos = eos if isinstance(eos, tuple) else (eos,)
-    sources = prepare_tfds(cfg.data, cfg.data_dir, cfg.tfds_dir, cfg.data_format) if cfg.data in builders.BUILDERS \
-        else None
+    tfds = tfds_task(cfg)
+    sources = prepare_tfds(*tfds, cfg.tfds_dir, cfg.data_format, splits(cfg)) if tfds else None
     task = build_task(cfg, tok, mesh=mesh, train=train, sources=sources)
     return Run(mesh, model, tok, reference, eos, task)
 
@@ -105,13 +113,54 @@ def annotator_kind(cfg: TrainConfig) -> str:
     has no gold summaries."""
     if cfg.annotator != "auto":
         return cfg.annotator
-    return "reward_model" if cfg.data in builders.BUILDERS or cfg.reward_model else "rouge"
+    return "reward_model" if tfds_task(cfg) or cfg.reward_model else "rouge"
+
+
+def tfds_task(cfg: TrainConfig) -> tuple[str, str] | None:
+    """``(tfds task, where its files are)`` of ``cfg``, or None for minisum-format data: a paper task reads
+    ``data_dir``; a dataset (``is_dataset``) as ``data``, or as ``data_dir`` with ``data=minisum`` (whose own
+    files ship), is the generic ``dataset`` task."""
+    if cfg.data in builders.BUILDERS:
+        return cfg.data, cfg.data_dir
+    if is_dataset(cfg.data):
+        return "dataset", cfg.data
+    if cfg.data == "minisum" and cfg.data_dir and is_dataset(cfg.data_dir):
+        return "dataset", cfg.data_dir
+    return None
+
+
+def data_name(cfg: TrainConfig) -> str:
+    """The data's name in messages: the dataset of the generic ``dataset`` task, else ``data``."""
+    found = tfds_task(cfg)
+    return found[1] if found and found[0] == "dataset" else cfg.data
+
+
+def is_dataset(location: str) -> bool:
+    """Whether ``location`` is prompt data in TRL's formats: a Hub dataset id (``bpo_jax.models.hub.
+    is_dataset_id``), or a parquet file or a folder holding parquet files."""
+    from bpo_jax.models.hub import is_dataset_id
+
+    return is_dataset_id(location) or (os.path.exists(location) and trl_formats.is_parquet_data(location))
+
+
+def splits(cfg: TrainConfig) -> tuple[str, str]:
+    """The data's (training, test) split names, from ``split``."""
+    train, test = (s.strip() for s in cfg.split.split(","))
+    return train, test
+
+
+def local_data(location: str, names=builders.SPLITS) -> str:
+    """``location`` as a local path: a Hub dataset id fetched (its ``names`` splits' parquet files) into the HF
+    cache, or found there offline (``bpo_jax.models.hub.resolve_dataset``); anything else as it is."""
+    from bpo_jax.models.hub import is_dataset_id, resolve_dataset
+
+    return resolve_dataset(location, tuple(names)) if location and is_dataset_id(location) else location
 
 
 def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True, sources: dict | None = None) -> Task:
     """Load data and annotator for ``cfg``; errors name the file, line or key at fault. ``sources``: a tfds
     task's splits when already prepared (``prepare_tfds``; else prepared here)."""
-    if cfg.data in builders.BUILDERS:
+    if tfds_task(cfg):
         eval_prompts, references, encoded, stream, gold = _tfds_data(cfg, tokenizer, sources, train)
     else:
         eval_prompts, references, encoded, stream, gold = _folder_data(cfg, tokenizer, mesh, train)
@@ -121,20 +170,21 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True, so
     if eval_ids.shape[1] > cfg.max_prompt_length:
         raise ValueError(f"a test prompt has {eval_ids.shape[1]} tokens, over max_prompt_length="
                          f"{cfg.max_prompt_length}")
-    return Task(cfg.data, stream, eval_prompts, eval_ids, eval_mask, references, annotator, score_name,
+    return Task(data_name(cfg), stream, eval_prompts, eval_ids, eval_mask, references, annotator, score_name,
                 truncated=sum(cut for _, cut in encoded), eval_annotator=eval_annotator)
 
 
 def _tfds_data(cfg: TrainConfig, tokenizer, sources, train: bool):
     """A tfds task: (test prompts, references, encoded test prompts, the train stream or None, gold = None)."""
-    sources = sources or prepare_tfds(cfg.data, cfg.data_dir, cfg.tfds_dir, cfg.data_format)
+    task, location = tfds_task(cfg)
+    sources = sources or prepare_tfds(task, location, cfg.tfds_dir, cfg.data_format, splits(cfg))
     test = builders.split_examples(sources["test"])
     # Every test prompt, the long ones truncated, as the official evaluation has it (it evaluates the whole
     # test split, online_dpo_rand_trainer.py eval_over_steps); eval_size > 0 takes the first ones. A
     # dialogue is cut from its start so that its last user turn stays (builders' keep).
-    test = test[: _eval_size(cfg, len(test), f"task {cfg.data!r}")]
+    test = test[: _eval_size(cfg, len(test), f"task {task!r} ({location})" if location else f"task {task!r}")]
     eval_prompts = [example_prompt(ex) for ex in test]
-    keep = builders.BUILDERS[cfg.data].keep
+    keep = builders.TASKS[task].keep
     encoded = [encode_truncated(tokenizer, p, cfg.max_prompt_length, keep) for p in eval_prompts]
     stream = None
     if train:
@@ -166,7 +216,7 @@ def _annotators(cfg: TrainConfig, gold, mesh):
     kind = annotator_kind(cfg)
     if kind == "rouge":
         if gold is None:
-            raise ValueError(f"annotator=rouge needs gold summaries (minisum-format data); task {cfg.data!r} "
+            raise ValueError(f"annotator=rouge needs gold summaries (minisum-format data); task {data_name(cfg)!r} "
                              f"needs annotator=reward_model")
         return RougeAnnotator(gold), None, "gold ROUGE-L"
     if kind == "judge":
@@ -192,12 +242,16 @@ def _annotators(cfg: TrainConfig, gold, mesh):
     return annotator, eval_annotator, "reward"
 
 
-def prepare_tfds(task: str, data_dir: str, tfds_dir: str, data_format: str = "auto") -> dict:
+def prepare_tfds(task: str, data_dir: str, tfds_dir: str, data_format: str = "auto",
+                 split_names=builders.SPLITS) -> dict:
     """A tfds task's splits, built once per file system: every process builds under a lock file in
     ``tfds_dir``, so on a shared home directory the first builds and the others find its copy, and on node-local
-    disks each machine builds its own. No host waits in a collective while another builds; each stage ends in
-    a shared decision, so an error on one host (a missing raw file, a bad row) stops every host alike."""
-    target = distributed.agreed(builders.Prepared.check, task, data_dir, tfds_dir, data_format)
+    disks each machine builds its own. A Hub dataset in ``data_dir`` is first fetched into each host's HF cache
+    (``local_data``); ``split_names``: the data's training and test splits. No host waits in a collective while
+    another builds; each stage ends in a shared decision, so an error on one host (a missing raw file, a bad
+    row, a dataset not in the cache) stops every host alike."""
+    local = distributed.agreed(local_data, data_dir, split_names)
+    target = distributed.agreed(builders.Prepared.check, task, local, tfds_dir, data_format, split_names)
     distributed.agreed(target.build)
     return distributed.agreed(target.open)
 
