@@ -14,7 +14,10 @@ Commands:
   create   queued resource NAME (node id NAME), then wait until it is ACTIVE (--no-wait: don't)
   copy     this repo's tracked files (working-tree contents) to ~/REMOTE_DIR on every worker, plus each
            --model-dir/--data-dir SRC:DEST (SRC a local folder or file, or gs://...; a relative DEST is
-           inside REMOTE_DIR, where training runs, so model=DEST in the train args finds it)
+           inside REMOTE_DIR, where training runs, so model=DEST in the train args finds it). With
+           --stage gs://PREFIX a local SRC is uploaded once to PREFIX/DEST (skipped while its checksum
+           is the one uploaded last) and every worker fetches it from there; without, it is uploaded
+           from this machine to each worker
   setup    on every worker: .venv with requirements-tpu.txt (installs python3.11 by apt if python3 is
            older), then remove a stale libtpu lock and kill processes still holding the TPU
   run      -- TRAIN_ARGS: first stop stale processes holding the TPU (as setup/stop do), then
@@ -61,6 +64,7 @@ Options (environment default in brackets):
   --remote-dir DIR   repo folder on the workers, relative to home [TPU_REMOTE_DIR; bpo_jax]
   --python PY        interpreter for .venv on the workers [TPU_PYTHON; python3 if >= 3.11]
   --model-dir, --data-dir SRC:DEST   copy: repeatable
+  --stage gs://PREFIX   copy: where local model/data folders are staged for the workers [TPU_STAGE]
   --follow           logs: tail -F worker W's log instead of fetching all
   --logs-dir DIR     logs: local folder for the fetched logs [TPU_LOGS_DIR; logs/NAME in the repo]
   --dry-run          print each command (prefixed "+ ") and run none, gcloud included
@@ -74,7 +78,7 @@ die() { quit 1 "$@"; }
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NAME=${TPU_NAME:-} ZONE=${TPU_ZONE:-} PROJECT=${TPU_PROJECT:-} TYPE=${TPU_TYPE:-} RUNTIME=${TPU_RUNTIME:-}
 WORKERS=${TPU_WORKERS:-} REMOTE_DIR=${TPU_REMOTE_DIR:-bpo_jax} PY=${TPU_PYTHON:-}
-POLL=${TPU_POLL_SECONDS:-30} LOGS_DIR=${TPU_LOGS_DIR:-}
+POLL=${TPU_POLL_SECONDS:-30} LOGS_DIR=${TPU_LOGS_DIR:-} STAGE=${TPU_STAGE:-}
 BACKOFF=${TPU_RESTART_BACKOFF:-30} MISSED=${TPU_MISSED_POLLS:-5}
 SPOT=0 RESERVED=0 NO_WAIT=0 FOLLOW=0 DRY=0 WORKER=all CMD="" WATCH=0 RESTART=0 RECREATE=0
 COPIES=() TRAIN=()
@@ -105,6 +109,7 @@ while [ $# -gt 0 ]; do
     --python) PY=$(val "$@"); shift ;;
     --logs-dir) LOGS_DIR=$(val "$@"); shift ;;
     --model-dir | --data-dir) COPIES+=("$(val "$@")"); shift ;;
+    --stage) STAGE=$(val "$@"); shift ;;
     --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) [ -z "$CMD" ] || die "unexpected argument '$1' (train arguments go after --)"; CMD=$1 ;;
@@ -226,6 +231,8 @@ cmd_create() {
 
 cmd_copy() {
   local tmp=${TMPDIR:-/tmp} spec src dest i=0
+  [[ -z $STAGE || $STAGE =~ ^gs://[A-Za-z0-9_.-]+(/[A-Za-z0-9_./-]*)?$ ]] ||
+    die "--stage '$STAGE': a gs://BUCKET/PREFIX the workers can read (letters, digits, _ . / - only)"
   run_sh "git -C $(q "$ROOT") ls-files -z | tar -C $(q "$ROOT") --null -T - -czf $(q "$tmp/bpo_jax-src-$NAME.tar.gz")"
   tpu_scp "$tmp/bpo_jax-src-$NAME.tar.gz" "$NAME:bpo_jax-src.tar.gz" all
   tpu_ssh all "mkdir -p $REMOTE_DIR && tar -xzf bpo_jax-src.tar.gz -C $REMOTE_DIR && rm -f bpo_jax-src.tar.gz"
@@ -236,11 +243,16 @@ cmd_copy() {
     [[ $dest =~ ^[A-Za-z0-9_./-]+$ ]] || die "destination '$dest': letters, digits, _ . / - only"
     if [[ $src == gs://* ]]; then
       tpu_ssh all "mkdir -p $dest && gcloud storage rsync --recursive $(q "$src") $dest"
+    elif [ -n "$STAGE" ]; then
+      [ "$DRY" = 1 ] || [ -e "$src" ] || die "$src is not a folder, a file or gs://..."
+      copy_staged "$src" "$dest"
     elif [ -f "$src" ]; then
+      echo "[tpu_pod] uploading $src to every worker from here (--stage gs://PREFIX uploads it once)"
       tpu_ssh all "mkdir -p $(dirname "$dest")"
       tpu_scp "$src" "$NAME:$dest" all
     else
       [ "$DRY" = 1 ] || [ -d "$src" ] || die "$src is not a folder, a file or gs://..."
+      echo "[tpu_pod] uploading $src to every worker from here (--stage gs://PREFIX uploads it once)"
       i=$((i + 1))
       run tar -C "$src" -cf "$tmp/bpo_jax-copy-$NAME-$i.tar" .
       tpu_scp "$tmp/bpo_jax-copy-$NAME-$i.tar" "$NAME:bpo_jax-copy-$i.tar" all
@@ -248,6 +260,44 @@ cmd_copy() {
       run rm -f "$tmp/bpo_jax-copy-$NAME-$i.tar"
     fi
   done
+}
+
+# A local folder or file SRC to DEST (relative to home) on every worker through the stage: uploaded once to
+# STAGE/DEST, with a checksum of its names and contents in STAGE/DEST.bpo-stamp, and the upload skipped while
+# that stamp matches (a rerun of copy, a restart with --recreate); then every worker fetches it (rsync: the files
+# it already has stay). The stamp is written after the upload, so an interrupted upload is redone.
+copy_staged() {
+  local src=$1 dest=$2 staged="$STAGE" stamp="" seen=""
+  staged="${staged%/}/${dest#/}"
+  echo "+ $(q gcloud storage cat "$staged.bpo-stamp")"
+  if [ "$DRY" = 1 ]; then
+    echo "# (the upload below is skipped when that stamp is the checksum of $src)"
+  else
+    stamp=$(local_stamp "$src")
+    seen=$(gcloud storage cat "$staged.bpo-stamp" 2>/dev/null || true)
+  fi
+  if [ -n "$stamp" ] && [ "$stamp" = "$seen" ]; then
+    echo "[tpu_pod] $src is unchanged since it was staged in $staged: not uploaded again"
+  else
+    if [ -f "$src" ]; then
+      run gcloud storage cp "$src" "$staged"
+    else
+      run gcloud storage rsync --recursive --delete-unmatched-destination-objects "$src" "$staged"
+    fi
+    run_sh "echo $(q "${stamp:-CHECKSUM}") | gcloud storage cp - $(q "$staged.bpo-stamp")"
+  fi
+  if [ -f "$src" ]; then
+    tpu_ssh all "mkdir -p $(dirname "$dest") && gcloud storage cp $(q "$staged") $dest"
+  else
+    tpu_ssh all "mkdir -p $dest && gcloud storage rsync --recursive $(q "$staged") $dest"
+  fi
+}
+local_stamp() {  # SRC: a checksum of a local folder's file names and contents (or a file's contents)
+  if [ -d "$1" ]; then
+    (cd "$1" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 cksum) | cksum
+  else
+    cksum <"$1"
+  fi
 }
 
 cmd_setup() {

@@ -42,7 +42,8 @@ def _exe(path: Path, text: str) -> Path:
 # bash, `tpu-vm scp` copies files in and out, `describe` says ACTIVE, or what FAKE_ROOT/state says (GONE: not
 # found). Queued-resource `create` makes the state ACTIVE and revives dead workers (killing their fake
 # training), `delete` makes it GONE; ssh and scp fail (255) while it is not ACTIVE, and for a worker w<i> while
-# FAKE_ROOT/dead-w<i> exists (each such call appends its argv to FAKE_ROOT/unreachable).
+# FAKE_ROOT/dead-w<i> exists (each such call appends its argv to FAKE_ROOT/unreachable). `storage cat`, `cp`
+# (`-`: stdin) and `rsync` (a folder's files) treat gs://B/P as FAKE_ROOT/gcs/B/P, for this machine and the workers.
 FAKE_GCLOUD = """#!PYTHON
 import glob, json, os, shutil, subprocess, sys
 args = sys.argv[1:]
@@ -66,6 +67,22 @@ if args[3:4] == ["describe"]:
         sys.exit("ERROR: (gcloud) NOT_FOUND")
     print(state)
 if not root:
+    sys.exit(0)
+if args[0] == "storage":
+    gcs = lambda p: os.path.join(root, "gcs", p[len("gs://"):]) if p.startswith("gs://") else p
+    src, *dst = [gcs(a) for a in args[2:] if not a.startswith("--")]
+    if args[1] == "cat":
+        if not os.path.isfile(src):
+            sys.exit(f"ERROR: (gcloud.storage.cat) The following URLs matched no objects or files: {src}")
+        sys.stdout.write(open(src).read())
+    elif args[1] == "cp":
+        os.makedirs(os.path.dirname(os.path.abspath(dst[0])), exist_ok=True)
+        data = sys.stdin.buffer.read() if src == "-" else open(src, "rb").read()
+        open(dst[0], "wb").write(data)
+    elif args[1] == "rsync":
+        if "--delete-unmatched-destination-objects" in args:
+            shutil.rmtree(dst[0], ignore_errors=True)
+        shutil.copytree(src, dst[0], dirs_exist_ok=True)
     sys.exit(0)
 homes = [os.path.join(root, f"w{i}") for i in range(int(os.environ["FAKE_WORKERS"]))]
 w = opt("--worker", "0")
@@ -224,12 +241,62 @@ def test_printed_commands_are_shell_words(fake):
     (["watch", "--type", "v4-16", "--backoff", "1m"], "--backoff"),
     (["run", "--type", "v4-16", "--restart", "x", "--", *TRAIN], "not a number"),
     (["watch", "--type", "v4-16", "--restart", "1"], "train arguments"),
+    (["copy", "--stage", "/mnt/stage", "--model-dir", "m:models/m"], "--stage '/mnt/stage'"),
 ])
 def test_tpu_refusals(fake, args, message):
     tmp_path, env = fake
     out = _run(TPU, ["--dry-run", *args], env, check=False)
     assert out.returncode != 0 and message in out.stderr, out.stderr
     assert _calls(tmp_path) == []
+
+
+def test_tpu_copy_stages_local_folders_once(fake):
+    """With --stage a local model folder and file go up once (not once per worker) and each worker fetches them
+    from the stage; a second copy with nothing changed uploads nothing (the workers still fetch: a recreated
+    slice's new VMs get the files), and a changed file (same size) is uploaded again."""
+    tmp_path, env = fake
+    env.update(FAKE_ROOT=str(tmp_path), FAKE_WORKERS="2", FAKE_WORKER_PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    homes = [tmp_path / "w0", tmp_path / "w1"]
+    for home in homes:
+        home.mkdir()
+    model, tok = tmp_path / "gemma", tmp_path / "tok.json"
+    (model / "sub").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "sub" / "w.bin").write_bytes(b"one")
+    tok.write_text("t")
+    copy = ["copy", "--stage", "gs://bkt/stage/", "--model-dir", f"{model}:models/gemma-2b",
+            "--data-dir", f"{tok}:data/tok.json"]
+
+    def uploads():  # storage calls that send a file or folder of this machine, since the last call
+        calls = _calls(tmp_path)
+        (tmp_path / "gcloud.log").unlink()
+        assert not [c for c in calls if c[2:4] == ["tpu-vm", "scp"] and "bpo_jax-src" not in c[4]], calls
+        return [c[1:-1] for c in calls if c[:2] in (["storage", "rsync"], ["storage", "cp"])
+                and not c[-2].startswith("gs://") and c[-2] != "-"]
+
+    def fetched(weights: bytes):
+        for home in homes:
+            assert (home / "bpo_jax/models/gemma-2b/sub/w.bin").read_bytes() == weights
+            assert (home / "bpo_jax/models/gemma-2b/config.json").read_text() == "{}"
+            assert (home / "bpo_jax/data/tok.json").read_text() == "t"
+
+    _run(TPU, copy, env)
+    assert uploads() == [["rsync", "--recursive", "--delete-unmatched-destination-objects", str(model)],
+                         ["cp", str(tok)]]
+    fetched(b"one")
+    shutil.rmtree(homes[1] / "bpo_jax/models")  # as on a re-created VM
+    out = _run(TPU, copy, env)
+    assert uploads() == [] and out.stdout.count("unchanged since it was staged in gs://bkt/stage/bpo_jax/") == 2
+    fetched(b"one")
+    (model / "sub" / "w.bin").write_bytes(b"two")
+    _run(TPU, copy, env)
+    assert uploads() == [["rsync", "--recursive", "--delete-unmatched-destination-objects", str(model)]]
+    fetched(b"two")
+
+    dry = "\n".join(_dry(copy, env))
+    assert f"gcloud storage rsync --recursive --delete-unmatched-destination-objects {model} " \
+           "gs://bkt/stage/bpo_jax/models/gemma-2b" in dry
+    assert "gcloud storage rsync --recursive gs://bkt/stage/bpo_jax/models/gemma-2b bpo_jax/models/gemma-2b" in dry
 
 
 def test_tpu_single_worker_allows_a_worker_and_a_local_run_dir(fake):

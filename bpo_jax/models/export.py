@@ -5,6 +5,11 @@ GGUF SmolLM2, which becomes a Llama folder) goes back to the HF ecosystem. Tenso
 (float32 or bfloat16), recorded as the config's ``dtype``. Files are written to a temporary name in ``out_dir``
 and renamed into place, so an interrupted export never leaves a half-written ``model.safetensors`` over a good
 one.
+
+With several processes every host calls ``save_pretrained``; the weights travel to the primary in row blocks of
+at most ``distributed.GATHER_BYTES`` (a stacked weight one or a few layers at a time, at least one layer;
+``distributed.gather_to_primary``), so a device holds at most one such block beyond its own shards, and the
+primary alone holds the model in host memory while it writes.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ def save_pretrained(model, tokenizer, out_dir: str, *, params=None) -> str:
     """Write ``model`` (a ``Decoder``, or anything with ``.config``, with ``params=`` overriding its weights) and
     ``tokenizer`` (may be None) to ``out_dir`` (a folder, or ``gs://…``); return ``out_dir``. With several
     processes every host must call it (the weights are gathered from all of them); the primary host writes."""
-    params = distributed.gather_to_host(model.params if params is None else params)
+    params = distributed.gather_to_primary(model.params if params is None else params)
     if not distributed.is_primary():
         return out_dir
     if "://" not in out_dir:

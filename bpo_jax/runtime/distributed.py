@@ -10,6 +10,7 @@ mesh. The rest of the package asks this module, and reads no process index of it
   batch axes, and back. Host p owns the rows on its devices, in the order of the global array.
 - ``make_mesh`` / ``check_batch_layout``: the mesh over every host's devices, with each tensor group inside a
   host, and a refusal before any compute when hosts would share batch shards.
+- ``gather_to_primary``: whole weights onto the primary host (an export), in blocks of bounded size.
 - ``all_gather``, ``any_host``, ``min_over_hosts``: small host values (counts, flags, widths) that every host
   must agree on before a collective; hosts never compute a shared decision each on their own.
 - ``agreed`` / ``raise_on_all``: host-local work that may fail, then one shared outcome: an error on one host
@@ -235,12 +236,51 @@ def local_rows(tree, mesh=None):
 
 
 def gather_to_host(tree):
-    """Every array of ``tree`` in full on every host, as NumPy (a collective: all hosts call it)."""
+    """Every array of ``tree`` in full on every host, as NumPy (a collective: all hosts call it). Each array is
+    replicated on every device on the way: for small trees (LoRA factors); weights go ``gather_to_primary``."""
     if jax.process_count() == 1:
         return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
     from jax.experimental import multihost_utils
 
     return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+
+
+GATHER_BYTES = 64 << 20  # what one step of ``gather_to_primary`` may put on each device
+
+
+def gather_to_primary(tree, max_bytes: int | None = None):
+    """Every array of ``tree`` in full as NumPy on the primary host, None on the others (a collective: all hosts
+    call it), holding at most one block of an array at once on each device and in each other host's memory.
+
+    An array this host holds entirely (one process, or replicated) is assembled from its device shards in host
+    memory, with no device copy. One split over hosts travels in row blocks along its first axis (a stacked
+    weight's layers): each block is replicated on every device and every host for one collective, then only the
+    primary keeps it. A block is the most rows that fit ``max_bytes`` (``GATHER_BYTES`` by default), at least
+    one row (one layer); the last block may be shorter (two compiled slices per shape at most)."""
+    from jax.experimental import multihost_utils
+
+    max_bytes = GATHER_BYTES if max_bytes is None else max_bytes
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(x) if is_primary() else None
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0)) if is_primary() else None
+        n = x.shape[0]
+        rows = min(n, max(1, max_bytes // max(1, x.dtype.itemsize * int(np.prod(x.shape[1:])))))
+        out = np.empty(x.shape, x.dtype) if is_primary() else None
+        for start in range(0, n, rows):
+            block = multihost_utils.process_allgather(_row_block(x, start, min(rows, n - start)), tiled=True)
+            if out is not None:
+                out[start:start + len(block)] = block
+        return out
+
+    return jax.tree.map(one, tree)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _row_block(x, start, rows: int):
+    return jax.lax.dynamic_slice_in_dim(x, start, rows, axis=0)
 
 
 # ---- decisions every host shares -----------------------------------------------------------------------------
@@ -268,10 +308,21 @@ def max_over_hosts(value: int) -> int:
     return int(all_gather(np.int64(value)).max())
 
 
+JSON_MIN_WIDTH = 256  # bytes: the narrowest ``gather_json`` payload (small outcomes and listings fit)
+
+
+def json_width(size: int) -> int:
+    """The padded width of a ``gather_json`` payload of ``size`` bytes: the next power of two, at least
+    ``JSON_MIN_WIDTH``. Each width is one compiled collective, so a run compiles a handful of them (one per
+    power of two its payloads reach) instead of one per distinct payload size."""
+    return max(JSON_MIN_WIDTH, 1 << max(0, size - 1).bit_length())
+
+
 def gather_json(value) -> list:
-    """Every host's JSON-able ``value``, in process order, on every host (e.g. each host's data-stream state)."""
+    """Every host's JSON-able ``value``, in process order, on every host (e.g. each host's data-stream state).
+    Two collectives: the largest payload size, then the payloads padded to ``json_width`` of it."""
     data = np.frombuffer(json.dumps(value).encode(), np.uint8)
-    width = max_over_hosts(data.size)
+    width = json_width(max_over_hosts(data.size))
     padded = np.zeros((width,), np.uint8)
     padded[: data.size] = data
     rows = all_gather(padded)

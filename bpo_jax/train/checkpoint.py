@@ -122,15 +122,17 @@ class Checkpointer:
         A checkpoint that cannot be read (truncated files, a killed copy) is reported with its step and error,
         set aside whole into ``<run_dir>/checkpoints_broken/<step>`` (never deleted) and the next older one is
         tried. A checkpoint that reads but does not fit this run (``IncompatibleCheckpoint``) stops the run.
-        Every step's outcome is decided from all hosts' attempts: with several processes each host first reads
-        the whole checkpoint into host memory on its own (``_readable_here``: no collective, so a host that cannot
-        read it fails alone), then all agree; one host's failure makes every host fall back to the same older
-        step, so no two hosts resume different states and none is left waiting inside orbax's restore.
+        Every step's outcome is decided from all hosts' attempts: with several processes each host first reads,
+        on its own, exactly what it will restore (``_readable_here``: its own shards; no collective, so a host
+        that cannot read them fails alone), then all agree; one host's failure makes every host fall back to the
+        same older step, so no two hosts resume different states and none is left waiting inside orbax's restore.
         """
         broken = []
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template.replace(base=None))
         for step in distributed.gather_json(sorted(self.steps(), reverse=True))[0]:  # the primary's listing
             restored: list = []
-            outcomes = self._agree(lambda: self._readable_here(step) if distributed.process_count() > 1 else None)
+            outcomes = self._agree(lambda: self._readable_here(step, target, mesh)
+                                   if distributed.process_count() > 1 else None)
             if not any(outcomes):  # every host can read it alone: orbax's restore (which syncs the hosts) is safe
                 outcomes = self._agree(lambda: self.restore(step, template, mesh=mesh), keep=restored)
             if bad := [o for o in outcomes if o and o[0] == "incompatible"]:
@@ -166,15 +168,24 @@ class Checkpointer:
             outcome = ["broken", (str(err).strip().splitlines() or [type(err).__name__])[0][:300]]
         return distributed.gather_json(outcome)
 
-    def _readable_here(self, step: int) -> None:
-        """Read every array of checkpoint ``step`` on this host alone, straight from its TensorStore files (no
-        orbax manager: its restore and bookkeeping talk to the other hosts); raises what the read raises. Costs
-        one extra read of the checkpoint per resume, in host memory."""
+    def _readable_here(self, step: int, target, mesh) -> None:
+        """Read, on this host alone, the part of checkpoint ``step`` that this host restores: for each array, the
+        index domains of this host's shards under the restore's shardings (``target``: the state's; the pairs'
+        rows over ``mesh``'s batch axes, as ``restore`` places them), each domain once, straight from its
+        TensorStore files (no orbax manager: its restore and bookkeeping talk to the other hosts); raises what
+        the read raises. Per host that is its share of the state (1/P of what is split over hosts, all of what
+        is replicated), not the whole checkpoint.
+
+        Why each host checks its own shards rather than the primary checking for all: the failure this guards
+        against is one host's view of the shared storage (a stale mount, a damaged cache), and only that host's
+        own read sees it; a check by one host would let the others enter orbax's restore and wait there for the
+        host that fails."""
         import json
 
         import tensorstore as ts
         from etils import epath
 
+        leaves = {_key_names(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
         for item in ("state", "pairs"):
             folder = epath.Path(self.directory) / str(step) / item
             meta = json.loads((folder / "_METADATA").read_text())
@@ -183,10 +194,15 @@ class Checkpointer:
                 value = entry["value_metadata"]
                 if value["value_type"] not in ("jax.Array", "np.ndarray") or value.get("skip_deserialize"):
                     continue
-                name = ".".join(str(k["key"]) for k in entry["key_metadata"])
-                spec = {"driver": "zarr3" if meta.get("use_zarr3") else "zarr", "path": f"{name}/",
+                keys = tuple(str(k["key"]) for k in entry["key_metadata"])
+                spec = {"driver": "zarr3" if meta.get("use_zarr3") else "zarr", "path": f"{'.'.join(keys)}/",
                         "kvstore": {"driver": "ocdbt", "base": f"{base}/"}}
-                ts.open(spec, open=True).result().read().result()
+                store = ts.open(spec, open=True).result()
+                shape = tuple(store.shape)
+                sharding = (_sharding_if_fits(leaves.get(keys), shape) if item == "state" else
+                            _row_sharded(jax.ShapeDtypeStruct(shape, store.dtype.numpy_dtype), mesh).sharding)
+                for index in _local_domains(sharding, shape):
+                    _read(store, index)
 
     def _set_aside(self, steps) -> None:
         """Move unreadable checkpoints out of the manager's directory (so new saves never collide with them) to
@@ -244,15 +260,40 @@ def _handlers():
             "meta": ocp.JsonCheckpointHandler()}
 
 
+def _key_names(path) -> tuple[str, ...]:
+    """A tree path as names: the saved tree is dicts where the state has attributes, so they compare by name."""
+    return tuple(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+
+
+def _sharding_if_fits(leaf, shape):
+    """The restore target ``leaf``'s sharding for a saved array of ``shape``; None (read it whole) when this run
+    has no such array or another shape (``restore`` then refuses the checkpoint as incompatible, naming it)."""
+    return leaf.sharding if leaf is not None and tuple(leaf.shape) == tuple(shape) else None
+
+
+def _local_domains(sharding, shape) -> list[tuple[slice, ...]]:
+    """The distinct index domains of ``shape`` that ``sharding`` puts on this host's devices (a domain held by
+    several local devices, e.g. replicated over ``tensor``, once); the whole array without a sharding."""
+    if sharding is None:
+        return [tuple(slice(0, n) for n in shape)]
+    domains = {}
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        full = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape))
+        domains[tuple((sl.start, sl.stop) for sl in full)] = full
+    return list(domains.values())
+
+
+def _read(store, index) -> np.ndarray:
+    """One read of ``store[index]`` into host memory (the unit the readability check costs)."""
+    return store[index].read().result()
+
+
 def _check_shapes(step: int, saved, target) -> None:
     """Refuse a checkpoint whose arrays do not have this run's shapes (e.g. another ``lora_rank``), naming them."""
-    def names(path):  # the saved tree is dicts where the state has attributes: compare by name
-        return tuple(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
-
-    flat_saved = {names(p): m for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    flat_saved = {_key_names(p): m for p, m in jax.tree_util.tree_flatten_with_path(saved)[0]}
     wrong = []
     for path, want in jax.tree_util.tree_flatten_with_path(target)[0]:
-        got = flat_saved.get(names(path))
+        got = flat_saved.get(_key_names(path))
         if got is None or tuple(got.shape) != tuple(want.shape):
             name = jax.tree_util.keystr(path)
             wrong.append(f"{name}: saved {None if got is None else tuple(got.shape)}, this run {tuple(want.shape)}")
