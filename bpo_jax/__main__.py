@@ -19,9 +19,10 @@ transient one says it may succeed when retried, and an unexpected one (likely a 
 (transformers, absl, orbax, TensorFlow: errors only, ``quiet_libraries``), so its first line is bpo_jax's;
 ``--debug`` lets them speak.
 
-The commands that use devices across processes (``JOINING``: train, sft, evaluate, generate) first join the run's
-processes (``bpo_jax.runtime.cluster.initialize``). ``experiment`` never does: its ``train`` and ``evaluate`` children
-join by themselves, and a parent holding the TPU chips and the coordinator port would clash with them.
+The commands that use devices across processes (``JOINING``: train, sft, evaluate, compare, generate) first join
+the run's processes (``bpo_jax.runtime.cluster.initialize``). ``experiment`` never does: its ``train`` and
+``evaluate`` children join by themselves, and a parent holding the TPU chips and the coordinator port would clash
+with them.
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ COMMANDS = {
     "sft": ("bpo_jax.cli.sft", "supervised fine-tuning of sft_seeds adapters, the loss on responses only: --config "
                                "configs/<file>_sft.yaml [key=value ...]"),
     "evaluate": ("bpo_jax.cli.evaluate", "a run checkpoint's win rate vs the human references: --checkpoint RUN_DIR"),
+    "compare": ("bpo_jax.cli.compare", "two policies head to head on the same test prompts: RUN_A RUN_B (runs, "
+                                       "checkpoints or models)"),
     "plot": ("bpo_jax.eval.plot", "PNG of win rate (with CI) and loss against step for one or more run dirs"),
     "toy": ("bpo_jax.cli.toy", "seconds-long BPO vs offline/on-policy comparison on a toy softmax policy"),
     "generate": ("bpo_jax.cli.generate", "answer a prompt with a model (default: the shipped SmolLM2-135M-Instruct)"),
     "experiment": ("bpo_jax.cli.experiment", "a method x loss x seed grid of train runs under one budget, with paired "
                                              "win-rate comparisons: EXPERIMENT.yaml"),
 }
-JOINING = ("train", "sft", "evaluate", "generate")  # commands that join the run's processes before touching a device
+# commands that join the run's processes before touching a device
+JOINING = ("train", "sft", "evaluate", "compare", "generate")
 
 
 # Environment settings read by libraries when they load (TF_CPP_MIN_LOG_LEVEL also quiets XLA's C++ INFO/WARNING

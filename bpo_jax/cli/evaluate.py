@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from bpo_jax.runtime import distributed, logs
     from bpo_jax.train.checkpoint import Checkpointer
+    from bpo_jax.train.restore import checkpoint_step
 
     logs.setup(primary=distributed.is_primary())
     try:  # config errors (ConfigError is a ValueError) stop here, before any compute, as "config error: ..."
@@ -36,13 +37,10 @@ def main(argv=None) -> int:
         return 2
     ckpt = Checkpointer(cfg.run_dir, cfg.keep_checkpoints)
     try:
-        # The primary's listing decides for every host: while training still writes checkpoints, hosts listing
-        # the folder each on their own could restore different steps (or some none).
-        steps = distributed.gather_json(ckpt.steps())[0]
-        step = args.step if args.step is not None else (steps[-1] if steps else None)
-        if step is None or step not in steps:
-            log.error(f"error: no checkpoint {'at step %d ' % step if step is not None else ''}in {ckpt.directory} "
-                      f"(have: {steps or 'none'})")
+        try:
+            step = checkpoint_step(ckpt, args.step)
+        except ValueError as err:
+            log.error(f"error: {err}")
             return 2
         return _evaluate(cfg, ckpt, step)
     finally:
@@ -52,34 +50,25 @@ def main(argv=None) -> int:
 def _checked_config(args):
     """The run's saved ``config.yaml`` with the command's overrides (``--data`` one of them), checked against the
     trackers; a run directory without one is refused."""
-    from bpo_jax.config import load_config
-    from bpo_jax.runtime import run_dir as rd
     from bpo_jax.runtime.trackers import check_available
+    from bpo_jax.train.restore import run_config
 
-    cfg_path = str(rd.path(args.checkpoint, "config.yaml"))
-    if not rd.path(cfg_path).exists():
-        raise FileNotFoundError(f"{cfg_path!r} not found; --checkpoint must be a run directory written by `train`")
-    overrides = list(args.overrides) + ([f"data={args.data}"] if args.data else [])
-    cfg = load_config(cfg_path, overrides + [f"run_dir={args.checkpoint}"])
+    cfg = run_config(args.checkpoint, list(args.overrides) + ([f"data={args.data}"] if args.data else []))
     check_available(cfg.tracker)  # before any compute
     return cfg
 
 
 def _evaluate(cfg, ckpt, step: int) -> int:
     """Restore ``step``, score π_θ's greedy responses on the test set, record and report the win rate."""
-    import jax
-
     from bpo_jax.data.tasks import setup_run
     from bpo_jax.eval.win_rate import score_task, scores_file, write_scores
     from bpo_jax.runtime import run_dir as rd
     from bpo_jax.runtime.trackers import log_evaluation
-    from bpo_jax.train import state as st
+    from bpo_jax.train.restore import restore_policy
 
     run = setup_run(cfg, train=False)
     task = run.task
-    template = st.create_state(cfg, run.model.params, jax.random.key(cfg.seed), reference=run.reference)
-    state, _, _ = ckpt.restore(step, template, mesh=run.mesh)
-    policy = st.policy_params(cfg, state, run.model.config.dtype)  # π_θ as the train step runs it
+    policy = restore_policy(cfg, ckpt, step, run.model, mesh=run.mesh)  # π_θ as the train step runs it
     result, wr = score_task(cfg, run, policy)
     rd.append_jsonl(rd.path(cfg.run_dir, "eval.jsonl"), {"step": step, "data": cfg.data, **wr.metrics()})
     log_evaluation(cfg, step, wr.metrics())

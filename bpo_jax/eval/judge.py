@@ -147,10 +147,11 @@ class Judge:
         """1.0 if ``a`` is preferred over ``b``, 0.0 if ``b`` is, 0.5 for a tie."""
         return float(self.compare_many([(prompt, a, b)], announce=False)[0])
 
-    def compare_many(self, comparisons, *, announce: bool = True) -> np.ndarray:
+    def compare_many(self, comparisons, *, announce: bool = True, as_given: bool = False) -> np.ndarray:
         """``compare`` for each ``(prompt, a, b)``, in input order, with up to ``concurrency`` requests at once;
-        identical comparisons are requested once. ``announce``: log the request count first."""
-        jobs = [self._job(*c) for c in comparisons]
+        identical comparisons are requested once. ``announce``: log the request count first. ``as_given``: show
+        ``a`` as response A always, instead of the seeded order (a caller that asks both orders itself)."""
+        jobs = [self._job(*c, as_given=as_given) for c in comparisons]
         pending = {key: body for key, body, _ in jobs if key not in self.cache}
         if jobs and announce:
             cached = sum(key in self.cache for key, _, _ in jobs)
@@ -164,9 +165,10 @@ class Judge:
             out[i] = 0.5 if verdict == "tie" else float((verdict == "a") != swap)
         return out
 
-    def _job(self, prompt, a: str, b: str) -> tuple[str, dict, bool]:
-        """``(cache key, request body, swapped)``: B shown first when the comparison's own seed says so."""
-        swap = random.Random(f"{self.seed}|{prompt}|{a}|{b}").random() < 0.5
+    def _job(self, prompt, a: str, b: str, *, as_given: bool = False) -> tuple[str, dict, bool]:
+        """``(cache key, request body, swapped)``: B shown first when the comparison's own seed says so (never
+        ``as_given``)."""
+        swap = not as_given and random.Random(f"{self.seed}|{prompt}|{a}|{b}").random() < 0.5
         first, second = (b, a) if swap else (a, b)
         text = "\n".join(f"{m['role'].upper()}: {m['content']}" for m in conversation(prompt))
         body = {"model": self.model, "temperature": 0.0, "messages": [

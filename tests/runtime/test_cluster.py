@@ -188,7 +188,7 @@ def test_only_device_commands_join_and_experiment_never_in_its_process(monkeypat
     assert joined == []
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
-    assert joined == [True] and set(cli.JOINING) == {"train", "sft", "evaluate", "generate"}
+    assert joined == [True] and set(cli.JOINING) == {"train", "sft", "evaluate", "compare", "generate"}
 
 
 def test_a_start_up_error_is_one_line(monkeypatch, capsys):
