@@ -348,7 +348,7 @@ def print_all(config_path: str, overrides, rm: str | None) -> None:
 class _Chip:
     """A stand-in device for the layout code: an id and its host."""
 
-    platform = "cpu"
+    platform = device_kind = "cpu"
 
     def __init__(self, i: int, host: int):
         self.id, self.process_index = i, host

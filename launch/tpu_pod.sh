@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# BPO on a Cloud TPU VM slice (one or several hosts) with gcloud: create -> copy -> setup -> run -> logs ->
-# stop / delete. Every worker runs the same command; jax.distributed.initialize() detects the slice by itself.
+# BPO on a Cloud TPU VM slice (one or several hosts), or on several slices (multislice: --num-slices N), with
+# gcloud: create -> copy -> setup -> run -> logs -> stop / delete. Every worker of every slice runs the same
+# command; jax.distributed.initialize() detects the slice by itself, and the slices from the MEGASCALE_* variables
+# that `run` sets.
 # `watch` (or `run --watch` / `run --restart N`) stays in the foreground: one worker's failure stops them all,
 # and with --restart the same command is rerun as the training's exit code says (the program resumes from the
 # last checkpoint in run_dir when given the same arguments). A slice is deleted only when --recreate asks.
@@ -11,7 +13,8 @@ usage() {
 Usage: launch/tpu_pod.sh COMMAND [options] [-- TRAIN_ARGS...]
 
 Commands:
-  create   queued resource NAME (node id NAME), then wait until it is ACTIVE (--no-wait: don't)
+  create   queued resource NAME (node id NAME; with --num-slices N, N nodes NAME-0 .. NAME-<N-1>, one per
+           slice), then wait until it is ACTIVE (--no-wait: don't)
   copy     this repo's tracked files (working-tree contents) to ~/REMOTE_DIR on every worker, plus each
            --model-dir/--data-dir SRC:DEST (SRC a local folder or file, or gs://...; a relative DEST is
            inside REMOTE_DIR, where training runs, so model=DEST in the train args finds it). With
@@ -24,6 +27,8 @@ Commands:
            `python -m bpo_jax train TRAIN_ARGS` in the background on every worker (PYTHONUNBUFFERED=1),
            its output appended to ~/bpo_logs/NAME.log on each after a line "[tpu_pod] run started TIME"
            (every run's log is kept); with several workers run_dir must be gs://...
+           With --num-slices N, every worker of slice s also gets MEGASCALE_COORDINATOR_ADDRESS (worker 0
+           of NAME-0, port 8080), MEGASCALE_NUM_SLICES=N, MEGASCALE_SLICE_ID=s and MEGASCALE_PORT=8080
            With --watch or --restart N, `watch` follows in the foreground
   watch    poll the queued resource and every worker's training (as `status`) every TPU_POLL_SECONDS [30]
            until it ends; when one worker's training ends non-zero, stop the training on all (fail fast).
@@ -35,7 +40,8 @@ Commands:
            watch (exit 3), the slice left as it is; with --recreate (and restarts left) it is deleted and
            created again with the create flags, then copy, setup and the rerun.
            Exit: 0 every worker exited 0; 2 a worker exited 2; 3 the slice is lost; 1 otherwise
-  logs     fetch every worker's log to logs/NAME/worker-<i>.log, report how each worker's last run
+  logs     fetch every worker's log to logs/NAME/worker-<i>.log (slice-<s>-worker-<i>.log with
+           --num-slices), report how each worker's last run
            ended and the exit codes of the earlier runs in its log; --follow: tail one
   status   queued-resource state, then each worker's training state (non-zero if one failed)
   stop     stop the training on every worker and free the TPU
@@ -49,10 +55,13 @@ Options (environment default in brackets):
   --runtime VERSION  TPU software version [TPU_RUNTIME; default by type, e.g. v2-alpha-tpuv5-lite]
   --spot | --reserved   capacity kind for create (default: on-demand)
   --no-wait          create returns once the request is queued
+  --num-slices N     slices of --type joined by the data-centre network (multislice) [TPU_NUM_SLICES; 1];
+                     every command addresses every worker of every slice
   --workers N        hosts in the slice [TPU_WORKERS]; default from --type: v2/v3/v4/v5p-N: N/8
                      (N counts TensorCores), v5litepod/v6e-N: 1 up to 8 chips, else N/4; without a
                      known type, the count of the node's networkEndpoints (gcloud describe)
-  --worker W         run: all (default; the only choice with several workers); logs --follow: 0
+  --worker W         run: all (default; the only choice with several workers); logs --follow: 0 (of the
+                     first slice)
   --watch            run: then `watch` in the foreground (fail fast)
   --restart N        run, watch: rerun up to N times (needs the train args; default 0)
   --recreate         run, watch with --restart: delete and re-create a lost slice (needs --type, and
@@ -77,7 +86,7 @@ die() { quit 1 "$@"; }
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NAME=${TPU_NAME:-} ZONE=${TPU_ZONE:-} PROJECT=${TPU_PROJECT:-} TYPE=${TPU_TYPE:-} RUNTIME=${TPU_RUNTIME:-}
-WORKERS=${TPU_WORKERS:-} REMOTE_DIR=${TPU_REMOTE_DIR:-bpo_jax} PY=${TPU_PYTHON:-}
+WORKERS=${TPU_WORKERS:-} REMOTE_DIR=${TPU_REMOTE_DIR:-bpo_jax} PY=${TPU_PYTHON:-} SLICES=${TPU_NUM_SLICES:-1}
 POLL=${TPU_POLL_SECONDS:-30} LOGS_DIR=${TPU_LOGS_DIR:-} STAGE=${TPU_STAGE:-}
 BACKOFF=${TPU_RESTART_BACKOFF:-30} MISSED=${TPU_MISSED_POLLS:-5}
 SPOT=0 RESERVED=0 NO_WAIT=0 FOLLOW=0 DRY=0 WORKER=all CMD="" WATCH=0 RESTART=0 RECREATE=0
@@ -104,6 +113,7 @@ while [ $# -gt 0 ]; do
     --type) TYPE=$(val "$@"); shift ;;
     --runtime) RUNTIME=$(val "$@"); shift ;;
     --workers) WORKERS=$(val "$@"); shift ;;
+    --num-slices) SLICES=$(val "$@"); shift ;;
     --worker) WORKER=$(val "$@"); shift ;;
     --remote-dir) REMOTE_DIR=$(val "$@"); shift ;;
     --python) PY=$(val "$@"); shift ;;
@@ -130,8 +140,8 @@ q() {
 run() { echo "+ $(q "$@")"; [ "$DRY" = 1 ] || "$@"; }  # one command, as argv
 run_sh() { echo "+ $1"; [ "$DRY" = 1 ] || bash -o pipefail -c "$1"; }  # one shell pipeline
 
-LOC=() DESCRIBE=() SSH=()
-loc() {  # checks the settings every command needs; fills LOC (the gcloud location flags) and DESCRIBE
+LOC=() DESCRIBE=() SSH=() NODES=()
+loc() {  # checks the settings every command needs; fills LOC (the gcloud location flags), DESCRIBE and NODES
   [ -n "$NAME" ] || die "--name (or TPU_NAME) is required"
   [ -n "$ZONE" ] || die "--zone (or TPU_ZONE) is required"
   [[ $NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || die "--name '$NAME': lower-case letters, digits and -"
@@ -142,21 +152,33 @@ loc() {  # checks the settings every command needs; fills LOC (the gcloud locati
   [[ $RESTART =~ ^[0-9]+$ ]] || die "--restart '$RESTART' is not a number"
   [[ $BACKOFF =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--backoff '$BACKOFF' is not a number of seconds"
   [[ $MISSED =~ ^[1-9][0-9]*$ ]] || die "--missed-polls '$MISSED' is not a positive number"
+  [[ $SLICES =~ ^[1-9][0-9]*$ ]] || die "--num-slices '$SLICES' is not a positive number"
+  local s
+  NODES=("$NAME")  # the TPU node of each slice: the queued resource's node id, or NAME-<s> (--node-prefix)
+  if ((SLICES > 1)); then NODES=(); for ((s = 0; s < SLICES; s++)); do NODES+=("$NAME-$s"); done; fi
 }
 # The queued resource's state (ACTIVE, WAITING_FOR_RESOURCES, SUSPENDED, ...); empty when it does not exist
 # (or gcloud failed: a caller that acts on "gone" asks --missed-polls times).
 qr_state() { "${DESCRIBE[@]}" 2>/dev/null || true; }
-ssh_argv() {  # WORKER COMMAND: fills SSH, the gcloud command that runs COMMAND on the worker(s)
-  SSH=(gcloud compute tpus tpu-vm ssh "$NAME" "${LOC[@]}" --worker="$1" --quiet --strict-host-key-checking=no
-    --command="$2")
+ssh_argv() {  # NODE WORKER COMMAND: fills SSH, the gcloud command that runs COMMAND on the node's worker(s)
+  SSH=(gcloud compute tpus tpu-vm ssh "$1" "${LOC[@]}" --worker="$2" --quiet --strict-host-key-checking=no
+    --command="$3")
 }
-tpu_ssh() {  # WORKER COMMAND: COMMAND in the user's (bash) login shell on the worker(s), home as cwd
-  ssh_argv "$1" "$2"
-  run "${SSH[@]}"
+tpu_ssh() {  # WORKER COMMAND: COMMAND in the user's (bash) login shell on the worker(s) of every slice, home as cwd
+  local node rc=0
+  for node in "${NODES[@]}"; do
+    ssh_argv "$node" "$1" "$2"
+    run "${SSH[@]}" || rc=$?
+  done
+  return "$rc"
 }
-tpu_scp() {  # SRC DEST WORKER [--recurse]
-  run gcloud compute tpus tpu-vm scp "$1" "$2" "${LOC[@]}" --worker="$3" --quiet --strict-host-key-checking=no \
-    "${@:4}"
+scp_node() {  # NODE SRC DEST WORKER [--recurse]: a remote path is NODE:PATH
+  run gcloud compute tpus tpu-vm scp "$2" "$3" "${LOC[@]}" --worker="$4" --quiet --strict-host-key-checking=no \
+    "${@:5}"
+}
+tpu_scp() {  # SRC DEST WORKER [--recurse], on every slice: a remote path is NAME:PATH, sent to each node
+  local node
+  for node in "${NODES[@]}"; do scp_node "$node" "${1/#$NAME:/$node:}" "${2/#$NAME:/$node:}" "${@:3}"; done
 }
 
 workers_for_type() {  # hosts in a slice of accelerator type $1; nothing if unknown
@@ -179,8 +201,9 @@ resolve_workers() {
   [ -n "$WORKERS" ] || WORKERS=$(workers_for_type "$TYPE")
   if [ -z "$WORKERS" ]; then
     [ "$DRY" = 0 ] || die "--dry-run needs --workers N or a known --type to count the workers"
-    WORKERS=$(gcloud compute tpus tpu-vm describe "$NAME" "${LOC[@]}" --format='value(networkEndpoints[].ipAddress)' |
-      tr ';' '\n' | grep -c .) || die "could not count the workers of $NAME; pass --workers N"
+    WORKERS=$(gcloud compute tpus tpu-vm describe "${NODES[0]}" "${LOC[@]}" \
+      --format='value(networkEndpoints[].ipAddress)' | tr ';' '\n' | grep -c .) ||
+      die "could not count the workers of ${NODES[0]}; pass --workers N"
   fi
   [[ $WORKERS =~ ^[1-9][0-9]*$ ]] || die "--workers '$WORKERS' is not a positive number"
 }
@@ -209,8 +232,11 @@ cmd_create() {
   [ -n "$RUNTIME" ] || RUNTIME=$(runtime_for_type "$TYPE")
   [ -n "$RUNTIME" ] || die "no default runtime for type $TYPE: pass --runtime"
   [ "$SPOT$RESERVED" != 11 ] || die "--spot and --reserved exclude each other"
-  local args=(gcloud compute tpus queued-resources create "$NAME" --node-id="$NAME" "${LOC[@]}"
-    --accelerator-type="$TYPE" --runtime-version="$RUNTIME")
+  local args=(gcloud compute tpus queued-resources create "$NAME" --node-id="$NAME" "${LOC[@]}")
+  if ((SLICES > 1)); then  # multislice: SLICES nodes NAME-0 .. NAME-<SLICES-1>, each one slice of TYPE
+    args=(gcloud compute tpus queued-resources create "$NAME" --node-count="$SLICES" --node-prefix="$NAME" "${LOC[@]}")
+  fi
+  args+=(--accelerator-type="$TYPE" --runtime-version="$RUNTIME")
   if [ "$SPOT" = 1 ]; then args+=(--spot); fi
   if [ "$RESERVED" = 1 ]; then args+=(--reserved); fi
   run "${args[@]}"
@@ -314,12 +340,13 @@ cmd_setup() {
 check_train() {  # the train arguments `run` (and a restart) starts on the workers
   [ ${#TRAIN[@]} -gt 0 ] || die "$CMD needs the train arguments after --, e.g. -- --config configs/tldr_gemma2b.yaml"
   resolve_workers
-  if [ "$WORKER" != all ] && ((WORKERS > 1)); then
-    die "--worker=$WORKER: a slice of $WORKERS workers must run the training on every worker (--worker=all)"
+  local hosts=$((WORKERS * SLICES))
+  if [ "$WORKER" != all ] && ((hosts > 1)); then
+    die "--worker=$WORKER: a run of $hosts workers must run the training on every worker (--worker=all)"
   fi
   local rd; rd=$(run_dir_of "${TRAIN[@]}")
-  if ((WORKERS > 1)) && [[ $rd != gs://* ]]; then
-    die "run_dir=${rd:-(unset)} is not shared by the $WORKERS workers: pass run_dir=gs://BUCKET/PATH"
+  if ((hosts > 1)) && [[ $rd != gs://* ]]; then
+    die "run_dir=${rd:-(unset)} is not shared by the $hosts workers: pass run_dir=gs://BUCKET/PATH"
   fi
 }
 check_restart() {  # a restart reruns the train arguments; --recreate re-creates the slice as `create` would
@@ -334,11 +361,38 @@ check_restart() {  # a restart reruns the train arguments; --recreate re-creates
 # $CLEAR_TPU as setup/stop: a crashed run's process keeps /dev/accel* and the next one cannot start) and starts
 # the training detached, unbuffered so the log shows each line as it is printed. Each run appends to NAME.log
 # after a header "[tpu_pod] run started TIME (NOTE)", so the logs of earlier runs stay; the run's exit code goes
-# to NAME.rc and, as "[bpo_jax] exit code RC", to the log.
+# to NAME.rc and, as "[bpo_jax] exit code RC", to the log. With several slices each node's workers get the
+# MEGASCALE_* variables of their slice (megascale_env), looked up again at each start (a re-created slice has
+# new addresses).
 start_training() {
-  local log="$LOG$NAME" header
+  local log="$LOG$NAME" header s=0 node rc=0
   header="echo $(q "[tpu_pod] run started") \$(date -u +%FT%TZ)${1:+ $(q "($1)")}"
-  tpu_ssh "$WORKER" "cd $REMOTE_DIR && if pgrep -f $TRAIN_PAT >/dev/null; then echo \"\$(hostname): training is already running (stop it first)\" >&2; exit 1; fi && $CLEAR_TPU && source .venv/bin/activate && export PYTHONUNBUFFERED=1 && mkdir -p ${LOG%/} && rm -f $log.rc && $header >> $log.log && { (trap \"\" HUP; nohup python -m bpo_jax train $(q "${TRAIN[@]}"); rc=\$?; echo \"[bpo_jax] exit code \$rc\"; echo \$rc > $log.rc) >> $log.log 2>&1 < /dev/null & } && echo \"\$(hostname): started, log in $log.log\""
+  COORDINATOR=""
+  if ((SLICES > 1)); then find_coordinator; fi
+  for node in "${NODES[@]}"; do
+    ssh_argv "$node" "$WORKER" "cd $REMOTE_DIR && if pgrep -f $TRAIN_PAT >/dev/null; then echo \"\$(hostname): training is already running (stop it first)\" >&2; exit 1; fi && $CLEAR_TPU && source .venv/bin/activate && $(megascale_env "$s")export PYTHONUNBUFFERED=1 && mkdir -p ${LOG%/} && rm -f $log.rc && $header >> $log.log && { (trap \"\" HUP; nohup python -m bpo_jax train $(q "${TRAIN[@]}"); rc=\$?; echo \"[bpo_jax] exit code \$rc\"; echo \$rc > $log.rc) >> $log.log 2>&1 < /dev/null & } && echo \"\$(hostname): started, log in $log.log\""
+    run "${SSH[@]}" || rc=$?
+    s=$((s + 1))
+  done
+  return "$rc"
+}
+
+# Multislice: JAX's gcetpu detection reads MEGASCALE_COORDINATOR_ADDRESS (its host, with JAX's own port),
+# MEGASCALE_NUM_SLICES and MEGASCALE_SLICE_ID from the environment before the VM's metadata, and numbers the
+# processes slice by slice; libtpu's DCN transport reads the same variables and MEGASCALE_PORT. The coordinator
+# is worker 0 of slice 0, JAX's process 0.
+MEGASCALE_PORT=8080 COORDINATOR=""
+find_coordinator() {  # COORDINATOR: the internal address of worker 0 of the first slice (a placeholder if dry)
+  local argv=(gcloud compute tpus tpu-vm describe "${NODES[0]}" "${LOC[@]}"
+    --format='value(networkEndpoints[0].ipAddress)')
+  echo "+ $(q "${argv[@]}")"
+  if [ "$DRY" = 1 ]; then COORDINATOR=COORDINATOR_IP; return 0; fi
+  COORDINATOR=$("${argv[@]}") && [ -n "$COORDINATOR" ] || die "could not find the address of worker 0 of ${NODES[0]}"
+}
+megascale_env() {  # SLICE: the exports (then " && ") for the workers of slice SLICE; nothing for one slice
+  [ -n "$COORDINATOR" ] || return 0
+  printf 'export MEGASCALE_COORDINATOR_ADDRESS=%s:%s MEGASCALE_NUM_SLICES=%s MEGASCALE_SLICE_ID=%s MEGASCALE_PORT=%s && ' \
+    "$COORDINATOR" "$MEGASCALE_PORT" "$SLICES" "$1" "$MEGASCALE_PORT"
 }
 
 cmd_run() {
@@ -413,11 +467,10 @@ watch_loop() {
 # that describe does not find counts as gone.
 ENDED="" WHY=""
 wait_for_end() {
-  local state out line rc running exited lost misses=0 gone=0 failed last="" now
-  ssh_argv all "$(state_cmd)"
+  local state out line rc running exited lost misses=0 gone=0 failed last="" now node hosts=$((WORKERS * SLICES))
   echo "+ $(q "${DESCRIBE[@]}")"
-  echo "+ $(q "${SSH[@]}")"
-  if [ "$DRY" = 1 ]; then echo "# (both repeated every ${POLL}s until the training ends)"; ENDED=dry; return 0; fi
+  for node in "${NODES[@]}"; do ssh_argv "$node" all "$(state_cmd)"; echo "+ $(q "${SSH[@]}")"; done
+  if [ "$DRY" = 1 ]; then echo "# (all repeated every ${POLL}s until the training ends)"; ENDED=dry; return 0; fi
   while :; do
     state=$(qr_state)
     if [ -z "$state" ]; then gone=$((gone + 1)); else gone=0; fi
@@ -430,7 +483,7 @@ wait_for_end() {
         sleep "$POLL"; continue ;;
       *) echo "[tpu_pod] $(date +%H:%M:%S) queued resource $NAME is $state"; sleep "$POLL"; continue ;;
     esac
-    out=$("${SSH[@]}" 2>/dev/null || true)
+    out=$(for node in "${NODES[@]}"; do ssh_argv "$node" all "$(state_cmd)"; "${SSH[@]}" 2>/dev/null || true; done)
     running=0 exited=0 failed=""
     while IFS= read -r line; do
       case $line in
@@ -445,11 +498,11 @@ wait_for_end() {
       elif [ -z "${failed// 143/}" ]; then ENDED=sigterm WHY+=" (stopped by SIGTERM after saving)"; fi
       return 0
     fi
-    lost=$((WORKERS - running - exited))
+    lost=$((hosts - running - exited))
     if ((lost <= 0 && running == 0)); then ENDED=ok; return 0; fi
     if ((lost > 0)); then misses=$((misses + 1)); else misses=0; fi
     if ((misses >= MISSED)); then
-      ENDED=dead WHY="$lost of $WORKERS workers did not answer $MISSED status polls in a row (host down, or the"
+      ENDED=dead WHY="$lost of $hosts workers did not answer $MISSED status polls in a row (host down, or the"
       WHY+=" process vanished)"; return 0
     fi
     now="$running running, $exited finished, $lost not answering"
@@ -462,22 +515,34 @@ wait_for_end() {
 cmd_logs() {
   local log="bpo_logs/$NAME.log"
   if [ "$FOLLOW" = 1 ]; then
-    tpu_ssh "${WORKER/#all/0}" "tail -n 100 -F $log"
+    ssh_argv "${NODES[0]}" "${WORKER/#all/0}" "tail -n 100 -F $log"
+    run "${SSH[@]}"
     return 0
   fi
   resolve_workers
-  local dir=${LOGS_DIR:-$ROOT/logs/$NAME} i failed=0 summary
+  local dir=${LOGS_DIR:-$ROOT/logs/$NAME} i s failed=0 summary who
   run mkdir -p "$dir"
-  for ((i = 0; i < WORKERS; i++)); do
-    tpu_scp "$NAME:$log" "$dir/worker-$i.log" "$i" || { echo "worker $i: no log fetched" >&2; failed=1; }
+  for ((s = 0; s < SLICES; s++)); do
+    for ((i = 0; i < WORKERS; i++)); do
+      who=$(worker_label "$s" "$i")
+      scp_node "${NODES[s]}" "${NODES[s]}:$log" "$dir/${who// /-}.log" "$i" ||
+        { echo "$who: no log fetched" >&2; failed=1; }
+    done
   done
   [ "$DRY" = 0 ] || return 0
-  for ((i = 0; i < WORKERS; i++)); do
-    [ -f "$dir/worker-$i.log" ] || continue
-    summary=$(runs_in_log "$dir/worker-$i.log") || failed=1
-    echo "worker $i: $summary"
+  for ((s = 0; s < SLICES; s++)); do
+    for ((i = 0; i < WORKERS; i++)); do
+      who=$(worker_label "$s" "$i")
+      [ -f "$dir/${who// /-}.log" ] || continue
+      summary=$(runs_in_log "$dir/${who// /-}.log") || failed=1
+      echo "$who: $summary"
+    done
   done
   [ "$failed" = 0 ] || die "a worker failed (logs in $dir)"
+}
+
+worker_label() {  # SLICE WORKER: "worker W", or "slice S worker W" with several slices
+  if ((SLICES > 1)); then echo "slice $1 worker $2"; else echo "worker $2"; fi
 }
 
 # How the runs in a worker's log (each after start_training's header) ended: "exit code RC" or "still running (no

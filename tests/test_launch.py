@@ -44,6 +44,8 @@ def _exe(path: Path, text: str) -> Path:
 # training), `delete` makes it GONE; ssh and scp fail (255) while it is not ACTIVE, and for a worker w<i> while
 # FAKE_ROOT/dead-w<i> exists (each such call appends its argv to FAKE_ROOT/unreachable). `storage cat`, `cp`
 # (`-`: stdin) and `rsync` (a folder's files) treat gs://B/P as FAKE_ROOT/gcs/B/P, for this machine and the workers.
+# With FAKE_NODES=N0,N1 (a multislice queued resource) the workers of node N are FAKE_ROOT/N/w<i>, ssh and scp to
+# any other node fail, and `tpu-vm describe` gives worker 0's address, 10.130.0.2.
 FAKE_GCLOUD = """#!PYTHON
 import glob, json, os, shutil, subprocess, sys
 args = sys.argv[1:]
@@ -65,7 +67,7 @@ elif args[2:4] == ["queued-resources", "delete"] and root:
 if args[3:4] == ["describe"]:
     if state == "GONE":
         sys.exit("ERROR: (gcloud) NOT_FOUND")
-    print(state)
+    print("10.130.0.2" if args[2] == "tpu-vm" and os.environ.get("FAKE_NODES") else state)
 if not root:
     sys.exit(0)
 if args[0] == "storage":
@@ -84,7 +86,13 @@ if args[0] == "storage":
             shutil.rmtree(dst[0], ignore_errors=True)
         shutil.copytree(src, dst[0], dirs_exist_ok=True)
     sys.exit(0)
-homes = [os.path.join(root, f"w{i}") for i in range(int(os.environ["FAKE_WORKERS"]))]
+node_root, nodes = root, os.environ.get("FAKE_NODES")
+if nodes and args[2:4] in (["tpu-vm", "ssh"], ["tpu-vm", "scp"]):
+    node = next(a.split(":")[0] for a in args[4:6] if ":" in a) if args[3] == "scp" else args[4]
+    if node not in nodes.split(","):
+        sys.exit(f"ERROR: (gcloud) NOT_FOUND: no TPU node {node}")
+    node_root = os.path.join(root, node)
+homes = [os.path.join(node_root, f"w{i}") for i in range(int(os.environ["FAKE_WORKERS"]))]
 w = opt("--worker", "0")
 chosen = homes if w == "all" else [homes[int(w)]]
 rc = 0
@@ -326,6 +334,70 @@ def test_tpu_create_and_run_argv(fake):
                         "--format=value(state.state)"]
     assert calls[2][:9] == ["compute", "tpus", "tpu-vm", "ssh", "bpo-pod", *loc, "--worker=all", "--quiet"]
     assert "python -m bpo_jax train " + " ".join(TRAIN) in calls[2][-1] and len(calls) == 3
+
+
+def test_tpu_multislice_dry_run_addresses_every_worker_of_every_slice(fake):
+    """--num-slices 2: one queued resource with two nodes (bpo-pod-0, bpo-pod-1); every command reaches both, and
+    `run` gives slice s's workers the MEGASCALE_* variables of slice s, coordinated by worker 0 of bpo-pod-0."""
+    tmp_path, env = fake
+    two = ["--num-slices", "2", "--type", "v5litepod-16"]
+    create = _dry(["create", *two, "--spot"], env)
+    assert create[0] == ("gcloud compute tpus queued-resources create bpo-pod --node-count=2 --node-prefix=bpo-pod "
+                         "--zone=us-west4-a --project=my-proj --accelerator-type=v5litepod-16 "
+                         "--runtime-version=v2-alpha-tpuv5-lite --spot")
+    describe, *starts = _dry(["run", *two, "--", *TRAIN], env)
+    assert describe.startswith("gcloud compute tpus tpu-vm describe bpo-pod-0 ") and "networkEndpoints[0]" in describe
+    assert [c.split()[5] for c in starts] == ["bpo-pod-0", "bpo-pod-1"]
+    for s, start in enumerate(starts):
+        assert "--worker=all" in start and "nohup python -m bpo_jax train " + " ".join(TRAIN) in start
+        assert (f"export MEGASCALE_COORDINATOR_ADDRESS=COORDINATOR_IP:8080 MEGASCALE_NUM_SLICES=2 "
+                f"MEGASCALE_SLICE_ID={s} MEGASCALE_PORT=8080 && ") in start
+    for command in (["setup"], ["stop"], ["status"], ["copy"], ["watch", "--workers", "4"]):
+        nodes = [c.split()[5] for c in _dry([*command, *two], env) if " tpu-vm ssh " in c]
+        assert nodes == ["bpo-pod-0", "bpo-pod-1"], command
+    logs = _dry(["logs", *two], env)[1:]
+    assert [c.split()[5:7] for c in logs] == [[f"bpo-pod-{s}:bpo_logs/bpo-pod.log",
+                                               f"{tmp_path}/fetched/slice-{s}-worker-{i}.log"]
+                                              for s in range(2) for i in range(4)]
+    assert "--worker=3" in logs[7] and " tpu-vm ssh bpo-pod-0 " in " " + _dry(["logs", "--follow", *two], env)[0]
+    out = _run(TPU, ["--dry-run", "run", "--num-slices", "x", "--", *TRAIN], env, check=False)
+    assert out.returncode != 0 and "--num-slices 'x'" in out.stderr
+    assert _calls(tmp_path) == []  # nothing ran
+
+
+def test_tpu_multislice_run_status_and_logs_on_fake_workers(fake):
+    """Two slices of two fake workers: run starts the training on all four with their slice's MEGASCALE_*
+    variables (the coordinator's address from gcloud), status reports four workers, logs fetches four logs."""
+    tmp_path, env = fake
+    bin_w = tmp_path / "worker_bin"
+    bin_w.mkdir()
+    _exe(bin_w / "sudo", "#!/bin/sh\nexit 0\n")
+    for name in ("pgrep", "pkill", "lsof"):
+        _exe(bin_w / name, "#!/bin/sh\nexit 1\n")
+    env.update(FAKE_ROOT=str(tmp_path), FAKE_WORKERS="2", FAKE_NODES="bpo-pod-0,bpo-pod-1",
+               FAKE_WORKER_PATH=f"{bin_w}:{os.environ['PATH']}")
+    homes = [tmp_path / f"bpo-pod-{s}" / f"w{i}" for s in range(2) for i in range(2)]
+    for home in homes:
+        venv = home / "bpo_jax/.venv/bin"
+        venv.mkdir(parents=True)
+        (venv / "activate").write_text('PATH="$PWD/.venv/bin:$PATH"\n')
+        _exe(venv / "python", '#!/bin/sh\nenv | grep ^MEGASCALE_ | sort > "$HOME/megascale"\necho training\n')
+    two = ["--num-slices", "2", "--workers", "2"]
+    _run(TPU, ["run", *two, "--", *TRAIN], env)
+    deadline = time.time() + 20
+    while not all((h / "bpo_logs/bpo-pod.rc").exists() for h in homes) and time.time() < deadline:
+        time.sleep(0.05)
+    for k, home in enumerate(homes):
+        assert (home / "megascale").read_text().splitlines() == [
+            "MEGASCALE_COORDINATOR_ADDRESS=10.130.0.2:8080", "MEGASCALE_NUM_SLICES=2", "MEGASCALE_PORT=8080",
+            f"MEGASCALE_SLICE_ID={k // 2}"]
+    out = _run(TPU, ["status", *two], env)
+    assert out.stdout.count("exited with code 0") == 4
+    out = _run(TPU, ["logs", *two], env)
+    for s in range(2):
+        for i in range(2):
+            assert f"slice {s} worker {i}: exit code 0\n" in out.stdout
+            assert "training" in (tmp_path / f"fetched/slice-{s}-worker-{i}.log").read_text()
 
 
 @pytest.mark.slow

@@ -348,11 +348,19 @@ class Mesh(_Group):
     mesh_device_ids: tuple = setting((), "an explicit device order (ids, row-major over data, fsdp, tensor); "
                                      "empty = bpo_jax's, which keeps each tensor group inside a host",
                                      resumable=True)
+    mesh_slices: str = setting("auto", "slices joined by the data-centre network, which only the data axis "
+                               "crosses: auto (0) = from the devices' slice_index (TPU multislice); N = N slices "
+                               "(where devices report one: N groups of consecutive processes); 1 = one slice, "
+                               "any axis may cross (warned)", resumable=True)
 
     def checked(self):
         need(all(str(i).isdigit() for i in self.mesh_device_ids),
              f"mesh_device_ids={list(self.mesh_device_ids)} must be device ids (non-negative integers)")
-        return self.replace(mesh_device_ids=tuple(int(i) for i in self.mesh_device_ids))
+        slices = str(self.mesh_slices).strip().lower()
+        need(slices == "auto" or slices.isdigit(),
+             f"mesh_slices={self.mesh_slices!r}: auto (or 0) or a positive number of slices")
+        return self.replace(mesh_device_ids=tuple(int(i) for i in self.mesh_device_ids),
+                            mesh_slices="auto" if slices in ("auto", "0") else str(int(slices)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -178,6 +178,9 @@ def validate_for_processes(cfg: TrainConfig, processes: int, devices: int) -> No
     if sizes.count(-1) > 1 or devices % known or (-1 not in sizes and known != devices):
         raise ConfigError(f"mesh_data={cfg.mesh_data} x mesh_fsdp={cfg.mesh_fsdp} x mesh_tensor={cfg.mesh_tensor} "
                           f"does not fit {devices} devices (one axis may be -1: all the rest)")
+    slices = 0 if cfg.mesh_slices == "auto" else int(cfg.mesh_slices)
+    if slices > 1 and processes % slices:
+        raise ConfigError(f"mesh_slices={slices} does not split {processes} processes into equal slices")
     if processes == 1:
         return
     shards = (devices // known if -1 in sizes[:2] else 1) * int(np.prod([s for s in sizes[:2] if s != -1]))

@@ -90,7 +90,8 @@ def setup_run(cfg: TrainConfig, *, train: bool = True) -> Run:
                          f"*ForSequenceClassification folder or Hub id) or annotator=judge")
     mesh = None
     if jax.device_count() > 1:  # checked before any compute: hosts must own disjoint batch rows
-        mesh = distributed.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor, cfg.mesh_device_ids)
+        mesh = distributed.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor, cfg.mesh_device_ids,
+                                     cfg.mesh_slices)
     # Each host reads its own copy of the weights (no collective): a failure on one host stops every host alike.
     model, tok = distributed.agreed(load_pretrained, cfg.model, mesh=mesh, param_dtype=cfg.param_dtype,
                                     dtype=cfg.dtype, remat=cfg.remat, attention=cfg.attention)

@@ -9,7 +9,8 @@ mesh. The rest of the package asks this module, and reads no process index of it
 - ``global_rows(tree, mesh)`` / ``local_rows(tree)``: each host's rows → global arrays sharded over the mesh's
   batch axes, and back. Host p owns the rows on its devices, in the order of the global array.
 - ``make_mesh`` / ``check_batch_layout``: the mesh over every host's devices, with each tensor group inside a
-  host, and a refusal before any compute when hosts would share batch shards.
+  host and, over several slices (``bpo_jax.runtime.slices``), only the data axis across slices; a refusal before
+  any compute when hosts would share batch shards or fsdp/tensor would cross slices.
 - ``gather_to_primary``: whole weights onto the primary host (an export), in blocks of bounded size.
 - ``all_gather``, ``any_host``, ``min_over_hosts``: small host values (counts, flags, widths) that every host
   must agree on before a collective; hosts never compute a shared decision each on their own.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 
 import jax
@@ -31,7 +33,10 @@ from jax.sharding import PartitionSpec as P
 
 from bpo_jax.runtime import exits
 from bpo_jax.runtime import sharding as shd
+from bpo_jax.runtime import slices as slices_mod
 from bpo_jax.runtime.sharding import BATCH_AXES, batch_shards
+
+log = logging.getLogger(__name__)
 
 
 def process_index() -> int:
@@ -53,65 +58,110 @@ def is_remote(path: str) -> bool:
 
 # ---- which host owns which rows ------------------------------------------------------------------------------
 
-def host_aware_devices(sizes, devices=None) -> np.ndarray:
+def host_aware_devices(sizes, devices=None, slice_of=None) -> np.ndarray | None:
     """``devices`` arranged as a ``(data, fsdp, tensor)`` array in which every ``tensor`` group lies inside one
-    host, so hosts own disjoint batch shards; None when the shape cannot keep it so (``tensor`` does not divide
-    a host's device count, or the hosts do not split over ``data x fsdp``).
+    host, so hosts own disjoint batch shards, and with ``slice_of`` (``{process: slice}``, ``bpo_jax.runtime.slices``)
+    only ``data`` crosses slices; None when the shape cannot keep it so (``tensor`` does not divide a host's device
+    count, the hosts do not split over ``data x fsdp``, or ``data`` is not a multiple of the slice count).
 
-    The hosts form an outer ``(dd, df)`` grid over the batch axes (``dd`` as large as it can be: data parallelism
-    between hosts needs one gradient all-reduce where fsdp would gather weights every layer); each host's own
-    devices fill the inner ``(data/dd, fsdp/df, tensor)`` block (TPU chips in ``mesh_utils.create_device_mesh``'s
-    ICI order, other devices by id)."""
+    JAX's hybrid mesh with each process a granule (``mesh_utils.create_hybrid_device_mesh(...,
+    process_is_granule=True)``): the hosts, slice by slice, form an outer ``(dd, df)`` grid over the batch axes
+    (``dd`` a multiple of the slices, as large as it can be: data parallelism between hosts needs one gradient
+    all-reduce where fsdp would gather weights every layer), so each slice's hosts fill whole rows of it; each
+    host's own devices fill the inner ``(data/dd, fsdp/df, tensor)`` block (TPU chips in ICI order)."""
     from jax.experimental import mesh_utils
 
     devices = list(jax.devices() if devices is None else devices)
-    hosts = sorted({d.process_index for d in devices})
+    slice_of = slice_of or {}
+    hosts = sorted({d.process_index for d in devices}, key=lambda h: (slice_of.get(h, 0), h))
     per_host = {h: [d for d in devices if d.process_index == h] for h in hosts}
+    slices = len({slice_of.get(h, 0) for h in hosts})
     data, fsdp, tensor = sizes
     local = len(per_host[hosts[0]])
-    if any(len(v) != local for v in per_host.values()) or local % tensor:
+    if any(len(v) != local for v in per_host.values()) or local % tensor or len(hosts) % slices:
         return None
     n = len(hosts)
-    for dd in sorted((d for d in range(1, n + 1) if n % d == 0 and data % d == 0), reverse=True):
+    for dd in sorted((d for d in range(slices, n + 1, slices) if n % d == 0 and data % d == 0), reverse=True):
         df = n // dd
         if fsdp % df == 0 and (data // dd) * (fsdp // df) * tensor == local:
             break
     else:
         return None
-    inner = (data // dd, fsdp // df, tensor)
-    out = np.empty((data, fsdp, tensor), dtype=object)
-    for g, h in enumerate(hosts):
-        if per_host[h][0].platform == "tpu":  # the host's chips in ICI order
-            block = mesh_utils.create_device_mesh(inner, per_host[h], allow_split_physical_axes=True)
-        else:
-            block = np.asarray(per_host[h], dtype=object).reshape(inner)
-        a, b = divmod(g, df)
-        out[a * inner[0]:(a + 1) * inner[0], b * inner[1]:(b + 1) * inner[1], :] = block
-    return out
+    ordered = [d for h in hosts for d in per_host[h]]  # slice-major: each slice's hosts take consecutive rows
+    return mesh_utils.create_hybrid_device_mesh((data // dd, fsdp // df, tensor), (dd, df, 1), ordered,
+                                                process_is_granule=True, should_sort_granules_by_key=False,
+                                                allow_split_physical_axes=True)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, device_ids=None):
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, device_ids=None, slices=slices_mod.MESH_SLICES_AUTO):
     """The run's ``(data, fsdp, tensor)`` mesh over every process's devices, checked before any compute.
 
-    One process: JAX's own physical device order (``sharding.make_mesh``). Several: ``host_aware_devices``, so
-    each ``tensor`` group stays inside a host and the hosts own disjoint batch shards; where the shape cannot
-    allow that, JAX's order, and ``check_batch_layout`` refuses it if hosts would share batch shards.
+    ``slices`` is the setting ``mesh_slices`` (``bpo_jax.runtime.slices``: auto, 1 or N). One process and one
+    slice: JAX's own physical device order (``sharding.make_mesh``). Several processes: ``arrange_devices``.
     ``device_ids``: an explicit device order (row-major over data, fsdp, tensor), e.g. to reproduce a slice's
     physical layout; it is checked the same way."""
     sizes = shd.mesh_sizes(data, fsdp, tensor, jax.device_count())
-    if device_ids:
-        by_id = {d.id: d for d in jax.devices()}
-        unknown = sorted(set(device_ids) - set(by_id))
-        if unknown or sorted(device_ids) != sorted(by_id):
-            raise ValueError(f"mesh_device_ids must name each of the {len(by_id)} devices once (ids "
-                             f"{sorted(by_id)}); got {list(device_ids)}")
-        mesh = shd.mesh_from_devices(np.asarray([by_id[i] for i in device_ids], dtype=object).reshape(sizes))
-    elif jax.process_count() > 1 and (arranged := host_aware_devices(sizes)) is not None:
-        mesh = shd.mesh_from_devices(arranged)
-    else:
-        mesh = shd.make_mesh(*sizes)
+    arranged = arrange_devices(sizes, jax.devices(), slices, device_ids)
+    mesh = shd.make_mesh(*sizes) if arranged is None else shd.mesh_from_devices(arranged)
     check_batch_layout(mesh)
     return mesh
+
+
+def arrange_devices(sizes, devices, slices=slices_mod.MESH_SLICES_AUTO, device_ids=None) -> np.ndarray | None:
+    """The ``(data, fsdp, tensor)`` device array of ``make_mesh`` (None: JAX's own order, for one process in one
+    slice), a function of the global device list alone, so every host builds the same mesh.
+
+    Several slices (``slices.slice_layout``): ``host_aware_devices`` over the slices, only ``data`` crossing them;
+    a shape that cannot keep fsdp and tensor inside the slices is refused (``ValueError``, one line naming a shape
+    that works and ``mesh_slices=1``). Several processes in one slice: ``host_aware_devices``, each tensor group
+    inside a host; where the shape cannot allow that, JAX's order (``check_batch_layout`` refuses it if hosts
+    would share batch shards). An axis other than ``data`` that crosses slices because the user asked for it
+    (``mesh_slices=1`` on several slices, or ``device_ids``) is logged as a warning naming the axes."""
+    layout = slices_mod.slice_layout(slices_mod.parse_mesh_slices(slices), devices)
+    count = slices_mod.slice_count(layout)
+    if device_ids:
+        by_id = {d.id: d for d in devices}
+        if sorted(device_ids) != sorted(by_id):
+            raise ValueError(f"mesh_device_ids must name each of the {len(by_id)} devices once (ids "
+                             f"{sorted(by_id)}); got {list(device_ids)}")
+        arranged = np.asarray([by_id[i] for i in device_ids], dtype=object).reshape(sizes)
+    elif count > 1:
+        arranged = host_aware_devices(sizes, devices, layout)
+        if arranged is None:
+            per_host = len(devices) // len(layout)
+            raise ValueError(
+                f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} cannot keep fsdp and tensor inside "
+                f"each of the {count} slices (across slices only data goes over the data-centre network: "
+                f"mesh_data a multiple of {count}, mesh_tensor within a host's {per_host} devices); e.g. "
+                f"{slices_mod.working_shape(len(devices), per_host, sizes[2], count)}, or mesh_slices=1 to let "
+                f"other axes cross slices (slow; warned)")
+    elif len(layout) > 1:
+        arranged = host_aware_devices(sizes, devices)
+    else:
+        arranged = None
+    if arranged is None:
+        return None
+    _log_slices(arranged, layout if count > 1 else slices_mod.process_slices(devices), len(layout))
+    return arranged
+
+
+def _log_slices(arranged: np.ndarray, slice_of: dict[int, int], processes: int) -> None:
+    """One line on the primary host for a mesh over several slices: a warning when an axis other than ``data``
+    crosses them, else where the slices are."""
+    count = slices_mod.slice_count(slice_of)
+    if count < 2 or not is_primary():
+        return
+    shape = " x ".join(f"{a}={n}" for a, n in zip(shd.MESH_AXES, arranged.shape))
+    crossing = slices_mod.dcn_axes(arranged, shd.MESH_AXES, slice_of)
+    slow = [a for a in crossing if a != "data"]
+    if slow:
+        axes = f"the {slow[0]} axis crosses" if len(slow) == 1 else f"the {' and '.join(slow)} axes cross"
+        log.warning("mesh %s: %s the data-centre network between the %d slices, so their collectives run at DCN "
+                    "speed at every layer; %s keeps only data across slices", shape, axes, count,
+                    slices_mod.working_shape(arranged.size, arranged.size // processes, arranged.shape[2], count))
+    else:
+        log.info("mesh %s over %d slices of %d hosts: only the data axis crosses slices", shape, count,
+                 processes // count)
 
 
 @functools.lru_cache(maxsize=16)
@@ -152,11 +202,11 @@ def check_batch_layout(mesh) -> None:
 
 
 def _working_shape(mesh) -> str:
-    local = len([d for d in mesh.devices.flat if d.process_index == mesh.devices.flat[0].process_index])
-    tensor = max(t for t in range(1, local + 1) if local % t == 0 and t <= mesh.shape["tensor"])
-    total = mesh.devices.size
+    devices = list(mesh.devices.flat)
+    local = len([d for d in devices if d.process_index == devices[0].process_index])
+    count = slices_mod.slice_count(slices_mod.process_slices(devices))
     return (f"Keep mesh_tensor within one host's {local} devices and leave the device order to bpo_jax, e.g. "
-            f"mesh_data=1 mesh_fsdp={total // tensor} mesh_tensor={tensor}")
+            f"{slices_mod.working_shape(len(devices), local, mesh.shape['tensor'], count)}")
 
 
 def local_batch_shards(mesh) -> int:
@@ -212,8 +262,9 @@ def local_rows(tree, mesh=None):
     """Global arrays → this host's rows as NumPy (the inverse of ``global_rows``).
 
     One process: everything. Several: the rows of this host's batch shards (``host_batch_rows``), also when an
-    output came back replicated (every host would otherwise take the whole batch, or the first host's rows);
-    an array whose rows are split over anything but the batch axes is refused."""
+    output came back replicated or split over only some of the batch axes (XLA may leave a small output split over
+    ``data`` alone: the host then holds its data block's rows, its own among them); an array whose addressable
+    rows miss some of this host's rows is refused."""
     def one(x):
         if not isinstance(x, jax.Array) or jax.process_count() == 1 or x.is_fully_addressable:
             return np.asarray(x)
@@ -226,11 +277,11 @@ def local_rows(tree, mesh=None):
         for shard in x.addressable_shards:
             rows = shard.index[0] if shard.index else slice(None)
             blocks.setdefault(rows.start or 0, np.asarray(shard.data))
-        got = np.concatenate([np.arange(k, k + len(blocks[k])) for k in sorted(blocks)])
-        if not np.array_equal(got, want):
+        got = np.concatenate([np.arange(k, k + len(blocks[k])) for k in sorted(blocks)])  # ascending
+        if not np.isin(want, got).all():
             raise ValueError(f"an output of shape {x.shape} is not row-sharded over this host's batch shards "
                              f"({x.sharding}); pin its sharding to the batch axes")
-        return np.concatenate([blocks[k] for k in sorted(blocks)], axis=0)
+        return np.concatenate([blocks[k] for k in sorted(blocks)], axis=0)[np.searchsorted(got, want)]
 
     return jax.tree.map(one, tree)
 

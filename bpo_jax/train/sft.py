@@ -64,7 +64,8 @@ def setup(cfg: TrainConfig, sources: dict | None = None) -> SftRun:
 
     mesh = None
     if jax.device_count() > 1:
-        mesh = distributed.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor, cfg.mesh_device_ids)
+        mesh = distributed.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor, cfg.mesh_device_ids,
+                                     cfg.mesh_slices)
     model, tok = load_pretrained(cfg.model, mesh=mesh, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
                                  remat=cfg.remat, attention=cfg.attention)
     if tok is None:

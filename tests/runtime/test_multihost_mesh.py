@@ -96,10 +96,11 @@ def test_two_processes_sharing_one_tfds_dir_build_it_once_and_train(tiny_policy_
 
 
 class _Dev:
-    """A stand-in device: ``id`` and ``process_index`` are all the layout code reads."""
+    """A stand-in device: ``id`` and ``process_index`` are all the layout code reads (and ``platform`` and
+    ``device_kind``, which JAX's mesh_utils reads)."""
 
     def __init__(self, i, p):
-        self.id, self.process_index, self.platform = i, p, "cpu"
+        self.id, self.process_index, self.platform, self.device_kind = i, p, "cpu", "cpu"
 
     def __repr__(self):
         return f"dev{self.id}@{self.process_index}"
