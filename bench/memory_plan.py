@@ -9,7 +9,9 @@ Parameter and state shapes and dtypes come from the project's code under ``jax.e
 (``decoder.init_params``, ``state.create_state``, ``decoder.init_cache``); per-device shard shapes come from
 ``NamedSharding(AbstractMesh, spec).shard_shape`` with the project's specs (``sharding.logical_to_specs``,
 ``sharding.cache_shardings``, the LoRA/optimizer placement of ``state.py``). Activation, gradient and
-temporary terms are closed-form estimates (docs/scaling.md states them).
+temporary terms are closed-form estimates (docs/scaling.md states them). The sampling terms follow the config's
+``sampling_layout`` (``auto`` decides from the device's HBM as ``sampler.for_sampling`` does from its memory):
+in the sampling layout they add π_β's replicated copy (``sampler.sampling_shardings``).
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ DEVICES = {
     "v5e-8": ("TPU v5e, 8 chips", 8, 16),
     "v5p-8": ("TPU v5p, 4 chips", 4, 95),
     "v5e-32": ("TPU v5e, 32 chips (8 hosts)", 32, 16),
+    "v5p-128": ("TPU v5p, 64 chips (16 hosts)", 64, 95),
     "h100": ("NVIDIA H100 80GB, 1 GPU", 1, 80),
 }
-HOSTS = {"v4-8": 1, "v5e-8": 1, "v5p-8": 1, "v5e-32": 8, "h100": 1}  # JAX processes (hosts) per slice
+HOSTS = {"v4-8": 1, "v5e-8": 1, "v5p-8": 1, "v5e-32": 8, "v5p-128": 16, "h100": 1}  # JAX processes (hosts) per slice
 TIGHT = 0.10  # headroom below this fraction of HBM is reported as tight
 
 
@@ -186,6 +189,17 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
         cast = jax.eval_shape(lambda b: st.ensemble_params(cfg, None, b, mc.dtype), state.behavior)
         merged = tree_bytes(cast, sh_base)
         unstacked = tree_bytes(cast["layers"], sh_base["layers"])
+    # The sampling layout (sampler.for_sampling; sampling_layout, auto deciding as the run does from this HBM):
+    # π_β's weights copied replicated over data x fsdp, split over tensor, before they sample; the unstacked copy
+    # is made of that copy. With fsdp = 1 the two layouts are one.
+    beh = jax.eval_shape(lambda b, t: st.ensemble_params(cfg, b, t, mc.dtype), state.base, state.behavior)
+    beh_sh = sampler.sampling_shardings(mc, mesh, params=beh)
+    copy = tree_bytes(beh, beh_sh)
+    layout = "train" if mesh_sizes["fsdp"] == 1 else sampler.choose_layout(cfg.sampling_layout, copy, hbm_gib * GiB)
+    held = {}  # what stays alive from the sampling call through the annotation
+    if layout == "replicated":  # the copy; while unstacking, its layers twice (the copy's own are freed after)
+        held, unstacked = {"sampling_copy": copy}, tree_bytes(beh["layers"], beh_sh["layers"])
+    r.update(sampling_layout=layout, sampling_copy=copy)
     bprompts = sampler._rows_bucket(cfg.batch_size, s)
     plen = sampler._bucket(cfg.max_prompt_length, 32)
     kv_len = plen + cfg.max_new_tokens
@@ -194,7 +208,7 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
     kv = tree_bytes(cache, shd.cache_shardings(cache, mesh))
     kv_prompt = tree_bytes(prompt_cache, shd.cache_shardings(prompt_cache, mesh))
     prefill_ws = working_set(mc, bprompts // s, plen, tensor)
-    samp = {"behavior_merged": merged, "behavior_unstacked": unstacked, "kv_cache": kv,
+    samp = {"behavior_merged": merged, **held, "behavior_unstacked": unstacked, "kv_cache": kv,
             "prefill": kv_prompt + prefill_ws}
     r.update(kv_rows=2 * bprompts, kv_len=kv_len)
 
@@ -204,8 +218,8 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
         rows = cfg.reward_batch_size // s if cfg.reward_batch_size % s == 0 else cfg.reward_batch_size
         t = cfg.reward_max_length
         hidden = rows * t * rm.hidden_size * jnp.dtype(rm.dtype).itemsize
-        ann = {"behavior_merged": merged, "behavior_unstacked": unstacked,
-               "rm_forward": hidden + working_set(rm, rows, t, tensor)}
+        alive = held or {"behavior_unstacked": unstacked}  # the sampling copy is the unstacked one by then
+        ann = {"behavior_merged": merged, **alive, "rm_forward": hidden + working_set(rm, rows, t, tensor)}
 
     # Train step, per micro-batch of B/m pairs, split over data×fsdp when they divide: B/m rows of P + 2N tokens
     # ([prompt | chosen | rejected], share_prompt) or 2·B/m rows of P + N.
@@ -299,6 +313,8 @@ def print_plan(r: dict, cfg, mc: ModelConfig, device: str) -> None:
           f"reference={cfg.reference} | trainable {r['trainable_count'] / 1e6:.1f}M params")
     print(f"batch {cfg.batch_size} pairs / {cfg.micro_batches} micro-batches -> {r['train_rows']} rows x "
           f"{r['train_len']} tokens per device; KV cache {r['kv_rows']} rows x {r['kv_len']} slots (global)")
+    print(f"pi_beta samples in the {r['sampling_layout']} layout (sampling_layout={cfg.sampling_layout}; the "
+          f"sampling layout's copy: {r['sampling_copy'] / GiB:.2f} GiB per device)")
     print(f"{'per device':34s}{'GiB':>8s}")
     labels = {"base": f"base ({mc.param_dtype})", "trainable": f"trainable ({r['trainable_dtype']})",
               "opt_state": f"AdamW mu+nu ({r['opt_dtype']})", "behavior": f"behavior ({r['behavior_dtype']})",

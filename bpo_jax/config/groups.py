@@ -15,6 +15,7 @@ from bpo_jax.data.official import FORMATS as DATA_FORMATS
 from bpo_jax.losses import validate_loss_args
 from bpo_jax.numerics import ATTENTION_IMPLS, remat_policy
 from bpo_jax.runtime.trackers import TRACKERS
+from bpo_jax.sample.sampler import SAMPLING_LAYOUTS
 from bpo_jax.train.lora import MERGE_RULES, canonical_targets
 from bpo_jax.train.pairs import EOS_RULES, IDENTICAL_RULES, TIE_RULES
 
@@ -149,6 +150,10 @@ class Sampling(_Group):
                                 "one has no EOS) | append (every response ends with an EOS, one forced after a "
                                 "truncated one, as the official code appends eos_token_id to each decoded response: "
                                 "train/online_dpo_rand_trainer.py lines 699 and 328-332)")
+    sampling_layout: str = setting("auto", "where pi_beta's weights sit while it samples (collection and greedy "
+                                   "evaluation): replicated (over data/fsdp, split over tensor: no collectives per "
+                                   "token; moved once per phase) | train (the training layout) | auto (replicated "
+                                   "when that copy fits half a device's memory)", resumable=True)
 
     def checked(self):
         need(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
@@ -157,6 +162,8 @@ class Sampling(_Group):
         need(self.top_k >= 0 and 0.0 < self.top_p <= 1.0, "need top_k >= 0 and 0 < top_p <= 1")
         need(self.sampling_batch_size >= 0, f"sampling_batch_size={self.sampling_batch_size} must be >= 0")
         need(self.response_eos in EOS_RULES, f"response_eos={self.response_eos!r}; valid: {', '.join(EOS_RULES)}")
+        need(self.sampling_layout in SAMPLING_LAYOUTS,
+             f"sampling_layout={self.sampling_layout!r}; valid: {', '.join(SAMPLING_LAYOUTS)}")
         return self
 
 

@@ -28,9 +28,9 @@ import jax
 import numpy as np
 
 from bpo_jax.logprobs import chunked_token_logprobs, reduce_masked
-from bpo_jax.models.decoder import hidden_states, logits_from_hidden
+from bpo_jax.models.decoder import hidden_states, logits_from_hidden, unstack_layers
 from bpo_jax.runtime import distributed
-from bpo_jax.sample.sampler import Decoding, generate
+from bpo_jax.sample.sampler import Decoding, for_sampling, generate
 
 
 class WinRate(NamedTuple):
@@ -118,11 +118,14 @@ class TestSetScores(NamedTuple):
 
 def score_test_set(params, config, tokenizer, annotator, prompts, prompt_ids, prompt_mask, references, *,
                    max_new_tokens: int, eos_token_ids, mesh=None, batch_size: int = 16,
-                   interrupt=None, reference_params=None) -> TestSetScores:
+                   interrupt=None, reference_params=None, sampling_layout: str = "auto") -> TestSetScores:
     """Greedy responses to every test prompt, scored with the references; the same result on every host.
     ``interrupt()`` runs before each batch of ``batch_size`` prompts (decoded, then scored; a preemption check).
-    ``reference_params`` (the SFT model): also each response's log-ratio to it (the module's drift measure)."""
+    ``reference_params`` (the SFT model): also each response's log-ratio to it (the module's drift measure).
+    ``sampling_layout``: where the (stacked) ``params`` sit while they decode (``sampler.for_sampling``: moved
+    and unstacked once for the whole test set)."""
     n, hosts, me = len(prompts), distributed.process_count(), distributed.process_index()
+    sampling = unstack_layers(for_sampling(config, params, mesh, sampling_layout))
     per_host = -(-n // hosts)
     mine = np.minimum(np.arange(me * per_host, (me + 1) * per_host), n - 1)  # pad: repeat the last prompt
     responses, s, r, drift = [], [], [], []
@@ -131,7 +134,7 @@ def score_test_set(params, config, tokenizer, annotator, prompts, prompt_ids, pr
             interrupt()
         idx = mine[start:start + batch_size]
         ids, pmask = np.asarray(prompt_ids)[idx], np.asarray(prompt_mask)[idx]
-        texts, out = greedy_responses(params, config, tokenizer, ids, pmask, max_new_tokens=max_new_tokens,
+        texts, out = greedy_responses(sampling, config, tokenizer, ids, pmask, max_new_tokens=max_new_tokens,
                                       eos_token_ids=eos_token_ids, mesh=mesh, batch_size=batch_size, samples=True)
         scores, refs = score_against_references(annotator, [prompts[j] for j in idx], texts,
                                                 [references[j] for j in idx])
@@ -173,5 +176,6 @@ def score_task(cfg, run, params, *, interrupt=None, reference_params=None) -> tu
     result = score_test_set(params, run.model.config, run.tokenizer, task.eval_annotator, task.eval_prompts,
                             task.eval_ids, task.eval_mask, task.references, max_new_tokens=cfg.eval_max_new_tokens,
                             eos_token_ids=run.eos_token_ids, mesh=run.mesh, batch_size=cfg.eval_batch_size,
-                            interrupt=interrupt, reference_params=reference_params)
+                            interrupt=interrupt, reference_params=reference_params,
+                            sampling_layout=cfg.sampling_layout)
     return result, win_rate_from_scores(result.scores, result.reference_scores)

@@ -12,6 +12,8 @@ the number of batch-sharding devices), so a run compiles once per bucket rather 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -26,6 +28,7 @@ from bpo_jax.sample.ops import sample_step
 from bpo_jax.train import lora
 
 Array = jax.Array
+log = logging.getLogger(__name__)
 
 
 # Sampling layout (as Tunix does): weights replicated over data/fsdp and split only over ``tensor``, so a decode
@@ -46,6 +49,59 @@ def sampling_shardings(config, mesh, rules=SAMPLING_RULES, params=None):
         shapes = {**shapes, "layers": {**shapes["layers"], **{k: jax.tree.map(jnp.shape, params["layers"][k])
                                                                for k in extra}}}
     return shd.logical_to_sharding(axes, shapes, mesh, rules)
+
+
+SAMPLING_LAYOUTS = ("auto", "train", "replicated")
+SAMPLING_MEMORY_FRACTION = 0.5  # auto: the sampling copy may take up to this share of a device's memory
+
+
+def device_memory_bytes() -> int:
+    """This host's per-device memory: the first local device's ``bytes_limit`` (TPU, GPU); where a device
+    reports none (CPU), the host's physical memory split evenly over its local devices (they share it)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
+
+
+def bytes_per_device(params, shardings) -> int:
+    """The bytes one device holds of ``params`` placed by ``shardings`` (its largest shard of each leaf)."""
+    def one(x, s):
+        return int(np.prod(s.shard_shape(x.shape), dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
+
+    return sum(jax.tree.leaves(jax.tree.map(one, params, shardings)))
+
+
+def choose_layout(layout: str, need: int, device_bytes: int) -> str:
+    """``train`` or ``replicated``: ``layout`` itself unless ``auto``, which takes the sampling layout when its
+    ``need`` bytes per device fit ``SAMPLING_MEMORY_FRACTION`` of ``device_bytes``."""
+    if layout not in SAMPLING_LAYOUTS:
+        raise ValueError(f"sampling_layout={layout!r}; valid: {', '.join(SAMPLING_LAYOUTS)}")
+    if layout != "auto":
+        return layout
+    return "replicated" if need <= SAMPLING_MEMORY_FRACTION * device_bytes else "train"
+
+
+def for_sampling(config, params, mesh, layout: str = "auto"):
+    """π_β's (stacked) ``params`` placed for ``generate``, once per phase or evaluation: in the sampling layout
+    (``sampling_shardings``: replicated over the batch axes, split over ``tensor``; moved device to device), so
+    the decode loop runs without collectives, or as they are (the training layout, where XLA moves sharded
+    activations at every layer of every token; also params already unstacked, or no mesh). ``layout``:
+    ``SAMPLING_LAYOUTS``; ``auto`` decides with ``choose_layout`` from the sampling copy's bytes per device and
+    the smallest ``device_memory_bytes`` over the hosts (a collective: every host calls it and takes the same
+    decision), and logs one line when it keeps the training layout."""
+    if layout not in SAMPLING_LAYOUTS:
+        raise ValueError(f"sampling_layout={layout!r}; valid: {', '.join(SAMPLING_LAYOUTS)}")
+    if mesh is None or layout == "train" or isinstance(params["layers"], (tuple, list)):  # unstacked: as they are
+        return params
+    shardings = sampling_shardings(config, mesh, params=params)
+    if layout == "auto":
+        need, have = bytes_per_device(params, shardings), distributed.min_over_hosts(device_memory_bytes())
+        if choose_layout(layout, need, have) == "train":
+            log.info(f"sampling in the training layout: the sampling layout needs {need / 2**30:.2f} GiB per device, "
+                     f"over {SAMPLING_MEMORY_FRACTION:.0%} of {have / 2**30:.1f} GiB (sampling_layout=auto)")
+            return params
+    return shd.shard(params, shardings)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,8 +18,9 @@ with h > 0) is rounding noise, not a measure of the policy: read it over the ste
 F = T there are none).
 
 Several processes (``bpo_jax.runtime.distributed``): each host owns B/P prompts of every global batch of B. It samples
-them with π_β on the global mesh, decodes and annotates only its own rows, and keeps its own pairs; the
-collection goes on until every host has its K·B/P pairs (the hosts agree on that from their gathered counts).
+them with π_β on the global mesh and decodes and annotates only its own rows; the collection goes on until the
+hosts together have K·B pairs (from their gathered counts), and the phase trains on the first K·B kept pairs in
+the stream's order, each host holding the rows of its batch slots (``bpo_jax.train.pair_order``).
 Each train step's global batch is assembled from the hosts' rows, so the same global batch gives the same
 losses whatever the number of processes. The primary host alone prints and writes metrics.
 """
@@ -40,7 +41,8 @@ from bpo_jax.config import TrainConfig
 from bpo_jax.models.decoder import unstack_layers
 from bpo_jax.runtime import distributed, run_dir
 from bpo_jax.runtime.trackers import open_trackers
-from bpo_jax.sample.sampler import Decoding, generate
+from bpo_jax.sample.sampler import Decoding, for_sampling, generate
+from bpo_jax.train import pair_order
 from bpo_jax.train import state as st
 from bpo_jax.train.checkpoint import Checkpointer
 from bpo_jax.train.pairs import build_pairs, distinct, tied
@@ -99,28 +101,31 @@ class Preemption:
 
 def collect_pairs(cfg: TrainConfig, run: Run, behavior, key, *, interrupt=None):
     """Steps 1–3 for one phase: sample with π_β (``behavior``: its params) from the next batches of the run's
-    prompt stream ``run.task.train`` (advancing it), annotated by ``run.task.annotator``, until
-    K·B distinct, annotated pairs exist (K·B/P on each of P hosts), or (``identical_pairs=shrink``) from the
-    phase's K·B prompts, the dropped pairs weighted 0. Each sampling call takes as many of the
-    stream's batches as the phase still needs, up to ``sampling_batch_size`` prompts (sampling throughput grows
-    with the batch); its responses are decoded and annotated together. ``response_eos=append``: the sampler
-    ends every response with an EOS (``Decoding.append_eos``). ``interrupt(during)`` runs before each
-    round (a preemption check). Returns this host's ``(pairs, stats)``."""
+    prompt stream ``run.task.train`` (advancing it), annotated by ``run.task.annotator``, until K·B distinct,
+    annotated pairs exist over all hosts, or (``identical_pairs=shrink``) from the phase's K·B prompts, the
+    dropped pairs weighted 0. The phase trains on the first K·B kept pairs in stream order, whatever the number
+    of hosts (``bpo_jax.train.pair_order``: each host ends with the K·B/P rows of its batch slots). Each
+    sampling call takes as many of the stream's batches as the phase still needs, up to
+    ``sampling_batch_size`` prompts (sampling throughput grows with the batch); its responses are decoded and
+    annotated together. π_β samples in the layout ``sampling_layout`` picks (``sampler.for_sampling``: its
+    weights moved once per phase). ``response_eos=append``: the sampler ends every response with an EOS
+    (``Decoding.append_eos``). ``interrupt(during)`` runs before each round (a preemption check). Returns this
+    host's ``(pairs, stats)``."""
     prompts, annotator, model_config, eos_token_ids = run.task.train, run.task.annotator, run.model.config, \
         run.eos_token_ids
-    b_local = prompts.local_batch_size
-    need = cfg.steps_per_phase * b_local
+    B, need = prompts.batch_size, cfg.steps_per_phase * prompts.batch_size  # global counts
     shrink, append = cfg.identical_pairs == "shrink", cfg.response_eos == "append"
     most = max(1, (cfg.sampling_batch_size or cfg.batch_size) // cfg.batch_size)  # stream batches per call
-    behavior = unstack_layers(behavior)  # once per phase, not once per generate call
+    behavior = unstack_layers(for_sampling(model_config, behavior, run.mesh, cfg.sampling_layout))  # once per phase
     decoding = Decoding(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                         top_p=cfg.top_p, num_samples=2, eos_token_ids=eos_token_ids,
                         pad_token_id=model_config.pad_token_id or 0, append_eos=append)  # two per prompt
-    chunks, have, sampled, rounds = [], 0, 0, 0
+    chunks, taken, have, sampled, rounds = [], [], 0, 0, 0
     tally = np.zeros(2, np.int64)  # identical pairs, tied pairs
     bar = tqdm(total=need, desc="collecting pairs", unit="pair", leave=False, disable=not distributed.is_primary())
-    while (fewest := distributed.min_over_hosts(have)) < need:  # every host takes the same decision
-        if rounds > 20 * cfg.steps_per_phase and fewest == 0:
+    while (total := int(distributed.all_gather(np.int64(have)).sum())) < need:  # every host: the same decision
+        bar.update(total - bar.n)
+        if rounds > 20 * cfg.steps_per_phase and total == 0:
             if distributed.any_host(bool(tally[1])):  # every host raises the same error
                 raise RuntimeError(f"the annotator scored the two responses of every distinct pair equal in {rounds} "
                                    f"rounds, and tied_pairs=drop keeps no tied pair; use an annotator that "
@@ -128,7 +133,7 @@ def collect_pairs(cfg: TrainConfig, run: Run, behavior, key, *, interrupt=None):
             raise RuntimeError("the behavior LLM keeps sampling identical pairs; raise temperature")
         if interrupt is not None:
             interrupt("the collection of pairs")
-        calls = min(most, -(-(need - fewest) // b_local))
+        calls = min(most, -(-(need - total) // B))
         batches = distributed.agreed(lambda: [prompts.next_batch() for _ in range(calls)])  # a host-local read
         texts_in = [p for bt in batches for p in bt.prompts]
         ids, pmask = np.concatenate([bt.ids for bt in batches]), np.concatenate([bt.mask for bt in batches])
@@ -144,14 +149,17 @@ def collect_pairs(cfg: TrainConfig, run: Run, behavior, key, *, interrupt=None):
         if cfg.tied_pairs == "drop":
             keep = keep & ~ties
         chunks.append(build_pairs(ids, pmask, toks, mask, out.logprobs, scores, keep, eos_token_ids=eos_token_ids,
-                                  shrink=shrink, eos_appended=append))
-        rows = len(texts_in) if shrink else int(keep.sum())
-        have += rows
+                                  shrink=True, eos_appended=append))  # every row, weighted: the plan picks
+        taken.append(np.ones_like(keep) if shrink else keep)
+        have += int(taken[-1].sum())
         sampled += len(texts_in)
         tally += [int((~differ).sum()), int(ties.sum())]
-        bar.update(min(rows, need - bar.n))
+    bar.update(min(total, need) - bar.n)
     bar.close()
-    pairs = {k: np.concatenate([c[k] for c in chunks])[:need] for k in chunks[0]}
+    plans = pair_order.phase_plan(distributed.all_gather(np.concatenate(taken)),
+                                  pair_order.host_rows(run.mesh, B), B, cfg.steps_per_phase)
+    pairs = pair_order.exchange({k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}, plans,
+                                distributed.process_index())
     kept, truncated = pairs[WEIGHT_KEY].sum(), (pairs[WEIGHT_KEY] * pairs["truncated"]).sum()
     counts = distributed.all_gather(np.asarray([sampled, *tally, truncated, kept], np.float64)).sum(0)
     stats = {"prompts_sampled": int(counts[0]), "identical_pairs_dropped": int(counts[1]),
