@@ -107,3 +107,43 @@ def test_online_loop_one_phase(tiny_policy_and_rm, tmp_path):
     assert abs(sum(r["total_s"] for r in rows.values()) - res["phase_s"]) < 1e-3
     assert len(res["losses"]) == 2 and 0 <= res["eval"]["eval/win_rate"] <= 1
     assert "phase total" in out and not os.path.exists(res["run_dir"])
+
+
+def test_trl_online_reward_is_the_minisum_gold_reward(monkeypatch):
+    """``bench/trl_online.py``'s ROUGE-L F1 (a copy, so the torch process loads no JAX) equals the annotator's."""
+    import importlib
+    import random
+
+    from bpo_jax.eval.annotators import rouge_l_f1
+
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
+    trl_online = importlib.import_module("trl_online")
+    words = ["the", "The", "park", "opened,", "town", "7", "a.m.", "benches", "on", "Monday", "", "—", "new"]
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 12))) for _ in range(200)]
+    for a, b in zip(texts, texts[1:] + texts[:1]):
+        assert trl_online.rouge_l_f1(a, b) == rouge_l_f1(a, b), (a, b)
+
+
+@pytest.mark.slow
+def test_online_loop_peer_trl(tiny_policy_and_rm, tmp_path):
+    """``--peer trl``: on-policy online DPO on both sides (a tiny random Llama with SmolLM2's tokenizer, 2 prompts x 2
+    samples x 8 tokens, 3 steps): both report per-step times, their parts and peak RSS, TRL trains on bpo_jax's
+    prompts, and the folder of both sides' files is removed."""
+    pytest.importorskip("trl")
+    res, out = _run("online_loop.py", ["--peer", "trl", "--steps", "3", f"model={tiny_policy_and_rm[0]}",
+                                       "batch_size=2", "max_new_tokens=8", "tied_pairs=second"], tmp_path)
+    ours, trl = res["bpo_jax"], res["trl"]
+    for side in (ours, trl):
+        assert len(side["step_times_s"]) == 3 and side["median_from_step"] == 3
+        assert _positive(side["step_s"], side["first_step_s"], side["peak_rss_mib"], side["peak_rss_after_warmup_mib"])
+        assert len(side["losses"]) == 3 and all(math.isfinite(v) for v in side["losses"])
+        assert len(side["response_tokens"]) == 3 and all(len(call) == 4 for call in side["response_tokens"])
+    assert all(ours["parts_s"][k] > 0 for k in ("sampling", "train steps", "checkpointing", "behavior merge"))
+    assert all(trl["parts_s"][k] > 0 for k in ("generate", "policy forward", "reference forward", "backward",
+                                                "optimizer"))
+    assert ours["config"]["lora_rank"] == 16 and trl["gradient_checkpointing"]  # the demo's LoRA and remat=dots
+    assert trl["same_prompts"] and 0 < trl["trainable_M"] < 1
+    assert _positive(res["ratio"]["step_time"], res["ratio"]["peak_rss"])
+    assert "bpo_jax / trl: s/step" in out and "not matched:" in out and "trl parts" in out
+    assert not os.path.exists(res["exchange"])
