@@ -13,7 +13,7 @@ import dataclasses
 
 from bpo_jax.data.official import FORMATS as DATA_FORMATS
 from bpo_jax.losses import validate_loss_args
-from bpo_jax.numerics import ATTENTION_IMPLS, remat_policy
+from bpo_jax.models.numerics import ATTENTION_IMPLS, remat_policy
 from bpo_jax.runtime.trackers import TRACKERS
 from bpo_jax.sample.sampler import SAMPLING_LAYOUTS
 from bpo_jax.train.lora import MERGE_RULES, canonical_targets

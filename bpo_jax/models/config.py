@@ -13,7 +13,7 @@ import dataclasses
 import math
 from typing import Any
 
-from bpo_jax.numerics import ATTENTION_IMPLS, remat_policy
+from bpo_jax.models.numerics import ATTENTION_IMPLS, remat_policy
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 _GEMMAS = ("gemma", "gemma2", "gemma3_text")

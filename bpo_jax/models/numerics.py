@@ -1,4 +1,5 @@
-"""The numerics settings a model config and a run config share, at the bottom of the package (both import it):
+"""The numerics settings a model config and a run config share, in the model layer that applies them
+(``models.config`` reads them; ``bpo_jax.config``, a layer above, checks its keys against them):
 rematerialisation policies and attention implementations. Pure Python."""
 
 from __future__ import annotations
