@@ -123,7 +123,7 @@ def main():
 
 def _lora_vs_merged(model, args):
     """Tokens/s of the sampler on π_β's activation-space adapters vs on the merged weights (see the docstring)."""
-    from bpo_jax.train import lora
+    from bpo_jax.models import lora
 
     key = jax.random.key(1)
     factors = lora.init_lora(key, model.params["layers"], targets=lora.TARGETS, rank=args.lora,

@@ -13,10 +13,10 @@ import dataclasses
 
 from bpo_jax.data.official import FORMATS as DATA_FORMATS
 from bpo_jax.losses import validate_loss_args
+from bpo_jax.models.lora import MERGE_RULES, canonical_targets
 from bpo_jax.models.numerics import ATTENTION_IMPLS, remat_policy
 from bpo_jax.runtime.trackers import TRACKERS
 from bpo_jax.sample.sampler import SAMPLING_LAYOUTS
-from bpo_jax.train.lora import MERGE_RULES, canonical_targets
 from bpo_jax.train.pairs import EOS_RULES, IDENTICAL_RULES, TIE_RULES
 
 REFERENCES = ("behavior", "sft", "ema", "mixup", "fixed")
@@ -174,7 +174,7 @@ class Lora(_Group):
     lora_alpha: float = setting(16.0, "LoRA α: the adapter's scale is α / r")
     lora_targets: tuple = setting(("q", "k", "v", "o", "gate", "up", "down"), "the projections that get adapters")
     ensemble_size: int = setting(1, "N LoRA adapters trained on the same pairs, merged into π_β")
-    ensemble_merge: str = setting("mean_delta", "how the N adapters merge (bpo_jax.train.lora): mean_delta (the "
+    ensemble_merge: str = setting("mean_delta", "how the N adapters merge (bpo_jax.models.lora): mean_delta (the "
                                   "exact mean of the weight deltas) | peft_linear (PEFT's add_weighted_adapter linear)")
     lora_init_from: tuple = setting((), "PEFT adapter folders, one per member, to start from (as the official "
                                     "code does); empty: B = 0, A Kaiming-uniform, as PEFT initialises one")

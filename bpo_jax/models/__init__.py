@@ -1,5 +1,6 @@
-"""Decoder models (Llama / Qwen2 / Qwen3 / Gemma 1-3) in JAX + Flax NNX, with HF/GGUF import and HF export, and
-reward models (those decoders with a score head, or DeBERTa-v2/v3)."""
+"""Decoder models (Llama / Qwen2 / Qwen3 / Gemma 1-3) in JAX + Flax NNX, with HF/GGUF import and HF export, the
+LoRA ensemble they apply (``lora``) and its PEFT folders (``peft_adapters``), and reward models (those decoders
+with a score head, or DeBERTa-v2/v3)."""
 
 from bpo_jax.models.config import SUPPORTED, ModelConfig
 from bpo_jax.models.decoder import (

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from bpo_jax.models.hf_names import layer_module
-from bpo_jax.train.lora import TARGETS, merged_adapter
+from bpo_jax.models.lora import TARGETS, merged_adapter
 
 MODULES = {t: layer_module(t) for t in TARGETS}  # "q" -> "self_attn.q_proj"
 PREFIX = "base_model.model.model.layers"

@@ -21,11 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bpo_jax.models import decoder
+from bpo_jax.models import decoder, lora
 from bpo_jax.runtime import distributed
 from bpo_jax.runtime import sharding as shd
 from bpo_jax.sample.ops import sample_step
-from bpo_jax.train import lora
 
 Array = jax.Array
 log = logging.getLogger(__name__)

@@ -69,8 +69,8 @@ def sft_start(cfg, base):
     samples. A bad adapter folder is a ValueError."""
     if not cfg.lora_init_from:
         return None, base
+    from bpo_jax.models import lora
     from bpo_jax.models.peft_adapters import read_ensemble
-    from bpo_jax.train import lora
     from bpo_jax.train import state as st
 
     lora_init = distributed.agreed(  # host-local reads: a failure on one host stops every host alike

@@ -29,7 +29,7 @@ import optax
 
 from bpo_jax.config import StepConfig, TrainConfig
 from bpo_jax.config.groups import Lora
-from bpo_jax.train import lora
+from bpo_jax.models import lora
 
 Params = Any
 

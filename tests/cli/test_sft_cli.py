@@ -12,9 +12,9 @@ import pytest
 
 from bpo_jax.__main__ import main as cli
 from bpo_jax.config import load_config
-from bpo_jax.models import forward, load_pretrained
+from bpo_jax.models import forward, load_pretrained, lora
 from bpo_jax.models.peft_adapters import read_adapter
-from bpo_jax.train import lifecycle, lora
+from bpo_jax.train import lifecycle
 from bpo_jax.train import state as st
 from testing import ROOT, write_minisum_folder
 

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from bpo_jax.config import TrainConfig
-from bpo_jax.models import forward, load_pretrained
+from bpo_jax.models import forward, load_pretrained, lora
 from bpo_jax.models import peft_adapters as pa
-from bpo_jax.train import lora
 from bpo_jax.train import state as st
 from tiny_models import save_hf_model
 

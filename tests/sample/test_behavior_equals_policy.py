@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 from bpo_jax.config import TrainConfig
-from bpo_jax.models import init_params
+from bpo_jax.models import init_params, lora
 from bpo_jax.sample.sampler import Decoding, generate
-from bpo_jax.train import lora
 from bpo_jax.train import state as st
 from bpo_jax.train.pairs import build_pairs
 from bpo_jax.train.step import BATCH_KEYS, LOGP_GAP_TOL_PER_TOKEN, make_train_step, pair_logps, policy_behavior_logp_gap

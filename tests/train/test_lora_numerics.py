@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from bpo_jax.config import TrainConfig
-from bpo_jax.models import forward, init_params
-from bpo_jax.train import lora
+from bpo_jax.models import forward, init_params, lora
 from bpo_jax.train import state as st
 from bpo_jax.train.step import make_train_step
 from testing import random_pair_batch, tiny_model_config
