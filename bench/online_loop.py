@@ -143,8 +143,8 @@ def _load(args, **replace):
     import jax
 
     from bpo_jax.config import ConfigError, load_config, validate_for_model, validate_for_processes
-    from bpo_jax.data.tasks import setup_run
     from bpo_jax.runtime import distributed
+    from bpo_jax.wiring.tasks import setup_run
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -18,7 +18,7 @@ def run_with_config(command: str, doc: str, example: str, run, argv=None) -> int
     p.add_argument("overrides", nargs="*", help=f"key=value, e.g. {example}")
     args = p.parse_args(argv)
     from bpo_jax.runtime import logs
-    from bpo_jax.train.lifecycle import checked_config
+    from bpo_jax.wiring.lifecycle import checked_config
 
     logs.setup()
     try:  # ConfigError is a ValueError

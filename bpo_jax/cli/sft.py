@@ -24,11 +24,11 @@ def _run(cfg, trackers, t0) -> int:
     """Load the model and rows, then every seed in turn; the line to pass to ``train`` at the end."""
     from bpo_jax.config import save_config, validate_for_model
     from bpo_jax.data import builders
-    from bpo_jax.data.tasks import prepare_tfds
     from bpo_jax.runtime import distributed
     from bpo_jax.runtime import run_dir as rd
     from bpo_jax.train import sft
     from bpo_jax.train.loop import Preempted, Preemption
+    from bpo_jax.wiring.tasks import prepare_tfds
 
     sources = None
     if not cfg.sft_data and cfg.data in builders.BUILDERS:

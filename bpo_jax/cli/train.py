@@ -21,11 +21,12 @@ def main(argv=None) -> int:
 def _run(cfg, trackers, t0) -> int:
     """The run: its parts, the SFT start, step 0's evaluation, the loop, the final evaluation and the finish."""
     from bpo_jax.config import save_config, validate_for_model
-    from bpo_jax.data.tasks import setup_run
     from bpo_jax.runtime import distributed
     from bpo_jax.runtime import run_dir as rd
-    from bpo_jax.train import lifecycle, loop
+    from bpo_jax.train import loop
     from bpo_jax.train import state as st
+    from bpo_jax.wiring import lifecycle
+    from bpo_jax.wiring.tasks import setup_run
 
     run = setup_run(cfg)
     mcfg = run.model.config

@@ -1,5 +1,5 @@
 """tensorflow-datasets builders for the paper's three tasks and for prompt datasets in TRL's formats, read from
-local files (no download; ``bpo_jax.data.tasks`` fetches a Hub dataset into the HF cache first).
+local files (no download; ``bpo_jax.wiring.tasks`` fetches a Hub dataset into the HF cache first).
 
     sources = prepare("tldr", manual_dir="data/samples/tldr")      # {"train": ..., "test": ...}
     sources["test"][0]  # {"id": b"...", "roles": [b"user"], "contents": [b"..."], "reference": b"..."}
@@ -162,7 +162,7 @@ SAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pa
 def prepare(task: str, manual_dir: str = "", data_dir: str = "", data_format: str = "auto",
             splits=SPLITS) -> dict:
     """Build (once) and open task ``task``'s splits as tfds data sources (one process; a run over several
-    hosts coordinates the build with ``bpo_jax.data.tasks``).
+    hosts coordinates the build with ``bpo_jax.wiring.tasks``).
 
     ``manual_dir``: the raw files (default: the shipped samples, ``data/samples/<task>``); ``data_dir``: where
     prepared copies go (default ``~/tensorflow_datasets/bpo_jax``); ``data_format``: ``auto`` (per file),

@@ -64,7 +64,7 @@ def official_rows(path: str) -> list:
 
 def sft_rows(cfg, sources: dict | None = None) -> SftRows:
     """The run's SFT rows (see the module docstring). ``sources``: a tfds task's prepared splits
-    (``bpo_jax.data.tasks.prepare_tfds``), needed when ``sft_data`` is empty and ``data`` is a tfds task."""
+    (``bpo_jax.wiring.tasks.prepare_tfds``), needed when ``sft_data`` is empty and ``data`` is a tfds task."""
     if cfg.sft_data:
         if not os.path.isdir(cfg.sft_data):
             raise ValueError(f"sft_data={cfg.sft_data!r} is not a folder (it holds train.jsonl and dev.jsonl or "

@@ -52,7 +52,7 @@ class Comparison(NamedTuple):
 
 
 def compare_policies(cfg, run, a: Policy, b: Policy, **bootstrap_kw) -> Comparison:
-    """Steps 1–3 on ``run``'s test set (``bpo_jax.data.tasks.Run``: its prompts, references, annotator, tokenizer
+    """Steps 1–3 on ``run``'s test set (``bpo_jax.wiring.tasks.Run``: its prompts, references, annotator, tokenizer
     and mesh) with ``cfg``'s evaluation settings; the same result on every host."""
     task = run.task
     judge = task.eval_annotator if hasattr(task.eval_annotator, "compare_many") else None

@@ -170,7 +170,7 @@ def write_scores(path, prompts, references, result: TestSetScores) -> None:
 
 
 def score_task(cfg, run, params, *, interrupt=None, reference_params=None) -> tuple[TestSetScores, WinRate]:
-    """``score_test_set`` on a run's test set (``bpo_jax.data.tasks.Run``) with the config's evaluation settings,
+    """``score_test_set`` on a run's test set (``bpo_jax.wiring.tasks.Run``) with the config's evaluation settings,
     and its win rate: what ``train`` and ``evaluate`` both report."""
     task = run.task
     result = score_test_set(params, run.model.config, run.tokenizer, task.eval_annotator, task.eval_prompts,

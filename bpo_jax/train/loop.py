@@ -31,7 +31,6 @@ import dataclasses
 import logging
 import math
 import signal
-import typing
 
 import jax
 import numpy as np
@@ -54,9 +53,6 @@ from bpo_jax.train.step import (
     member_logp_gaps,
     policy_behavior_logp_gap,
 )
-
-if typing.TYPE_CHECKING:  # annotations only: the loop reads the run's parts, it does not build them
-    from bpo_jax.data.tasks import Run
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +95,7 @@ class Preemption:
             raise Preempted(f"SIGTERM during {during}")
 
 
-def collect_pairs(cfg: TrainConfig, run: Run, behavior, key, *, interrupt=None):
+def collect_pairs(cfg: TrainConfig, run, behavior, key, *, interrupt=None):
     """Steps 1–3 for one phase: sample with π_β (``behavior``: its params) from the next batches of the run's
     prompt stream ``run.task.train`` (advancing it), annotated by ``run.task.annotator``, until K·B distinct,
     annotated pairs exist over all hosts, or (``identical_pairs=shrink``) from the phase's K·B prompts, the
@@ -168,9 +164,9 @@ def collect_pairs(cfg: TrainConfig, run: Run, behavior, key, *, interrupt=None):
     return pairs, stats
 
 
-def train(cfg: TrainConfig, run: Run, *, evaluate=None, lora_init=None, stop: Preemption | None = None,
+def train(cfg: TrainConfig, run, *, evaluate=None, lora_init=None, stop: Preemption | None = None,
           trackers=None) -> st.TrainState:
-    """Run (or resume) the online loop on ``run`` (``bpo_jax.data.tasks.Run``: its model's params are the SFT
+    """Run (or resume) the online loop on ``run`` (``bpo_jax.wiring.tasks.Run``: its model's params are the SFT
     start, ``run.task.train`` the prompt stream of ``cfg.batch_size`` prompts per global batch, whose state is
     checkpointed, one per host; ``run.task.annotator`` ranks the pairs; ``run.reference`` the fixed reference's
     weights for ``reference=fixed``; ``tasks.training_run`` builds one from parts). ``evaluate(params, step) ->
@@ -229,7 +225,7 @@ class _Outputs:
         self.trackers.log(record)
 
 
-def _loop(cfg: TrainConfig, run: Run, out: _Outputs, state, pairs) -> st.TrainState:
+def _loop(cfg: TrainConfig, run, out: _Outputs, state, pairs) -> st.TrainState:
     """The steps from ``state`` (with the phase's remaining ``pairs``, or None at a phase start) to T, as
     ``train``'s docstring says; returns the final state."""
     prompts, mesh = run.task.train, run.mesh
@@ -273,7 +269,7 @@ def _loop(cfg: TrainConfig, run: Run, out: _Outputs, state, pairs) -> st.TrainSt
     return state
 
 
-def _periodic_eval(cfg: TrainConfig, run: Run, out: _Outputs, state, step: int, record: dict, save) -> None:
+def _periodic_eval(cfg: TrainConfig, run, out: _Outputs, state, step: int, record: dict, save) -> None:
     """The evaluation every ``eval_every`` steps, into ``record``; a SIGTERM during it writes the step's record,
     saves the step with the evaluation marked pending, and raises ``Preempted``."""
     try:
@@ -285,7 +281,7 @@ def _periodic_eval(cfg: TrainConfig, run: Run, out: _Outputs, state, step: int, 
                         f"{out.ckpt.directory}; the resumed run evaluates it first") from None
 
 
-def _start_phase(cfg: TrainConfig, run: Run, state, phase: int, stop: Preemption):
+def _start_phase(cfg: TrainConfig, run, state, phase: int, stop: Preemption):
     """Steps 5 and 1–3 at a phase start: ``(state, this host's pairs, phase stats)``. A preemption during the
     collection saves nothing: the last checkpoint (or the fresh start) already holds this phase's start.
 

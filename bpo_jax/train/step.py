@@ -195,7 +195,7 @@ def step_model_config(cfg: TrainConfig | StepConfig, model_config: ModelConfig) 
     they replace the model config's (a model loaded without ``remat=`` still rematerialises as the run says).
     The compute dtype is fixed when the model is loaded (with the weights' own dtype, ``param_dtype``), so a model
     config whose compute dtype disagrees with the run's explicit ``dtype`` is refused (load the model with the
-    run's dtypes, as ``bpo_jax.data.tasks.setup_run`` does; ``dtype=auto`` takes the model's)."""
+    run's dtypes, as ``bpo_jax.wiring.tasks.setup_run`` does; ``dtype=auto`` takes the model's)."""
     if cfg.dtype != "auto" and model_config.dtype != cfg.dtype:
         raise ValueError(f"the run's dtype={cfg.dtype} but the model was loaded with dtype={model_config.dtype}; "
                          f"load it with load_pretrained(..., dtype={cfg.dtype!r})")

@@ -14,8 +14,8 @@ from bpo_jax.__main__ import main as cli
 from bpo_jax.config import load_config
 from bpo_jax.models import forward, load_pretrained, lora
 from bpo_jax.models.peft_adapters import read_adapter
-from bpo_jax.train import lifecycle
 from bpo_jax.train import state as st
+from bpo_jax.wiring import lifecycle
 from testing import ROOT, write_minisum_folder
 
 IDS = np.random.default_rng(0).integers(3, 49152, (2, 7))

@@ -13,8 +13,8 @@ from bpo_jax.__main__ import main as cli
 from bpo_jax.config import load_config
 from bpo_jax.data import builders, trl_formats
 from bpo_jax.data.prompts import PlainText, example_prompt, example_reference
-from bpo_jax.data.tasks import local_data, prepare_tfds, tfds_task
 from bpo_jax.models.hub import parse_dataset_id, resolve_dataset
+from bpo_jax.wiring.tasks import local_data, prepare_tfds, tfds_task
 from testing import TINY_PAPER_RUN
 
 REV = "89abcdef0123456789abcdef0123456789abcdef"

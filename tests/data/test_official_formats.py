@@ -170,7 +170,7 @@ def test_a_paper_config_on_official_files_renders_plain_and_keeps_dialogue_ends(
                                                                                 tmp_path):
     """build_task on official Harmlessness files: training and test prompts are the official strings tokenized
     without the chat template, and a test dialogue over max_prompt_length keeps its last user turn."""
-    from bpo_jax.data.tasks import build_task
+    from bpo_jax.wiring.tasks import build_task
 
     tok = smollm2[1]
     long = {"prompt": "user: " + "tell me about locks " * 30 + "assistant: " + "locks are old " * 30

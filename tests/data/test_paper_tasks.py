@@ -62,9 +62,9 @@ def test_paper_task_without_a_reward_model_is_a_config_error(capsys):
 @pytest.mark.slow
 def test_interrupted_tfds_run_resumes_the_prompt_stream_exactly(tiny_policy_and_rm, tmp_path):
     from bpo_jax.config import load_config
-    from bpo_jax.data.tasks import build_task, training_run
     from bpo_jax.models import load_pretrained
     from bpo_jax.train import loop
+    from bpo_jax.wiring.tasks import build_task, training_run
 
     policy, rm = tiny_policy_and_rm
     model, tok = load_pretrained(policy)
@@ -100,7 +100,7 @@ def test_long_test_prompts_are_truncated_keeping_their_start_not_dropped(smollm2
     the chat template's generation prompt stays, and the annotator still sees the whole prompt."""
     from bpo_jax.config import load_config
     from bpo_jax.data.prompts import encode, encode_truncated
-    from bpo_jax.data.tasks import build_task
+    from bpo_jax.wiring.tasks import build_task
 
     tok = smollm2[1]
     text = "one two three four five six seven eight nine ten " * 8

@@ -179,10 +179,10 @@ def test_loop_with_shrink_and_append_trains_on_the_kept_pairs_of_its_own_prompts
     every response ends with an EOS; ``phase_start`` marks each phase's first step, where the loss is log 2."""
     from bpo_jax.data.minisum import encode_prompts
     from bpo_jax.data.prompts import ArrayPrompts
-    from bpo_jax.data.tasks import training_run
     from bpo_jax.eval.annotators import FunctionAnnotator
     from bpo_jax.models import load_pretrained
     from bpo_jax.train import loop
+    from bpo_jax.wiring.tasks import training_run
 
     texts = [f"Tell me about topic number {i}, briefly." for i in range(12)]
     model, tok = load_pretrained(tiny_policy_and_rm[0])

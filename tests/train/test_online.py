@@ -15,10 +15,10 @@ from bpo_jax.__main__ import main as cli
 from bpo_jax.config import TrainConfig
 from bpo_jax.data.minisum import encode_prompts
 from bpo_jax.data.prompts import ArrayPrompts
-from bpo_jax.data.tasks import training_run
 from bpo_jax.eval.annotators import FunctionAnnotator
 from bpo_jax.models import load_pretrained
 from bpo_jax.train import loop
+from bpo_jax.wiring.tasks import training_run
 from testing import TESTS, write_minisum_folder
 
 TEXTS = [f"Tell me about topic number {i}, briefly." for i in range(12)]
@@ -155,7 +155,7 @@ _KILLED_RUN = textwrap.dedent("""
     import os, signal, sys
     sys.path[:0] = [{here!r}, {tests!r}]
     from test_online import _annotator, _cfg, _setup
-    from bpo_jax.data.tasks import training_run
+    from bpo_jax.wiring.tasks import training_run
     from bpo_jax.train import loop
     model, tok, prompts = _setup({tiny!r})
     def die(params, step):

@@ -12,11 +12,11 @@ from bpo_jax.__main__ import main as cli
 from bpo_jax.config import TrainConfig
 from bpo_jax.data.minisum import encode_prompts
 from bpo_jax.data.prompts import ArrayPrompts
-from bpo_jax.data.tasks import training_run
 from bpo_jax.eval.annotators import FunctionAnnotator
 from bpo_jax.models import load_pretrained
 from bpo_jax.train import loop
 from bpo_jax.train.checkpoint import IncompatibleCheckpoint
+from bpo_jax.wiring.tasks import training_run
 from testing import write_minisum_folder
 
 

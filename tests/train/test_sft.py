@@ -115,7 +115,7 @@ def test_official_rows_and_their_errors(tmp_path):
 
 
 def test_a_tfds_task_gives_its_training_references(tmp_path):
-    from bpo_jax.data.tasks import prepare_tfds
+    from bpo_jax.wiring.tasks import prepare_tfds
 
     cfg = TrainConfig(data="hh_helpful", reward_model="unused", data_dir="", tfds_dir=str(tmp_path))
     rows = sft_rows(cfg, prepare_tfds(cfg.data, cfg.data_dir, cfg.tfds_dir))
