@@ -5,6 +5,13 @@ Each group validates itself: ``checked()`` returns the group with its settings i
 true`` -> ``full``, LoRA target aliases, tracker lists) or raises ``ConfigError`` naming the key. Checks that
 read two groups live in ``bpo_jax.config.train_config``. Field names are the flat keys a YAML file or a
 ``key=value`` override uses (unique across groups), so ``beta=0.1`` and ``loss.beta=0.1`` name the same setting.
+
+Where the allowed values live. The config layer sits above the layers whose choices it checks and below the ones
+that read it (``pyproject.toml``'s import-linter contracts): ``sample/``, ``models/`` (LoRA targets and merge
+rules, numerics), ``data/`` (the official formats), ``runtime/`` (trackers) and ``losses`` take plain arguments,
+never a config, so each of their choices is defined once beside the code that implements and checks it, and
+imported here; ``train/``, ``eval/`` and ``bpo_jax.wiring`` read the config, so the choices that only they
+implement (the pair rules, references, annotators, tasks) are defined here. Nothing below this layer imports it.
 """
 
 from __future__ import annotations
@@ -17,12 +24,15 @@ from bpo_jax.models.lora import MERGE_RULES, canonical_targets
 from bpo_jax.models.numerics import ATTENTION_IMPLS, remat_policy
 from bpo_jax.runtime.trackers import TRACKERS
 from bpo_jax.sample.sampler import SAMPLING_LAYOUTS
-from bpo_jax.train.pairs import EOS_RULES, IDENTICAL_RULES, TIE_RULES
 
 REFERENCES = ("behavior", "sft", "ema", "mixup", "fixed")
 TFDS_TASKS = ("tldr", "hh_helpful", "hh_harmless")
 ANNOTATORS = ("auto", "rouge", "reward_model", "judge")
 LR_SCHEDULES = ("linear", "cosine")
+# The pair rules, which train/ (a layer above) implements; bpo_jax.train.pairs explains each.
+TIE_RULES = ("drop", "second")
+IDENTICAL_RULES = ("resample", "shrink")
+EOS_RULES = ("sampled", "append")
 
 
 class ConfigError(ValueError):

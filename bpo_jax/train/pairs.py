@@ -1,19 +1,19 @@
 """From two sampled responses per prompt to preference pairs: drop identical pairs, order by the annotator.
 
-Ties. Two responses with equal scores carry no preference. ``TIE_RULES``: ``drop`` (the default) drops such a
+Ties. Two responses with equal scores carry no preference. ``tied_pairs``: ``drop`` (the default) drops such a
 pair as an identical pair is dropped, and the collection samples on until the phase has its pairs; ``second``
 labels the second sample chosen, exactly as the official code does (xu1998hz/BPO,
 ``train/online_dpo_rand_trainer.py`` ``ret_train_data``: ``if first_score > sec_score`` the first is chosen,
 else the second). With a reward model ties are rare; with ROUGE-L they are common (0.0 when no word overlaps).
 
-Identical pairs. ``IDENTICAL_RULES``: ``resample`` (the default) drops them from the phase, which samples more
+Identical pairs. ``identical_pairs``: ``resample`` (the default) drops them from the phase, which samples more
 prompts until it has K·B pairs; ``shrink`` keeps every prompt's row with a per-pair ``weight`` of 0 for a
 dropped pair (identical, or tied under ``tied_pairs=drop``) and 1 otherwise, so each step trains on the pairs
 kept among its own B prompts with the batch's shapes unchanged, as the official code's step trains on fewer pairs
 (``online_dpo_rand_trainer.py``: ``inference`` keeps a prompt only ``if temp_ls[0] != temp_ls[1]``, line 720,
 and the step's loss is the sum over the kept pairs divided by their number, lines 954 and 1366).
 
-Response ends. ``EOS_RULES``: ``sampled`` trains on the tokens as sampled (a truncated response has no EOS);
+Response ends. ``response_eos``: ``sampled`` trains on the tokens as sampled (a truncated response has no EOS);
 ``append`` on responses that all end with an EOS, the sampler forcing one after a truncated response
 (``sample.sampler.Decoding.append_eos``), as the official code appends ``eos_token_id`` to every decoded response
 (``online_dpo_rand_trainer.py`` lines 699 and 328-332). Two differences, both kept on purpose: the tokens are
@@ -28,10 +28,6 @@ behavior LLM's untempered log-probs along with the pairs.
 from __future__ import annotations
 
 import numpy as np
-
-TIE_RULES = ("drop", "second")
-IDENTICAL_RULES = ("resample", "shrink")
-EOS_RULES = ("sampled", "append")
 
 
 def distinct(texts) -> np.ndarray:
