@@ -9,6 +9,7 @@ export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 ruff check --quiet bpo_jax tests bench  # the lint (pyproject.toml [tool.ruff]): a finding fails the run
+lint-imports --no-cache  # the layers as contracts (pyproject.toml [tool.importlinter]): a broken one fails the run
 # One worker more than the cores (the multi-process and CLI tests wait on their children and on timeouts, so a
 # worker per core leaves cores idle: 18.5 vs 20.6 minutes on 2 cores); each test file stays in one worker (its
 # module fixtures are built once).
