@@ -82,9 +82,9 @@ def _plan(args) -> _Plan:
 
 def _compare(plan: _Plan, ckpts, steps) -> int:
     """Load both policies, compare them, write and report."""
-    from bpo_jax.wiring.tasks import setup_run
     from bpo_jax.eval.compare import Policy, compare_policies, describe, write
     from bpo_jax.train.restore import restore_policy
+    from bpo_jax.wiring.tasks import setup_run
 
     run = setup_run(plan.cfg, train=False)
     labels = _labels(plan.sources, steps)

@@ -60,11 +60,11 @@ def _checked_config(args):
 
 def _evaluate(cfg, ckpt, step: int) -> int:
     """Restore ``step``, score π_θ's greedy responses on the test set, record and report the win rate."""
-    from bpo_jax.wiring.tasks import setup_run
     from bpo_jax.eval.win_rate import score_task, scores_file, write_scores
     from bpo_jax.runtime import run_dir as rd
     from bpo_jax.runtime.trackers import log_evaluation
     from bpo_jax.train.restore import restore_policy
+    from bpo_jax.wiring.tasks import setup_run
 
     run = setup_run(cfg, train=False)
     task = run.task
