@@ -57,8 +57,8 @@ def main(argv=None) -> int:
     import numpy as np
 
     from bpo_jax.config import load_config
-    from bpo_jax.data.tasks import setup_run
     from bpo_jax.train import loop
+    from bpo_jax.wiring.tasks import setup_run
 
     cfg = load_config(args.config, ["mesh_data=1", "mesh_fsdp=-1", *args.overrides])
     run = setup_run(cfg)

@@ -14,12 +14,12 @@ import pytest
 
 from bpo_jax.config import TrainConfig
 from bpo_jax.data.prompts import ArrayPrompts
-from bpo_jax.data.tasks import training_run
 from bpo_jax.eval.annotators import FunctionAnnotator
 from bpo_jax.models import init_params, param_axes
 from bpo_jax.runtime import sharding as shd
 from bpo_jax.sample import sampler
 from bpo_jax.train import loop
+from bpo_jax.wiring.tasks import training_run
 from testing import tiny_model_config
 
 COLLECTIVES = re.compile(r"\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
