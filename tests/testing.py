@@ -158,3 +158,20 @@ def launcher_repo(tmp_path):
                       f'"$@"; echo; }} >> "{calls}"\n')
     python.chmod(python.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return repo, calls
+
+
+def record_snapshot_download(monkeypatch, folder) -> dict:
+    """Replace ``huggingface_hub.snapshot_download`` with a stand-in that records its arguments (``repo_id`` and
+    the keywords) in the returned dict and answers ``folder``; the hub is put online for the call (no network is
+    reached: nothing is downloaded)."""
+    import huggingface_hub
+
+    seen: dict = {}
+
+    def snapshot_download(repo_id, **kw):
+        seen.update(kw, repo_id=repo_id)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    return seen

@@ -15,7 +15,7 @@ from bpo_jax.data import builders, trl_formats
 from bpo_jax.data.prompts import PlainText, example_prompt, example_reference
 from bpo_jax.models.hub import parse_dataset_id, resolve_dataset
 from bpo_jax.wiring.tasks import local_data, prepare_tfds, tfds_task
-from testing import TINY_PAPER_RUN
+from testing import TINY_PAPER_RUN, record_snapshot_download
 
 REV = "89abcdef0123456789abcdef0123456789abcdef"
 N = 4  # rows per split file
@@ -208,16 +208,7 @@ def test_online_download_fetches_the_splits_parquet_only(monkeypatch, tmp_path):
     files and nothing else (checked on a stand-in: no network in tests)."""
     import fnmatch
 
-    import huggingface_hub
-
-    seen = {}
-
-    def fake_snapshot_download(repo_id, **kw):
-        seen.update(kw, repo_id=repo_id)
-        return str(tmp_path)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    seen = record_snapshot_download(monkeypatch, tmp_path)
     assert resolve_dataset("hf://datasets/org/name@v1", ("train_prefs", "test_prefs")) == str(tmp_path)
     assert (seen["repo_id"], seen["revision"], seen["repo_type"], seen["local_files_only"]) == (
         "org/name", "v1", "dataset", False)

@@ -11,7 +11,7 @@ import pytest
 from bpo_jax.__main__ import main as cli
 from bpo_jax.models import load_pretrained, load_reward_model
 from bpo_jax.models.hub import parse_hub_id, resolve_model
-from testing import write_minisum_folder
+from testing import record_snapshot_download, write_minisum_folder
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 
@@ -90,16 +90,7 @@ def test_online_download_asks_for_safetensors_only(monkeypatch, tmp_path):
     configs and tokenizer files but never *.bin / *.pt (checked on a stand-in: no network in tests)."""
     import fnmatch
 
-    import huggingface_hub
-
-    seen = {}
-
-    def fake_snapshot_download(repo_id, **kw):
-        seen.update(kw, repo_id=repo_id)
-        return str(tmp_path)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    seen = record_snapshot_download(monkeypatch, tmp_path)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     assert resolve_model("some-org/some-model@v2") == str(tmp_path)
     assert seen["repo_id"] == "some-org/some-model" and seen["revision"] == "v2"
