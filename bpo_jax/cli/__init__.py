@@ -26,7 +26,7 @@ def run_with_config(command: str, doc: str, example: str, run, argv=None) -> int
 
         sys.stdout.write(markdown())
         return 0
-    from bpo_jax.runtime import logs
+    from bpo_jax.runtime import exits, logs
     from bpo_jax.wiring.lifecycle import checked_config
 
     logs.setup()
@@ -34,7 +34,7 @@ def run_with_config(command: str, doc: str, example: str, run, argv=None) -> int
         cfg, trackers = checked_config(args.config, args.overrides)
     except ValueError as err:
         log.error(f"config error: {err}")
-        return 2
+        return exits.USER
     try:
         return run(cfg, trackers, time.time())
     finally:

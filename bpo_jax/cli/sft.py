@@ -24,7 +24,7 @@ def _run(cfg, trackers, t0) -> int:
     """Load the model and rows, then every seed in turn; the line to pass to ``train`` at the end."""
     from bpo_jax.config import save_config, validate_for_model
     from bpo_jax.data import builders
-    from bpo_jax.runtime import distributed
+    from bpo_jax.runtime import distributed, exits
     from bpo_jax.runtime import run_dir as rd
     from bpo_jax.train import sft
     from bpo_jax.train.loop import Preempted, Preemption
@@ -53,7 +53,7 @@ def _run(cfg, trackers, t0) -> int:
             folders = sft.train_seeds(run, stop=stop, trackers=trackers)
         except Preempted as err:  # the last completed step is on disk; the same command resumes
             log.error(str(err))
-            return 143
+            return exits.PREEMPTED
     log.info(f"sft done in {time.time() - t0:.0f} s; start train from these with: {sft.train_command(folders, cfg)}")
     distributed.barrier("bpo_jax.sft.done")
     return 0

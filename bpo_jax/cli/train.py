@@ -21,7 +21,7 @@ def main(argv=None) -> int:
 def _run(cfg, trackers, t0) -> int:
     """The run: its parts, the SFT start, step 0's evaluation, the loop, the final evaluation and the finish."""
     from bpo_jax.config import save_config, validate_for_model
-    from bpo_jax.runtime import distributed
+    from bpo_jax.runtime import distributed, exits
     from bpo_jax.runtime import run_dir as rd
     from bpo_jax.train import loop
     from bpo_jax.train import state as st
@@ -49,7 +49,7 @@ def _run(cfg, trackers, t0) -> int:
             after = evaluate(st.policy_params(cfg, state, mcfg.dtype), cfg.total_steps)
         except loop.Preempted as err:  # the last completed state is on disk; the same command resumes
             log.error(str(err))
-            return 143
+            return exits.PREEMPTED
     lifecycle.finish_run(cfg, run, state, after, trackers)
     log.info(f"win rate vs human references: {100 * before['eval/win_rate']:.1f}% before -> "
              f"{100 * after['eval/win_rate']:.1f}% after training ({time.time() - t0:.0f} s)")
