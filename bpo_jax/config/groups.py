@@ -164,8 +164,13 @@ class Sampling(_Group):
                                    "evaluation): replicated (over data/fsdp, split over tensor: no collectives per "
                                    "token; moved once per phase) | train (the training layout) | auto (replicated "
                                    "when that copy fits half a device's memory)", resumable=True)
+    behavior_check_every: int = setting(8, "re-score a phase's first batch with pi_beta's own params to check the "
+                                        "sampler's log-probs (phase/behavior_logp_gap: one forward) at phase 1 and "
+                                        "then every this many phases (0 = phase 1 only); the pi_theta-vs-pi_beta "
+                                        "gaps come from the train step at every phase start", resumable=True)
 
     def checked(self):
+        need(self.behavior_check_every >= 0, f"behavior_check_every={self.behavior_check_every} must be >= 0")
         need(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
         need(self.temperature > 0.0, f"temperature={self.temperature}: the behavior LLM samples two responses per "
                                      f"prompt, and greedy decoding (0) makes them identical; use a temperature > 0")

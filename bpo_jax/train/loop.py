@@ -45,14 +45,7 @@ from bpo_jax.train import pair_order
 from bpo_jax.train import state as st
 from bpo_jax.train.checkpoint import Checkpointer
 from bpo_jax.train.pairs import build_pairs, distinct, tied
-from bpo_jax.train.step import (
-    BATCH_KEYS,
-    WEIGHT_KEY,
-    behavior_logp_gap,
-    make_train_step,
-    member_logp_gaps,
-    policy_behavior_logp_gap,
-)
+from bpo_jax.train.step import BATCH_KEYS, GAP_METRICS, PHASE_START_KEY, WEIGHT_KEY, behavior_logp_gap, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -240,13 +233,14 @@ def _loop(cfg: TrainConfig, run, out: _Outputs, state, pairs) -> st.TrainState:
             if pairs is None:  # a new phase: π_β ← π_θ (after the first), then collect its pairs with π_β
                 state, pairs, phase_stats = _start_phase(cfg, run, state, phase, out.stop)
             i = step - phase * K
-            batch = distributed.global_rows({k: pairs[k][i * B:(i + 1) * B] for k in (*BATCH_KEYS, WEIGHT_KEY)},
-                                            mesh)
-            state, metrics = step_fn(state, batch)
+            rows = {k: pairs[k][i * B:(i + 1) * B] for k in (*BATCH_KEYS, WEIGHT_KEY)}
+            rows[PHASE_START_KEY] = np.full(B, float(i == 0), np.float32)  # the step then checks π_θ against π_β
+            state, metrics = step_fn(state, distributed.global_rows(rows, mesh))
             record = {"step": step + 1, "phase": phase + 1, "phase_start": int(i == 0),
-                      **{k: float(v) for k, v in metrics.items()}}
-            if i == 0:
-                record.update({f"phase/{k}": v for k, v in phase_stats.items()})
+                      **{k: float(v) for k, v in metrics.items() if k not in GAP_METRICS}}
+            if i == 0:  # the gaps mean π_θ vs π_β only where π_β ← π_θ just happened
+                gaps = {k: float(metrics[k]) for k in GAP_METRICS[:2 if cfg.ensemble_size == 1 else 3]}
+                record.update({f"phase/{k}": v for k, v in {**phase_stats, **gaps}.items()})
             if not math.isfinite(record["loss"]):  # the loss is one global value: every host stops here
                 raise FloatingPointError(f"loss is {record['loss']} at step {step + 1}; stopping. The last good "
                                          f"checkpoint in {out.ckpt.directory} is untouched.")
@@ -285,11 +279,11 @@ def _start_phase(cfg: TrainConfig, run, state, phase: int, stop: Preemption):
     """Steps 5 and 1–3 at a phase start: ``(state, this host's pairs, phase stats)``. A preemption during the
     collection saves nothing: the last checkpoint (or the fresh start) already holds this phase's start.
 
-    π_β samples with the train step's own activation-space adapters (``state.behavior_params``). The stats
-    check it on the phase's first batch: ``behavior_logp_gap`` re-scores it with π_β's params,
-    ``policy_behavior_logp_gap`` (max; ``_mean``) with the train step's policy forward on the trainable params
-    (``train_step.policy_behavior_logp_gap``), which would show a π_β that is not π_θ; within sampler rounding
-    (``train_step.LOGP_GAP_TOL``) with one adapter or full FT."""
+    π_β samples with the train step's own activation-space adapters (``state.behavior_params``). The phase's
+    first train step checks π_θ against the sampler from its own forwards (``step.GAP_METRICS``: it would show a
+    π_β that is not π_θ). Here ``behavior_logp_gap`` re-scores the phase's first batch with π_β's own params (the
+    sampler against a full forward of the same model: a numerics check, the same in every phase) at the first
+    phase and then every ``behavior_check_every`` phases."""
     model_config = run.model.config
     if phase > int(state.phase):
         state = st.sync_behavior(state)
@@ -302,14 +296,10 @@ def _start_phase(cfg: TrainConfig, run, state, phase: int, stop: Preemption):
     except Preempted:
         raise Preempted(f"SIGTERM while collecting phase {phase + 1}'s pairs: nothing to save; a resume redoes "
                         f"this collection from step {int(state.step)}") from None
-    B, P = run.task.train.local_batch_size, run.task.train.width
-    first = distributed.global_rows({k: v[:B] for k, v in pairs.items() if k in BATCH_KEYS}, run.mesh)
-    stats["behavior_logp_gap"] = float(behavior_logp_gap(model_config, behavior, first, prompt_len=P,
-                                                         share_prompt=cfg.share_prompt))
-    policy_gap = policy_behavior_logp_gap(cfg, model_config, state.base, state.trainable, first, prompt_len=P)
-    stats["policy_behavior_logp_gap"] = float(policy_gap[0])  # π_θ's own forward vs the sampler: ≈ 0
-    stats["policy_behavior_logp_gap_mean"] = float(policy_gap[1])
-    if cfg.ensemble_size > 1:
-        gaps = member_logp_gaps(cfg, model_config, state.base, state.trainable, first, prompt_len=P)
-        stats["member_logp_gap_max"] = float(gaps.max())
+    every = cfg.behavior_check_every
+    if phase == 0 or (every and phase % every == 0):
+        B, P = run.task.train.local_batch_size, run.task.train.width
+        first = distributed.global_rows({k: v[:B] for k, v in pairs.items() if k in BATCH_KEYS}, run.mesh)
+        stats["behavior_logp_gap"] = float(behavior_logp_gap(model_config, behavior, first, prompt_len=P,
+                                                             share_prompt=cfg.share_prompt))
     return state, pairs, stats

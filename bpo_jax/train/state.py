@@ -155,8 +155,11 @@ def create_state(cfg: TrainConfig, base: Params, key: jax.Array, *, reference: P
         counters = jax.device_put(counters, jax.sharding.NamedSharding(leaf.sharding.mesh,
                                                                        jax.sharding.PartitionSpec()))
     step, phase, rng = counters
-    return TrainState(step=step, phase=phase, rng=rng, base=base, trainable=_copy(trainable),
+    rest = TrainState(step=step, phase=phase, rng=rng, base=None, trainable=_copy(trainable),
                       behavior=_copy(trainable), reference=reference, opt_state=opt_state)
+    # Committed to the shardings it has, as the jitted step's outputs and a restored state are: π_β's params then
+    # reach the sampler and the checks with the same jit signatures in every phase (no recompilation at phase 2).
+    return jax.device_put(rest, shardings(rest)).replace(base=base)
 
 
 def _init_opt_state(optimizer, trainable):
@@ -205,8 +208,14 @@ def place_like_base(lora_tree, base):
 
 
 def sync_behavior(state: TrainState) -> TrainState:
-    """π_β ← π_θ at a phase boundary."""
-    return state.replace(behavior=_copy(state.trainable), phase=state.phase + 1)
+    """π_β ← π_θ at a phase boundary (one compiled copy, the first time)."""
+    behavior, phase = _sync(state.trainable, state.phase)
+    return state.replace(behavior=behavior, phase=phase)
+
+
+@jax.jit
+def _sync(trainable, phase):
+    return jax.tree.map(jnp.copy, trainable), phase + 1  # new buffers: the train step donates the state
 
 
 def shardings(state: TrainState):

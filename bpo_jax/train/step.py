@@ -11,6 +11,9 @@ followed by a right-padded response of N tokens, for the chosen and the rejected
   ``weight`` (optional)                   float32 [B]: 1 for a pair the step trains on, 0 for a row that only
                                           holds a place (``identical_pairs=shrink``); absent: every pair 1
 
+  ``phase_start`` (optional)              float32 [B]: 1 on every row of a phase's first batch (a row flag, so it is
+                                          laid out like the rows on every mesh); absent: 0
+
 The loss and every per-pair metric are means over the kept pairs of the whole batch, Σ w·ℓ / max(Σ w, 1), as
 the official step's ``torch.sum(losses) / cur_acc_steps`` with ``cur_acc_steps`` the number of kept pairs
 (``online_dpo_rand_trainer.py`` lines 954 and 1366, step_per_feedback = 1 by line 37); ``pairs_kept`` is Σ w.
@@ -22,6 +25,13 @@ is the behavior LLM that sampled the pairs (BPO), the sampler's log-probs are th
 reference forward runs; otherwise one forward under the reference weights runs outside the gradient.
 Gradients are accumulated over ``micro_batches`` inside the step; each ensemble member gets its own gradients
 and its own optimizer update (``lax.map`` over the ensemble axis, one member at a time to bound memory).
+
+The behavior-gap checks come from the same forwards (``GAP_METRICS``): each member's summed response log-probs
+against the sampler's, max and mean of |π − π_β sampler| over the batch's 2B responses, all rows, before the
+update. At a phase start (π_β ← π_θ just happened) they must be within sampler rounding for the policy
+(``LOGP_GAP_TOL_PER_TOKEN``). With one member the policy is that member; an ensemble's policy is the merged
+ensemble, which no member forward computes, so on a ``phase_start`` batch one more forward (``lax.cond``: only
+then) scores it, and ``member_logp_gap_max`` says how far the members are from π_β.
 
 Under LoRA each member's forward applies its adapter in activation space (``state.adapter_params``: ``x W +
 (x A)(s B)`` in float32 accumulation), and an ``ema``/``mixup`` reference runs as one adapter of rank N·r with
@@ -39,7 +49,6 @@ import jax.numpy as jnp
 import optax
 
 from bpo_jax.config import StepConfig, TrainConfig
-from bpo_jax.config.groups import Lora
 from bpo_jax.logprobs import chunked_token_logprobs, reduce_masked
 from bpo_jax.losses import BATCH_COUPLED, canonical_loss_type, dap_loss
 from bpo_jax.models.config import ModelConfig
@@ -49,6 +58,9 @@ from bpo_jax.train import state as st
 BATCH_KEYS = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask", "chosen_behavior_logps",
               "rejected_behavior_logps", "truncated")
 WEIGHT_KEY = "weight"  # the batch's optional per-pair weight
+PHASE_START_KEY = "phase_start"  # the batch's optional row flag: 1 on a phase's first batch
+# The step's behavior-gap metrics (max and mean |π_θ − sampler| over the batch; the members' largest gap).
+GAP_METRICS = ("policy_behavior_logp_gap", "policy_behavior_logp_gap_mean", "member_logp_gap_max")
 
 
 def _separate_rows_hidden(model_config, params, mb, p: int):
@@ -145,7 +157,8 @@ def train_step(cfg: StepConfig, model_config: ModelConfig, state: st.TrainState,
                     + _kl_policy_behavior(pr - mb["rejected_behavior_logps"]))
         m = {**m, "kl_policy_behavior": kl, "logps/chosen": pc, "logps/rejected": pr}
         w = mb[WEIGHT_KEY] / norm
-        return jnp.sum(w * losses), {k: jnp.sum(w * v) for k, v in m.items()}
+        gap = _gap_max_sum(mb, jax.lax.stop_gradient(pc), jax.lax.stop_gradient(pr))
+        return jnp.sum(w * losses), ({k: jnp.sum(w * v) for k, v in m.items()}, gap)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -154,27 +167,63 @@ def train_step(cfg: StepConfig, model_config: ModelConfig, state: st.TrainState,
 
         def accumulate(acc, xs):
             mb, ref_c, ref_r = xs
-            (loss, m), g = grad_fn(train_i, mb, ref_c, ref_r)
-            return jax.tree.map(jnp.add, acc, (g, {**m, "loss": loss})), None
+            (loss, (m, gap)), g = grad_fn(train_i, mb, ref_c, ref_r)
+            grads, sums, gaps = acc
+            return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, {**m, "loss": loss}),
+                    _combine_gaps(gaps, gap)), None
 
         zeros = jax.tree.map(jnp.zeros_like, train_i)
-        _, m_shape = jax.eval_shape(loss_fn, train_i, jax.tree.map(lambda x: x[0], micro), ref[0][0], ref[1][0])
-        init = (zeros, {**jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape), "loss": jnp.float32(0)})
-        (grads, metrics), _ = jax.lax.scan(accumulate, init, (micro, ref[0], ref[1]))  # sums of weighted means
+        _, (m_shape, _) = jax.eval_shape(loss_fn, train_i, jax.tree.map(lambda x: x[0], micro), ref[0][0],
+                                         ref[1][0])
+        init = (zeros, {**jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape), "loss": jnp.float32(0)},
+                jnp.zeros(2, jnp.float32))
+        (grads, metrics, gaps), _ = jax.lax.scan(accumulate, init, (micro, ref[0], ref[1]))  # sums of weighted means
         metrics["grad_norm"] = optax.tree.norm(grads)
         updates, new_opt = optimizer.update(grads, opt_i, train_i)
         unless_empty = lambda new, old: jnp.where(kept > 0, new, old)  # noqa: E731  no kept pair: no update
         return (jax.tree.map(unless_empty, optax.apply_updates(train_i, updates), train_i),
-                jax.tree.map(unless_empty, new_opt, opt_i), metrics)
+                jax.tree.map(unless_empty, new_opt, opt_i), metrics, gaps)
 
-    trainable, opt_state, metrics = jax.lax.map(one_member, (state.trainable, state.opt_state))
-    metrics = jax.tree.map(jnp.mean, metrics)
+    trainable, opt_state, metrics, member_gaps = jax.lax.map(one_member, (state.trainable, state.opt_state))
+    metrics = {**jax.tree.map(jnp.mean, metrics),
+               **_gap_metrics(cfg, model_config, state, micro, batch, member_gaps, prompt_len)}
     metrics["learning_rate"] = cfg.optimizer.schedule(cfg.total_steps)(state.step)
     metrics["truncation_rate"] = jnp.sum(weight * batch["truncated"]) / norm
     metrics["pairs_kept"] = kept
     new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
                               reference=_updated_reference(cfg, state.reference, trainable, state.step + 1))
     return new_state, metrics
+
+
+def _gap_max_sum(mb, pc, pr):
+    """``[2]``: (max, sum) of |summed response log-probs − the sampler's| over a micro-batch's 2b responses."""
+    gap = jnp.abs(jnp.concatenate([pc - mb["chosen_behavior_logps"], pr - mb["rejected_behavior_logps"]]))
+    return jnp.stack([jnp.max(gap), jnp.sum(gap)])
+
+
+def _combine_gaps(a, b):
+    return jnp.stack([jnp.maximum(a[0], b[0]), a[1] + b[1]])
+
+
+def _gap_metrics(cfg: StepConfig, model_config, state, micro, batch, member_gaps, prompt_len: int) -> dict:
+    """``GAP_METRICS`` from the members' (max, sum) gaps ``[N, 2]``: one member is the policy; an ensemble's
+    policy, the merged ensemble (``state.ensemble_params``, as π_β samples), is scored only on a phase-start batch
+    (``PHASE_START_KEY``; 0 otherwise), one micro-batch at a time."""
+    responses = 2 * batch["truncated"].shape[0]
+    if member_gaps.shape[0] == 1:
+        policy = member_gaps[0]
+    else:
+        def merged(_):
+            params = st.ensemble_params(cfg, state.base, state.trainable)
+            per_micro = jax.lax.map(
+                lambda mb: _gap_max_sum(mb, *pair_logps(model_config, params, mb, prompt_len, cfg.logprob_chunk,
+                                                        cfg.share_prompt)[:2]), micro)
+            return jnp.stack([jnp.max(per_micro[:, 0]), jnp.sum(per_micro[:, 1])])
+
+        start = jnp.max(batch.get(PHASE_START_KEY, jnp.zeros(1))) > 0
+        policy = jax.lax.cond(start, merged, lambda _: jnp.zeros(2, jnp.float32), None)
+    return {GAP_METRICS[0]: policy[0], GAP_METRICS[1]: policy[1] / responses,
+            GAP_METRICS[2]: jnp.max(member_gaps[:, 0])}
 
 
 def _updated_reference(cfg: StepConfig, reference, trainable, step):
@@ -254,39 +303,3 @@ def behavior_logp_gap(model_config, params, batch, *, prompt_len: int, share_pro
     phase the behavior LLM must score its own samples exactly as the sampler did; a gap here (different dtype,
     params or masking) silently breaks BPO's reference."""
     return _logp_gap(model_config, params, batch, prompt_len, share_prompt)[0]
-
-
-def policy_behavior_logp_gap(cfg: TrainConfig | StepConfig, model_config: ModelConfig, base, trainable, batch, *,
-                             prompt_len: int):
-    """``[2]``: (max, mean) |π_θ − sampler| gap in summed response log-probs, π_θ being the train step's own
-    policy forward on the trainable params: the member's ``adapter_params`` (what the loss runs) for one member,
-    the merged ensemble ``ensemble_params`` otherwise. Independent of how π_β was built for the sampler, so at
-    a phase start it sees any π_β ≠ π_θ (e.g. a ΔW rounded into bfloat16 weights). With one adapter or full FT
-    it is within sampler rounding: ``LOGP_GAP_TOL_PER_TOKEN`` × response tokens (2e-5 per token in float32
-    compute, 2e-2 in bfloat16), under a bfloat16 base too. Compiled per LoRA setting, not per run config."""
-    return _policy_gap(cfg.lora, model_config, base, trainable, batch, prompt_len=prompt_len,
-                       share_prompt=cfg.share_prompt)
-
-
-@partial(jax.jit, static_argnames=("lora", "model_config", "prompt_len", "share_prompt"))
-def _policy_gap(lora: Lora, model_config, base, trainable, batch, *, prompt_len: int, share_prompt: bool):
-    if lora.ensemble_size == 1:
-        params = st.adapter_params(lora, base, jax.tree.map(lambda x: x[0], trainable))
-    else:
-        params = st.ensemble_params(lora, base, trainable)
-    return _logp_gap(model_config, params, batch, prompt_len, share_prompt)
-
-
-def member_logp_gaps(cfg: TrainConfig | StepConfig, model_config: ModelConfig, base, trainable, batch, *,
-                     prompt_len: int):
-    """``[N]``: per ensemble member, the largest |member − sampler| gap in summed response log-probs over a batch.
-    At a phase start the merged π_β sampled the batch, so this is how far each member is from π_β (0 only for
-    full fine-tuning or one adapter): why an ensemble's first loss of a phase is not its h = 0 value."""
-    return _member_gaps(cfg.lora, model_config, base, trainable, batch, prompt_len=prompt_len,
-                        share_prompt=cfg.share_prompt)
-
-
-@partial(jax.jit, static_argnames=("lora", "model_config", "prompt_len", "share_prompt"))
-def _member_gaps(lora: Lora, model_config, base, trainable, batch, *, prompt_len: int, share_prompt: bool):
-    return jax.lax.map(lambda t: _logp_gap(model_config, st.adapter_params(lora, base, t), batch, prompt_len,
-                                           share_prompt)[0], trainable)

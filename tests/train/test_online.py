@@ -55,7 +55,7 @@ def _losses(run_dir):
 @pytest.mark.slow
 def test_two_phase_run_logs_log2_at_each_phase_start(tiny_dir, tmp_path):
     model, tok, prompts = _setup(tiny_dir)
-    cfg = _cfg(tmp_path / "run")
+    cfg = _cfg(tmp_path / "run", behavior_check_every=1)  # the sampler's re-score at every phase start too
     state = loop.train(cfg, training_run(model, tok, prompts, _annotator(), eos_token_ids=(2,)))
     assert int(state.step) == 4 and int(state.phase) == 1
     with open(tmp_path / "run" / "metrics.jsonl") as f:
@@ -69,6 +69,45 @@ def test_two_phase_run_logs_log2_at_each_phase_start(tiny_dir, tmp_path):
     logged = {"kl_policy_behavior", "grad_norm", "learning_rate", "truncation_rate", "rewards/accuracies"}
     assert logged <= set(records[0])
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
+
+
+COMPILED = "/jax/core/compile/backend_compile_duration"
+
+
+@pytest.mark.slow
+def test_on_policy_run_compiles_nothing_after_its_second_phase(tiny_dir, tmp_path, monkeypatch):
+    """F = T = 5 with a 2-member ensemble: XLA compiles in phase 1, only π_β ← π_θ (``sync_behavior``) in phase 2,
+    and nothing after (the fresh state is committed like the step's outputs, so π_β reaches the sampler with the
+    same jit signature in every phase). The π_θ-vs-π_β gaps come from the step at every phase start; the
+    sampler's own re-score runs at phases 1, 3, 5 (``behavior_check_every=2``) and hits its cache at 3 and 5."""
+    import jax
+
+    compiles, per_phase = [], {}
+    start_phase = loop._start_phase
+
+    def counted(cfg, run, state, phase, stop):
+        per_phase[phase] = len(compiles)
+        return start_phase(cfg, run, state, phase, stop)
+
+    def listener(event, secs, **kw):
+        if event == COMPILED:
+            compiles.append(event)
+
+    monkeypatch.setattr(loop, "_start_phase", counted)
+    model, tok, prompts = _setup(tiny_dir)
+    cfg = _cfg(tmp_path / "run", total_steps=5, num_phases=5, lora_rank=2, ensemble_size=2, behavior_check_every=2)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        loop.train(cfg, training_run(model, tok, prompts, _annotator(), eos_token_ids=(2,)))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    counts = [b - a for a, b in zip([per_phase[p] for p in range(5)], [*[per_phase[p] for p in range(1, 5)],
+                                                                        len(compiles)])]
+    assert counts[0] >= 1 and counts[1] <= 1 and counts[2:] == [0, 0, 0], counts  # caches may be warm
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert all(r["phase/policy_behavior_logp_gap"] < 1e-3 and "phase/member_logp_gap_max" in r for r in records)
+    assert ["phase/behavior_logp_gap" in r for r in records] == [True, False, True, False, True]
 
 
 @pytest.mark.slow
@@ -140,7 +179,7 @@ def test_ensemble_members_differ_from_the_merged_behavior_at_a_phase_start(tiny_
     """With 3 adapters π_β is their merge: at phase 2's start the sampler matches π_β, but every member is
     away from it, so the first loss of the phase is not log 2 (it is with one adapter, above)."""
     model, tok, prompts = _setup(tiny_dir)
-    loop.train(_cfg(tmp_path / "run", lora_rank=2, ensemble_size=3),
+    loop.train(_cfg(tmp_path / "run", lora_rank=2, ensemble_size=3, behavior_check_every=1),
                training_run(model, tok, prompts, _annotator(), eos_token_ids=(2,)))
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]

@@ -15,7 +15,7 @@ from bpo_jax.runtime import sharding as shd
 from bpo_jax.sample.sampler import Decoding, generate
 from bpo_jax.train import state as st
 from bpo_jax.train.pairs import build_pairs, distinct
-from bpo_jax.train.step import BATCH_KEYS, behavior_logp_gap, make_train_step
+from bpo_jax.train.step import BATCH_KEYS, PHASE_START_KEY, behavior_logp_gap, make_train_step, pair_logps
 from testing import tiny_model_config
 
 MCFG = tiny_model_config()
@@ -49,7 +49,7 @@ def _batch(params, seed=0):
 
 def _step(cfg, state, batch):
     fn = make_train_step(cfg, MCFG, st.shardings(state), prompt_len=P)
-    return fn(state, {k: jnp.asarray(batch[k]) for k in BATCH_KEYS})
+    return fn(state, {k: jnp.asarray(batch[k]) for k in (*BATCH_KEYS, PHASE_START_KEY) if k in batch})
 
 
 @pytest.mark.slow
@@ -240,22 +240,34 @@ def test_a_model_config_with_another_compute_dtype_than_the_run_is_refused():
         make_train_step(_cfg(dtype="bfloat16"), MCFG, None, prompt_len=P)
 
 
-def test_the_gap_checks_compile_once_per_lora_setting_not_per_run_config():
-    """The phase-start checks are jitted on the LoRA group alone: runs that differ in anything else (the loss,
-    evaluation, checkpoints, the run folder) reuse one compilation; another LoRA rank compiles anew."""
-    from bpo_jax.train import step as ts
+@pytest.mark.parametrize("members,micro", [(1, 1), (3, 2)])
+def test_the_steps_gap_metrics_equal_a_separate_rescore(members, micro):
+    """``GAP_METRICS`` from the step's own forwards (accumulated over micro-batches) equal a separate re-score of
+    the batch before the update: each member's forward (``adapter_params``) and, for an ensemble, the merged
+    ensemble (``ensemble_params``), which the step scores only on a ``phase_start`` batch."""
+    cfg = _cfg(lora_rank=2, ensemble_size=members, micro_batches=micro, reference="sft")
+    state = st.create_state(cfg, _base(), jax.random.key(1))
+    trainable = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), state.trainable)
+    state = state.replace(trainable=trainable, behavior=jax.tree.map(jnp.copy, trainable))
+    batch = {k: jnp.asarray(v) for k, v in _batch(st.behavior_params(cfg, state)).items() if k in BATCH_KEYS}
 
-    base_cfg = _cfg(lora_rank=2)
-    state = st.create_state(base_cfg, _base(), jax.random.key(1))
-    batch = {k: jnp.asarray(v) for k, v in _batch(state.base).items()}
-    before = ts._policy_gap._cache_size()
-    for cfg in (base_cfg, base_cfg.replace(beta=0.5, eval_every=3, run_dir="/elsewhere", checkpoint_every=2)):
-        ts.policy_behavior_logp_gap(cfg, MCFG, state.base, state.trainable, batch, prompt_len=P)
-    assert ts._policy_gap._cache_size() == before + 1
-    other = base_cfg.replace(lora_rank=4)
-    ts.policy_behavior_logp_gap(other, MCFG, state.base, st.create_state(other, _base(), jax.random.key(1)).trainable,
-                                batch, prompt_len=P)
-    assert ts._policy_gap._cache_size() == before + 2
+    def gaps(params):
+        pc, pr, _, _ = pair_logps(MCFG, params, batch, P)
+        return np.abs(np.concatenate([pc - batch["chosen_behavior_logps"], pr - batch["rejected_behavior_logps"]]))
+
+    members_ = [gaps(st.adapter_params(cfg, state.base, jax.tree.map(lambda x: x[i], trainable)))
+                for i in range(members)]
+    policy = members_[0] if members == 1 else gaps(st.ensemble_params(cfg, state.base, trainable))
+    assert policy.max() < 1e-4 and (members == 1 or max(g.max() for g in members_) > 1e-2)  # the members ≠ π_β
+    fresh = lambda: jax.tree.map(jnp.copy, state)  # noqa: E731  the step donates its state
+    _, m = _step(cfg, fresh(), {**batch, PHASE_START_KEY: jnp.ones(B)})
+    np.testing.assert_allclose(float(m["policy_behavior_logp_gap"]), policy.max(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(m["policy_behavior_logp_gap_mean"]), policy.mean(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(m["member_logp_gap_max"]), max(g.max() for g in members_), rtol=1e-4)
+    if members > 1:  # not a phase start: the merged forward does not run
+        _, m = _step(cfg, fresh(), batch)
+        assert float(m["policy_behavior_logp_gap"]) == 0.0
+        np.testing.assert_allclose(float(m["member_logp_gap_max"]), max(g.max() for g in members_), rtol=1e-4)
 
 
 @pytest.mark.slow
