@@ -1,5 +1,7 @@
 """``python -m bpo_jax experiment configs/experiments/<name>.yaml [--out-dir DIR] [--dry-run] [--report-only]``:
-run a method × loss × seed grid of train runs under one budget, then write the comparison.
+run a method × loss × seed grid of train runs under one budget, then write the comparison. The shared setting,
+``base``, is train-config keys, a config file (``base: configs/tldr_gemma2b.yaml``, read from the current
+directory), or both (``base: {config: configs/tldr_gemma2b.yaml, total_steps: 64}``).
 
 Each run is ``python -m bpo_jax train`` in a subprocess (``run_dir = <out_dir>/<method>/<loss>/seed<k>``,
 output in ``<run_dir>/experiment.log``), then ``python -m bpo_jax evaluate`` on its final checkpoint for the
@@ -24,7 +26,8 @@ log = logging.getLogger(__name__)
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bpo_jax experiment", description=__doc__.split("\n\n")[0])
-    p.add_argument("experiment", help="YAML with base, methods, loss_types, seeds, out_dir")
+    p.add_argument("experiment", help="YAML with base (keys and/or config: FILE), methods, loss_types, seeds, "
+                                      "out_dir")
     p.add_argument("--out-dir", help="override the file's out_dir")
     p.add_argument("--dry-run", action="store_true", help="print each run's commands and whether it is finished")
     p.add_argument("--report-only", action="store_true", help="run nothing; write the results of finished runs")
@@ -48,7 +51,7 @@ def main(argv=None) -> int:
         for run in exp.runs:
             state = "finished" if ex.is_trained(run) and os.path.exists(ex.eval_file(run)) else "to run"
             log.info(f"# {run.method}/{run.loss_type}/seed{run.seed}: {state}\n"
-                     f"python -m bpo_jax train {' '.join(run.overrides)}\n"
+                     f"python -m bpo_jax train {' '.join(run.train_args)}\n"
                      f"python -m bpo_jax evaluate --checkpoint {run.run_dir} --step {run.config.total_steps}")
         return 0
     failed = []

@@ -1,11 +1,11 @@
 """A grid of train runs, method × loss × seed, under one budget — the experiment behind the paper's claim:
 
-  1. read the grid: ``base`` train-config keys, ``methods`` (a name and the few keys a method may set),
-     ``loss_types``, ``seeds``, ``out_dir``, and optionally ``only`` (loss type -> the methods it runs with, when
-     not all of them) and ``stages`` (lists of methods run one list after another, each over every loss and
-     seed, so a half-finished grid has the first list on every seed); build every run's ``TrainConfig`` and
-     refuse a method that changes the budget (T, batch size, test prompts, token limits, ...) or a finished run
-     whose saved config differs;
+  1. read the grid: ``base`` (the shared train config: keys, a config file, or both; see ``_base``), ``methods``
+     (a name and the few keys a method may set), ``loss_types``, ``seeds``, ``out_dir``, and optionally ``only``
+     (loss type -> the methods it runs with, when not all of them) and ``stages`` (lists of methods run one list
+     after another, each over every loss and seed, so a half-finished grid has the first list on every seed);
+     build every run's ``TrainConfig`` and refuse a method that changes the budget (T, batch size, test prompts,
+     token limits, ...) or a finished run whose saved config differs;
   2. for each run in turn, ``run_dir = <out_dir>/<method>/<loss>/seed<k>``: skip it when it is finished, else run
      the same ``train`` command (which resumes from the run's checkpoint; its final evaluation writes the
      per-prompt scores), then ``evaluate`` the final checkpoint only if those scores are still missing; a
@@ -56,11 +56,17 @@ class Run:
     loss_type: str
     seed: int
     config: TrainConfig
-    overrides: tuple  # key=value strings: what `python -m bpo_jax train` gets
+    overrides: tuple  # key=value strings, on top of config_file
+    config_file: str | None = None  # base's config file, as the experiment names it
 
     @property
     def run_dir(self) -> str:
         return self.config.run_dir
+
+    @property
+    def train_args(self) -> tuple:
+        """What ``python -m bpo_jax train`` gets: ``--config <file>`` (when base names one), then the overrides."""
+        return (("--config", self.config_file) if self.config_file else ()) + self.overrides
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,12 +104,8 @@ def build_experiment(spec: dict, source: str = "the experiment") -> Experiment:
         raise ConfigError(f"{source}: " + "; ".join(
             ([f"unknown keys {unknown}"] if unknown else []) + ([f"missing keys {missing}"] if missing else [])) +
             f" (an experiment has {', '.join(EXPERIMENT_KEYS)})")
-    base, methods = spec["base"] or {}, spec["methods"]
-    loss_types, seeds = spec["loss_types"], spec["seeds"]
-    if not isinstance(base, dict):
-        raise ConfigError(f"{source}: base must be a mapping of train-config keys")
-    if fixed := [k for k in GRID_KEYS if k in base]:
-        raise ConfigError(f"{source}: base sets {fixed}; the grid sets them (loss_types, seeds, out_dir)")
+    base_file, base = _base(spec["base"], source)
+    methods, loss_types, seeds = spec["methods"], spec["loss_types"], spec["seeds"]
     if not isinstance(methods, dict) or not methods:
         raise ConfigError(f"{source}: methods must be a non-empty mapping of name -> overrides")
     if not (isinstance(loss_types, list) and loss_types and all(isinstance(x, str) for x in loss_types)):
@@ -112,7 +114,10 @@ def build_experiment(spec: dict, source: str = "the experiment") -> Experiment:
         raise ConfigError(f"{source}: seeds must be a non-empty list of integers, e.g. [0, 1, 2]")
     if len(set(loss_types)) < len(loss_types) or len(set(seeds)) < len(seeds):
         raise ConfigError(f"{source}: loss_types and seeds must not repeat")
-    base_cfg = load_config(None, [_kv(k, v) for k, v in base.items()])
+    try:
+        base_cfg = load_config(base_file, [_kv(k, v) for k, v in base.items()])
+    except ConfigError as err:
+        raise ConfigError(f"{source}: base: {err}") from None
     resolved = {}
     for name, over in methods.items():
         over = over or {}
@@ -131,21 +136,49 @@ def build_experiment(spec: dict, source: str = "the experiment") -> Experiment:
         for name in stage:
             if name not in only.get(loss, resolved):
                 continue
-            runs.append(_run(spec, base, name, resolved[name], loss, seed, source))
+            runs.append(_run(spec, base_file, base, name, resolved[name], loss, seed, source))
     check_same_budget(runs)
     return Experiment(resolved, tuple(loss_types), tuple(seeds), spec["out_dir"], tuple(runs))
 
 
-def _run(spec, base, name, over, loss, seed, source) -> Run:
-    """One grid cell's ``Run``: base + the method's overrides + the grid's keys."""
+def _base(base, source) -> tuple:
+    """``base`` as ``(config file or None, {key: value})``, in one of three forms:
+
+    * a mapping of flat train-config keys;
+    * the path of a train-config file, e.g. ``base: configs/tldr_gemma2b.yaml`` (a paper config);
+    * a mapping whose ``config`` key names such a file and whose other keys override it, e.g.
+      ``base: {config: configs/tldr_gemma2b.yaml, total_steps: 64, eval_size: 200}``.
+
+    A relative path is read from the current directory, as every other path of a run (``data_dir``, ``out_dir``)
+    is, not from the experiment file's folder; a missing file is an error naming it. The file may set the grid's
+    keys (a paper config sets ``loss_type`` and ``run_dir``): the grid overrides them, as the methods' keys
+    override the file's. The mapping itself may not: there they would only be overridden."""
+    base = {"config": base} if isinstance(base, str) else {} if base is None else base
+    if not isinstance(base, dict):
+        raise ConfigError(f"{source}: base must be a config file's path or a mapping of train-config keys "
+                          f"(optionally with config: <file>), got {base!r}")
+    keys = {k: v for k, v in base.items() if k != "config"}
+    path = base.get("config")
+    if path is not None and not (isinstance(path, str) and path):
+        raise ConfigError(f"{source}: base config must be the path of a train-config file, got {path!r}")
+    if path is not None and "://" not in path and not os.path.isfile(path):
+        raise ConfigError(f"{source}: base config file {path!r} does not exist (a relative path is read from the "
+                          f"current directory, {os.getcwd()})")
+    if fixed := [k for k in GRID_KEYS if k in keys]:
+        raise ConfigError(f"{source}: base sets {fixed}; the grid sets them (loss_types, seeds, out_dir)")
+    return path, keys
+
+
+def _run(spec, base_file, base, name, over, loss, seed, source) -> Run:
+    """One grid cell's ``Run``: base (its file, then its keys) + the method's overrides + the grid's keys."""
     run_dir = os.path.join(spec["out_dir"], name, loss, f"seed{seed}")
     overrides = tuple(_kv(k, v) for k, v in {**base, **over, "loss_type": loss, "seed": seed,
                                               "run_dir": run_dir}.items())
     try:
-        cfg = load_config(None, overrides)
+        cfg = load_config(base_file, overrides)
     except ConfigError as err:
         raise ConfigError(f"{source}: method {name!r} with loss_type={loss}: {err}") from None
-    return Run(name, loss, seed, cfg, overrides)
+    return Run(name, loss, seed, cfg, overrides, base_file)
 
 
 def _stages(stages, methods, source) -> list:
@@ -241,7 +274,7 @@ def run_grid(exp: Experiment, run_command: Callable[[list, str], int]) -> list:
         if not trained and (donor := reuse_step0_eval(exp, run)):
             log.info(f"{name}: the step-0 evaluation (the SFT model) is {donor}'s")
         log_path = os.path.join(run.run_dir, "experiment.log")
-        commands = ([] if trained else [["train", *run.overrides]]) + [
+        commands = ([] if trained else [["train", *run.train_args]]) + [
             ["evaluate", "--checkpoint", run.run_dir, "--step", str(run.config.total_steps)]]
         for args in commands:
             if args[0] == "evaluate" and os.path.exists(eval_file(run)):

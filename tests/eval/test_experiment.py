@@ -171,6 +171,58 @@ def test_budget_check_refuses_a_method_that_changes_the_budget(tmp_path, capsys)
         ex.build_experiment({k: v for k, v in spec.items() if k != "seeds"})
 
 
+def test_base_may_name_a_config_file_with_overrides(tmp_path, monkeypatch, capsys):
+    """``base: <file>`` and ``base: {config: <file>, key: value}``: the file's keys reach every run, the mapping's
+    keys and the methods' override it, the grid's keys override the file's loss_type and run_dir; the train command
+    gets ``--config <file>``. A relative path is read from the current directory only."""
+    methods = {"offline": {"num_phases": 1, "reference": "sft"}, "bpo_ft": {"num_phases": "T", "ensemble_size": 1}}
+    spec = {"base": "configs/tldr_gemma2b.yaml", "methods": methods, "loss_types": ["ipo"], "seeds": [3],
+            "out_dir": str(tmp_path / "o")}
+    monkeypatch.chdir(ROOT)
+    exp = ex.build_experiment(spec)
+    paper, default = ex.load_config(os.path.join(ROOT, "configs", "tldr_gemma2b.yaml")), ex.TrainConfig()
+    keys = ("total_steps", "lora_rank", "max_prompt_length", "data_dir", "ensemble_size")
+    assert all(getattr(paper, k) != getattr(default, k) for k in keys)  # so the file's values are seen below
+    for run in exp.runs:  # the paper config's setting, the grid's keys
+        assert all(getattr(run.config, k) == getattr(paper, k) for k in keys if k != "ensemble_size")
+        assert (run.config.loss_type, run.config.seed, run.config.run_dir) == (
+            "ipo", 3, str(tmp_path / "o" / run.method / "ipo" / "seed3"))
+        assert run.train_args[:2] == ("--config", "configs/tldr_gemma2b.yaml")
+    offline, bpo_ft = exp.runs
+    assert (offline.config.num_phases, offline.config.reference, offline.config.ensemble_size) == (
+        1, "sft", paper.ensemble_size)
+    assert (bpo_ft.config.num_phases, bpo_ft.config.ensemble_size) == (paper.total_steps, 1)  # T: the file's
+
+    over = ex.build_experiment({**spec, "base": {"config": "configs/tldr_gemma2b.yaml", "total_steps": 8,
+                                                 "eval_size": 16}})
+    assert [(r.config.total_steps, r.config.num_phases, r.config.eval_size, r.config.lora_rank) for r in over.runs] == [
+        (8, 1, 16, paper.lora_rank), (8, 8, 16, paper.lora_rank)]
+    assert over.runs[1].train_args[2:] == ("total_steps=8", "eval_size=16", "num_phases=8", "ensemble_size=1",
+                                           "loss_type=ipo", "seed=3", f"run_dir={over.runs[1].run_dir}")
+    path = _write(tmp_path, {**spec, "base": {"config": "configs/tldr_gemma2b.yaml", "total_steps": 8}})
+    capsys.readouterr()
+    assert experiment_cli([path, "--dry-run"]) == 0
+    assert "python -m bpo_jax train --config configs/tldr_gemma2b.yaml total_steps=8 " in capsys.readouterr().out
+
+    # Errors name the file or the key; a file next to the experiment is not looked for there.
+    (tmp_path / "paper.yaml").write_text("total_steps: 4\n")
+    with pytest.raises(ConfigError, match=r"base config file 'paper.yaml' does not exist \(a relative path is read "
+                                          r"from the current directory"):
+        ex.load_experiment(_write(tmp_path, {**spec, "base": "paper.yaml"}))
+    monkeypatch.chdir(tmp_path)
+    assert {r.config.total_steps for r in ex.load_experiment(_write(tmp_path, {**spec, "base": "paper.yaml"})).runs
+            } == {4}
+    with pytest.raises(ConfigError, match=r"base: unknown config key 'total_stepz'.*did you mean total_steps"):
+        ex.build_experiment({**spec, "base": {"config": "paper.yaml", "total_stepz": 8}})
+    (tmp_path / "typo.yaml").write_text("batch_sise: 4\n")
+    with pytest.raises(ConfigError, match=r"base: unknown config key 'batch_sise' in typo.yaml"):
+        ex.build_experiment({**spec, "base": "typo.yaml"})
+    with pytest.raises(ConfigError, match=r"base sets \['run_dir'\]"):
+        ex.build_experiment({**spec, "base": {"config": "paper.yaml", "run_dir": "x"}})
+    with pytest.raises(ConfigError, match=r"base must be a config file's path or a mapping"):
+        ex.build_experiment({**spec, "base": ["paper.yaml"]})
+
+
 def test_shipped_experiments_validate_and_dry_run(capsys):
     for name in ("tiny", "minisum_claim"):
         assert experiment_cli([os.path.join(ROOT, "configs", "experiments", f"{name}.yaml"), "--dry-run",
