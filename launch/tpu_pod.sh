@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # BPO on a Cloud TPU VM slice (one or several hosts), or on several slices (multislice: --num-slices N), with
 # gcloud: create -> copy -> setup -> run -> logs -> stop / delete. Every worker of every slice runs the same
 # command; jax.distributed.initialize() detects the slice by itself, and the slices from the MEGASCALE_* variables
@@ -29,7 +30,8 @@ Commands:
            (every run's log is kept); with several workers run_dir must be gs://...
            With --num-slices N, every worker of slice s also gets MEGASCALE_COORDINATOR_ADDRESS (worker 0
            of NAME-0, port 8080), MEGASCALE_NUM_SLICES=N, MEGASCALE_SLICE_ID=s and MEGASCALE_PORT=8080
-           With --watch or --restart N, `watch` follows in the foreground
+           With --watch or --restart N, `watch` follows in the foreground. --env KEY passes this shell's
+           KEY to the training on every worker, its value never printed
   watch    poll the queued resource and every worker's training (as `status`) every TPU_POLL_SECONDS [30]
            until it ends; when one worker's training ends non-zero, stop the training on all (fail fast).
            With --restart N [-- TRAIN_ARGS], rerun the same TRAIN_ARGS on the same slice, up to N times
@@ -66,6 +68,9 @@ Options (environment default in brackets):
   --restart N        run, watch: rerun up to N times (needs the train args; default 0)
   --recreate         run, watch with --restart: delete and re-create a lost slice (needs --type, and
                      --spot/--reserved as at create); without it, no slice is ever deleted
+  --env KEY          run, watch: repeatable; KEY (e.g. HF_TOKEN, WANDB_API_KEY) with its value in this
+                     shell's environment, sent to every worker in a file of mode 600 that each start reads
+                     and removes: never in a command line, a printed command or a log
   --backoff S        run, watch: seconds before the first restart after an exit code other than 2 and
                      143, doubled at each next one [TPU_RESTART_BACKOFF; 30]
   --missed-polls N   run, watch: a worker counts as dead, and a queued resource that describe does not
@@ -83,6 +88,28 @@ EOF
 
 quit() { local code=$1; shift; echo "tpu_pod.sh: $*" >&2; exit "$code"; }  # CODE MESSAGE
 die() { quit 1 "$@"; }
+
+# --env KEY (repeatable; before `--`): KEY and its value in this shell's environment, read before the script sets
+# variables of its own (a KEY named like one of them, e.g. NAME, would give the script's value), with xtrace off
+# (`bash -x` prints no value).
+ENV_KEYS=() ENV_VALUES=()
+read_env_flags() {
+  { local xtrace=$-; set +x; } 2>/dev/null
+  local key
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do
+    case $1 in
+      --env) [ $# -ge 2 ] || die "--env needs a value"; key=$2; shift ;;
+      --env=*) key=${1#--env=} ;;
+      *) shift; continue ;;
+    esac
+    shift
+    [[ $key =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "--env '$key' is not a variable name (letters, digits and _)"
+    printenv "$key" >/dev/null || die "--env $key: $key is not set in this shell's environment (export it)"
+    ENV_KEYS+=("$key") ENV_VALUES+=("${!key}")
+  done
+  [[ $xtrace != *x* ]] || set -x
+}
+read_env_flags "$@"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NAME=${TPU_NAME:-} ZONE=${TPU_ZONE:-} PROJECT=${TPU_PROJECT:-} TYPE=${TPU_TYPE:-} RUNTIME=${TPU_RUNTIME:-}
@@ -120,6 +147,7 @@ while [ $# -gt 0 ]; do
     --logs-dir) LOGS_DIR=$(val "$@"); shift ;;
     --model-dir | --data-dir) COPIES+=("$(val "$@")"); shift ;;
     --stage) STAGE=$(val "$@"); shift ;;
+    --env) val "$@" >/dev/null; shift ;;  # read by read_env_flags
     --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) [ -z "$CMD" ] || die "unexpected argument '$1' (train arguments go after --)"; CMD=$1 ;;
@@ -363,18 +391,41 @@ check_restart() {  # a restart reruns the train arguments; --recreate re-creates
 # after a header "[tpu_pod] run started TIME (NOTE)", so the logs of earlier runs stay; the run's exit code goes
 # to NAME.rc and, as "[bpo_jax] exit code RC", to the log. With several slices each node's workers get the
 # MEGASCALE_* variables of their slice (megascale_env), looked up again at each start (a re-created slice has
-# new addresses).
+# new addresses). With --env, each start sends the values again (send_env) and first reads them there.
 start_training() {
-  local log="$LOG$NAME" header s=0 node rc=0
+  local log="$LOG$NAME" header s=0 node rc=0 env=""
   header="echo $(q "[tpu_pod] run started") \$(date -u +%FT%TZ)${1:+ $(q "($1)")}"
   COORDINATOR=""
   if ((SLICES > 1)); then find_coordinator; fi
+  if [ ${#ENV_KEYS[@]} -gt 0 ]; then send_env; env=". ./$REMOTE_ENV && rm -f $REMOTE_ENV && "; fi
   for node in "${NODES[@]}"; do
-    ssh_argv "$node" "$WORKER" "cd $REMOTE_DIR && if pgrep -f $TRAIN_PAT >/dev/null; then echo \"\$(hostname): training is already running (stop it first)\" >&2; exit 1; fi && $CLEAR_TPU && source .venv/bin/activate && $(megascale_env "$s")export PYTHONUNBUFFERED=1 && mkdir -p ${LOG%/} && rm -f $log.rc && $header >> $log.log && { (trap \"\" HUP; nohup python -m bpo_jax train $(q "${TRAIN[@]}"); rc=\$?; echo \"[bpo_jax] exit code \$rc\"; echo \$rc > $log.rc) >> $log.log 2>&1 < /dev/null & } && echo \"\$(hostname): started, log in $log.log\""
+    ssh_argv "$node" "$WORKER" "$env""cd $REMOTE_DIR && if pgrep -f $TRAIN_PAT >/dev/null; then echo \"\$(hostname): training is already running (stop it first)\" >&2; exit 1; fi && $CLEAR_TPU && source .venv/bin/activate && $(megascale_env "$s")export PYTHONUNBUFFERED=1 && mkdir -p ${LOG%/} && rm -f $log.rc && $header >> $log.log && { (trap \"\" HUP; nohup python -m bpo_jax train $(q "${TRAIN[@]}"); rc=\$?; echo \"[bpo_jax] exit code \$rc\"; echo \$rc > $log.rc) >> $log.log 2>&1 < /dev/null & } && echo \"\$(hostname): started, log in $log.log\""
     run "${SSH[@]}" || rc=$?
     s=$((s + 1))
   done
   return "$rc"
+}
+
+# --env: the values go to ~/REMOTE_ENV on the workers of every slice in a file of mode 600, made here (removed
+# here once sent, or at exit) and read and removed there by the start command, so they appear on no command line.
+REMOTE_ENV=.bpo_jax-env LOCAL_ENV=""
+trap 'rm -f "$LOCAL_ENV"' EXIT
+send_env() {
+  local file="${TMPDIR:-/tmp}/bpo_jax-env-XXXXXX"
+  echo "[tpu_pod] --env ${ENV_KEYS[*]}: the values in a file of mode 600, read and removed by the start command"
+  if [ "$DRY" = 0 ]; then
+    LOCAL_ENV=$(umask 077 && mktemp "$file") || die "could not make a temporary file like $file"
+    file=$LOCAL_ENV
+    write_env "$file"
+  fi
+  tpu_scp "$file" "$NAME:$REMOTE_ENV" "$WORKER"
+  if [ "$DRY" = 0 ]; then rm -f "$file"; fi
+}
+write_env() {  # FILE: an `export KEY=VALUE` line (bash-quoted) per --env, xtrace off
+  { local xtrace=$-; set +x; } 2>/dev/null
+  local i
+  for i in "${!ENV_KEYS[@]}"; do printf 'export %s=%q\n' "${ENV_KEYS[i]}" "${ENV_VALUES[i]}"; done >"$1"
+  [[ $xtrace != *x* ]] || set -x
 }
 
 # Multislice: JAX's gcetpu detection reads MEGASCALE_COORDINATOR_ADDRESS (its host, with JAX's own port),
@@ -408,174 +459,10 @@ cmd_watch() {
   watch_loop
 }
 
-# The training's exit codes are a contract: 0 done; 2 the user must change something (config, data, a checkpoint
-# that does not fit), never restarted; 143 stopped by SIGTERM after saving (a preemption notice), rerun at once;
-# anything else a transient failure, rerun after BACKOFF seconds, doubled at each one. Fail fast: once one worker
-# has ended, the others would wait in a collective until a timeout, so stop them all. Reruns use the same slice
-# (the program resumes from the last checkpoint). A lost slice (preempted, gone, or a dead host) is deleted and
-# created again only with --recreate: deleting it gives up its Spot or reserved capacity.
-watch_loop() {
-  local restarts=0 transient=0 delay
-  while :; do
-    wait_for_end
-    case $ENDED in
-      dry)
-        if ((RESTART > 0)); then
-          echo "# (then up to $RESTART reruns: after exit code 143 at once, after 2 never, after another in" \
-            "${BACKOFF}s, doubling; a lost slice: $([ "$RECREATE" = 1 ] && echo "delete, create, copy, setup" ||
-              echo "exit 3"))"
-        fi
-        return 0 ;;
-      ok) echo "[tpu_pod] the training finished on every worker (exit code 0)"; return 0 ;;
-      lost) ;;  # the workers are gone: nothing to stop
-      *) echo "[tpu_pod] $WHY: stopping the training on every worker"; cmd_stop || true ;;
-    esac
-    if [ "$ENDED" = config ]; then
-      quit 2 "$WHY: the user must change something (config, data, checkpoint): not restarted (see 'logs')"
-    fi
-    if [[ $ENDED == lost || $ENDED == dead ]] && [ "$RECREATE" = 0 ]; then
-      quit 3 "$WHY: $NAME is left as it is (no --recreate). To go on: delete, create, copy, setup and the same" \
-        "run, or let watch do it: --restart N --recreate"
-    fi
-    ((restarts < RESTART)) || die "$WHY: not restarted (restarts done: $restarts of $RESTART; 'logs' fetches the logs)"
-    restarts=$((restarts + 1))
-    case $ENDED in
-      sigterm) echo "[tpu_pod] $WHY: restart $restarts of $RESTART on the same slice, now" ;;
-      failed)
-        delay=$(awk -v b="$BACKOFF" -v n="$transient" 'BEGIN { printf "%.10g", b * 2 ^ n }')
-        transient=$((transient + 1))
-        echo "[tpu_pod] $WHY: restart $restarts of $RESTART on the same slice in ${delay}s"
-        sleep "$delay" ;;
-      *)  # lost or dead, with --recreate: the VMs are new or gone, so copy and setup again
-        echo "[tpu_pod] $WHY: restart $restarts of $RESTART: deleting and re-creating $NAME (--recreate)"
-        cmd_delete || true  # fails when it is gone already
-        NO_WAIT=0
-        cmd_create
-        cmd_copy
-        cmd_setup ;;
-    esac
-    # A start that fails (a host going down as we start) is seen by the next poll, which restarts again.
-    start_training "restart $restarts of $RESTART" || echo "[tpu_pod] the training did not start on every worker" >&2
-  done
-}
-
-# Polls the queued resource's state and every worker's training state (status's command) every POLL seconds
-# until the training has ended on a worker; sets WHY and ENDED: ok (every worker exited 0), config (one exited 2),
-# sigterm (143 only), failed (another code), lost (the queued resource is not ACTIVE), dead, or dry. A worker that
-# reports neither running nor an exit code (ssh failed: host down; or the process vanished without one) counts as
-# dead on the MISSED-th poll in a row, so dropped ssh connections do not restart; likewise a queued resource
-# that describe does not find counts as gone.
-ENDED="" WHY=""
-wait_for_end() {
-  local state out line rc running exited lost misses=0 gone=0 failed last="" now node hosts=$((WORKERS * SLICES))
-  echo "+ $(q "${DESCRIBE[@]}")"
-  for node in "${NODES[@]}"; do ssh_argv "$node" all "$(state_cmd)"; echo "+ $(q "${SSH[@]}")"; done
-  if [ "$DRY" = 1 ]; then echo "# (all repeated every ${POLL}s until the training ends)"; ENDED=dry; return 0; fi
-  while :; do
-    state=$(qr_state)
-    if [ -z "$state" ]; then gone=$((gone + 1)); else gone=0; fi
-    case $state in
-      ACTIVE) ;;
-      SUSPENDING | SUSPENDED | PREEMPTED | FAILED | DELETING | "")  # Spot/preemptible reclaimed, or deleted
-        if [ -n "$state" ] || ((gone >= MISSED)); then
-          ENDED=lost WHY="queued resource $NAME is ${state:-gone} (preempted?)"; return 0
-        fi
-        sleep "$POLL"; continue ;;
-      *) echo "[tpu_pod] $(date +%H:%M:%S) queued resource $NAME is $state"; sleep "$POLL"; continue ;;
-    esac
-    out=$(for node in "${NODES[@]}"; do ssh_argv "$node" all "$(state_cmd)"; "${SSH[@]}" 2>/dev/null || true; done)
-    running=0 exited=0 failed=""
-    while IFS= read -r line; do
-      case $line in
-        *"| "*) ;;  # a log line
-        *": running") running=$((running + 1)) ;;
-        *": exited with code "*) exited=$((exited + 1)) rc=${line##* }; [ "$rc" = 0 ] || failed+=" $rc" ;;
-      esac
-    done <<<"$out"
-    if [ -n "$failed" ]; then
-      ENDED=failed WHY="a worker's training exited with code${failed}"
-      if [[ " $failed " == *" 2 "* ]]; then ENDED=config
-      elif [ -z "${failed// 143/}" ]; then ENDED=sigterm WHY+=" (stopped by SIGTERM after saving)"; fi
-      return 0
-    fi
-    lost=$((hosts - running - exited))
-    if ((lost <= 0 && running == 0)); then ENDED=ok; return 0; fi
-    if ((lost > 0)); then misses=$((misses + 1)); else misses=0; fi
-    if ((misses >= MISSED)); then
-      ENDED=dead WHY="$lost of $hosts workers did not answer $MISSED status polls in a row (host down, or the"
-      WHY+=" process vanished)"; return 0
-    fi
-    now="$running running, $exited finished, $lost not answering"
-    [ "$now" = "$last" ] || echo "[tpu_pod] $(date +%H:%M:%S) $NAME: $now"
-    last=$now
-    sleep "$POLL"
-  done
-}
-
-cmd_logs() {
-  local log="bpo_logs/$NAME.log"
-  if [ "$FOLLOW" = 1 ]; then
-    ssh_argv "${NODES[0]}" "${WORKER/#all/0}" "tail -n 100 -F $log"
-    run "${SSH[@]}"
-    return 0
-  fi
-  resolve_workers
-  local dir=${LOGS_DIR:-$ROOT/logs/$NAME} i s failed=0 summary who
-  run mkdir -p "$dir"
-  for ((s = 0; s < SLICES; s++)); do
-    for ((i = 0; i < WORKERS; i++)); do
-      who=$(worker_label "$s" "$i")
-      scp_node "${NODES[s]}" "${NODES[s]}:$log" "$dir/${who// /-}.log" "$i" ||
-        { echo "$who: no log fetched" >&2; failed=1; }
-    done
-  done
-  [ "$DRY" = 0 ] || return 0
-  for ((s = 0; s < SLICES; s++)); do
-    for ((i = 0; i < WORKERS; i++)); do
-      who=$(worker_label "$s" "$i")
-      [ -f "$dir/${who// /-}.log" ] || continue
-      summary=$(runs_in_log "$dir/${who// /-}.log") || failed=1
-      echo "$who: $summary"
-    done
-  done
-  [ "$failed" = 0 ] || die "a worker failed (logs in $dir)"
-}
-
-worker_label() {  # SLICE WORKER: "worker W", or "slice S worker W" with several slices
-  if ((SLICES > 1)); then echo "slice $1 worker $2"; else echo "worker $2"; fi
-}
-
-# How the runs in a worker's log (each after start_training's header) ended: "exit code RC" or "still running (no
-# exit code yet)" for the last, then the earlier runs' codes ("none": the host went down first). Non-zero when the
-# last run failed.
-runs_in_log() {
-  awk '/^\[tpu_pod\] run started / { n++; rc[n] = "" }
-    /^\[bpo_jax\] exit code / { if (!n) n = 1; rc[n] = $NF }
-    END {
-      out = rc[n] == "" ? "still running (no exit code yet)" : "exit code " rc[n]
-      for (i = 1; i < n; i++) earlier = earlier (i > 1 ? ", " : "") (rc[i] == "" ? "none" : rc[i])
-      print out (n > 1 ? " (run " n " in the log; earlier runs: " earlier ")" : "")
-      exit (rc[n] != "" && rc[n] != 0)
-    }' "$1"
-}
-
-# On each worker: one line "HOST: running", "HOST: exited with code RC" or "HOST: no training started", then the
-# log's last lines as "HOST| ..."; non-zero when the training failed there. `status` shows it, `watch` counts it.
-state_cmd() {
-  local log="$LOG$NAME"
-  printf '%s' "h=\$(hostname); if pgrep -f $TRAIN_PAT >/dev/null; then echo \"\$h: running\"; tail -n 2 $log.log | sed \"s/^/\$h| /\"; elif [ -f $log.rc ]; then rc=\$(cat $log.rc); echo \"\$h: exited with code \$rc\"; tail -n 5 $log.log | sed \"s/^/\$h| /\"; [ \"\$rc\" = 0 ]; else echo \"\$h: no training started\"; fi"
-}
-
-cmd_status() {
-  local state
-  echo "+ $(q "${DESCRIBE[@]}")"
-  if [ "$DRY" = 0 ]; then
-    state=$("${DESCRIBE[@]}")
-    echo "queued resource $NAME: ${state:-not found}"
-    [ "$state" = ACTIVE ] || exit 1
-  fi
-  tpu_ssh all "$(state_cmd)" || die "a worker's training failed (see above; 'logs' fetches the logs)"
-}
+# status, logs, watch: following the training (watch_loop restarts it with start_training and re-creates a
+# lost slice with cmd_delete, cmd_create, cmd_copy and cmd_setup)
+# shellcheck source=_tpu_pod_watch.sh
+source "$ROOT/launch/_tpu_pod_watch.sh"
 
 cmd_stop() {
   tpu_ssh all "pkill -TERM -f $TRAIN_PAT; for i in \$(seq 180); do pgrep -f $TRAIN_PAT >/dev/null || break; sleep 1; done; pkill -KILL -f $TRAIN_PAT; $CLEAR_TPU; echo \"\$(hostname): stopped\""

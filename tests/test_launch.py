@@ -37,15 +37,15 @@ def _exe(path: Path, text: str) -> Path:
     return path
 
 
-# A fake gcloud: logs its argv (JSON, one line per call). With FAKE_ROOT set it also plays a slice of
-# FAKE_WORKERS workers whose homes are FAKE_ROOT/w<i>: `tpu-vm ssh --command` runs the command there with
-# bash, `tpu-vm scp` copies files in and out, `describe` says ACTIVE, or what FAKE_ROOT/state says (GONE: not
-# found). Queued-resource `create` makes the state ACTIVE and revives dead workers (killing their fake
-# training), `delete` makes it GONE; ssh and scp fail (255) while it is not ACTIVE, and for a worker w<i> while
-# FAKE_ROOT/dead-w<i> exists (each such call appends its argv to FAKE_ROOT/unreachable). `storage cat`, `cp`
-# (`-`: stdin) and `rsync` (a folder's files) treat gs://B/P as FAKE_ROOT/gcs/B/P, for this machine and the workers.
-# With FAKE_NODES=N0,N1 (a multislice queued resource) the workers of node N are FAKE_ROOT/N/w<i>, ssh and scp to
-# any other node fail, and `tpu-vm describe` gives worker 0's address, 10.130.0.2.
+# A fake gcloud: logs its argv (JSON, one line per call). With FAKE_ROOT set it also plays a slice of FAKE_WORKERS
+# workers whose homes are FAKE_ROOT/w<i>: `tpu-vm ssh --command` runs the command there with bash, `tpu-vm scp`
+# copies files in and out (an upload's path and mode, per home, go to FAKE_ROOT/scp_modes), `describe` says ACTIVE,
+# or what FAKE_ROOT/state says (GONE: not found). Queued-resource `create` makes the state ACTIVE and revives dead
+# workers (killing their fake training), `delete` makes it GONE; ssh and scp fail (255) while it is not ACTIVE, and
+# for a worker w<i> while FAKE_ROOT/dead-w<i> exists (each such call appends its argv to FAKE_ROOT/unreachable).
+# `storage cat`, `cp` (`-`: stdin) and `rsync` (a folder's files) treat gs://B/P as FAKE_ROOT/gcs/B/P, for this
+# machine and the workers. With FAKE_NODES=N0,N1 (a multislice queued resource) the workers of node N are
+# FAKE_ROOT/N/w<i>, ssh and scp to any other node fail, and `tpu-vm describe` gives worker 0's address, 10.130.0.2.
 FAKE_GCLOUD = """#!PYTHON
 import glob, json, os, shutil, subprocess, sys
 args = sys.argv[1:]
@@ -117,6 +117,8 @@ elif args[2:4] == ["tpu-vm", "scp"]:
             shutil.copy(os.path.join(home, src.split(":", 1)[1]), dst)
         else:
             shutil.copy(src, os.path.join(home, dst.split(":", 1)[1]))
+            with open(os.path.join(root, "scp_modes"), "a") as f:
+                f.write(f"{src} {os.stat(src).st_mode & 0o777:o}\\n")
 sys.exit(1 if rc else 0)
 """
 
@@ -155,10 +157,12 @@ def _dry(args, env):
 
 def test_shellcheck_launch_scripts():
     sc = _shellcheck()
-    out = subprocess.run([sc, str(TPU), str(SLURM)], capture_output=True, text=True)
+    tpu_parts = sorted(str(p) for p in (ROOT / "launch").glob("_tpu_pod_*.sh"))  # sourced by tpu_pod.sh
+    assert tpu_parts, "tpu_pod.sh sources launch/_tpu_pod_*.sh"
+    out = subprocess.run([sc, "-x", str(TPU), str(SLURM), *tpu_parts], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     # the other launch scripts (sourced helpers included): no warnings
-    others = sorted(str(p) for p in (ROOT / "launch").glob("*.sh") if p not in (TPU, SLURM))
+    others = sorted(str(p) for p in (ROOT / "launch").glob("*.sh") if p not in (TPU, SLURM) and str(p) not in tpu_parts)
     out = subprocess.run([sc, "--shell=bash", "--severity=warning", *others], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -250,6 +254,9 @@ def test_printed_commands_are_shell_words(fake):
     (["run", "--type", "v4-16", "--restart", "x", "--", *TRAIN], "not a number"),
     (["watch", "--type", "v4-16", "--restart", "1"], "train arguments"),
     (["copy", "--stage", "/mnt/stage", "--model-dir", "m:models/m"], "--stage '/mnt/stage'"),
+    (["run", "--workers", "1", "--env", "BPO_TEST_UNSET", "--", *TRAIN], "BPO_TEST_UNSET is not set in this shell"),
+    (["run", "--workers", "1", "--env=HF-TOKEN", "--", *TRAIN], "--env 'HF-TOKEN' is not a variable name"),
+    (["run", "--workers", "1", "--env"], "--env needs a value"),
 ])
 def test_tpu_refusals(fake, args, message):
     tmp_path, env = fake
@@ -398,6 +405,52 @@ def test_tpu_multislice_run_status_and_logs_on_fake_workers(fake):
         for i in range(2):
             assert f"slice {s} worker {i}: exit code 0\n" in out.stdout
             assert "training" in (tmp_path / f"fetched/slice-{s}-worker-{i}.log").read_text()
+
+
+SECRET = "s3cr3t 'q' $HOME \"x\" `id`"  # quotes, a variable and a command: sent as a value, never run
+
+
+def test_tpu_env_reaches_the_training_and_no_log(fake):
+    """--env HF_TOKEN --env WANDB_API_KEY (run under `bash -x`): every worker's training sees both values as this
+    shell has them; the file that carried them was mode 600 and is gone on both sides; no value appears in the
+    output, the xtrace, gcloud's argv, the workers' logs or a file left in TMPDIR."""
+    tmp_path, env = fake
+    bin_w = tmp_path / "worker_bin"
+    bin_w.mkdir()
+    _exe(bin_w / "sudo", "#!/bin/sh\nexit 0\n")
+    for name in ("pgrep", "pkill", "lsof"):
+        _exe(bin_w / name, "#!/bin/sh\nexit 1\n")
+    env.update(FAKE_ROOT=str(tmp_path), FAKE_WORKERS="2", FAKE_WORKER_PATH=f"{bin_w}:{os.environ['PATH']}",
+               HF_TOKEN=SECRET, WANDB_API_KEY="wandb-key-42")
+    homes = [tmp_path / "w0", tmp_path / "w1"]
+    for home in homes:
+        venv = home / "bpo_jax/.venv/bin"
+        venv.mkdir(parents=True)
+        (venv / "activate").write_text('PATH="$PWD/.venv/bin:$PATH"\n')
+        _exe(venv / "python", '#!/bin/sh\nprintf "%s\\n" "$HF_TOKEN" "$WANDB_API_KEY" > "$HOME/seen"\n'
+                              'ls -A "$HOME" > "$HOME/home"\necho training\n')
+    out = subprocess.run(["bash", "-x", str(TPU), "run", "--workers", "2", "--env", "HF_TOKEN", "--env=WANDB_API_KEY",
+                          "--", *TRAIN], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    deadline = time.time() + 20
+    while not all((h / "bpo_logs/bpo-pod.rc").exists() for h in homes) and time.time() < deadline:
+        time.sleep(0.05)
+    for home in homes:
+        assert (home / "seen").read_text() == f"{SECRET}\nwandb-key-42\n"
+        assert ".bpo_jax-env" not in (home / "home").read_text().split()  # removed before the training started
+    (sent,) = {line.rsplit(" ", 1)[0] for line in (tmp_path / "scp_modes").read_text().splitlines()}
+    assert (tmp_path / "scp_modes").read_text().split()[1::2] == ["600", "600"]  # one upload (--worker=all), 2 homes
+    assert not os.path.exists(sent) and not list(tmp_path.glob("bpo_jax-env-*"))
+    assert "--env HF_TOKEN WANDB_API_KEY" in out.stdout and "+ read_env_flags " in out.stderr  # traced, not the values
+    logs = [(tmp_path / "gcloud.log").read_text(), out.stdout, out.stderr,
+            *((h / "bpo_logs/bpo-pod.log").read_text() for h in homes)]
+    assert not [text for text in logs if "s3cr3t" in text or "wandb-key-42" in text]
+    dry = _run(TPU, ["--dry-run", "run", "--num-slices", "2", "--workers", "2", "--env", "HF_TOKEN", "--", *TRAIN],
+               env).stdout
+    assert [line.split()[6:8] for line in dry.splitlines() if " tpu-vm scp " in line] == [
+        [f"{tmp_path}/bpo_jax-env-XXXXXX", f"bpo-pod-{s}:.bpo_jax-env"] for s in range(2)]
+    assert dry.count("--command='. ./.bpo_jax-env && rm -f .bpo_jax-env && cd bpo_jax && ") == 2
+    assert "s3cr3t" not in dry and not list(tmp_path.glob("bpo_jax-env-*"))
 
 
 @pytest.mark.slow
