@@ -792,16 +792,16 @@ def test_setup_command_shape(tmp_path, extra):
 
 
 def _doc_blocks():
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("## Running on a TPU pod")
-    text = readme[start: readme.index("\n## ", start + 1)]
+    page = (ROOT / "docs" / "pods.md").read_text()
+    start = page.index("## Cloud TPU slices")  # through the SLURM section
+    text = page[start: page.index("\n## Troubleshooting", start)]
     blocks = re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S)
     return [line.strip() for b in blocks for line in b.replace("\\\n", " ").splitlines()]
 
 
 def test_doc_commands_dry_run(fake):
-    """Every launch/tpu_pod.sh and launch/slurm.sh line of the README's TPU pod section runs with --dry-run as
-    written."""
+    """Every launch/tpu_pod.sh and launch/slurm.sh line of docs/pods.md's TPU and SLURM sections runs with --dry-run
+    as written."""
     tmp_path, env = fake
     lines = _doc_blocks()
     exports = "\n".join(line for line in lines if line.startswith("export "))

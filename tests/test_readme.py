@@ -1,4 +1,5 @@
-"""The README's loss-library example runs as written, given a model_apply, params and a batch."""
+"""The README's loss-library example runs as written, given a model_apply, params and a batch; docs/layout.md
+names every module once."""
 
 import pathlib
 import re
@@ -35,9 +36,9 @@ def test_readme_loss_example_runs():
 
 
 def _layout_modules(text: str) -> list[str]:
-    """The ``bpo_jax/...`` module paths the README's layout block names, from its indentation (two spaces a
+    """The ``bpo_jax/...`` module paths that docs/layout.md's first block names, from its indentation (two spaces a
     folder level)."""
-    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    block = text.split("```", 2)[1]
     paths, folders = [], []
     for line in block.splitlines():
         name = line.strip().split(" ", 1)[0]
@@ -52,11 +53,11 @@ def _layout_modules(text: str) -> list[str]:
     return paths
 
 
-def test_readme_layout_names_every_module_once():
-    """The README's layout section is the real layout: one line per module of ``bpo_jax`` (package
-    ``__init__.py`` files aside), none missing, none that does not exist."""
+def test_layout_names_every_module_once():
+    """docs/layout.md is the real layout: one line per module of ``bpo_jax`` (package ``__init__.py`` files
+    aside), none missing, none that does not exist."""
     root = pathlib.Path(__file__).parents[1]
-    listed = _layout_modules((root / "README.md").read_text())
+    listed = _layout_modules((root / "docs" / "layout.md").read_text())
     real = sorted(str(p.relative_to(root)) for p in (root / "bpo_jax").rglob("*.py") if p.name != "__init__.py")
     assert len(listed) == len(set(listed)), [p for p in listed if listed.count(p) > 1]
     assert sorted(listed) == real, (sorted(set(real) - set(listed)), sorted(set(listed) - set(real)))
