@@ -1,7 +1,7 @@
-"""The benchmark scripts ``bench/train_step.py`` and ``bench/online_loop.py`` run end to end at tiny shapes and
-report sensible figures (their ``--json``). Each runs as a subprocess with an explicit environment: one CPU
-device (the suite's ``--xla_force_host_platform_device_count=8`` is stripped: the benches measure one device, as
-``python -m bpo_jax train`` sees this machine), the HF hub offline."""
+"""The benchmark scripts ``bench/train_step.py``, ``bench/online_loop.py`` and ``bench/xla_cpu.py`` run end to
+end at tiny shapes and report sensible figures (their ``--json``). Each runs as a subprocess with an explicit
+environment: one CPU device (the suite's ``--xla_force_host_platform_device_count=8`` is stripped: the benches
+measure one device, as ``python -m bpo_jax train`` sees this machine), the HF hub offline."""
 
 import json
 import math
@@ -147,3 +147,19 @@ def test_online_loop_peer_trl(tiny_policy_and_rm, tmp_path):
     assert _positive(res["ratio"]["step_time"], res["ratio"]["peak_rss"])
     assert "bpo_jax / trl: s/step" in out and "not matched:" in out and "trl parts" in out
     assert not os.path.exists(res["exchange"])
+
+
+@pytest.mark.slow
+def test_xla_cpu_flags_reach_each_variants_own_process(tmp_path):
+    """``bench/xla_cpu.py``: each variant runs in its own process (``XLA_FLAGS`` is read once), after a baseline run:
+    the default sends the dot to YNNPACK (``ynn_fusion``), the ``eigen`` variant back to XLA's own ``dot``; the
+    figures are positive and the f32 result is float32-exact against float64."""
+    res, _ = _run("xla_cpu.py", ["--workloads", "matmul", "membw", "--variants", "eigen", "--rounds", "1",
+                                 "--repeats", "1"], tmp_path)
+    matmul = res["results"]["matmul"]
+    assert set(matmul) == {"baseline", "eigen"} and res["variants"] == {"eigen": "--xla_cpu_experimental_ynn_"
+                                                                                  "fusion_type=-individual_dot"}
+    base, eigen = matmul["baseline"][0]["f32"], matmul["eigen"][0]["f32"]
+    assert base["paths"] == {"ynn_fusion": 1, "dot": 0} and eigen["paths"] == {"dot": 1}
+    assert _positive(base["gflops"], eigen["gflops"]) and base["rel_err"] < 1e-5 and eigen["rel_err"] < 1e-5
+    assert _positive(res["results"]["membw"]["baseline"][0]["gb_s"])
