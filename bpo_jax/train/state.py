@@ -159,7 +159,10 @@ def create_state(cfg: TrainConfig, base: Params, key: jax.Array, *, reference: P
                       behavior=_copy(trainable), reference=reference, opt_state=opt_state)
     # Committed to the shardings it has, as the jitted step's outputs and a restored state are: π_β's params then
     # reach the sampler and the checks with the same jit signatures in every phase (no recompilation at phase 2).
-    return jax.device_put(rest, shardings(rest)).replace(base=base)
+    # Traced (``jax.eval_shape``, a memory plan): nothing to commit.
+    if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(rest)):
+        rest = jax.device_put(rest, shardings(rest))
+    return rest.replace(base=base)
 
 
 def _init_opt_state(optimizer, trainable):
