@@ -67,15 +67,21 @@ def test_tpu_copy_stages_local_folders_once(fake):
     assert "gcloud storage rsync --recursive gs://bkt/stage/bpo_jax/models/gemma-2b bpo_jax/models/gemma-2b" in dry
 
 
-def test_tpu_multislice_run_status_and_logs_on_fake_workers(fake):
-    """Two slices of two fake workers: run starts the training on all four with their slice's MEGASCALE_*
-    variables (the coordinator's address from gcloud), status reports four workers, logs fetches four logs."""
-    tmp_path, env = fake
+def _quiet_worker_bin(tmp_path):
+    """A PATH folder for fake workers with nothing running: sudo succeeds; pgrep, pkill and lsof find nothing."""
     bin_w = tmp_path / "worker_bin"
     bin_w.mkdir()
     executable(bin_w / "sudo", "#!/bin/sh\nexit 0\n")
     for name in ("pgrep", "pkill", "lsof"):
         executable(bin_w / name, "#!/bin/sh\nexit 1\n")
+    return bin_w
+
+
+def test_tpu_multislice_run_status_and_logs_on_fake_workers(fake):
+    """Two slices of two fake workers: run starts the training on all four with their slice's MEGASCALE_*
+    variables (the coordinator's address from gcloud), status reports four workers, logs fetches four logs."""
+    tmp_path, env = fake
+    bin_w = _quiet_worker_bin(tmp_path)
     env.update(FAKE_ROOT=str(tmp_path), FAKE_WORKERS="2", FAKE_NODES="bpo-pod-0,bpo-pod-1",
                FAKE_WORKER_PATH=f"{bin_w}:{os.environ['PATH']}")
     homes = [tmp_path / f"bpo-pod-{s}" / f"w{i}" for s in range(2) for i in range(2)]
@@ -110,11 +116,7 @@ def test_tpu_env_reaches_the_training_and_no_log(fake):
     shell has them; the file that carried them was mode 600 and is gone on both sides; no value appears in the
     output, the xtrace, gcloud's argv, the workers' logs or a file left in TMPDIR."""
     tmp_path, env = fake
-    bin_w = tmp_path / "worker_bin"
-    bin_w.mkdir()
-    executable(bin_w / "sudo", "#!/bin/sh\nexit 0\n")
-    for name in ("pgrep", "pkill", "lsof"):
-        executable(bin_w / name, "#!/bin/sh\nexit 1\n")
+    bin_w = _quiet_worker_bin(tmp_path)
     env.update(FAKE_ROOT=str(tmp_path), FAKE_WORKERS="2", FAKE_WORKER_PATH=f"{bin_w}:{os.environ['PATH']}",
                HF_TOKEN=SECRET, WANDB_API_KEY="wandb-key-42")
     homes = [tmp_path / "w0", tmp_path / "w1"]
