@@ -289,17 +289,10 @@ def jit_state_step(step_fn, cfg: TrainConfig | StepConfig, model_config: ModelCo
 LOGP_GAP_TOL_PER_TOKEN = {"float32": 2e-5, "bfloat16": 2e-2}
 
 
-def _logp_gap(model_config, params, batch, prompt_len: int, share_prompt: bool):
-    """``[2]``: (max, mean) over a batch's 2B responses of |this forward's summed response log-probs − the
-    sampler's| (``*_behavior_logps``). The one body every gap check below shares."""
-    pc, pr, _, _ = pair_logps(model_config, params, batch, prompt_len, share_prompt=share_prompt)
-    gap = jnp.abs(jnp.concatenate([pc - batch["chosen_behavior_logps"], pr - batch["rejected_behavior_logps"]]))
-    return jnp.stack([jnp.max(gap), jnp.mean(gap)])
-
-
 @partial(jax.jit, static_argnames=("model_config", "prompt_len", "share_prompt"))
 def behavior_logp_gap(model_config, params, batch, *, prompt_len: int, share_prompt: bool = False):
     """Largest |trainer forward − sampler| gap in summed response log-probs over a batch. At the start of a
     phase the behavior LLM must score its own samples exactly as the sampler did; a gap here (different dtype,
     params or masking) silently breaks BPO's reference."""
-    return _logp_gap(model_config, params, batch, prompt_len, share_prompt)[0]
+    pc, pr, _, _ = pair_logps(model_config, params, batch, prompt_len, share_prompt=share_prompt)
+    return _gap_max_sum(batch, pc, pr)[0]
