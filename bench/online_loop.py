@@ -16,9 +16,8 @@ loop runs its own code in its own order and each building block's time lands in 
                        layout; both count as calls of this row)
   annotation           the annotator's ``__call__`` (a proxy around the task's annotator)
   behavior log-prob check  ``loop.behavior_logp_gap`` (the sampler's re-score at phase 1 and every
-                       ``behavior_check_every`` phases) and, in older checkouts, the separate
-                       ``policy_behavior_logp_gap`` / ``member_logp_gaps`` re-scores (today the train step returns
-                       those gaps); jitted, compile on first call
+                       ``behavior_check_every`` phases; the π_θ-vs-π_β gaps come out of the train step); jitted,
+                       compiles on its first call
   train steps          the step function ``loop.make_train_step`` returns (first call = compile + step)
   metrics writing      ``loop._Outputs.write`` (metrics.jsonl, TensorBoard when installed)
   checkpointing        ``Checkpointer.save`` (synchronous) and ``close``, as the loop calls them at the phase end
@@ -92,7 +91,6 @@ PEER_ROWS = ("behavior sync", "behavior merge", "unstack π_β", "sampling", "de
 PEER_KEYS = ("batch_size", "max_new_tokens", "max_prompt_length", "temperature", "top_k", "top_p", "lora_rank",
              "lora_alpha", "lora_targets", "learning_rate", "lr_schedule", "weight_decay", "adam_eps",
              "max_grad_norm", "beta", "loss_type", "remat", "seed", "tied_pairs")
-GAP_CHECKS = ("behavior_logp_gap", "policy_behavior_logp_gap", "member_logp_gaps")  # re-scores a loop may call
 
 
 class Timings:
@@ -181,9 +179,7 @@ def _patches(tm: Timings) -> dict:
         (st, "sync_behavior"): tm.wrap("behavior sync", st.sync_behavior, block=True),
         (ev, "generate"): tm.wrap("eval: generate", ev.generate),
     }
-    for name in GAP_CHECKS:  # those this checkout's loop calls
-        if hasattr(loop, name):
-            patches[(loop, name)] = tm.wrap("behavior log-prob check", getattr(loop, name), block=True)
+    patches[(loop, "behavior_logp_gap")] = tm.wrap("behavior log-prob check", loop.behavior_logp_gap, block=True)
     make_train_step = loop.make_train_step
 
     def timed_make_train_step(*a, **k):

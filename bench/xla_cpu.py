@@ -256,7 +256,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--pause-grid", action="store_true")
-    p.add_argument("--grid-pattern", default="bpo_jax (sft|experiment)")
+    p.add_argument("--grid-pattern", default="bpo_jax (sft|experiment|train)")
     p.add_argument("--child-timeout", type=float, default=540.0)
     p.add_argument("--max-paused", type=float, default=2400.0)
     p.add_argument("--json", default=None)

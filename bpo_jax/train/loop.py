@@ -178,8 +178,8 @@ def train(cfg: TrainConfig, run, *, evaluate=None, lora_init=None, stop: Preempt
         raise ValueError(f"the prompt stream yields {prompts.batch_size} prompts per batch; the config's "
                          f"batch_size is {cfg.batch_size}")
     run_dir.make(cfg.run_dir)
-    state = st.create_state(cfg, run.model.params, jax.random.key(cfg.seed), reference=run.reference,
-                            lora_init=lora_init)
+    state = st.committed(st.create_state(cfg, run.model.params, jax.random.key(cfg.seed), reference=run.reference,
+                                         lora_init=lora_init))
     out = _Outputs(evaluate, Checkpointer(cfg.run_dir, cfg.keep_checkpoints),
                    stop if stop is not None else Preemption().__enter__(), run_dir.path(cfg.run_dir, "metrics.jsonl"),
                    trackers if trackers is not None else open_trackers(cfg))

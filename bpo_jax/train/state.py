@@ -155,14 +155,8 @@ def create_state(cfg: TrainConfig, base: Params, key: jax.Array, *, reference: P
         counters = jax.device_put(counters, jax.sharding.NamedSharding(leaf.sharding.mesh,
                                                                        jax.sharding.PartitionSpec()))
     step, phase, rng = counters
-    rest = TrainState(step=step, phase=phase, rng=rng, base=None, trainable=_copy(trainable),
+    return TrainState(step=step, phase=phase, rng=rng, base=base, trainable=_copy(trainable),
                       behavior=_copy(trainable), reference=reference, opt_state=opt_state)
-    # Committed to the shardings it has, as the jitted step's outputs and a restored state are: π_β's params then
-    # reach the sampler and the checks with the same jit signatures in every phase (no recompilation at phase 2).
-    # Traced (``jax.eval_shape``, a memory plan): nothing to commit.
-    if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(rest)):
-        rest = jax.device_put(rest, shardings(rest))
-    return rest.replace(base=base)
 
 
 def _init_opt_state(optimizer, trainable):
@@ -219,6 +213,14 @@ def sync_behavior(state: TrainState) -> TrainState:
 @jax.jit
 def _sync(trainable, phase):
     return jax.tree.map(jnp.copy, trainable), phase + 1  # new buffers: the train step donates the state
+
+
+def committed(state: TrainState) -> TrainState:
+    """``state`` with every leaf but the base committed to the sharding it has, as the jitted step's outputs and a
+    restored state are: π_β's params then reach the sampler and the checks with the same jit signatures in every
+    phase (a fresh state's uncommitted leaves would make phase 2 recompile them)."""
+    rest = state.replace(base=None)
+    return jax.device_put(rest, shardings(rest)).replace(base=state.base)
 
 
 def shardings(state: TrainState):
