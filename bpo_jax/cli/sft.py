@@ -1,9 +1,11 @@
 """``python -m bpo_jax sft --config configs/<file>_sft.yaml [key=value ...]``: supervised fine-tuning of
 ``sft_seeds`` adapters (or models), one per seed, the loss on the response tokens only.
 
-It reports the held-out loss before and after each seed, writes ``<run_dir>/adapters/seed_<k>`` as PEFT folders
-(full fine-tuning: ``<run_dir>/policies/seed_<k>`` as HF folders) and prints the ``train`` overrides that start
-the paper's ensemble from them (``lora_init_from=...``). Rerunning the same command resumes where it stopped.
+It reports the held-out loss before and after each seed (and, on a task with a scorer, the win rate against the
+references and the identical-sample rate: ``bpo_jax.wiring.sft_report``), writes ``<run_dir>/adapters/seed_<k>`` as
+PEFT folders (full fine-tuning: ``<run_dir>/policies/seed_<k>`` as HF folders) and prints the ``train`` overrides
+that start the paper's ensemble from them (``lora_init_from=...``). Rerunning the same command resumes where it
+stopped.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def _run(cfg, trackers, t0) -> int:
     from bpo_jax.runtime import run_dir as rd
     from bpo_jax.train import sft
     from bpo_jax.train.loop import Preempted, Preemption
+    from bpo_jax.wiring.sft_report import sft_report
     from bpo_jax.wiring.tasks import prepare_tfds
 
     sources = None
@@ -50,7 +53,7 @@ def _run(cfg, trackers, t0) -> int:
         save_config(cfg, str(rd.path(cfg.run_dir, "config.yaml")))
     with Preemption() as stop:
         try:
-            folders = sft.train_seeds(run, stop=stop, trackers=trackers)
+            folders = sft.train_seeds(run, stop=stop, trackers=trackers, report=sft_report(cfg, run))
         except Preempted as err:  # the last completed step is on disk; the same command resumes
             log.error(str(err))
             return exits.PREEMPTED

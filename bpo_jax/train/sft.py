@@ -10,7 +10,9 @@ For each seed k = 0 … N − 1 (random seed ``seed + k``):
   3. its held-out loss; the adapter written as a PEFT folder ``<run_dir>/adapters/seed_<k>`` (full fine-tuning:
      an HF folder ``<run_dir>/policies/seed_<k>``).
 
-The starting model's held-out loss (the base: a fresh adapter adds nothing) is measured once, at step 0.
+The starting model's held-out loss (the base: a fresh adapter adds nothing) is measured once, at step 0. A
+``report(params, label) -> metrics`` (``bpo_jax.wiring.sft_report``: the win rate and the identical-sample rate on
+the task's test prompts) adds its metrics to the step-0 record and to each seed's final one.
 S = ``sft_steps``, else floor(``sft_epochs`` × rows / ``batch_size``) (the official max_step, sft_train.py:105).
 
 Checkpoints: one orbax manager whose step is the global step g = k·S + s (seed k at its step s), written every
@@ -126,7 +128,7 @@ def heldout_loss(run: SftRun, params) -> float:
     return float(total[0] / max(total[1], 1.0))
 
 
-def train_seeds(run: SftRun, *, stop: Preemption, trackers) -> list[str]:
+def train_seeds(run: SftRun, *, stop: Preemption, trackers, report=None) -> list[str]:
     """Train (or resume, or skip) every seed as the module docstring says; returns the seeds' output folders."""
     cfg = run.cfg
     steps = steps_per_seed(cfg, len(run.train.ids))
@@ -144,7 +146,8 @@ def train_seeds(run: SftRun, *, stop: Preemption, trackers) -> list[str]:
                    for r in rd.read_jsonl(metrics)):  # sft_eval_size may change on resume
             before = heldout_loss(run, run.model.params)
             log.info(f"step 0: held-out loss {before:.4f} ({len(run.heldout.ids)} rows)")
-            write({"step": 0, "eval/heldout_loss": before, "eval/heldout_rows": len(run.heldout.ids)})
+            extra = report(run.model.params, "step 0") if report else {}
+            write({"step": 0, "eval/heldout_loss": before, "eval/heldout_rows": len(run.heldout.ids), **extra})
         folders = []
         for k in range(cfg.sft_seeds):
             cfg_k, folder = seed_config(cfg, k, steps), output_folder(cfg, k)
@@ -153,13 +156,14 @@ def train_seeds(run: SftRun, *, stop: Preemption, trackers) -> list[str]:
                     if latest != (k + 1) * steps:
                         raise ValueError(f"seed {k} finished training but {folder} is missing and its checkpoint "
                                          f"is gone; start a new run_dir")
-                    _finish(run, cfg_k, k, state0, folder, write)  # stopped between its last step and here
+                    _finish(run, cfg_k, k, state0, folder, write, report)  # stopped between its last step and here
                     state0 = None  # the restored state has served
                 log.info(f"seed {k}: done, {folder}")
             else:
                 resume = (state0, meta["data"][distributed.process_index()]) if latest > k * steps else None
                 state0 = None  # held by resume, or not this seed's
-                _finish(run, cfg_k, k, _train_one(run, cfg_k, k, steps, ckpt, resume, stop, write), folder, write)
+                state = _train_one(run, cfg_k, k, steps, ckpt, resume, stop, write)
+                _finish(run, cfg_k, k, state, folder, write, report)
             folders.append(folder)
         return folders
     finally:
@@ -201,13 +205,16 @@ def _train_one(run: SftRun, cfg_k: TrainConfig, k: int, steps: int, ckpt: Checkp
     return state
 
 
-def _finish(run: SftRun, cfg_k: TrainConfig, k: int, state: st.TrainState, folder: str, write) -> None:
-    """Seed k's end: its held-out loss logged, its adapter (or model) written."""
-    after = heldout_loss(run, st.policy_params(cfg_k, state, run.model.config.dtype))
+def _finish(run: SftRun, cfg_k: TrainConfig, k: int, state: st.TrainState, folder: str, write, report) -> None:
+    """Seed k's end: its held-out loss (and ``report``) logged, its adapter (or model) written."""
+    params = st.policy_params(cfg_k, state, run.model.config.dtype)
+    after = heldout_loss(run, params)
+    log.info(f"seed {k}: held-out loss {after:.4f} after {cfg_k.total_steps} steps")
+    extra = report(params, f"seed {k}") if report else {}
     write({"step": (k + 1) * cfg_k.total_steps, "seed": k, "eval/heldout_loss": after,
-           "eval/heldout_rows": len(run.heldout.ids)})
+           "eval/heldout_rows": len(run.heldout.ids), **extra})
     _export(run, cfg_k, state, folder)
-    log.info(f"seed {k}: held-out loss {after:.4f} after {cfg_k.total_steps} steps; written to {folder}")
+    log.info(f"seed {k}: written to {folder}")
 
 
 def _export(run: SftRun, cfg_k: TrainConfig, state: st.TrainState, folder: str) -> None:

@@ -1,6 +1,7 @@
-"""``python -m bpo_jax sft`` end to end: two seeds give two PEFT folders that PEFT's own loader puts on the HF
-model to bpo_jax's logits, their held-out loss falls, the printed ``train`` overrides start an ensemble from them,
-a rerun skips finished seeds; the shipped SFT configs carry the official settings and run with a tiny model."""
+"""``python -m bpo_jax sft`` end to end: two seeds give two PEFT folders that PEFT's own loader puts on the HF model to
+bpo_jax's logits, their held-out loss falls, the win rate and identical-sample rate are reported, the printed
+``train`` overrides start an ensemble from them, a rerun skips finished seeds; the shipped SFT configs carry the
+official settings and run with a tiny model."""
 
 import json
 import re
@@ -42,6 +43,9 @@ def test_two_seeds_give_peft_adapters_that_start_train(tiny_policy_and_rm, tmp_p
                       f"lora_targets=q,k,v,o,gate,up,down"
     held = {r.get("seed"): r["eval/heldout_loss"] for r in _metrics(run) if "eval/heldout_loss" in r}
     assert held[0] < held[None] and held[1] < held[None]  # None: the base, before
+    reports = [r for r in _metrics(run) if "eval/heldout_loss" in r]  # minisum has a scorer: the report's figures
+    assert len(reports) == 3 and all(0.0 <= r["eval/win_rate"] <= 1.0 and r["eval/n"] == 6 and
+                                     0.0 <= r["eval/identical_sample_rate"] <= 1.0 for r in reports)
     model, _ = load_pretrained(policy)
     shapes = {t: model.params["layers"][t].shape for t in lora.TARGETS}
     def hf_logits(folder=None):  # PEFT puts the adapter into the HF model it is given: a fresh one each time
