@@ -70,7 +70,9 @@ def _evaluate(cfg, ckpt, step: int) -> int:
     task = run.task
     policy = restore_policy(cfg, ckpt, step, run.model, mesh=run.mesh)  # π_θ as the train step runs it
     result, wr = score_task(cfg, run, policy)
-    rd.append_jsonl(rd.path(cfg.run_dir, "eval.jsonl"), {"step": step, "data": cfg.data, **wr.metrics()})
+    evals = rd.JsonlLog(rd.path(cfg.run_dir, "eval.jsonl"))
+    evals.append({"step": step, "data": cfg.data, **wr.metrics()})
+    evals.flush()  # a remote run_dir's line: written now, not at exit
     log_evaluation(cfg, step, wr.metrics())
     detail = scores_file(cfg.run_dir, step, cfg.data)
     write_scores(detail, task.eval_prompts, task.references, result)

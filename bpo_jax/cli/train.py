@@ -40,17 +40,18 @@ def _run(cfg, trackers, t0) -> int:
     rd.make(cfg.run_dir)
     if distributed.is_primary():
         save_config(cfg, str(rd.path(cfg.run_dir, "config.yaml")))  # what `python -m bpo_jax evaluate` reloads
+    metrics = rd.JsonlLog(rd.path(cfg.run_dir, "metrics.jsonl"))  # its one writer: step 0, the loop, the end
     with loop.Preemption() as stop:  # SIGTERM from here on: every host stops at the next check, together
         evaluate = lifecycle.Evaluator(cfg, run, start, interrupt=stop.check)
         try:
-            before = evaluate.step0_metrics(trackers)
+            before = evaluate.step0_metrics(metrics, trackers)
             state = loop.train(cfg, run, lora_init=lora_init, evaluate=evaluate if cfg.eval_every else None,
-                               stop=stop, trackers=trackers)
+                               stop=stop, trackers=trackers, metrics=metrics)
             after = evaluate(st.policy_params(cfg, state, mcfg.dtype), cfg.total_steps)
         except loop.Preempted as err:  # the last completed state is on disk; the same command resumes
             log.error(str(err))
             return exits.PREEMPTED
-    lifecycle.finish_run(cfg, run, state, after, trackers)
+    lifecycle.finish_run(cfg, run, state, after, metrics, trackers)
     log.info(f"win rate vs human references: {100 * before['eval/win_rate']:.1f}% before -> "
              f"{100 * after['eval/win_rate']:.1f}% after training ({time.time() - t0:.0f} s)")
     distributed.barrier("bpo_jax.train.done")  # every host leaves together, after process 0's export and plot

@@ -4,14 +4,25 @@ With several processes the run directory must be storage that every host sees (a
 bucket): orbax writes each host's part of a checkpoint there. Small files (the config, ``metrics.jsonl``, the
 plot) are written by the primary host only.
 
-JSON-lines files (``append_jsonl``): a local file gets each line appended at once. An object store cannot
-append, and writing an object costs a round trip (GCS also allows about one write per second per object), so
-for a remote file the lines wait in this process and are written in one rewrite of the object by ``flush``:
-at every checkpoint (``bpo_jax.train.checkpoint`` flushes before it saves, so the rows up to a checkpoint's
-step are stored before the checkpoint is), after a train run's final record, when the file is read here
-(``read_jsonl``), when a waiting line is older than ``FLUSH_SECONDS``, and at exit. A run killed with SIGKILL
-can lose only rows of steps after its last checkpoint, and the resumed run redoes those steps and writes them
-again; rows that were stored are then there twice, as in a local file (readers keep the last record of a step).
+JSON-lines files (``JsonlLog``): the module keeps no state. Whoever owns such a file in a process makes one
+``JsonlLog`` for it and hands that object to everything else there that writes or reads the file (the train
+command its ``metrics.jsonl``, shared by the step-0 record, the loop, its checkpoints and the final record;
+``sft`` its ``metrics.jsonl``; ``evaluate`` ``eval.jsonl``). There must be one per file in a process: two would
+order its lines by flush rather than by append, and a read through one would miss the other's waiting lines.
+
+* ``append(record)`` writes on the primary host only (a no-op on the others). A local file gets the line at once.
+* An object store cannot append, and writing an object costs a round trip (GCS also allows about one write per
+  second per object), so a remote file's lines wait in its log and ``flush()`` writes them in one rewrite of the
+  object: when a line is appended while the oldest waiting one is ``flush_seconds`` (default
+  ``FLUSH_SECONDS``) old; at every checkpoint (a ``bpo_jax.train.checkpoint.Checkpointer`` flushes the logs it
+  was given before it saves, so the rows up to a checkpoint's step are stored before the checkpoint is); after a
+  train or sft run's final record and after ``evaluate``'s record; when the file is read through its log
+  (``read()``); and at exit (a log with waiting lines is registered with ``atexit`` until they are written).
+  A failed write keeps the lines waiting and raises.
+* A run killed with SIGKILL can lose only rows of steps after its last checkpoint, and the resumed run redoes
+  those steps and writes them again; rows that were stored are then there twice, as in a local file (readers
+  keep the last record of a step).
+* ``read_jsonl(file)`` reads a file that no log of this process writes (another run's) as it is stored.
 """
 
 from __future__ import annotations
@@ -26,9 +37,6 @@ from bpo_jax.runtime import distributed
 
 FLUSH_SECONDS = 60.0  # the longest a remote line waits for a flush while lines keep coming
 
-_pending: dict[str, list[str]] = {}  # remote file -> lines not yet written, in order
-_oldest: dict[str, float] = {}  # remote file -> when its oldest pending line was appended
-
 
 def path(run_dir: str, *parts: str) -> epath.Path:
     p = epath.Path(run_dir)
@@ -42,43 +50,58 @@ def make(run_dir: str) -> None:
     distributed.barrier("bpo_jax.runtime.run_dir.make")
 
 
-def append_jsonl(file: epath.Path, record: dict) -> None:
-    """Append one JSON line (primary host only; a no-op elsewhere): at once to a local file, by the next
-    ``flush`` to a remote one (the module docstring says when)."""
-    if not distributed.is_primary():
-        return
-    line = json.dumps(record) + "\n"
-    if not distributed.is_remote(str(file)):
-        with open(file, "a") as f:
-            f.write(line)
-        return
-    key = str(file)
-    if not _pending:
-        atexit.register(flush)  # once per batch of pending lines; flush is a no-op when nothing waits
-    _pending.setdefault(key, []).append(line)
-    _oldest.setdefault(key, time.monotonic())
-    if time.monotonic() - _oldest[key] >= FLUSH_SECONDS:
-        flush(file)
-
-
-def flush(file: epath.Path | None = None) -> None:
-    """Write the lines waiting for ``file`` (default: for every file) with one rewrite of each object. A failed
-    write keeps the lines waiting and raises."""
-    for key in [str(file)] if file is not None else list(_pending):
-        lines = _pending.get(key)
-        if not lines:
-            continue
-        target = epath.Path(key)
-        old = target.read_text() if target.exists() else ""
-        target.write_text(old + "".join(lines))
-        del _pending[key], _oldest[key]
-    if not _pending:
-        atexit.unregister(flush)
-
-
-def read_jsonl(file: epath.Path) -> list[dict]:
-    """Every record of a JSON-lines file, this process's waiting lines included."""
-    flush(file)
+def read_jsonl(file: epath.Path | str) -> list[dict]:
+    """Every record stored in a JSON-lines file ([] when there is none). Lines still waiting in a ``JsonlLog``
+    are not there: read a file this process writes with its log's ``read``."""
+    file = epath.Path(file)
     if not file.exists():
         return []
     return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+class JsonlLog:
+    """This process's writer of one JSON-lines file, local or remote, as the module docstring says: ``append``
+    a record, ``flush`` the waiting lines (a no-op when none wait, and for a local file), ``read`` every record,
+    the waiting ones included. ``flush_seconds``: the age of the oldest waiting line at which an ``append``
+    flushes. On the primary host a remote log opens its file system when it is made (one metadata read): the
+    flush at exit could not, as an exiting interpreter imports no module and starts no thread."""
+
+    def __init__(self, file: epath.Path | str, *, flush_seconds: float = FLUSH_SECONDS):
+        self.file = epath.Path(file)
+        self._remote = distributed.is_remote(str(file))
+        self.flush_seconds = flush_seconds
+        self._pending: list[str] = []  # remote lines not yet written, in order
+        self._oldest = 0.0  # when the oldest pending line was appended (time.monotonic)
+        if self._remote and distributed.is_primary():
+            self.file.exists()
+
+    def append(self, record: dict) -> None:
+        """Append one JSON line (primary host only; a no-op elsewhere): at once to a local file; to a remote one
+        by the next ``flush``, which this call makes when the oldest waiting line is ``flush_seconds`` old."""
+        if not distributed.is_primary():
+            return
+        line = json.dumps(record) + "\n"
+        if not self._remote:
+            with open(self.file, "a") as f:
+                f.write(line)
+            return
+        if not self._pending:
+            self._oldest = time.monotonic()
+            atexit.register(self.flush)  # until these lines are written
+        self._pending.append(line)
+        if time.monotonic() - self._oldest >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the waiting lines with one rewrite of the object. A failed write keeps them waiting and raises."""
+        if not self._pending:
+            return
+        old = self.file.read_text() if self.file.exists() else ""
+        self.file.write_text(old + "".join(self._pending))
+        self._pending.clear()
+        atexit.unregister(self.flush)
+
+    def read(self) -> list[dict]:
+        """Every record of the file, this log's waiting lines included (they are flushed first)."""
+        self.flush()
+        return read_jsonl(self.file)

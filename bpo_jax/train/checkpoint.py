@@ -18,6 +18,7 @@ number of processes is refused. A different mesh with the same devices restores 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -64,7 +65,12 @@ def has_checkpoint(run_dir: str) -> bool:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str, keep: int):
+    """The run directory's checkpoints, the last ``keep`` of them kept. ``logs``: the run's JSON-lines logs
+    (``bpo_jax.runtime.run_dir.JsonlLog``, e.g. its ``metrics.jsonl``) whose waiting lines every ``save`` writes
+    before it saves the step."""
+
+    def __init__(self, run_dir: str, keep: int, *, logs: Sequence[rd.JsonlLog] = ()):
+        self.logs = tuple(logs)
         root = run_dir if distributed.is_remote(run_dir) else str(rd.path(run_dir).resolve())
         self.directory = str(checkpoint_dir(root))
         self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
@@ -78,10 +84,11 @@ class Checkpointer:
 
     def save(self, step: int, state, pairs: dict | None, meta: dict) -> None:
         """Save synchronously (a checkpoint on disk is a checkpoint that survives a SIGKILL). ``pairs``: global
-        arrays (``distributed.global_rows``) or None; ``meta``: JSON, the same on every host. The metrics lines
-        waiting for a remote run directory are written first (``run_dir.flush``), so the rows up to this step are
-        stored before the step is and a resume from it finds them."""
-        rd.flush()
+        arrays (``distributed.global_rows``) or None; ``meta``: JSON, the same on every host. The lines waiting in
+        ``logs`` (a remote run directory's) are written first, so the rows up to this step are stored before the
+        step is and a resume from it finds them."""
+        for log_file in self.logs:
+            log_file.flush()
         # Orbax cannot store zero-size arrays: an absent pairs buffer is one placeholder array.
         packed = pairs if pairs else {"_none": np.zeros((1,), np.int32)}
         meta = {**meta, "base_fingerprint": fingerprint(state.base), "process_count": distributed.process_count()}

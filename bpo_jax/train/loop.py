@@ -158,7 +158,7 @@ def collect_pairs(cfg: TrainConfig, run, behavior, key, *, interrupt=None):
 
 
 def train(cfg: TrainConfig, run, *, evaluate=None, lora_init=None, stop: Preemption | None = None,
-          trackers=None) -> st.TrainState:
+          trackers=None, metrics: run_dir.JsonlLog | None = None) -> st.TrainState:
     """Run (or resume) the online loop on ``run`` (``bpo_jax.wiring.tasks.Run``: its model's params are the SFT
     start, ``run.task.train`` the prompt stream of ``cfg.batch_size`` prompts per global batch, whose state is
     checkpointed, one per host; ``run.task.annotator`` ranks the pairs; ``run.reference`` the fixed reference's
@@ -167,7 +167,9 @@ def train(cfg: TrainConfig, run, *, evaluate=None, lora_init=None, stop: Preempt
     (``lora_init_from``; unused when resuming). ``stop``: the caller's ``Preemption`` (which ``evaluate`` should
     check too); default: one of the loop's own. ``trackers``: the caller's open
     ``bpo_jax.runtime.trackers.Trackers`` (left open); default: the config's own, closed at the end.
-    Returns the final state.
+    ``metrics``: the caller's ``run_dir.JsonlLog`` of ``<run_dir>/metrics.jsonl`` (the one writer of that file in
+    this process: a caller that writes records there too passes its own); default: one of the loop's own. Every
+    checkpoint flushes it before it saves. Returns the final state.
 
     On SIGTERM the loop raises ``Preempted`` with the last completed state on disk: after a train step it saves
     that step; during a collection nothing is saved (the last checkpoint, or the fresh start, is where the phase
@@ -180,8 +182,10 @@ def train(cfg: TrainConfig, run, *, evaluate=None, lora_init=None, stop: Preempt
     run_dir.make(cfg.run_dir)
     state = st.committed(st.create_state(cfg, run.model.params, jax.random.key(cfg.seed), reference=run.reference,
                                          lora_init=lora_init))
-    out = _Outputs(evaluate, Checkpointer(cfg.run_dir, cfg.keep_checkpoints),
-                   stop if stop is not None else Preemption().__enter__(), run_dir.path(cfg.run_dir, "metrics.jsonl"),
+    if metrics is None:
+        metrics = run_dir.JsonlLog(run_dir.path(cfg.run_dir, "metrics.jsonl"))
+    out = _Outputs(evaluate, Checkpointer(cfg.run_dir, cfg.keep_checkpoints, logs=(metrics,)),
+                   stop if stop is not None else Preemption().__enter__(), metrics,
                    trackers if trackers is not None else open_trackers(cfg))
     pairs = None
     try:
@@ -209,12 +213,12 @@ class _Outputs:
     evaluate: object  # (params, step) -> metrics, or None
     ckpt: Checkpointer
     stop: Preemption
-    metrics_path: object
+    metrics: run_dir.JsonlLog  # metrics.jsonl
     trackers: object
 
     def write(self, record: dict) -> None:
         """One metrics record: a line of ``metrics.jsonl`` and a point in each tracker (primary host only)."""
-        run_dir.append_jsonl(self.metrics_path, record)
+        self.metrics.append(record)
         self.trackers.log(record)
 
 

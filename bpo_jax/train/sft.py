@@ -132,18 +132,18 @@ def train_seeds(run: SftRun, *, stop: Preemption, trackers, report=None) -> list
     """Train (or resume, or skip) every seed as the module docstring says; returns the seeds' output folders."""
     cfg = run.cfg
     steps = steps_per_seed(cfg, len(run.train.ids))
-    ckpt = Checkpointer(cfg.run_dir, cfg.keep_checkpoints)
-    metrics = rd.path(cfg.run_dir, "metrics.jsonl")
+    metrics = rd.JsonlLog(rd.path(cfg.run_dir, "metrics.jsonl"))  # this process's one writer of the file
+    ckpt = Checkpointer(cfg.run_dir, cfg.keep_checkpoints, logs=(metrics,))
 
     def write(record):
-        rd.append_jsonl(metrics, record)
+        metrics.append(record)
         trackers.log(record)
 
     try:
         restored = ckpt.restore_latest(fresh_state(seed_config(cfg, 0, steps), run.model.params), mesh=run.mesh)
         latest, state0, meta = (restored[0], restored[1], restored[3]) if restored else (0, None, {})
         if not any(r.get("step") == 0 and r.get("eval/heldout_rows") == len(run.heldout.ids)
-                   for r in rd.read_jsonl(metrics)):  # sft_eval_size may change on resume
+                   for r in metrics.read()):  # sft_eval_size may change on resume
             before = heldout_loss(run, run.model.params)
             log.info(f"step 0: held-out loss {before:.4f} ({len(run.heldout.ids)} rows)")
             extra = report(run.model.params, "step 0") if report else {}
@@ -165,6 +165,7 @@ def train_seeds(run: SftRun, *, stop: Preemption, trackers, report=None) -> list
                 state = _train_one(run, cfg_k, k, steps, ckpt, resume, stop, write)
                 _finish(run, cfg_k, k, state, folder, write, report)
             folders.append(folder)
+        metrics.flush()  # the last seed's final record, written after its last checkpoint
         return folders
     finally:
         ckpt.close()

@@ -108,27 +108,28 @@ class Evaluator:
         self.done[step] = {**wr.metrics(), **drift, **self.setting}
         return self.done[step]
 
-    def step0_metrics(self, trackers) -> dict:
+    def step0_metrics(self, metrics: rd.JsonlLog, trackers) -> dict:
         """The starting model's metrics: those a first command logged with the same setting (a resumed run),
-        else evaluated now and logged to ``metrics.jsonl`` and ``trackers``."""
-        metrics = rd.path(self.cfg.run_dir, "metrics.jsonl")
-        logged = [r for r in rd.read_jsonl(metrics) if r.get("step") == 0 and "eval/win_rate" in r
+        else evaluated now and logged to ``metrics`` (the writer of the run's ``metrics.jsonl`` that the loop
+        and ``finish_run`` share) and ``trackers``."""
+        logged = [r for r in metrics.read() if r.get("step") == 0 and "eval/win_rate" in r
                   and all(r.get(k) == v for k, v in self.setting.items())]
         if logged:
             return {k: v for k, v in logged[-1].items() if k.startswith("eval/")}
         before = self(self.start, 0)
-        rd.append_jsonl(metrics, {"step": 0, **before})
+        metrics.append({"step": 0, **before})
         trackers.log({"step": 0, **before})
         return before
 
 
-def finish_run(cfg, run, state, after: dict, trackers) -> None:
-    """After training: the final metrics logged, the merged policy as an HF folder and the adapters as PEFT
-    folders (``export_policy``), and the run's plot (primary host)."""
+def finish_run(cfg, run, state, after: dict, metrics: rd.JsonlLog, trackers) -> None:
+    """After training: the final metrics logged (to ``metrics``, then flushed, and ``trackers``), the merged
+    policy as an HF folder and the adapters as PEFT folders (``export_policy``), and the run's plot (primary
+    host)."""
     from bpo_jax.train import state as st
 
-    rd.append_jsonl(rd.path(cfg.run_dir, "metrics.jsonl"), {"step": cfg.total_steps, "final": True, **after})
-    rd.flush()  # a remote run_dir's waiting lines: the plot below reads the file
+    metrics.append({"step": cfg.total_steps, "final": True, **after})
+    metrics.flush()  # a remote run_dir's waiting lines: the plot below reads the file
     trackers.log({"step": cfg.total_steps, **after})
     if cfg.export_policy:
         from bpo_jax.models import Decoder, save_pretrained

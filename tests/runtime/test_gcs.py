@@ -8,6 +8,8 @@ The in-process tests point this process's gcsfs and tensorstore at the emulator 
 import json
 import os
 import signal
+import subprocess
+import sys
 import uuid
 
 import jax
@@ -85,25 +87,59 @@ def test_a_step_without_commit_success_is_no_checkpoint(gcs_env):
     ckpt.close()
 
 
-def test_remote_metrics_are_written_once_per_flush(gcs_env, monkeypatch):
-    """Appending a line to a remote file costs no round trip: the lines wait and one flush writes them all (a
-    rewrite of the whole object per line before). Reading the file flushes it first."""
+def test_remote_metrics_are_written_once_per_flush(gcs_env):
+    """Appending a line to a remote file costs no round trip: the lines wait in the file's log and one flush
+    writes them all (a rewrite of the whole object per line before). Reading the file through its log flushes it
+    first; ``read_jsonl`` reads only what is stored."""
     from bpo_jax.runtime import run_dir as rd
 
     run_dir, prefix = _fresh(gcs_env, "metrics")
-    file, name = rd.path(run_dir, "metrics.jsonl"), f"{prefix}/metrics.jsonl"
+    name = f"{prefix}/metrics.jsonl"
+    metrics = rd.JsonlLog(rd.path(run_dir, "metrics.jsonl"))
     for step in range(1, 6):
-        rd.append_jsonl(file, {"step": step})
+        metrics.append({"step": step})
     assert gcs_env.objects(prefix) == {}  # nothing written yet
-    rd.flush()
+    metrics.flush()
     written = gcs_env.generation(name)
-    rd.append_jsonl(file, {"step": 6})
+    metrics.append({"step": 6})
     assert gcs_env.generation(name) == written
-    assert [r["step"] for r in rd.read_jsonl(file)] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rd.read_jsonl(metrics.file)] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in metrics.read()] == [1, 2, 3, 4, 5, 6]
     assert gcs_env.generation(name) != written
-    monkeypatch.setattr(rd, "FLUSH_SECONDS", 0.0)  # a line that waited FLUSH_SECONDS is written without a reader
-    rd.append_jsonl(file, {"step": 7})
-    assert gcs_env.read(name).decode().splitlines()[-1] == '{"step": 7}'
+    written = gcs_env.generation(name)
+    metrics.flush()  # nothing waits: no write
+    assert gcs_env.generation(name) == written and gcs_env.read(name).decode().count("\n") == 6
+    eager = rd.JsonlLog(rd.path(run_dir, "eager.jsonl"), flush_seconds=0.0)  # a line that waited that long
+    eager.append({"step": 7})  # is written without a reader
+    assert gcs_env.read(f"{prefix}/eager.jsonl").decode().splitlines() == ['{"step": 7}']
+
+
+def test_a_checkpoint_stores_the_waiting_metrics_first(gcs_env):
+    """A checkpoint flushes the logs it was given before it saves: after the save the rows up to its step are
+    stored, so a resume from it (after a SIGKILL, which skips the exit flush) finds them."""
+    from bpo_jax.runtime import run_dir as rd
+    from bpo_jax.train.checkpoint import Checkpointer
+
+    run_dir, prefix = _fresh(gcs_env, "flush-at-save")
+    metrics = rd.JsonlLog(rd.path(run_dir, "metrics.jsonl"))
+    ckpt = Checkpointer(run_dir, 3, logs=(metrics,))
+    metrics.append({"step": 1})
+    assert f"{prefix}/metrics.jsonl" not in gcs_env.objects(prefix)
+    ckpt.save(1, _tiny_state(run_dir), None, {"prompts": [{}]})
+    ckpt.close()
+    assert f"{prefix}/checkpoints/1/commit_success.txt" in gcs_env.objects(prefix)
+    assert gcs_env.read(f"{prefix}/metrics.jsonl").decode().splitlines() == ['{"step": 1}']
+
+
+def test_waiting_lines_are_written_at_exit(gcs):
+    """A process that ends with lines waiting (no checkpoint, no reader after them) writes them as it exits."""
+    run_dir, prefix = _fresh(gcs, "at-exit")
+    code = ("from bpo_jax.runtime import run_dir as rd; "
+            f"rd.JsonlLog(rd.path({run_dir!r}, 'metrics.jsonl')).append({{'step': 1}})")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, **gcs.env}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert gcs.read(f"{prefix}/metrics.jsonl").decode().splitlines() == ['{"step": 1}']
 
 
 def test_the_compilation_cache_on_gcs_is_written_and_hit(gcs_env, monkeypatch):
