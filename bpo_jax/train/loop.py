@@ -279,6 +279,18 @@ def _periodic_eval(cfg: TrainConfig, run, out: _Outputs, state, step: int, recor
                         f"{out.ckpt.directory}; the resumed run evaluates it first") from None
 
 
+def _warn_identical(cfg: TrainConfig, phase: int, stats: dict) -> None:
+    """A warning when π_β sampled the same text twice for more than half of a phase's prompts: those prompts give
+    no pair (with ``identical_pairs=shrink`` the phase trains on few pairs; with ``resample`` it annotates more
+    prompts to fill it). The usual cause is a start that copies its SFT references."""
+    same, sampled = stats["identical_pairs_dropped"], stats["prompts_sampled"]
+    if same > sampled / 2:
+        then = "its steps train only on the others" if cfg.identical_pairs == "shrink" else "it sampled more prompts"
+        log.warning(f"phase {phase + 1}: pi_beta sampled the same text twice for {same} of its {sampled} prompts, "
+                    f"which give no pair ({then}); a model that copies its SFT references does this: start from "
+                    f"a less converged SFT model or raise temperature")
+
+
 def _start_phase(cfg: TrainConfig, run, state, phase: int, stop: Preemption):
     """Steps 5 and 1–3 at a phase start: ``(state, this host's pairs, phase stats)``. A preemption during the
     collection saves nothing: the last checkpoint (or the fresh start) already holds this phase's start.
@@ -300,6 +312,7 @@ def _start_phase(cfg: TrainConfig, run, state, phase: int, stop: Preemption):
     except Preempted:
         raise Preempted(f"SIGTERM while collecting phase {phase + 1}'s pairs: nothing to save; a resume redoes "
                         f"this collection from step {int(state.step)}") from None
+    _warn_identical(cfg, phase, stats)
     every = cfg.behavior_check_every
     if phase == 0 or (every and phase % every == 0):
         B, P = run.task.train.local_batch_size, run.task.train.width

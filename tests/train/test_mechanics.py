@@ -218,3 +218,23 @@ def test_loop_with_shrink_and_append_trains_on_the_kept_pairs_of_its_own_prompts
             assert (response[np.arange(8), n - 1] == 2).all()  # every response ends with the EOS
         for i in range(2):
             assert records[2 * phase + i]["pairs_kept"] == pairs["weight"][4 * i:4 * i + 4].sum()
+
+
+@pytest.mark.slow
+def test_loop_warns_when_most_pairs_are_identical(tiny_policy_and_rm, tmp_path, caplog):
+    """Nearly greedy sampling gives the same text twice for every prompt: the phase says so, and how many."""
+    from bpo_jax.data.minisum import encode_prompts
+    from bpo_jax.data.prompts import ArrayPrompts
+    from bpo_jax.eval.annotators import FunctionAnnotator
+    from bpo_jax.models import load_pretrained
+    from bpo_jax.train import loop
+    from bpo_jax.wiring.tasks import training_run
+
+    texts = [f"Tell me about topic number {i}, briefly." for i in range(4)]
+    model, tok = load_pretrained(tiny_policy_and_rm[0])
+    prompts = ArrayPrompts(texts, *encode_prompts(tok, texts, 64), batch_size=4, seed=3)
+    cfg = TrainConfig(total_steps=1, num_phases=1, batch_size=4, max_new_tokens=3, temperature=1e-4, seed=3,
+                      run_dir=str(tmp_path / "run"), identical_pairs="shrink", export_policy=False)
+    with caplog.at_level("WARNING", logger="bpo_jax.train.loop"):
+        loop.train(cfg, training_run(model, tok, prompts, FunctionAnnotator(lambda p, r: len(r)), eos_token_ids=(2,)))
+    assert "phase 1: pi_beta sampled the same text twice for 4 of its 4 prompts" in caplog.text
