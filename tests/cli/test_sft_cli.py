@@ -98,3 +98,18 @@ def test_paper_sft_config_runs_with_a_tiny_model_on_official_rows(tiny_policy_an
                 "dtype=float32", "remat=false", *TINY]) == 0
     assert (run / "adapters" / "seed_0" / "adapter_config.json").exists()
     assert [r["eval/heldout_rows"] for r in _metrics(run) if r["step"] == 0] == [3]  # dev.jsonl is held out
+
+
+@pytest.mark.slow
+def test_report_warns_when_the_model_samples_the_same_text_twice(tiny_policy_and_rm, tmp_path, caplog):
+    from bpo_jax.train import sft
+    from bpo_jax.wiring.sft_report import sft_report
+
+    cfg = load_config(None, [f"model={tiny_policy_and_rm[0]}", f"data={write_minisum_folder(tmp_path)}",
+                             f"run_dir={tmp_path / 'run'}", "temperature=1e-4", *TINY])  # nearly greedy
+    run = sft.setup(cfg)
+    with caplog.at_level("WARNING", logger="bpo_jax.wiring.sft_report"):
+        metrics = sft_report(cfg, run)(run.model.params, "step 0")
+    assert metrics["eval/identical_sample_rate"] == 1.0 and metrics["eval/n"] == 6
+    assert "step 0: 100% of the test prompts' two samples are the same text" in caplog.text
+    assert sft_report(cfg.replace(sft_data=str(tmp_path)), run) is None  # official rows: no scorer here
