@@ -9,8 +9,10 @@ of the task ``data`` names (``eval_size`` of them; 0 = all):
   ``HIGH_IDENTICAL`` the report warns, since the model has learned to copy its references and an online run from
   it would train on few pairs.
 
-There is no report when the task has no scorer here: ``sft_data`` rows (their test split has no annotator), or
-reward-model data without ``reward_model``.
+With ``sft_data`` (official ``{prompt, label}`` rows) the prompts are its held-out rows (``eval_size`` of them)
+and their labels the references, scored by the reward model or the judge (``annotator``): the official rows
+carry no gold summaries for ROUGE. There is no report when nothing can score: official rows or reward-model data
+without ``reward_model`` (or a judge).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import logging
 import jax
 
 from bpo_jax.config import TrainConfig
+from bpo_jax.data.prompts import encode, left_pad
+from bpo_jax.data.sft import sft_rows
 from bpo_jax.eval.diversity import identical_sample_rate
 from bpo_jax.eval.win_rate import score_task
 from bpo_jax.sample.sampler import Decoding
-from bpo_jax.wiring.tasks import Run, annotator_kind, build_task, prepare_tfds, splits, tfds_task
+from bpo_jax.wiring.tasks import Run, Task, annotator_kind, annotators, build_task, prepare_tfds, splits, tfds_task
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +37,18 @@ HIGH_IDENTICAL = 0.5  # above this share of identical sample pairs, the report w
 def sft_report(cfg: TrainConfig, sft_run):
     """``report(params, label) -> metrics`` for ``bpo_jax.train.sft.train_seeds`` (``sft_run``: its ``SftRun``),
     or None when the task has no scorer (the module docstring says when)."""
-    if cfg.sft_data or (annotator_kind(cfg) == "reward_model" and not cfg.reward_model):
-        why = "sft_data rows have no scorer here" if cfg.sft_data else "the task needs reward_model= to score it"
-        log.info(f"no win rate or identical-sample rate before and after SFT: {why}")
+    kind = "reward_model" if cfg.sft_data and cfg.annotator == "auto" else annotator_kind(cfg)
+    if kind == "reward_model" and not cfg.reward_model:
+        log.info(f"no win rate or identical-sample rate before and after SFT: "
+                 f"{'the official rows' if cfg.sft_data else 'the task'} need reward_model= (or annotator=judge) to "
+                 f"score them")
         return None
-    tfds = tfds_task(cfg)
-    sources = prepare_tfds(*tfds, cfg.tfds_dir, cfg.data_format, splits(cfg)) if tfds else None
-    task = build_task(cfg, sft_run.tokenizer, mesh=sft_run.mesh, train=False, sources=sources)
+    if cfg.sft_data:
+        task = _official_task(cfg.replace(annotator=kind), sft_run)
+    else:
+        tfds = tfds_task(cfg)
+        sources = prepare_tfds(*tfds, cfg.tfds_dir, cfg.data_format, splits(cfg)) if tfds else None
+        task = build_task(cfg, sft_run.tokenizer, mesh=sft_run.mesh, train=False, sources=sources)
     config = sft_run.model.config
     eos = config.eos_token_id if isinstance(config.eos_token_id, tuple) else (config.eos_token_id,)
     run = Run(sft_run.mesh, sft_run.model, sft_run.tokenizer, None, eos, task)
@@ -63,3 +72,18 @@ def sft_report(cfg: TrainConfig, sft_run):
         return {**wr.metrics(), "eval/identical_sample_rate": same}
 
     return report
+
+
+def _official_task(cfg: TrainConfig, sft_run) -> Task:
+    """The report's test set from official rows: the first ``eval_size`` held-out rows (0 = all) whose prompt fits
+    ``max_prompt_length``, their labels as the references, the config's reward model or judge as the scorer."""
+    rows = sft_rows(cfg).heldout
+    rows = rows[:cfg.eval_size] if cfg.eval_size else rows
+    encoded = [(encode(sft_run.tokenizer, p), p, r) for p, r in rows]
+    kept = [(ids, p, r) for ids, p, r in encoded if len(ids) <= cfg.max_prompt_length]
+    if not kept:
+        raise ValueError(f"no held-out SFT row's prompt fits max_prompt_length={cfg.max_prompt_length}")
+    ids, mask = left_pad([x[0] for x in kept])
+    annotator, eval_annotator, score_name = annotators(cfg, None, sft_run.mesh)
+    return Task("sft_data", None, [x[1] for x in kept], ids, mask, [x[2] for x in kept], annotator, score_name,
+                eval_annotator=eval_annotator)

@@ -165,7 +165,7 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True, so
         eval_prompts, references, encoded, stream, gold = _tfds_data(cfg, tokenizer, sources, train)
     else:
         eval_prompts, references, encoded, stream, gold = _folder_data(cfg, tokenizer, mesh, train)
-    annotator, eval_annotator, score_name = _annotators(cfg, gold, mesh)
+    annotator, eval_annotator, score_name = annotators(cfg, gold, mesh)
     encoded = encoded or [(encode(tokenizer, p), False) for p in eval_prompts]
     eval_ids, eval_mask = left_pad([ids for ids, _ in encoded])
     if eval_ids.shape[1] > cfg.max_prompt_length:
@@ -212,8 +212,9 @@ def _folder_data(cfg: TrainConfig, tokenizer, mesh, train: bool):
     return [minisum.prompt_text(r) for r in test_rows], [r["reference"] for r in test_rows], None, stream, gold
 
 
-def _annotators(cfg: TrainConfig, gold, mesh):
-    """(the pairs' annotator, the test set's annotator or None for the same, what its scores are)."""
+def annotators(cfg: TrainConfig, gold, mesh):
+    """(the pairs' annotator, the test set's annotator or None for the same, what its scores are) for the config's
+    ``annotator`` kind; ``gold``: the gold summaries by prompt (minisum-format data), or None."""
     kind = annotator_kind(cfg)
     if kind == "rouge":
         if gold is None:

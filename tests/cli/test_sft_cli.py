@@ -95,9 +95,12 @@ def test_paper_sft_config_runs_with_a_tiny_model_on_official_rows(tiny_policy_an
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert cli(["sft", "--config", f"{ROOT}/configs/tldr_gemma2b_sft.yaml", f"model={tiny_policy_and_rm[0]}",
                 f"sft_data={data}", f"run_dir={run}", "sft_seeds=1", "micro_batches=1", "param_dtype=float32",
-                "dtype=float32", "remat=false", *TINY]) == 0
+                "dtype=float32", "remat=false", f"reward_model={tiny_policy_and_rm[1]}", *TINY]) == 0
     assert (run / "adapters" / "seed_0" / "adapter_config.json").exists()
     assert [r["eval/heldout_rows"] for r in _metrics(run) if r["step"] == 0] == [3]  # dev.jsonl is held out
+    # the reward model scores greedy responses to the dev prompts against their labels, before and after
+    assert [(r["eval/n"], 0 <= r["eval/identical_sample_rate"] <= 1) for r in _metrics(run)
+            if "eval/heldout_loss" in r] == [(3, True), (3, True)]
 
 
 @pytest.mark.slow
