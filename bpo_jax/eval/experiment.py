@@ -424,14 +424,6 @@ def paired_bootstrap(a, b, *, num_bootstrap: int = 2000, seed: int = 0, chunk: i
     return PairedDiff(float(d.mean()), float(lo), float(hi), float(p), N, S, float((d != 0).mean()))
 
 
-def compare_methods(outcomes_by_method: dict, **kw) -> list:
-    """``[(method_a, method_b, PairedDiff)]`` for each pair, in the methods' order; each value ``[seeds,
-    prompts]`` over the same seeds in the same order."""
-    names = list(outcomes_by_method)
-    return [(x, y, paired_bootstrap(outcomes_by_method[x], outcomes_by_method[y], **kw))
-            for x, y in itertools.combinations(names, 2)]
-
-
 class MethodResult(NamedTuple):
     method: str
     loss_type: str
