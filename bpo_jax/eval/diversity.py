@@ -39,8 +39,7 @@ def identical_sample_rate(params, config, tokenizer, prompt_ids, prompt_mask, de
     sampling = unstack_layers(for_sampling(config, params, mesh, sampling_layout))
     out = generate(sampling, np.asarray(prompt_ids)[idx], np.asarray(prompt_mask)[idx], two,
                    config=config, rng=rng, mesh=mesh, batch_size=batch_size)
-    texts = [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()
-             for t, m in zip(out.tokens, out.mask)]
+    texts = out.texts(tokenizer)
     same = np.asarray([a == b for a, b in zip(texts[0::2], texts[1::2])], bool) & real
     return float(distributed.all_gather(np.int64(same.sum())).sum() / n)
 

@@ -79,8 +79,7 @@ def greedy_responses(params, config, tokenizer, prompt_ids, prompt_mask, *, max_
     greedy = Decoding(max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=eos_token_ids,
                       pad_token_id=config.pad_token_id or 0)
     out = generate(params, prompt_ids, prompt_mask, greedy, config=config, batch_size=batch_size, mesh=mesh)
-    texts = [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()
-             for t, m in zip(out.tokens, out.mask)]
+    texts = out.texts(tokenizer)
     return (texts, out) if samples else texts
 
 

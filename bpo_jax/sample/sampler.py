@@ -162,6 +162,12 @@ class SampleOutput(NamedTuple):
     logprobs: np.ndarray
     sampling_logprobs: np.ndarray
 
+    def texts(self, tokenizer) -> list[str]:
+        """Each row's response as the annotator reads it: its tokens up to the EOS decoded without special
+        tokens, stripped (two rows with the same text are the same response)."""
+        return [tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()
+                for t, m in zip(self.tokens, self.mask)]
+
 
 class _DecodeState(NamedTuple):
     step: Array  # index of the last written column

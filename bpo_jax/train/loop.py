@@ -130,8 +130,7 @@ def collect_pairs(cfg: TrainConfig, run, behavior, key, *, interrupt=None):
                        mesh=run.mesh)
         rounds += 1
         toks, mask = out.tokens, out.mask  # this host's rows
-        texts = [run.tokenizer.decode(t[m.astype(bool)], skip_special_tokens=True).strip()
-                 for t, m in zip(toks, mask)]
+        texts = out.texts(run.tokenizer)
         differ = distinct(texts)
         scores = annotator([p for p in texts_in for _ in range(2)], texts)
         keep, ties = differ, differ & tied(scores)  # distinct responses the annotator cannot tell apart
