@@ -150,15 +150,25 @@ def run_group(args_per_process, *, devices: int, cwd=None, signal_when: Callable
         texts = []
         for f in logs:
             f.seek(0)
-            texts.append(f.read()[-8000:])
+            texts.append(without_stack_frames(f.read())[-8000:])
         pytest.fail(f"{err}; logs:\n" + "\n----\n".join(texts))
     results = Results()
     results.signalled_at = signal_time
     for i, (p, f) in enumerate(zip(procs, logs)):
         f.seek(0)
-        results.append(Result(p.wait(), f.read(), ended[i] if ended[i] is not None else time.time() - start))
+        results.append(Result(p.wait(), without_stack_frames(f.read()),
+                              ended[i] if ended[i] is not None else time.time() - start))
         f.close()
     return results
+
+
+def without_stack_frames(output: str) -> str:
+    """``output`` without the C++ stack frames (``    @     0x…``) that an aborting XLA or coordination-service
+    process prints after its error: they would fill the tail that a failed assertion shows, hiding the error."""
+    lines = output.splitlines(keepends=True)
+    kept = [line for line in lines if not re.match(r"\s+@\s+0x[0-9a-f]+ ", line)]
+    dropped = len(lines) - len(kept)
+    return "".join(kept) + (f"[{dropped} C++ stack frame lines left out]\n" if dropped else "")
 
 
 def losses(run_dir) -> dict:
