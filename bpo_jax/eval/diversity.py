@@ -8,7 +8,7 @@ is the share of its first phase's prompts that give no pair. A model fine-tuned 
 (a held-out loss near 0 on a task whose references are a function of the prompt) samples the same response
 nearly every time, and an online run from it trains on almost nothing. ``sft`` reports the rate for each seed.
 
-Responses are compared as decoded, stripped text, as ``bpo_jax.train.pairs.distinct`` compares them. With several
+Responses are compared as the online loop compares them (``sampler.distinct``). With several
 processes the prompts are split across hosts (each samples its slice, padded to one size by repeating its last
 prompt, the padding not counted) and the counts are summed, so every host gets the same rate.
 """
@@ -21,7 +21,7 @@ import numpy as np
 
 from bpo_jax.models.decoder import unstack_layers
 from bpo_jax.runtime import distributed
-from bpo_jax.sample.sampler import Decoding, for_sampling, generate
+from bpo_jax.sample.sampler import Decoding, distinct, for_sampling, generate
 
 
 def identical_sample_rate(params, config, tokenizer, prompt_ids, prompt_mask, decoding: Decoding, *, rng,
@@ -39,7 +39,6 @@ def identical_sample_rate(params, config, tokenizer, prompt_ids, prompt_mask, de
     sampling = unstack_layers(for_sampling(config, params, mesh, sampling_layout))
     out = generate(sampling, np.asarray(prompt_ids)[idx], np.asarray(prompt_mask)[idx], two,
                    config=config, rng=rng, mesh=mesh, batch_size=batch_size)
-    texts = out.texts(tokenizer)
-    same = np.asarray([a == b for a, b in zip(texts[0::2], texts[1::2])], bool) & real
+    same = ~distinct(out.texts(tokenizer)) & real
     return float(distributed.all_gather(np.int64(same.sum())).sum() / n)
 

@@ -169,6 +169,14 @@ class SampleOutput(NamedTuple):
                 for t, m in zip(self.tokens, self.mask)]
 
 
+def distinct(texts) -> np.ndarray:
+    """``[B]`` bool: the two responses of prompt i (``texts[2i]``, ``texts[2i+1]``: decoded, stripped) differ.
+    Compared as text (``SampleOutput.texts``), as the annotator sees them (the official code keeps the set of
+    decoded responses, ``train/dpo_lora_trainer.py``): two token sequences that decode to the same text are the
+    same response. The online loop drops such pairs; ``eval.diversity`` counts them."""
+    return np.asarray([a != b for a, b in zip(texts[0::2], texts[1::2])], bool)
+
+
 class _DecodeState(NamedTuple):
     step: Array  # index of the last written column
     last: Array  # [R] last sampled token

@@ -40,11 +40,11 @@ from bpo_jax.config import TrainConfig
 from bpo_jax.models.decoder import unstack_layers
 from bpo_jax.runtime import distributed, run_dir
 from bpo_jax.runtime.trackers import open_trackers
-from bpo_jax.sample.sampler import Decoding, for_sampling, generate
+from bpo_jax.sample.sampler import Decoding, distinct, for_sampling, generate
 from bpo_jax.train import pair_order
 from bpo_jax.train import state as st
 from bpo_jax.train.checkpoint import Checkpointer
-from bpo_jax.train.pairs import build_pairs, distinct, tied
+from bpo_jax.train.pairs import build_pairs, tied
 from bpo_jax.train.step import BATCH_KEYS, GAP_METRICS, PHASE_START_KEY, WEIGHT_KEY, behavior_logp_gap, make_train_step
 
 log = logging.getLogger(__name__)

@@ -30,13 +30,6 @@ from __future__ import annotations
 import numpy as np
 
 
-def distinct(texts) -> np.ndarray:
-    """``[B]`` bool: the two responses of prompt i (``texts[2i]``, ``texts[2i+1]``: decoded, stripped) differ.
-    Compared as text, as the annotator sees them (the official code keeps the set of decoded responses,
-    ``train/dpo_lora_trainer.py``): two token sequences that decode to the same text are the same response."""
-    return np.asarray([a != b for a, b in zip(texts[0::2], texts[1::2])], bool)
-
-
 def tied(scores) -> np.ndarray:
     """``[B]`` bool: the two responses of prompt i (``scores[2i]``, ``scores[2i+1]``) are scored equal."""
     scores = np.asarray(scores)

@@ -12,9 +12,9 @@ from bpo_jax.config import TrainConfig
 from bpo_jax.models import init_params, param_axes
 from bpo_jax.runtime import distributed
 from bpo_jax.runtime import sharding as shd
-from bpo_jax.sample.sampler import Decoding, generate
+from bpo_jax.sample.sampler import Decoding, distinct, generate
 from bpo_jax.train import state as st
-from bpo_jax.train.pairs import build_pairs, distinct
+from bpo_jax.train.pairs import build_pairs
 from bpo_jax.train.step import BATCH_KEYS, PHASE_START_KEY, behavior_logp_gap, make_train_step, pair_logps
 from testing import tiny_model_config
 
