@@ -12,6 +12,7 @@ here can hang CI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -45,9 +46,26 @@ class Results(list):
 
 
 def free_port() -> int:
+    """A loopback port free now, released at once: for a server this process starts itself. For a group's
+    coordinator use :func:`reserved_port`."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def reserved_port():
+    """A loopback port for a group's coordinator that no other group of this session can be given until the block
+    ends. JAX's coordination service binds its port with ``SO_REUSEPORT``, so a second service on the same port
+    starts without error, and a task joining the wrong one aborts the other group (exit -6, "Use error polling
+    to propagate the following error to all tasks: ... with a different incarnation"). A port from
+    :func:`free_port` is free again until the coordinator binds it, seconds later, so two xdist workers could
+    both get it. Here a socket stays bound to the port with ``SO_REUSEPORT`` and never listens: the coordinator
+    may bind beside it, connections reach only the coordinator, and no other ``bind`` can take the port."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 def judge_server(latency: float = 0.0, gate: Callable[[], None] | None = None) -> ThreadingHTTPServer:
@@ -111,7 +129,15 @@ def run_group(args_per_process, *, devices: int, cwd=None, signal_when: Callable
     ``signal_on``: the same once this text appears in process 0's output.
     ``allowed``: exit codes that do not fail the test at once (a signalled process's own code always passes).
     ``wrap``: ``{i: [command, ...]}`` runs process ``i`` as ``command ... python -m bpo_jax ARGS``."""
-    n, port = len(args_per_process), free_port()
+    with reserved_port() as port:
+        return _run_group(args_per_process, port, devices=devices, cwd=cwd, signal_when=signal_when,
+                          signal_on=signal_on, signal=signal, target=target, allowed=allowed, straggle=straggle,
+                          deadline=deadline, launch_vars=launch_vars, extra_env=extra_env, wrap=wrap)
+
+
+def _run_group(args_per_process, port, *, devices, cwd, signal_when, signal_on, signal, target, allowed, straggle,
+               deadline, launch_vars, extra_env, wrap) -> Results:
+    n = len(args_per_process)
     procs, logs = [], []
     for i, args in enumerate(args_per_process):
         extra = {} if n == 1 else launch_vars(n, i, port)

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import NamedTuple
 
 import jax
@@ -83,18 +84,55 @@ def initialize(environ=None) -> Launch | None:
 
     ``environ`` (default ``os.environ``) decides the environment; JAX's own detection for Open MPI, SLURM and
     TPU reads ``os.environ``. Returns the launch joined, or None when nothing was done (one process,
-    ``BPO_DISTRIBUTED=off``, already initialised). Raises ``ValueError`` for a half-set environment."""
+    ``BPO_DISTRIBUTED=off``, already initialised). Raises ``ValueError`` for a half-set environment, and on
+    process 0 for a coordinator port that a process on this host already listens on (``refuse_busy_port``)."""
     env = os.environ if environ is None else environ
     if jax.distributed.is_initialized():
         return None
     launch = detect(env)
     if launch is None:
         return None
+    port = coordinator_port(launch, env)
+    if port is not None:
+        refuse_busy_port(port)
     jax.distributed.initialize(**launch.kwargs, **timeouts(env))
     from jax._src.distributed import global_state as state  # what JAX joined: also the ids its detection found
 
     log.info("bpo_jax: joined %s: process %d of %d processes", launch.name, state.process_id, state.num_processes)
     return launch
+
+
+def refuse_busy_port(port: int) -> None:
+    """Raise ``ValueError`` when a process on this host already listens on ``port``, where this process 0 is about
+    to start the coordination service. JAX binds that port with ``SO_REUSEPORT``, so a second service on a busy
+    port (another job's coordinator, e.g. two jobs given the same ``--port`` on one node) starts without an
+    error; the two jobs' processes then join either service, and the first "different incarnation" aborts the
+    other job (exit -6). Checked by a connection to the port on loopback."""
+    with socket.socket() as probe:
+        probe.settimeout(5)
+        if probe.connect_ex(("127.0.0.1", port)) != 0:
+            return
+    raise ValueError(f"the coordinator's port {port} is already in use on this host, where process 0 starts the "
+                     f"coordination service: another job's coordinator? Two services on one port would abort "
+                     f"each other's jobs; give this job another port (launch/slurm.sh --port, "
+                     f"BPO_COORDINATOR_ADDRESS or JAX_COORDINATOR_PORT)")
+
+
+def coordinator_port(launch: Launch, env) -> int | None:
+    """The port this process will serve the coordination service on, when it is process 0 and both are known
+    from the environment alone; else None (another process, or a TPU slice, whose coordinator comes from its
+    metadata server)."""
+    address = launch.kwargs.get("coordinator_address")
+    if launch.kwargs.get("cluster_detection_method") == "slurm":
+        if int(env["SLURM_PROCID"]) != 0:
+            return None
+        if address:
+            return int(address.rsplit(":", 1)[1])
+        # JAX's SLURM rule (jax/_src/clusters/slurm_cluster.py; tests/runtime/test_cluster.py holds them equal)
+        return int(env.get("JAX_COORDINATOR_PORT") or int(env["SLURM_JOB_ID"]) % 2**12 + 65535 - 2**12 + 1)
+    if launch.process_id != 0 or not address:
+        return None
+    return int(address.rsplit(":", 1)[1])
 
 
 def timeouts(env) -> dict:

@@ -154,6 +154,65 @@ def test_jax_resolves_the_detection_methods_named(monkeypatch):
     assert cluster.detect(gke) is None  # (this machine is no TPU VM)
 
 
+def test_slurm_coordinator_port_is_jaxs(monkeypatch):
+    """Process 0's coordinator port under SLURM, computed from the environment it is given, is the one JAX's
+    SLURM detection serves on (from ``os.environ``); other processes, and a TPU slice, get None."""
+    from jax._src.clusters import SlurmCluster
+
+    for extra in (dict(SLURM_JOB_ID="4097"), dict(SLURM_JOB_ID="123456"), dict(JAX_COORDINATOR_PORT="5123")):
+        env = dict(SLURM, SLURM_PROCID="0", **extra)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        jax_port = int(SlurmCluster.get_coordinator_address(None, env.get("JAX_COORDINATOR_PORT")).rsplit(":", 1)[1])
+        assert cluster.coordinator_port(cluster.detect(env), env) == jax_port, extra
+    assert cluster.coordinator_port(cluster.detect(SLURM), SLURM) is None  # SLURM_PROCID=1
+    tpu = cluster.Launch("a GKE TPU pod", 4, None, dict(coordinator_address=None, cluster_detection_method="gketpu"))
+    assert cluster.coordinator_port(tpu, {}) is None
+
+
+def test_process_0_refuses_a_coordinator_port_in_use(calls):
+    """A coordination service already on the port (another job's: JAX's own, which binds with SO_REUSEPORT, so a
+    second one would start beside it and the jobs would abort each other) makes process 0 fail before it joins,
+    naming the port; another process does not check (the port is process 0's, on another host)."""
+    from jax._src.lib import _jax
+
+    from multihost import free_port
+
+    port = free_port()
+    other_job = _jax.get_distributed_runtime_service(f"[::]:{port}", 2)
+    env = dict(BPO_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", BPO_NUM_PROCESSES="2", BPO_PROCESS_ID="0")
+    with pytest.raises(ValueError, match=f"the coordinator's port {port} is already in use on this host"):
+        cluster.initialize(env)
+    with pytest.raises(ValueError, match=f"port {port} is already in use"):
+        cluster.initialize(dict(SLURM, SLURM_PROCID="0", JAX_COORDINATOR_PORT=str(port)))
+    assert calls == []
+    cluster.initialize(dict(env, BPO_PROCESS_ID="1"))
+    other_job.shutdown()
+    cluster.initialize(env)  # the port is free again
+    assert [c["process_id"] for c in calls] == [1, 0]
+
+
+def test_a_reserved_port_is_kept_for_the_coordinator_alone():
+    """The test harness's ``reserved_port``: no other socket can bind the port, JAX's coordination service can,
+    and until it does nothing listens there (so process 0's check passes)."""
+    import errno
+    import socket
+
+    from jax._src.lib import _jax
+
+    from multihost import reserved_port
+
+    with reserved_port() as port:
+        cluster.refuse_busy_port(port)
+        with socket.socket() as other, pytest.raises(OSError) as err:
+            other.bind(("127.0.0.1", port))
+        assert err.value.errno == errno.EADDRINUSE
+        service = _jax.get_distributed_runtime_service(f"[::]:{port}", 2)
+        with pytest.raises(ValueError, match="already in use"):
+            cluster.refuse_busy_port(port)
+        service.shutdown()
+
+
 def test_single_process_off_and_already_initialised_do_nothing(calls, monkeypatch):
     assert cluster.initialize({}) is None
     assert cluster.initialize(dict(BPO_COORDINATOR_ADDRESS="h:1", BPO_NUM_PROCESSES="1", BPO_PROCESS_ID="0")) is None

@@ -19,7 +19,7 @@ import pytest
 from bpo_jax.models import Decoder, init_params, param_axes, save_pretrained
 from bpo_jax.runtime import distributed
 from bpo_jax.runtime import sharding as shd
-from multihost import bpo_vars, child_env, free_port
+from multihost import bpo_vars, child_env, reserved_port
 from testing import ROOT, TESTS, tiny_model_config
 
 WORKER = os.path.join(TESTS, "runtime", "flat_costs_worker.py")
@@ -29,16 +29,17 @@ GATE_LAYER = 32 * 64 * 4  # bytes of one layer of the tiny model's gate/up/down 
 @pytest.fixture(scope="module")
 def two_hosts(tmp_path_factory):
     """Both processes' measurements (``[process 0's, process 1's]``) and the folder they wrote."""
-    out, port = tmp_path_factory.mktemp("flat_costs"), free_port()
+    out = tmp_path_factory.mktemp("flat_costs")
     env = {"PYTHONPATH": os.pathsep.join([ROOT, TESTS])}
-    procs = [subprocess.Popen([sys.executable, WORKER, str(out)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, env=child_env(2, **env, **bpo_vars(2, i, port)))
-             for i in range(2)]
-    try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    with reserved_port() as port:
+        procs = [subprocess.Popen([sys.executable, WORKER, str(out)], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, env=child_env(2, **env, **bpo_vars(2, i, port)))
+                 for i in range(2)]
+        try:
+            logs = [p.communicate(timeout=240)[0] for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
     assert [p.returncode for p in procs] == [0, 0], [log[-3000:] for log in logs]
     return [json.loads((out / f"process_{i}.json").read_text()) for i in range(2)], out
 
