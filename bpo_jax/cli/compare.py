@@ -91,7 +91,7 @@ def _compare(plan: _Plan, ckpts, steps) -> int:
     policies = []
     for source, cfg, ckpt, step, label in zip(plan.sources, plan.configs, ckpts, steps, labels):
         model, eos = _model(source.model if cfg is None else cfg.model, cfg or plan.cfg, plan.cfg, run)
-        params = model.params if ckpt is None else restore_policy(cfg, ckpt, step, model, mesh=run.mesh)
+        params = model.params if ckpt is None else restore_policy(cfg, ckpt, step, model)
         policies.append(Policy(label, model, params, eos))
     comparison = compare_policies(plan.cfg, run, *policies)
     data = os.path.basename(os.path.normpath(plan.cfg.data))

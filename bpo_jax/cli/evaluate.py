@@ -68,7 +68,7 @@ def _evaluate(cfg, ckpt, step: int) -> int:
 
     run = setup_run(cfg, train=False)
     task = run.task
-    policy = restore_policy(cfg, ckpt, step, run.model, mesh=run.mesh)  # π_θ as the train step runs it
+    policy = restore_policy(cfg, ckpt, step, run.model)  # π_θ as the train step runs it
     result, wr = score_task(cfg, run, policy)
     evals = rd.JsonlLog(rd.path(cfg.run_dir, "eval.jsonl"))
     evals.append({"step": step, "data": cfg.data, **wr.metrics()})

@@ -111,30 +111,46 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def restore(self, step: int, template, *, mesh=None):
-        """``(state, this host's pairs or None, meta)``. ``template`` is a fresh state of the same run: it gives
-        the shapes, dtypes and shardings, and its base weights, which must be those the checkpoint was made with.
-        ``mesh``: where the pairs go (rows over its batch axes), as the loop placed them."""
-        meta = dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        """``(state, this host's pairs or None, meta)`` to resume the run: the checkpoint must have been written by
+        as many processes as this run has (each host's prompt stream and pairs are its own). ``template`` is a
+        fresh state of the same run: it gives the shapes, dtypes and shardings, and its base weights, which must be
+        those the checkpoint was made with. ``mesh``: where the pairs go (rows over its batch axes), as the loop
+        placed them."""
+        meta, target = self._meta_and_target(step, template)
         saved = meta.get("process_count", 1)
         if saved != distributed.process_count():
             raise IncompatibleCheckpoint(
                 f"the checkpoint at step {step} in {self.directory} was written by {saved} processes; "
                 f"this run has {distributed.process_count()}. Resume with {saved} processes (hosts), or start a new "
                 f"run_dir")
-        if not same_weights(meta["base_fingerprint"], self._fingerprint(template.base)):
-            raise IncompatibleCheckpoint(f"the checkpoint at step {step} in {self.directory} was made from different "
-                                         f"base weights than the model loaded now; resume with the run's original "
-                                         f"model")
         if isinstance(meta.get("prompts"), dict):  # written before prompt states were kept per host
             meta["prompts"] = [meta["prompts"]]
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template.replace(base=None))
-        _check_shapes(step, self._manager.item_metadata(step)["state"], target)
         pairs_target = jax.tree.map(lambda m: _row_sharded(m, mesh),
                                     dict(self._manager.item_metadata(step)["pairs"]))
         out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                   pairs=ocp.args.StandardRestore(pairs_target)))
         pairs = None if "_none" in out["pairs"] else distributed.local_rows(dict(out["pairs"]), mesh)
         return out["state"].replace(base=template.base), pairs, meta
+
+    def restore_state(self, step: int, template):
+        """The train state at ``step`` alone, to read (``evaluate``, ``compare``), not to resume: on any number of
+        processes and any mesh (``template``'s shardings), whatever the run was written by. The base weights
+        must be the checkpoint's, as for ``restore``."""
+        _, target = self._meta_and_target(step, template)
+        out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        return out["state"].replace(base=template.base)
+
+    def _meta_and_target(self, step: int, template):
+        """``(meta, the state's restore target)`` at ``step``, after checking that the base weights and the
+        state's shapes are ``template``'s (``IncompatibleCheckpoint`` otherwise)."""
+        meta = dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        if not same_weights(meta["base_fingerprint"], self._fingerprint(template.base)):
+            raise IncompatibleCheckpoint(f"the checkpoint at step {step} in {self.directory} was made from different "
+                                         f"base weights than the model loaded now; resume with the run's original "
+                                         f"model")
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template.replace(base=None))
+        _check_shapes(step, self._manager.item_metadata(step)["state"], target)
+        return meta, target
 
     def restore_latest(self, template, *, mesh=None):
         """``(step, state, pairs, meta)`` from the newest intact checkpoint, or None when there is none.

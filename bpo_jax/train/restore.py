@@ -7,11 +7,13 @@ A source (``policy_source``) is one of:
 - a model: an HF folder (``config.json``: an exported policy, a base model), a ``.gguf`` file, a shipped name or
   a Hub id (``bpo_jax.models.hub``).
 
-A run's π_θ is restored as ``train`` evaluates it (``restore_policy``): a fresh state of the run's shape around
-its base weights is the template, the checkpoint is restored into it on the mesh, and the ensemble is merged
-(``state.policy_params``). With several processes the primary host's listing of the checkpoints decides the step
-for every host (``checkpoint_step``): while training still writes checkpoints, hosts listing the folder each on
-their own could pick different steps, or some none.
+A run's π_θ is restored as ``train`` evaluates it (``restore_policy``): a fresh state of the run's shape around its
+base weights is the template, the checkpoint's state is restored into it on this command's mesh, and the ensemble is
+merged (``state.policy_params``). Any number of processes reads a run that any other number wrote
+(``Checkpointer.restore_state``): a run trained on a pod is evaluated on one machine, and the other way round. With
+several processes the primary host's listing of the checkpoints decides the step for every host
+(``checkpoint_step``): while training still writes checkpoints, hosts listing the folder each on their own could
+pick different steps, or some none.
 """
 
 from __future__ import annotations
@@ -79,13 +81,14 @@ def checkpoint_step(ckpt, step: int | None = None) -> int:
     return chosen
 
 
-def restore_policy(cfg: TrainConfig, ckpt, step: int, model, *, mesh=None):
+def restore_policy(cfg: TrainConfig, ckpt, step: int, model):
     """π_θ's weights at ``step`` of the run ``cfg`` (``ckpt`` its ``Checkpointer``), ready for the sampler in the
-    compute dtype of ``model`` (the run's base model, loaded on ``mesh``). A fixed reference's weights are in the
+    compute dtype of ``model`` (the run's base model, loaded on this run's mesh, whose shardings the state takes:
+    any number of processes reads a run written by any other). A fixed reference's weights are in the
     checkpoint: the template takes the base's shapes for them."""
     from bpo_jax.train import state as st
 
     reference = model.params if cfg.reference == "fixed" else None
     template = st.create_state(cfg, model.params, jax.random.key(cfg.seed), reference=reference)
-    state, _, _ = ckpt.restore(step, template, mesh=mesh)
+    state = ckpt.restore_state(step, template)  # to read: any process count, not only the run's
     return st.policy_params(cfg, state, model.config.dtype)

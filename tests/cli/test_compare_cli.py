@@ -1,6 +1,6 @@
 """``python -m bpo_jax compare`` end to end on two tiny finished runs of the experiment runner: the same paired
-comparison as the runner's, the API judge asked in both orders, a run against itself, and bad input as one
-line."""
+comparison as the runner's, the API judge asked in both orders (also by two processes, which split the
+requests), a run against itself, and bad input as one line."""
 
 import json
 import os
@@ -13,7 +13,7 @@ import yaml
 from bpo_jax.__main__ import main as cli
 from bpo_jax.cli.experiment import main as experiment_cli
 from bpo_jax.eval import experiment as ex
-from multihost import judge_server
+from multihost import judge_server, run_group
 from testing import write_minisum_folder
 
 
@@ -87,8 +87,8 @@ def test_compare_with_the_judge_and_with_itself(grid, tmp_path):
              "annotator=judge"]
     try:
         assert cli(["compare", run_a.run_dir, run_b.run_dir, "--out", str(tmp_path), *judge]) == 0
-        summary, records = _summary_and_records(
-            tmp_path, "compare_offline-sigmoid-seed0_step2_vs_bpo_ft-sigmoid-seed0_step2_data")
+        stem = "compare_offline-sigmoid-seed0_step2_vs_bpo_ft-sigmoid-seed0_step2_data"
+        summary, records = _summary_and_records(tmp_path, stem)
         differ = [r for r in records if r["response_a"] != r["response_b"]]
         assert len(requests) == 2 * len(differ) > 0  # both orders of every pair that differs
         for r in records:  # the loopback judge prefers the longer response, the first shown on equal length
@@ -98,6 +98,15 @@ def test_compare_with_the_judge_and_with_itself(grid, tmp_path):
             else:
                 assert r["winner"] == ("a" if la > lb else "b" if lb > la else "tie")
         assert "vs_references" not in summary and summary["annotator"] == "judge preference"
+
+        # Two processes (2 devices each) split the judge's requests, each host its share of the prompts: the same
+        # files, and again one request per order of every pair that differs.
+        requests.clear()
+        two = ["compare", run_a.run_dir, run_b.run_dir, "--out", str(tmp_path / "two"), *judge]
+        res = run_group([two, two], devices=2)
+        assert [r.returncode for r in res] == [0, 0], [r.output[-3000:] for r in res]
+        assert _summary_and_records(tmp_path / "two", stem) == (summary, records)
+        assert len(requests) == 2 * len(differ)
 
         # A run against itself: identical responses, all ties, no request.
         requests.clear()

@@ -60,6 +60,10 @@ def test_two_processes_train_resume_and_match_one_process(setting):
     assert [r[0] for r in evals] == [0, 0] and rc == 0, evals[0][1][-2000:]
     line = lambda out: next(x for x in out.splitlines() if "win rate vs human references" in x).split(": ", 1)[1]  # noqa: E731
     assert line(evals[0][1]).split(". Responses")[0] == line(single_eval).split(". Responses")[0]
+    # One process reads the two-process run, as a pod's run is evaluated on one machine.
+    [(rc, one_eval, _)] = run_group([["evaluate", "--checkpoint", str(multi_dir)]], devices=4)
+    assert rc == 0 and line(one_eval).split(". Responses")[0] == line(single_eval).split(". Responses")[0], \
+        one_eval[-2000:]
 
     # Resuming the two-process run with one process is refused, naming both counts.
     [(rc, out, _)] = run_group([train], devices=4)
