@@ -54,16 +54,13 @@ def test_two_processes_train_resume_and_match_one_process(setting):
     assert _final_line(second[0][1]) == _final_line(single_out)
     assert (multi_dir / "policy" / "model.safetensors").is_file() and (multi_dir / "plot.png").is_file()
 
-    # `evaluate` on two processes splits the test set across them and prints what one process prints.
+    # `evaluate` on two processes splits the test set across them and prints what one process prints; one
+    # process reads the two-process run (a resume could not), as a pod's run is evaluated on one machine.
     evals = run_group([["evaluate", "--checkpoint", str(multi_dir)]] * 2, devices=2)
-    [(rc, single_eval, _)] = run_group([["evaluate", "--checkpoint", str(single_dir)]], devices=4)
-    assert [r[0] for r in evals] == [0, 0] and rc == 0, evals[0][1][-2000:]
-    line = lambda out: next(x for x in out.splitlines() if "win rate vs human references" in x).split(": ", 1)[1]  # noqa: E731
-    assert line(evals[0][1]).split(". Responses")[0] == line(single_eval).split(". Responses")[0]
-    # One process reads the two-process run, as a pod's run is evaluated on one machine.
     [(rc, one_eval, _)] = run_group([["evaluate", "--checkpoint", str(multi_dir)]], devices=4)
-    assert rc == 0 and line(one_eval).split(". Responses")[0] == line(single_eval).split(". Responses")[0], \
-        one_eval[-2000:]
+    assert [r[0] for r in evals] == [0, 0] and rc == 0, [evals[0][1][-2000:], one_eval[-2000:]]
+    line = lambda out: next(x for x in out.splitlines() if "win rate vs human references" in x).split(": ", 1)[1]  # noqa: E731
+    assert line(evals[0][1]).split(". Responses")[0] == line(one_eval).split(". Responses")[0]
 
     # Resuming the two-process run with one process is refused, naming both counts.
     [(rc, out, _)] = run_group([train], devices=4)
