@@ -115,11 +115,13 @@ def collect_pairs(cfg: TrainConfig, run, behavior, key, *, interrupt=None):
     while (total := int(distributed.all_gather(np.int64(have)).sum())) < need:  # every host: the same decision
         bar.update(total - bar.n)
         if rounds > 20 * cfg.steps_per_phase and total == 0:
+            # Settings to change, not a transient failure (ValueError: exit 2, the launchers do not restart it).
             if distributed.any_host(bool(tally[1])):  # every host raises the same error
-                raise RuntimeError(f"the annotator scored the two responses of every distinct pair equal in {rounds} "
-                                   f"rounds, and tied_pairs=drop keeps no tied pair; use an annotator that "
-                                   f"separates them, or tied_pairs=second (the official code's label)")
-            raise RuntimeError("the behavior LLM keeps sampling identical pairs; raise temperature")
+                raise ValueError(f"the annotator scored the two responses of every distinct pair equal in {rounds} "
+                                 f"rounds, and tied_pairs=drop keeps no tied pair; use an annotator that "
+                                 f"separates them, or tied_pairs=second (the official code's label)")
+            raise ValueError(f"the behavior LLM sampled two identical responses for every prompt in {rounds} rounds; "
+                             f"raise temperature, top_k or top_p")
         if interrupt is not None:
             interrupt("the collection of pairs")
         calls = min(most, -(-(need - total) // B))

@@ -77,6 +77,15 @@ def test_impossible_settings_fail_before_compute(tiny_dir, data_dir, tmp_path, c
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_phase_without_a_usable_pair_is_a_settings_error(tiny_dir, data_dir, tmp_path, capsys):
+    """The tiny model's responses all tie (ROUGE 0): with tied_pairs=drop no pair is ever kept. That is a setting
+    to change (exit 2: the launchers do not restart it), one line, no traceback."""
+    assert cli(_args(tiny_dir, data_dir, tmp_path / "run", "tied_pairs=drop")) == 2
+    err = capsys.readouterr().err
+    assert "scored the two responses of every distinct pair equal in 21 rounds" in err and "tied_pairs=second" in err
+    assert "Traceback" not in err and "transient" not in err
+
+
 def test_missing_model_is_one_line(tmp_path, capsys):
     assert cli(["train", "model=/no/such/model", f"run_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
