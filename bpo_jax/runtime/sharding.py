@@ -46,7 +46,8 @@ def mesh_sizes(data: int, fsdp: int, tensor: int, device_count: int) -> tuple[in
         sizes[sizes.index(-1)] = device_count // known
     if int(np.prod(sizes)) != device_count:
         raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
-                         f"{int(np.prod(sizes))} devices, but {device_count} are available")
+                         f"{int(np.prod(sizes))} devices, but {device_count} are available; set mesh_data, "
+                         f"mesh_fsdp and mesh_tensor to fit (one may be -1: the remaining devices)")
     return tuple(sizes)
 
 
