@@ -9,7 +9,8 @@ code  meaning                                                                   
 1     transient, on any host: a network or remote-storage error, a judge out of   restart with backoff, up to a
       retries, a host that failed, anything unexpected                            limit
 2     the user must change something: a config value, a data row, a missing or    never restart
-      unreadable path, a checkpoint that does not fit
+      unreadable path, a checkpoint that does not fit, a setting too large for
+      the devices' memory
 143   preempted (SIGTERM): the last completed state is on disk                    restart at once
 ====  ==========================================================================  =============================
 

@@ -50,6 +50,34 @@ def test_the_error_line_names_what_a_bare_message_does_not():
     assert exits.expected(HostError("process 1: KeyError: 'x'"))  # another host's bug: its host shows it
 
 
+def _out_of_memory():
+    """XLA's own out-of-memory error: a 256 TiB array, more than a 47-bit user address space, which XLA:CPU
+    cannot allocate either (whatever the kernel's overcommit policy)."""
+    import jax
+    import jax.numpy as jnp
+
+    jax.jit(lambda: jnp.ones((2**46,), jnp.float32))().block_until_ready()
+
+
+def test_out_of_memory_is_a_setting_to_change(monkeypatch, capsys):
+    """A device out of memory would run out again on a restart: exit 2 (the launchers do not restart it), one
+    line with XLA's first line and the settings that lower the peak, no traceback."""
+    with pytest.raises(RuntimeError) as caught:
+        _out_of_memory()
+    err = caught.value
+    assert exits.out_of_memory(err) and exits.exit_code(err) == 2 and exits.expected(err)
+    assert exits.describe(err).startswith("out of device memory (RESOURCE_EXHAUSTED: Out of memory allocating ")
+    assert not exits.out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: too many open streams"))
+
+    from bpo_jax.cli import generate
+
+    monkeypatch.setattr(generate, "main", lambda argv: _out_of_memory())
+    assert main(["generate", "--prompt", "hi"]) == 2
+    out = capsys.readouterr().err
+    assert out.startswith("error: out of device memory (RESOURCE_EXHAUSTED") and "micro_batches" in out
+    assert "Traceback" not in out and "transient" not in out
+
+
 @pytest.mark.skipif(not os.path.exists(EIO_FILE), reason="needs Linux's /proc/self/mem")
 def test_main_exits_2_for_a_user_error_and_1_for_a_transient_one(tmp_path, capsys):
     bad, broken = tmp_path / "bad", tmp_path / "broken"
