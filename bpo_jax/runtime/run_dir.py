@@ -22,6 +22,9 @@ order its lines by flush rather than by append, and a read through one would mis
 * A run killed with SIGKILL can lose only rows of steps after its last checkpoint, and the resumed run redoes
   those steps and writes them again; rows that were stored are then there twice, as in a local file (readers
   keep the last record of a step).
+* A last line cut short (a writer killed mid-write, a full disk) is no record: ``read_jsonl`` leaves it out, and a
+  new ``JsonlLog`` on the primary host moves it to ``<file>.cut`` before anything is appended after it (a resume
+  would otherwise fail on it, or glue it to its first record).
 * ``read_jsonl(file)`` reads a file that no log of this process writes (another run's) as it is stored.
 """
 
@@ -29,11 +32,14 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import time
 
 from etils import epath
 
 from bpo_jax.runtime import distributed
+
+log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 60.0  # the longest a remote line waits for a flush while lines keep coming
 
@@ -52,11 +58,31 @@ def make(run_dir: str) -> None:
 
 def read_jsonl(file: epath.Path | str) -> list[dict]:
     """Every record stored in a JSON-lines file ([] when there is none). Lines still waiting in a ``JsonlLog``
-    are not there: read a file this process writes with its log's ``read``."""
+    are not there: read a file this process writes with its log's ``read``. Text after the last newline that is
+    not a whole record is a write cut short (a killed writer, a full disk) or still in progress: no record, left
+    out. Any other line that is not JSON is a ``ValueError`` naming the file and line."""
     file = epath.Path(file)
     if not file.exists():
         return []
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    *lines, tail = file.read_text().split("\n")
+    records = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{file}:{n}: not valid JSON ({err.msg})") from None
+    if _record(tail) is not None:  # a whole record that only lacks its newline
+        records.append(_record(tail))
+    return records
+
+
+def _record(text: str) -> dict | None:
+    """``text`` as a JSON record, or None (empty, or cut short)."""
+    try:
+        return json.loads(text) if text.strip() else None
+    except json.JSONDecodeError:
+        return None
 
 
 class JsonlLog:
@@ -72,8 +98,39 @@ class JsonlLog:
         self.flush_seconds = flush_seconds
         self._pending: list[str] = []  # remote lines not yet written, in order
         self._oldest = 0.0  # when the oldest pending line was appended (time.monotonic)
-        if self._remote and distributed.is_primary():
-            self.file.exists()
+        if distributed.is_primary():
+            self._end_cut_line()  # (remote: also opens the file system now, as said above)
+
+    def _end_cut_line(self) -> None:
+        """A file whose last line was cut short (its writer killed mid-write, a full disk) would glue that text to
+        the next record appended. The cut text is moved to ``<file>.cut`` (appended there, never lost) and the
+        file ends after its last whole line; a last record that only lacks its newline gets one."""
+        if not self.file.exists():
+            return
+        data = self.file.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return
+        head = data[: data.rfind(b"\n") + 1]
+        tail = data[len(head):]
+        if _record(tail.decode(errors="replace")) is not None:
+            self._store(data + b"\n", keep=len(data))
+            return
+        aside = self.file.with_name(self.file.name + ".cut")
+        aside.write_bytes((aside.read_bytes() if aside.exists() else b"") + tail + b"\n")
+        self._store(head, keep=len(head))
+        log.warning(f"{self.file} ended with a line cut short ({len(tail)} bytes, an interrupted write): moved to "
+                    f"{aside}; the file now ends at its last whole record")
+
+    def _store(self, data: bytes, *, keep: int) -> None:
+        """``data`` as the file's content, whose first ``keep`` bytes are already there: a local file is cut or
+        appended to in place (never rewritten whole); an object is rewritten."""
+        if self._remote:
+            self.file.write_bytes(data)
+            return
+        with open(self.file, "r+b") as f:
+            f.truncate(keep)
+            f.seek(keep)
+            f.write(data[keep:])
 
     def append(self, record: dict) -> None:
         """Append one JSON line (primary host only; a no-op elsewhere): at once to a local file; to a remote one

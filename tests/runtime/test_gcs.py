@@ -114,6 +114,21 @@ def test_remote_metrics_are_written_once_per_flush(gcs_env):
     assert gcs_env.read(f"{prefix}/eager.jsonl").decode().splitlines() == ['{"step": 7}']
 
 
+def test_a_remote_line_cut_short_is_moved_aside_before_appending(gcs_env):
+    """A remote file whose last line was cut short (an object written by a killed process of an older version, or
+    by hand) gets the same treatment as a local one: its cut text goes to ``<file>.cut``, the object ends at its
+    last whole record, and the next flush appends after it."""
+    from bpo_jax.runtime import run_dir as rd
+
+    run_dir, prefix = _fresh(gcs_env, "cut")
+    gcs_env.write(f"{prefix}/metrics.jsonl", b'{"step": 1}\n{"step": 2, "lo')
+    metrics = rd.JsonlLog(rd.path(run_dir, "metrics.jsonl"))
+    assert gcs_env.read(f"{prefix}/metrics.jsonl") == b'{"step": 1}\n'
+    assert gcs_env.read(f"{prefix}/metrics.jsonl.cut") == b'{"step": 2, "lo\n'
+    metrics.append({"step": 2})
+    assert [r["step"] for r in metrics.read()] == [1, 2]
+
+
 def test_a_checkpoint_stores_the_waiting_metrics_first(gcs_env):
     """A checkpoint flushes the logs it was given before it saves: after the save the rows up to its step are
     stored, so a resume from it (after a SIGKILL, which skips the exit flush) finds them."""
