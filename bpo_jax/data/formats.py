@@ -29,14 +29,15 @@ _TURN = re.compile(r"\n\n(Human|Assistant): ?")
 
 
 def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
-    """``(line number, object)`` for each non-blank line of a ``.jsonl`` or ``.jsonl.gz`` file."""
+    """``(line number, object)`` for each non-blank line of a ``.jsonl`` or ``.jsonl.gz`` file (a UTF-8 byte-order
+    mark at its start, as Windows editors write one, is skipped)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 raise ValueError(f"{path}:{n}: not UTF-8 text (byte {err.start} of the line)") from None
             if not line.strip():

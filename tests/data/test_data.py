@@ -61,6 +61,16 @@ def test_malformed_hh_rows_name_file_line_and_field(tmp_path, line, message):
     assert not (tmp_path / "tfds").exists()
 
 
+def test_a_byte_order_mark_is_read_past_and_other_bytes_are_named(tmp_path):
+    rows = [{"a": 1}, {"b": 2}]
+    f = tmp_path / "bom.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n" for r in rows).encode())  # as Notepad saves it
+    assert [row for _, row in read_jsonl(str(f))] == rows
+    f.write_bytes(b'{"a": 1}\n{"b": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"bom.jsonl:2: not UTF-8 text"):
+        list(read_jsonl(str(f)))
+
+
 def test_missing_tldr_field_and_missing_files_are_named(tmp_path):
     with pytest.raises(ValueError, match="x.jsonl:3: missing or empty field 'post'"):
         tldr_example({"subreddit": "a", "title": "b", "summary": "c"}, "x.jsonl:3")
