@@ -146,7 +146,7 @@ class Checkpointer:
         meta = dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
         if not same_weights(meta["base_fingerprint"], self._fingerprint(template.base)):
             raise IncompatibleCheckpoint(f"the checkpoint at step {step} in {self.directory} was made from different "
-                                         f"base weights than the model loaded now; resume with the run's original "
+                                         f"base weights than the model loaded now; load the run's original "
                                          f"model")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template.replace(base=None))
         _check_shapes(step, self._manager.item_metadata(step)["state"], target)
