@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import time
@@ -38,6 +37,7 @@ import numpy as np
 import yaml
 
 from bpo_jax.config import KEY_GROUP, ConfigError, TrainConfig, load_config, run_identity_changes
+from bpo_jax.runtime.run_dir import JsonlLog, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -251,12 +251,8 @@ def eval_file(run: Run) -> str:
 
 def is_trained(run: Run) -> bool:
     """``metrics.jsonl`` holds the final record (train logs it last)."""
-    path = os.path.join(run.run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        return any(r.get("final") and r.get("step") == run.config.total_steps
-                   for r in map(json.loads, filter(str.strip, f)))
+    return any(r.get("final") and r.get("step") == run.config.total_steps
+               for r in read_jsonl(os.path.join(run.run_dir, "metrics.jsonl")))
 
 
 def run_grid(exp: Experiment, run_command: Callable[[list, str], int]) -> list:
@@ -291,11 +287,8 @@ def run_grid(exp: Experiment, run_command: Callable[[list, str], int]) -> list:
 
 
 def _step0_evals(run_dir: str) -> list:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [r for r in map(json.loads, filter(str.strip, f)) if r.get("step") == 0 and "eval/win_rate" in r]
+    return [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+            if r.get("step") == 0 and "eval/win_rate" in r]
 
 
 def reuse_step0_eval(exp: Experiment, run: Run) -> str | None:
@@ -306,8 +299,7 @@ def reuse_step0_eval(exp: Experiment, run: Run) -> str | None:
         return None
     for other in exp.runs:
         if other.seed == run.seed and other is not run and (records := _step0_evals(other.run_dir)):
-            with open(os.path.join(run.run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({**records[-1], "reused_from": other.run_dir}) + "\n")
+            JsonlLog(os.path.join(run.run_dir, "metrics.jsonl")).append({**records[-1], "reused_from": other.run_dir})
             return other.run_dir
     return None
 
@@ -316,8 +308,7 @@ def reuse_step0_eval(exp: Experiment, run: Run) -> str | None:
 
 def read_scores(run: Run) -> tuple[np.ndarray, np.ndarray]:
     """The final checkpoint's ``(scores, reference_scores)`` per test prompt."""
-    with open(eval_file(run)) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_jsonl(eval_file(run))
     return (np.asarray([r["score"] for r in rows], np.float64),
             np.asarray([r["reference_score"] for r in rows], np.float64))
 
@@ -351,12 +342,8 @@ class RunDrift(NamedTuple):
 
 def run_drift(run: Run) -> RunDrift:
     """The run's :class:`RunDrift`; a resumed run may log a step twice: the last record of a step wins."""
-    from etils import epath
-
-    from bpo_jax.runtime.run_dir import read_jsonl
-
     by_step: dict = {}
-    for rec in read_jsonl(epath.Path(run.run_dir) / "metrics.jsonl"):
+    for rec in read_jsonl(os.path.join(run.run_dir, "metrics.jsonl")):
         by_step.setdefault(rec["step"], {}).update(rec)
     evals = [s for s in sorted(by_step) if s > 0 and "eval/win_rate" in by_step[s]]
     half, k = run.config.total_steps // 2, run.config.steps_per_phase

@@ -4,7 +4,6 @@ against step, one line per run (e.g. offline vs on-policy vs BPO), from each run
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 
@@ -16,17 +15,13 @@ log = logging.getLogger(__name__)
 def load_series(run_dir: str) -> dict[str, np.ndarray]:
     """``{"loss_step", "loss", "eval_step", "win_rate", "ci_low", "ci_high"}`` from ``run_dir/metrics.jsonl``.
     A resumed run may log a step twice; the last record of a step wins."""
-    from etils import epath  # local or gs:// run directories
+    from bpo_jax.runtime import run_dir as rd  # local or gs:// run directories
 
-    path = epath.Path(run_dir) / "metrics.jsonl"
+    path = rd.path(run_dir, "metrics.jsonl")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist (is {run_dir!r} a bpo_jax run directory?)")
     losses, evals = {}, {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}:{n}: not valid JSON") from None
+    for rec in rd.read_jsonl(path):  # a last line cut short (a run still writing it) is left out
         if "loss" in rec:
             losses[rec["step"]] = rec["loss"]
         if "eval/win_rate" in rec:

@@ -126,11 +126,9 @@ def coordinator_port(launch: Launch, env) -> int | None:
     if launch.kwargs.get("cluster_detection_method") == "slurm":
         if int(env["SLURM_PROCID"]) != 0:
             return None
-        if address:
-            return int(address.rsplit(":", 1)[1])
-        # JAX's SLURM rule (jax/_src/clusters/slurm_cluster.py; tests/runtime/test_cluster.py holds them equal)
-        return int(env.get("JAX_COORDINATOR_PORT") or int(env["SLURM_JOB_ID"]) % 2**12 + 65535 - 2**12 + 1)
-    if launch.process_id != 0 or not address:
+        if not address:  # JAX's SLURM rule (jax/_src/clusters/slurm_cluster.py; test_cluster.py holds them equal)
+            return int(env.get("JAX_COORDINATOR_PORT") or int(env["SLURM_JOB_ID"]) % 2**12 + 65535 - 2**12 + 1)
+    elif launch.process_id != 0 or not address:
         return None
     return int(address.rsplit(":", 1)[1])
 

@@ -72,9 +72,8 @@ def read_jsonl(file: epath.Path | str) -> list[dict]:
                 records.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise ValueError(f"{file}:{n}: not valid JSON ({err.msg})") from None
-    if _record(tail) is not None:  # a whole record that only lacks its newline
-        records.append(_record(tail))
-    return records
+    last = _record(tail)  # a whole record that only lacks its newline, or None
+    return records if last is None else [*records, last]
 
 
 def _record(text: str) -> dict | None:

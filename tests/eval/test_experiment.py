@@ -278,3 +278,27 @@ def test_paired_bootstrap_known_difference_and_ci():
 def test_seed_summary():
     assert ex.summarize_seeds([0.5, 0.7, 0.6]) == pytest.approx((0.6, 0.1))
     assert ex.summarize_seeds([0.4]) == (0.4, 0.0)
+
+
+def test_a_metrics_line_cut_short_does_not_stop_the_runner(tmp_path):
+    """A run killed mid-line leaves its metrics.jsonl ending in a cut line: the runner still sees what the file
+    holds (finished or not, its step-0 evaluation), the plot still reads it, and a reused step-0 record is appended
+    after the cut text has been moved aside rather than glued to it."""
+    from bpo_jax.eval.plot import load_series
+
+    (tmp_path / "data").mkdir()
+    exp = ex.load_experiment(_write(tmp_path, _spec("smollm2-135m-instruct", write_minisum_folder(tmp_path / "data"),
+                                                    tmp_path / "out")))
+    donor, run = exp.runs[0], exp.runs[1]
+    step0 = {"step": 0, "eval/win_rate": 0.5, "eval/ci_low": 0.4, "eval/ci_high": 0.6}
+    for r in (donor, run):
+        os.makedirs(r.run_dir)
+    with open(os.path.join(donor.run_dir, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps(step0) + "\n" + json.dumps({"step": 2, "loss": 0.6, "final": True}) + '\n{"step": 3, "lo')
+    with open(os.path.join(run.run_dir, "metrics.jsonl"), "w") as f:
+        f.write('{"step": 0, "eval/win')
+    assert ex.is_trained(donor) and not ex.is_trained(run)
+    assert list(load_series(donor.run_dir)["loss_step"]) == [2]
+    assert ex.reuse_step0_eval(exp, run) == donor.run_dir
+    assert _records(run.run_dir) == [{**step0, "reused_from": donor.run_dir}]
+    assert open(os.path.join(run.run_dir, "metrics.jsonl.cut")).read() == '{"step": 0, "eval/win\n'
