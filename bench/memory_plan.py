@@ -112,7 +112,7 @@ def state_shardings(cfg, mc: ModelConfig, state, mesh):
     base_specs = shd.logical_to_specs(decoder.param_axes(mc), state.base, mesh)
     is_p = lambda x: isinstance(x, P)  # noqa: E731
     base = jax.tree.map(ns, base_specs, is_leaf=is_p)
-    if cfg.lora_rank:  # state.lora_specs, as _place_like_base places them
+    if cfg.lora_rank:  # state.lora_specs, as state.lora_shardings places them
         trainable = {}
         for name in state.trainable:
             spec_a, spec_b = st.lora_specs(base_specs["layers"][name], cfg.lora_rank, mesh)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bpo_jax.config import TrainConfig
-from bpo_jax.models import init_params, param_axes
+from bpo_jax.models import init_params, lora, param_axes
 from bpo_jax.runtime import distributed
 from bpo_jax.runtime import sharding as shd
 from bpo_jax.sample.sampler import Decoding, distinct, generate
@@ -164,16 +164,52 @@ def test_state_sharding_on_8_devices_matches_one_device():
     base = shd.shard(base, shd.logical_to_sharding(param_axes(MCFG), base, mesh))
     state = st.create_state(cfg, base, jax.random.key(5))
     assert state.base["layers"]["gate"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
-    assert state.trainable["gate"]["a"].sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp", None)
-    # B's output dim is tensor-sharded, so its rank dim takes fsdp: no factor is replicated across fsdp
     P = jax.sharding.PartitionSpec
-    assert state.opt_state[1][0].mu["gate"]["b"].sharding.spec == P(None, None, "fsdp", "tensor")
-    assert state.trainable["down"]["a"].sharding.spec == P(None, None, "tensor", "fsdp")
-    assert state.trainable["down"]["b"].sharding.spec == P(None, None, None, "fsdp")
+    assert _placed(state.trainable["gate"]["a"], mesh, P(None, None, "fsdp", None))
+    # B's output dim is tensor-sharded, so its rank dim takes fsdp: no factor is replicated across fsdp
+    assert _placed(state.opt_state[1][0].mu["gate"]["b"], mesh, P(None, None, "fsdp", "tensor"))
+    assert _placed(state.trainable["down"]["a"], mesh, P(None, None, "tensor", "fsdp"))
+    assert _placed(state.trainable["down"]["b"], mesh, P(None, None, None, "fsdp"))
     new_state, m = _step(cfg, state, distributed.global_rows(batch, mesh))
-    assert new_state.trainable["gate"]["b"].sharding.spec == P(None, None, "fsdp", "tensor")
+    assert _placed(new_state.trainable["gate"]["b"], mesh, P(None, None, "fsdp", "tensor"))
     for key in ("loss", "grad_norm", "kl_policy_behavior"):
         np.testing.assert_allclose(float(m[key]), float(m_single[key]), rtol=1e-4, atol=1e-6)
+
+
+def _placed(x, mesh, spec) -> bool:
+    """Whether ``x`` is laid out on ``mesh`` as ``spec`` says (with or without trailing Nones)."""
+    return x.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, spec), x.ndim)
+
+
+def test_lora_factors_and_moments_are_born_sharded():
+    """On a mesh no device ever holds a whole LoRA factor: ``init_trainable`` runs with device-to-device transfers
+    refused (the eager init made each factor on one device, then placed it), from a fresh init (equal to the
+    one-device init, value for value) and from adapter-folder factors (host arrays, placed shard by shard); the
+    state's moments are laid out like their factors."""
+    cfg = _cfg(lora_rank=4, ensemble_size=2)
+    mesh = shd.make_mesh(data=1, fsdp=4, tensor=2)
+    base = _base()
+    base = shd.shard(base, shd.logical_to_sharding(param_axes(MCFG), base, mesh))
+    key = jax.random.key(5)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    on_mesh = jax.random.wrap_key_data(jax.device_put(jax.random.key_data(key), replicated))
+    want = lora.init_lora(key, _base()["layers"], targets=cfg.lora_targets, rank=4, num_adapters=2)
+    folders = jax.tree.map(lambda x: np.asarray(x) + 0.5, want)  # B != 0, as a trained adapter
+    for lora_init, expect in ((None, want), (folders, folders)):
+        with jax.transfer_guard_device_to_device("disallow_explicit"):
+            trainable = st.init_trainable(cfg, base, on_mesh, lora_init)
+        for t in cfg.lora_targets:
+            for k in ("a", "b"):
+                got = trainable[t][k]
+                assert got.sharding.is_equivalent_to(st.lora_shardings(want, base)[t][k], got.ndim)
+                assert got.addressable_shards[0].data.size < got.size  # no factor is replicated across the mesh
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(expect[t][k]))
+    state = st.create_state(cfg, base, key, lora_init=folders)
+    for k in ("a", "b"):
+        mu = state.opt_state[1][0].mu["gate"][k]
+        assert mu.sharding.is_equivalent_to(state.trainable["gate"][k].sharding, mu.ndim)
+    with pytest.raises(ValueError, match="do not have the run's shapes"):
+        st.init_trainable(cfg, base, key, {**folders, "q": {**folders["q"], "a": folders["q"]["a"][:1]}})
 
 
 @pytest.mark.slow
