@@ -37,10 +37,15 @@ class IncompatibleCheckpoint(ValueError):
 
 
 def fingerprint(params) -> list[list[float]]:
-    """Per leaf, ``[sum, sum of |x|]`` in float32: cheap, and any change of model or dtype changes them."""
-    return [[float(np.asarray(jax.numpy.sum(x.astype(jax.numpy.float32)))),
-             float(np.asarray(jax.numpy.sum(jax.numpy.abs(x.astype(jax.numpy.float32)))))]
-            for x in jax.tree.leaves(params)]
+    """Per leaf, ``[sum, sum of |x|]`` in float32: cheap, and any change of model or dtype changes them. One
+    compiled program for the whole tree (eagerly, two small programs per leaf shape would each compile)."""
+    return [[float(a), float(b)] for a, b in jax.device_get(_leaf_sums(params))]
+
+
+@jax.jit
+def _leaf_sums(params) -> list:
+    return [jax.numpy.stack([jax.numpy.sum(x), jax.numpy.sum(jax.numpy.abs(x))])
+            for x in (leaf.astype(jax.numpy.float32) for leaf in jax.tree.leaves(params))]
 
 
 def same_weights(saved, now) -> bool:
