@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import jax
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 import gcs_local
-from multihost import assert_same_losses, run_group
+from multihost import assert_same_losses, judge_server, run_group
 from testing import tiny_model_config, write_minisum_folder
 
 
@@ -215,9 +216,16 @@ def test_gcs_run_dir_resumes_after_sigkill_and_sets_a_truncated_checkpoint_aside
     """``run_dir=gs://``: an uninterrupted run; the same run killed with SIGKILL during phase 2 and rerun
     resumes to the same losses, one metrics row per step; then its newest checkpoint's files are truncated and a
     rerun sets that step aside under ``checkpoints_broken`` (every object kept) and restores the previous one,
-    again to the same losses."""
+    again to the same losses. The annotator is a loopback judge that answers one request at a time; during the
+    killed run each answer takes a second, so phase 2's collection lasts seconds and the kill lands inside it
+    (with the gold scorer it lasted a fraction of a second, and a loaded machine could let step 3 be saved
+    first)."""
     data = write_minisum_folder(tmp_path)
-    common = [f"model={tiny_policy_and_rm[0]}", f"data={data}", "total_steps=4", "num_phases=2", "batch_size=2",
+    slow = {"on": False}
+    httpd = judge_server(gate=lambda: time.sleep(1.0 if slow["on"] else 0.0))
+    judge = [f"judge_url=http://127.0.0.1:{httpd.server_address[1]}/v1/chat/completions", "annotator=judge",
+             "judge_model=test", "judge_concurrency=1"]
+    common = [*judge, f"model={tiny_policy_and_rm[0]}", f"data={data}", "total_steps=4", "num_phases=2", "batch_size=2",
               "max_new_tokens=4", "eval_max_new_tokens=4", "eval_size=2", "eval_every=0", "lora_rank=2",
               "learning_rate=5e-3", "checkpoint_every=1", "seed=3", "export_policy=false", "tied_pairs=second"]
     train = lambda prefix: [["train", *common, f"run_dir=gs://{gcs.bucket}/{prefix}"]]  # noqa: E731
@@ -227,10 +235,13 @@ def test_gcs_run_dir_resumes_after_sigkill_and_sets_a_truncated_checkpoint_aside
     want, _ = _losses(gcs, "whole")
 
     # Killed in phase 2's collection, after the step-2 checkpoint (saved before the phase starts).
+    slow["on"] = True
     [killed] = run_group(train("killed"), devices=1, extra_env=gcs.env, signal=signal.SIGKILL,
                          signal_on="phase 2/2: collecting")
+    slow["on"] = False
     assert killed.returncode == -signal.SIGKILL, killed.output[-3000:]
     assert "killed/checkpoints/2/commit_success.txt" in gcs.objects("killed/checkpoints/2/")
+    assert not gcs.objects("killed/checkpoints/3/")  # killed before step 3
     [again] = run_group(train("killed"), devices=1, extra_env=gcs.env)
     assert again.returncode == 0 and "resumed gs://bucket/killed at step 2" in again.output, again.output[-3000:]
     got, rows = _losses(gcs, "killed")
@@ -252,3 +263,4 @@ def test_gcs_run_dir_resumes_after_sigkill_and_sets_a_truncated_checkpoint_aside
     after, _ = _losses(gcs, "killed")
     assert after[4] == pytest.approx(want[4], rel=1e-4, abs=1e-6)
     assert "killed/checkpoints/4/commit_success.txt" in gcs.objects("killed/checkpoints/4/")  # saved anew
+    httpd.shutdown()
