@@ -125,7 +125,7 @@ def create_state(cfg: TrainConfig, base: Params, key: jax.Array, *, reference: P
     """A fresh state around ``base`` (already placed on its mesh). LoRA factors are born on the base's mesh,
     sharded by ``lora_specs`` (``lora_init``: the members' starting factors as host arrays,
     ``bpo_jax.models.peft_adapters.read_ensemble``; else a fresh PEFT-style init), and the optimizer state follows
-    the trainable leaves' shardings: no device ever holds a whole factor or moment. Trainable leaves are
+    the trainable leaves' shardings: nothing is made whole on one device and then placed. Trainable leaves are
     float32."""
     init_key, run_key = jax.random.split(key)
     trainable = init_trainable(cfg, base, init_key, lora_init)
