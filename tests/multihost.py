@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple
 import pytest
 
 from testing import ROOT, minimal_env, xla_flags
-from torchless import site_dir
+from torchless import pythonpath
 
 DEADLINE = 300  # seconds for one group of processes
 
@@ -105,9 +105,9 @@ def judge_server(latency: float = 0.0, gate: Callable[[], None] | None = None) -
 
 def child_env(devices: int, **extra) -> dict:
     """A minimal environment: ``devices`` fake CPU devices (``testing.xla_flags``), the HF hub offline, unbuffered
-    output, the checkout on ``PYTHONPATH`` (or ``extra``'s ``PYTHONPATH``) followed by ``torchless.site_dir()``, so
+    output, ``torchless.pythonpath`` (the checkout, or ``extra``'s ``PYTHONPATH``, then the block), so
     the child sees only what ``requirements.txt`` installs; ``extra`` adds or replaces the other variables."""
-    path = os.pathsep.join([extra.pop("PYTHONPATH", ROOT), site_dir()])
+    path = pythonpath(extra.pop("PYTHONPATH", ROOT))
     return minimal_env(**{**dict(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                                  PYTHONUNBUFFERED="1", XLA_FLAGS=xla_flags(devices)), **extra, "PYTHONPATH": path})
 

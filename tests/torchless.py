@@ -71,6 +71,11 @@ def extras_only_modules() -> tuple[str, ...]:
                         - {"_distutils_hack"}))
 
 
+def pythonpath(first: str = ROOT) -> str:
+    """A child's ``PYTHONPATH``: ``first`` (the checkout), then ``site_dir()``."""
+    return os.pathsep.join([first, site_dir()])
+
+
 @functools.cache
 def site_dir() -> str:
     """A folder holding the blocking ``sitecustomize.py`` (made once per process, removed at its exit)."""

@@ -13,7 +13,7 @@ from bpo_jax.cli.experiment import main as experiment_cli
 from bpo_jax.config import ConfigError
 from bpo_jax.eval import experiment as ex
 from testing import ROOT, write_minisum_folder
-from torchless import site_dir
+from torchless import pythonpath
 
 
 def _spec(model, data, out_dir, **methods):
@@ -131,7 +131,7 @@ def test_run_drift_reads_the_records_a_run_logs(tmp_path):
 @pytest.mark.slow
 def test_each_run_is_a_subprocess_and_a_failing_run_does_not_stop_the_grid(tiny_policy_and_rm, tmp_path, capsys,
                                                                             monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([ROOT, site_dir()]))  # the runs see what requirements.txt has
+    monkeypatch.setenv("PYTHONPATH", pythonpath())  # the runs see what requirements.txt has
     (tmp_path / "data").mkdir()
     data = write_minisum_folder(tmp_path / "data", rows=6)
     spec = _spec(tiny_policy_and_rm[0], data, tmp_path / "out", broken={"reference": "fixed", "reference_path": str(
