@@ -1,7 +1,7 @@
 """Power of a paired win-rate comparison: how large a method difference a grid of P prompts x S seeds detects.
 
 Simulates grids shaped like a measured one and runs the experiment runner's own paired bootstrap
-(``bpo_jax.eval.experiment.paired_bootstrap``) on each: method B wins a prompt with probability ``--base-rate``; the two
+(``bpo_jax.eval.stats.paired_bootstrap``) on each: method B wins a prompt with probability ``--base-rate``; the two
 methods disagree on a fraction ``--discordance`` of the prompts, where A wins often enough that A - B is the
 seed's difference, drawn per seed around the true difference with spread ``--seed-spread``. Prints, per
 difference, the fraction of simulated grids whose 95% CI excludes 0 (the power).
@@ -16,7 +16,7 @@ import logging
 
 import numpy as np
 
-from bpo_jax.eval.experiment import paired_bootstrap
+from bpo_jax.eval.stats import paired_bootstrap
 
 log = logging.getLogger("bench.grid_power")
 

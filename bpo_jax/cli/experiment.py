@@ -8,7 +8,9 @@ output in ``<run_dir>/experiment.log``), then ``python -m bpo_jax evaluate`` on 
 per-prompt scores. Rerunning the command skips finished runs and resumes interrupted ones from their checkpoint.
 Writes to ``out_dir``: ``results.csv`` (per method and loss: the seeds' final win rates with bootstrap 95% CIs,
 their mean and std), ``paired.csv`` (per loss and pair of methods: the win-rate difference with a paired
-bootstrap 95% CI over prompts and seeds), ``results.md`` (both as tables) and ``win_rate.png`` (win rate against
+bootstrap 95% CI over prompts and seeds, and the two methods head to head: the shares of prompts where A's final
+response scores higher, lower or equal, and P(A wins) − P(B wins) with the same CI), ``results.md`` (these as
+tables, and each run's drift) and ``win_rate.png`` (win rate against
 step, mean over seeds with a min–max band, one panel per loss). The win rate counts ties as losses, as the paper.
 """
 
@@ -22,6 +24,8 @@ import subprocess
 import sys
 
 log = logging.getLogger(__name__)
+
+H2H_KEYS = ("a_wins", "b_wins", "ties", "diff", "ci_low", "ci_high", "p_value")  # paired.csv's h2h_* columns
 
 
 def main(argv=None) -> int:
@@ -59,9 +63,9 @@ def main(argv=None) -> int:
         log.info(f"experiment: {len(exp.runs)} runs ({len(exp.methods)} methods, {len(exp.loss_types)} losses, "
                  f"{len(exp.seeds)} seeds) in {exp.out_dir}")
         failed = ex.run_grid(exp, in_process if args.in_process else subprocess_command)
-    results, paired, unfinished = ex.summarize(exp)
+    results, pairs, unfinished = ex.summarize(exp)
     os.makedirs(exp.out_dir, exist_ok=True)
-    write_results(exp, results, paired, unfinished)
+    write_results(exp, results, pairs, unfinished)
     if results:
         plot_grid(exp, os.path.join(exp.out_dir, "win_rate.png"))
     log.info(f"results: {os.path.join(exp.out_dir, 'results.md')} ({len(exp.runs) - len(unfinished)} of "
@@ -90,18 +94,20 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def write_results(exp, results, paired, unfinished) -> None:
+def write_results(exp, results, pairs, unfinished) -> None:
     """``results.csv``, ``paired.csv`` and ``results.md`` in ``exp.out_dir``."""
     _write_results_csv(exp, results)
     with open(os.path.join(exp.out_dir, "paired.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["loss_type", "method_a", "method_b", "diff", "ci_low", "ci_high", "p_value", "n_prompts",
-                    "n_seeds", "discordance"])
-        for loss, a, b, d in paired:
-            w.writerow([loss, a, b, f"{d.diff:.4f}", f"{d.ci_low:.4f}", f"{d.ci_high:.4f}", f"{d.p_value:.4f}",
-                        d.n_prompts, d.n_seeds, f"{d.discordance:.4f}"])
-    lines = [f"# Experiment: {exp.out_dir}", "", *_win_rate_lines(exp, results), "", *_paired_lines(paired),
-             "", *_drift_lines(exp)]
+                    "n_seeds", "discordance", "h2h_a_wins", "h2h_b_wins", "h2h_ties", "h2h_diff", "h2h_ci_low",
+                    "h2h_ci_high", "h2h_p_value"])
+        for p in pairs:
+            d, h = p.vs_references, p.head_to_head
+            w.writerow([p.loss_type, p.method_a, p.method_b, *(f"{x:.4f}" for x in d[:4]), d.n_prompts, d.n_seeds,
+                        f"{d.discordance:.4f}", *(f"{h[k]:.4f}" for k in H2H_KEYS)])
+    lines = [f"# Experiment: {exp.out_dir}", "", *_win_rate_lines(exp, results), "", *_paired_lines(pairs),
+             "", *_head_to_head_lines(pairs), "", *_drift_lines(exp)]
     if unfinished:
         lines += ["", f"Not finished ({len(unfinished)}): " + ", ".join(
             f"{r.method}/{r.loss_type}/seed{r.seed}" for r in unfinished)]
@@ -144,15 +150,31 @@ def _win_rate_lines(exp, results) -> list:
     return lines
 
 
-def _paired_lines(paired) -> list:
+def _paired_lines(pairs) -> list:
     lines = ["Paired differences (A − B, percentage points), same test prompts and seeds; 95% CI from a "
              "bootstrap that resamples prompts and seeds, the same draw for both methods; discordance: the share "
              "of prompt-runs whose outcomes differ.", "",
              "| loss | A | B | A − B | 95% CI | p | prompts × seeds | discordance |",
              "|---|---|---|---|---|---|---|---|"]
-    for loss, a, b, d in paired:
-        lines.append(f"| {loss} | {a} | {b} | {100 * d.diff:+.1f} | [{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}] | "
-                     f"{d.p_value:.3f} | {d.n_prompts} × {d.n_seeds} | {_pct(d.discordance)}% |")
+    for p in pairs:
+        d = p.vs_references
+        lines.append(f"| {p.loss_type} | {p.method_a} | {p.method_b} | {100 * d.diff:+.1f} | "
+                     f"[{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}] | {d.p_value:.3f} | "
+                     f"{d.n_prompts} × {d.n_seeds} | {_pct(d.discordance)}% |")
+    return lines
+
+
+def _head_to_head_lines(pairs) -> list:
+    lines = ["Head to head (the official evaluation's form): A's and B's final greedy responses to the same "
+             "prompt, the higher score (the runs' evaluation scorer) wins, equal scores tie; seed k of A against "
+             "seed k of B. A − B: P(A wins) − P(B wins) in points, with the same bootstrap.", "",
+             "| loss | A | B | A wins % | B wins % | ties % | A − B | 95% CI | p |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for p in pairs:
+        h = p.head_to_head
+        lines.append(f"| {p.loss_type} | {p.method_a} | {p.method_b} | {_pct(h['a_wins'])} | {_pct(h['b_wins'])} | "
+                     f"{_pct(h['ties'])} | {100 * h['diff']:+.1f} | [{100 * h['ci_low']:+.1f}, "
+                     f"{100 * h['ci_high']:+.1f}] | {h['p_value']:.3f} |")
     return lines
 
 

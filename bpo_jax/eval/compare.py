@@ -10,10 +10,10 @@
        the prompt is a tie. This cancels the judge's position bias: a judge that always prefers the first
        response it is shown gives only ties. Identical responses are a tie without a request.
   3. the result: the shares of A wins, B wins and ties, and the head-to-head difference P(A wins) − P(B wins)
-     with a paired bootstrap 95% CI over prompts (``experiment.paired_bootstrap`` on the two sides' win
-     indicators). With a scorer also each side's win rate against the human references (a tie loses, as in the
-     paper) and their paired difference: the experiment runner's ``paired.csv`` comparison of two runs on one
-     seed, computed the same way from the same per-prompt scores.
+     with a paired bootstrap 95% CI over prompts (``stats.head_to_head``: ``stats.paired_bootstrap`` on the two
+     sides' win indicators). With a scorer also each side's win rate against the human references (a tie loses,
+     as in the paper) and their paired difference: the experiment runner's ``paired.csv`` comparison of two runs
+     on one seed, computed the same way from the same per-prompt scores, as is the runner's head-to-head table.
   4. ``write``: one record per prompt (the prompt, the reference, both responses, both scores or both orders'
      verdicts, the winner) and the summary as JSON.
 """
@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from bpo_jax.eval.annotators import FunctionAnnotator
-from bpo_jax.eval.experiment import outcomes, paired_bootstrap
+from bpo_jax.eval.stats import head_to_head, head_to_head_outcomes, outcomes, paired_bootstrap
 from bpo_jax.eval.win_rate import score_task
 from bpo_jax.runtime import distributed
 from bpo_jax.runtime import run_dir as rd
@@ -61,7 +61,7 @@ def compare_policies(cfg, run, a: Policy, b: Policy, **bootstrap_kw) -> Comparis
                for p, r, x, y in zip(task.eval_prompts, task.references, side_a.responses, side_b.responses)]
     summary = {"a": a.label, "b": b.label, "data": task.name, "annotator": task.score_name, "n": len(records)}
     if judge is None:
-        outcome = np.sign(side_a.scores - side_b.scores)
+        outcome = head_to_head_outcomes(side_a.scores, side_b.scores)
         for rec, sa, sb, ref in zip(records, side_a.scores, side_b.scores, side_a.reference_scores):
             rec.update(score_a=float(sa), score_b=float(sb), reference_score=float(ref))
         summary["vs_references"] = vs_references(side_a, side_b, **bootstrap_kw)
@@ -108,16 +108,6 @@ def both_orders_outcome(first, second) -> np.ndarray:
     """+1 where both orders prefer A, −1 where both prefer B, 0 otherwise (a disagreement, a tie, not asked)."""
     first, second = np.asarray(first, np.float64), np.asarray(second, np.float64)
     return np.where((first == 1) & (second == 1), 1.0, np.where((first == 0) & (second == 0), -1.0, 0.0))
-
-
-def head_to_head(outcome, **bootstrap_kw) -> dict:
-    """From per-prompt outcomes (+1 A wins, −1 B wins, 0 tie): the shares of each, and ``diff`` = P(A wins) −
-    P(B wins) with its paired bootstrap 95% CI and two-sided p-value."""
-    o = np.asarray(outcome, np.float64)
-    wins_a, wins_b = (o > 0).astype(np.float64), (o < 0).astype(np.float64)
-    d = paired_bootstrap(wins_a, wins_b, **bootstrap_kw)
-    return {"a_wins": float(wins_a.mean()), "b_wins": float(wins_b.mean()), "ties": float((o == 0).mean()),
-            "diff": d.diff, "ci_low": d.ci_low, "ci_high": d.ci_high, "p_value": d.p_value}
 
 
 def vs_references(side_a, side_b, **bootstrap_kw) -> dict:

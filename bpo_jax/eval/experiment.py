@@ -15,13 +15,15 @@
      test set);
   3. read each finished run's per-prompt outcomes (1 when the greedy response beats the human reference
      strictly, as the paper counts it: a tie loses) and its win rate against step;
-  4. summarise: per (method, loss) the seeds' win rates with bootstrap CIs and their mean ± std, and for each
-     pair of methods the paired win-rate difference with a bootstrap CI over prompts and seeds;
+  4. summarise (``bpo_jax.eval.stats``): per (method, loss) the seeds' win rates with bootstrap CIs and their
+     mean ± std, and for each pair of methods the paired win-rate difference with a bootstrap CI over prompts
+     and seeds, and the two head to head (whose final response scores higher, prompt by prompt), with the same
+     CI on P(A wins) − P(B wins);
   5. write them (``bpo_jax.cli.experiment``: ``results.csv``, ``paired.csv``, ``results.md``, ``win_rate.png``).
 
 The runner takes its dependencies as arguments: ``run_command(args, log_path) -> exit code`` runs one
 ``python -m bpo_jax <args>`` (a subprocess per run in the CLI: bounded memory, isolated failures); progress goes to
-this module's logger. Statistics are pure NumPy functions.
+this module's logger. The statistics are pure NumPy functions (``bpo_jax.eval.stats``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ import numpy as np
 import yaml
 
 from bpo_jax.config import KEY_GROUP, ConfigError, TrainConfig, load_config, run_identity_changes
+from bpo_jax.eval.stats import (
+    PairedDiff,
+    SeedSummary,
+    head_to_head,
+    head_to_head_outcomes,
+    outcomes,
+    paired_bootstrap,
+    summarize_seeds,
+)
 from bpo_jax.runtime.run_dir import JsonlLog, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -313,11 +324,6 @@ def read_scores(run: Run) -> tuple[np.ndarray, np.ndarray]:
             np.asarray([r["reference_score"] for r in rows], np.float64))
 
 
-def outcomes(scores, reference_scores) -> np.ndarray:
-    """1 where the response beats the reference strictly, else 0 (a tie loses, as in the paper)."""
-    return (np.asarray(scores) > np.asarray(reference_scores)).astype(np.float64)
-
-
 def win_rate_curve(run: Run) -> tuple[np.ndarray, np.ndarray]:
     """``(steps, win_rates)`` from the run's ``metrics.jsonl`` (step 0, every ``eval_every``, the final)."""
     from bpo_jax.eval.plot import load_series
@@ -366,50 +372,7 @@ def run_drift(run: Run) -> RunDrift:
                     total("phase/prompts_sampled"))
 
 
-# ---- step 4: statistics (pure) ---------------------------------------------------------------------------------
-
-class SeedSummary(NamedTuple):
-    mean: float
-    std: float  # sample standard deviation over seeds (0 for one seed)
-
-
-def summarize_seeds(win_rates) -> SeedSummary:
-    w = np.asarray(win_rates, np.float64)
-    return SeedSummary(float(w.mean()), float(w.std(ddof=1)) if w.size > 1 else 0.0)
-
-
-class PairedDiff(NamedTuple):
-    diff: float  # mean(a) - mean(b) over every (seed, prompt)
-    ci_low: float
-    ci_high: float
-    p_value: float  # two-sided: twice the smaller bootstrap tail beyond 0 (capped at 1)
-    n_prompts: int
-    n_seeds: int
-    discordance: float  # share of (seed, prompt) outcomes where the two methods differ
-
-
-def paired_bootstrap(a, b, *, num_bootstrap: int = 2000, seed: int = 0, chunk: int = 250) -> PairedDiff:
-    """Win-rate difference of two methods scored on the same prompts, ``a`` and ``b``: outcomes ``[seeds,
-    prompts]`` (a 1-D array is one seed), row k of both from seed k. Each bootstrap replicate draws seeds and
-    prompts with replacement, the same draw for both methods (and the same prompts for every seed), so what
-    the prompts share (their difficulty) cancels out of the difference. Percentile 95% CI."""
-    a, b = np.atleast_2d(np.asarray(a, np.float64)), np.atleast_2d(np.asarray(b, np.float64))
-    if a.shape != b.shape or a.size == 0:
-        raise ValueError(f"paired outcomes need the same [seeds, prompts] shape, got {a.shape} and {b.shape}")
-    d = a - b
-    S, N = d.shape
-    rng = np.random.default_rng(seed)
-    boots = []
-    for start in range(0, num_bootstrap, chunk):
-        m = min(chunk, num_bootstrap - start)
-        si, pi = rng.integers(0, S, (m, S)), rng.integers(0, N, (m, N))
-        per_seed = np.stack([d[si[:, k]][np.arange(m)[:, None], pi].mean(axis=1) for k in range(S)], axis=1)
-        boots.append(per_seed.mean(axis=1))
-    boot = np.concatenate(boots)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    p = min(1.0, 2 * min((boot <= 0).mean(), (boot >= 0).mean()))
-    return PairedDiff(float(d.mean()), float(lo), float(hi), float(p), N, S, float((d != 0).mean()))
-
+# ---- step 4: the summary ------------------------------------------------------------------------------------
 
 class MethodResult(NamedTuple):
     method: str
@@ -419,15 +382,24 @@ class MethodResult(NamedTuple):
     summary: SeedSummary  # mean ± std of the seeds' win rates
 
 
+class MethodPair(NamedTuple):
+    """Two methods of one loss type compared on the seeds both finished, the same test prompts."""
+    loss_type: str
+    method_a: str
+    method_b: str
+    vs_references: PairedDiff  # A − B in win rate against the human references (ties lose)
+    head_to_head: dict  # ``stats.head_to_head``: A's final responses against B's, by the higher gold score
+
+
 def summarize(exp: Experiment, **bootstrap_kw) -> tuple[list, list, list]:
-    """Steps 3–4 over the finished runs: ``(results, paired, unfinished)``; ``results`` has a MethodResult per
-    (method, loss) with a finished seed, ``paired`` ``(loss, method_a, method_b, PairedDiff)`` over the seeds
-    both finished, ``unfinished`` the runs without per-prompt scores."""
+    """Steps 3–4 over the finished runs: ``(results, pairs, unfinished)``; ``results`` has a MethodResult per
+    (method, loss) with a finished seed, ``pairs`` a MethodPair per two methods of a loss with a common finished
+    seed, ``unfinished`` the runs without per-prompt scores."""
     from bpo_jax.eval.win_rate import win_rate_from_scores
 
-    results, paired, unfinished, by_loss = [], [], [], {}
+    results, pairs, unfinished, by_loss = [], [], [], {}
     for method, loss in itertools.product(exp.methods, exp.loss_types):
-        seeds, rates, outs = [], [], {}
+        seeds, rates, scored = [], [], {}
         for run in (r for r in exp.runs if (r.method, r.loss_type) == (method, loss)):
             if not (is_trained(run) and os.path.exists(eval_file(run))):
                 unfinished.append(run)
@@ -435,16 +407,17 @@ def summarize(exp: Experiment, **bootstrap_kw) -> tuple[list, list, list]:
             scores, refs = read_scores(run)
             seeds.append(run.seed)
             rates.append(win_rate_from_scores(scores, refs))
-            outs[run.seed] = outcomes(scores, refs)
+            scored[run.seed] = (scores, refs)
         if seeds:
             results.append(MethodResult(method, loss, tuple(seeds), tuple(rates),
                                         summarize_seeds([w.win_rate for w in rates])))
-            by_loss.setdefault(loss, {})[method] = outs
+            by_loss.setdefault(loss, {})[method] = scored
     for loss, methods in by_loss.items():
         for x, y in itertools.combinations(methods, 2):
             common = [s for s in exp.seeds if s in methods[x] and s in methods[y]]
             if common:
-                diff = paired_bootstrap([methods[x][s] for s in common], [methods[y][s] for s in common],
-                                        **bootstrap_kw)
-                paired.append((loss, x, y, diff))
-    return results, paired, unfinished
+                a, b = [methods[x][s] for s in common], [methods[y][s] for s in common]
+                vs_refs = paired_bootstrap([outcomes(*sa) for sa in a], [outcomes(*sb) for sb in b], **bootstrap_kw)
+                h2h = head_to_head([head_to_head_outcomes(sa[0], sb[0]) for sa, sb in zip(a, b)], **bootstrap_kw)
+                pairs.append(MethodPair(loss, x, y, vs_refs, h2h))
+    return results, pairs, unfinished

@@ -62,8 +62,8 @@ def test_compare_matches_the_experiment_runner(grid, tmp_path, capsys):
                                                       "seed0_step2_data")
     assert "A wins" in capsys.readouterr().out
     # The runner's paired comparison of the two runs (its per-prompt eval records, one seed) is compare's.
-    [(_, _, _, runner)] = ex.summarize(grid)[1]
-    ref = summary["vs_references"]
+    [pair] = ex.summarize(grid)[1]
+    runner, ref = pair.vs_references, summary["vs_references"]
     assert (ref["diff"], ref["ci_low"], ref["ci_high"], ref["p_value"]) == (
         runner.diff, runner.ci_low, runner.ci_high, runner.p_value)
     for run, side in ((run_a, "a"), (run_b, "b")):  # the same responses and scores as the runs' final evaluation
@@ -76,6 +76,7 @@ def test_compare_matches_the_experiment_runner(grid, tmp_path, capsys):
     assert [r["winner"] for r in records] == [{1: "a", -1: "b", 0: "tie"}[o] for o in outcome]
     assert summary["a_wins"] - summary["b_wins"] == pytest.approx(summary["diff"])
     assert summary["ties"] == pytest.approx(np.mean(outcome == 0)) and summary["n"] == 6
+    assert {k: summary[k] for k in pair.head_to_head} == pair.head_to_head  # the runner's head-to-head table's
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """The experiment runner: a 2-method x 1-loss x 2-seed grid of tiny runs end to end (results, skip on rerun,
-resume of an interrupted run), the budget check, and the paired bootstrap against known answers."""
+resume of an interrupted run, the report's tables), the budget check and the shipped grids."""
 
 import csv
 import json
@@ -72,6 +72,14 @@ def test_grid_writes_results_skips_finished_runs_and_resumes(tiny_policy_and_rm,
     md = (out / "results.md").read_text()
     assert "| sigmoid | offline | 1 | sft |" in md and "| sigmoid | offline | bpo_ft |" in md
     assert 0 <= float(pair["discordance"]) <= 1 and "| offline | sigmoid | 0 | 1: " in md  # the drift table
+    # Head to head: seed k's final responses of the two methods against each other, by score, pooled over seeds.
+    scores = [[[json.loads(line)["score"] for line in open(ex.eval_file(r))] for r in exp.runs if r.seed == s]
+              for s in (0, 1)]
+    sign = np.sign(np.array([a for a, _ in scores]) - np.array([b for _, b in scores]))
+    assert [float(pair[f"h2h_{k}"]) for k in ("a_wins", "b_wins", "ties", "diff")] == pytest.approx(
+        [np.mean(sign > 0), np.mean(sign < 0), np.mean(sign == 0), np.mean(sign > 0) - np.mean(sign < 0)], abs=1e-4)
+    assert float(pair["h2h_ci_low"]) <= float(pair["h2h_diff"]) <= float(pair["h2h_ci_high"])
+    assert "Head to head" in md and "| sigmoid | offline | bpo_ft | " in md.split("Head to head")[1]
     # The SFT model is evaluated once per seed: the seed's second run reuses the first one's step-0 result.
     for seed in (0, 1):
         first, second = (_records(out / m / "sigmoid" / f"seed{seed}")[0] for m in ("offline", "bpo_ft"))
@@ -245,42 +253,6 @@ def test_shipped_experiments_validate_and_dry_run(capsys):
     assert [r.method for r in long.runs[:4]] == ["offline", "bpo_f2", "on_policy_sft", "bpo_ft"]
     assert [r.seed for r in long.runs[:12]] == [0] * 4 + [1] * 4 + [2] * 4  # the main question first
     assert {r.config.ensemble_size for r in long.runs} == {1, 3} and len(long.runs) == 24
-
-
-def test_paired_bootstrap_known_difference_and_ci():
-    a = np.array([1, 1, 1, 1, 0, 1, 0, 1, 1, 0], float)  # 7 / 10
-    b = np.array([1, 0, 1, 0, 0, 1, 0, 0, 1, 0], float)  # 4 / 10
-    d = ex.paired_bootstrap(a, b)
-    assert d.diff == pytest.approx(0.3) and d.ci_low <= 0.3 <= d.ci_high and (d.n_prompts, d.n_seeds) == (10, 1)
-    d4 = ex.paired_bootstrap(np.tile(a, 16), np.tile(b, 16))  # 16x the prompts: a CI about 4x narrower
-    assert d4.diff == pytest.approx(0.3) and d4.ci_low <= 0.3 <= d4.ci_high
-    assert 0.15 < (d4.ci_high - d4.ci_low) / (d.ci_high - d.ci_low) < 0.4
-    assert ex.paired_bootstrap(a, a) == (0.0, 0.0, 0.0, 1.0, 10, 1, 0.0)  # identical outcomes: no difference at all
-
-    # Against the normal approximation: one seed, n paired Bernoulli outcomes, CI ≈ diff ± 1.96 sd(a - b) / √n.
-    rng = np.random.default_rng(0)
-    n = 20000
-    a = (rng.random(n) < 0.6).astype(float)
-    b = np.where(rng.random(n) < 0.7, a, (rng.random(n) < 0.5).astype(float))  # correlated with a
-    d = ex.paired_bootstrap(a, b, num_bootstrap=4000)
-    half = 1.96 * np.std(a - b, ddof=1) / np.sqrt(n)
-    assert d.diff == pytest.approx((a - b).mean())
-    assert d.ci_low == pytest.approx(d.diff - half, abs=0.1 * half)
-    assert d.ci_high == pytest.approx(d.diff + half, abs=0.1 * half)
-    unpaired = 1.96 * np.sqrt(a.var() / n + b.var() / n)
-    assert half < 0.8 * unpaired  # pairing removes what the two methods share
-
-    # Several seeds: the point estimate is the mean over seeds and prompts; seeds are resampled too.
-    a3, b3 = np.stack([a[:500], a[500:1000], a[1000:1500]]), np.stack([b[:500], b[500:1000], b[1000:1500]])
-    d3 = ex.paired_bootstrap(a3, b3)
-    assert d3.diff == pytest.approx((a3 - b3).mean()) and d3.ci_low < d3.diff < d3.ci_high and d3.n_seeds == 3
-    with pytest.raises(ValueError, match="same \\[seeds, prompts\\] shape"):
-        ex.paired_bootstrap(a3, b3[:2])
-
-
-def test_seed_summary():
-    assert ex.summarize_seeds([0.5, 0.7, 0.6]) == pytest.approx((0.6, 0.1))
-    assert ex.summarize_seeds([0.4]) == (0.4, 0.0)
 
 
 def test_a_metrics_line_cut_short_does_not_stop_the_runner(tmp_path):
