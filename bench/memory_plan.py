@@ -273,11 +273,12 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
     r.update(train_rows=rows, train_len=t)
 
     # Reference forward (reference != behavior): runs before the gradient pass, outside it, so it is a phase of
-    # its own. ema/mixup under LoRA: attach_mean's rank-N·r concatenation of the reference factors (float32).
+    # its own. ema/mixup under LoRA: the reference factors merged by ensemble_merge (lora.attach_merged, float32):
+    # mean_delta's rank-N·r concatenation (the reference's bytes), peft_linear's rank-r sums (1/N of them).
     ref_fwd = {}
     if cfg.reference != "behavior":
         if cfg.lora_rank and cfg.reference in ("ema", "mixup"):
-            ref_fwd["reference_factors"] = res["reference"]
+            ref_fwd["reference_factors"] = res["reference"] // (n if cfg.ensemble_merge == "peft_linear" else 1)
         ref_tree, ref_sh = {"fixed": (state.reference, sh_ref)}.get(cfg.reference, (state.base, sh_base))
         if cfg.reference in ("ema", "mixup") and not cfg.lora_rank:
             ref_tree, ref_sh = state.reference, sh_ref

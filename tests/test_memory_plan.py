@@ -204,6 +204,10 @@ def test_ema_lora_reference_forward_is_its_own_phase():
     assert res["phases"]["reference_forward"] == sum(res["reference_forward"].values())
     assert "reference_merged" not in res["train"]
     assert mp.plan(_cfg(f"lora_rank={r}"), TINY, _mesh(), 16)["reference_forward"] == {}
+    # Merged by peft_linear (lora.attach_merged: one rank-r adapter of sums over the members): 1/N of the bytes.
+    linear = mp.plan(_cfg(f"lora_rank={r}", f"ensemble_size={n}", "reference=ema", "ensemble_merge=peft_linear"),
+                     TINY, _mesh(), 16)
+    assert linear["reference_forward"]["reference_factors"] * n == res["resident"]["reference"]
 
 
 def test_host_layout_table_names_the_mesh_each_slice_gets():

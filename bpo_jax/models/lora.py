@@ -97,13 +97,6 @@ def concat(lora: dict) -> dict:
     return out
 
 
-def attach_mean(base: dict, lora: dict, scale: float) -> dict:
-    """The merged ensemble in activation space: ``attach(base, concat(lora), scale / N)``, exactly
-    ``W + (1/N) Σ_i ΔW_i`` without building it."""
-    n = jax.tree.leaves(lora)[0].shape[0]
-    return attach(base, concat(lora), scale / n)
-
-
 def peft_linear(lora: dict, scale: float) -> dict:
     """PEFT's ``add_weighted_adapter(weights=[1/N]*N, combination_type="linear")`` of the N adapters (each with
     product scale ``scale``): ``a = Σ_i √(scale/N)·A_i [L, in, r]``, ``b = Σ_i √(scale/N)·B_i [L, r, out]``,

@@ -97,8 +97,8 @@ def _logits(mcfg, params):
 
 @pytest.mark.slow
 def test_activation_space_equals_the_materialised_sum_in_float32():
-    """One member (``attach``) and the merged ensemble (``attach_mean``: factors concatenated along the rank
-    axis, scale s/N) give the logits and factor gradients of ``W + ΔW`` built in float32."""
+    """One member (``attach``) and the merged ensemble (``attach_merged`` by ``mean_delta``: factors concatenated
+    along the rank axis, scale s/N) give the logits and factor gradients of ``W + ΔW`` built in float32."""
     base = init_params(MCFG, jax.random.key(0))
     ens = _factors(base, 3, jax.random.key(1))
     s = 2.0
@@ -106,7 +106,7 @@ def test_activation_space_equals_the_materialised_sum_in_float32():
     one = jax.tree.map(lambda x: x[1], ens)
     views = (
         (lambda f: lora.attach(base, f, s), lambda f: lora.merge(base, jax.tree.map(lambda x: x[None], f), s), one),
-        (lambda f: lora.attach_mean(base, f, s), lambda f: lora.merge(base, f, s), ens),
+        (lambda f: lora.attach_merged(base, f, s, "mean_delta"), lambda f: lora.merge(base, f, s), ens),
     )
     for activation, materialised, factors in views:
         assert activation(factors)["layers"]["q"] is base["layers"]["q"]  # no merged weight
