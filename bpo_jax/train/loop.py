@@ -45,7 +45,15 @@ from bpo_jax.train import pair_order
 from bpo_jax.train import state as st
 from bpo_jax.train.checkpoint import Checkpointer
 from bpo_jax.train.pairs import build_pairs, tied
-from bpo_jax.train.step import BATCH_KEYS, GAP_METRICS, PHASE_START_KEY, WEIGHT_KEY, behavior_logp_gap, make_train_step
+from bpo_jax.train.step import (
+    BATCH_KEYS,
+    GAP_METRICS,
+    LOGP_GAP_TOL_PER_TOKEN,
+    PHASE_START_KEY,
+    WEIGHT_KEY,
+    behavior_logp_gap,
+    make_train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +254,7 @@ def _loop(cfg: TrainConfig, run, out: _Outputs, state, pairs) -> st.TrainState:
             if i == 0:  # the gaps mean π_θ vs π_β only where π_β ← π_θ just happened
                 gaps = {k: float(metrics[k]) for k in GAP_METRICS[:2 if cfg.ensemble_size == 1 else 3]}
                 record.update({f"phase/{k}": v for k, v in {**phase_stats, **gaps}.items()})
+                _warn_gaps(cfg, run.model.config.dtype, phase, record)
             if not math.isfinite(record["loss"]):  # the loss is one global value: every host stops here
                 raise FloatingPointError(f"loss is {record['loss']} at step {step + 1}; stopping. The last good "
                                          f"checkpoint in {out.ckpt.directory} is untouched.")
@@ -290,6 +299,26 @@ def _warn_identical(cfg: TrainConfig, phase: int, stats: dict) -> None:
         log.warning(f"phase {phase + 1}: pi_beta sampled the same text twice for {same} of its {sampled} prompts, "
                     f"which give no pair ({then}); a model that copies its SFT references does this: start from "
                     f"a less converged SFT model or raise temperature")
+
+
+def _warn_gaps(cfg: TrainConfig, dtype, phase: int, record: dict) -> None:
+    """A warning when a phase start's gap checks exceed sampler rounding (``LOGP_GAP_TOL_PER_TOKEN`` of the compute
+    dtype × the longest response): the policy's forward against the sampler's log-probs (π_θ ≠ π_β) or π_β's own
+    forward against them (the sampler's log-probs are not the model's). Either way the DAP loss's reference is not
+    what BPO prescribes, and h is off by up to twice the gap."""
+    per_token = LOGP_GAP_TOL_PER_TOKEN.get(np.dtype(dtype).name)
+    if per_token is None:  # a dtype without a measured tolerance: the gaps are logged, not judged
+        return
+    tol = per_token * (cfg.max_new_tokens + 1)  # + 1: the EOS that response_eos=append adds
+    checks = {"phase/policy_behavior_logp_gap": "the policy's forward (pi_theta, just synced to pi_beta)",
+              "phase/behavior_logp_gap": "pi_beta's own forward"}
+    for key, who in checks.items():
+        if record.get(key, 0.0) > tol:
+            log.warning(f"phase {phase + 1}: {who} and the sampler's log-probs of the same responses differ by "
+                        f"{record[key]:.3g} nats (rounding stays below {tol:.2g} in {np.dtype(dtype).name}): pi_beta "
+                        f"in the loss is not the model that sampled, so its reference is off by up to that much. "
+                        f"{key} is in metrics.jsonl; a custom model or a sampling mesh that computes differently "
+                        f"can do this")
 
 
 def _start_phase(cfg: TrainConfig, run, state, phase: int, stop: Preemption):

@@ -2,6 +2,7 @@
 SIGTERM checkpoints, NaN halts, and clear config errors from the CLI."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -53,10 +54,12 @@ def _losses(run_dir):
 
 
 @pytest.mark.slow
-def test_two_phase_run_logs_log2_at_each_phase_start(tiny_dir, tmp_path):
+def test_two_phase_run_logs_log2_at_each_phase_start(tiny_dir, tmp_path, caplog):
     model, tok, prompts = _setup(tiny_dir)
     cfg = _cfg(tmp_path / "run", behavior_check_every=1)  # the sampler's re-score at every phase start too
-    state = loop.train(cfg, training_run(model, tok, prompts, _annotator(), eos_token_ids=(2,)))
+    with caplog.at_level(logging.WARNING, logger="bpo_jax"):
+        state = loop.train(cfg, training_run(model, tok, prompts, _annotator(), eos_token_ids=(2,)))
+    assert "log-probs of the same responses differ" not in caplog.text  # the gaps are rounding: no warning
     assert int(state.step) == 4 and int(state.phase) == 1
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
@@ -69,6 +72,30 @@ def test_two_phase_run_logs_log2_at_each_phase_start(tiny_dir, tmp_path):
     logged = {"kl_policy_behavior", "grad_norm", "learning_rate", "truncation_rate", "rewards/accuracies"}
     assert logged <= set(records[0])
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
+
+
+@pytest.mark.slow
+def test_a_behavior_that_is_not_the_policy_is_warned_at_each_phase_start(tiny_dir, tmp_path, monkeypatch, caplog):
+    """π_β sampling with other weights than the policy's (here its final norm scaled by 1.05, as a wrong merge or
+    a model that computes differently would): the phase-start gap exceeds rounding and the loop says so, naming
+    the check; π_β's own re-score agrees with its sampler, so that check stays quiet."""
+    model, tok, prompts = _setup(tiny_dir)
+    real = loop.st.behavior_params
+
+    def skewed(cfg, state, dtype=None):
+        params = real(cfg, state, dtype)
+        return {**params, "final_norm": params["final_norm"] * 1.05}
+
+    monkeypatch.setattr(loop.st, "behavior_params", skewed)
+    with caplog.at_level(logging.WARNING, logger="bpo_jax"):
+        loop.train(_cfg(tmp_path / "run", behavior_check_every=1),
+                   training_run(model, tok, prompts, _annotator(), eos_token_ids=(2,)))
+    warned = [r.getMessage() for r in caplog.records if "log-probs of the same responses differ" in r.getMessage()]
+    assert [w.split(":")[0] for w in warned] == ["phase 1", "phase 2"]
+    assert all("the policy's forward" in w and "phase/policy_behavior_logp_gap" in w for w in warned)
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        starts = [r for r in map(json.loads, f) if r.get("phase_start")]
+    assert all(r["phase/policy_behavior_logp_gap"] > 7e-5 > r["phase/behavior_logp_gap"] for r in starts)
 
 
 COMPILED = "/jax/core/compile/backend_compile_duration"
