@@ -112,18 +112,21 @@ def state_shardings(cfg, mc: ModelConfig, state, mesh):
     base_specs = shd.logical_to_specs(decoder.param_axes(mc), state.base, mesh)
     is_p = lambda x: isinstance(x, P)  # noqa: E731
     base = jax.tree.map(ns, base_specs, is_leaf=is_p)
-    if cfg.lora_rank:  # state.lora_specs, as state.lora_shardings places them
-        trainable = {}
+    if cfg.lora_rank:  # state.lora_specs, as state.lora_shardings places them; π_β merged: no ensemble axis
+        trainable, behavior = {}, {}
         for name in state.trainable:
             spec_a, spec_b = st.lora_specs(base_specs["layers"][name], cfg.lora_rank, mesh)
             trainable[name] = {"a": ns(spec_a), "b": ns(spec_b)}
+            merged_rank = state.behavior[name]["a"].shape[-1]
+            spec_a, spec_b = st.lora_specs(base_specs["layers"][name], merged_rank, mesh)
+            behavior[name] = {"a": ns(P(*spec_a[1:])), "b": ns(P(*spec_b[1:]))}
     else:  # x[None]: a leading ensemble axis, replicated
-        trainable = jax.tree.map(lambda s: ns(P(None, *s)), base_specs, is_leaf=is_p)
+        trainable = behavior = jax.tree.map(lambda s: ns(P(None, *s)), base_specs, is_leaf=is_p)
     opt = optax.tree_map_params(st.make_optimizer(cfg), lambda _, s: s, state.opt_state, trainable,
                                 transform_non_params=lambda _: ns(P()),
                                 is_leaf=lambda x: isinstance(x, NamedSharding))
     ref = {"ema": trainable, "mixup": trainable, "fixed": base}.get(cfg.reference)
-    return base, trainable, opt, ref
+    return base, trainable, behavior, opt, ref
 
 
 def working_set(mc: ModelConfig, rows: int, t: int, tensor: int) -> int:
@@ -152,7 +155,7 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
     """Per-device bytes of every component, the per-phase transients and the peak."""
     mesh = abstract_mesh(mesh_sizes)
     base, state = abstract_state(cfg, mc)
-    sh_base, sh_train, sh_opt, sh_ref = state_shardings(cfg, mc, state, mesh)
+    sh_base, sh_train, sh_beh, sh_opt, sh_ref = state_shardings(cfg, mc, state, mesh)
     n, tensor, s = cfg.ensemble_size, mesh_sizes["tensor"], shd.batch_shards(mesh)
     c = jnp.dtype(mc.dtype).itemsize
     dtype_of = lambda tree: str(jax.tree.leaves(tree)[0].dtype) if tree is not None else "-"  # noqa: E731
@@ -165,7 +168,7 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
     # moments float32 masters; base and a fixed reference in param_dtype).
     res = {"base": tree_bytes(state.base, sh_base)}
     for key, tree, shs in (("trainable", state.trainable, sh_train), ("opt_state", state.opt_state, sh_opt),
-                           ("behavior", state.behavior, sh_train), ("reference", state.reference, sh_ref)):
+                           ("behavior", state.behavior, sh_beh), ("reference", state.reference, sh_ref)):
         res[key] = tree_bytes(tree, shs) if tree is not None else 0
     if rm is not None:  # reward model: the decoder without lm_head, plus a replicated score vector [D]
         rm_base = jax.eval_shape(functools.partial(decoder.init_params, rm), jax.random.key(0))
@@ -178,13 +181,13 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
     layer_leaves = lambda: sum(  # noqa: E731
         tree_bytes(state.base["layers"][k], sh_base["layers"][k]) for k in state.base["layers"])
 
-    # Sampling (collect_pairs): π_β as the train step runs it (state.behavior_params; LoRA: the merged adapter
-    # attached in activation space, a float32 copy of the behavior factors, 1/N of it under peft_linear; full
-    # FT: the master x[0] cast to the compute dtype, norms float32), its unstack_layers copy, the KV cache of
-    # bprompts·2 rows and the prefill's prompt cache. (Keys keep the name behavior_merged.)
+    # Sampling (collect_pairs): π_β as the train step runs it (state.behavior_params; LoRA: state.behavior, the
+    # merged adapter kept as attach puts it, attached with no copy; full FT: the master x[0] cast to the compute
+    # dtype, norms float32), its unstack_layers copy, the KV cache of bprompts·2 rows and the prefill's prompt
+    # cache. (Keys keep the name behavior_merged.)
     if cfg.lora_rank:
-        merged = res["behavior"] // (n if cfg.ensemble_merge == "peft_linear" else 1)
-        unstacked = layer_leaves() + merged
+        merged = 0
+        unstacked = layer_leaves() + res["behavior"]
     else:
         cast = jax.eval_shape(lambda b: st.ensemble_params(cfg, None, b, mc.dtype), state.behavior)
         merged = tree_bytes(cast, sh_base)
@@ -192,7 +195,7 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
     # The sampling layout (sampler.for_sampling; sampling_layout, auto deciding as the run does from this HBM):
     # π_β's weights copied replicated over data x fsdp, split over tensor, before they sample; the unstacked copy
     # is made of that copy. With fsdp = 1 the two layouts are one.
-    beh = jax.eval_shape(lambda b, t: st.ensemble_params(cfg, b, t, mc.dtype), state.base, state.behavior)
+    beh = jax.eval_shape(lambda s: st.behavior_params(cfg, s, mc.dtype), state)
     beh_sh = sampler.sampling_shardings(mc, mesh, params=beh)
     copy = tree_bytes(beh, beh_sh)
     layout = "train" if mesh_sizes["fsdp"] == 1 else sampler.choose_layout(cfg.sampling_layout, copy, hbm_gib * GiB)

@@ -104,7 +104,8 @@ def test_mesh_parsing_and_chip_counts():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [("lora_rank=8", "ensemble_size=2"), ("lora_rank=0", "reference=ema")])
+@pytest.mark.parametrize("overrides", [("lora_rank=8", "ensemble_size=2"), ("lora_rank=0", "reference=ema"),
+                                       ("lora_rank=8", "ensemble_size=2", "ensemble_merge=peft_linear")])
 def test_shardings_match_real_placement(overrides):
     """The plan's shardings equal where create_state really puts the leaves (needs the 8 fake CPU devices)."""
     if jax.device_count() < 8:
@@ -117,14 +118,18 @@ def test_shardings_match_real_placement(overrides):
     real = st.create_state(cfg, base, jax.random.key(1))
     _, abstract = mp.abstract_state(cfg, TINY)
     planned = mp.state_shardings(cfg, TINY, abstract, mp.abstract_mesh(sizes))
-    for tree, shs in zip((real.base, real.trainable, real.opt_state, real.reference), planned):
+    for tree, shs in zip((real.base, real.trainable, real.behavior, real.opt_state, real.reference), planned,
+                         strict=True):
         if tree is None:
             continue
         shs = jax.tree.leaves(shs, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
         for x, s in zip(jax.tree.leaves(tree), shs, strict=True):
             assert x.sharding.shard_shape(x.shape) == s.shard_shape(x.shape)
     want = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(real.trainable))
-    assert mp.plan(cfg, TINY, sizes, 16)["resident"]["trainable"] == want
+    resident = mp.plan(cfg, TINY, sizes, 16)["resident"]
+    assert resident["trainable"] == want
+    assert resident["behavior"] == sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                                       for x in jax.tree.leaves(real.behavior))
     np.testing.assert_equal(len(jax.tree.leaves(real.opt_state)), len(jax.tree.leaves(abstract.opt_state)))
 
 
@@ -156,9 +161,10 @@ def test_lora_train_step_is_activation_space(remat, share):
     """No merged target weights (nor their cotangent) in the step; x A per target per layer instead. Rows:
     one [prompt | chosen | rejected] row per pair with share_prompt, else two [prompt | response] rows."""
     n, r, targets = 2, 4, ("q", "v", "down")
-    cfg = _cfg(f"lora_rank={r}", f"ensemble_size={n}", "lora_targets=" + ",".join(targets), "batch_size=4",
-               "max_prompt_length=24", "max_new_tokens=8", f"remat={str(remat).lower()}",
-               f"share_prompt={str(share).lower()}")
+    args = (f"lora_rank={r}", f"ensemble_size={n}", "lora_targets=" + ",".join(targets), "batch_size=4",
+            "max_prompt_length=24", "max_new_tokens=8", f"remat={str(remat).lower()}",
+            f"share_prompt={str(share).lower()}")
+    cfg = _cfg(*args)
     mc = TINY.replace(remat=remat)
     res = mp.plan(cfg, mc, _mesh(), 16)
     rows, t = (4, 24 + 2 * 8) if share else (2 * 4, 24 + 8)
@@ -170,10 +176,13 @@ def test_lora_train_step_is_activation_space(remat, share):
     assert res["train"]["member_factors"] == trainable // n
     assert res["train"]["grads_and_update"] == 3 * trainable // n
     assert res["train"]["logits"] == 2 * 2 * 4 * 8 * TINY.vocab_size * 4  # 2 x 8 response rows x 8 positions, f32
-    # sampling attaches the merged adapter (a float32 copy of the factors), unstacked with the layers
+    # π_β is kept merged (mean_delta: rank N·r, the members' bytes; peft_linear: rank r, 1/N of them) and attached
+    # as it is (no copy) to sample; the unstacked copy holds it with the layers
     base = jax.eval_shape(functools.partial(decoder.init_params, TINY), jax.random.key(0))
-    assert res["sampling"]["behavior_merged"] == res["resident"]["behavior"]
+    assert res["resident"]["behavior"] == trainable and res["sampling"]["behavior_merged"] == 0
     assert res["sampling"]["behavior_unstacked"] == _base_bytes(base["layers"]) + res["resident"]["behavior"]
+    linear = mp.plan(_cfg(*args, "ensemble_merge=peft_linear"), mc, _mesh(), 16)
+    assert linear["resident"]["behavior"] == trainable // n
 
 
 def test_full_ft_masters_and_casts():

@@ -81,7 +81,8 @@ def attach(base: dict, lora_i: dict, scale: float) -> dict:
     to ``x W``. Gradients reach the factors through it."""
     layers = dict(base["layers"])
     for name, f in lora_i.items():
-        layers[f"{name}_lora"] = {"a": f["a"], "b": scale * f["b"]}
+        b = f["b"] if isinstance(scale, (int, float)) and scale == 1 else scale * f["b"]  # 1: no copy
+        layers[f"{name}_lora"] = {"a": f["a"], "b": b}
     return {**base, "layers": layers}
 
 
@@ -119,11 +120,18 @@ def merged_adapter(lora: dict, scale: float, rule: str = "mean_delta") -> tuple[
     raise ValueError(f"ensemble_merge={rule!r}; valid: {', '.join(MERGE_RULES)}")
 
 
-def attach_merged(base: dict, lora: dict, scale: float, rule: str = "mean_delta") -> dict:
-    """The merged ensemble (``merged_adapter``) attached in activation space: π_β, the ema/mixup reference and
-    the evaluated model, with no weight-sized copy and no rounding of the delta into W."""
+def merged_attachment(lora: dict, scale: float, rule: str = "mean_delta") -> dict:
+    """The merged ensemble (``merged_adapter``) as ``attach`` puts it next to each target, its scale folded into
+    ``b``: ``{target: {"a": [L, in, R], "b": s·B [L, R, out]}}``, to attach with scale 1. The train state keeps π_β
+    in this form (``state.behavior``): 1/N of the members' factors under ``peft_linear``."""
     factors, s = merged_adapter(lora, scale, rule)
-    return attach(base, factors, s)
+    return {name: {"a": f["a"], "b": f["b"] if s == 1 else s * f["b"]} for name, f in factors.items()}
+
+
+def attach_merged(base: dict, lora: dict, scale: float, rule: str = "mean_delta") -> dict:
+    """The merged ensemble attached in activation space (``merged_attachment``): the ema/mixup reference and the
+    evaluated model, with no weight-sized copy and no rounding of the delta into W."""
+    return attach(base, merged_attachment(lora, scale, rule), 1.0)
 
 
 def attached_axes(layer_axes: dict, layers: dict) -> dict:

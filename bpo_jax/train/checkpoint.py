@@ -154,7 +154,10 @@ class Checkpointer:
                                          f"base weights than the model loaded now; load the run's original "
                                          f"model")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template.replace(base=None))
-        _check_shapes(step, self._manager.item_metadata(step)["state"], target)
+        saved = self._manager.item_metadata(step)["state"]
+        if _behavior_saved_as_members(saved, target):  # restored as written; state.merge_legacy_behavior merges it
+            target = target.replace(behavior=target.trainable)
+        _check_shapes(step, saved, target)
         return meta, target
 
     def restore_latest(self, template, *, mesh=None):
@@ -327,6 +330,20 @@ def _local_domains(sharding, shape) -> list[tuple[slice, ...]]:
 def _read(store, index) -> np.ndarray:
     """One read of ``store[index]`` into host memory (the unit the readability check costs)."""
     return store[index].read().result()
+
+
+def _behavior_saved_as_members(saved, target) -> bool:
+    """Whether checkpoint ``saved`` (orbax's metadata tree of the state) holds π_β as the members' factors, shaped
+    like the trainable leaves, where this run keeps it merged (``state.behavior_of``): a LoRA checkpoint written
+    before π_β was kept merged."""
+    def shapes(tree, drop=0):
+        return {_key_names(p)[drop:]: tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    try:
+        members = shapes(saved["behavior"])  # orbax's tree metadata: a mapping by the state's field names
+    except (KeyError, TypeError):
+        return False
+    return target.behavior is not None and members == shapes(target.trainable) != shapes(target.behavior)
 
 
 def _check_shapes(step: int, saved, target) -> None:

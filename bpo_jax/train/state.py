@@ -5,7 +5,12 @@ Leaves:
                     once and shared by the policy, the behavior LLM and the SFT reference.
   * ``trainable`` — what the optimizer updates, with a leading ensemble axis N: LoRA factors of N adapters, or
                     (full fine-tuning, N = 1) a full copy of the weights.
-  * ``behavior``  — a snapshot of ``trainable`` taken at each phase boundary: π_β = view(base, behavior).
+  * ``behavior``  — π_β, taken from ``trainable`` at each phase boundary (``behavior_of``). LoRA: the ensemble
+                    merged by ``ensemble_merge`` into one adapter, its scale folded in
+                    (``lora.merged_attachment``: rank r under ``peft_linear``, 1/N of the members' factors;
+                    rank N·r under ``mean_delta``), so π_β = ``lora.attach(base, behavior, 1)`` is what the
+                    train step's merged ensemble was at that boundary, with nothing to merge when it samples.
+                    Full fine-tuning: a copy of ``trainable``.
   * ``reference`` — only for ``ema``/``mixup`` (shaped like ``trainable``), ``fixed`` (full weights), and ``sft``
                     when the ensemble starts from adapter folders (their starting factors: the SFT model is
                     then the base plus their merge, as in the paper's official code).
@@ -87,9 +92,61 @@ def merged_params(cfg: TrainConfig, base: Params, trainable: Params) -> Params:
 
 
 def behavior_params(cfg: TrainConfig, state: TrainState, compute_dtype=None) -> Params:
-    """π_β: the model that samples in the current phase, as the train step would run it
-    (``ensemble_params``), so at a phase start π_β = π_θ exactly under every dtype."""
+    """π_β: the model that samples in the current phase, as the train step would run it at the phase start
+    (``ensemble_params``, from ``behavior_of``'s form), so there π_β = π_θ exactly under every dtype."""
+    if cfg.lora_rank:
+        return lora.attach(state.base, state.behavior, 1.0)
     return ensemble_params(cfg, state.base, state.behavior, compute_dtype)
+
+
+def behavior_of(cfg: TrainConfig | Lora, trainable: Params) -> Params:
+    """``state.behavior`` for π_β ← π_θ: LoRA: ``lora.merged_attachment`` of the members (the factors
+    ``attach_merged`` would put next to each target); full fine-tuning: the trainable leaves themselves."""
+    if cfg.lora_rank:
+        return lora.merged_attachment(trainable, cfg.lora_scale, cfg.ensemble_merge)
+    return trainable
+
+
+def behavior_shardings(cfg: TrainConfig | Lora, trainable: Params, base: Params):
+    """The shardings ``behavior_of(cfg, trainable)`` takes on the base's mesh: LoRA: ``lora_specs`` of the merged
+    rank (its factors have no ensemble axis); full FT: the trainable leaves'. None when the base is not on a
+    mesh."""
+    if not isinstance(getattr(jax.tree.leaves(base)[0], "sharding", None), jax.sharding.NamedSharding):
+        return None
+    if not cfg.lora_rank:
+        return jax.tree.map(lambda x: x.sharding, trainable)
+    merged = jax.eval_shape(functools.partial(behavior_of, cfg), trainable)
+    stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), merged)  # lora_specs' layout
+    return jax.tree.map(lambda sh: jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*sh.spec[1:])),
+                        lora_shardings(stacked, base))
+
+
+def take_behavior(cfg: TrainConfig | Lora, trainable: Params, base: Params) -> Params:
+    """``behavior_of(cfg, trainable)`` computed by one program whose outputs are ``behavior_shardings``: new
+    buffers (the train step donates the state), born sharded."""
+    leaves, treedef = jax.tree.flatten(behavior_shardings(cfg, trainable, base))
+    merge = (cfg.lora_scale, cfg.ensemble_merge) if cfg.lora_rank else None
+    return _behavior_program(merge, treedef, tuple(leaves))(trainable)
+
+
+def merge_legacy_behavior(cfg: TrainConfig, state: TrainState) -> TrainState:
+    """A restored state whose ``behavior`` holds the members' factors (a LoRA checkpoint written before π_β was
+    kept merged, which ``Checkpointer`` restores as written) with π_β in ``behavior_of``'s form, merged as it
+    would have been sampled; any other state as it is."""
+    if not cfg.lora_rank or state.behavior is None:
+        return state
+    if jax.tree.map(jnp.shape, state.behavior) != jax.tree.map(jnp.shape, state.trainable):
+        return state
+    return state.replace(behavior=take_behavior(cfg, state.behavior, state.base))
+
+
+@functools.lru_cache(maxsize=16)
+def _behavior_program(merge, treedef, leaves):
+    """One jitted program per (merge rule, output shardings): F = T takes π_β at every step, compiled once."""
+    out = jax.tree.unflatten(treedef, leaves)
+    if merge is None:
+        return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=out)
+    return jax.jit(lambda t: lora.merged_attachment(t, *merge), out_shardings=out)
 
 
 def policy_params(cfg: TrainConfig, state: TrainState, compute_dtype=None) -> Params:
@@ -148,7 +205,7 @@ def create_state(cfg: TrainConfig, base: Params, key: jax.Array, *, reference: P
                                                                        jax.sharding.PartitionSpec()))
     step, phase, rng = counters
     return TrainState(step=step, phase=phase, rng=rng, base=base, trainable=_copy(trainable),
-                      behavior=_copy(trainable), reference=reference, opt_state=opt_state)
+                      behavior=take_behavior(cfg, trainable, base), reference=reference, opt_state=opt_state)
 
 
 def init_trainable(cfg: TrainConfig, base: Params, key: jax.Array, lora_init: Params | None = None) -> Params:
@@ -224,15 +281,14 @@ def place_like_base(lora_tree, base):
     return lora_tree if shardings is None else jax.device_put(lora_tree, shardings)
 
 
-def sync_behavior(state: TrainState) -> TrainState:
-    """π_β ← π_θ at a phase boundary (one compiled copy, the first time)."""
-    behavior, phase = _sync(state.trainable, state.phase)
-    return state.replace(behavior=behavior, phase=phase)
+def sync_behavior(cfg: TrainConfig, state: TrainState) -> TrainState:
+    """π_β ← π_θ at a phase boundary (``take_behavior``: one compiled program, the first time)."""
+    return state.replace(behavior=take_behavior(cfg, state.trainable, state.base), phase=_next(state.phase))
 
 
 @jax.jit
-def _sync(trainable, phase):
-    return jax.tree.map(jnp.copy, trainable), phase + 1  # new buffers: the train step donates the state
+def _next(phase):
+    return phase + 1
 
 
 def committed(state: TrainState) -> TrainState:

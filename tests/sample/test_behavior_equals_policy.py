@@ -65,7 +65,7 @@ def _stepped_state(mcfg):
     cfg, base = _cfg(), _base()
     state = st.create_state(cfg, base, jax.random.key(1))
     state, _ = make_train_step(cfg, mcfg, st.shardings(state), prompt_len=P)(state, _random_batch())
-    return cfg, st.sync_behavior(state)
+    return cfg, st.sync_behavior(cfg, state)
 
 
 @pytest.mark.slow
@@ -119,7 +119,7 @@ def test_full_ft_samples_with_the_masters_as_the_step_runs_them(dtype):
     cfg = dataclasses.replace(_cfg(), lora_rank=0)
     state = st.create_state(cfg, _base(), jax.random.key(1))
     state, _ = make_train_step(cfg, mcfg, st.shardings(state), prompt_len=P)(state, _random_batch())
-    state = st.sync_behavior(state)
+    state = st.sync_behavior(cfg, state)
     behavior = st.behavior_params(cfg, state, mcfg.dtype)
     assert behavior["layers"]["attn_norm"].dtype == jnp.float32 and behavior["final_norm"].dtype == jnp.float32
     assert behavior["layers"]["q"].dtype == jnp.dtype(dtype)

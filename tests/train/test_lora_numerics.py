@@ -29,11 +29,11 @@ def _cfg(**kw):
                                  reference="sft"), **kw})
 
 
-def _random_b(state, key, scale=0.02):
-    """The state with every adapter's B random (B = 0 at init gives A no gradient)."""
+def _random_b(cfg, state, key, scale=0.02):
+    """The state with every adapter's B random (B = 0 at init gives A no gradient), π_β taken from it."""
     b = {name: {**f, "b": scale * jax.random.normal(jax.random.fold_in(key, i), f["b"].shape)}
          for i, (name, f) in enumerate(state.trainable.items())}
-    return state.replace(trainable=b, behavior=jax.tree.map(jnp.copy, b))
+    return state.replace(trainable=b, behavior=st.take_behavior(cfg, b, state.base))
 
 
 def _one_step(cfg, mcfg, state):
@@ -57,7 +57,7 @@ def test_bf16_base_keeps_float32_masters_and_every_update(lora_rank):
             base = jax.tree.map(lambda x: x.astype(jnp.float32), base)
         state = st.create_state(cfg, base, jax.random.key(1))
         if lora_rank:
-            state = _random_b(state, jax.random.key(2))
+            state = _random_b(cfg, state, jax.random.key(2))
         floats = jax.tree.leaves((state.trainable, state.behavior, state.opt_state))
         assert {x.dtype for x in floats if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype(jnp.float32)}
         before, new_state = _one_step(cfg, MCFG.replace(param_dtype="bfloat16"), state)  # float32 compute
@@ -77,7 +77,7 @@ def test_bf16_base_keeps_float32_masters_and_every_update(lora_rank):
 def test_bf16_compute_step_moves_every_lora_a_entry():
     """bfloat16 base and compute, lr 5e-5: every A entry (|A| ≈ 0.2, its update ≈ 5e-5) changes."""
     cfg = _cfg(lora_rank=4)
-    state = _random_b(st.create_state(cfg, init_params(BF16, jax.random.key(0)), jax.random.key(1)),
+    state = _random_b(cfg, st.create_state(cfg, init_params(BF16, jax.random.key(0)), jax.random.key(1)),
                       jax.random.key(2))
     before, new_state = _one_step(cfg, BF16, state)
     for name, f in new_state.trainable.items():
@@ -167,7 +167,7 @@ def test_bf16_run_of_the_paper_config_trains_as_float32_does():
         assert cfg.adam_eps == 1e-6 and cfg.ensemble_size == 2
         base = init_params(BF16, jax.random.key(0))  # the same bfloat16-representable weights in both runs
         base = jax.tree.map(lambda x: x.astype(mcfg.param_dtype), base)
-        state = _random_b(st.create_state(cfg, base, jax.random.key(1)), jax.random.key(2))
+        state = _random_b(cfg, st.create_state(cfg, base, jax.random.key(1)), jax.random.key(2))
         before = jax.tree.map(np.asarray, state.trainable)
         fn = make_train_step(cfg, mcfg, st.shardings(state), prompt_len=P)
         losses = []

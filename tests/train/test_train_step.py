@@ -62,7 +62,7 @@ def test_behavior_reference_gives_log2_at_every_phase_start_and_sft_does_not():
         assert float(m["kl_policy_behavior"]) < 1e-6
         state, m = _step(cfg, state, _batch(st.behavior_params(cfg, state), seed=1))
         assert abs(float(m["loss"]) - LOG2) > 1e-4  # the policy moved within the phase
-        state = st.sync_behavior(state)  # phase 2: π_β ← π_θ, and it samples the new pairs
+        state = st.sync_behavior(cfg, state)  # phase 2: π_β ← π_θ, and it samples the new pairs
         batch = _batch(st.behavior_params(cfg, state), seed=2)
         state, m = _step(cfg, state, batch)
         if reference == "behavior":
@@ -212,6 +212,62 @@ def test_lora_factors_and_moments_are_born_sharded():
         st.init_trainable(cfg, base, key, {**folders, "q": {**folders["q"], "a": folders["q"]["a"][:1]}})
 
 
+@pytest.mark.parametrize("merge,rank", [("peft_linear", 4), ("mean_delta", 3 * 4)])
+def test_behavior_is_kept_merged_born_sharded_and_sampled_as_the_step_merges(merge, rank):
+    """``state.behavior`` is π_β's one merged adapter (``lora.merged_attachment``), not the N members: rank r
+    under peft_linear (1/N of the bytes), N·r under mean_delta; made and re-taken at a phase boundary with
+    device-to-device transfers refused, no factor replicated; sampled as the train step's merged ensemble
+    (``attach_merged`` of the members, as the step scores π_θ at a phase start) to float32 rounding, and
+    exactly under mean_delta (a concatenation and the same scaling)."""
+    cfg = _cfg(lora_rank=4, ensemble_size=3, ensemble_merge=merge)
+    mesh = shd.make_mesh(data=1, fsdp=4, tensor=2)
+    base = shd.shard(_base(), shd.logical_to_sharding(param_axes(MCFG), _base(), mesh))
+    folders = jax.tree.map(lambda x: np.asarray(x) + 0.5, lora.init_lora(  # B != 0: the members differ
+        jax.random.key(3), _base()["layers"], targets=cfg.lora_targets, rank=4, num_adapters=3))
+    state = st.create_state(cfg, base, jax.random.key(5), lora_init=folders)
+    with jax.transfer_guard_device_to_device("disallow_explicit"):
+        assert st.take_behavior(cfg, state.trainable, state.base)["q"]["a"].addressable_shards[0].data.size < \
+            state.behavior["q"]["a"].size
+        state = st.sync_behavior(cfg, state)
+    for t in cfg.lora_targets:
+        a, b = state.behavior[t]["a"], state.behavior[t]["b"]
+        assert (a.shape[-1], b.shape[-2], a.ndim) == (rank, rank, 3)  # no ensemble axis
+        assert a.addressable_shards[0].data.size < a.size and b.addressable_shards[0].data.size < b.size
+    pi_beta = st.behavior_params(cfg, state)
+    step_view = lora.attach_merged(state.base, state.trainable, cfg.lora_scale, merge)
+    for t in cfg.lora_targets:
+        for k in ("a", "b"):
+            got, want = np.asarray(pi_beta["layers"][f"{t}_lora"][k]), np.asarray(step_view["layers"][f"{t}_lora"][k])
+            if merge == "mean_delta":
+                np.testing.assert_array_equal(got, want)
+            else:
+                np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert pi_beta["layers"]["q"] is state.base["layers"]["q"]  # attached: no merged weight
+
+
+def test_a_checkpoint_with_the_members_as_behavior_resumes_merged(tmp_path):
+    """A LoRA checkpoint written when ``behavior`` held the N members' factors (before π_β was kept merged) is
+    restored as written and merged on resume (``merge_legacy_behavior``): the π_β it had, now in the kept form."""
+    from bpo_jax.train.checkpoint import Checkpointer
+
+    cfg = _cfg(lora_rank=4, ensemble_size=2, ensemble_merge="peft_linear")
+    fresh = lambda: st.committed(st.create_state(cfg, _base(), jax.random.key(1)))  # noqa: E731
+    old = fresh()
+    members = jax.tree.map(lambda x: x + 0.25, old.trainable)  # π_β's members at the last sync
+    ckpt = Checkpointer(str(tmp_path), keep=2)
+    ckpt.save(3, old.replace(behavior=members), None, {})
+    restored, _, _ = ckpt.restore(3, fresh())
+    assert jax.tree.map(jnp.shape, restored.behavior) == jax.tree.map(jnp.shape, old.trainable)
+    merged = st.merge_legacy_behavior(cfg, restored)
+    want = lora.merged_attachment(members, cfg.lora_scale, "peft_linear")
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6), merged.behavior,
+                 want)
+    assert st.merge_legacy_behavior(cfg, merged) is merged  # already merged: as it is
+    ckpt.save(4, merged, None, {})
+    assert jax.tree.map(jnp.shape, ckpt.restore(4, fresh())[0].behavior) == jax.tree.map(jnp.shape, want)
+    ckpt.close()
+
+
 @pytest.mark.slow
 def test_checkpoint_restores_onto_a_different_mesh_with_the_same_devices(tmp_path):
     """A state and a phase's pairs saved on a data=8 mesh come back exactly on a data=2 x fsdp=2 x tensor=2 mesh,
@@ -284,7 +340,7 @@ def test_the_steps_gap_metrics_equal_a_separate_rescore(members, micro):
     cfg = _cfg(lora_rank=2, ensemble_size=members, micro_batches=micro, reference="sft")
     state = st.create_state(cfg, _base(), jax.random.key(1))
     trainable = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), state.trainable)
-    state = state.replace(trainable=trainable, behavior=jax.tree.map(jnp.copy, trainable))
+    state = state.replace(trainable=trainable, behavior=st.take_behavior(cfg, trainable, state.base))
     batch = {k: jnp.asarray(v) for k, v in _batch(st.behavior_params(cfg, state)).items() if k in BATCH_KEYS}
 
     def gaps(params):
