@@ -192,13 +192,15 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
         cast = jax.eval_shape(lambda b: st.ensemble_params(cfg, None, b, mc.dtype), state.behavior)
         merged = tree_bytes(cast, sh_base)
         unstacked = tree_bytes(cast["layers"], sh_base["layers"])
-    # The sampling layout (sampler.for_sampling; sampling_layout, auto deciding as the run does from this HBM):
+    # The sampling layout (sampler.for_sampling; sampling_layout, auto deciding as the run does from the HBM the
+    # resident state leaves free):
     # π_β's weights copied replicated over data x fsdp, split over tensor, before they sample; the unstacked copy
     # is made of that copy. With fsdp = 1 the two layouts are one.
     beh = jax.eval_shape(lambda s: st.behavior_params(cfg, s, mc.dtype), state)
     beh_sh = sampler.sampling_shardings(mc, mesh, params=beh)
     copy = tree_bytes(beh, beh_sh)
-    layout = "train" if mesh_sizes["fsdp"] == 1 else sampler.choose_layout(cfg.sampling_layout, copy, hbm_gib * GiB)
+    free = hbm_gib * GiB - sum(res.values())  # what the run's state leaves free when a phase starts
+    layout = "train" if mesh_sizes["fsdp"] == 1 else sampler.choose_layout(cfg.sampling_layout, copy, free)
     held = {}  # what stays alive from the sampling call through the annotation
     if layout == "replicated":  # the copy; while unstacking, its layers twice (the copy's own are freed after)
         held, unstacked = {"sampling_copy": copy}, tree_bytes(beh["layers"], beh_sh["layers"])

@@ -163,7 +163,8 @@ class Sampling(_Group):
     sampling_layout: str = setting("auto", "where pi_beta's weights sit while it samples (collection and greedy "
                                    "evaluation): replicated (over data/fsdp, split over tensor: no collectives per "
                                    "token; moved once per phase) | train (the training layout) | auto (replicated "
-                                   "when that copy fits half a device's memory)", resumable=True)
+                                   "when that copy, twice while it is unstacked, fits 80% of the memory the state "
+                                   "leaves free)", resumable=True)
     behavior_check_every: int = setting(8, "re-score a phase's first batch with pi_beta's own params to check the "
                                         "sampler's log-probs (phase/behavior_logp_gap: one forward) at phase 1 and "
                                         "then every this many phases (0 = phase 1 only); the pi_theta-vs-pi_beta "

@@ -51,7 +51,9 @@ def sampling_shardings(config, mesh, rules=SAMPLING_RULES, params=None):
 
 
 SAMPLING_LAYOUTS = ("auto", "train", "replicated")
-SAMPLING_MEMORY_FRACTION = 0.5  # auto: the sampling copy may take up to this share of a device's memory
+# auto: the sampling copy and, while it is unstacked, its layers again may take up to this share of the device
+# memory still free when a phase starts (the rest: the KV cache, the prefill, the annotator's forward)
+SAMPLING_MEMORY_FRACTION = 0.8
 
 
 def device_memory_bytes() -> int:
@@ -63,6 +65,15 @@ def device_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
 
 
+def free_device_memory_bytes() -> int:
+    """This host's free per-device memory now: the first local device's ``bytes_limit − bytes_in_use`` (TPU,
+    GPU); where a device reports none (CPU), ``device_memory_bytes``."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats and "bytes_in_use" in stats:
+        return int(stats["bytes_limit"]) - int(stats["bytes_in_use"])
+    return device_memory_bytes()
+
+
 def bytes_per_device(params, shardings) -> int:
     """The bytes one device holds of ``params`` placed by ``shardings`` (its largest shard of each leaf)."""
     def one(x, s):
@@ -71,14 +82,15 @@ def bytes_per_device(params, shardings) -> int:
     return sum(jax.tree.leaves(jax.tree.map(one, params, shardings)))
 
 
-def choose_layout(layout: str, need: int, device_bytes: int) -> str:
+def choose_layout(layout: str, need: int, free_bytes: int) -> str:
     """``train`` or ``replicated``: ``layout`` itself unless ``auto``, which takes the sampling layout when its
-    ``need`` bytes per device fit ``SAMPLING_MEMORY_FRACTION`` of ``device_bytes``."""
+    copy (``need`` bytes per device) and, while the sampler unstacks it, its layers again, 2 × ``need``, fit
+    ``SAMPLING_MEMORY_FRACTION`` of the ``free_bytes`` a device has beside the run's state."""
     if layout not in SAMPLING_LAYOUTS:
         raise ValueError(f"sampling_layout={layout!r}; valid: {', '.join(SAMPLING_LAYOUTS)}")
     if layout != "auto":
         return layout
-    return "replicated" if need <= SAMPLING_MEMORY_FRACTION * device_bytes else "train"
+    return "replicated" if 2 * need <= SAMPLING_MEMORY_FRACTION * free_bytes else "train"
 
 
 def for_sampling(config, params, mesh, layout: str = "auto"):
@@ -87,18 +99,19 @@ def for_sampling(config, params, mesh, layout: str = "auto"):
     the decode loop runs without collectives, or as they are (the training layout, where XLA moves sharded
     activations at every layer of every token; also params already unstacked, or no mesh). ``layout``:
     ``SAMPLING_LAYOUTS``; ``auto`` decides with ``choose_layout`` from the sampling copy's bytes per device and
-    the smallest ``device_memory_bytes`` over the hosts (a collective: every host calls it and takes the same
-    decision), and logs one line when it keeps the training layout."""
+    the smallest ``free_device_memory_bytes`` over the hosts (a collective: every host calls it and takes the
+    same decision), and logs one line when it keeps the training layout."""
     if layout not in SAMPLING_LAYOUTS:
         raise ValueError(f"sampling_layout={layout!r}; valid: {', '.join(SAMPLING_LAYOUTS)}")
     if mesh is None or layout == "train" or isinstance(params["layers"], (tuple, list)):  # unstacked: as they are
         return params
     shardings = sampling_shardings(config, mesh, params=params)
     if layout == "auto":
-        need, have = bytes_per_device(params, shardings), distributed.min_over_hosts(device_memory_bytes())
-        if choose_layout(layout, need, have) == "train":
-            log.info(f"sampling in the training layout: the sampling layout needs {need / 2**30:.2f} GiB per device, "
-                     f"over {SAMPLING_MEMORY_FRACTION:.0%} of {have / 2**30:.1f} GiB (sampling_layout=auto)")
+        need, free = bytes_per_device(params, shardings), distributed.min_over_hosts(free_device_memory_bytes())
+        if choose_layout(layout, need, free) == "train":
+            log.info(f"sampling in the training layout: the sampling layout's copy, {need / 2**30:.2f} GiB per "
+                     f"device, twice while it is unstacked, is over {SAMPLING_MEMORY_FRACTION:.0%} of the "
+                     f"{free / 2**30:.1f} GiB free (sampling_layout=auto)")
             return params
     return shd.shard(params, shardings)
 

@@ -5,6 +5,7 @@ training layout, and ``auto`` keeps the training layout when the copy would not 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import types
 
@@ -119,17 +120,35 @@ def test_auto_keeps_the_training_layout_when_the_copy_does_not_fit(monkeypatch, 
     params = shd.shard(params, shd.logical_to_sharding(param_axes(config), params, mesh))
     need = sampler.bytes_per_device(params, sampler.sampling_shardings(config, mesh))
     assert need == sum(x.nbytes for x in jax.tree.leaves(params))  # tensor=1: a whole copy on every device
-    assert sampler.choose_layout("auto", need, int(need / sampler.SAMPLING_MEMORY_FRACTION)) == "replicated"
-    assert sampler.choose_layout("auto", need, int(need / sampler.SAMPLING_MEMORY_FRACTION) - 1) == "train"
+    # The copy and, while it is unstacked, its layers again must fit the share of the free memory.
+    enough = math.ceil(2 * need / sampler.SAMPLING_MEMORY_FRACTION)
+    assert sampler.choose_layout("auto", need, enough) == "replicated"
+    assert sampler.choose_layout("auto", need, enough - 2) == "train"
     assert sampler.choose_layout("replicated", need, 1) == "replicated"
     spec = lambda tree: tree["layers"]["q"].sharding.spec  # noqa: E731
-    monkeypatch.setattr(sampler, "device_memory_bytes", lambda: need)  # the copy would take all of it
+    monkeypatch.setattr(sampler, "free_device_memory_bytes", lambda: 2 * need)  # the copy alone would fit
     with caplog.at_level(logging.INFO, logger="bpo_jax.sample.sampler"):
         kept = sampler.for_sampling(config, params, mesh, "auto")
     assert spec(kept) == spec(params) and "sampling in the training layout" in caplog.text
-    monkeypatch.setattr(sampler, "device_memory_bytes", lambda: 4 * need)
+    monkeypatch.setattr(sampler, "free_device_memory_bytes", lambda: 4 * need)
     moved = sampler.for_sampling(config, params, mesh, "auto")
     assert "fsdp" not in spec(moved) and jax.tree.all(jax.tree.map(
         lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), moved, params))
     with pytest.raises(ValueError, match="sampling_layout='fsdp'; valid: auto, train, replicated"):
         sampler.for_sampling(config, params, mesh, "fsdp")
+
+
+def test_free_device_memory_is_the_limit_less_what_is_in_use(monkeypatch):
+    """TPU and GPU devices report ``bytes_limit`` and ``bytes_in_use``: auto decides from their difference, what
+    the run's state leaves free; a device that reports neither (CPU) gives the host's share."""
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device({"bytes_limit": 16 << 30, "bytes_in_use": 5 << 30})])
+    assert sampler.free_device_memory_bytes() == 11 << 30 and sampler.device_memory_bytes() == 16 << 30
+    monkeypatch.setattr(jax, "local_devices", lambda: [Device(None)])
+    assert sampler.free_device_memory_bytes() == sampler.device_memory_bytes() > 0
