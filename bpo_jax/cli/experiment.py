@@ -94,6 +94,11 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _diff_ci(diff: float, low: float, high: float) -> str:
+    """A difference of rates and its CI in points, as two table cells."""
+    return f"{100 * diff:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}]"
+
+
 def write_results(exp, results, pairs, unfinished) -> None:
     """``results.csv``, ``paired.csv`` and ``results.md`` in ``exp.out_dir``."""
     _write_results_csv(exp, results)
@@ -158,9 +163,8 @@ def _paired_lines(pairs) -> list:
              "|---|---|---|---|---|---|---|---|"]
     for p in pairs:
         d = p.vs_references
-        lines.append(f"| {p.loss_type} | {p.method_a} | {p.method_b} | {100 * d.diff:+.1f} | "
-                     f"[{100 * d.ci_low:+.1f}, {100 * d.ci_high:+.1f}] | {d.p_value:.3f} | "
-                     f"{d.n_prompts} × {d.n_seeds} | {_pct(d.discordance)}% |")
+        lines.append(f"| {p.loss_type} | {p.method_a} | {p.method_b} | {_diff_ci(d.diff, d.ci_low, d.ci_high)} | "
+                     f"{d.p_value:.3f} | {d.n_prompts} × {d.n_seeds} | {_pct(d.discordance)}% |")
     return lines
 
 
@@ -173,8 +177,7 @@ def _head_to_head_lines(pairs) -> list:
     for p in pairs:
         h = p.head_to_head
         lines.append(f"| {p.loss_type} | {p.method_a} | {p.method_b} | {_pct(h['a_wins'])} | {_pct(h['b_wins'])} | "
-                     f"{_pct(h['ties'])} | {100 * h['diff']:+.1f} | [{100 * h['ci_low']:+.1f}, "
-                     f"{100 * h['ci_high']:+.1f}] | {h['p_value']:.3f} |")
+                     f"{_pct(h['ties'])} | {_diff_ci(h['diff'], h['ci_low'], h['ci_high'])} | {h['p_value']:.3f} |")
     return lines
 
 
