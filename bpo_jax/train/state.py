@@ -92,8 +92,9 @@ def merged_params(cfg: TrainConfig, base: Params, trainable: Params) -> Params:
 
 
 def behavior_params(cfg: TrainConfig, state: TrainState, compute_dtype=None) -> Params:
-    """π_β: the model that samples in the current phase, as the train step would run it at the phase start
-    (``ensemble_params``, from ``behavior_of``'s form), so there π_β = π_θ exactly under every dtype."""
+    """π_β: the model that samples in the current phase, as the train step runs the merged ensemble
+    (``ensemble_params``) at the phase start, so there π_β = π_θ exactly under every dtype. LoRA: the kept
+    merged adapter attached as it is (``behavior_of``)."""
     if cfg.lora_rank:
         return lora.attach(state.base, state.behavior, 1.0)
     return ensemble_params(cfg, state.base, state.behavior, compute_dtype)
@@ -101,10 +102,11 @@ def behavior_params(cfg: TrainConfig, state: TrainState, compute_dtype=None) -> 
 
 def behavior_of(cfg: TrainConfig | Lora, trainable: Params) -> Params:
     """``state.behavior`` for π_β ← π_θ: LoRA: ``lora.merged_attachment`` of the members (the factors
-    ``attach_merged`` would put next to each target); full fine-tuning: the trainable leaves themselves."""
+    ``attach_merged`` would put next to each target); full fine-tuning: a copy of the trainable leaves (new
+    buffers: the train step donates the state, and jit would hand an input back as its output)."""
     if cfg.lora_rank:
         return lora.merged_attachment(trainable, cfg.lora_scale, cfg.ensemble_merge)
-    return trainable
+    return jax.tree.map(jnp.copy, trainable)
 
 
 def behavior_shardings(cfg: TrainConfig | Lora, trainable: Params, base: Params):
@@ -121,12 +123,11 @@ def behavior_shardings(cfg: TrainConfig | Lora, trainable: Params, base: Params)
                         lora_shardings(stacked, base))
 
 
-def take_behavior(cfg: TrainConfig | Lora, trainable: Params, base: Params) -> Params:
+def take_behavior(cfg: TrainConfig, trainable: Params, base: Params) -> Params:
     """``behavior_of(cfg, trainable)`` computed by one program whose outputs are ``behavior_shardings``: new
     buffers (the train step donates the state), born sharded."""
     leaves, treedef = jax.tree.flatten(behavior_shardings(cfg, trainable, base))
-    merge = (cfg.lora_scale, cfg.ensemble_merge) if cfg.lora_rank else None
-    return _behavior_program(merge, treedef, tuple(leaves))(trainable)
+    return _behavior_program(cfg.lora, treedef, tuple(leaves))(trainable)
 
 
 def merge_legacy_behavior(cfg: TrainConfig, state: TrainState) -> TrainState:
@@ -141,12 +142,9 @@ def merge_legacy_behavior(cfg: TrainConfig, state: TrainState) -> TrainState:
 
 
 @functools.lru_cache(maxsize=16)
-def _behavior_program(merge, treedef, leaves):
-    """One jitted program per (merge rule, output shardings): F = T takes π_β at every step, compiled once."""
-    out = jax.tree.unflatten(treedef, leaves)
-    if merge is None:
-        return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=out)
-    return jax.jit(lambda t: lora.merged_attachment(t, *merge), out_shardings=out)
+def _behavior_program(lora_settings: Lora, treedef, leaves):
+    """``behavior_of`` jitted once per (LoRA settings, output shardings): F = T takes π_β at every step."""
+    return jax.jit(functools.partial(behavior_of, lora_settings), out_shardings=jax.tree.unflatten(treedef, leaves))
 
 
 def policy_params(cfg: TrainConfig, state: TrainState, compute_dtype=None) -> Params:
