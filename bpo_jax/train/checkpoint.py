@@ -336,8 +336,8 @@ def _behavior_saved_as_members(saved, target) -> bool:
     """Whether checkpoint ``saved`` (orbax's metadata tree of the state) holds π_β as the members' factors, shaped
     like the trainable leaves, where this run keeps it merged (``state.behavior_of``): a LoRA checkpoint written
     before π_β was kept merged."""
-    def shapes(tree, drop=0):
-        return {_key_names(p)[drop:]: tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    def shapes(tree):
+        return {_key_names(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
     try:
         members = shapes(saved["behavior"])  # orbax's tree metadata: a mapping by the state's field names

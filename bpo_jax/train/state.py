@@ -117,10 +117,7 @@ def behavior_shardings(cfg: TrainConfig | Lora, trainable: Params, base: Params)
         return None
     if not cfg.lora_rank:
         return jax.tree.map(lambda x: x.sharding, trainable)
-    merged = jax.eval_shape(functools.partial(behavior_of, cfg), trainable)
-    stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), merged)  # lora_specs' layout
-    return jax.tree.map(lambda sh: jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*sh.spec[1:])),
-                        lora_shardings(stacked, base))
+    return lora_shardings(jax.eval_shape(functools.partial(behavior_of, cfg), trainable), base)
 
 
 def take_behavior(cfg: TrainConfig, trainable: Params, base: Params) -> Params:
@@ -261,15 +258,20 @@ def lora_specs(target_spec, rank: int, mesh) -> tuple:
 
 def lora_shardings(factors, base) -> dict | None:
     """NamedShardings for LoRA factors (``{target: {"a": [..., in, r], "b": [..., r, out]}}``: arrays or
-    ShapeDtypeStructs) on the base's mesh, by ``lora_specs``; None when the base is not on a mesh."""
+    ShapeDtypeStructs, the members' ``[N, L, ...]`` or one merged adapter's ``[L, ...]``) on the base's mesh, by
+    ``lora_specs`` of their own rank; None when the base is not on a mesh."""
     sharding = getattr(jax.tree.leaves(base)[0], "sharding", None)
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return None
     mesh = sharding.mesh
+
+    def named(spec, x):  # lora_specs' [N, L, ...] spec, trimmed to the factor's own dims
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*tuple(spec)[len(spec) - x.ndim:]))
+
     out = {}
     for name, f in factors.items():
         spec_a, spec_b = lora_specs(base["layers"][name].sharding.spec, f["a"].shape[-1], mesh)
-        out[name] = {"a": jax.sharding.NamedSharding(mesh, spec_a), "b": jax.sharding.NamedSharding(mesh, spec_b)}
+        out[name] = {"a": named(spec_a, f["a"]), "b": named(spec_b, f["b"])}
     return out
 
 
