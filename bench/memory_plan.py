@@ -102,7 +102,8 @@ def abstract_state(cfg, mc: ModelConfig):
     """(base, state) as ShapeDtypeStructs from the real ``init_params`` / ``create_state``."""
     base = jax.eval_shape(functools.partial(decoder.init_params, mc), jax.random.key(0))
     ref = base if cfg.reference == "fixed" else None
-    state = jax.eval_shape(functools.partial(st.create_state, cfg, reference=ref), base, jax.random.key(0))
+    state = jax.eval_shape(functools.partial(st.create_state, cfg, reference=ref, compute_dtype=mc.dtype), base,
+                           jax.random.key(0))
     return base, state
 
 
@@ -120,8 +121,9 @@ def state_shardings(cfg, mc: ModelConfig, state, mesh):
             merged_rank = state.behavior[name]["a"].shape[-1]
             spec_a, spec_b = st.lora_specs(base_specs["layers"][name], merged_rank, mesh)
             behavior[name] = {"a": ns(P(*spec_a[1:])), "b": ns(P(*spec_b[1:]))}
-    else:  # x[None]: a leading ensemble axis, replicated
-        trainable = behavior = jax.tree.map(lambda s: ns(P(None, *s)), base_specs, is_leaf=is_p)
+    else:  # x[None]: a leading ensemble axis, replicated; π_β: the one model, sharded like the base
+        trainable = jax.tree.map(lambda s: ns(P(None, *s)), base_specs, is_leaf=is_p)
+        behavior = base
     opt = optax.tree_map_params(st.make_optimizer(cfg), lambda _, s: s, state.opt_state, trainable,
                                 transform_non_params=lambda _: ns(P()),
                                 is_leaf=lambda x: isinstance(x, NamedSharding))
@@ -181,17 +183,13 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
     layer_leaves = lambda: sum(  # noqa: E731
         tree_bytes(state.base["layers"][k], sh_base["layers"][k]) for k in state.base["layers"])
 
-    # Sampling (collect_pairs): π_β as the train step runs it (state.behavior_params; LoRA: state.behavior, the
-    # merged adapter kept as attach puts it, attached with no copy; full FT: the master x[0] cast to the compute
-    # dtype, norms float32), its unstack_layers copy, the KV cache of bprompts·2 rows and the prefill's prompt
-    # cache. (Keys keep the name behavior_merged.)
+    # Sampling (collect_pairs): π_β as the train step runs it (state.behavior_params, with no copy: LoRA's merged
+    # adapter kept as attach puts it; full FT's one model kept in the compute dtype, norms float32), its
+    # unstack_layers copy, the KV cache of bprompts·2 rows and the prefill's prompt cache.
     if cfg.lora_rank:
-        merged = 0
         unstacked = layer_leaves() + res["behavior"]
     else:
-        cast = jax.eval_shape(lambda b: st.ensemble_params(cfg, None, b, mc.dtype), state.behavior)
-        merged = tree_bytes(cast, sh_base)
-        unstacked = tree_bytes(cast["layers"], sh_base["layers"])
+        unstacked = tree_bytes(state.behavior["layers"], sh_beh["layers"])
     # The sampling layout (sampler.for_sampling; sampling_layout, auto deciding as the run does from the HBM the
     # resident state leaves free):
     # π_β's weights copied replicated over data x fsdp, split over tensor, before they sample; the unstacked copy
@@ -213,18 +211,18 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
     kv = tree_bytes(cache, shd.cache_shardings(cache, mesh))
     kv_prompt = tree_bytes(prompt_cache, shd.cache_shardings(prompt_cache, mesh))
     prefill_ws = working_set(mc, bprompts // s, plen, tensor)
-    samp = {"behavior_merged": merged, **held, "behavior_unstacked": unstacked, "kv_cache": kv,
+    samp = {**held, "behavior_unstacked": unstacked, "kv_cache": kv,
             "prefill": kv_prompt + prefill_ws}
     r.update(kv_rows=2 * bprompts, kv_len=kv_len)
 
-    # Annotation: the merged/unstacked behavior weights stay alive while the reward model scores.
+    # Annotation: the unstacked behavior weights (or the sampling copy) stay alive while the reward model scores.
     ann = {}
     if rm is not None:
         rows = cfg.reward_batch_size // s if cfg.reward_batch_size % s == 0 else cfg.reward_batch_size
         t = cfg.reward_max_length
         hidden = rows * t * rm.hidden_size * jnp.dtype(rm.dtype).itemsize
         alive = held or {"behavior_unstacked": unstacked}  # the sampling copy is the unstacked one by then
-        ann = {"behavior_merged": merged, **alive, "rm_forward": hidden + working_set(rm, rows, t, tensor)}
+        ann = {**alive, "rm_forward": hidden + working_set(rm, rows, t, tensor)}
 
     # Train step, per micro-batch of B/m pairs, split over data×fsdp when they divide: B/m rows of P + 2N tokens
     # ([prompt | chosen | rejected], share_prompt) or 2·B/m rows of P + N.

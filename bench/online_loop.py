@@ -244,7 +244,7 @@ def run(args) -> dict:
         state = loop.train(cfg, timed, evaluate=evaluate if cfg.eval_every else None)
         loop_s = time.perf_counter() - t0
         in_loop_eval = tm.total("evaluation")
-        state = st.sync_behavior(cfg, state)  # the next phase's start: π_β ← π_θ
+        state = st.sync_behavior(cfg, state, mcfg.dtype)  # the next phase's start: π_β ← π_θ
         metrics = evaluate(st.policy_params(cfg, state), steps)
     inside = [r for r, _ in ROWS if r not in ("loop overhead", "behavior sync") and not r.startswith("eval")]
     tm.add("loop overhead", loop_s - sum(tm.total(r) for r in inside) - in_loop_eval)

@@ -193,7 +193,7 @@ def run_bpo_jax(args, export_dir: str | None) -> dict:
                           prompt_len=args.prompt_len, response_len=args.response_len)
     batch = {k: jax.numpy.asarray(v) for k, v in np_batch.items()}
 
-    state = st.create_state(cfg, params, jax.random.key(1))
+    state = st.create_state(cfg, params, jax.random.key(1), compute_dtype=mc.dtype)  # π_β as train keeps it
     del params
     step = ts.make_train_step(cfg, mc, st.shardings(state), prompt_len=args.prompt_len)
     t0 = time.perf_counter()

@@ -150,7 +150,7 @@ def child(workload: str, small: bool, repeats: int, dtype: str = "float32") -> d
     nb = train_step.make_batch(mc.vocab_size, eos if eos is not None else 2, mc.pad_token_id or 0, pairs=a.pairs,
                                prompt_len=a.prompt_len, response_len=a.response_len)
     batch = {k: jnp.asarray(v) for k, v in nb.items()}
-    state0 = st.create_state(cfg, model.params, jax.random.key(1))
+    state0 = st.create_state(cfg, model.params, jax.random.key(1), compute_dtype=mc.dtype)
     step = ts.make_train_step(cfg, mc, st.shardings(state0), prompt_len=a.prompt_len)
     holder = {"state": state0}
     _, m = step(jax.tree.map(jnp.copy, state0), batch)  # first step from the fresh state: the numerics check

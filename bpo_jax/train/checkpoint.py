@@ -333,9 +333,9 @@ def _read(store, index) -> np.ndarray:
 
 
 def _behavior_saved_as_members(saved, target) -> bool:
-    """Whether checkpoint ``saved`` (orbax's metadata tree of the state) holds π_β as the members' factors, shaped
-    like the trainable leaves, where this run keeps it merged (``state.behavior_of``): a LoRA checkpoint written
-    before π_β was kept merged."""
+    """Whether checkpoint ``saved`` (orbax's metadata tree of the state) holds π_β shaped like the trainable
+    leaves, where this run keeps it in ``state.behavior_of``'s form: written before π_β was kept so (LoRA: the
+    members' factors, not merged; full FT: the float32 masters with their ensemble axis)."""
     def shapes(tree):
         return {_key_names(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 

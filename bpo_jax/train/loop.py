@@ -190,7 +190,7 @@ def train(cfg: TrainConfig, run, *, evaluate=None, lora_init=None, stop: Preempt
                          f"batch_size is {cfg.batch_size}")
     run_dir.make(cfg.run_dir)
     state = st.committed(st.create_state(cfg, run.model.params, jax.random.key(cfg.seed), reference=run.reference,
-                                         lora_init=lora_init))
+                                         lora_init=lora_init, compute_dtype=run.model.config.dtype))
     if metrics is None:
         metrics = run_dir.JsonlLog(run_dir.path(cfg.run_dir, "metrics.jsonl"))
     out = _Outputs(evaluate, Checkpointer(cfg.run_dir, cfg.keep_checkpoints, logs=(metrics,)),
@@ -200,7 +200,7 @@ def train(cfg: TrainConfig, run, *, evaluate=None, lora_init=None, stop: Preempt
     try:
         if (restored := out.ckpt.restore_latest(state, mesh=run.mesh)) is not None:
             latest, state, pairs, meta = restored
-            state = st.merge_legacy_behavior(cfg, state)
+            state = st.merge_legacy_behavior(cfg, state, run.model.config.dtype)
             if pairs is not None and WEIGHT_KEY not in pairs:  # saved before pairs carried weights: all kept
                 pairs[WEIGHT_KEY] = np.ones(len(pairs["truncated"]), np.float32)
             prompts.set_state(meta["prompts"][distributed.process_index()])
@@ -333,7 +333,7 @@ def _start_phase(cfg: TrainConfig, run, state, phase: int, stop: Preemption):
     phase and then every ``behavior_check_every`` phases."""
     model_config = run.model.config
     if phase > int(state.phase):
-        state = st.sync_behavior(cfg, state)
+        state = st.sync_behavior(cfg, state, model_config.dtype)
     behavior = st.behavior_params(cfg, state, model_config.dtype)
     log.info(f"phase {phase + 1}/{cfg.num_phases}: collecting {cfg.steps_per_phase * cfg.batch_size} pairs "
              f"with pi_beta")

@@ -89,6 +89,7 @@ def restore_policy(cfg: TrainConfig, ckpt, step: int, model):
     from bpo_jax.train import state as st
 
     reference = model.params if cfg.reference == "fixed" else None
-    template = st.create_state(cfg, model.params, jax.random.key(cfg.seed), reference=reference)
+    template = st.create_state(cfg, model.params, jax.random.key(cfg.seed), reference=reference,
+                               compute_dtype=model.config.dtype)
     state = ckpt.restore_state(step, template)  # to read: any process count, not only the run's
     return st.policy_params(cfg, state, model.config.dtype)

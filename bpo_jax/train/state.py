@@ -10,7 +10,9 @@ Leaves:
                     (``lora.merged_attachment``: rank r under ``peft_linear``, 1/N of the members' factors;
                     rank N·r under ``mean_delta``), so π_β = ``lora.attach(base, behavior, 1)`` is what the
                     train step's merged ensemble was at that boundary, with nothing to merge when it samples.
-                    Full fine-tuning: a copy of ``trainable``.
+                    Full fine-tuning: the one model as the forward reads it, in the compute dtype (matrices cast,
+                    norm weights float32; ``ensemble_params``): under bfloat16 half a float32 copy, and the
+                    sampler takes it with no cast.
   * ``reference`` — only for ``ema``/``mixup`` (shaped like ``trainable``), ``fixed`` (full weights), and ``sft``
                     when the ensemble starts from adapter folders (their starting factors: the SFT model is
                     then the base plus their merge, as in the paper's official code).
@@ -18,9 +20,10 @@ Leaves:
                     AdamW moments and its own gradient-norm clipping.
   * ``step``, ``phase``, ``rng`` (raw ``uint32`` key data, so checkpoints hold plain arrays).
 
-``trainable``, ``behavior``, the ``ema``/``mixup`` reference and the AdamW moments are float32 whatever
-``param_dtype`` is (master weights): a bfloat16 leaf would drop every update below half its ulp (at lr 5e-5,
-most of them). The forward casts them to the compute dtype where they are used.
+``trainable``, the ``ema``/``mixup`` reference and the AdamW moments are float32 whatever ``param_dtype`` is
+(master weights): a bfloat16 leaf would drop every update below half its ulp (at lr 5e-5, most of them). The
+forward casts them to the compute dtype where they are used. ``behavior`` is never updated, only read: LoRA's
+merged factors are float32 (the forward casts them), full fine-tuning's weights are already cast.
 """
 
 from __future__ import annotations
@@ -74,11 +77,17 @@ def ensemble_params(cfg: TrainConfig | StepConfig | Lora, base: Params, trainabl
     weights, which the decoder reads in float32: the same values the step computes with, in a smaller copy."""
     if cfg.lora_rank:
         return lora.attach_merged(base, trainable, cfg.lora_scale, cfg.ensemble_merge)
-    one = jax.tree.map(lambda x: x[0], trainable)
+    return in_compute_dtype(jax.tree.map(lambda x: x[0], trainable), compute_dtype)
+
+
+def in_compute_dtype(params: Params, compute_dtype=None) -> Params:
+    """Full weights as the decoder reads them under ``compute_dtype``: every matrix cast to it, the norm weights
+    kept (the decoder reads them in float32); None or float32: as they are. Leaves already in the dtype are
+    returned, not copied."""
     if compute_dtype is None or jnp.dtype(compute_dtype) == jnp.float32:
-        return one
+        return params
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: x if "norm" in str(path[-1]) else x.astype(compute_dtype), one)
+        lambda path, x: x if "norm" in str(path[-1]) else x.astype(compute_dtype), params)
 
 
 def merged_params(cfg: TrainConfig, base: Params, trainable: Params) -> Params:
@@ -94,54 +103,61 @@ def merged_params(cfg: TrainConfig, base: Params, trainable: Params) -> Params:
 def behavior_params(cfg: TrainConfig, state: TrainState, compute_dtype=None) -> Params:
     """π_β: the model that samples in the current phase, as the train step runs the merged ensemble
     (``ensemble_params``) at the phase start, so there π_β = π_θ exactly under every dtype. LoRA: the kept
-    merged adapter attached as it is (``behavior_of``)."""
+    merged adapter attached as it is; full FT: the kept weights, already in the compute dtype when
+    ``state.behavior`` was taken in it (``behavior_of``), so nothing is copied."""
     if cfg.lora_rank:
         return lora.attach(state.base, state.behavior, 1.0)
-    return ensemble_params(cfg, state.base, state.behavior, compute_dtype)
+    return in_compute_dtype(state.behavior, compute_dtype)
 
 
-def behavior_of(cfg: TrainConfig | Lora, trainable: Params) -> Params:
+def behavior_of(cfg: TrainConfig | Lora, trainable: Params, compute_dtype=None) -> Params:
     """``state.behavior`` for π_β ← π_θ: LoRA: ``lora.merged_attachment`` of the members (the factors
-    ``attach_merged`` would put next to each target); full fine-tuning: a copy of the trainable leaves (new
-    buffers: the train step donates the state, and jit would hand an input back as its output)."""
+    ``attach_merged`` would put next to each target; float32, as ``compute_dtype`` does not change them);
+    full fine-tuning: the one model as ``ensemble_params`` gives it in ``compute_dtype`` (the model config's
+    ``dtype``): matrices cast, norms float32, no ensemble axis. Under jit these are new buffers (the train step
+    donates the state)."""
     if cfg.lora_rank:
         return lora.merged_attachment(trainable, cfg.lora_scale, cfg.ensemble_merge)
-    return jax.tree.map(jnp.copy, trainable)
+    return ensemble_params(cfg, None, trainable, compute_dtype)
 
 
 def behavior_shardings(cfg: TrainConfig | Lora, trainable: Params, base: Params):
     """The shardings ``behavior_of(cfg, trainable)`` takes on the base's mesh: LoRA: ``lora_specs`` of the merged
-    rank (its factors have no ensemble axis); full FT: the trainable leaves'. None when the base is not on a
-    mesh."""
+    rank (its factors have no ensemble axis); full FT: the base's (the same weights' shapes). None when the base
+    is not on a mesh."""
     if not isinstance(getattr(jax.tree.leaves(base)[0], "sharding", None), jax.sharding.NamedSharding):
         return None
     if not cfg.lora_rank:
-        return jax.tree.map(lambda x: x.sharding, trainable)
+        return jax.tree.map(lambda x: x.sharding, base)
     return lora_shardings(jax.eval_shape(functools.partial(behavior_of, cfg), trainable), base)
 
 
-def take_behavior(cfg: TrainConfig, trainable: Params, base: Params) -> Params:
-    """``behavior_of(cfg, trainable)`` computed by one program whose outputs are ``behavior_shardings``: new
-    buffers (the train step donates the state), born sharded."""
+def take_behavior(cfg: TrainConfig, trainable: Params, base: Params, compute_dtype=None) -> Params:
+    """``behavior_of(cfg, trainable, compute_dtype)`` computed by one program whose outputs are
+    ``behavior_shardings``: new buffers (the train step donates the state), born sharded."""
     leaves, treedef = jax.tree.flatten(behavior_shardings(cfg, trainable, base))
-    return _behavior_program(cfg.lora, treedef, tuple(leaves))(trainable)
+    dtype = None if cfg.lora_rank or compute_dtype is None else jnp.dtype(compute_dtype).name
+    return _behavior_program(cfg.lora, dtype, treedef, tuple(leaves))(trainable)
 
 
-def merge_legacy_behavior(cfg: TrainConfig, state: TrainState) -> TrainState:
-    """A restored state whose ``behavior`` holds the members' factors (a LoRA checkpoint written before π_β was
-    kept merged, which ``Checkpointer`` restores as written) with π_β in ``behavior_of``'s form, merged as it
-    would have been sampled; any other state as it is."""
-    if not cfg.lora_rank or state.behavior is None:
+def merge_legacy_behavior(cfg: TrainConfig, state: TrainState, compute_dtype=None) -> TrainState:
+    """A restored state whose ``behavior`` is shaped like the trainable leaves (a checkpoint written before π_β
+    was kept in ``behavior_of``'s form: LoRA members' factors, or full FT's float32 masters with their ensemble
+    axis; ``Checkpointer`` restores it as written) with π_β in that form, as it would have been sampled; any
+    other state as it is."""
+    if state.behavior is None:
         return state
     if jax.tree.map(jnp.shape, state.behavior) != jax.tree.map(jnp.shape, state.trainable):
         return state
-    return state.replace(behavior=take_behavior(cfg, state.behavior, state.base))
+    return state.replace(behavior=take_behavior(cfg, state.behavior, state.base, compute_dtype))
 
 
 @functools.lru_cache(maxsize=16)
-def _behavior_program(lora_settings: Lora, treedef, leaves):
-    """``behavior_of`` jitted once per (LoRA settings, output shardings): F = T takes π_β at every step."""
-    return jax.jit(functools.partial(behavior_of, lora_settings), out_shardings=jax.tree.unflatten(treedef, leaves))
+def _behavior_program(lora_settings: Lora, compute_dtype: str | None, treedef, leaves):
+    """``behavior_of`` jitted once per (LoRA settings, compute dtype, output shardings): F = T takes π_β at every
+    step."""
+    return jax.jit(functools.partial(behavior_of, lora_settings, compute_dtype=compute_dtype),
+                   out_shardings=jax.tree.unflatten(treedef, leaves))
 
 
 def policy_params(cfg: TrainConfig, state: TrainState, compute_dtype=None) -> Params:
@@ -173,12 +189,12 @@ def _copy(tree):
 
 
 def create_state(cfg: TrainConfig, base: Params, key: jax.Array, *, reference: Params | None = None,
-                 lora_init: Params | None = None) -> TrainState:
+                 lora_init: Params | None = None, compute_dtype=None) -> TrainState:
     """A fresh state around ``base`` (already placed on its mesh). LoRA factors are born on the base's mesh,
     sharded by ``lora_specs`` (``lora_init``: the members' starting factors as host arrays,
     ``bpo_jax.models.peft_adapters.read_ensemble``; else a fresh PEFT-style init), and the optimizer state follows
     the trainable leaves' shardings: nothing is made whole on one device and then placed. Trainable leaves are
-    float32."""
+    float32; π_β is taken in ``compute_dtype`` (the model config's ``dtype``; ``behavior_of``)."""
     init_key, run_key = jax.random.split(key)
     trainable = init_trainable(cfg, base, init_key, lora_init)
     opt_state = _init_opt_state(make_optimizer(cfg), trainable)
@@ -200,7 +216,8 @@ def create_state(cfg: TrainConfig, base: Params, key: jax.Array, *, reference: P
                                                                        jax.sharding.PartitionSpec()))
     step, phase, rng = counters
     return TrainState(step=step, phase=phase, rng=rng, base=base, trainable=_copy(trainable),
-                      behavior=take_behavior(cfg, trainable, base), reference=reference, opt_state=opt_state)
+                      behavior=take_behavior(cfg, trainable, base, compute_dtype), reference=reference,
+                      opt_state=opt_state)
 
 
 def init_trainable(cfg: TrainConfig, base: Params, key: jax.Array, lora_init: Params | None = None) -> Params:
@@ -281,9 +298,11 @@ def place_like_base(lora_tree, base):
     return lora_tree if shardings is None else jax.device_put(lora_tree, shardings)
 
 
-def sync_behavior(cfg: TrainConfig, state: TrainState) -> TrainState:
-    """π_β ← π_θ at a phase boundary (``take_behavior``: one compiled program, the first time)."""
-    return state.replace(behavior=take_behavior(cfg, state.trainable, state.base), phase=_next(state.phase))
+def sync_behavior(cfg: TrainConfig, state: TrainState, compute_dtype=None) -> TrainState:
+    """π_β ← π_θ at a phase boundary (``take_behavior`` in ``compute_dtype``: one compiled program, the first
+    time)."""
+    return state.replace(behavior=take_behavior(cfg, state.trainable, state.base, compute_dtype),
+                         phase=_next(state.phase))
 
 
 @jax.jit

@@ -112,17 +112,17 @@ def test_sampling_shardings_place_attached_factors():
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_full_ft_samples_with_the_masters_as_the_step_runs_them(dtype):
-    """Full fine-tuning on a bfloat16 base: π_β is the float32 masters, matrices cast to the compute dtype
-    (as the decoder casts them), norm weights kept float32 (the decoder reads them in float32); the sampler's
+    """Full fine-tuning on a bfloat16 base: π_β is the float32 masters, taken in the compute dtype (matrices
+    cast as the decoder casts them, norm weights kept float32, as the decoder reads them); the sampler's
     log-probs equal the step's. A bfloat16 copy of the masters (the old merged path) would not be π_θ."""
     mcfg = MCFG.replace(dtype=dtype)
     cfg = dataclasses.replace(_cfg(), lora_rank=0)
-    state = st.create_state(cfg, _base(), jax.random.key(1))
+    state = st.create_state(cfg, _base(), jax.random.key(1), compute_dtype=dtype)
     state, _ = make_train_step(cfg, mcfg, st.shardings(state), prompt_len=P)(state, _random_batch())
-    state = st.sync_behavior(cfg, state)
+    state = st.sync_behavior(cfg, state, dtype)
     behavior = st.behavior_params(cfg, state, mcfg.dtype)
     assert behavior["layers"]["attn_norm"].dtype == jnp.float32 and behavior["final_norm"].dtype == jnp.float32
-    assert behavior["layers"]["q"].dtype == jnp.dtype(dtype)
+    assert behavior["layers"]["q"].dtype == state.behavior["layers"]["q"].dtype == jnp.dtype(dtype)
     batch = _sampled_batch(mcfg, behavior)
     tol = LOGP_GAP_TOL_PER_TOKEN[dtype] * N
     assert _policy_gap(cfg, mcfg, state, batch)[0] <= tol

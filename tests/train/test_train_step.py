@@ -377,3 +377,32 @@ def test_discopop_tau_reaches_the_loss():
     np.testing.assert_allclose(losses[0.05][0], 0.5 * LOG2 + 0.5, atol=1e-5)
     np.testing.assert_allclose(losses[0.05][0], losses[5.0][0], atol=1e-6)
     assert abs(losses[0.05][1] - losses[5.0][1]) > 1e-4
+
+
+def test_full_ft_keeps_pi_beta_in_the_compute_dtype_and_resumes_an_older_float32_copy(tmp_path):
+    """Full fine-tuning keeps π_β as the one model in the compute dtype (matrices bfloat16, norms float32, no
+    ensemble axis), sharded like the base, and samples with it as it is. A checkpoint written when ``behavior``
+    was the float32 masters with their ensemble axis is restored as written and cast on resume: the same π_β."""
+    from bpo_jax.train.checkpoint import Checkpointer
+
+    cfg = _cfg(lora_rank=0, ensemble_size=1)
+    mesh = shd.make_mesh(data=1, fsdp=4, tensor=2)
+    base = shd.shard(_base(), shd.logical_to_sharding(param_axes(MCFG), _base(), mesh))
+    fresh = lambda: st.committed(st.create_state(cfg, base, jax.random.key(1), compute_dtype="bfloat16"))  # noqa: E731
+    state = fresh()
+    want = st.ensemble_params(cfg, base, state.trainable, "bfloat16")
+    assert state.behavior["layers"]["q"].dtype == jnp.bfloat16 and state.behavior["final_norm"].dtype == jnp.float32
+    for got, w, b in zip(jax.tree.leaves(state.behavior), jax.tree.leaves(want), jax.tree.leaves(base), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
+        assert got.sharding.is_equivalent_to(b.sharding, got.ndim)
+    assert st.behavior_params(cfg, state, "bfloat16")["layers"]["q"] is state.behavior["layers"]["q"]  # no copy
+    masters = jax.tree.map(lambda x: x + 0.25, state.trainable)  # π_β's masters at the last sync
+    ckpt = Checkpointer(str(tmp_path), keep=2)
+    ckpt.save(3, state.replace(behavior=masters), None, {})
+    restored = ckpt.restore(3, fresh())[0]
+    assert jax.tree.map(jnp.shape, restored.behavior) == jax.tree.map(jnp.shape, state.trainable)
+    cast = st.merge_legacy_behavior(cfg, restored, "bfloat16")
+    jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)), cast.behavior,
+                 st.ensemble_params(cfg, base, masters, "bfloat16"))
+    assert st.merge_legacy_behavior(cfg, cast, "bfloat16") is cast
+    ckpt.close()
