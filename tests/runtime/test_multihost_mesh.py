@@ -5,7 +5,7 @@ would then hold the same batch shards and each write its own rows into them. Her
 (``mesh_device_ids``) to reproduce such layouts with CPU processes: a layout whose hosts own disjoint shards in an
 interleaved order trains with the single-process losses; one whose tensor groups span hosts stops before any
 compute with one ``error:`` line. A silent run with other losses fails either check. The default layout of four
-processes (2 devices each, fsdp 4 x tensor 2) matches one process with 8 devices.
+processes (2 devices each, fsdp 4 x tensor 2) matches one process with 8 devices, fine-tuning the full model.
 """
 
 import subprocess
@@ -58,12 +58,15 @@ def test_interleaved_hosts_train_as_one_process_and_shared_shards_are_refused(se
 
 
 def test_four_processes_fsdp_by_tensor_match_one_process(setting):
+    """Full fine-tuning (the other tests here train LoRA) in two phases: the float32 masters, their moments and
+    π_β's kept copy are sharded over hosts, and π_β ← π_θ runs across them between the phases."""
     common, runs = setting
-    want = _train_single(common, runs / "single8", 8, "mesh_data=1", "mesh_fsdp=4", "mesh_tensor=2")
-    four = ["train", *common, "mesh_data=1", "mesh_fsdp=4", "mesh_tensor=2", f"run_dir={runs / 'four'}"]
+    full_ft = ["mesh_data=1", "mesh_fsdp=4", "mesh_tensor=2", "lora_rank=0", "total_steps=4", "num_phases=2"]
+    want = _train_single(common, runs / "single8", 8, *full_ft)
+    four = ["train", *common, *full_ft, f"run_dir={runs / 'four'}"]
     res = run_group([four] * 4, devices=2)
     assert [r.returncode for r in res] == [0] * 4, res[0].output[-3000:]
-    assert_same_losses(losses(runs / "four"), want, [1, 2])
+    assert_same_losses(losses(runs / "four"), want, [1, 2, 3, 4])  # steps 2 and 4 move off log 2
 
 
 def test_two_processes_sharing_one_tfds_dir_build_it_once(tmp_path):
