@@ -153,8 +153,38 @@ def _layer_cast_bytes(layers: dict, shardings: dict, num_layers: int, itemsize: 
     return sum(shard_bytes(layers[k], shardings[k], itemsize) for k in layers) // num_layers
 
 
-def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig | None = None) -> dict:
-    """Per-device bytes of every component, the per-phase transients and the peak."""
+def _decode_weights(cfg, mc: ModelConfig, mesh, params, train_unstacked: int, free: int):
+    """A decoding model's weights as ``sampler.for_sampling`` places them (``sampling_layout``; auto deciding from
+    the memory left ``free``, as the run does from the device's) and their ``unstack_layers`` copy: ``(layout,
+    the sampling layout's copy, what stays alive through the call, the unstacked bytes)``. The sampling layout
+    copies the weights replicated over data x fsdp, split over tensor, and unstacks that copy (its layers twice
+    while unstacking; the copy's own are freed after); the train layout unstacks the weights where they are
+    (``train_unstacked``). With fsdp = 1 the two layouts are one."""
+    shardings = sampler.sampling_shardings(mc, mesh, params=params)
+    copy = tree_bytes(params, shardings)
+    layout = "train" if mesh.shape["fsdp"] == 1 else sampler.choose_layout(cfg.sampling_layout, copy, free)
+    if layout == "replicated":
+        return layout, copy, {"sampling_copy": copy}, tree_bytes(params["layers"], shardings["layers"])
+    return layout, copy, {}, train_unstacked
+
+
+def _kv_and_prefill(mc: ModelConfig, mesh, prompts: int, samples: int, prompt_len: int, new_tokens: int) -> tuple:
+    """``(KV cache, prefill)`` bytes per device of one ``generate`` call over ``prompts`` rows (global) with
+    ``samples`` samples each: the cache of prompts·samples rows × (prompt_len + new_tokens) slots; the prefill's
+    prompt cache and one layer's working set over the prompts."""
+    cache = jax.eval_shape(lambda: decoder.init_cache(mc, samples * prompts, prompt_len + new_tokens,
+                                                      per_layer=True))
+    prompt_cache = jax.eval_shape(lambda: decoder.init_cache(mc, prompts, prompt_len, per_layer=True))
+    rows = max(1, prompts // shd.batch_shards(mesh))
+    return (tree_bytes(cache, shd.cache_shardings(cache, mesh)),
+            tree_bytes(prompt_cache, shd.cache_shardings(prompt_cache, mesh))
+            + working_set(mc, rows, prompt_len, mesh.shape["tensor"]))
+
+
+def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig | None = None,
+         hosts: int = 1) -> dict:
+    """Per-device bytes of every component, the per-phase transients and the peak (``hosts``: the JAX processes
+    of the slice, each evaluating its own ``eval_batch_size`` prompts at a time)."""
     mesh = abstract_mesh(mesh_sizes)
     base, state = abstract_state(cfg, mc)
     sh_base, sh_train, sh_beh, sh_opt, sh_ref = state_shardings(cfg, mc, state, mesh)
@@ -190,30 +220,17 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
         unstacked = layer_leaves() + res["behavior"]
     else:
         unstacked = tree_bytes(state.behavior["layers"], sh_beh["layers"])
-    # The sampling layout (sampler.for_sampling; sampling_layout, auto deciding as the run does from the HBM the
-    # resident state leaves free):
-    # π_β's weights copied replicated over data x fsdp, split over tensor, before they sample; the unstacked copy
-    # is made of that copy. With fsdp = 1 the two layouts are one.
+    # In the sampling layout π_β is copied and the unstacked copy made of that copy (_decode_weights).
     beh = jax.eval_shape(lambda s: st.behavior_params(cfg, s, mc.dtype), state)
-    beh_sh = sampler.sampling_shardings(mc, mesh, params=beh)
-    copy = tree_bytes(beh, beh_sh)
     free = hbm_gib * GiB - sum(res.values())  # what the run's state leaves free when a phase starts
-    layout = "train" if mesh_sizes["fsdp"] == 1 else sampler.choose_layout(cfg.sampling_layout, copy, free)
-    held = {}  # what stays alive from the sampling call through the annotation
-    if layout == "replicated":  # the copy; while unstacking, its layers twice (the copy's own are freed after)
-        held, unstacked = {"sampling_copy": copy}, tree_bytes(beh["layers"], beh_sh["layers"])
+    train_unstacked = unstacked
+    layout, copy, held, unstacked = _decode_weights(cfg, mc, mesh, beh, unstacked, free)  # held: until annotated
     r.update(sampling_layout=layout, sampling_copy=copy)
     bprompts = sampler._rows_bucket(cfg.batch_size, s)
     plen = sampler._bucket(cfg.max_prompt_length, 32)
-    kv_len = plen + cfg.max_new_tokens
-    cache = jax.eval_shape(lambda: decoder.init_cache(mc, 2 * bprompts, kv_len, per_layer=True))
-    prompt_cache = jax.eval_shape(lambda: decoder.init_cache(mc, bprompts, plen, per_layer=True))
-    kv = tree_bytes(cache, shd.cache_shardings(cache, mesh))
-    kv_prompt = tree_bytes(prompt_cache, shd.cache_shardings(prompt_cache, mesh))
-    prefill_ws = working_set(mc, bprompts // s, plen, tensor)
-    samp = {**held, "behavior_unstacked": unstacked, "kv_cache": kv,
-            "prefill": kv_prompt + prefill_ws}
-    r.update(kv_rows=2 * bprompts, kv_len=kv_len)
+    kv, prefill = _kv_and_prefill(mc, mesh, bprompts, 2, plen, cfg.max_new_tokens)
+    samp = {**held, "behavior_unstacked": unstacked, "kv_cache": kv, "prefill": prefill}
+    r.update(kv_rows=2 * bprompts, kv_len=plen + cfg.max_new_tokens)
 
     # Annotation: the unstacked behavior weights (or the sampling copy) stay alive while the reward model scores.
     ann = {}
@@ -223,6 +240,9 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
         hidden = rows * t * rm.hidden_size * jnp.dtype(rm.dtype).itemsize
         alive = held or {"behavior_unstacked": unstacked}  # the sampling copy is the unstacked one by then
         ann = {**alive, "rm_forward": hidden + working_set(rm, rows, t, tensor)}
+
+    evaluation, eval_steps = _evaluation(cfg, mc, mesh, state, res, train_unstacked, free, hosts, plen,
+                                         ann.get("rm_forward"))
 
     # Train step, per micro-batch of B/m pairs, split over data×fsdp when they divide: B/m rows of P + 2N tokens
     # ([prompt | chosen | rejected], share_prompt) or 2·B/m rows of P + N.
@@ -291,11 +311,40 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
         ref_fwd["logits"] = logits
 
     phases = {"sampling": sum(samp.values()), "annotation": sum(ann.values()), "train_step": sum(train.values()),
-              "reference_forward": sum(ref_fwd.values())}
+              "reference_forward": sum(ref_fwd.values()),
+              "evaluation": sum(evaluation.values()) + max(eval_steps.values())}
     worst = max(phases, key=phases.get)
-    r.update(resident=res, sampling=samp, annotation=ann, train=train, reference_forward=ref_fwd, phases=phases,
-             peak_phase=worst, peak=sum(res.values()) + phases[worst])
+    r.update(resident=res, sampling=samp, annotation=ann, train=train, reference_forward=ref_fwd,
+             evaluation=evaluation, eval_steps=eval_steps, phases=phases, peak_phase=worst,
+             peak=sum(res.values()) + phases[worst])
     return r
+
+
+def _evaluation(cfg, mc: ModelConfig, mesh, state, res: dict, train_unstacked: int, free: int, hosts: int,
+                prompt_len: int, rm_forward: int | None) -> tuple[dict, dict]:
+    """The evaluation (``score_task``: at step 0, every ``eval_every`` steps, at the end): ``(what is alive
+    throughout, the steps that run one after another with it)``. π_θ as evaluated (``state.policy_params``: made
+    anew, with π_β's kept shapes: LoRA's merged factors, full FT's masters cast to the compute dtype) is placed
+    and unstacked as π_β is to sample (``_decode_weights``, from the memory left beside it; in the sampling
+    layout the stacked copy is freed once unstacked, so it adds its layers a second time only while unstacking),
+    then each host greedy-decodes ``eval_batch_size`` prompts at a time; with those weights alive, the SFT
+    log-ratio forward (``eval_sft_logratio``; its SFT model's merged factors not counted) and the reward model's
+    scoring follow."""
+    pol = jax.eval_shape(lambda s: st.policy_params(cfg, s, mc.dtype), state)
+    _, copy, held, unstacked = _decode_weights(cfg, mc, mesh, pol, train_unstacked, free - res["behavior"])
+    s = shd.batch_shards(mesh)
+    prompts = sampler._rows_bucket(cfg.eval_batch_size, max(1, s // hosts)) * hosts
+    kv, prefill = _kv_and_prefill(mc, mesh, prompts, 1, prompt_len, cfg.eval_max_new_tokens)
+    steps = {"unstacking": unstacked} if held else {}
+    steps["decode"] = kv + prefill
+    if cfg.eval_sft_logratio:  # response_logps: one forward, unembedding 16 positions at a time
+        rows, t = max(1, prompts // s), prompt_len + cfg.eval_max_new_tokens
+        c = jnp.dtype(mc.dtype).itemsize
+        steps["sft_logratio"] = (rows * t * mc.hidden_size * c + working_set(mc, rows, t, mesh.shape["tensor"])
+                                 + rows * 16 * mc.vocab_size * 4)
+    if rm_forward is not None:
+        steps["rm_scoring"] = rm_forward
+    return {"policy": res["behavior"], "policy_unstacked": copy if held else unstacked}, steps
 
 
 def verdict(peak: float, hbm: float) -> str:
@@ -326,8 +375,9 @@ def print_plan(r: dict, cfg, mc: ModelConfig, device: str) -> None:
     for k, v in r["resident"].items():
         print(f"  {labels.get(k, k):32s}{g(v)}")
     print(f"  {'= resident':32s}{g(sum(r['resident'].values()))}")
-    for phase, items in (("sampling", r["sampling"]), ("annotation", r["annotation"]),
-                         ("train_step", r["train"]), ("ref_forward", r["reference_forward"])):
+    for phase, items in (("evaluation", r["evaluation"]), ("eval (one of)", r["eval_steps"]),  # a run's order
+                         ("sampling", r["sampling"]), ("annotation", r["annotation"]),
+                         ("ref_forward", r["reference_forward"]), ("train_step", r["train"])):
         for k, v in items.items():
             print(f"  {phase + ': ' + k:32s}{g(v)}")
     print(f"  {'= peak (' + r['peak_phase'] + ')':32s}{g(r['peak'])}")
@@ -347,7 +397,7 @@ HOST_MESHES = {"v5e-32": ("data=1,fsdp=8,tensor=4", "data=2,fsdp=8,tensor=2", "d
 
 def print_all(config_path: str, overrides, rm: str | None) -> None:
     cols = ("case", "device", "mesh d/f/t", "base", "train+opt", "beh+ref", "RM", "sampling", "train_step",
-            "peak", "HBM", "verdict")
+            "eval", "peak", "HBM", "verdict")
     print(" | ".join(cols))
     for name, model, extra in CASES:
         cfg = load_config(config_path, list(extra) + list(overrides))
@@ -355,13 +405,13 @@ def print_all(config_path: str, overrides, rm: str | None) -> None:
         rmc = model_config(rm, cfg) if rm else None
         for device, (_, chips, hbm) in DEVICES.items():
             sizes = parse_mesh(ALL_MESHES.get(device, "data=1,fsdp=-1,tensor=1"), chips, cfg)
-            r = plan(cfg, mc, sizes, hbm, rmc)
+            r = plan(cfg, mc, sizes, hbm, rmc, HOSTS[device])
             res = r["resident"]
             g = lambda b: f"{b / GiB:.2f}"  # noqa: E731
             row = (name, device, "/".join(str(v) for v in sizes.values()), g(res["base"]),
                    g(res["trainable"] + res["opt_state"]), g(res["behavior"] + res["reference"]),
                    g(res.get("reward_model", 0)), g(r["phases"]["sampling"]), g(r["phases"]["train_step"]),
-                   g(r["peak"]), str(hbm), verdict(r["peak"], hbm * GiB))
+                   g(r["phases"]["evaluation"]), g(r["peak"]), str(hbm), verdict(r["peak"], hbm * GiB))
             print(" | ".join(row))
 
 
@@ -421,7 +471,8 @@ def main(argv=None) -> None:
     cfg = load_config(a.config, a.overrides)
     mc = model_config(a.model_config, cfg)
     _, chips, hbm = DEVICES[a.device]
-    r = plan(cfg, mc, parse_mesh(a.mesh, chips, cfg), hbm, model_config(a.rm_config, cfg) if a.rm_config else None)
+    r = plan(cfg, mc, parse_mesh(a.mesh, chips, cfg), hbm, model_config(a.rm_config, cfg) if a.rm_config else None,
+             HOSTS[a.device])
     print_plan(r, cfg, mc, a.device)
 
 

@@ -87,6 +87,42 @@ def test_kv_cache_bytes():
     assert r["sampling"]["kv_cache"] == kv
 
 
+def test_evaluation_decodes_each_hosts_prompts_beside_a_new_policy_copy():
+    """Evaluation: π_θ made anew (π_β's kept shapes), its unstacked copy alive throughout, then greedy decoding
+    of eval_batch_size prompts per host, the SFT log-ratio forward and the RM's scoring one after another (the
+    phase counts the largest). With 4 hosts over data 2 x fsdp 2 each host holds one batch shard and decodes
+    its own 8 prompts: the KV cache has 4 x 8 rows, 1 sample each."""
+    cfg = _cfg("lora_rank=4", "ensemble_size=2", "eval_batch_size=8", "max_prompt_length=40",
+               "eval_max_new_tokens=24", "eval_sft_logratio=true")
+    r = mp.plan(cfg, TINY, _mesh(data=2, fsdp=2), 16, rm=TINY, hosts=4)
+    assert r["evaluation"]["policy"] == r["resident"]["behavior"]
+    assert r["sampling_layout"] == "replicated"  # as π_β: the copy, and its layers again while unstacking
+    assert r["evaluation"]["policy_unstacked"] == r["sampling"]["sampling_copy"]
+    assert r["eval_steps"]["unstacking"] == r["sampling"]["behavior_unstacked"]
+    train = mp.plan(cfg.replace(sampling_layout="train"), TINY, _mesh(data=2, fsdp=2), 16, rm=TINY, hosts=4)
+    assert train["evaluation"]["policy_unstacked"] == train["sampling"]["behavior_unstacked"]
+    assert "unstacking" not in train["eval_steps"]
+    rows, slots, s = 4 * 8, 64 + 24, 4
+    kv = TINY.num_layers * 2 * rows * slots * TINY.num_kv_heads * TINY.head_dim * 2 // s + rows * slots // s
+    prefill = mp.tree_bytes(*_prompt_cache(rows, 64, s)) + mp.working_set(TINY, rows // s, 64, 1)
+    assert r["eval_steps"]["decode"] == kv + prefill
+    assert r["eval_steps"]["rm_scoring"] == r["annotation"]["rm_forward"]
+    t = 64 + 24  # one forward over [prompt | response], unembedded 16 positions at a time
+    want = (rows // s) * t * TINY.hidden_size * 2 + mp.working_set(TINY, rows // s, t, 1) + (rows // s) * 16 * 128 * 4
+    assert r["eval_steps"]["sft_logratio"] == want
+    assert r["phases"]["evaluation"] == sum(r["evaluation"].values()) + max(r["eval_steps"].values())
+    one_host = mp.plan(cfg, TINY, _mesh(data=2, fsdp=2), 16, rm=TINY)  # 8 prompts over 4 shards
+    assert one_host["eval_steps"]["decode"] < r["eval_steps"]["decode"]
+    assert "sft_logratio" not in mp.plan(_cfg(), TINY, _mesh(), 16)["eval_steps"]
+
+
+def _prompt_cache(rows, slots, shards):
+    cache = jax.eval_shape(lambda: decoder.init_cache(TINY, rows, slots, per_layer=True))
+    mesh = mp.abstract_mesh(_mesh(data=2, fsdp=2))
+    assert shards == shd.batch_shards(mesh)
+    return cache, shd.cache_shardings(cache, mesh)
+
+
 def test_verdict_and_peak():
     r = mp.plan(_cfg(), TINY, _mesh(), 16)
     assert r["peak"] == sum(r["resident"].values()) + max(r["phases"].values())
