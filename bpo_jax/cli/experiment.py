@@ -183,23 +183,36 @@ def _head_to_head_lines(pairs) -> list:
 
 def _drift_lines(exp) -> list:
     """Per trained run: win rate, log-ratio to the SFT model and gold score at each evaluated step, reward
-    accuracy by half, and the pairs dropped and resampled."""
-    from bpo_jax.eval.experiment import is_trained, run_drift
+    accuracy by half, the pairs dropped and resampled, and the final responses' distinct share and length."""
+    from bpo_jax.eval.experiment import eval_file, final_responses, is_trained, run_drift
 
     lines = ["Drift per run: at each evaluated step, win rate (%) / log π_θ/π_SFT of the greedy responses (nats, "
              "mean over prompts) / mean gold score; the train step's reward accuracy over the first and second "
              "half of the steps (with the behavior reference over the steps that start no phase, where h = 0: n/a "
-             "when every step starts one); pairs dropped (tied + identical) of the prompts sampled.", "",
-             "| method | loss | seed | win rate / drift / score by step | reward acc. | dropped of sampled |",
-             "|---|---|---|---|---|---|"]
+             "when every step starts one); pairs dropped (tied + identical) of the prompts sampled; the final "
+             "greedy responses: distinct texts (% of the test prompts) / mean words (the references' in the "
+             "header).", "",
+             "| method | loss | seed | win rate / drift / score by step | reward acc. | dropped of sampled | "
+             f"final: distinct / words{_reference_words(exp)} |",
+             "|---|---|---|---|---|---|---|"]
     for run in (r for r in exp.runs if is_trained(r)):
         d = run_drift(run)
         steps = "; ".join(f"{s}: {_pct(w)} / {lr:.2f} / {m:.3f}"
                           for s, w, lr, m in zip(d.eval_steps, d.win_rate, d.sft_logratio, d.mean_score))
         acc = " / ".join("n/a" if a != a else f"{a:.2f}" for a in d.reward_accuracy)  # nan: no step to count
+        final = final_responses(run) if os.path.exists(eval_file(run)) else None
+        shape = f"{_pct(final.distinct)}% / {final.words:.1f}" if final else "—"
         lines.append(f"| {run.method} | {run.loss_type} | {run.seed} | {steps} | {acc} | "
-                     f"{d.tied_dropped} + {d.identical_dropped} of {d.prompts_sampled} |")
+                     f"{d.tied_dropped} + {d.identical_dropped} of {d.prompts_sampled} | {shape} |")
     return lines
+
+
+def _reference_words(exp) -> str:
+    """`` (references: N)``: the human references' mean words, from the first run with a per-prompt file."""
+    from bpo_jax.eval.experiment import eval_file, final_responses, is_trained
+
+    run = next((r for r in exp.runs if is_trained(r) and os.path.exists(eval_file(r))), None)
+    return f" (references: {final_responses(run).reference_words:.1f})" if run else ""
 
 
 def _method_config(exp, method):

@@ -372,6 +372,23 @@ def run_drift(run: Run) -> RunDrift:
                     total("phase/prompts_sampled"))
 
 
+class FinalResponses(NamedTuple):
+    """What the final policy's greedy responses look like, from the run's per-prompt file: a policy that answers
+    many prompts with one text (collapse) or writes longer than the references can win on a length-rewarding
+    scorer without summarising better."""
+    distinct: float  # distinct response texts / test prompts (1: no two prompts get the same text)
+    words: float  # mean words per response (whitespace-split)
+    reference_words: float  # the same for the human references
+
+
+def final_responses(run: Run) -> FinalResponses:
+    """The run's :class:`FinalResponses` (its final evaluation's ``eval_file``)."""
+    rows = read_jsonl(eval_file(run))
+    texts = [r["response"] for r in rows]
+    return FinalResponses(len(set(texts)) / len(texts), float(np.mean([len(t.split()) for t in texts])),
+                          float(np.mean([len(r["reference"].split()) for r in rows])))
+
+
 # ---- step 4: the summary ------------------------------------------------------------------------------------
 
 class MethodResult(NamedTuple):

@@ -72,6 +72,10 @@ def test_grid_writes_results_skips_finished_runs_and_resumes(tiny_policy_and_rm,
     md = (out / "results.md").read_text()
     assert "| sigmoid | offline | 1 | sft |" in md and "| sigmoid | offline | bpo_ft |" in md
     assert 0 <= float(pair["discordance"]) <= 1 and "| offline | sigmoid | 0 | 1: " in md  # the drift table
+    final = ex.final_responses(exp.runs[0])  # its last column: the final responses' distinct share and length
+    drift_row = next(line for line in md.splitlines() if line.startswith("| offline | sigmoid | 0 | "))
+    assert drift_row.endswith(f" | {final.distinct * 100:.1f}% / {final.words:.1f} |")
+    assert f"final: distinct / words (references: {final.reference_words:.1f})" in md
     # Head to head: seed k's final responses of the two methods against each other, by score, pooled over seeds.
     scores = [[[json.loads(line)["score"] for line in open(ex.eval_file(r))] for r in exp.runs if r.seed == s]
               for s in (0, 1)]
@@ -134,6 +138,20 @@ def test_run_drift_reads_the_records_a_run_logs(tmp_path):
     assert all(np.isnan(a) for a in on_policy.reward_accuracy)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps({**r, "phase_start": 0}) + "\n" for r in recs))
     assert ex.run_drift(ex.Run("m", "sigmoid", 0, cfg, ())).reward_accuracy == (0.75, 0.25)  # the logged flag wins
+
+
+def test_final_responses_count_distinct_texts_and_words(tmp_path):
+    """Closed form from a hand-written per-prompt file: 2 distinct texts of 3 (collapse shows as a low share),
+    mean words of the responses and of the references."""
+    run = ex.Run("m", "sigmoid", 0, ex.TrainConfig(total_steps=4, run_dir=str(tmp_path / "run")), ())
+    os.makedirs(run.run_dir)
+    rows = [("a b c", "x y"), ("a b c", "x y z w"), ("d e", "x")]
+    with open(ex.eval_file(run), "w") as f:
+        f.writelines(json.dumps({"prompt": "p", "response": r, "reference": ref, "score": 0.5, "reference_score": 0.4})
+                     + "\n" for r, ref in rows)
+    got = ex.final_responses(run)
+    assert got.distinct == pytest.approx(2 / 3) and got.words == pytest.approx(8 / 3)
+    assert got.reference_words == pytest.approx(7 / 3)
 
 
 @pytest.mark.slow
