@@ -161,7 +161,11 @@ def _behavior_program(lora_settings: Lora, compute_dtype: str | None, treedef, l
 
 
 def policy_params(cfg: TrainConfig, state: TrainState, compute_dtype=None) -> Params:
-    """π_θ as evaluated: the merged ensemble as the train step runs it (``ensemble_params``)."""
+    """π_θ as evaluated: the merged ensemble as the train step runs it (``ensemble_params``). Full FT: that cast
+    copy made by one program (``take_behavior``: sharded like the base), so no float32 ``x[0]`` of the whole
+    model is made on the way to the compute dtype."""
+    if not cfg.lora_rank:
+        return take_behavior(cfg, state.trainable, state.base, compute_dtype)
     return ensemble_params(cfg, state.base, state.trainable, compute_dtype)
 
 

@@ -396,6 +396,10 @@ def test_full_ft_keeps_pi_beta_in_the_compute_dtype_and_resumes_an_older_float32
         np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
         assert got.sharding.is_equivalent_to(b.sharding, got.ndim)
     assert st.behavior_params(cfg, state, "bfloat16")["layers"]["q"] is state.behavior["layers"]["q"]  # no copy
+    policy = st.policy_params(cfg, state, "bfloat16")  # π_θ as evaluated: the same cast, one program, no x[0]
+    for got, w, b in zip(jax.tree.leaves(policy), jax.tree.leaves(want), jax.tree.leaves(base), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
+        assert got.dtype == w.dtype and got.sharding.is_equivalent_to(b.sharding, got.ndim)
     masters = jax.tree.map(lambda x: x + 0.25, state.trainable)  # π_β's masters at the last sync
     ckpt = Checkpointer(str(tmp_path), keep=2)
     ckpt.save(3, state.replace(behavior=masters), None, {})
