@@ -409,4 +409,9 @@ def test_full_ft_keeps_pi_beta_in_the_compute_dtype_and_resumes_an_older_float32
     jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)), cast.behavior,
                  st.ensemble_params(cfg, base, masters, "bfloat16"))
     assert st.merge_legacy_behavior(cfg, cast, "bfloat16") is cast
+    ckpt.save(4, cast, None, {})  # the bfloat16 π_β round-trips as it is
+    again = ckpt.restore(4, fresh())[0].behavior
+    jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)), again, cast.behavior)
+    assert jax.tree.map(lambda x: x.dtype, again) == jax.tree.map(lambda x: x.dtype, cast.behavior)
+    assert again["layers"]["q"].dtype == jnp.bfloat16
     ckpt.close()
