@@ -189,7 +189,9 @@ def _drift_lines(exp) -> list:
     lines = ["Drift per run: at each evaluated step, win rate (%) / log π_θ/π_SFT of the greedy responses (nats, "
              "mean over prompts) / mean gold score; the train step's reward accuracy over the first and second "
              "half of the steps (with the behavior reference over the steps that start no phase, where h = 0: n/a "
-             "when every step starts one); pairs dropped (tied + identical) of the prompts sampled; the final "
+             "when every step starts one); pairs dropped (tied + identical) of the prompts sampled (under "
+             "identical_pairs=resample more prompts are sampled in their place; under shrink the step trains on the "
+             "pairs left); the final "
              "greedy responses: distinct texts (% of the test prompts) / mean words (the references' in the "
              "header).", "",
              "| method | loss | seed | win rate / drift / score by step | reward acc. | dropped of sampled | "
