@@ -168,6 +168,12 @@ def _decode_weights(cfg, mc: ModelConfig, mesh, params, train_unstacked: int, fr
     return layout, copy, {}, train_unstacked
 
 
+def _call_rows(per_host: int, shards: int, hosts: int) -> int:
+    """Global prompt rows of one ``generate`` call in which each of ``hosts`` hosts passes ``per_host`` prompts:
+    each pads its rows up to its batch shards times a power of two (``sampler._rows_bucket``)."""
+    return sampler._rows_bucket(max(1, per_host), max(1, shards // hosts)) * hosts
+
+
 def _kv_and_prefill(mc: ModelConfig, mesh, prompts: int, samples: int, prompt_len: int, new_tokens: int) -> tuple:
     """``(KV cache, prefill)`` bytes per device of one ``generate`` call over ``prompts`` rows (global) with
     ``samples`` samples each: the cache of prompts·samples rows × (prompt_len + new_tokens) slots; the prefill's
@@ -215,7 +221,8 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
 
     # Sampling (collect_pairs): π_β as the train step runs it (state.behavior_params, with no copy: LoRA's merged
     # adapter kept as attach puts it; full FT's one model kept in the compute dtype, norms float32), its
-    # unstack_layers copy, the KV cache of bprompts·2 rows and the prefill's prompt cache.
+    # unstack_layers copy, the KV cache of bprompts·2 rows and the prefill's prompt cache. A call samples up to
+    # sampling_batch_size prompts (whole batches, no more than the phase's K·B: loop.collect_pairs).
     if cfg.lora_rank:
         unstacked = layer_leaves() + res["behavior"]
     else:
@@ -226,7 +233,8 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
     train_unstacked = unstacked
     layout, copy, held, unstacked = _decode_weights(cfg, mc, mesh, beh, unstacked, free)  # held: until annotated
     r.update(sampling_layout=layout, sampling_copy=copy)
-    bprompts = sampler._rows_bucket(cfg.batch_size, s)
+    calls = min(max(1, (cfg.sampling_batch_size or cfg.batch_size) // cfg.batch_size), cfg.steps_per_phase)
+    bprompts = _call_rows(calls * cfg.batch_size // hosts, s, hosts)
     plen = sampler._bucket(cfg.max_prompt_length, 32)
     kv, prefill = _kv_and_prefill(mc, mesh, bprompts, 2, plen, cfg.max_new_tokens)
     samp = {**held, "behavior_unstacked": unstacked, "kv_cache": kv, "prefill": prefill}
@@ -333,7 +341,7 @@ def _evaluation(cfg, mc: ModelConfig, mesh, state, res: dict, train_unstacked: i
     pol = jax.eval_shape(lambda s: st.policy_params(cfg, s, mc.dtype), state)
     _, copy, held, unstacked = _decode_weights(cfg, mc, mesh, pol, train_unstacked, free - res["behavior"])
     s = shd.batch_shards(mesh)
-    prompts = sampler._rows_bucket(cfg.eval_batch_size, max(1, s // hosts)) * hosts
+    prompts = _call_rows(cfg.eval_batch_size, s, hosts)
     kv, prefill = _kv_and_prefill(mc, mesh, prompts, 1, prompt_len, cfg.eval_max_new_tokens)
     steps = {"unstacking": unstacked} if held else {}
     steps["decode"] = kv + prefill

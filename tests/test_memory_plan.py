@@ -85,6 +85,11 @@ def test_kv_cache_bytes():
     assert (r["kv_rows"], r["kv_len"]) == (rows, slots)
     kv = TINY.num_layers * 2 * rows * slots * TINY.num_kv_heads * TINY.head_dim * 2 // s + rows * slots // s
     assert r["sampling"]["kv_cache"] == kv
+    # sampling_batch_size: a call samples up to that many prompts, in whole batches, at most the phase's K·B
+    for steps, phases, want in ((8, 2, 32), (4, 2, 16)):  # K = 4: 32 prompts a call; K = 2: the phase's 16
+        more = mp.plan(cfg.replace(sampling_batch_size=32, total_steps=steps, num_phases=phases), TINY,
+                       _mesh(data=2, fsdp=2), 16)
+        assert more["kv_rows"] == 2 * want and more["sampling"]["kv_cache"] == kv * want // 8
 
 
 def test_evaluation_decodes_each_hosts_prompts_beside_a_new_policy_copy():
