@@ -71,9 +71,10 @@ def _evaluate(cfg, ckpt, step: int) -> int:
     policy = restore_policy(cfg, ckpt, step, run.model)  # π_θ as the train step runs it
     result, wr = score_task(cfg, run, policy)
     evals = rd.JsonlLog(rd.path(cfg.run_dir, "eval.jsonl"))
-    evals.append({"step": step, "data": cfg.data, **wr.metrics()})
+    metrics = {**wr.metrics(), **result.response_metrics()}
+    evals.append({"step": step, "data": cfg.data, **metrics})
     evals.flush()  # a remote run_dir's line: written now, not at exit
-    log_evaluation(cfg, step, wr.metrics())
+    log_evaluation(cfg, step, metrics)
     detail = scores_file(cfg.run_dir, step, cfg.data)
     write_scores(detail, task.eval_prompts, task.references, result)
     cut = f" ({task.truncated} test prompts cut to max_prompt_length)" if task.truncated else ""

@@ -193,9 +193,9 @@ def _drift_lines(exp) -> list:
              "identical_pairs=resample more prompts are sampled in their place; under shrink the step trains on the "
              "pairs left); the final "
              "greedy responses: distinct texts (% of the test prompts) / mean words (the references' in the "
-             "header).", "",
+             "header) / cut off at eval_max_new_tokens (%; n/a in files written before it was recorded).", "",
              "| method | loss | seed | win rate / drift / score by step | reward acc. | dropped of sampled | "
-             f"final: distinct / words{_reference_words(exp)} |",
+             f"final: distinct / words / cut{_reference_words(exp)} |",
              "|---|---|---|---|---|---|---|"]
     for run in (r for r in exp.runs if is_trained(r)):
         d = run_drift(run)
@@ -203,7 +203,8 @@ def _drift_lines(exp) -> list:
                           for s, w, lr, m in zip(d.eval_steps, d.win_rate, d.sft_logratio, d.mean_score))
         acc = " / ".join("n/a" if a != a else f"{a:.2f}" for a in d.reward_accuracy)  # nan: no step to count
         final = final_responses(run) if os.path.exists(eval_file(run)) else None
-        shape = f"{_pct(final.distinct)}% / {final.words:.1f}" if final else "—"
+        cut = "n/a" if final is None or final.truncated != final.truncated else f"{_pct(final.truncated)}%"
+        shape = f"{_pct(final.distinct)}% / {final.words:.1f} / {cut}" if final else "—"
         lines.append(f"| {run.method} | {run.loss_type} | {run.seed} | {steps} | {acc} | "
                      f"{d.tied_dropped} + {d.identical_dropped} of {d.prompts_sampled} | {shape} |")
     return lines

@@ -379,14 +379,17 @@ class FinalResponses(NamedTuple):
     distinct: float  # distinct response texts / test prompts (1: no two prompts get the same text)
     words: float  # mean words per response (whitespace-split)
     reference_words: float  # the same for the human references
+    truncated: float  # the share cut off at eval_max_new_tokens (nan: a file written before it was recorded)
 
 
 def final_responses(run: Run) -> FinalResponses:
     """The run's :class:`FinalResponses` (its final evaluation's ``eval_file``)."""
     rows = read_jsonl(eval_file(run))
     texts = [r["response"] for r in rows]
+    cut = [r["truncated"] for r in rows if "truncated" in r]
     return FinalResponses(len(set(texts)) / len(texts), float(np.mean([len(t.split()) for t in texts])),
-                          float(np.mean([len(r["reference"].split()) for r in rows])))
+                          float(np.mean([len(r["reference"].split()) for r in rows])),
+                          float(np.mean(cut)) if len(cut) == len(rows) else float("nan"))
 
 
 # ---- step 4: the summary ------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import numpy as np
 from bpo_jax.logprobs import chunked_token_logprobs, reduce_masked
 from bpo_jax.models.decoder import hidden_states, logits_from_hidden, unstack_layers
 from bpo_jax.runtime import distributed
-from bpo_jax.sample.sampler import Decoding, for_sampling, generate
+from bpo_jax.sample.sampler import Decoding, cut_off, for_sampling, generate
 
 
 class WinRate(NamedTuple):
@@ -113,6 +113,15 @@ class TestSetScores(NamedTuple):
     scores: np.ndarray  # [n] the annotator's score of each response ...
     reference_scores: np.ndarray  # ... and of each human reference (or a pairwise judge's equivalent)
     logratio_sft: np.ndarray | None = None  # [n] log π_θ − log π_SFT of each response (``reference_params``)
+    truncated: np.ndarray | None = None  # [n] 1.0 where the response reached max_new_tokens without an EOS
+
+    def response_metrics(self) -> dict:
+        """``eval/truncation_rate`` (the share of responses cut off at max_new_tokens: a policy that learned to
+        write longer than the limit) and, when measured, ``eval/sft_logratio`` (its mean)."""
+        out = {} if self.truncated is None else {"eval/truncation_rate": float(np.mean(self.truncated))}
+        if self.logratio_sft is not None:
+            out["eval/sft_logratio"] = float(self.logratio_sft.mean())
+        return out
 
 
 def score_test_set(params, config, tokenizer, annotator, prompts, prompt_ids, prompt_mask, references, *,
@@ -127,7 +136,7 @@ def score_test_set(params, config, tokenizer, annotator, prompts, prompt_ids, pr
     sampling = unstack_layers(for_sampling(config, params, mesh, sampling_layout))
     per_host = -(-n // hosts)
     mine = np.minimum(np.arange(me * per_host, (me + 1) * per_host), n - 1)  # pad: repeat the last prompt
-    responses, s, r, drift = [], [], [], []
+    responses, s, r, drift, cut = [], [], [], [], []
     for start in range(0, per_host, batch_size):  # decode and score a batch at a time: a preemption stops between
         if interrupt is not None:
             interrupt()
@@ -141,12 +150,13 @@ def score_test_set(params, config, tokenizer, annotator, prompts, prompt_ids, pr
             sft = response_logps(config, reference_params, ids, pmask, out.tokens, out.mask, mesh=mesh)
             drift.append((out.logprobs * out.mask).sum(axis=1) - sft)
         responses += texts
+        cut.append(cut_off(out.tokens, out.mask, eos_token_ids))
         s.append(np.asarray(scores, np.float64))
         r.append(np.asarray(refs, np.float64))
     gather = lambda parts: distributed.all_gather(np.concatenate(parts).astype(np.float64)).reshape(-1)[:n]  # noqa: E731
     if hosts > 1:
         responses = [t for host in distributed.gather_json(responses) for t in host]
-    return TestSetScores(responses[:n], gather(s), gather(r), gather(drift) if drift else None)
+    return TestSetScores(responses[:n], gather(s), gather(r), gather(drift) if drift else None, gather(cut))
 
 
 def scores_file(run_dir: str, step: int, data: str):
@@ -161,11 +171,13 @@ def write_scores(path, prompts, references, result: TestSetScores) -> None:
     """Write ``scores_file`` (primary host only)."""
     if distributed.is_primary():
         drift = result.logratio_sft if result.logratio_sft is not None else [None] * len(prompts)
+        cut = result.truncated if result.truncated is not None else [None] * len(prompts)
         path.write_text("".join(
             json.dumps({"prompt": p, "response": resp, "reference": ref, "score": float(s),
-                        "reference_score": float(r), **({} if d is None else {"sft_logratio": float(d)})}) + "\n"
-            for p, resp, ref, s, r, d in zip(prompts, result.responses, references, result.scores,
-                                             result.reference_scores, drift)))
+                        "reference_score": float(r), **({} if d is None else {"sft_logratio": float(d)}),
+                        **({} if c is None else {"truncated": bool(c)})}) + "\n"
+            for p, resp, ref, s, r, d, c in zip(prompts, result.responses, references, result.scores,
+                                                result.reference_scores, drift, cut)))
 
 
 def score_task(cfg, run, params, *, interrupt=None, reference_params=None) -> tuple[TestSetScores, WinRate]:

@@ -182,6 +182,14 @@ class SampleOutput(NamedTuple):
                 for t, m in zip(self.tokens, self.mask)]
 
 
+def cut_off(tokens, mask, eos_token_ids=(), *, eos_appended: bool = False) -> np.ndarray:
+    """``[B]`` bool: the responses ``tokens``/``mask`` (``SampleOutput``'s) that reached the token limit without
+    ending: they fill every column and the last is not an EOS; with ``eos_appended`` (``Decoding.append_eos``,
+    which ends such a response with a forced EOS in an extra column) every response that fills that column."""
+    filled = np.asarray(mask)[:, -1] == 1
+    return filled if eos_appended else filled & ~np.isin(np.asarray(tokens)[:, -1], list(eos_token_ids))
+
+
 def distinct(texts) -> np.ndarray:
     """``[B]`` bool: the two responses of prompt i (``texts[2i]``, ``texts[2i+1]``: decoded, stripped) differ.
     Compared as text (``SampleOutput.texts``), as the annotator sees them (the official code keeps the set of

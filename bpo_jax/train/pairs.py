@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from bpo_jax.sample.sampler import cut_off
+
 
 def tied(scores) -> np.ndarray:
     """``[B]`` bool: the two responses of prompt i (``scores[2i]``, ``scores[2i+1]``) are scored equal."""
@@ -56,8 +58,7 @@ def build_pairs(prompt_ids, prompt_mask, tokens, mask, logprobs, scores, keep, e
     chosen_row = np.where(first_wins, 0, 1)[idx] + 2 * idx
     rejected_row = np.where(first_wins, 1, 0)[idx] + 2 * idx
     seq_logps = (logprobs * mask).sum(axis=1).astype(np.float32)
-    filled = mask[:, -1] == 1  # the response fills every column
-    truncated = (filled if eos_appended else filled & ~np.isin(tokens[:, -1], list(eos_token_ids))).astype(np.float32)
+    truncated = cut_off(tokens, mask, eos_token_ids, eos_appended=eos_appended).astype(np.float32)
 
     def seq(rows):
         ids = np.concatenate([prompt_ids[idx], tokens[rows]], axis=1).astype(np.int32)

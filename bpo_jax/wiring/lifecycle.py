@@ -100,12 +100,11 @@ class Evaluator:
         log.info(f"step {step}: evaluating on {len(task.references)} test prompts")
         result, wr = score_task(cfg, self.run, params, interrupt=self.interrupt,
                                 reference_params=self.start if cfg.eval_sft_logratio else None)
-        drift = {} if result.logratio_sft is None else {"eval/sft_logratio": float(result.logratio_sft.mean())}
         log.info(f"step {step}: {wr.describe()}; mean {task.score_name} {wr.mean_score:.3f} vs references "
                  f"{wr.mean_reference_score:.3f}; e.g. {result.responses[0][:100]!r}")
         if step == cfg.total_steps:  # the final model's per-prompt scores, as `evaluate` writes them
             write_scores(scores_file(cfg.run_dir, step, cfg.data), task.eval_prompts, task.references, result)
-        self.done[step] = {**wr.metrics(), **drift, **self.setting}
+        self.done[step] = {**wr.metrics(), **result.response_metrics(), **self.setting}
         return self.done[step]
 
     def step0_metrics(self, metrics: rd.JsonlLog, trackers) -> dict:

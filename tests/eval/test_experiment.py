@@ -74,8 +74,8 @@ def test_grid_writes_results_skips_finished_runs_and_resumes(tiny_policy_and_rm,
     assert 0 <= float(pair["discordance"]) <= 1 and "| offline | sigmoid | 0 | 1: " in md  # the drift table
     final = ex.final_responses(exp.runs[0])  # its last column: the final responses' distinct share and length
     drift_row = next(line for line in md.splitlines() if line.startswith("| offline | sigmoid | 0 | "))
-    assert drift_row.endswith(f" | {final.distinct * 100:.1f}% / {final.words:.1f} |")
-    assert f"final: distinct / words (references: {final.reference_words:.1f})" in md
+    assert drift_row.endswith(f" | {final.distinct * 100:.1f}% / {final.words:.1f} / {final.truncated * 100:.1f}% |")
+    assert f"final: distinct / words / cut (references: {final.reference_words:.1f})" in md
     # Head to head: seed k's final responses of the two methods against each other, by score, pooled over seeds.
     scores = [[[json.loads(line)["score"] for line in open(ex.eval_file(r))] for r in exp.runs if r.seed == s]
               for s in (0, 1)]
@@ -145,13 +145,19 @@ def test_final_responses_count_distinct_texts_and_words(tmp_path):
     mean words of the responses and of the references."""
     run = ex.Run("m", "sigmoid", 0, ex.TrainConfig(total_steps=4, run_dir=str(tmp_path / "run")), ())
     os.makedirs(run.run_dir)
-    rows = [("a b c", "x y"), ("a b c", "x y z w"), ("d e", "x")]
-    with open(ex.eval_file(run), "w") as f:
-        f.writelines(json.dumps({"prompt": "p", "response": r, "reference": ref, "score": 0.5, "reference_score": 0.4})
-                     + "\n" for r, ref in rows)
-    got = ex.final_responses(run)
+    rows = [("a b c", "x y", True), ("a b c", "x y z w", False), ("d e", "x", False)]
+
+    def write(with_cut):
+        with open(ex.eval_file(run), "w") as f:
+            f.writelines(json.dumps({"prompt": "p", "response": r, "reference": ref, "score": 0.5,
+                                     "reference_score": 0.4, **({"truncated": c} if with_cut else {})}) + "\n"
+                         for r, ref, c in rows)
+        return ex.final_responses(run)
+
+    got = write(True)
     assert got.distinct == pytest.approx(2 / 3) and got.words == pytest.approx(8 / 3)
-    assert got.reference_words == pytest.approx(7 / 3)
+    assert got.reference_words == pytest.approx(7 / 3) and got.truncated == pytest.approx(1 / 3)
+    assert np.isnan(write(False).truncated)  # a file written before the flag was recorded
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 from bpo_jax.config import TrainConfig
 from bpo_jax.config.groups import ConfigError
 from bpo_jax.models import init_params
-from bpo_jax.sample.sampler import Decoding, generate
+from bpo_jax.sample.sampler import Decoding, cut_off, generate
 from bpo_jax.train import state as st
 from bpo_jax.train.pairs import build_pairs
 from bpo_jax.train.step import BATCH_KEYS, GAP_METRICS, WEIGHT_KEY, make_train_step, pair_logps
@@ -106,6 +106,16 @@ def test_build_pairs_shrink_keeps_every_row_and_weights_the_dropped_ones_zero():
     assert resampled["weight"].tolist() == [1.0]
     for k in resampled:
         np.testing.assert_array_equal(shrunk[k][1:2], resampled[k])  # the kept row is the same pair either way
+
+
+def test_cut_off_is_a_response_that_filled_its_columns_without_ending():
+    """Rows: ended early (mask 0 after its EOS), ended with an EOS in the last column, filled without one; with
+    ``eos_appended`` a row that fills the extra last column was cut off (its EOS is the forced one)."""
+    tokens = np.array([[5, 2, 0], [5, 6, 2], [5, 6, 7]])
+    mask = np.array([[1, 1, 0], [1, 1, 1], [1, 1, 1]])
+    assert cut_off(tokens, mask, (2,)).tolist() == [False, False, True]
+    assert cut_off(tokens, mask, (2, 7)).tolist() == [False, False, False]  # any of the EOS ids ends it
+    assert cut_off(tokens, mask, (2,), eos_appended=True).tolist() == [False, True, True]
 
 
 def _trainable_delta(cfg, batch, micro=1):

@@ -313,6 +313,10 @@ def test_train_command_end_to_end(tiny_dir, tmp_path, capsys):
     # Drift from the SFT model: 0 for the SFT model itself (up to the sampler's float rounding), then not.
     assert abs(records[0]["eval/sft_logratio"]) < 1e-3 < abs(records[-1]["eval/sft_logratio"])
     assert np.mean([r["sft_logratio"] for r in rows]) == pytest.approx(records[-1]["eval/sft_logratio"])
+    # The greedy responses cut off at eval_max_new_tokens: each row says, and the rate is their mean.
+    assert all(isinstance(r["truncated"], bool) for r in rows)
+    assert np.mean([r["truncated"] for r in rows]) == pytest.approx(records[-1]["eval/truncation_rate"])
+    assert 0 <= records[0]["eval/truncation_rate"] <= 1
     exported, _ = load_pretrained(str(run / "policy"))  # the trained policy as an HF folder
     assert exported.config.num_layers == 2
 
