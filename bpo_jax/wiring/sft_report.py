@@ -57,7 +57,7 @@ def sft_report(cfg: TrainConfig, sft_run):
                         append_eos=cfg.response_eos == "append")
 
     def report(params, label: str) -> dict:
-        _, wr = score_task(cfg, run, params)
+        result, wr = score_task(cfg, run, params)
         same = identical_sample_rate(params, config, sft_run.tokenizer, task.eval_ids, task.eval_mask, decoding,
                                      rng=jax.random.key(cfg.seed), mesh=sft_run.mesh,
                                      batch_size=cfg.sampling_batch_size or cfg.eval_batch_size,
@@ -69,7 +69,7 @@ def sft_report(cfg: TrainConfig, sft_run):
             log.warning(f"{label}: {100 * same:.0f}% of the test prompts' two samples are the same text: an online "
                         f"run from this model gets no pair from those prompts (train's identical_pairs). It has "
                         f"learned to copy its references; train fewer steps (sft_steps) or at a lower learning_rate")
-        return {**wr.metrics(), "eval/identical_sample_rate": same}
+        return {**wr.metrics(), **result.response_metrics(), "eval/identical_sample_rate": same}
 
     return report
 

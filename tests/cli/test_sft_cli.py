@@ -45,7 +45,9 @@ def test_two_seeds_give_peft_adapters_that_start_train(tiny_policy_and_rm, tmp_p
     assert held[0] < held[None] and held[1] < held[None]  # None: the base, before
     reports = [r for r in _metrics(run) if "eval/heldout_loss" in r]  # minisum has a scorer: the report's figures
     assert len(reports) == 3 and all(0.0 <= r["eval/win_rate"] <= 1.0 and r["eval/n"] == 6 and
-                                     0.0 <= r["eval/identical_sample_rate"] <= 1.0 for r in reports)
+                                     0.0 <= r["eval/identical_sample_rate"] <= 1.0 and
+                                     abs(6 * r["eval/truncation_rate"] - round(6 * r["eval/truncation_rate"])) < 1e-9
+                                     for r in reports)
     model, _ = load_pretrained(policy)
     shapes = {t: model.params["layers"][t].shape for t in lora.TARGETS}
     def hf_logits(folder=None):  # PEFT puts the adapter into the HF model it is given: a fresh one each time
