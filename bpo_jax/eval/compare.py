@@ -57,9 +57,14 @@ def compare_policies(cfg, run, a: Policy, b: Policy, **bootstrap_kw) -> Comparis
     task = run.task
     judge = task.eval_annotator if hasattr(task.eval_annotator, "compare_many") else None
     side_a, side_b = (_responses(cfg, run, p, scored=judge is None) for p in (a, b))
-    records = [{"prompt": p, "reference": r, "response_a": x, "response_b": y}
-               for p, r, x, y in zip(task.eval_prompts, task.references, side_a.responses, side_b.responses)]
-    summary = {"a": a.label, "b": b.label, "data": task.name, "annotator": task.score_name, "n": len(records)}
+    records = [{"prompt": p, "reference": r, "response_a": x, "response_b": y, "truncated_a": bool(ca),
+                "truncated_b": bool(cb)}
+               for p, r, x, y, ca, cb in zip(task.eval_prompts, task.references, side_a.responses, side_b.responses,
+                                             side_a.truncated, side_b.truncated)]
+    summary = {"a": a.label, "b": b.label, "data": task.name, "annotator": task.score_name, "n": len(records),
+               # cut off at eval_max_new_tokens: a judge or a length-rewarding scorer may favour the longer side
+               "a_truncation_rate": float(np.mean(side_a.truncated)),
+               "b_truncation_rate": float(np.mean(side_b.truncated))}
     if judge is None:
         outcome = head_to_head_outcomes(side_a.scores, side_b.scores)
         for rec, sa, sb, ref in zip(records, side_a.scores, side_b.scores, side_a.reference_scores):
@@ -131,7 +136,8 @@ def describe(summary: dict) -> str:
     if ref:
         line += (f"; vs the references A {pct(ref['a_win_rate'])}, B {pct(ref['b_win_rate'])}, A − B "
                  f"{pts(ref['diff'])} points (95% CI {pts(ref['ci_low'])} to {pts(ref['ci_high'])})")
-    return line
+    return line + (f"; cut off at the token limit: A {pct(summary['a_truncation_rate'])}, "
+                   f"B {pct(summary['b_truncation_rate'])}")
 
 
 def write(out_dir: str, stem: str, comparison: Comparison):

@@ -76,6 +76,10 @@ def test_compare_matches_the_experiment_runner(grid, tmp_path, capsys):
     assert [r["winner"] for r in records] == [{1: "a", -1: "b", 0: "tie"}[o] for o in outcome]
     assert summary["a_wins"] - summary["b_wins"] == pytest.approx(summary["diff"])
     assert summary["ties"] == pytest.approx(np.mean(outcome == 0)) and summary["n"] == 6
+    for run, side in ((run_a, "a"), (run_b, "b")):  # each side's responses cut off at eval_max_new_tokens
+        rows = [json.loads(line) for line in open(ex.eval_file(run))]
+        assert [r[f"truncated_{side}"] for r in records] == [r["truncated"] for r in rows]
+        assert summary[f"{side}_truncation_rate"] == pytest.approx(np.mean([r["truncated"] for r in rows]))
     assert {k: summary[k] for k in pair.head_to_head} == pair.head_to_head  # the runner's head-to-head table's
 
 
