@@ -193,9 +193,9 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
     of the slice, each evaluating its own ``eval_batch_size`` prompts at a time)."""
     mesh = abstract_mesh(mesh_sizes)
     base, state = abstract_state(cfg, mc)
-    sh_base, sh_train, sh_beh, sh_opt, sh_ref = state_shardings(cfg, mc, state, mesh)
-    n, tensor, s = cfg.ensemble_size, mesh_sizes["tensor"], shd.batch_shards(mesh)
-    c = jnp.dtype(mc.dtype).itemsize
+    shardings = state_shardings(cfg, mc, state, mesh)
+    sh_base, sh_train, sh_beh, sh_opt, sh_ref = shardings
+    tensor, s = mesh_sizes["tensor"], shd.batch_shards(mesh)
     dtype_of = lambda tree: str(jax.tree.leaves(tree)[0].dtype) if tree is not None else "-"  # noqa: E731
     r = {"mesh": mesh_sizes, "hbm": hbm_gib * GiB,
          "trainable_dtype": dtype_of(state.trainable), "opt_dtype": dtype_of(state.opt_state[1][0].mu),
@@ -252,6 +252,25 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
     evaluation, eval_steps = _evaluation(cfg, mc, mesh, state, res, train_unstacked, free, hosts, plen,
                                          ann.get("rm_forward"))
 
+    train, ref_fwd, rows, t = _train_and_reference(cfg, mc, mesh, base, state, res, shardings)
+    r.update(train_rows=rows, train_len=t)
+
+    phases = {"sampling": sum(samp.values()), "annotation": sum(ann.values()), "train_step": sum(train.values()),
+              "reference_forward": sum(ref_fwd.values()),
+              "evaluation": sum(evaluation.values()) + max(eval_steps.values())}
+    worst = max(phases, key=phases.get)
+    r.update(resident=res, sampling=samp, annotation=ann, train=train, reference_forward=ref_fwd,
+             evaluation=evaluation, eval_steps=eval_steps, phases=phases, peak_phase=worst,
+             peak=sum(res.values()) + phases[worst])
+    return r
+
+
+def _train_and_reference(cfg, mc: ModelConfig, mesh, base, state, res: dict, shardings) -> tuple:
+    """The train step's transients and the reference forward's (``reference`` ≠ ``behavior``), and the train rows
+    and tokens per device: ``(train, ref_fwd, rows, t)``."""
+    sh_base, sh_train, _, _, sh_ref = shardings
+    n, tensor, s = cfg.ensemble_size, mesh.shape["tensor"], shd.batch_shards(mesh)
+    c = jnp.dtype(mc.dtype).itemsize
     # Train step, per micro-batch of B/m pairs, split over data×fsdp when they divide: B/m rows of P + 2N tokens
     # ([prompt | chosen | rejected], share_prompt) or 2·B/m rows of P + N.
     pairs = cfg.batch_size // cfg.micro_batches
@@ -301,7 +320,6 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
         train["weight_casts"] = wc
     train["activations"] = act
     train["logits"] = logits
-    r.update(train_rows=rows, train_len=t)
 
     # Reference forward (reference != behavior): runs before the gradient pass, outside it, so it is a phase of
     # its own. ema/mixup under LoRA: the reference factors merged by ensemble_merge (lora.attach_merged, float32):
@@ -318,14 +336,7 @@ def plan(cfg, mc: ModelConfig, mesh_sizes: dict, hbm_gib: float, rm: ModelConfig
         ref_fwd["forward"] = rows * t * mc.hidden_size * c + ws + xa_one * n * cfg.lora_rank
         ref_fwd["logits"] = logits
 
-    phases = {"sampling": sum(samp.values()), "annotation": sum(ann.values()), "train_step": sum(train.values()),
-              "reference_forward": sum(ref_fwd.values()),
-              "evaluation": sum(evaluation.values()) + max(eval_steps.values())}
-    worst = max(phases, key=phases.get)
-    r.update(resident=res, sampling=samp, annotation=ann, train=train, reference_forward=ref_fwd,
-             evaluation=evaluation, eval_steps=eval_steps, phases=phases, peak_phase=worst,
-             peak=sum(res.values()) + phases[worst])
-    return r
+    return train, ref_fwd, rows, t
 
 
 def _evaluation(cfg, mc: ModelConfig, mesh, state, res: dict, train_unstacked: int, free: int, hosts: int,
