@@ -3,7 +3,8 @@
 Every document is invented from templates with random slots (towns, people, organisations, numbers, days), in
 eight domains. Each row carries a plain human-style ``reference`` summary that keeps the gist and some specifics but
 not the key numbers, and a held-out expert ``gold`` summary that states the main event with its key specifics in the
-document's own words. Usage: ``python data/minisum/generate.py`` (the shipped 128 / 48 rows, here).
+document's own words, and its template's name as ``group``: the test prompts of one template win or lose
+together, so the experiment report also resamples whole groups for its confidence intervals. Usage: ``python data/minisum/generate.py`` (the shipped 128 / 48 rows, here).
 
 A larger set for the experiment runner, with no test document sharing a (template, town, person) with a training
 one: ``python data/minisum/generate.py --train 1200 --test 400 --seed 2025 --disjoint --out data/minisum_large``.
@@ -24,6 +25,7 @@ ORGS = ["the Riverside Trust", "the Green Valley Foundation", "the county counci
 
 TEMPLATES = [
     dict(
+        name="library",
         doc="{town}'s public library will open a new reading room on {day}. The room has {n} seats, free wifi and "
             "stays open until {hour} p.m. on weekdays. It was paid for by a grant of {money} dollars from {org}. "
             "Head librarian {person} said students had asked for a quiet place to study after school.",
@@ -31,6 +33,7 @@ TEMPLATES = [
         gold="{town}'s library opens a {n}-seat reading room with free wifi on {day}, funded by {org}.",
     ),
     dict(
+        name="rain",
         doc="Forecasters expect heavy rain across the {town} valley from {day} night, with up to {n} millimeters "
             "falling in twelve hours. The river road will close at {hour} p.m. as a precaution. {person} of the "
             "local emergency office urged drivers to use the hill route and to keep phones charged.",
@@ -38,6 +41,7 @@ TEMPLATES = [
         gold="Up to {n} millimeters of rain will hit the {town} valley from {day}, closing the river road at {hour} p.m.",
     ),
     dict(
+        name="cup_final",
         doc="The {town} Hawks beat the {town2} Rovers {n} to {m} on {day} to win the regional football cup. "
             "Striker {person} scored twice in the second half after the Hawks trailed at the break. About {money} "
             "fans watched the final, the largest crowd the stadium has seen in ten years.",
@@ -45,6 +49,7 @@ TEMPLATES = [
         gold="The {town} Hawks beat the {town2} Rovers {n}-{m} to win the regional cup, with {person} scoring twice.",
     ),
     dict(
+        name="bakery",
         doc="A new bakery called {shop} opened on Main Street in {town} on {day}. Owner {person} trained in "
             "bread making for {n} years before moving back home. The shop sells sourdough, rye and fruit buns and "
             "employs {m} local people. It is open every day except Monday from 7 a.m.",
@@ -52,6 +57,7 @@ TEMPLATES = [
         gold="{person} opened the {shop} bakery on {town}'s Main Street on {day}, employing {m} local people.",
     ),
     dict(
+        name="school_fundraiser",
         doc="Pupils at {town} Primary School raised {money} dollars for the children's ward of the county "
             "hospital. Over {n} weeks they held bake sales, a sponsored walk and a school concert. Teacher "
             "{person} said the money will buy games and books. The hospital will thank the pupils at an "
@@ -60,6 +66,7 @@ TEMPLATES = [
         gold="{town} Primary School pupils raised {money} dollars in {n} weeks for the county hospital's children's ward.",
     ),
     dict(
+        name="bus",
         doc="From {day}, the number {n} bus in {town} will run every {m} minutes instead of every half hour. "
             "{org} said more people are taking the bus to the new business park. Two new stops will be added near "
             "the station. Spokesperson {person} said fares will stay the same for the rest of the year.",
@@ -67,6 +74,7 @@ TEMPLATES = [
         gold="From {day}, {town}'s number {n} bus will run every {m} minutes, with two new stops and unchanged fares.",
     ),
     dict(
+        name="puffins",
         doc="Researchers at the {town} field station counted {n} pairs of nesting puffins this spring, up from "
             "{m} pairs five years ago. Biologist {person} credits a ban on fishing near the cliffs. The team "
             "will fit small trackers to twenty birds on {day} to learn where they feed during the summer.",
@@ -74,6 +82,7 @@ TEMPLATES = [
         gold="{town} researchers counted {n} puffin pairs this spring, up from {m} five years ago, after a fishing ban.",
     ),
     dict(
+        name="flu_clinic",
         doc="The {town} health clinic will offer free flu vaccinations every {day} in October. Anyone over "
             "{n} years old, and people with asthma or diabetes, can walk in without an appointment. Nurse "
             "{person} said the clinic has {money} doses ready. The clinic asks visitors to bring a photo ID.",
@@ -100,7 +109,7 @@ def make_rows(count: int, rng: random.Random, prefix: str, seen=None) -> list[di
             continue
         seen.add(key)
         rows.append({"id": f"{prefix}-{len(rows):03d}", "document": t["doc"].format(**slots),
-                     "reference": t["ref"].format(**slots), "gold": t["gold"].format(**slots)})
+                     "reference": t["ref"].format(**slots), "gold": t["gold"].format(**slots), "group": t["name"]})
     return rows
 
 

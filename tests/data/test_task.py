@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from bpo_jax.data.minisum import DATA_DIR, load_rows, prompt_text
+from bpo_jax.data.minisum import DATA_DIR, groups, load_rows, prompt_text
 from bpo_jax.eval.annotators import FunctionAnnotator, RougeAnnotator, rouge_l_f1
 from bpo_jax.eval.win_rate import win_rate_from_scores
 
@@ -17,6 +17,9 @@ def test_shipped_minisum():
     ids = [r["id"] for r in train + test]
     assert len(set(ids)) == len(ids)
     assert not {r["document"] for r in train} & {r["document"] for r in test}
+    # Each row names its template (minisum's generator writes them in turn): the groups of the report's CIs.
+    assert groups(test) == [r["group"] for r in test] and len(set(groups(test))) == 8
+    assert groups(test)[:8] == groups(test)[8:16] and groups(train)[:8] == groups(test)[:8]
     gold = RougeAnnotator({prompt_text(r): r["gold"] for r in test})
     ref_scores = gold([prompt_text(r) for r in test], [r["reference"] for r in test])
     assert 0.2 < ref_scores.mean() < 0.6  # references are decent but beatable summaries of the gold facts
@@ -33,6 +36,19 @@ def test_malformed_rows_name_file_and_line(tmp_path):
         load_rows(str(f))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_rows(str(tmp_path / "none.jsonl"))
+    # A group is optional, but a file gives one to every row or to none, and never an empty one.
+    grouped = json.dumps({"id": "b", "document": "d", "reference": "r", "gold": "g", "group": "x"})
+    f.write_text("\n" + good + "\n" + grouped + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: a 'group' field, unlike line 2: give every row a group"):
+        load_rows(str(f))
+    f.write_text(grouped + "\n" + good + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: no 'group' field, unlike line 1"):
+        load_rows(str(f))
+    f.write_text(grouped.replace('"x"', '" "') + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing or empty field 'group'"):
+        load_rows(str(f))
+    f.write_text(good + "\n")
+    assert groups(load_rows(str(f))) is None
 
 
 def test_rouge_l_closed_forms():
