@@ -101,12 +101,13 @@ def random_pair_batch(rng_or_seed, batch: int, prompt_len: int, response_len: in
             for k, v in zip(BATCH_KEYS, values)}
 
 
-def write_minisum_folder(folder, rows: int = 6):
+def write_minisum_folder(folder, rows: int = 6, groups: int = 0):
     """``folder/{train,test}.jsonl`` (``folder`` a ``pathlib.Path`` that exists), each ``rows`` short documents
-    in the minisum format (``id``, ``document``, ``reference``, ``gold``; the same rows in both splits); returns
-    ``folder``."""
+    in the minisum format (``id``, ``document``, ``reference``, ``gold``, and with ``groups`` > 0 row i's
+    ``group`` ``g<i mod groups>``; the same rows in both splits); returns ``folder``."""
     data = [{"id": f"r{i}", "document": f"Town {i} opened a park with {i + 3} benches on Monday.",
-             "reference": f"Town {i} has a new park.", "gold": f"Town {i} opened a park with {i + 3} benches."}
+             "reference": f"Town {i} has a new park.", "gold": f"Town {i} opened a park with {i + 3} benches.",
+             **({"group": f"g{i % groups}"} if groups else {})}
             for i in range(rows)]
     for split in ("train", "test"):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))

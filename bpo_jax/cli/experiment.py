@@ -26,6 +26,9 @@ import sys
 log = logging.getLogger(__name__)
 
 H2H_KEYS = ("a_wins", "b_wins", "ties", "diff", "ci_low", "ci_high", "p_value")  # paired.csv's h2h_* columns
+# paired.csv's columns of the comparisons that resample whole groups of prompts (empty when the test set has none)
+GROUPED_COLUMNS = ("n_groups", "group_ci_low", "group_ci_high", "group_p_value", "h2h_group_ci_low",
+                   "h2h_group_ci_high", "h2h_group_p_value")
 
 
 def main(argv=None) -> int:
@@ -63,7 +66,13 @@ def main(argv=None) -> int:
         log.info(f"experiment: {len(exp.runs)} runs ({len(exp.methods)} methods, {len(exp.loss_types)} losses, "
                  f"{len(exp.seeds)} seeds) in {exp.out_dir}")
         failed = ex.run_grid(exp, in_process if args.in_process else subprocess_command)
-    results, pairs, unfinished = ex.summarize(exp)
+    from bpo_jax.wiring.tasks import prompt_groups
+
+    try:
+        results, pairs, unfinished = ex.summarize(exp, prompt_groups(exp.runs[0].config))
+    except (OSError, ValueError) as err:
+        log.error(f"experiment error: {err}")
+        return 2
     os.makedirs(exp.out_dir, exist_ok=True)
     write_results(exp, results, pairs, unfinished)
     if results:
@@ -106,11 +115,13 @@ def write_results(exp, results, pairs, unfinished) -> None:
         w = csv.writer(f)
         w.writerow(["loss_type", "method_a", "method_b", "diff", "ci_low", "ci_high", "p_value", "n_prompts",
                     "n_seeds", "discordance", "h2h_a_wins", "h2h_b_wins", "h2h_ties", "h2h_diff", "h2h_ci_low",
-                    "h2h_ci_high", "h2h_p_value"])
+                    "h2h_ci_high", "h2h_p_value", *GROUPED_COLUMNS])
         for p in pairs:
-            d, h = p.vs_references, p.head_to_head
+            d, h, dg, hg = p.vs_references, p.head_to_head, p.vs_references_grouped, p.head_to_head_grouped
+            grouped = ([] if dg is None else [dg.n_groups, *(f"{x:.4f}" for x in (dg.ci_low, dg.ci_high, dg.p_value)),
+                                               *(f"{hg[k]:.4f}" for k in ("ci_low", "ci_high", "p_value"))])
             w.writerow([p.loss_type, p.method_a, p.method_b, *(f"{x:.4f}" for x in d[:4]), d.n_prompts, d.n_seeds,
-                        f"{d.discordance:.4f}", *(f"{h[k]:.4f}" for k in H2H_KEYS)])
+                        f"{d.discordance:.4f}", *(f"{h[k]:.4f}" for k in H2H_KEYS), *grouped])
     lines = [f"# Experiment: {exp.out_dir}", "", *_win_rate_lines(exp, results), "", *_paired_lines(pairs),
              "", *_head_to_head_lines(pairs), "", *_drift_lines(exp)]
     if unfinished:
@@ -156,29 +167,50 @@ def _win_rate_lines(exp, results) -> list:
 
 
 def _paired_lines(pairs) -> list:
+    grouped = _grouped_note(pairs)
     lines = ["Paired differences (A − B, percentage points), same test prompts and seeds; 95% CI from a "
              "bootstrap that resamples prompts and seeds, the same draw for both methods; discordance: the share "
-             "of prompt-runs whose outcomes differ.", "",
-             "| loss | A | B | A − B | 95% CI | p | prompts × seeds | discordance |",
-             "|---|---|---|---|---|---|---|---|"]
+             "of prompt-runs whose outcomes differ." + grouped, "",
+             "| loss | A | B | A − B | 95% CI | p |" + (" 95% CI, groups | p, groups |" if grouped else "") +
+             " prompts × seeds | discordance |",
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if grouped else "")]
     for p in pairs:
-        d = p.vs_references
+        d, g = p.vs_references, p.vs_references_grouped
         lines.append(f"| {p.loss_type} | {p.method_a} | {p.method_b} | {_diff_ci(d.diff, d.ci_low, d.ci_high)} | "
-                     f"{d.p_value:.3f} | {d.n_prompts} × {d.n_seeds} | {_pct(d.discordance)}% |")
+                     f"{d.p_value:.3f} | " + (_group_cells(g.ci_low, g.ci_high, g.p_value) if grouped else "") +
+                     f"{d.n_prompts} × {d.n_seeds} | {_pct(d.discordance)}% |")
     return lines
 
 
 def _head_to_head_lines(pairs) -> list:
+    grouped = _grouped_note(pairs)
     lines = ["Head to head (the official evaluation's form): A's and B's final greedy responses to the same "
              "prompt, the higher score (the runs' evaluation scorer) wins, equal scores tie; seed k of A against "
-             "seed k of B. A − B: P(A wins) − P(B wins) in points, with the same bootstrap.", "",
-             "| loss | A | B | A wins % | B wins % | ties % | A − B | 95% CI | p |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "seed k of B. A − B: P(A wins) − P(B wins) in points, with the same bootstrap" +
+             (" (and the same with groups resampled)." if grouped else "."), "",
+             "| loss | A | B | A wins % | B wins % | ties % | A − B | 95% CI | p |" +
+             (" 95% CI, groups | p, groups |" if grouped else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if grouped else "")]
     for p in pairs:
-        h = p.head_to_head
+        h, g = p.head_to_head, p.head_to_head_grouped
         lines.append(f"| {p.loss_type} | {p.method_a} | {p.method_b} | {_pct(h['a_wins'])} | {_pct(h['b_wins'])} | "
-                     f"{_pct(h['ties'])} | {_diff_ci(h['diff'], h['ci_low'], h['ci_high'])} | {h['p_value']:.3f} |")
+                     f"{_pct(h['ties'])} | {_diff_ci(h['diff'], h['ci_low'], h['ci_high'])} | {h['p_value']:.3f} |" +
+                     (" " + _group_cells(g["ci_low"], g["ci_high"], g["p_value"]).rstrip() if grouped else ""))
     return lines
+
+
+def _grouped_note(pairs) -> str:
+    """The sentence on the group-resampled CIs, or "" when the test set gives no groups."""
+    if not pairs or pairs[0].vs_references_grouped is None:
+        return ""
+    return (f" The columns marked groups resample the test set's {pairs[0].vs_references_grouped.n_groups} groups "
+            "of prompts (the `group` of its rows; minisum's templates) whole, with the seeds, instead of single "
+            "prompts: where a method wins or loses a group together, these are the CIs to read, and with few "
+            "groups they still run narrow.")
+
+
+def _group_cells(low: float, high: float, p: float) -> str:
+    return f"[{100 * low:+.1f}, {100 * high:+.1f}] | {p:.3f} | "
 
 
 def _drift_lines(exp) -> list:

@@ -14,6 +14,8 @@
      sides' win indicators). With a scorer also each side's win rate against the human references (a tie loses,
      as in the paper) and their paired difference: the experiment runner's ``paired.csv`` comparison of two runs
      on one seed, computed the same way from the same per-prompt scores, as is the runner's head-to-head table.
+     When the test set gives its prompts groups (minisum's templates), each CI also with whole groups resampled
+     (``grouped``), as the runner's columns marked groups.
   4. ``write``: one record per prompt (the prompt, the reference, both responses, both scores or both orders'
      verdicts, the winner) and the summary as JSON.
 """
@@ -78,7 +80,25 @@ def compare_policies(cfg, run, a: Policy, b: Policy, **bootstrap_kw) -> Comparis
     for rec, o in zip(records, outcome):
         rec["winner"] = "a" if o > 0 else "b" if o < 0 else "tie"
     summary.update(head_to_head(outcome, **bootstrap_kw))
+    if task.eval_groups is not None:
+        summary["grouped"] = grouped(outcome, task.eval_groups, None if judge else (side_a, side_b),
+                                     **bootstrap_kw)
+        for rec, g in zip(records, task.eval_groups):
+            rec["group"] = g
     return Comparison(records, summary)
+
+
+def grouped(outcome, groups, scored_sides=None, **bootstrap_kw) -> dict:
+    """The head-to-head CI, and with a scorer's ``scored_sides`` (A's and B's scores) the CI against the
+    references, with the test set's groups of prompts resampled whole (``stats.paired_bootstrap``'s ``groups``)."""
+    h = head_to_head(outcome, groups=groups, **bootstrap_kw)
+    out = {"n_groups": len(set(groups)), "ci_low": h["ci_low"], "ci_high": h["ci_high"], "p_value": h["p_value"]}
+    if scored_sides is not None:
+        side_a, side_b = scored_sides
+        d = paired_bootstrap(outcomes(side_a.scores, side_a.reference_scores),
+                             outcomes(side_b.scores, side_b.reference_scores), groups=groups, **bootstrap_kw)
+        out["vs_references"] = {"ci_low": d.ci_low, "ci_high": d.ci_high, "p_value": d.p_value}
+    return out
 
 
 def _responses(cfg, run, policy: Policy, *, scored: bool):
@@ -136,6 +156,10 @@ def describe(summary: dict) -> str:
     if ref:
         line += (f"; vs the references A {pct(ref['a_win_rate'])}, B {pct(ref['b_win_rate'])}, A − B "
                  f"{pts(ref['diff'])} points (95% CI {pts(ref['ci_low'])} to {pts(ref['ci_high'])})")
+    if g := summary.get("grouped"):
+        line += (f"; with the {g['n_groups']} groups of prompts resampled whole, 95% CI {pts(g['ci_low'])} to "
+                 f"{pts(g['ci_high'])}" + (f" (vs the references {pts(g['vs_references']['ci_low'])} to "
+                                           f"{pts(g['vs_references']['ci_high'])})" if "vs_references" in g else ""))
     return line + (f"; cut off at the token limit: A {pct(summary['a_truncation_rate'])}, "
                    f"B {pct(summary['b_truncation_rate'])}")
 

@@ -409,15 +409,30 @@ class MethodPair(NamedTuple):
     method_b: str
     vs_references: PairedDiff  # A − B in win rate against the human references (ties lose)
     head_to_head: dict  # ``stats.head_to_head``: A's final responses against B's, by the higher gold score
+    vs_references_grouped: PairedDiff | None = None  # the same, whole groups of prompts resampled
+    head_to_head_grouped: dict | None = None
 
 
-def summarize(exp: Experiment, **bootstrap_kw) -> tuple[list, list, list]:
+def read_groups(run: Run, prompt_groups: dict) -> list:
+    """The group of each prompt in the run's per-prompt file, from ``prompt_groups`` (prompt text -> group: the
+    test set's, ``bpo_jax.wiring.tasks.prompt_groups``); a prompt the test set does not hold is an error."""
+    groups = []
+    for n, row in enumerate(read_jsonl(eval_file(run)), 1):
+        if row["prompt"] not in prompt_groups:
+            raise ValueError(f"{eval_file(run)}:{n}: a prompt that {run.config.data}'s test set does not hold "
+                             f"(was the test set changed after the run?): {row['prompt'][:80]!r}")
+        groups.append(prompt_groups[row["prompt"]])
+    return groups
+
+
+def summarize(exp: Experiment, prompt_groups: dict | None = None, **bootstrap_kw) -> tuple[list, list, list]:
     """Steps 3–4 over the finished runs: ``(results, pairs, unfinished)``; ``results`` has a MethodResult per
     (method, loss) with a finished seed, ``pairs`` a MethodPair per two methods of a loss with a common finished
-    seed, ``unfinished`` the runs without per-prompt scores."""
+    seed, ``unfinished`` the runs without per-prompt scores. ``prompt_groups`` (prompt text -> group, when the
+    test set gives its prompts groups): each pair is also compared with whole groups resampled."""
     from bpo_jax.eval.win_rate import win_rate_from_scores
 
-    results, pairs, unfinished, by_loss = [], [], [], {}
+    results, pairs, unfinished, by_loss, groups = [], [], [], {}, None
     for method, loss in itertools.product(exp.methods, exp.loss_types):
         seeds, rates, scored = [], [], {}
         for run in (r for r in exp.runs if (r.method, r.loss_type) == (method, loss)):
@@ -425,6 +440,11 @@ def summarize(exp: Experiment, **bootstrap_kw) -> tuple[list, list, list]:
                 unfinished.append(run)
                 continue
             scores, refs = read_scores(run)
+            if prompt_groups is not None:
+                run_groups = read_groups(run, prompt_groups)
+                if groups is not None and run_groups != groups:
+                    raise ValueError(f"{eval_file(run)}: its test prompts differ from the other runs'")
+                groups = run_groups
             seeds.append(run.seed)
             rates.append(win_rate_from_scores(scores, refs))
             scored[run.seed] = (scores, refs)
@@ -434,10 +454,18 @@ def summarize(exp: Experiment, **bootstrap_kw) -> tuple[list, list, list]:
             by_loss.setdefault(loss, {})[method] = scored
     for loss, methods in by_loss.items():
         for x, y in itertools.combinations(methods, 2):
-            common = [s for s in exp.seeds if s in methods[x] and s in methods[y]]
-            if common:
-                a, b = [methods[x][s] for s in common], [methods[y][s] for s in common]
-                vs_refs = paired_bootstrap([outcomes(*sa) for sa in a], [outcomes(*sb) for sb in b], **bootstrap_kw)
-                h2h = head_to_head([head_to_head_outcomes(sa[0], sb[0]) for sa, sb in zip(a, b)], **bootstrap_kw)
-                pairs.append(MethodPair(loss, x, y, vs_refs, h2h))
+            if common := [s for s in exp.seeds if s in methods[x] and s in methods[y]]:
+                pairs.append(_method_pair(loss, x, y, [methods[x][s] for s in common],
+                                          [methods[y][s] for s in common], groups, **bootstrap_kw))
     return results, pairs, unfinished
+
+
+def _method_pair(loss: str, x: str, y: str, a: list, b: list, groups, **bootstrap_kw) -> MethodPair:
+    """Methods ``x`` and ``y`` compared on their common seeds' ``(scores, reference_scores)``, ``a`` and ``b``."""
+    vs_refs = [outcomes(*sa) for sa in a], [outcomes(*sb) for sb in b]
+    h2h = [head_to_head_outcomes(sa[0], sb[0]) for sa, sb in zip(a, b)]
+    pair = MethodPair(loss, x, y, paired_bootstrap(*vs_refs, **bootstrap_kw), head_to_head(h2h, **bootstrap_kw))
+    if groups is None:
+        return pair
+    return pair._replace(vs_references_grouped=paired_bootstrap(*vs_refs, groups=groups, **bootstrap_kw),
+                         head_to_head_grouped=head_to_head(h2h, groups=groups, **bootstrap_kw))

@@ -51,6 +51,7 @@ class Task:
     score_name: str  # what the annotator's scores are, for printing
     truncated: int = 0  # test prompts cut to max_prompt_length (the annotator still sees them whole)
     eval_annotator: object = None  # scores the test set: the annotator, or the RM at eval_reward_max_length
+    eval_groups: list | None = None  # each test prompt's group, when the data gives them (``prompt_groups``)
 
     def __post_init__(self):
         if self.eval_annotator is None:
@@ -171,8 +172,10 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True, so
     if eval_ids.shape[1] > cfg.max_prompt_length:
         raise ValueError(f"a test prompt has {eval_ids.shape[1]} tokens, over max_prompt_length="
                          f"{cfg.max_prompt_length}")
+    groups = prompt_groups(cfg)
     return Task(data_name(cfg), stream, eval_prompts, eval_ids, eval_mask, references, annotator, score_name,
-                truncated=sum(cut for _, cut in encoded), eval_annotator=eval_annotator)
+                truncated=sum(cut for _, cut in encoded), eval_annotator=eval_annotator,
+                eval_groups=None if groups is None else [groups[p] for p in eval_prompts])
 
 
 def _tfds_data(cfg: TrainConfig, tokenizer, sources, train: bool):
@@ -210,6 +213,19 @@ def _folder_data(cfg: TrainConfig, tokenizer, mesh, train: bool):
                               rows=distributed.host_batch_rows(mesh, cfg.batch_size))
     gold = {minisum.prompt_text(r): r["gold"] for r in train_rows + test_rows}
     return [minisum.prompt_text(r) for r in test_rows], [r["reference"] for r in test_rows], None, stream, gold
+
+
+def prompt_groups(cfg: TrainConfig) -> dict | None:
+    """The test prompts' groups (prompt text -> group), when the data gives its test rows a ``group`` (a
+    minisum-format folder: ``bpo_jax.data.minisum``); None for data without groups. Reads no model."""
+    if tfds_task(cfg):
+        return None
+    folder = minisum.DATA_DIR if cfg.data == "minisum" else cfg.data
+    path = os.path.join(folder, "test.jsonl")
+    rows = minisum.load_rows(path)
+    rows = rows[: _eval_size(cfg, len(rows), path)]
+    groups = minisum.groups(rows)
+    return None if groups is None else {minisum.prompt_text(r): g for r, g in zip(rows, groups)}
 
 
 def annotators(cfg: TrainConfig, gold, mesh):

@@ -13,6 +13,7 @@ import yaml
 from bpo_jax.__main__ import main as cli
 from bpo_jax.cli.experiment import main as experiment_cli
 from bpo_jax.eval import experiment as ex
+from bpo_jax.wiring.tasks import prompt_groups
 from multihost import judge_server, run_group
 from testing import write_minisum_folder
 
@@ -23,7 +24,7 @@ def grid(tiny_policy_and_rm, tmp_path_factory):
     tiny random policy's responses all score ROUGE-L 0 against the gold summaries)."""
     root = tmp_path_factory.mktemp("compare_grid")
     (root / "data").mkdir()
-    data = write_minisum_folder(root / "data", rows=6)
+    data = write_minisum_folder(root / "data", rows=6, groups=3)  # groups: the CIs that resample them
     spec = {"base": {"model": tiny_policy_and_rm[0], "reward_model": tiny_policy_and_rm[1], "data": str(data),
                      "total_steps": 2, "batch_size": 2, "max_new_tokens": 4, "eval_max_new_tokens": 6, "eval_size": 6,
                      "lora_rank": 2, "learning_rate": 5e-2, "export_policy": False},
@@ -62,7 +63,7 @@ def test_compare_matches_the_experiment_runner(grid, tmp_path, capsys):
                                                       "seed0_step2_data")
     assert "A wins" in capsys.readouterr().out
     # The runner's paired comparison of the two runs (its per-prompt eval records, one seed) is compare's.
-    [pair] = ex.summarize(grid)[1]
+    [pair] = ex.summarize(grid, prompt_groups(run_a.config))[1]
     runner, ref = pair.vs_references, summary["vs_references"]
     assert (ref["diff"], ref["ci_low"], ref["ci_high"], ref["p_value"]) == (
         runner.diff, runner.ci_low, runner.ci_high, runner.p_value)
@@ -81,6 +82,15 @@ def test_compare_matches_the_experiment_runner(grid, tmp_path, capsys):
         assert [r[f"truncated_{side}"] for r in records] == [r["truncated"] for r in rows]
         assert summary[f"{side}_truncation_rate"] == pytest.approx(np.mean([r["truncated"] for r in rows]))
     assert {k: summary[k] for k in pair.head_to_head} == pair.head_to_head  # the runner's head-to-head table's
+    # With the test set's 3 groups of prompts resampled whole: the runner's columns marked groups.
+    grouped, runner_g, h2h_g = summary["grouped"], pair.vs_references_grouped, pair.head_to_head_grouped
+    assert [r["group"] for r in records] == ["g0", "g1", "g2"] * 2 and grouped["n_groups"] == runner_g.n_groups == 3
+    keys = ("ci_low", "ci_high", "p_value")
+    assert [grouped[k] for k in keys] == [h2h_g[k] for k in keys]
+    assert [grouped["vs_references"][k] for k in keys] == [runner_g.ci_low, runner_g.ci_high, runner_g.p_value]
+    report = Path(grid.out_dir, "results.md").read_text()  # and the runner's report has the columns
+    assert "| 95% CI, groups | p, groups |" in report and "resample the test set's 3 groups" in report
+    assert (f"[{100 * runner_g.ci_low:+.1f}, {100 * runner_g.ci_high:+.1f}] | {runner_g.p_value:.3f} |" in report)
 
 
 @pytest.mark.slow

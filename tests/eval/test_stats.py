@@ -15,7 +15,7 @@ def test_paired_bootstrap_known_difference_and_ci():
     d4 = paired_bootstrap(np.tile(a, 16), np.tile(b, 16))  # 16x the prompts: a CI about 4x narrower
     assert d4.diff == pytest.approx(0.3) and d4.ci_low <= 0.3 <= d4.ci_high
     assert 0.15 < (d4.ci_high - d4.ci_low) / (d.ci_high - d.ci_low) < 0.4
-    assert paired_bootstrap(a, a) == (0.0, 0.0, 0.0, 1.0, 10, 1, 0.0)  # identical outcomes: no difference at all
+    assert paired_bootstrap(a, a) == (0.0, 0.0, 0.0, 1.0, 10, 1, 0.0, 10)  # identical outcomes: no difference at all
 
     # Against the normal approximation: one seed, n paired Bernoulli outcomes, CI ≈ diff ± 1.96 sd(a - b) / √n.
     rng = np.random.default_rng(0)
@@ -36,6 +36,37 @@ def test_paired_bootstrap_known_difference_and_ci():
     assert d3.diff == pytest.approx((a3 - b3).mean()) and d3.ci_low < d3.diff < d3.ci_high and d3.n_seeds == 3
     with pytest.raises(ValueError, match="same \\[seeds, prompts\\] shape"):
         paired_bootstrap(a3, b3[:2])
+
+
+def test_grouped_bootstrap_resamples_whole_groups():
+    # One prompt per group is the prompt bootstrap, draw for draw.
+    rng = np.random.default_rng(1)
+    a, b = (rng.random((3, 400)) < 0.8).astype(float), (rng.random((3, 400)) < 0.7).astype(float)
+    assert paired_bootstrap(a, b, groups=[f"p{i:03d}" for i in range(400)]) == paired_bootstrap(a, b)
+    # A difference held by one of 8 groups of 50 (minisum's 400 test prompts, a template won whole): a
+    # replicate's difference is K/8 with K ~ Binomial(8, 1/8) the draws of that group, so the 2.5th percentile
+    # is 0 (P(K = 0) = (7/8)^8 = 0.34) and the 97.5th 3/8 (P(K <= 2) = 0.933, P(K <= 3) = 0.989); the prompt
+    # bootstrap's CI is a narrow one around 1/8.
+    groups = np.repeat([f"template{k}" for k in range(8)], 50)
+    a, b = (groups == "template3").astype(float), np.zeros(400)
+    d = paired_bootstrap(a, b, groups=groups)
+    assert (d.diff, d.ci_low, d.ci_high, d.n_groups, d.n_prompts) == (0.125, 0.0, 0.375, 8, 400)
+    assert d.p_value == pytest.approx(2 * (7 / 8) ** 8, abs=0.05)
+    flat = paired_bootstrap(a, b)
+    assert 0.08 < flat.ci_low < flat.ci_high < 0.17 and flat.p_value == 0.0
+    # The labels name the groups; their order and the prompts' order within the arrays do not matter.
+    perm = rng.permutation(400)
+    shuffled = paired_bootstrap(a[perm], b[perm], groups=groups[perm])
+    assert shuffled[:3] == pytest.approx(tuple(d[:3]))
+    # Groups of unequal size: a replicate's mean is over the prompts it drew.
+    g = np.array([0] * 9 + [1])
+    one = paired_bootstrap(np.ones(10), np.zeros(10), groups=g)
+    assert (one.diff, one.ci_low, one.ci_high) == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="9 group labels for 10 prompts"):
+        paired_bootstrap(np.ones(10), np.zeros(10), groups=g[:9])
+    # head_to_head passes the groups on.
+    h = head_to_head(np.where(groups == "template3", 1.0, 0.0), groups=groups)
+    assert (h["diff"], h["ci_low"], h["ci_high"]) == (0.125, 0.0, 0.375)
 
 
 def test_seed_summary():
