@@ -94,6 +94,25 @@ def test_compare_matches_the_experiment_runner(grid, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_report_without_its_test_set_warns_and_drops_only_the_group_columns(grid, caplog):
+    """``--report-only`` where the test set cannot be read (runs copied without their data): the report is
+    written, without the columns marked groups, and a warning says why."""
+    test_file, spec = Path(grid.runs[0].config.data, "test.jsonl"), str(Path(grid.out_dir).parent / "exp.yaml")
+    report = Path(grid.out_dir, "results.md")
+    with_groups = report.read_text()
+    test_file.rename(test_file.with_suffix(".moved"))
+    try:
+        assert experiment_cli([spec, "--report-only"]) == 0
+    finally:
+        test_file.with_suffix(".moved").rename(test_file)
+    without = report.read_text()
+    assert "groups" not in without and "| 95% CI, groups |" in with_groups
+    assert without.split("Paired")[0] == with_groups.split("Paired")[0]  # the win rates as before
+    assert "no CIs over groups of prompts" in caplog.text and "test.jsonl" in caplog.text
+    assert experiment_cli([spec, "--report-only"]) == 0 and report.read_text() == with_groups  # data back
+
+
+@pytest.mark.slow
 def test_compare_with_the_judge_and_with_itself(grid, tmp_path):
     run_a, run_b = grid.runs
     requests = []
