@@ -130,7 +130,8 @@ def write_results(exp, results, pairs, unfinished) -> None:
                                                *(f"{hg[k]:.4f}" for k in ("ci_low", "ci_high", "p_value"))])
             w.writerow([p.loss_type, p.method_a, p.method_b, *(f"{x:.4f}" for x in d[:4]), d.n_prompts, d.n_seeds,
                         f"{d.discordance:.4f}", *(f"{h[k]:.4f}" for k in H2H_KEYS), *grouped])
-    lines = [f"# Experiment: {exp.out_dir}", "", *_win_rate_lines(exp, results), "", *_paired_lines(pairs),
+    lines = [f"# Experiment: {exp.out_dir}", "", *_win_rate_lines(exp, results), "", *_group_lines(results),
+             *_paired_lines(pairs),
              "", *_head_to_head_lines(pairs), "", *_drift_lines(exp)]
     if unfinished:
         lines += ["", f"Not finished ({len(unfinished)}): " + ", ".join(
@@ -172,6 +173,19 @@ def _win_rate_lines(exp, results) -> list:
         lines.append(f"| {r.loss_type} | {r.method} | {over.num_phases} | {over.reference} | "
                      f"{_pct(r.summary.mean)} ± {_pct(r.summary.std)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _group_lines(results) -> list:
+    """The win rate per group of test prompts (minisum's templates), when the test set gives groups."""
+    if not results or results[0].by_group is None:
+        return []
+    names = list(results[0].by_group)
+    return ["Win rate (%) by group of test prompts (the `group` of the test rows; minisum's templates), over the "
+            "finished seeds' prompts of each group: a method that wins or loses a whole group moves its win rate "
+            f"by 1/{len(names)}.", "",
+            "| loss | method | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names),
+            *(f"| {r.loss_type} | {r.method} | " + " | ".join(_pct(r.by_group[g]) for g in names) + " |"
+              for r in results), ""]
 
 
 def _paired_lines(pairs) -> list:

@@ -400,6 +400,7 @@ class MethodResult(NamedTuple):
     seeds: tuple  # the finished seeds
     per_seed: tuple  # bpo_jax.eval.win_rate.WinRate per finished seed (bootstrap CI over prompts)
     summary: SeedSummary  # mean ± std of the seeds' win rates
+    by_group: dict | None = None  # group -> win rate over the finished seeds' prompts of that group
 
 
 class MethodPair(NamedTuple):
@@ -450,7 +451,8 @@ def summarize(exp: Experiment, prompt_groups: dict | None = None, **bootstrap_kw
             scored[run.seed] = (scores, refs)
         if seeds:
             results.append(MethodResult(method, loss, tuple(seeds), tuple(rates),
-                                        summarize_seeds([w.win_rate for w in rates])))
+                                        summarize_seeds([w.win_rate for w in rates]),
+                                        None if groups is None else win_rate_by_group(scored.values(), groups)))
             by_loss.setdefault(loss, {})[method] = scored
     for loss, methods in by_loss.items():
         for x, y in itertools.combinations(methods, 2):
@@ -458,6 +460,14 @@ def summarize(exp: Experiment, prompt_groups: dict | None = None, **bootstrap_kw
                 pairs.append(_method_pair(loss, x, y, [methods[x][s] for s in common],
                                           [methods[y][s] for s in common], groups, **bootstrap_kw))
     return results, pairs, unfinished
+
+
+def win_rate_by_group(scored, groups: list) -> dict:
+    """``{group: win rate}`` over every seed's prompts of each group (``scored``: per seed, ``(scores,
+    reference_scores)``), in the order the groups first appear."""
+    wins = np.stack([outcomes(*sr) for sr in scored])  # [seeds, prompts]
+    labels = np.asarray(groups)
+    return {g: float(wins[:, labels == g].mean()) for g in dict.fromkeys(groups)}
 
 
 def _method_pair(loss: str, x: str, y: str, a: list, b: list, groups, **bootstrap_kw) -> MethodPair:

@@ -88,8 +88,13 @@ def test_compare_matches_the_experiment_runner(grid, tmp_path, capsys):
     keys = ("ci_low", "ci_high", "p_value")
     assert [grouped[k] for k in keys] == [h2h_g[k] for k in keys]
     assert [grouped["vs_references"][k] for k in keys] == [runner_g.ci_low, runner_g.ci_high, runner_g.p_value]
+    for result, run in zip(ex.summarize(grid, prompt_groups(run_a.config))[0], grid.runs):  # win rate by group
+        rows = [json.loads(line) for line in open(ex.eval_file(run))]
+        wins = [float(r["score"] > r["reference_score"]) for r in rows]
+        assert result.by_group == {f"g{k}": np.mean(wins[k::3]) for k in range(3)}
     report = Path(grid.out_dir, "results.md").read_text()  # and the runner's report has the columns
     assert "| 95% CI, groups | p, groups |" in report and "resample the test set's 3 groups" in report
+    assert "| loss | method | g0 | g1 | g2 |" in report
     assert (f"[{100 * runner_g.ci_low:+.1f}, {100 * runner_g.ci_high:+.1f}] | {runner_g.p_value:.3f} |" in report)
 
 
@@ -107,7 +112,7 @@ def test_report_without_its_test_set_warns_and_drops_only_the_group_columns(grid
         test_file.with_suffix(".moved").rename(test_file)
     without = report.read_text()
     assert "groups" not in without and "| 95% CI, groups |" in with_groups
-    assert without.split("Paired")[0] == with_groups.split("Paired")[0]  # the win rates as before
+    assert without.split("Paired")[0] == with_groups.split("Win rate (%) by group")[0]  # the win rates as before
     assert "no CIs over groups of prompts" in caplog.text and "test.jsonl" in caplog.text
     assert experiment_cli([spec, "--report-only"]) == 0 and report.read_text() == with_groups  # data back
 
