@@ -64,6 +64,7 @@ def _evaluate(cfg, ckpt, step: int) -> int:
     from bpo_jax.runtime import run_dir as rd
     from bpo_jax.runtime.trackers import log_evaluation
     from bpo_jax.train.restore import restore_policy
+    from bpo_jax.wiring.lifecycle import warn_if_collapsed
     from bpo_jax.wiring.tasks import setup_run
 
     run = setup_run(cfg, train=False)
@@ -80,4 +81,5 @@ def _evaluate(cfg, ckpt, step: int) -> int:
     cut = f" ({task.truncated} test prompts cut to max_prompt_length)" if task.truncated else ""
     log.info(f"{cfg.run_dir} step {step} on {cfg.data}{cut}: {wr.describe()}; mean {task.score_name} "
              f"{wr.mean_score:.3f} vs references {wr.mean_reference_score:.3f}. Responses: {detail}")
+    warn_if_collapsed(step, result.responses)
     return 0

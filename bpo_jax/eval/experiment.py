@@ -384,10 +384,12 @@ class FinalResponses(NamedTuple):
 
 def final_responses(run: Run) -> FinalResponses:
     """The run's :class:`FinalResponses` (its final evaluation's ``eval_file``)."""
+    from bpo_jax.eval.win_rate import response_shares
+
     rows = read_jsonl(eval_file(run))
     texts = [r["response"] for r in rows]
     cut = [r["truncated"] for r in rows if "truncated" in r]
-    return FinalResponses(len(set(texts)) / len(texts), float(np.mean([len(t.split()) for t in texts])),
+    return FinalResponses(response_shares(texts)[0], float(np.mean([len(t.split()) for t in texts])),
                           float(np.mean([len(r["reference"].split()) for r in rows])),
                           float(np.mean(cut)) if len(cut) == len(rows) else float("nan"))
 

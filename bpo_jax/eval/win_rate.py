@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from functools import partial
 from typing import NamedTuple
 
@@ -117,11 +118,24 @@ class TestSetScores(NamedTuple):
 
     def response_metrics(self) -> dict:
         """``eval/truncation_rate`` (the share of responses cut off at max_new_tokens: a policy that learned to
-        write longer than the limit) and, when measured, ``eval/sft_logratio`` (its mean)."""
+        write longer than the limit), ``eval/distinct_rate`` and ``eval/top_response_share``
+        (``response_shares``: a policy collapsing onto a few texts) and, when measured, ``eval/sft_logratio``
+        (its mean)."""
         out = {} if self.truncated is None else {"eval/truncation_rate": float(np.mean(self.truncated))}
+        distinct, top, _ = response_shares(self.responses)
+        out.update({"eval/distinct_rate": distinct, "eval/top_response_share": top})
         if self.logratio_sft is not None:
             out["eval/sft_logratio"] = float(self.logratio_sft.mean())
         return out
+
+
+def response_shares(texts) -> tuple[float, float, str]:
+    """``(distinct, top, most common)``: distinct texts per response (1: no two prompts get the same text), the
+    share of responses that are the most common text, and that text. A policy that answers many different
+    prompts with one text (e.g. one describing the instruction) has collapsed, whatever its score."""
+    counts = Counter(texts)
+    text, n = counts.most_common(1)[0]
+    return len(counts) / len(texts), n / len(texts), text
 
 
 def score_test_set(params, config, tokenizer, annotator, prompts, prompt_ids, prompt_mask, references, *,

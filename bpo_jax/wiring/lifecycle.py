@@ -105,6 +105,7 @@ class Evaluator:
         if step == cfg.total_steps:  # the final model's per-prompt scores, as `evaluate` writes them
             write_scores(scores_file(cfg.run_dir, step, cfg.data), task.eval_prompts, task.references, result)
         self.done[step] = {**wr.metrics(), **result.response_metrics(), **self.setting}
+        warn_if_collapsed(step, result.responses)
         return self.done[step]
 
     def step0_metrics(self, metrics: rd.JsonlLog, trackers) -> dict:
@@ -119,6 +120,26 @@ class Evaluator:
         metrics.append({"step": 0, **before})
         trackers.log({"step": 0, **before})
         return before
+
+
+COLLAPSE_SHARE = 0.1  # the share of test prompts answered with one text above which an evaluation warns
+COLLAPSE_MIN_PROMPTS = 20  # ... on at least this many test prompts (fewer: too coarse to tell)
+
+
+def warn_if_collapsed(step: int, responses: list) -> None:
+    """Warn when one greedy response answers at least ``COLLAPSE_SHARE`` of the test prompts: different prompts
+    should get different answers, and a policy that gives many of them one text (a DPO run that pushed both
+    responses of its pairs down can end on one that describes the instruction) has collapsed, whatever its win
+    rate."""
+    from bpo_jax.eval.win_rate import response_shares
+
+    if len(responses) < COLLAPSE_MIN_PROMPTS:
+        return
+    distinct, top, text = response_shares(responses)
+    if top >= COLLAPSE_SHARE:
+        log.warning(f"warning: step {step}: {100 * top:.0f}% of the {len(responses)} test prompts get the same "
+                    f"greedy response ({text[:80]!r}; {100 * distinct:.0f}% of the responses are distinct "
+                    f"texts): the policy may be collapsing onto a few responses")
 
 
 def finish_run(cfg, run, state, after: dict, metrics: rd.JsonlLog, trackers) -> None:

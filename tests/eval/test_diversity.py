@@ -37,3 +37,22 @@ def test_rate_is_the_count_of_the_samplers_own_pairs(tiny):
     texts = [tok.decode(t[m.astype(bool)], skip_special_tokens=True).strip() for t, m in zip(out.tokens, out.mask)]
     want = np.mean([a == b for a, b in zip(texts[0::2], texts[1::2])])
     assert rate == pytest.approx(want) and 0.0 < want < 1.0
+
+
+def test_response_shares_and_the_collapse_warning(caplog):
+    """The final policy's distinct responses and its most common one (``eval/distinct_rate``,
+    ``eval/top_response_share``), and the warning an evaluation gives when one text answers 10% of 20 or more
+    test prompts (the mechanics grid's offline run on seed 2 answered 120 of 400 with one text)."""
+    from bpo_jax.eval.win_rate import response_shares
+    from bpo_jax.wiring.lifecycle import warn_if_collapsed
+
+    texts = ["The text summarizes the text."] * 3 + [f"Town {i} opened a park." for i in range(17)]
+    assert response_shares(texts) == (18 / 20, 3 / 20, "The text summarizes the text.")
+    assert response_shares(["a", "b"]) == (1.0, 0.5, "a")  # a tie: the first seen
+    warn_if_collapsed(32, texts)  # 3 of 20 = 15%
+    assert "step 32: 15% of the 20 test prompts get the same greedy response ('The text summarizes the text.'; " \
+           "90% of the responses are distinct texts)" in caplog.text
+    caplog.clear()
+    warn_if_collapsed(32, texts[2:])  # 1 of 18: 18 prompts are too few to tell
+    warn_if_collapsed(32, ["The text summarizes the text."] + texts[3:] + ["x", "y"])  # 1 of 20: distinct
+    assert caplog.text == ""

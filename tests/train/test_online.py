@@ -317,6 +317,10 @@ def test_train_command_end_to_end(tiny_dir, tmp_path, capsys):
     assert all(isinstance(r["truncated"], bool) for r in rows)
     assert np.mean([r["truncated"] for r in rows]) == pytest.approx(records[-1]["eval/truncation_rate"])
     assert 0 <= records[0]["eval/truncation_rate"] <= 1
+    # Distinct greedy responses and the most common one's share, from the same responses.
+    texts = [r["response"] for r in rows]
+    assert records[-1]["eval/distinct_rate"] == pytest.approx(len(set(texts)) / 6)
+    assert records[-1]["eval/top_response_share"] == pytest.approx(max(map(texts.count, texts)) / 6)
     exported, _ = load_pretrained(str(run / "policy"))  # the trained policy as an HF folder
     assert exported.config.num_layers == 2
 
