@@ -163,23 +163,22 @@ def build_task(cfg: TrainConfig, tokenizer, *, mesh=None, train: bool = True, so
     """Load data and annotator for ``cfg``; errors name the file, line or key at fault. ``sources``: a tfds
     task's splits when already prepared (``prepare_tfds``; else prepared here)."""
     if tfds_task(cfg):
-        eval_prompts, references, encoded, stream, gold = _tfds_data(cfg, tokenizer, sources, train)
+        eval_prompts, references, encoded, stream, gold, groups = _tfds_data(cfg, tokenizer, sources, train)
     else:
-        eval_prompts, references, encoded, stream, gold = _folder_data(cfg, tokenizer, mesh, train)
+        eval_prompts, references, encoded, stream, gold, groups = _folder_data(cfg, tokenizer, mesh, train)
     annotator, eval_annotator, score_name = annotators(cfg, gold, mesh)
     encoded = encoded or [(encode(tokenizer, p), False) for p in eval_prompts]
     eval_ids, eval_mask = left_pad([ids for ids, _ in encoded])
     if eval_ids.shape[1] > cfg.max_prompt_length:
         raise ValueError(f"a test prompt has {eval_ids.shape[1]} tokens, over max_prompt_length="
                          f"{cfg.max_prompt_length}")
-    groups = prompt_groups(cfg)
     return Task(data_name(cfg), stream, eval_prompts, eval_ids, eval_mask, references, annotator, score_name,
-                truncated=sum(cut for _, cut in encoded), eval_annotator=eval_annotator,
-                eval_groups=None if groups is None else [groups[p] for p in eval_prompts])
+                truncated=sum(cut for _, cut in encoded), eval_annotator=eval_annotator, eval_groups=groups)
 
 
 def _tfds_data(cfg: TrainConfig, tokenizer, sources, train: bool):
-    """A tfds task: (test prompts, references, encoded test prompts, the train stream or None, gold = None)."""
+    """A tfds task: (test prompts, references, encoded test prompts, the train stream or None, gold = None,
+    groups = None)."""
     task, location = tfds_task(cfg)
     sources = sources or prepare_tfds(task, location, cfg.tfds_dir, cfg.data_format, splits(cfg))
     test = builders.split_examples(sources["test"])
@@ -196,15 +195,14 @@ def _tfds_data(cfg: TrainConfig, tokenizer, sources, train: bool):
             GrainPrompts, sources["train"], tokenizer, batch_size=cfg.batch_size,
             max_prompt_length=cfg.max_prompt_length, seed=cfg.seed, shard_index=distributed.process_index(),
             shard_count=distributed.process_count())
-    return eval_prompts, [example_reference(ex) for ex in test], encoded, stream, None
+    return eval_prompts, [example_reference(ex) for ex in test], encoded, stream, None, None
 
 
 def _folder_data(cfg: TrainConfig, tokenizer, mesh, train: bool):
-    """A minisum-format folder: (test prompts, references, None, the train stream or None, gold summaries)."""
-    folder = minisum.DATA_DIR if cfg.data == "minisum" else cfg.data
+    """A minisum-format folder: (test prompts, references, None, the train stream or None, gold summaries, the
+    test prompts' groups or None)."""
+    test_rows, folder = _folder_test_rows(cfg)
     train_rows = minisum.load_rows(os.path.join(folder, "train.jsonl"))
-    test_rows = minisum.load_rows(os.path.join(folder, "test.jsonl"))
-    test_rows = test_rows[: _eval_size(cfg, len(test_rows), os.path.join(folder, "test.jsonl"))]
     stream = None
     if train:
         texts = [minisum.prompt_text(r) for r in train_rows]
@@ -212,7 +210,8 @@ def _folder_data(cfg: TrainConfig, tokenizer, mesh, train: bool):
         stream = ArrayPrompts(texts, ids, mask, batch_size=cfg.batch_size, seed=cfg.seed,
                               rows=distributed.host_batch_rows(mesh, cfg.batch_size))
     gold = {minisum.prompt_text(r): r["gold"] for r in train_rows + test_rows}
-    return [minisum.prompt_text(r) for r in test_rows], [r["reference"] for r in test_rows], None, stream, gold
+    return ([minisum.prompt_text(r) for r in test_rows], [r["reference"] for r in test_rows], None, stream, gold,
+            minisum.groups(test_rows))
 
 
 def prompt_groups(cfg: TrainConfig) -> dict | None:
@@ -220,12 +219,17 @@ def prompt_groups(cfg: TrainConfig) -> dict | None:
     minisum-format folder: ``bpo_jax.data.minisum``); None for data without groups. Reads no model."""
     if tfds_task(cfg):
         return None
+    rows, _ = _folder_test_rows(cfg)
+    groups = minisum.groups(rows)
+    return None if groups is None else {minisum.prompt_text(r): g for r, g in zip(rows, groups)}
+
+
+def _folder_test_rows(cfg: TrainConfig) -> tuple[list, str]:
+    """A minisum-format folder's test rows (the first ``eval_size``) and the folder."""
     folder = minisum.DATA_DIR if cfg.data == "minisum" else cfg.data
     path = os.path.join(folder, "test.jsonl")
     rows = minisum.load_rows(path)
-    rows = rows[: _eval_size(cfg, len(rows), path)]
-    groups = minisum.groups(rows)
-    return None if groups is None else {minisum.prompt_text(r): g for r, g in zip(rows, groups)}
+    return rows[: _eval_size(cfg, len(rows), path)], folder
 
 
 def annotators(cfg: TrainConfig, gold, mesh):
