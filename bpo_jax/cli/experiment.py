@@ -25,6 +25,7 @@ import sys
 
 log = logging.getLogger(__name__)
 
+SEED_COLUMNS = ("win_rate", "ci_low", "ci_high", "tie_rate", "ci_groups_low", "ci_groups_high")  # results.csv
 H2H_KEYS = ("a_wins", "b_wins", "ties", "diff", "ci_low", "ci_high", "p_value")  # paired.csv's h2h_* columns
 # paired.csv's columns of the comparisons that resample whole groups of prompts (empty when the test set has none)
 GROUPED_COLUMNS = ("n_groups", "group_ci_low", "group_ci_high", "group_p_value", "h2h_group_ci_low",
@@ -141,7 +142,7 @@ def write_results(exp, results, pairs, unfinished) -> None:
 
 
 def _write_results_csv(exp, results) -> None:
-    seed_cols = [f"{c}_seed{s}" for s in exp.seeds for c in ("win_rate", "ci_low", "ci_high", "tie_rate")]
+    seed_cols = [f"{c}_seed{s}" for s in exp.seeds for c in SEED_COLUMNS]
     with open(os.path.join(exp.out_dir, "results.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "loss_type", "num_phases", "reference", "seeds_finished", "n_prompts",
@@ -149,27 +150,35 @@ def _write_results_csv(exp, results) -> None:
         for r in results:
             over = _method_config(exp, r.method)
             per = {s: wr for s, wr in zip(r.seeds, r.per_seed)}
-            cells = [f"{getattr(per[s], c):.4f}" if s in per else ""
-                     for s in exp.seeds for c in ("win_rate", "ci_low", "ci_high", "tie_rate")]
+            cells = [f"{getattr(per[s], c):.4f}" if s in per and getattr(per[s], c) is not None else ""
+                     for s in exp.seeds for c in SEED_COLUMNS]
             w.writerow([r.method, r.loss_type, over.num_phases, over.reference, len(r.seeds), r.per_seed[0].n,
                         f"{r.summary.mean:.4f}", f"{r.summary.std:.4f}", *cells])
 
 
+def _seed_cell(wr) -> str:
+    """One seed's win rate, its prompt CI and (with groups) its group CI."""
+    cell = f"{_pct(wr.win_rate)} [{_pct(wr.ci_low)}, {_pct(wr.ci_high)}]"
+    return cell if wr.n_groups is None else f"{cell} / [{_pct(wr.ci_groups_low)}, {_pct(wr.ci_groups_high)}]"
+
+
 def _win_rate_lines(exp, results) -> list:
     cfg = exp.runs[0].config
+    groups = results[0].per_seed[0].n_groups if results else None
     lines = [f"Model {cfg.model}, data {cfg.data}; every method: T={cfg.total_steps} steps, batch {cfg.batch_size} "
              f"pairs, max_new_tokens={cfg.max_new_tokens}, {results[0].per_seed[0].n if results else '?'} test "
              f"prompts (eval_size={cfg.eval_size}), eval_max_new_tokens={cfg.eval_max_new_tokens}, beta={cfg.beta}, "
              f"lora_rank={cfg.lora_rank}, learning_rate={cfg.learning_rate}.", "",
              "Win rate (%) of the final policy's greedy response against the human reference; a tie counts as a "
-             "loss, as in the paper. Per seed: the win rate with its bootstrap 95% CI over prompts.", "",
+             "loss, as in the paper. Per seed: the win rate with its bootstrap 95% CI over prompts" +
+             (f" and, after the slash, the CI that resamples the test set's {groups} groups of prompts whole "
+              "(read that one where a method wins or loses a group together)." if groups else "."), "",
              "| loss | method | F | reference | mean ± std over seeds | " +
              " | ".join(f"seed {s}" for s in exp.seeds) + " |",
              "|---|---|---|---|---|" + "---|" * len(exp.seeds)]
     for r in results:
         over, per = _method_config(exp, r.method), dict(zip(r.seeds, r.per_seed))
-        cells = [f"{_pct(per[s].win_rate)} [{_pct(per[s].ci_low)}, {_pct(per[s].ci_high)}]" if s in per else "—"
-                 for s in exp.seeds]
+        cells = [_seed_cell(per[s]) if s in per else "—" for s in exp.seeds]
         lines.append(f"| {r.loss_type} | {r.method} | {over.num_phases} | {over.reference} | "
                      f"{_pct(r.summary.mean)} ± {_pct(r.summary.std)} | " + " | ".join(cells) + " |")
     return lines

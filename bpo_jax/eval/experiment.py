@@ -400,7 +400,7 @@ class MethodResult(NamedTuple):
     method: str
     loss_type: str
     seeds: tuple  # the finished seeds
-    per_seed: tuple  # bpo_jax.eval.win_rate.WinRate per finished seed (bootstrap CI over prompts)
+    per_seed: tuple  # bpo_jax.eval.win_rate.WinRate per finished seed (bootstrap CIs over prompts, and groups)
     summary: SeedSummary  # mean ± std of the seeds' win rates
     by_group: dict | None = None  # group -> win rate over the finished seeds' prompts of that group
 
@@ -449,7 +449,7 @@ def summarize(exp: Experiment, prompt_groups: dict | None = None, **bootstrap_kw
                     raise ValueError(f"{eval_file(run)}: its test prompts differ from the other runs'")
                 groups = run_groups
             seeds.append(run.seed)
-            rates.append(win_rate_from_scores(scores, refs))
+            rates.append(win_rate_from_scores(scores, refs, groups=groups))
             scored[run.seed] = (scores, refs)
         if seeds:
             results.append(MethodResult(method, loss, tuple(seeds), tuple(rates),

@@ -4,7 +4,9 @@ As the paper counts it, a prompt is won only when the annotator scores the polic
 above the human reference: a tie is a loss (official code, ``eval/benchmark_llm_reward.py``:
 ``if summ_score[0] > ref_score[0]: count += 1``). The tie rate and the ties-as-half win rate are reported beside
 it (ties are rare with a reward model, common with ROUGE). The 95% interval is a percentile bootstrap over
-prompts.
+prompts; when the test rows carry a ``group`` (minisum's templates), a second interval resamples whole groups
+(``stats.paired_bootstrap``'s cluster bootstrap): where a policy wins or loses a group together, the prompt
+interval is far too narrow and the group one is the one to read.
 
 With several processes the test set is split across hosts (each decodes and scores its slice, padded to one
 size by repeating the last prompt) and the scores and responses are gathered, so every host computes the same
@@ -28,6 +30,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from bpo_jax.eval.stats import paired_bootstrap
 from bpo_jax.logprobs import chunked_token_logprobs, reduce_masked
 from bpo_jax.models.decoder import hidden_states, logits_from_hidden, unstack_layers
 from bpo_jax.runtime import distributed
@@ -43,27 +46,39 @@ class WinRate(NamedTuple):
     n: int
     tie_rate: float
     win_rate_ties_half: float
+    ci_groups_low: float | None = None  # the 95% CI resampling whole groups of prompts, when the test set has them
+    ci_groups_high: float | None = None
+    n_groups: int | None = None
 
     def metrics(self) -> dict:
-        """The ``eval/...`` record of ``metrics.jsonl``."""
-        return {f"eval/{k}": v for k, v in self._asdict().items()}
+        """The ``eval/...`` record of ``metrics.jsonl`` (the group fields only when the test set has groups)."""
+        return {f"eval/{k}": v for k, v in self._asdict().items() if v is not None}
 
     def describe(self) -> str:
+        groups = ("" if self.n_groups is None else
+                  f"; resampling its {self.n_groups} groups whole: {100 * self.ci_groups_low:.1f}–"
+                  f"{100 * self.ci_groups_high:.1f}")
         return (f"win rate vs human references {100 * self.win_rate:.1f}% (95% CI {100 * self.ci_low:.1f}–"
-                f"{100 * self.ci_high:.1f}, n={self.n}; ties {100 * self.tie_rate:.1f}% count as losses, as in the "
-                f"paper; ties as half: {100 * self.win_rate_ties_half:.1f}%)")
+                f"{100 * self.ci_high:.1f}, n={self.n}{groups}; ties {100 * self.tie_rate:.1f}% count as losses, "
+                f"as in the paper; ties as half: {100 * self.win_rate_ties_half:.1f}%)")
 
 
-def win_rate_from_scores(scores, reference_scores, *, num_bootstrap: int = 1000, seed: int = 0) -> WinRate:
-    """Strict win rate (ties lose) with a percentile-bootstrap 95% CI over prompts, plus the tie rate."""
+def win_rate_from_scores(scores, reference_scores, *, groups=None, num_bootstrap: int = 1000,
+                         seed: int = 0) -> WinRate:
+    """Strict win rate (ties lose) with a percentile-bootstrap 95% CI over prompts, plus the tie rate.
+    ``groups`` (one label per prompt): also the 95% CI that draws whole groups with replacement."""
     s, r = np.asarray(scores, np.float64), np.asarray(reference_scores, np.float64)
     if s.shape != r.shape or s.ndim != 1 or s.size == 0:
         raise ValueError(f"need two equal-length 1-D score arrays, got {s.shape} and {r.shape}")
     wins, ties = (s > r).astype(np.float64), (s == r).astype(np.float64)
     boot = np.random.default_rng(seed).choice(wins, size=(num_bootstrap, wins.size), replace=True).mean(axis=1)
     lo, hi = np.percentile(boot, [2.5, 97.5])
-    return WinRate(float(wins.mean()), float(lo), float(hi), float(s.mean()), float(r.mean()), int(s.size),
-                   float(ties.mean()), float(wins.mean() + 0.5 * ties.mean()))
+    wr = WinRate(float(wins.mean()), float(lo), float(hi), float(s.mean()), float(r.mean()), int(s.size),
+                 float(ties.mean()), float(wins.mean() + 0.5 * ties.mean()))
+    if groups is None:
+        return wr
+    g = paired_bootstrap(wins, np.zeros_like(wins), groups=groups, num_bootstrap=num_bootstrap, seed=seed)
+    return wr._replace(ci_groups_low=g.ci_low, ci_groups_high=g.ci_high, n_groups=g.n_groups)
 
 
 def score_against_references(annotator, prompts, responses, references) -> tuple[np.ndarray, np.ndarray]:
@@ -203,4 +218,4 @@ def score_task(cfg, run, params, *, interrupt=None, reference_params=None) -> tu
                             eos_token_ids=run.eos_token_ids, mesh=run.mesh, batch_size=cfg.eval_batch_size,
                             interrupt=interrupt, reference_params=reference_params,
                             sampling_layout=cfg.sampling_layout)
-    return result, win_rate_from_scores(result.scores, result.reference_scores)
+    return result, win_rate_from_scores(result.scores, result.reference_scores, groups=task.eval_groups)

@@ -4,6 +4,7 @@ requests), a run against itself, and bad input as one line."""
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import yaml
 from bpo_jax.__main__ import main as cli
 from bpo_jax.cli.experiment import main as experiment_cli
 from bpo_jax.eval import experiment as ex
+from bpo_jax.eval.win_rate import win_rate_from_scores
 from bpo_jax.wiring.tasks import prompt_groups
 from multihost import judge_server, run_group
 from testing import write_minisum_folder
@@ -95,6 +97,13 @@ def test_compare_matches_the_experiment_runner(grid, tmp_path, capsys):
     report = Path(grid.out_dir, "results.md").read_text()  # and the runner's report has the columns
     assert "| 95% CI, groups | p, groups |" in report and "resample the test set's 3 groups" in report
     assert "| loss | method | g0 | g1 | g2 |" in report
+    for result, run in zip(ex.summarize(grid, prompt_groups(run_a.config))[0], grid.runs):  # per seed: both CIs
+        [wr] = result.per_seed
+        rows = [json.loads(line) for line in open(ex.eval_file(run))]
+        again = win_rate_from_scores([r["score"] for r in rows], [r["reference_score"] for r in rows],
+                                     groups=["g0", "g1", "g2"] * 2)
+        assert wr == again and wr.n_groups == 3
+        assert f"[{100 * wr.ci_low:.1f}, {100 * wr.ci_high:.1f}] / [{100 * wr.ci_groups_low:.1f}, " in report
     assert (f"[{100 * runner_g.ci_low:+.1f}, {100 * runner_g.ci_high:+.1f}] | {runner_g.p_value:.3f} |" in report)
 
 
@@ -112,7 +121,10 @@ def test_report_without_its_test_set_warns_and_drops_only_the_group_columns(grid
         test_file.with_suffix(".moved").rename(test_file)
     without = report.read_text()
     assert "groups" not in without and "| 95% CI, groups |" in with_groups
-    assert without.split("Paired")[0] == with_groups.split("Win rate (%) by group")[0]  # the win rates as before
+    first_table = lambda text: [line for line in text.split("Win rate (%) by group")[0].split("Paired")[0]  # noqa: E731
+                                .splitlines() if line.startswith("| sig")]
+    assert first_table(without) == [re.sub(r" / \[[^]]*\]", "", line) for line in first_table(with_groups)]
+    assert " / [" in first_table(with_groups)[0]  # the win rates as before, without their group CIs
     assert "no CIs over groups of prompts" in caplog.text and "test.jsonl" in caplog.text
     assert experiment_cli([spec, "--report-only"]) == 0 and report.read_text() == with_groups  # data back
 

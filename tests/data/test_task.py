@@ -77,6 +77,21 @@ def test_win_rate_hand_cases():
         win_rate_from_scores([1.0], [1.0, 2.0])
 
 
+def test_win_rate_ci_that_resamples_groups():
+    """Two groups of 4 prompts, one won whole and one lost whole: a replicate draws both groups twice, once or
+    the other twice (1/4, 1/2, 1/4), so the group CI is [0, 1], while the prompt CI stays inside (0, 1)."""
+    scores, refs, groups = [1.0] * 4 + [0.0] * 4, [0.5] * 8, ["a"] * 4 + ["b"] * 4
+    wr = win_rate_from_scores(scores, refs, groups=groups, num_bootstrap=2000)
+    assert (wr.win_rate, wr.ci_groups_low, wr.ci_groups_high, wr.n_groups) == (0.5, 0.0, 1.0, 2)
+    assert 0.0 < wr.ci_low < 0.5 < wr.ci_high < 1.0
+    assert wr.metrics()["eval/n_groups"] == 2 and "resampling its 2 groups whole: 0.0–100.0" in wr.describe()
+    plain = win_rate_from_scores(scores, refs, num_bootstrap=2000)  # without groups: no group fields, same CI
+    assert plain == wr._replace(ci_groups_low=None, ci_groups_high=None, n_groups=None)
+    assert "eval/n_groups" not in plain.metrics() and "groups" not in plain.describe()
+    with pytest.raises(ValueError, match="3 group labels for 8 prompts"):
+        win_rate_from_scores(scores, refs, groups=["a", "b", "c"])
+
+
 def test_function_annotator():
     ann = FunctionAnnotator(lambda p, r: len(r))
     np.testing.assert_array_equal(ann(["a", "b"], ["xx", "y"]), [2.0, 1.0])
