@@ -19,6 +19,9 @@ ARCHIVES = {"results_t64_runs": ("## T = 64 on all 400 test prompts", "## T = 8"
 NAMES = {"offline": "offline DAP", "bpo_f2": "BPO", "on_policy_sft": "on-policy DAP (OAIF)", "bpo_ft": "BPO, on-policy",
          "bpo_f4": "BPO (stage 2)", "bpo_f8": "BPO (stage 2)", "f2_sft": "ablation: F = 2, SFT ref.",
          "bpo_f2_ens3": "ablation: BPO, 3-member ensemble"}
+# the test prompts' templates (prompt text -> group), read once: every run is scored on these 400 prompts
+TEMPLATES = {minisum.prompt_text(r): r["group"]
+             for r in minisum.load_rows(os.path.join(ROOT, "data", "minisum_large", "test.jsonl"))}
 MAIN = {(m, f"seed{s}") for m in ("offline", "bpo_f2", "on_policy_sft", "bpo_ft") for s in range(3)}
 
 
@@ -37,10 +40,8 @@ def test_the_archive_has_the_four_main_methods_on_three_seeds(archive):
 def test_each_archived_run_is_in_the_doc_as_measured(path):
     archive, method, _, seed_dir = os.path.relpath(os.path.dirname(path), os.path.join(ROOT, "docs")).split(os.sep)
     rows = [json.loads(line) for line in open(path)]
-    groups = {minisum.prompt_text(r): r["group"] for r in minisum.load_rows(
-        os.path.join(ROOT, "data", "minisum_large", "test.jsonl"))}
     wr = win_rate_from_scores([r["score"] for r in rows], [r["reference_score"] for r in rows],
-                              groups=[groups[r["prompt"]] for r in rows])
+                              groups=[TEMPLATES[r["prompt"]] for r in rows])
     assert wr.n == 400 and wr.n_groups == 8
     with open(os.path.join(os.path.dirname(path), "metrics.jsonl")) as f:
         final = [r for r in map(json.loads, f) if r.get("step") == 64 and "eval/win_rate" in r][-1]
